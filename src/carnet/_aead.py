@@ -1,0 +1,55 @@
+"""Primitive layer: AES-256-GCM from ``cryptography``, nothing home-made.
+
+This is the hazardous floor: callers pass the nonce. Only the envelope layer
+(:mod:`carnet.envelope`) calls it on the normal path, always with a fresh
+random 96-bit nonce; tests call it directly to replay Wycheproof vectors.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+
+
+class AeadError(Exception):
+    """Authentication failed. Internal: the envelope layer turns it into InvalidCiphertext."""
+
+
+def new_key() -> bytes:
+    """A fresh random 256-bit key from the OS CSPRNG."""
+    return os.urandom(KEY_SIZE)
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def cipher(key: bytes) -> AESGCM:
+    """An AESGCM object for ``key``; callers cache it per key (construction is not free)."""
+    if len(key) != KEY_SIZE:
+        raise ValueError("AES-256-GCM needs a 32-byte key")
+    return AESGCM(key)
+
+
+def encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """Ciphertext followed by the 16-byte tag."""
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError("AES-256-GCM here uses 96-bit nonces")
+    return cipher(key).encrypt(nonce, plaintext, aad)
+
+
+def decrypt(key: bytes, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes:
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError("AES-256-GCM here uses 96-bit nonces")
+    if len(ciphertext_and_tag) < TAG_SIZE:
+        raise AeadError("ciphertext shorter than the tag")
+    try:
+        return cipher(key).decrypt(nonce, ciphertext_and_tag, aad)
+    except InvalidTag:
+        raise AeadError("tag mismatch") from None

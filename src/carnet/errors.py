@@ -1,0 +1,110 @@
+"""carnet's exception tree.
+
+Every error carnet raises on purpose derives from :class:`CarnetError`.
+Messages and ``repr`` carry identifiers (key id, tenant id, field label,
+primary keys) and never plaintext or key material: tenant ids and labels are
+metadata the threat model already concedes.
+"""
+
+from __future__ import annotations
+
+
+class CarnetError(Exception):
+    """Base class of every error carnet raises on purpose."""
+
+
+class ConfigurationError(CarnetError, ValueError):
+    """carnet was set up wrongly: bad URI, missing manager, bad option."""
+
+
+class MissingDependency(ConfigurationError):
+    """An optional provider needs an extra that is not installed."""
+
+    def __init__(self, feature: str, extra: str, package: str) -> None:
+        self.feature = feature
+        self.extra = extra
+        self.package = package
+        super().__init__(
+            f"{feature} needs the '{package}' package: pip install 'carnet[{extra}]'"
+        )
+
+
+class InvalidCiphertext(CarnetError):
+    """A stored value does not open: tampered, truncated, foreign or unknown version.
+
+    One opaque error for every way a value can be bad, as with Fernet's
+    ``InvalidToken``: AES-GCM cannot tell a flipped bit from a value moved to
+    another tenant's row or column, and saying which would help an attacker.
+    """
+
+    def __init__(self, reason: str = "value does not authenticate", *, label: str | None = None,
+                 tenant: str | None = None) -> None:
+        self.reason = reason
+        self.label = label
+        self.tenant = tenant
+        where = []
+        if label is not None:
+            where.append(f"field {label!r}")
+        if tenant is not None:
+            where.append(f"tenant {tenant!r}")
+        suffix = f" ({', '.join(where)})" if where else ""
+        super().__init__(f"invalid ciphertext: {reason}{suffix}")
+
+
+class UnknownKey(CarnetError):
+    """The key id in a value is not in the key store."""
+
+    def __init__(self, key_id: bytes) -> None:
+        self.key_id = key_id.hex()
+        super().__init__(f"unknown data key {self.key_id}")
+
+
+class KeyDestroyed(CarnetError):
+    """The data key was crypto-shredded: the value can never be read again."""
+
+    def __init__(self, key_id: bytes, tenant: str | None = None) -> None:
+        self.key_id = key_id.hex()
+        self.tenant = tenant
+        who = f" of tenant {tenant!r}" if tenant is not None else ""
+        super().__init__(f"data key {self.key_id}{who} was destroyed")
+
+
+class KeyRetired(KeyDestroyed):
+    """The data key version was retired (its material erased) after re-encryption."""
+
+    def __init__(self, key_id: bytes, tenant: str | None = None) -> None:
+        super().__init__(key_id, tenant)
+        self.args = (f"data key {self.key_id} was retired",)
+
+
+class KeyInUse(CarnetError):
+    """A key cannot be retired while rows still use it."""
+
+
+class MasterKeyUnavailable(CarnetError):
+    """The master key could not be reached (network, time-out, HSM down, keyring locked)."""
+
+
+class MasterKeyMismatch(CarnetError):
+    """A wrapped data key does not open under this master key (wrong key or tampered wrap)."""
+
+
+class TenantRequired(CarnetError):
+    """An encrypted value was written or read with no tenant to choose its key."""
+
+
+class TenantMismatch(CarnetError):
+    """The tenant in scope disagrees with the row's own tenant."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"tenant in scope {expected!r} does not match row tenant {actual!r}")
+
+
+class UnsupportedOperation(CarnetError, TypeError):
+    """A SQL operator that cannot work on ciphertext (==, LIKE, IN, ORDER BY ...)."""
+
+
+class DecryptBudgetExceeded(CarnetError):
+    """A principal decrypted more values than its budget allows in the window."""
