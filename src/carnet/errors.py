@@ -62,11 +62,14 @@ class UnknownKey(CarnetError):
 class KeyDestroyed(CarnetError):
     """The data key was crypto-shredded: the value can never be read again."""
 
-    def __init__(self, key_id: bytes, tenant: str | None = None) -> None:
-        self.key_id = key_id.hex()
+    def __init__(self, key_id: bytes | None, tenant: str | None = None) -> None:
+        self.key_id = key_id.hex() if key_id is not None else None
         self.tenant = tenant
-        who = f" of tenant {tenant!r}" if tenant is not None else ""
-        super().__init__(f"data key {self.key_id}{who} was destroyed")
+        if key_id is None:
+            super().__init__(f"the data keys of tenant {tenant!r} were destroyed")
+        else:
+            who = f" of tenant {tenant!r}" if tenant is not None else ""
+            super().__init__(f"data key {self.key_id}{who} was destroyed")
 
 
 class KeyRetired(KeyDestroyed):
@@ -99,7 +102,7 @@ class TenantMismatch(CarnetError):
     def __init__(self, expected: str, actual: str) -> None:
         self.expected = expected
         self.actual = actual
-        super().__init__(f"tenant in scope {expected!r} does not match row tenant {actual!r}")
+        super().__init__(f"value belongs to tenant {actual!r}, not {expected!r}")
 
 
 class UnsupportedOperation(CarnetError, TypeError):

@@ -1,0 +1,28 @@
+"""carnet: field-level envelope encryption of medical notes in SQL databases."""
+
+from . import errors
+from ._hooks import install as _install_hooks
+from .context import configure, current_tenant, get_manager, tenant_scope
+from .manager import KeyManager
+from .orm import install as _install_orm
+from .providers import MasterKey, create_master_key, open_master_key
+from .types import EncryptedText, Sealed
+
+__version__ = "0.1.0"
+
+_install_hooks()
+_install_orm()
+
+__all__ = [
+    "EncryptedText",
+    "KeyManager",
+    "MasterKey",
+    "Sealed",
+    "configure",
+    "create_master_key",
+    "current_tenant",
+    "errors",
+    "get_manager",
+    "open_master_key",
+    "tenant_scope",
+]

@@ -1,0 +1,32 @@
+"""Keep plaintext out of SQLAlchemy's own error messages.
+
+When a bind processor raises inside statement execution (a missing tenant, an
+unreachable master key), SQLAlchemy wraps the error in ``StatementError``,
+whose text lists the statement's parameters: the note in clear. This hook
+re-raises carnet's own error instead, whose message carries no plaintext.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from .errors import CarnetError
+
+_installed = False
+
+
+def _handle_error(ctx: Any) -> BaseException | None:
+    orig = ctx.original_exception
+    if isinstance(orig, CarnetError):
+        return orig
+    return None
+
+
+def install() -> None:
+    global _installed
+    if not _installed:
+        event.listen(sa.Engine, "handle_error", _handle_error)
+        _installed = True

@@ -1,0 +1,58 @@
+"""Process-wide configuration and the tenant in scope.
+
+``configure(keys)`` names the default :class:`KeyManager` for every
+``EncryptedText`` column that was not given one: model modules can then be
+imported before any key configuration exists, and resolve the manager only
+when a value is written or read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .manager import KeyManager
+
+_default_manager: KeyManager | None = None
+_tenant: ContextVar[str | None] = ContextVar("carnet_tenant", default=None)
+
+
+def configure(manager: KeyManager | None) -> None:
+    """Set (or with ``None`` clear) the default KeyManager of EncryptedText columns."""
+    global _default_manager
+    _default_manager = manager
+
+
+def get_manager() -> KeyManager:
+    if _default_manager is None:
+        raise ConfigurationError(
+            "no KeyManager configured: call carnet.configure(KeyManager(...)) at start-up, "
+            "or pass manager= to EncryptedText"
+        )
+    return _default_manager
+
+
+@contextmanager
+def tenant_scope(tenant: str) -> Iterator[str]:
+    """Run a block with ``tenant`` choosing the data key of Core reads and writes.
+
+    With the ORM the row's own tenant column decides; a scope then acts as a
+    guard: a row of another tenant raises ``TenantMismatch``.
+    """
+    if not isinstance(tenant, str) or not tenant:
+        raise ConfigurationError("tenant_scope needs a non-empty tenant id string")
+    token = _tenant.set(tenant)
+    try:
+        yield tenant
+    finally:
+        _tenant.reset(token)
+
+
+def current_tenant() -> str | None:
+    """The tenant of the innermost ``tenant_scope``, or None."""
+    return _tenant.get()

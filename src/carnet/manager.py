@@ -1,0 +1,491 @@
+"""KeyManager: key store + master key + cache, and the value-level encrypt/decrypt.
+
+Dependencies point one way: envelope format and providers below, the
+SQLAlchemy type and the batch engine above.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import envelope
+from .cache import TTLCache
+from .errors import (
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDestroyed,
+    KeyRetired,
+    MasterKeyUnavailable,
+    TenantMismatch,
+    TenantRequired,
+    UnknownKey,
+)
+from .keystore import ACTIVE, DESTROYED, INACTIVE, RETIRED, KeyRecord, keys_table, utcnow
+from .providers.base import MasterKey, open_master_key
+
+log = logging.getLogger("carnet")
+
+DecryptHook = Callable[[str, str, int], None]
+
+
+class _Dek:
+    """An unwrapped data key, held only in the cache. Never printed."""
+
+    __slots__ = ("key_id", "tenant", "cipher")
+
+    def __init__(self, key_id: bytes, tenant: str, secret: bytes) -> None:
+        self.key_id = key_id
+        self.tenant = tenant
+        self.cipher = AESGCM(secret)
+
+    def __repr__(self) -> str:
+        return f"<DEK {self.key_id.hex()} tenant={self.tenant!r}>"
+
+
+@dataclass
+class RewrapReport:
+    rewrapped: int
+    already: int
+    skipped_destroyed: int
+    master_key_uri: str
+
+
+def _check_tenant(tenant: object) -> str:
+    if tenant is None or tenant == "":
+        raise TenantRequired(
+            "no tenant for an encrypted value: set the row's tenant column, "
+            "or use carnet.tenant_scope(...)"
+        )
+    if not isinstance(tenant, str):
+        tenant = str(tenant)
+    return tenant
+
+
+class KeyManager:
+    """Data keys for every tenant, wrapped by a master key kept outside the database.
+
+    ``bind`` is an Engine or a database URL where ``carnet_keys`` lives
+    (usually the application's own database). ``master_key`` is a URI
+    (``file:///…``, ``keyring://…``, ``aws-kms://…``, ``pkcs11://…``) or a
+    :class:`~carnet.providers.MasterKey`. DEKs wrapped by any master key in
+    ``previous_master_keys`` still unwrap (during and after ``rewrap``);
+    DEKs naming any other master key are refused, so a row planted in the
+    key table cannot make carnet use a master key of an attacker's choosing.
+    """
+
+    def __init__(
+        self,
+        bind: sa.Engine | str,
+        master_key: str | MasterKey,
+        *,
+        previous_master_keys: Iterable[str | MasterKey] = (),
+        cache_size: int = 10_000,
+        cache_ttl: float = 300.0,
+        table_name: str = "carnet_keys",
+    ) -> None:
+        if isinstance(bind, str):
+            try:
+                bind = sa.create_engine(bind)
+            except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+                raise ConfigurationError(f"bad database URL: {exc}") from None
+        self.engine: sa.Engine = bind
+        self._master = open_master_key(master_key)
+        self._masters: dict[str, MasterKey] = {self._master.uri: self._master}
+        for prev in previous_master_keys:
+            mk = open_master_key(prev)
+            self._masters.setdefault(mk.uri, mk)
+        self.metadata = sa.MetaData()
+        self.table = keys_table(self.metadata, table_name)
+        self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
+        self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
+        self._aad: dict[tuple[bytes, str, str], bytes] = {}
+        self._lock = threading.Lock()
+        self.master_wraps = 0
+        self.master_unwraps = 0
+        self.keys_created = 0
+        self.legacy_plaintext_reads = 0
+        self.decrypt_hook: DecryptHook | None = None
+        if bind.echo == "debug" or log_debug_enabled():
+            warnings.warn(
+                "SQLAlchemy echo='debug' logs result rows: decrypted notes read through "
+                "tenant_scope would reach the log. Turn it off where real data is read.",
+                stacklevel=2,
+            )
+
+    # -- configuration -------------------------------------------------------------
+
+    @property
+    def master_key(self) -> MasterKey:
+        return self._master
+
+    @property
+    def cache_ttl(self) -> float:
+        return self._keys.ttl
+
+    def __repr__(self) -> str:
+        return f"<KeyManager {self.engine.url!r} master={self._master.uri} table={self.table.name}>"
+
+    def create_schema(self) -> None:
+        """Create ``carnet_keys`` if it is missing."""
+        self.metadata.create_all(self.engine)
+
+    # -- value level ---------------------------------------------------------------
+
+    def _associated_data(self, key_id: bytes, label: str, tenant: str) -> bytes:
+        k = (key_id, label, tenant)
+        aad = self._aad.get(k)
+        if aad is None:
+            aad = envelope.associated_data(key_id, label, tenant)
+            if len(self._aad) > 100_000:
+                self._aad.clear()
+            self._aad[k] = aad
+        return aad
+
+    def encrypt(self, plaintext: bytes, *, tenant: str, label: str) -> bytes:
+        """Seal ``plaintext`` under the tenant's active DEK (created on first use)."""
+        dek = self._active.get(tenant)
+        if dek is None:
+            dek = self._active_dek(_check_tenant(tenant))
+        return envelope.seal(dek.cipher, dek.key_id, plaintext,
+                             self._associated_data(dek.key_id, label, tenant))
+
+    def decrypt(self, blob: bytes, *, tenant: str, label: str) -> bytes:
+        """Open a value sealed for ``tenant`` and ``label``; raise a carnet error otherwise."""
+        key_id = envelope.key_id_of(blob)
+        dek = self._keys.get(key_id)
+        if dek is None:
+            dek = self._dek_for(key_id, _check_tenant(tenant))
+        if dek.tenant != tenant:
+            # A value of another practice: copied into this row, or read under the
+            # wrong scope. The key's tenant is metadata, so naming it leaks nothing.
+            raise TenantMismatch(tenant, dek.tenant)
+        try:
+            plaintext = envelope.open_(dek.cipher, blob, self._associated_data(key_id, label, tenant))
+        except InvalidCiphertext as exc:
+            raise InvalidCiphertext(exc.reason, label=label, tenant=tenant) from None
+        if self.decrypt_hook is not None:
+            self.decrypt_hook(tenant, label, 1)
+        return plaintext
+
+    def encrypt_text(self, text: str, *, tenant: str, label: str) -> bytes:
+        return self.encrypt(text.encode("utf-8"), tenant=tenant, label=label)
+
+    def decrypt_text(self, blob: bytes, *, tenant: str, label: str) -> str:
+        return self.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
+
+    def key_id_of(self, blob: bytes) -> bytes:
+        return envelope.key_id_of(blob)
+
+    # -- key lookup ----------------------------------------------------------------
+
+    def _master_for(self, uri: str) -> MasterKey:
+        mk = self._masters.get(uri)
+        if mk is None:
+            raise MasterKeyUnavailable(
+                f"a data key is wrapped by master key {uri}, which this KeyManager was not "
+                "given; pass it as master_key or in previous_master_keys"
+            )
+        return mk
+
+    def _unwrap(self, rec: KeyRecord) -> _Dek:
+        if rec.state == DESTROYED:
+            raise KeyDestroyed(rec.key_id, rec.tenant)
+        if rec.state == RETIRED or rec.wrapped_key is None:
+            raise KeyRetired(rec.key_id, rec.tenant)
+        ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
+        secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
+        self.master_unwraps += 1
+        dek = _Dek(rec.key_id, rec.tenant, secret)
+        self._keys.put(rec.key_id, dek)
+        return dek
+
+    def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
+        rec = self.get_key(key_id)
+        if rec is None:
+            raise UnknownKey(key_id)
+        return self._unwrap(rec)
+
+    def _active_dek(self, tenant: str) -> _Dek:
+        for _attempt in range(5):
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(self.table).where(self.table.c.active_tenant == tenant)
+                ).first()
+                if row is None:
+                    states = {
+                        r.state for r in conn.execute(
+                            sa.select(self.table.c.state).where(self.table.c.tenant == tenant)
+                        )
+                    }
+            if row is not None:
+                rec = KeyRecord.from_row(row)
+                cached = self._keys.get(rec.key_id)
+                dek = cached if cached is not None else self._unwrap(rec)
+                self._active.put(tenant, dek)
+                return dek
+            if states and states <= {DESTROYED}:
+                raise KeyDestroyed(None, tenant)
+            if self._insert_key(tenant) is not None:
+                continue
+        raise MasterKeyUnavailable(f"could not create or load an active key for tenant {tenant!r}")
+
+    def _new_wrapped(self, tenant: str) -> tuple[bytes, bytes, bytes]:
+        key_id = os.urandom(envelope.KEY_ID_SIZE)
+        secret = os.urandom(32)
+        wrapped = self._master.wrap(secret, {"tenant": tenant, "key_id": key_id.hex()})
+        self.master_wraps += 1
+        return key_id, secret, wrapped
+
+    def _insert_key(self, tenant: str) -> bytes | None:
+        """Insert a tenant's first active key. Returns its id, or None when another process won."""
+        key_id, secret, wrapped = self._new_wrapped(tenant)
+        now = utcnow()
+        t = self.table
+        try:
+            with self.engine.begin() as conn:
+                version = conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
+                ).scalar_one()
+                conn.execute(t.insert().values(
+                    key_id=key_id.hex(), tenant=tenant, version=version + 1, state=ACTIVE,
+                    active_tenant=tenant, master_key_uri=self._master.uri, wrapped_key=wrapped,
+                    created_at=now, updated_at=now,
+                ))
+        except sa.exc.IntegrityError:
+            # Another process created the tenant's key first: the database's
+            # unique constraint decided; reload theirs.
+            return None
+        except sa.exc.OperationalError as exc:
+            if "locked" in str(exc.orig):
+                raise ConfigurationError(
+                    "SQLite is locked by an open write transaction: create the tenant's key "
+                    "before writing (keys.ensure_key(tenant)) or commit first"
+                ) from None
+            raise
+        self.keys_created += 1
+        self._keys.put(key_id, _Dek(key_id, tenant, secret))
+        return key_id
+
+    def ensure_key(self, tenant: str) -> KeyRecord:
+        """Make sure ``tenant`` has an active key (creating it) and return its record."""
+        dek = self._active_dek(_check_tenant(tenant))
+        rec = self.get_key(dek.key_id)
+        assert rec is not None  # noqa: S101 - just loaded or created
+        return rec
+
+    # -- key lifecycle -------------------------------------------------------------
+
+    def get_key(self, key_id: bytes) -> KeyRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(self.table).where(self.table.c.key_id == key_id.hex())
+            ).first()
+        return KeyRecord.from_row(row) if row is not None else None
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
+        q = sa.select(self.table).order_by(self.table.c.tenant, self.table.c.version)
+        if tenant is not None:
+            q = q.where(self.table.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return [KeyRecord.from_row(r) for r in conn.execute(q)]
+
+    def iter_keys(self, batch_size: int = 1000) -> Iterator[KeyRecord]:
+        """Every key record, in key-id order, a batch at a time (flat memory)."""
+        last = ""
+        t = self.table
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(t).where(t.c.key_id > last).order_by(t.c.key_id).limit(batch_size)
+                ).all()
+            if not rows:
+                return
+            for r in rows:
+                yield KeyRecord.from_row(r)
+            last = rows[-1].key_id
+
+    def tenants(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(
+                sa.select(self.table.c.tenant).distinct().order_by(self.table.c.tenant)
+            ).scalars())
+
+    def rotate(self, tenant: str) -> KeyRecord:
+        """Make a new active DEK for ``tenant``; earlier ones stay readable (state ``inactive``)."""
+        tenant = _check_tenant(tenant)
+        key_id, secret, wrapped = self._new_wrapped(tenant)
+        t = self.table
+        now = utcnow()
+        with self.engine.begin() as conn:
+            current = conn.execute(
+                sa.select(t.c.key_id).where(t.c.active_tenant == tenant).with_for_update()
+            ).first()
+            if current is not None:
+                conn.execute(
+                    t.update().where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
+                    .values(state=INACTIVE, active_tenant=None, updated_at=now)
+                )
+            version = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
+            ).scalar_one()
+            conn.execute(t.insert().values(
+                key_id=key_id.hex(), tenant=tenant, version=version + 1, state=ACTIVE,
+                active_tenant=tenant, master_key_uri=self._master.uri, wrapped_key=wrapped,
+                created_at=now, updated_at=now,
+            ))
+        self.keys_created += 1
+        dek = _Dek(key_id, tenant, secret)
+        self._keys.put(key_id, dek)
+        self._active.put(tenant, dek)
+        log.info("carnet: rotated data key of tenant %r to version %d (%s)", tenant, version + 1,
+                 key_id.hex())
+        rec = self.get_key(key_id)
+        assert rec is not None  # noqa: S101
+        return rec
+
+    def retire(self, key_id: bytes) -> KeyRecord:
+        """Erase one inactive key version. Values still under it become unreadable.
+
+        The CLI checks that no row uses the key first; this call does not scan tables.
+        """
+        t = self.table
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(t).where(t.c.key_id == key_id.hex()).with_for_update()).first()
+            if row is None:
+                raise UnknownKey(key_id)
+            if row.state == ACTIVE:
+                raise ConfigurationError(
+                    f"key {key_id.hex()} is the active key of tenant {row.tenant!r}: rotate first"
+                )
+            if row.state in (RETIRED, DESTROYED):
+                return KeyRecord.from_row(row)
+            conn.execute(t.update().where(t.c.key_id == key_id.hex())
+                         .values(state=RETIRED, wrapped_key=None, updated_at=utcnow()))
+        self._keys.pop(key_id)
+        log.info("carnet: retired data key %s of tenant %r", key_id.hex(), row.tenant)
+        rec = self.get_key(key_id)
+        assert rec is not None  # noqa: S101
+        return rec
+
+    def destroy(self, tenant: str) -> int:
+        """Crypto-shred ``tenant``: erase every wrapped DEK; rows stay, reads raise KeyDestroyed.
+
+        Other processes stop decrypting within the cache time-to-live. Copies of
+        the wrapped keys in backups stay unwrappable until the master key they
+        were wrapped under is itself retired (see docs/threat-model.md).
+        """
+        tenant = _check_tenant(tenant)
+        t = self.table
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                t.update().where(t.c.tenant == tenant, t.c.state != DESTROYED)
+                .values(state=DESTROYED, wrapped_key=None, active_tenant=None, updated_at=utcnow())
+            ).rowcount
+        self._forget_tenant(tenant)
+        log.warning("carnet: destroyed %d data key(s) of tenant %r", n, tenant)
+        return int(n)
+
+    def _forget_tenant(self, tenant: str) -> None:
+        self._active.pop(tenant)
+        with self._keys._lock:
+            for k in [k for k, (_, d) in self._keys._data.items() if d.tenant == tenant]:
+                del self._keys._data[k]
+
+    def rewrap(
+        self,
+        to: str | MasterKey,
+        *,
+        batch_size: int = 200,
+        progress: Callable[[int], None] | None = None,
+    ) -> RewrapReport:
+        """Rewrap every DEK under a new master key; data rows are not touched.
+
+        Resumable: a killed run leaves each DEK under the old or the new master
+        key (each row is one atomic compare-and-set), and a rerun finishes the
+        rest. Afterwards this manager uses the new master key for new DEKs.
+        """
+        new = open_master_key(to)
+        self._masters.setdefault(new.uri, new)
+        t = self.table
+        done = already = destroyed = 0
+        last = ""
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(t).where(t.c.key_id > last).order_by(t.c.key_id).limit(batch_size)
+                ).all()
+            if not rows:
+                break
+            last = rows[-1].key_id
+            updates = []
+            for row in rows:
+                rec = KeyRecord.from_row(row)
+                if rec.wrapped_key is None:
+                    destroyed += 1
+                    continue
+                if rec.master_key_uri == new.uri:
+                    already += 1
+                    continue
+                ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
+                secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
+                self.master_unwraps += 1
+                updates.append((rec, new.wrap(secret, ctx)))
+                self.master_wraps += 1
+            with self.engine.begin() as conn:
+                for rec, wrapped in updates:
+                    res = conn.execute(
+                        t.update().where(
+                            t.c.key_id == rec.key_id.hex(),
+                            t.c.master_key_uri == rec.master_key_uri,
+                            t.c.wrapped_key.is_not(None),
+                        ).values(master_key_uri=new.uri, wrapped_key=wrapped, updated_at=utcnow())
+                    )
+                    done += res.rowcount
+            if progress is not None:
+                progress(len(rows))
+        self._master = new
+        log.info("carnet: rewrapped %d data key(s) under %s", done, new.uri)
+        return RewrapReport(rewrapped=done, already=already, skipped_destroyed=destroyed,
+                            master_key_uri=new.uri)
+
+    # -- observability -------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters: master-key calls and cache behaviour since creation (or reset)."""
+        return {
+            "master_unwraps": self.master_unwraps,
+            "master_wraps": self.master_wraps,
+            "master_calls": self.master_unwraps + self.master_wraps,
+            "cache_hits": self._keys.hits + self._active.hits,
+            "cache_misses": self._keys.misses + self._active.misses,
+            "cached_keys": len(self._keys),
+            "keys_created": self.keys_created,
+            "legacy_plaintext_reads": self.legacy_plaintext_reads,
+        }
+
+    def reset_stats(self) -> None:
+        self.master_unwraps = self.master_wraps = self.keys_created = 0
+        self.legacy_plaintext_reads = 0
+        self._keys.hits = self._keys.misses = self._active.hits = self._active.misses = 0
+
+    def clear_cache(self) -> None:
+        """Forget every unwrapped DEK (the next use of each costs one master-key call)."""
+        self._keys.clear()
+        self._active.clear()
+
+    def close(self) -> None:
+        self.clear_cache()
+        for mk in self._masters.values():
+            mk.close()
+
+
+def log_debug_enabled() -> bool:
+    return logging.getLogger("sqlalchemy.engine").isEnabledFor(logging.DEBUG)

@@ -1,0 +1,152 @@
+"""ORM integration: the row's own tenant column chooses the key.
+
+Installed once, when :mod:`carnet` is imported:
+
+- ``mapper_configured``: find each mapper's EncryptedText columns and check
+  that their ``tenant=`` attribute exists (a typo fails at configuration).
+- ``load`` / ``refresh``: open the :class:`~carnet.types.Sealed` values of a
+  loaded row with that row's tenant.
+- ``before_flush``: bind every plaintext about to be written to its row's
+  tenant (:class:`~carnet.types.BoundText`); a row with no tenant raises
+  ``TenantRequired`` before any SQL is sent. A changed tenant re-seals the
+  row's encrypted values under the new tenant.
+- ``after_flush_postexec``: put plain ``str`` back on the instances.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper, Session, attributes
+from sqlalchemy.orm.state import InstanceState
+
+from .context import _tenant
+from .errors import ConfigurationError, TenantMismatch, TenantRequired
+from .types import BoundText, EncryptedText, Sealed
+
+Spec = tuple[str, EncryptedText, "str | None"]
+_specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDictionary()
+_BOUND = "_carnet_bound"
+
+
+def _open_state(state: InstanceState[Any], specs: list[Spec], only: Any = None) -> None:
+    d = state.dict
+    scope = _tenant.get()
+    for key, typ, tkey in specs:
+        if only is not None and key not in only:
+            continue
+        v = d.get(key)
+        if type(v) is not Sealed:
+            continue
+        tenant = d.get(tkey) if tkey is not None else None
+        if tenant is None:
+            if scope is None:
+                continue  # tenant column not loaded: the value stays Sealed, never garbage
+            tenant = scope
+        else:
+            tenant = str(tenant)
+            if scope is not None and scope != tenant:
+                raise TenantMismatch(scope, tenant)
+        d[key] = typ.decrypt(v.data, tenant)
+
+
+def _setup(mapper: Mapper[Any], class_: type) -> None:
+    specs: list[Spec] = []
+    for prop in mapper.column_attrs:
+        for col in prop.columns:
+            typ = getattr(col, "type", None)
+            if isinstance(typ, EncryptedText):
+                tkey = typ.tenant
+                if tkey is not None and tkey not in mapper.attrs:
+                    raise ConfigurationError(
+                        f"{class_.__name__}.{prop.key}: EncryptedText(tenant={tkey!r}) names no "
+                        f"attribute of {class_.__name__}"
+                    )
+                specs.append((prop.key, typ, tkey))
+    if not specs:
+        return
+    _specs[mapper] = specs
+
+    def on_load(target: Any, context: Any) -> None:
+        _open_state(attributes.instance_state(target), specs)
+
+    def on_refresh(target: Any, context: Any, attrs: Any) -> None:
+        _open_state(attributes.instance_state(target), specs)
+
+    event.listen(mapper, "load", on_load)
+    event.listen(mapper, "refresh", on_refresh)
+
+
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    bound: list[tuple[InstanceState[Any], str, str]] = []
+    scope = _tenant.get()
+    for obj in itertools.chain(session.new, session.dirty):
+        state = attributes.instance_state(obj)
+        specs = _specs.get(state.mapper)
+        if not specs:
+            continue
+        d = state.dict
+        pending = state.key is None
+        for key, _typ, tkey in specs:
+            if key not in d:
+                continue
+            tenant_changed = tkey is not None and tkey in state.committed_state
+            if not (pending or key in state.committed_state or tenant_changed):
+                continue
+            v = d[key]
+            if v is None:
+                continue
+            if isinstance(v, Sealed):
+                if tenant_changed:
+                    raise ConfigurationError(
+                        f"{type(obj).__name__}.{key}: the tenant changed but the value was never "
+                        "opened; load it with its tenant first"
+                    )
+                continue
+            tenant = d.get(tkey) if tkey is not None else None
+            if tenant is None:
+                if tkey is not None or scope is None:
+                    raise TenantRequired(
+                        f"{type(obj).__name__}.{key}: the row has no tenant"
+                        + (f" (set {type(obj).__name__}.{tkey})" if tkey else
+                           " (use carnet.tenant_scope)")
+                        + "; nothing was written"
+                    )
+                tenant = scope
+            tenant = str(tenant)
+            if scope is not None and scope != tenant:
+                raise TenantMismatch(scope, tenant)
+            if tenant_changed and key not in state.committed_state:
+                attributes.flag_modified(obj, key)
+            bv = BoundText(v)
+            bv.carnet_tenant = tenant
+            d[key] = bv
+            bound.append((state, key, str(v)))
+    if bound:
+        session.info[_BOUND] = bound
+
+
+def _after_flush_postexec(session: Session, flush_context: Any) -> None:
+    bound = session.info.pop(_BOUND, None)
+    if not bound:
+        return
+    for state, key, plain in bound:
+        v = state.dict.get(key)
+        if type(v) is BoundText:
+            state.dict[key] = plain
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    event.listen(Mapper, "mapper_configured", _setup)
+    event.listen(Session, "before_flush", _before_flush)
+    event.listen(Session, "after_flush_postexec", _after_flush_postexec)
+    _installed = True

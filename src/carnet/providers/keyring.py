@@ -1,0 +1,70 @@
+"""``keyring://service/name`` master keys, kept by the OS keyring.
+
+Through the ``keyring`` library: Secret Service (GNOME Keyring, KWallet) on
+Linux, Keychain on macOS, Credential Locker on Windows. The entry holds the
+same text as a key file: ``carnet-master-key-v1:<base64>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from urllib.parse import unquote, urlsplit
+
+from ..errors import ConfigurationError, MasterKeyUnavailable
+from ._local import SECRET_SIZE, LocalMasterKey
+
+HEADER = "carnet-master-key-v1:"
+
+
+def _names(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    name = unquote(parts.path.lstrip("/"))
+    service = unquote(parts.netloc)
+    if parts.scheme != "keyring" or not service or not name or "/" in name:
+        raise ConfigurationError(f"keyring master key URI must look like keyring://service/name, got {uri!r}")
+    return service, name
+
+
+def _backend_call(fn, *args):  # type: ignore[no-untyped-def]
+    import keyring
+    import keyring.errors
+
+    try:
+        return fn(keyring, *args)
+    except keyring.errors.KeyringError as exc:
+        # The backend's message can name the entry but never holds the secret.
+        raise MasterKeyUnavailable(f"OS keyring unavailable: {type(exc).__name__}") from None
+
+
+class KeyringMasterKey(LocalMasterKey):
+    scheme = "keyring"
+
+    @classmethod
+    def from_uri(cls, uri: str) -> KeyringMasterKey:
+        service, name = _names(uri)
+        text = _backend_call(lambda k: k.get_password(service, name))
+        if text is None:
+            raise ConfigurationError(
+                f"no keyring entry {service}/{name} (create one: carnet master new keyring://{service}/{name})"
+            )
+        if not text.startswith(HEADER):
+            raise ConfigurationError(f"keyring entry {service}/{name} is not a carnet master key")
+        try:
+            secret = base64.b64decode(text[len(HEADER) :], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigurationError(f"keyring entry {service}/{name} is not a carnet master key") from None
+        if len(secret) != SECRET_SIZE:
+            raise ConfigurationError(f"keyring entry {service}/{name} is not a carnet master key")
+        return cls(f"keyring://{service}/{name}", secret)
+
+    @classmethod
+    def create(cls, uri: str) -> KeyringMasterKey:
+        service, name = _names(uri)
+        if _backend_call(lambda k: k.get_password(service, name)) is not None:
+            raise ConfigurationError(f"keyring entry {service}/{name} already exists; not overwriting")
+        secret = os.urandom(SECRET_SIZE)
+        text = HEADER + base64.b64encode(secret).decode("ascii")
+        _backend_call(lambda k: k.set_password(service, name, text))
+        return cls(f"keyring://{service}/{name}", secret)

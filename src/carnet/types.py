@@ -1,0 +1,225 @@
+"""``EncryptedText``: the SQLAlchemy column type.
+
+The type sees only a value and a dialect. The tenant that picks the data key
+comes from the row (ORM events in :mod:`carnet.orm` bind it to the value
+before a flush, and open loaded values with the row's tenant) or from
+:func:`carnet.tenant_scope` (Core). A value read with no tenant at hand is
+returned as an opaque :class:`Sealed`, never as bytes that look like text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.base import SchemaEventTarget
+from sqlalchemy.types import TypeDecorator
+
+from . import envelope
+from .context import _tenant, get_manager
+from .errors import ConfigurationError, InvalidCiphertext, TenantMismatch, TenantRequired, UnsupportedOperation
+
+if TYPE_CHECKING:
+    from .manager import KeyManager
+
+Storage = Literal["binary", "text"]
+
+
+class BoundText(str):
+    """Plaintext on its way to the database, bound to its row's tenant by the ORM flush hook."""
+
+    carnet_tenant: str
+
+
+class Sealed:
+    """A value read without a tenant to open it. Holds ciphertext only.
+
+    ``open(tenant)`` decrypts it; with the ORM this happens by itself when the
+    row's tenant column is loaded too.
+    """
+
+    __slots__ = ("data", "_type")
+
+    def __init__(self, data: bytes, type_: EncryptedText) -> None:
+        self.data = data
+        self._type = type_
+
+    def open(self, tenant: str) -> str:
+        return self._type.decrypt(self.data, tenant)
+
+    def __repr__(self) -> str:
+        kid = self.data[1:17].hex()[:12] if len(self.data) > 17 else "?"
+        return f"<carnet.Sealed {len(self.data)} bytes key={kid}… field={self._type.field_label!r}>"
+
+    __str__ = __repr__
+
+
+_ALLOWED_OPS = {operators.is_, operators.is_not}
+
+
+class EncryptedText(TypeDecorator[str], SchemaEventTarget):
+    """A text column stored encrypted with AES-256-GCM under a per-tenant data key.
+
+    ``tenant``: name of the mapped attribute holding the row's tenant id (ORM).
+    ``label``: the field label bound into every value (default ``table.column``);
+    set it explicitly to keep values readable across a table or column rename.
+    ``storage``: ``"binary"`` (BYTEA / BLOB / LONGBLOB, default) or ``"text"``
+    (prefixed base64 in a TEXT column, for in-place migration).
+    ``mixed_read``: during a migration only, return values that lack carnet's
+    prefix as legacy plaintext (counted in ``KeyManager.stats()``) instead of
+    raising. ``manager``: a KeyManager; default: the one given to
+    :func:`carnet.configure`, looked up at use, not at import.
+    """
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def __init__(
+        self,
+        tenant: str | None = None,
+        *,
+        label: str | None = None,
+        storage: Storage = "binary",
+        mixed_read: bool = False,
+        manager: KeyManager | None = None,
+    ) -> None:
+        super().__init__()
+        if storage not in ("binary", "text"):
+            raise ConfigurationError("storage must be 'binary' or 'text'")
+        if mixed_read and storage != "text":
+            raise ConfigurationError("mixed_read applies to storage='text' columns only")
+        # These names match __init__ parameters and so enter SQLAlchemy's
+        # statement cache key: only immutable strings/bools here. The manager
+        # (mutable, holds keys) lives on a private attribute.
+        self.tenant = tenant
+        self.label = label
+        self.storage = storage
+        self.mixed_read = mixed_read
+        self._manager = manager
+        self._auto_label: str | None = None
+        self._from_copy = False
+
+    # -- schema attachment: learn table.column for the default label ----------------
+
+    def _set_parent(self, parent: Any, **kw: Any) -> None:
+        parent._on_table_attach(self._set_table)
+
+    def _set_table(self, column: sa.Column[Any], table: sa.Table) -> None:
+        auto = f"{table.name}.{column.name}"
+        if self._from_copy:
+            # Column._copy() (mixins, to_metadata) attaches a copy to another table.
+            self._from_copy = False
+        elif self._auto_label is not None and self._auto_label != auto and self.label is None:
+            raise ConfigurationError(
+                f"one EncryptedText instance is shared by {self._auto_label} and {auto}: "
+                "give each column its own EncryptedText(), or an explicit label="
+            )
+        self._auto_label = auto
+
+    def copy(self, **kw: Any) -> EncryptedText:
+        # Also used by SQLAlchemy for the per-dialect implementation, which must
+        # keep the label learnt at attachment.
+        new = EncryptedText(self.tenant, label=self.label, storage=self.storage,
+                            mixed_read=self.mixed_read, manager=self._manager)
+        new._auto_label = self._auto_label
+        new._from_copy = True
+        return new
+
+    @property
+    def field_label(self) -> str | None:
+        return self.label if self.label is not None else self._auto_label
+
+    def _label_or_fail(self) -> str:
+        label = self.label if self.label is not None else self._auto_label
+        if label is None:
+            raise ConfigurationError(
+                "EncryptedText is not attached to a table column: give it label='table.column'"
+            )
+        return label
+
+    @property
+    def manager(self) -> KeyManager:
+        return self._manager if self._manager is not None else get_manager()
+
+    def __repr__(self) -> str:
+        return f"EncryptedText(tenant={self.tenant!r}, label={self.field_label!r}, storage={self.storage!r})"
+
+    # -- storage per dialect ----------------------------------------------------------
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if self.storage == "text":
+            if dialect.name in ("mysql", "mariadb"):
+                return dialect.type_descriptor(mysql.LONGTEXT())
+            return dialect.type_descriptor(sa.Text())
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.BYTEA())
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.LONGBLOB())
+        return dialect.type_descriptor(sa.LargeBinary())
+
+    # -- values ---------------------------------------------------------------------------
+
+    def encrypt(self, value: str, tenant: str) -> bytes:
+        return self.manager.encrypt(value.encode("utf-8"), tenant=tenant, label=self._label_or_fail())
+
+    def decrypt(self, blob: bytes, tenant: str) -> str:
+        return self.manager.decrypt(blob, tenant=tenant, label=self._label_or_fail()).decode("utf-8")
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        scope = _tenant.get()
+        if type(value) is BoundText:
+            tenant = value.carnet_tenant
+            if scope is not None and scope != tenant:
+                raise TenantMismatch(scope, tenant)
+        elif isinstance(value, str):
+            if scope is None:
+                raise TenantRequired(
+                    f"writing {self.field_label}: no tenant. With the ORM set the row's "
+                    f"tenant column; in Core use carnet.tenant_scope(...)"
+                )
+            tenant = scope
+        elif isinstance(value, Sealed):
+            raise ConfigurationError("a Sealed value cannot be written back: open it first")
+        else:
+            raise TypeError(f"EncryptedText stores str values, not {type(value).__name__}")
+        blob = self.encrypt(value, tenant)
+        return envelope.to_text(blob) if self.storage == "text" else blob
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        if self.storage == "text":
+            if not value.startswith(envelope.TEXT_PREFIX):
+                if self.mixed_read:
+                    self.manager.legacy_plaintext_reads += 1
+                    return value
+                raise InvalidCiphertext("value is not carnet ciphertext", label=self.field_label)
+            blob = envelope.from_text(value)
+        else:
+            blob = value if type(value) is bytes else bytes(value)
+        tenant = _tenant.get()
+        if tenant is None:
+            return Sealed(blob, self)
+        return self.decrypt(blob, tenant)
+
+    # -- SQL operators ----------------------------------------------------------------------
+
+    class comparator_factory(TypeDecorator.Comparator[str]):  # noqa: N801 - SQLAlchemy's name
+        def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+            if op in _ALLOWED_OPS or (
+                op in (operators.eq, operators.ne) and len(other) == 1 and other[0] is None
+            ):
+                return super().operate(op, *other, **kwargs)
+            raise UnsupportedOperation(
+                f"{getattr(op, '__name__', op)} on an encrypted column cannot work: each value is "
+                "ciphertext under a random nonce. Filter on other columns and compare in Python."
+            )
+
+        def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+            raise UnsupportedOperation(
+                f"{getattr(op, '__name__', op)} on an encrypted column cannot work: values are ciphertext"
+            )
