@@ -31,7 +31,14 @@ $(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.stamp-core
 	$(BIN)/carnet demo
 
-test: lint typecheck pytest
+# Runs every step even when an earlier one fails, so one report shows all
+# problems; fails if any step failed.
+test: $(VENV)/.stamp-dev
+	@failed=""; \
+	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
+	$(MAKE) --no-print-directory typecheck || failed="$$failed typecheck"; \
+	$(MAKE) --no-print-directory pytest || failed="$$failed pytest"; \
+	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
 
 # Without lint and type checks, for a quick loop while editing.
 test-fast: pytest
