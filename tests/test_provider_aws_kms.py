@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from carnet.errors import ConfigurationError, MasterKeyMismatch, MasterKeyUnavailable
+from carnet.errors import ConfigurationError, MasterKeyMismatch
 from carnet.providers import open_master_key
 from carnet.providers.aws_kms import AwsKmsMasterKey
 
