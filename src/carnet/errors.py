@@ -105,6 +105,10 @@ class TenantMismatch(CarnetError):
         super().__init__(f"value belongs to tenant {actual!r}, not {expected!r}")
 
 
+class InvalidPlaintext(CarnetError, ValueError):
+    """A value given to an encrypted column cannot be sealed (not a str, bad Unicode)."""
+
+
 class UnsupportedOperation(CarnetError, TypeError):
     """A SQL operator that cannot work on ciphertext (==, LIKE, IN, ORDER BY ...)."""
 

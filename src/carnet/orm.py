@@ -106,7 +106,12 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                         "opened; load it with its tenant first"
                     )
                 continue
-            tenant = d.get(tkey) if tkey is not None else None
+            if tkey is None:
+                tenant = None
+            elif tkey in d:
+                tenant = d[tkey]
+            else:
+                tenant = getattr(obj, tkey)  # expired after commit: load it, don't guess
             if tenant is None:
                 if tkey is not None or scope is None:
                     raise TenantRequired(

@@ -19,7 +19,15 @@ from sqlalchemy.types import TypeDecorator
 
 from . import envelope
 from .context import _tenant, get_manager
-from .errors import ConfigurationError, InvalidCiphertext, TenantMismatch, TenantRequired, UnsupportedOperation
+from .errors import (
+    CarnetError,
+    ConfigurationError,
+    InvalidCiphertext,
+    InvalidPlaintext,
+    TenantMismatch,
+    TenantRequired,
+    UnsupportedOperation,
+)
 
 if TYPE_CHECKING:
     from .manager import KeyManager
@@ -185,8 +193,16 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         elif isinstance(value, Sealed):
             raise ConfigurationError("a Sealed value cannot be written back: open it first")
         else:
-            raise TypeError(f"EncryptedText stores str values, not {type(value).__name__}")
-        blob = self.encrypt(value, tenant)
+            raise InvalidPlaintext(f"EncryptedText stores str values, not {type(value).__name__}")
+        try:
+            blob = self.encrypt(value, tenant)
+        except CarnetError:
+            raise
+        except UnicodeEncodeError:
+            # The exception object holds the whole string: drop it.
+            raise InvalidPlaintext("value is not valid Unicode (lone surrogate)") from None
+        except Exception as exc:  # noqa: BLE001 - a foreign error here may carry the note
+            raise CarnetError(f"encryption failed: {type(exc).__name__}") from None
         return envelope.to_text(blob) if self.storage == "text" else blob
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:

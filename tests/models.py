@@ -1,0 +1,31 @@
+"""Models shared by the core tests: the quickstart's Note, and a Core table."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import carnet
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice_id: Mapped[str | None] = mapped_column(sa.String(64))
+    body: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="practice_id"))
+    summary: Mapped[str | None] = mapped_column(
+        carnet.EncryptedText(tenant="practice_id", storage="text")
+    )
+
+
+core_metadata = sa.MetaData()
+comments = sa.Table(
+    "comments",
+    core_metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("text", carnet.EncryptedText()),
+)
