@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
 
 from . import jobs as _jobs
-from .errors import CarnetError, ConfigurationError
+from .errors import CarnetError, ConfigurationError, MasterKeyMismatch, MasterKeyUnavailable
 from .keystore import utcnow
 
 __all__ = ["BatchReport", "BatchRow", "iter_rows", "resolve_table", "run_batches", "raw_type"]
@@ -33,6 +33,9 @@ __all__ = ["BatchReport", "BatchRow", "iter_rows", "resolve_table", "run_batches
 # Lock waits and deadlocks are expected when the application writes the same
 # rows; the batch is simply re-read and retried.
 _RETRIES = 20
+
+# Errors about the setup, not the row: every other row would fail the same way.
+_FATAL = (ConfigurationError, MasterKeyUnavailable, MasterKeyMismatch)
 
 
 @dataclass
@@ -333,7 +336,8 @@ def run_batches(
     ``transform`` gets a :class:`BatchRow` with the RAW stored value and
     returns the new raw value, or None to leave the row. A
     :class:`~carnet.errors.CarnetError` it raises marks that row failed (its
-    primary key is reported) and the run goes on. ``job`` names the progress
+    primary key is reported) and the run goes on, except configuration and
+    master-key errors, which stop the run. ``job`` names the progress
     record: a rerun with the same name resumes where a killed run stopped; a
     finished worker starts a fresh pass. ``worker=(i, n)``: this process
     handles the i-th of n disjoint primary-key ranges, fixed in the database
@@ -429,6 +433,8 @@ def _one_batch(
         br = plan.to_batch_row(r)
         try:
             new = transform(br)
+        except _FATAL:
+            raise
         except CarnetError:
             failed.append(br.pk)
             continue

@@ -1,0 +1,643 @@
+"""Key-lifecycle operations behind the ``carnet`` commands, as plain functions.
+
+Each returns a dataclass or dict that the CLI prints (as text or JSON) and
+that tests inspect without a terminal. Nothing here returns or logs a
+plaintext note or key material: reports hold counts, key ids, tenant ids and
+primary keys.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import envelope
+from . import jobs as _jobs
+from .batch import BatchReport, BatchRow, iter_rows, raw_type, resolve_table, run_batches
+from .errors import (
+    CarnetError,
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDestroyed,
+    KeyInUse,
+    UnknownKey,
+)
+from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
+from .manager import KeyManager, RewrapReport
+from .providers import create_master_key
+
+Progress = Callable[[int], None]
+
+# Values of a column that is not (yet) encrypted: legacy text without carnet's prefix.
+PLAINTEXT = "plaintext"
+
+
+# -- opening ----------------------------------------------------------------------------
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine with time-outs suited to batch work next to a live application."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise ConfigurationError(
+            "bad database URL (expected e.g. postgresql+psycopg://...)") from None
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    if backend == "sqlite":
+        # SQLite has one writer: wait for the application's write to finish
+        # instead of failing the batch at once.
+        connect_args["timeout"] = 30
+    elif backend in ("postgresql", "mysql", "mariadb"):
+        connect_args["connect_timeout"] = 10
+    try:
+        return sa.create_engine(parsed, connect_args=connect_args)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise ConfigurationError(f"bad database URL: {exc}") from None
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver for {backend} is not installed ({exc.name})") from None
+
+
+def open_manager(
+    database_url: str | sa.Engine,
+    master_key: str,
+    previous_master_keys: Iterable[str] = (),
+    *,
+    cache_ttl: float = 300.0,
+) -> KeyManager:
+    engine = make_engine(database_url) if isinstance(database_url, str) else database_url
+    return KeyManager(engine, master_key=master_key,
+                      previous_master_keys=tuple(previous_master_keys), cache_ttl=cache_ttl)
+
+
+def init(km: KeyManager) -> dict[str, Any]:
+    """Create ``carnet_keys`` and ``carnet_jobs`` when missing."""
+    km.create_schema()
+    _jobs.ensure_jobs_table(km.engine)
+    return {"tables": [km.table.name, _jobs.JOBS_TABLE], "database": _safe_url(km.engine)}
+
+
+def new_master(uri: str) -> dict[str, Any]:
+    """Create a master key (refuses to overwrite an existing one)."""
+    mk = create_master_key(uri)
+    try:
+        return {"master_key_uri": mk.uri}
+    finally:
+        mk.close()
+
+
+def _safe_url(engine: sa.Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+# -- reading stored values --------------------------------------------------------------
+
+
+def blob_of(value: Any) -> bytes | str | None:
+    """The v1 bytes in a raw stored value; ``PLAINTEXT`` for legacy text; None for NULL."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not envelope.looks_like_text_ciphertext(value):
+            return PLAINTEXT
+        return envelope.from_text(value)
+    return bytes(value)
+
+
+class _Keys:
+    """Key records by id and active key per tenant, loaded once per run (one row per key)."""
+
+    def __init__(self, km: KeyManager) -> None:
+        self.km = km
+        self._by_id: dict[bytes, KeyRecord | None] = {}
+        self._active: dict[str, bytes] = {}
+
+    def get(self, key_id: bytes) -> KeyRecord | None:
+        if key_id not in self._by_id:
+            self._by_id[key_id] = self.km.get_key(key_id)
+        return self._by_id[key_id]
+
+    def active(self, tenant: str) -> bytes:
+        kid = self._active.get(tenant)
+        if kid is None:
+            kid = self.km.ensure_key(tenant).key_id
+            self._active[tenant] = kid
+        return kid
+
+
+def _label(table: str, column: str, label: str | None) -> str:
+    return label if label is not None else f"{table.rpartition('.')[2]}.{column}"
+
+
+def check_column(engine: sa.Engine, table: str, column: str) -> sa.Table:
+    """The reflected table, after checking the column exists and can hold carnet values."""
+    tbl = resolve_table(engine, table)
+    if column not in tbl.c:
+        raise ConfigurationError(f"table {table!r} has no column {column!r}")
+    if not tbl.primary_key.columns:
+        raise ConfigurationError(f"table {table!r} has no primary key")
+    try:
+        py = raw_type(tbl.c[column], engine.dialect).python_type
+    except NotImplementedError:
+        py = object
+    if py not in (bytes, str):
+        raise ConfigurationError(f"{table}.{column} is not a text or binary column")
+    return tbl
+
+
+def _carnet_value(km: KeyManager, value: Any) -> bool:
+    try:
+        blob = blob_of(value)
+    except InvalidCiphertext:
+        return True  # carnet's prefix with a broken body: still a carnet column
+    if blob is None or blob == PLAINTEXT or isinstance(blob, str):
+        return False
+    if len(blob) < envelope.MIN_SIZE or blob[0] != envelope.VERSION:
+        return False
+    return km.get_key(envelope.key_id_of(blob)) is not None
+
+
+def is_encrypted_column(km: KeyManager, tbl: sa.Table, column: str, sample: int = 50) -> bool:
+    """True if some of the first non-NULL values carry carnet blobs (or the column is empty)."""
+    col = sa.type_coerce(tbl.c[column], raw_type(tbl.c[column], km.engine.dialect))
+    with km.engine.connect() as conn:
+        values = conn.execute(
+            sa.select(col).where(tbl.c[column].is_not(None)).limit(sample)
+        ).scalars().all()
+    if not values:
+        return True
+    return any(_carnet_value(km, v) for v in values)
+
+
+def require_encrypted(km: KeyManager, table: str, column: str) -> sa.Table:
+    tbl = check_column(km.engine, table, column)
+    if not is_encrypted_column(km, tbl, column):
+        raise ConfigurationError(
+            f"{table}.{column} holds no carnet values: not an encrypted column")
+    return tbl
+
+
+def discover_columns(km: KeyManager) -> list[tuple[str, str]]:
+    """Columns of every table whose stored values carry carnet ciphertext."""
+    insp = sa.inspect(km.engine)
+    found: list[tuple[str, str]] = []
+    skip = {km.table.name, _jobs.JOBS_TABLE}
+    for name in sorted(insp.get_table_names()):
+        if name in skip:
+            continue
+        tbl = sa.Table(name, sa.MetaData(), autoload_with=km.engine)
+        if not tbl.primary_key.columns:
+            continue
+        for col in tbl.columns:
+            try:
+                py = col.type.python_type
+            except NotImplementedError:
+                continue
+            if py not in (bytes, str) or col.primary_key:
+                continue
+            c = sa.type_coerce(col, col.type)
+            with km.engine.connect() as conn:
+                values = conn.execute(
+                    sa.select(c).where(col.is_not(None)).limit(50)).scalars().all()
+            if any(_carnet_value(km, v) for v in values):
+                found.append((name, col.name))
+    return found
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+@dataclass
+class ColumnStatus:
+    table: str
+    column: str
+    rows: int = 0
+    nulls: int = 0
+    plaintext: int = 0
+    unreadable_framing: int = 0
+    unknown_key: int = 0
+    # "tenant/vN (state)" -> rows, keyed by key id for exactness
+    by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
+    not_on_active: int = 0
+
+
+@dataclass
+class TenantStatus:
+    tenant: str
+    active_version: int | None
+    master_key_uri: str | None
+    keys: list[dict[str, Any]]
+
+
+@dataclass
+class StatusReport:
+    database: str
+    master_key_uri: str
+    master_key_ok: bool
+    tenants: list[TenantStatus]
+    columns: list[ColumnStatus]
+    jobs: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def check_master_key(km: KeyManager) -> bool:
+    """Unwrap one live DEK per master key URI in use: proves the configured keys open them."""
+    seen: set[str] = set()
+    for rec in km.iter_keys():
+        if rec.wrapped_key is None or rec.master_key_uri in seen:
+            continue
+        seen.add(rec.master_key_uri)
+        km._unwrap(rec)
+    return True
+
+
+def column_status(km: KeyManager, table: str, column: str, keys: _Keys | None = None,
+                  batch_size: int = 2000, progress: Progress | None = None) -> ColumnStatus:
+    check_column(km.engine, table, column)
+    keys = keys or _Keys(km)
+    st = ColumnStatus(table=table, column=column)
+    counts: Counter[bytes] = Counter()
+    for row in iter_rows(km.engine, table, column, batch_size=batch_size):
+        st.rows += 1
+        try:
+            blob = blob_of(row.value)
+        except InvalidCiphertext:
+            st.unreadable_framing += 1
+            continue
+        if blob is None:
+            st.nulls += 1
+        elif isinstance(blob, str):
+            st.plaintext += 1
+        elif len(blob) < envelope.MIN_SIZE or blob[0] != envelope.VERSION:
+            st.unreadable_framing += 1
+        else:
+            counts[envelope.key_id_of(blob)] += 1
+        if progress is not None and st.rows % batch_size == 0:
+            progress(batch_size)
+    for kid, n in sorted(counts.items(), key=lambda kv: kv[0]):
+        rec = keys.get(kid)
+        if rec is None:
+            st.unknown_key += n
+            continue
+        st.by_key[kid.hex()] = {"tenant": rec.tenant, "version": rec.version,
+                                "state": rec.state, "rows": n}
+        if rec.state != ACTIVE:
+            st.not_on_active += n
+    return st
+
+
+def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
+           check_master: bool = True) -> StatusReport:
+    """Keys per practice, and per encrypted column the rows by key version."""
+    km.create_schema()
+    tenants: dict[str, list[KeyRecord]] = {}
+    for rec in km.iter_keys():
+        tenants.setdefault(rec.tenant, []).append(rec)
+    ts = []
+    for tenant in sorted(tenants):
+        recs = sorted(tenants[tenant], key=lambda r: r.version)
+        active = [r for r in recs if r.state == ACTIVE]
+        ts.append(TenantStatus(
+            tenant=tenant,
+            active_version=active[0].version if active else None,
+            master_key_uri=active[0].master_key_uri if active else None,
+            keys=[{"key_id": r.key_id.hex(), "version": r.version, "state": r.state,
+                   "master_key_uri": r.master_key_uri} for r in recs],
+        ))
+    ok = check_master_key(km) if check_master else True
+    cols = list(columns) if columns is not None else discover_columns(km)
+    keys = _Keys(km)
+    col_st = [column_status(km, t, c, keys) for t, c in cols]
+    jobs_rows: list[dict[str, Any]] = []
+    if sa.inspect(km.engine).has_table(_jobs.JOBS_TABLE):
+        with km.engine.connect() as conn:
+            for r in conn.execute(sa.select(_jobs.JOBS).order_by(_jobs.JOBS.c.job,
+                                                                 _jobs.JOBS.c.worker)):
+                jobs_rows.append({"job": r.job, "worker": f"{r.worker}/{r.workers}",
+                                  "table": r.table_name, "column": r.column_name,
+                                  "done": bool(r.done), "scanned": int(r.scanned),
+                                  "rewritten": int(r.rewritten), "failed": int(r.failed)})
+    return StatusReport(database=_safe_url(km.engine), master_key_uri=km.master_key.uri,
+                        master_key_ok=ok, tenants=ts, columns=col_st, jobs=jobs_rows)
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+def list_keys(km: KeyManager, tenant: str | None = None) -> list[dict[str, Any]]:
+    return [r.as_dict() for r in km.list_keys(tenant)]
+
+
+def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """New active DEK for each tenant (all live tenants when ``tenants`` is None)."""
+    if tenants is None:
+        tenants = [t for t in km.tenants()
+                   if any(r.state == ACTIVE for r in km.list_keys(t))]
+    return [km.rotate(t).as_dict() for t in tenants]
+
+
+@dataclass
+class KeyUsage:
+    key_id: str
+    rows: dict[str, int]  # "table.column" -> rows sealed under the key
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+def key_usage(km: KeyManager, key_id: bytes,
+              columns: Sequence[tuple[str, str]] | None = None) -> KeyUsage:
+    cols = list(columns) if columns is not None else discover_columns(km)
+    usage = KeyUsage(key_id=key_id.hex(), rows={})
+    for table, column in cols:
+        check_column(km.engine, table, column)
+        n = 0
+        for row in iter_rows(km.engine, table, column, batch_size=2000):
+            try:
+                blob = blob_of(row.value)
+            except InvalidCiphertext:
+                continue
+            if isinstance(blob, bytes) and len(blob) >= envelope.MIN_SIZE \
+                    and blob[1:1 + envelope.KEY_ID_SIZE] == key_id:
+                n += 1
+        if n:
+            usage.rows[f"{table}.{column}"] = n
+    return usage
+
+
+_KEY_ID_HELP = "a key id is 32 hexadecimal digits (see carnet keys list)"
+
+
+def parse_key_id(text: str) -> bytes:
+    try:
+        kid = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigurationError(_KEY_ID_HELP) from None
+    if len(kid) != envelope.KEY_ID_SIZE:
+        raise ConfigurationError(_KEY_ID_HELP)
+    return kid
+
+
+def retire_key(km: KeyManager, key_id: bytes,
+               columns: Sequence[tuple[str, str]] | None = None,
+               force: bool = False) -> dict[str, Any]:
+    """Erase an inactive key version once no row uses it (or with ``force``)."""
+    rec = km.get_key(key_id)
+    if rec is None:
+        raise UnknownKey(key_id)
+    if rec.state == ACTIVE:
+        raise ConfigurationError(
+            f"key {key_id.hex()} is the active key of tenant {rec.tenant!r}: rotate first")
+    usage = key_usage(km, key_id, columns) if rec.state not in (RETIRED, DESTROYED) else None
+    if usage is not None and usage.total and not force:
+        where = ", ".join(f"{n} row(s) in {tc}" for tc, n in sorted(usage.rows.items()))
+        raise KeyInUse(
+            f"key {key_id.hex()} (tenant {rec.tenant!r}, v{rec.version}) is still used by "
+            f"{where}: run carnet reencrypt first, or --force to make them unreadable")
+    done = km.retire(key_id)
+    return {"key": done.as_dict(), "rows_made_unreadable": usage.total if usage else 0}
+
+
+def destroy_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
+    n = km.destroy(tenant)
+    return {"tenant": tenant, "keys_destroyed": n, "cache_ttl_seconds": km.cache_ttl}
+
+
+def rotate_master(km: KeyManager, to: str, *, batch_size: int = 200,
+                  progress: Progress | None = None) -> RewrapReport:
+    """Rewrap every DEK under master key ``to``; no data row is read or written."""
+    km.create_schema()
+    return km.rewrap(to, batch_size=batch_size, progress=progress)
+
+
+def count_keys(km: KeyManager) -> int:
+    with km.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(km.table)).scalar_one())
+
+
+# -- reencrypt --------------------------------------------------------------------------
+
+
+def reencrypt_transform(km: KeyManager, table: str, column: str, *, tenant: str | None = None,
+                        label: str | None = None,
+                        old_label: str | None = None) -> Callable[[BatchRow], Any | None]:
+    """The transform moving one value to its tenant's active DEK and current label."""
+    new_label = _label(table, column, label)
+    labels = [old_label, new_label] if old_label else [new_label]
+    keys = _Keys(km)
+
+    def transform(row: BatchRow) -> Any | None:
+        blob = blob_of(row.value)
+        if blob is None or isinstance(blob, str):
+            return None  # NULL, or legacy plaintext: that is migrate's work
+        kid = envelope.key_id_of(blob)
+        rec = keys.get(kid)
+        if rec is None:
+            raise UnknownKey(kid)
+        if tenant is not None and rec.tenant != tenant:
+            return None
+        if rec.state in (DESTROYED, RETIRED):
+            return None  # can never be read again: nothing to move
+        on_active = kid == keys.active(rec.tenant)
+        if on_active and old_label is None:
+            return None
+        for lab in labels:
+            try:
+                plain = km.decrypt(blob, tenant=rec.tenant, label=lab)
+                break
+            except InvalidCiphertext:
+                continue
+        else:
+            raise InvalidCiphertext(label=new_label, tenant=rec.tenant)
+        if on_active and lab == new_label:
+            return None
+        sealed = km.encrypt(plain, tenant=rec.tenant, label=new_label)
+        return envelope.to_text(sealed) if isinstance(row.value, str) else sealed
+
+    return transform
+
+
+def reencrypt_job_name(table: str, column: str, tenant: str | None = None) -> str:
+    return f"reencrypt:{table}.{column}" + (f":{tenant}" if tenant else "")
+
+
+def reencrypt(
+    km: KeyManager, table: str, column: str, *,
+    tenant: str | None = None, label: str | None = None, old_label: str | None = None,
+    batch_size: int = 500, worker: tuple[int, int] = (0, 1), job: str | None = None,
+    restart: bool = False, progress: Progress | None = None,
+) -> BatchReport:
+    """Move every value of ``table.column`` to its practice's active DEK (and label)."""
+    require_encrypted(km, table, column)
+    return run_batches(
+        km.engine, table, column,
+        reencrypt_transform(km, table, column, tenant=tenant, label=label, old_label=old_label),
+        job=job or reencrypt_job_name(table, column, tenant), batch_size=batch_size,
+        worker=worker, progress=progress, restart=restart,
+    )
+
+
+@dataclass
+class WorkerSpec:
+    database_url: str
+    master_key: str
+    previous_master_keys: tuple[str, ...]
+    table: str
+    column: str
+    tenant: str | None
+    label: str | None
+    old_label: str | None
+    batch_size: int
+    job: str
+    restart: bool
+
+
+def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any]:
+    km = open_manager(spec.database_url, spec.master_key, spec.previous_master_keys)
+    try:
+        rep = reencrypt(km, spec.table, spec.column, tenant=spec.tenant, label=spec.label,
+                        old_label=spec.old_label, batch_size=spec.batch_size,
+                        worker=(index, count), job=spec.job, restart=spec.restart)
+        return rep.as_dict()
+    finally:
+        km.close()
+        km.engine.dispose()
+
+
+def reencrypt_parallel(spec: WorkerSpec, workers: int,
+                       poll: Callable[[dict[str, Any]], None] | None = None) -> BatchReport:
+    """Run ``workers`` local processes on disjoint key ranges of one job; sum their reports.
+
+    ``poll`` is called about twice a second with the job's summed progress
+    from ``carnet_jobs`` (the same numbers workers on other machines add to).
+    """
+    started = time.monotonic()
+    engine = make_engine(spec.database_url)
+    try:
+        if spec.restart:
+            _jobs.reset_job(engine, spec.job)
+        # Create the job's ranges once, before the workers race to.
+        _jobs.ensure_jobs_table(engine)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futs = [pool.submit(_reencrypt_worker, _no_restart(spec), i, workers)
+                    for i in range(workers)]
+            while not all(f.done() for f in futs):
+                if poll is not None:
+                    poll(_jobs.job_progress(engine, spec.job))
+                time.sleep(0.5)
+            results = [f.result() for f in futs]
+    finally:
+        engine.dispose()
+    total = BatchReport(job=spec.job)
+    for r in results:
+        total.scanned += r["scanned"]
+        total.rewritten += r["rewritten"]
+        total.skipped += r["skipped"]
+        total.conflicts += r["conflicts"]
+        total.failed.extend(tuple(pk) for pk in r["failed"])
+    total.elapsed = time.monotonic() - started
+    return total
+
+
+def _no_restart(spec: WorkerSpec) -> WorkerSpec:
+    from dataclasses import replace
+
+    return replace(spec, restart=False)
+
+
+def estimate_rows(engine: sa.Engine, table: str) -> int:
+    tbl = resolve_table(engine, table)
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one())
+
+
+# -- verify -----------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    table: str
+    column: str
+    rows: int = 0
+    ok: int = 0
+    nulls: int = 0
+    plaintext: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    failed_pks: list[list[Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+_REASONS: list[tuple[type[CarnetError], str]] = [
+    (KeyDestroyed, "destroyed_key"),  # also KeyRetired
+    (UnknownKey, "unknown_key"),
+    (InvalidCiphertext, "tampered_or_foreign"),
+]
+
+
+def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
+           allow_plaintext: bool = False, batch_size: int = 1000,
+           progress: Progress | None = None) -> VerifyReport:
+    """Decrypt every value; count failures by reason and list their primary keys."""
+    check_column(km.engine, table, column)
+    lab = _label(table, column, label)
+    keys = _Keys(km)
+    rep = VerifyReport(table=table, column=column)
+    pending = 0
+    for row in iter_rows(km.engine, table, column, batch_size=batch_size):
+        rep.rows += 1
+        pending += 1
+        if progress is not None and pending >= batch_size:
+            progress(pending)
+            pending = 0
+        reason: str | None = None
+        try:
+            blob = blob_of(row.value)
+            if blob is None:
+                rep.nulls += 1
+                continue
+            if isinstance(blob, str):
+                rep.plaintext += 1
+                if allow_plaintext:
+                    continue
+                reason = "plaintext"
+            else:
+                kid = envelope.key_id_of(blob)
+                rec = keys.get(kid)
+                if rec is None:
+                    raise UnknownKey(kid)
+                km.decrypt(blob, tenant=rec.tenant, label=lab)
+                rep.ok += 1
+                continue
+        except CarnetError as exc:
+            reason = next((name for cls, name in _REASONS if isinstance(exc, cls)), "error")
+        rep.failed += 1
+        rep.reasons[reason] = rep.reasons.get(reason, 0) + 1
+        rep.failed_pks.append(list(row.pk))
+    if progress is not None and pending:
+        progress(pending)
+    return rep
+
+
+def env_previous_master_keys() -> tuple[str, ...]:
+    raw = os.environ.get("CARNET_PREVIOUS_MASTER_KEYS", "")
+    return tuple(u.strip() for u in raw.split(",") if u.strip())
