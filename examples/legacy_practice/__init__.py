@@ -1,0 +1,1 @@
+"""A legacy practice-management schema, before carnet: notes in a plain TEXT column."""

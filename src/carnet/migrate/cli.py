@@ -1,0 +1,307 @@
+"""``carnet migrate``: encrypt a plaintext column of an existing database, online.
+
+Thin: every subcommand is one library call of :mod:`carnet.migrate`. Exit
+codes: 0 done; 1 error (bad configuration, database or key problem); 2 bad
+usage; 3 not complete: rows left (see the report), a decision needed, or
+``finish`` refused because some value does not open.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+import sqlalchemy as sa
+
+from ..errors import CarnetError
+from ..manager import KeyManager
+from . import plan as plan_mod
+from . import residue as residue_mod
+from . import run as run_mod
+from .target import EXPAND, Target, resolve
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INCOMPLETE = 3
+
+
+def _db_options(f: F) -> F:
+    f = click.option("--database-url", envvar="CARNET_DATABASE_URL", required=True,
+                     help="SQLAlchemy URL of the application's database [CARNET_DATABASE_URL].")(f)
+    return f
+
+
+def _target_options(f: F) -> F:
+    opts = [
+        click.option("--master-key", envvar="CARNET_MASTER_KEY", required=True,
+                     help="Master key URI [CARNET_MASTER_KEY]."),
+        click.option("--table", required=True, help="Table holding the plaintext column."),
+        click.option("--column", required=True, help="The plaintext (legacy) column."),
+        click.option("--tenant", required=True,
+                     help="Tenant column: COLUMN of the row, or PARENT_TABLE.COLUMN reached "
+                          "through foreign keys (discovered, or given with --via)."),
+        click.option("--via", multiple=True, metavar="CHILD.COL=PARENT.COL",
+                     help="One join step from the table towards the tenant's table; repeat "
+                          "per step, in order."),
+        click.option("--pk", multiple=True, help="Primary-key column(s), if not reflected."),
+        click.option("--into", default=None,
+                     help="Expand/contract: the new binary column to fill (default: in place)."),
+        click.option("--label", default=None,
+                     help="Field label bound into each value (default: TABLE.COLUMN of the "
+                          "legacy column)."),
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return _db_options(f)
+
+
+@contextmanager
+def _open(database_url: str, master_key: str | None) -> Iterator[tuple[sa.Engine,
+                                                                      KeyManager | None]]:
+    # hide_parameters: a failed UPDATE must not print its parameters, which
+    # include the legacy note it compared against.
+    engine = sa.create_engine(database_url, hide_parameters=True)
+    keys = KeyManager(engine, master_key) if master_key else None
+    try:
+        if keys is not None:
+            keys.create_schema()
+        yield engine, keys
+    finally:
+        if keys is not None:
+            keys.close()
+        engine.dispose()
+
+
+def _errors(f: F) -> F:
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except CarnetError as exc:
+            raise click.ClickException(str(exc)) from None
+        except sa.exc.DBAPIError as exc:
+            # The driver's own message, first line only: the full text of some
+            # errors echoes row values.
+            first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else ""
+            raise click.ClickException(
+                f"database error ({type(exc.orig).__name__}): {first}") from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _target(engine: sa.Engine, kw: dict[str, Any]) -> Target:
+    return resolve(engine, kw["table"], kw["column"], tenant=kw["tenant"], via=kw["via"],
+                   pk=kw["pk"], into=kw["into"], label=kw["label"])
+
+
+def _emit(as_json: bool, data: dict[str, Any], lines: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        for line in lines:
+            click.echo(line)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@click.group("migrate")
+def migrate() -> None:
+    """Encrypt an existing plaintext column: plan, run, verify, finish, compact."""
+
+
+@migrate.command("plan")
+@_target_options
+@click.option("--rate", type=float, default=None,
+              help="Rows per second to base the estimate on (default: measured figure).")
+@_errors
+def plan_cmd(database_url: str, master_key: str, as_json: bool, rate: float | None,
+             **kw: Any) -> None:
+    """Count what a run would do, per tenant; write nothing."""
+    with _open(database_url, master_key) as (engine, keys):
+        assert keys is not None  # noqa: S101 - master_key is required
+        target = _target(engine, kw)
+        p = plan_mod.build_plan(keys, engine, target, rate=rate)
+    tot = p.totals
+    lines = [
+        f"{target.name}: {target.mode}, tenant {target.tenant}, label {target.label!r}",
+        f"  to encrypt           {p.to_encrypt}",
+        f"  already encrypted    {tot['sealed']}",
+        f"  NULL                 {tot['null']}",
+        f"  look encrypted, do not open   {tot['prefixed_invalid']}",
+        f"  no tenant            {tot['no_tenant']}",
+    ]
+    if tot.get("shredded"):
+        lines.append(f"  crypto-shredded      {tot['shredded']}")
+    lines.append(f"  estimate             {_duration(p.estimate_seconds)} "
+                 f"(at {p.rate:.0f} rows/s, {p.rate_source})")
+    lines.append("per tenant (to encrypt / encrypted / NULL / look encrypted / no tenant):")
+    for t, c in p.per_tenant.items():
+        lines.append(f"  {t}: {c['plaintext'] + c['legacy_sealed']} / {c['sealed']} / "
+                     f"{c['null']} / {c['prefixed_invalid']} / {c['no_tenant']}")
+    for kind, pks in p.samples.items():
+        lines.append(f"{kind}: primary keys {', '.join(json.dumps(k) for k in pks)}")
+    lines += [f"warning: {w}" for w in p.warnings]
+    _emit(as_json, p.as_dict(), lines)
+    if p.blocking:
+        sys.exit(EXIT_INCOMPLETE)
+
+
+def _worker(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("use I/N, e.g. 0/4") from None
+    return i, n
+
+
+@migrate.command("run")
+@_target_options
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--worker", default="0/1", show_default=True,
+              help="I/N: this process takes the I-th of N primary-key ranges.")
+@click.option("--prefixed", type=click.Choice(["report", "encrypt"]), default="report",
+              show_default=True,
+              help="Values that start with 'carnet:' but do not open: leave and report them, "
+                   "or encrypt them as the plaintext they are (after inspecting them).")
+@click.option("--pause", type=float, default=0.0, help="Seconds to sleep between batches.")
+@click.option("--restart", is_flag=True, help="Forget saved progress and scan from the start.")
+@_errors
+def run_cmd(database_url: str, master_key: str, as_json: bool, batch_size: int, worker: str,
+            prefixed: str, pause: float, restart: bool, **kw: Any) -> None:
+    """Seal every plaintext value, in batches; resumes after a crash."""
+    w = _worker(worker)
+    with _open(database_url, master_key) as (engine, keys):
+        assert keys is not None  # noqa: S101
+        target = _target(engine, kw)
+        bar = None
+        if sys.stderr.isatty() and not as_json:
+            with engine.connect() as conn:
+                total = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar()
+            bar = click.progressbar(length=int(total or 0) // w[1] or 1,
+                                    label=f"encrypting {target.name}", file=sys.stderr)
+            bar.__enter__()
+        try:
+            result = run_mod.run_migration(keys, engine, target, batch_size=batch_size, worker=w,
+                                 prefixed=prefixed,  # type: ignore[arg-type]
+                                 restart=restart, pause=pause,
+                                 progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+    r = result.report
+    lines = [
+        f"{target.name}: scanned {r.scanned}, encrypted {r.rewritten}, left as they were "
+        f"{r.skipped}, concurrent writes kept {r.conflicts}, not done {len(r.failed)} "
+        f"({r.elapsed:.1f} s" + (f", resumed after {list(r.resumed_from)}" if r.resumed_from
+                                 else "") + ")",
+    ]
+    for kind, pks in result.problems.items():
+        lines.append(f"{kind}: {len(pks)} row(s), primary keys "
+                     f"{', '.join(json.dumps(k) for k in pks[:20])}")
+    if result.problems.get("prefixed_invalid"):
+        lines.append("decide: these values start with 'carnet:' but do not open; inspect them, "
+                     "then rerun with --prefixed=encrypt")
+    if result.complete:
+        lines.append(f"next: carnet migrate verify / finish --table {target.table.name} ...")
+    _emit(as_json, result.as_dict(), lines)
+    if not result.complete:
+        sys.exit(EXIT_INCOMPLETE)
+
+
+def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
+    t = v.totals
+    lines = [f"{target.name}: {t['sealed']} open, {t['null']} NULL, {t['plaintext']} plaintext, "
+             f"{t['prefixed_invalid']} do not open, {t['no_tenant']} no tenant"
+             + (f", {t['shredded']} crypto-shredded" if t["shredded"] else "")
+             + (f", {t['legacy_sealed']} not copied yet" if t["legacy_sealed"] else "")]
+    for kind, pks in v.samples.items():
+        lines.append(f"{kind}: primary keys {', '.join(json.dumps(k) for k in pks)}")
+    return lines
+
+
+@migrate.command("verify")
+@_target_options
+@_errors
+def verify_cmd(database_url: str, master_key: str, as_json: bool, **kw: Any) -> None:
+    """Read back and open every value (authenticated decryption, not a prefix check)."""
+    with _open(database_url, master_key) as (engine, keys):
+        assert keys is not None  # noqa: S101
+        target = _target(engine, kw)
+        v = run_mod.verify(keys, engine, target)
+    _emit(as_json, v.as_dict(), _verification_lines(target, v))
+    if not v.clean:
+        sys.exit(EXIT_INCOMPLETE)
+
+
+@migrate.command("finish")
+@_target_options
+@_errors
+def finish_cmd(database_url: str, master_key: str, as_json: bool, **kw: Any) -> None:
+    """Verify that no plaintext remains, then record the column as strict."""
+    with _open(database_url, master_key) as (engine, keys):
+        assert keys is not None  # noqa: S101
+        target = _target(engine, kw)
+        v = run_mod.finish(keys, engine, target)
+    lines = _verification_lines(target, v)
+    data = v.as_dict()
+    if v.clean:
+        col = target.column
+        if target.mode == EXPAND:
+            advice = (f"{target.name} is strict. Point the application at {col} only "
+                      f"(EncryptedText(storage='binary', label={target.label!r})), then run the "
+                      f"contract migration that drops {target.source}.")
+        else:
+            advice = (f"{target.name} is strict. Remove mixed_read=True from its "
+                      f"EncryptedText(storage='text') and redeploy: from then on a value that "
+                      "is not valid ciphertext raises InvalidCiphertext and is never returned.")
+        lines += [advice, "next: carnet migrate compact, then follow its residue report"]
+        data["advice"] = advice
+    else:
+        lines.append("not finished: some values do not open; run `carnet migrate run` again "
+                     "and see `plan` for rows that need a decision")
+    _emit(as_json, data, lines)
+    if not v.clean:
+        sys.exit(EXIT_INCOMPLETE)
+
+
+@migrate.command("compact")
+@_db_options
+@click.option("--table", required=True)
+@click.option("--column", multiple=True, help="Migrated column(s), to check for indexes.")
+@click.option("--vacuum-full", is_flag=True,
+              help="PostgreSQL: rewrite the table (ACCESS EXCLUSIVE lock for the whole run).")
+@click.option("--yes", is_flag=True, help="Do not ask before VACUUM FULL.")
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def compact_cmd(database_url: str, table: str, column: tuple[str, ...], vacuum_full: bool,
+                yes: bool, as_json: bool) -> None:
+    """Compact the table after a migration and report where plaintext may remain."""
+    if vacuum_full and not yes and sa.make_url(database_url).get_backend_name() == "postgresql":
+        click.confirm(f"VACUUM FULL locks {table} against all reads and writes until it ends. "
+                      "Go on?", abort=True, err=True)
+    with _open(database_url, None) as (engine, _):
+        rep = residue_mod.compact(engine, table, full=vacuum_full, columns=column)
+    lines = [f"{rep.backend}: {'; '.join(rep.actions)}", "cleaned:"]
+    lines += [f"  {i.where}: {i.detail}" for i in rep.cleaned]
+    lines.append("remaining (steps to take):")
+    for i in rep.remaining:
+        lines.append(f"  [{i.status}] {i.where}: {i.detail}")
+        if i.steps:
+            lines.append(f"      -> {i.steps}")
+    lines += [f"warning: {w}" for w in rep.warnings]
+    _emit(as_json, rep.as_dict(), lines)
+
+
+if __name__ == "__main__":
+    migrate()

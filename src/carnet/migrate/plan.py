@@ -1,0 +1,157 @@
+"""``plan``: what a migration would do, without writing anything.
+
+Counts per tenant (per practice) of values to encrypt, values already sealed,
+NULLs, values that start with carnet's prefix but do not open (reported, never
+skipped: see docs/migration.md, "Values that only look encrypted"), rows with
+no tenant, and, for a length-limited column migrated in place, values whose
+ciphertext would not fit. Plus a duration estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..manager import KeyManager
+from . import scan as sc
+from .target import IN_PLACE, Target
+
+# Rows per second of `migrate run` measured by bench/bench_migrate.py on a
+# 2-core machine with a local server (docs/migration.md gives the figures).
+# An estimate only: a busy server, a remote master key or long notes are slower.
+DEFAULT_RATES = {"sqlite": 9000.0, "postgresql": 5000.0, "mariadb": 3000.0}
+
+# Up to this many primary keys of each problem kind are listed; the counts are exact.
+SAMPLE = 20
+
+_OVERHEAD = 1 + 16 + 12 + 16  # version, key id, nonce, tag
+
+
+def text_form_length(plaintext_bytes: int) -> int:
+    """Characters of the prefixed base64 text form of a value of this many UTF-8 bytes."""
+    return len("carnet:") + 4 * math.ceil((plaintext_bytes + _OVERHEAD) / 3)
+
+
+def backend_of(engine: sa.Engine) -> str:
+    name = engine.dialect.name
+    return "mariadb" if name in ("mysql", "mariadb") else name
+
+
+@dataclass
+class Plan:
+    target: dict[str, Any]
+    per_tenant: dict[str, dict[str, int]]
+    totals: dict[str, int]
+    samples: dict[str, list[list[Any]]]
+    too_long: int
+    column_length: int | None
+    indexes: list[str]
+    rate: float
+    rate_source: str
+    scan_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def to_encrypt(self) -> int:
+        return sum(self.totals.get(k, 0) for k in sc.TO_DO)
+
+    @property
+    def estimate_seconds(self) -> float:
+        return self.to_encrypt / self.rate if self.rate > 0 else 0.0
+
+    @property
+    def needs_decision(self) -> bool:
+        return self.totals.get(sc.PREFIXED_INVALID, 0) > 0
+
+    @property
+    def blocking(self) -> bool:
+        """True when `run` cannot complete as things stand (a decision or a fix is needed)."""
+        return self.needs_decision or self.totals.get(sc.NO_TENANT, 0) > 0 or self.too_long > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target, "totals": self.totals, "per_tenant": self.per_tenant,
+            "to_encrypt": self.to_encrypt, "samples": self.samples,
+            "ciphertext_too_long": self.too_long, "column_length": self.column_length,
+            "indexes_on_column": self.indexes,
+            "estimate_seconds": round(self.estimate_seconds, 1),
+            "rate_rows_per_second": self.rate, "rate_source": self.rate_source,
+            "scan_seconds": round(self.scan_seconds, 3), "needs_decision": self.needs_decision,
+            "warnings": self.warnings,
+        }
+
+
+def column_indexes(engine: sa.Engine, target: Target) -> list[str]:
+    """Indexes covering the legacy column: they hold plaintext of their own."""
+    out = []
+    for ix in sa.inspect(engine).get_indexes(target.table.name):
+        if target.source in (ix.get("column_names") or []) or (
+            ix.get("expressions") and any(target.source in str(e) for e in ix["expressions"] or [])
+        ):
+            out.append(str(ix["name"]))
+    return out
+
+
+def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_size: int = 1000,
+         rate: float | None = None) -> Plan:
+    started = time.monotonic()
+    per: dict[str, Counter[str]] = defaultdict(Counter)
+    samples: dict[str, list[list[Any]]] = defaultdict(list)
+    too_long = 0
+    length = None
+    if target.mode == IN_PLACE:
+        length = getattr(target.table.c[target.source].type, "length", None)
+    for batch in sc.scan(engine, target, batch_size):
+        for row in batch:
+            kind = sc.classify(keys, target, row)
+            per[row.tenant if row.tenant is not None else "(none)"][kind] += 1
+            if kind in (sc.PREFIXED_INVALID, sc.NO_TENANT) and len(samples[kind]) < SAMPLE:
+                samples[kind].append(list(row.pk))
+            if length is not None and kind == sc.PLAINTEXT and \
+                    text_form_length(len(row.value.encode("utf-8"))) > length:
+                too_long += 1
+                if len(samples["too_long"]) < SAMPLE:
+                    samples["too_long"].append(list(row.pk))
+    totals: Counter[str] = Counter()
+    for c in per.values():
+        totals.update(c)
+    backend = backend_of(engine)
+    if rate is not None:
+        source = "given"
+    else:
+        rate, source = DEFAULT_RATES.get(backend, 3000.0), f"default for {backend}"
+    p = Plan(
+        target=target.describe(),
+        per_tenant={t: {k: c.get(k, 0) for k in sc.KINDS} for t, c in sorted(per.items())},
+        totals={k: totals.get(k, 0) for k in sc.KINDS},
+        samples=dict(samples), too_long=too_long, column_length=length,
+        indexes=column_indexes(engine, target), rate=rate, rate_source=source,
+        scan_seconds=time.monotonic() - started,
+    )
+    if p.needs_decision:
+        p.warnings.append(
+            f"{p.totals[sc.PREFIXED_INVALID]} value(s) start with 'carnet:' but do not open for "
+            "their row: inspect them (samples list primary keys), then rerun `run` with "
+            "--prefixed=encrypt to seal them as the plaintext they are, or fix them first"
+        )
+    if p.totals.get(sc.NO_TENANT):
+        p.warnings.append(
+            f"{p.totals[sc.NO_TENANT]} row(s) have no tenant (NULL tenant or missing parent row): "
+            "they cannot be sealed until their tenant is set"
+        )
+    if too_long:
+        p.warnings.append(
+            f"{too_long} value(s) would not fit column {target.source} ({length} characters) once "
+            "encrypted: widen it to TEXT first, or use expand/contract"
+        )
+    if p.indexes:
+        p.warnings.append(
+            f"index(es) {', '.join(p.indexes)} cover {target.source}: they hold plaintext and "
+            "become useless on ciphertext; drop them (compaction rebuilds the others)"
+        )
+    return p
