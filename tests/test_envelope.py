@@ -24,8 +24,13 @@ def test_known_answer_through_carnet(v: dict[str, str]) -> None:
     key_id = bytes.fromhex(v["key_id"])
     aad = envelope.associated_data(key_id, v["label"], v["tenant"])
     assert aad.hex() == v["aad"]
-    blob = envelope._seal_with_nonce(AESGCM(bytes.fromhex(v["dek"])), key_id, bytes.fromhex(v["nonce"]),
-                                     v["plaintext"].encode(), aad)
+    blob = envelope._seal_with_nonce(
+        AESGCM(bytes.fromhex(v["dek"])),
+        key_id,
+        bytes.fromhex(v["nonce"]),
+        v["plaintext"].encode(),
+        aad,
+    )
     assert blob.hex() == v["blob"]
     assert envelope.to_text(blob) == v["text_form"]
     assert envelope.from_text(v["text_form"]) == blob
@@ -41,7 +46,14 @@ def test_known_answer_parsed_by_hand(v: dict[str, str]) -> None:
     assert key_id.hex() == v["key_id"] and nonce.hex() == v["nonce"]
     assert len(body) == len(v["plaintext"].encode()) + 16
     label, tenant = v["label"].encode(), v["tenant"].encode()
-    aad = b"\x01" + key_id + struct.pack(">I", len(label)) + label + struct.pack(">I", len(tenant)) + tenant
+    aad = (
+        b"\x01"
+        + key_id
+        + struct.pack(">I", len(label))
+        + label
+        + struct.pack(">I", len(tenant))
+        + tenant
+    )
     assert AESGCM(bytes.fromhex(v["dek"])).decrypt(nonce, body, aad).decode() == v["plaintext"]
     assert v["text_form"].startswith("carnet:")
 
@@ -63,7 +75,9 @@ def test_every_single_bit_flip_is_rejected() -> None:
                 # As the KeyManager does: the AAD is rebuilt from the header read
                 # from the value, so a flipped key id changes the AAD.
                 kid = envelope.key_id_of(bytes(bad))  # a flipped version byte fails here
-                envelope.open_(cipher, bytes(bad), envelope.associated_data(kid, "notes.body", "p1"))
+                envelope.open_(
+                    cipher, bytes(bad), envelope.associated_data(kid, "notes.body", "p1")
+                )
 
 
 def test_flipped_key_id_changes_the_associated_data() -> None:
@@ -76,7 +90,9 @@ def test_flipped_key_id_changes_the_associated_data() -> None:
         envelope.open_(cipher, bytes(bad), new_aad)
 
 
-@pytest.mark.parametrize("label,tenant", [("notes.other", "p1"), ("notes.body", "p2"), ("notes.body", "P1")])
+@pytest.mark.parametrize(
+    "label,tenant", [("notes.other", "p1"), ("notes.body", "p2"), ("notes.body", "P1")]
+)
 def test_other_label_or_tenant_fails(label: str, tenant: str) -> None:
     cipher, key_id, _aad, blob = _sample()
     with pytest.raises(InvalidCiphertext):

@@ -10,7 +10,6 @@ import pytest
 import sqlalchemy as sa
 
 import carnet
-from carnet.keystore import utcnow
 from carnet.errors import (
     ConfigurationError,
     KeyDestroyed,
@@ -20,6 +19,7 @@ from carnet.errors import (
     TenantMismatch,
     UnknownKey,
 )
+from carnet.keystore import utcnow
 
 
 @pytest.fixture
@@ -68,13 +68,24 @@ def test_exactly_one_active_key_is_enforced_by_the_database(keys: carnet.KeyMana
     t = keys.table
     now = utcnow()
     with pytest.raises(sa.exc.IntegrityError), keys.engine.begin() as conn:
-        conn.execute(t.insert().values(
-            key_id=os.urandom(16).hex(), tenant="p1", version=2, state="active", active_tenant="p1",
-            master_key_uri=keys.master_key.uri, wrapped_key=b"x" * 60, created_at=now, updated_at=now,
-        ))
+        conn.execute(
+            t.insert().values(
+                key_id=os.urandom(16).hex(),
+                tenant="p1",
+                version=2,
+                state="active",
+                active_tenant="p1",
+                master_key_uri=keys.master_key.uri,
+                wrapped_key=b"x" * 60,
+                created_at=now,
+                updated_at=now,
+            )
+        )
 
 
-def _race_worker(url: str, master: str, tenant: str, barrier: mp.synchronize.Barrier, out: mp.Queue) -> None:  # type: ignore[name-defined]
+def _race_worker(
+    url: str, master: str, tenant: str, barrier: mp.synchronize.Barrier, out: mp.Queue
+) -> None:  # type: ignore[name-defined]
     engine = sa.create_engine(url)
     km = carnet.KeyManager(engine, master_key=master)
     barrier.wait()
@@ -85,15 +96,18 @@ def _race_worker(url: str, master: str, tenant: str, barrier: mp.synchronize.Bar
     engine.dispose()
 
 
-def test_concurrent_first_key_creation_yields_one_key(keys: carnet.KeyManager, db_url: str,
-                                                        master_key_uri: str) -> None:
+def test_concurrent_first_key_creation_yields_one_key(
+    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+) -> None:
     ctx = mp.get_context("fork")
     n = 6
     for tenant in ("race-a", "race-b", "race-c"):
         barrier = ctx.Barrier(n)
         out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
-        procs = [ctx.Process(target=_race_worker, args=(db_url, master_key_uri, tenant, barrier, out))
-                 for _ in range(n)]
+        procs = [
+            ctx.Process(target=_race_worker, args=(db_url, master_key_uri, tenant, barrier, out))
+            for _ in range(n)
+        ]
         for p in procs:
             p.start()
         results = [out.get(timeout=60) for _ in procs]
@@ -117,7 +131,9 @@ def test_destroy_shreds_every_version(keys: carnet.KeyManager) -> None:
         with pytest.raises(KeyDestroyed):
             keys.decrypt(blob, tenant="gone", label="l")
         with pytest.raises(KeyDestroyed):  # a cold process too
-            carnet.KeyManager(keys.engine, master_key=keys.master_key).decrypt(blob, tenant="gone", label="l")
+            carnet.KeyManager(keys.engine, master_key=keys.master_key).decrypt(
+                blob, tenant="gone", label="l"
+            )
     with pytest.raises(KeyDestroyed):  # no silent new key for a shredded practice
         keys.encrypt(b"new", tenant="gone", label="l")
     assert keys.decrypt(keep, tenant="stays", label="l") == b"kept"
@@ -145,8 +161,10 @@ def test_unknown_key_id(keys: carnet.KeyManager) -> None:
 
 
 def test_cache_costs_one_unwrap_per_tenant(keys: carnet.KeyManager) -> None:
-    blobs = [(f"p{i % 20}", keys.encrypt(f"note {i}".encode(), tenant=f"p{i % 20}", label="l"))
-             for i in range(2000)]
+    blobs = [
+        (f"p{i % 20}", keys.encrypt(f"note {i}".encode(), tenant=f"p{i % 20}", label="l"))
+        for i in range(2000)
+    ]
     reader = carnet.KeyManager(keys.engine, master_key=keys.master_key)
     for tenant, blob in blobs:
         reader.decrypt(blob, tenant=tenant, label="l")
@@ -170,7 +188,8 @@ def test_cache_ttl_expires_keys(keys: carnet.KeyManager) -> None:
 
 
 def test_rewrap_moves_every_key_and_old_master_is_no_longer_needed(
-        keys: carnet.KeyManager, tmp_path: Path) -> None:
+    keys: carnet.KeyManager, tmp_path: Path
+) -> None:
     blobs = {t: keys.encrypt(t.encode(), tenant=t, label="l") for t in ("a", "b", "c")}
     keys.rotate("a")
     keys.destroy("c")
@@ -186,7 +205,9 @@ def test_rewrap_moves_every_key_and_old_master_is_no_longer_needed(
     assert cold.decrypt(blobs["b"], tenant="b", label="l") == b"b"
 
 
-def test_a_key_wrapped_by_an_unconfigured_master_is_refused(keys: carnet.KeyManager, tmp_path: Path) -> None:
+def test_a_key_wrapped_by_an_unconfigured_master_is_refused(
+    keys: carnet.KeyManager, tmp_path: Path
+) -> None:
     blob = keys.encrypt(b"x", tenant="p1", label="l")
     other_uri = "file://" + str(tmp_path / "other.key")
     carnet.create_master_key(other_uri)

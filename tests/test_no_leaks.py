@@ -77,8 +77,9 @@ def _assert_clean(exc: BaseException, logs: pytest.LogCaptureFixture) -> None:
     assert SECRET not in logs.text
 
 
-def test_orm_write_without_tenant(keys: carnet.KeyManager, engine: sa.Engine,
-                                  logs: pytest.LogCaptureFixture) -> None:
+def test_orm_write_without_tenant(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+) -> None:
     with Session(engine) as s:
         s.add(Note(practice_id=None, body=SECRET))
         with pytest.raises(CarnetError) as ei:
@@ -86,23 +87,28 @@ def test_orm_write_without_tenant(keys: carnet.KeyManager, engine: sa.Engine,
     _assert_clean(ei.value, logs)
 
 
-def test_core_write_without_tenant(keys: carnet.KeyManager, engine: sa.Engine,
-                                   logs: pytest.LogCaptureFixture) -> None:
+def test_core_write_without_tenant(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+) -> None:
     with engine.begin() as conn, pytest.raises(CarnetError) as ei:
-        conn.execute(comments.insert(), [{"id": 1, "text": SECRET}, {"id": 2, "text": SECRET + "2"}])
+        conn.execute(
+            comments.insert(), [{"id": 1, "text": SECRET}, {"id": 2, "text": SECRET + "2"}]
+        )
     _assert_clean(ei.value, logs)
 
 
 @pytest.mark.parametrize("bad", [b"PLANTED-abus-sexuel-7f3a9", "PLANTED-abus-sexuel-7f3a9\ud800"])
-def test_unsealable_values(keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture,
-                           bad: object) -> None:
+def test_unsealable_values(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture, bad: object
+) -> None:
     with carnet.tenant_scope("p1"), engine.begin() as conn, pytest.raises(CarnetError) as ei:
         conn.execute(comments.insert(), {"id": 1, "text": bad})
     _assert_clean(ei.value, logs)
 
 
-def test_master_key_unreachable_on_write(keys: carnet.KeyManager, engine: sa.Engine,
-                                         logs: pytest.LogCaptureFixture) -> None:
+def test_master_key_unreachable_on_write(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+) -> None:
     down = carnet.KeyManager(engine, master_key=_Unreachable(keys.master_key))
     carnet.configure(down)
     with Session(engine) as s:
@@ -114,17 +120,23 @@ def test_master_key_unreachable_on_write(keys: carnet.KeyManager, engine: sa.Eng
         assert conn.execute(sa.text("SELECT count(*) FROM notes")).scalar_one() == 0
 
 
-def test_database_error_shows_only_ciphertext(keys: carnet.KeyManager, engine: sa.Engine,
-                                              logs: pytest.LogCaptureFixture) -> None:
+def test_database_error_shows_only_ciphertext(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+) -> None:
     with carnet.tenant_scope("p1"), engine.begin() as conn:
         conn.execute(comments.insert(), {"id": 1, "text": "first"})
-    with carnet.tenant_scope("p1"), engine.begin() as conn, pytest.raises(sa.exc.IntegrityError) as ei:
+    with (
+        carnet.tenant_scope("p1"),
+        engine.begin() as conn,
+        pytest.raises(sa.exc.IntegrityError) as ei,
+    ):
         conn.execute(comments.insert(), {"id": 1, "text": SECRET})  # duplicate primary key
     assert SECRET not in _everything(ei.value) and SECRET not in logs.text
 
 
-def test_tampered_read_and_reprs(keys: carnet.KeyManager, engine: sa.Engine,
-                                 logs: pytest.LogCaptureFixture) -> None:
+def test_tampered_read_and_reprs(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+) -> None:
     with Session(engine) as s:
         n = Note(practice_id="p1", body=SECRET)
         s.add(n)
@@ -141,7 +153,9 @@ def test_tampered_read_and_reprs(keys: carnet.KeyManager, engine: sa.Engine,
         sealed = conn.execute(sa.select(Note.__table__.c.body)).scalar_one()
     dek = keys._keys.get(keys.ensure_key("p1").key_id)
     rec = keys.list_keys()[0]
-    master_secret = open(keys.master_key.uri.removeprefix("file://")).read().split(":", 1)[1].strip()
+    master_secret = (
+        open(keys.master_key.uri.removeprefix("file://")).read().split(":", 1)[1].strip()
+    )
     assert rec.wrapped_key is not None
     for obj in (keys, sealed, dek, rec, keys._keys, keys.master_key, Note.__table__.c.body.type):
         text = repr(obj) + str(obj)
@@ -150,8 +164,9 @@ def test_tampered_read_and_reprs(keys: carnet.KeyManager, engine: sa.Engine,
         assert rec.wrapped_key.hex() not in text and repr(rec.wrapped_key) not in text
 
 
-def test_echo_logs_hold_no_plaintext(engine: sa.Engine, master_key_uri: str,
-                                     logs: pytest.LogCaptureFixture) -> None:
+def test_echo_logs_hold_no_plaintext(
+    engine: sa.Engine, master_key_uri: str, logs: pytest.LogCaptureFixture
+) -> None:
     eng = sa.create_engine(engine.url, echo=True)
     km = carnet.KeyManager(eng, master_key=master_key_uri)
     km.create_schema()

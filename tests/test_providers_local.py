@@ -71,8 +71,17 @@ def test_file_key_refuses_symlink_missing_garbage_and_overwrite(tmp_path: Path) 
         carnet.open_master_key(f"file://{garbage}")
 
 
-@pytest.mark.parametrize("uri", ["file:/relative", "file://host/x", "nonsense", "keyring://svc", "keyring:///name",
-                                 "bogus://x/y"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:/relative",
+        "file://host/x",
+        "nonsense",
+        "keyring://svc",
+        "keyring:///name",
+        "bogus://x/y",
+    ],
+)
 def test_bad_uris(uri: str) -> None:
     with pytest.raises(ConfigurationError):
         carnet.open_master_key(uri)

@@ -37,10 +37,14 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
 
 def _raw(engine: sa.Engine, table: str, column: str, pk: int) -> object:
     with engine.connect() as conn:
-        return conn.execute(sa.text(f"SELECT {column} FROM {table} WHERE id = :id"), {"id": pk}).scalar_one()
+        return conn.execute(
+            sa.text(f"SELECT {column} FROM {table} WHERE id = :id"), {"id": pk}
+        ).scalar_one()
 
 
-def test_orm_round_trip_and_storage_is_ciphertext(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_orm_round_trip_and_storage_is_ciphertext(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
     if engine.dialect.name in ("mysql", "mariadb"):
         # pymysql sends binary parameters escaped, about twice their size: a 10 MB
         # note needs a max_allowed_packet above the 16 MB default (docs/quickstart.md).
@@ -53,7 +57,10 @@ def test_orm_round_trip_and_storage_is_ciphertext(keys: carnet.KeyManager, engin
         "big": "x" * (10 * 1024 * 1024),
     }
     with Session(engine) as s:
-        notes = {k: Note(practice_id="cabinet-lyon-3", body=v, summary=v[:1000]) for k, v in texts.items()}
+        notes = {
+            k: Note(practice_id="cabinet-lyon-3", body=v, summary=v[:1000])
+            for k, v in texts.items()
+        }
         notes["null"] = Note(practice_id="cabinet-lyon-3", body=None)
         s.add_all(notes.values())
         s.commit()
@@ -68,7 +75,9 @@ def test_orm_round_trip_and_storage_is_ciphertext(keys: carnet.KeyManager, engin
     assert isinstance(raw, bytes | memoryview) and b"anxieuse" not in bytes(raw)
     assert bytes(raw)[0] == 1
     raw_text = _raw(engine, "notes", "summary", ids["french"])
-    assert isinstance(raw_text, str) and raw_text.startswith("carnet:") and "anxieuse" not in raw_text
+    assert (
+        isinstance(raw_text, str) and raw_text.startswith("carnet:") and "anxieuse" not in raw_text
+    )
     assert _raw(engine, "notes", "body", ids["null"]) is None
 
 
@@ -109,7 +118,9 @@ def test_missing_tenant_writes_nothing(keys: carnet.KeyManager, engine: sa.Engin
 
 def test_core_with_tenant_scope(keys: carnet.KeyManager, engine: sa.Engine) -> None:
     with carnet.tenant_scope("p1"), engine.begin() as conn:
-        conn.execute(comments.insert(), [{"id": i, "text": f"commentaire {i}"} for i in range(1, 51)])
+        conn.execute(
+            comments.insert(), [{"id": i, "text": f"commentaire {i}"} for i in range(1, 51)]
+        )
     with carnet.tenant_scope("p1"), engine.connect() as conn:
         rows = conn.execute(sa.select(comments.c.id, comments.c.text).order_by(comments.c.id)).all()
     assert [r.text for r in rows] == [f"commentaire {i}" for i in range(1, 51)]
@@ -144,11 +155,15 @@ def _insert_two(engine: sa.Engine) -> tuple[int, int]:
 
 def _copy_cell(engine: sa.Engine, src_col: str, src: int, dst_col: str, dst: int) -> None:
     with engine.begin() as conn:
-        v = conn.execute(sa.text(f"SELECT {src_col} FROM notes WHERE id=:i"), {"i": src}).scalar_one()
+        v = conn.execute(
+            sa.text(f"SELECT {src_col} FROM notes WHERE id=:i"), {"i": src}
+        ).scalar_one()
         conn.execute(sa.text(f"UPDATE notes SET {dst_col}=:v WHERE id=:i"), {"v": v, "i": dst})
 
 
-def test_value_moved_to_another_practice_row_fails(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_value_moved_to_another_practice_row_fails(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
     a, b = _insert_two(engine)
     _copy_cell(engine, "body", a, "body", b)
     with Session(engine) as s, pytest.raises(CarnetError) as ei:
@@ -160,8 +175,10 @@ def test_value_moved_to_another_column_fails(keys: carnet.KeyManager, engine: sa
     a, _ = _insert_two(engine)
     with engine.begin() as conn:  # body (binary) -> summary (text form) of the same row
         v = conn.execute(sa.text("SELECT body FROM notes WHERE id=:i"), {"i": a}).scalar_one()
-        conn.execute(sa.text("UPDATE notes SET summary=:v WHERE id=:i"),
-                     {"v": carnet.envelope.to_text(bytes(v)), "i": a})
+        conn.execute(
+            sa.text("UPDATE notes SET summary=:v WHERE id=:i"),
+            {"v": carnet.envelope.to_text(bytes(v)), "i": a},
+        )
     with Session(engine) as s, pytest.raises(InvalidCiphertext):
         s.get(Note, a)
 
@@ -176,7 +193,9 @@ def test_one_flipped_bit_fails(keys: carnet.KeyManager, engine: sa.Engine) -> No
         s.get(Note, a)
 
 
-def test_plaintext_in_a_strict_text_column_is_an_error(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_plaintext_in_a_strict_text_column_is_an_error(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
     a, _ = _insert_two(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE notes SET summary='legacy plaintext' WHERE id=:i"), {"i": a})
@@ -185,10 +204,16 @@ def test_plaintext_in_a_strict_text_column_is_an_error(keys: carnet.KeyManager, 
     assert "legacy plaintext" not in str(ei.value)
 
 
-def test_mixed_read_returns_legacy_plaintext_and_counts(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_mixed_read_returns_legacy_plaintext_and_counts(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
     md = sa.MetaData()
-    t = sa.Table("legacy", md, sa.Column("id", sa.Integer, primary_key=True),
-                 sa.Column("c", carnet.EncryptedText(storage="text", mixed_read=True)))
+    t = sa.Table(
+        "legacy",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("c", carnet.EncryptedText(storage="text", mixed_read=True)),
+    )
     md.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO legacy (id, c) VALUES (1, 'old plain note')"))
@@ -200,11 +225,20 @@ def test_mixed_read_returns_legacy_plaintext_and_counts(keys: carnet.KeyManager,
     assert str(_raw(engine, "legacy", "c", 2)).startswith("carnet:")
 
 
-@pytest.mark.parametrize("expr", [
-    lambda c: c == "x", lambda c: c != "x", lambda c: c.like("%x%"), lambda c: c.ilike("x"),
-    lambda c: c.in_(["a", "b"]), lambda c: c.startswith("a"), lambda c: c > "a", lambda c: c.desc(),
-    lambda c: "x" == c,
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        lambda c: c == "x",
+        lambda c: c != "x",
+        lambda c: c.like("%x%"),
+        lambda c: c.ilike("x"),
+        lambda c: c.in_(["a", "b"]),
+        lambda c: c.startswith("a"),
+        lambda c: c > "a",
+        lambda c: c.desc(),
+        lambda c: "x" == c,
+    ],
+)
 def test_comparisons_on_encrypted_columns_raise(expr: object) -> None:
     with pytest.raises(UnsupportedOperation):
         expr(Note.body)  # type: ignore[operator]
@@ -239,15 +273,23 @@ def test_shared_instance_on_two_columns_is_refused() -> None:
 
 def test_explicit_label_survives_a_rename(keys: carnet.KeyManager, engine: sa.Engine) -> None:
     md = sa.MetaData()
-    old = sa.Table("old_name", md, sa.Column("id", sa.Integer, primary_key=True),
-                   sa.Column("c", carnet.EncryptedText(label="stable-label")))
+    old = sa.Table(
+        "old_name",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("c", carnet.EncryptedText(label="stable-label")),
+    )
     md.create_all(engine)
     with carnet.tenant_scope("p1"), engine.begin() as conn:
         conn.execute(old.insert(), {"id": 1, "c": "kept"})
         conn.execute(sa.text("ALTER TABLE old_name RENAME TO new_name"))
     md2 = sa.MetaData()
-    new = sa.Table("new_name", md2, sa.Column("id", sa.Integer, primary_key=True),
-                   sa.Column("c", carnet.EncryptedText(label="stable-label")))
+    new = sa.Table(
+        "new_name",
+        md2,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("c", carnet.EncryptedText(label="stable-label")),
+    )
     with carnet.tenant_scope("p1"), engine.connect() as conn:
         assert conn.execute(sa.select(new.c.c)).scalar_one() == "kept"
 
@@ -274,5 +316,7 @@ def test_models_import_before_configuration(tmp_path: Path) -> None:
         "try:\n    carnet.get_manager()\nexcept carnet.errors.ConfigurationError: print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
     assert out.stdout.strip() == "ok"

@@ -2,7 +2,7 @@
 
 ::
 
-    version (1 byte = 0x01) | key id (16 bytes) | nonce (12 bytes) | AES-256-GCM ciphertext || tag (16 bytes)
+    version (1 byte = 0x01) | key id (16) | nonce (12) | AES-256-GCM ciphertext || tag (16)
 
 Associated data::
 
@@ -62,8 +62,9 @@ def key_id_of(blob: bytes) -> bytes:
     return bytes(blob[1 : 1 + KEY_ID_SIZE])
 
 
-def _seal_with_nonce(cipher: AESGCM, key_id: bytes, nonce: bytes, plaintext: bytes,
-                     aad: bytes) -> bytes:
+def _seal_with_nonce(
+    cipher: AESGCM, key_id: bytes, nonce: bytes, plaintext: bytes, aad: bytes
+) -> bytes:
     # Seam for known-answer tests; the public path always draws a fresh nonce.
     return b"".join((VERSION_BYTE, key_id, nonce, cipher.encrypt(nonce, plaintext, aad)))
 

@@ -24,9 +24,7 @@ class MissingDependency(ConfigurationError):
         self.feature = feature
         self.extra = extra
         self.package = package
-        super().__init__(
-            f"{feature} needs the '{package}' package: pip install 'carnet[{extra}]'"
-        )
+        super().__init__(f"{feature} needs the '{package}' package: pip install 'carnet[{extra}]'")
 
 
 class InvalidCiphertext(CarnetError):
@@ -37,8 +35,13 @@ class InvalidCiphertext(CarnetError):
     another tenant's row or column, and saying which would help an attacker.
     """
 
-    def __init__(self, reason: str = "value does not authenticate", *, label: str | None = None,
-                 tenant: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str = "value does not authenticate",
+        *,
+        label: str | None = None,
+        tenant: str | None = None,
+    ) -> None:
         self.reason = reason
         self.label = label
         self.tenant = tenant

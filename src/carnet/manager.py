@@ -154,8 +154,9 @@ class KeyManager:
         dek = self._active.get(tenant)
         if dek is None:
             dek = self._active_dek(_check_tenant(tenant))
-        return envelope.seal(dek.cipher, dek.key_id, plaintext,
-                             self._associated_data(dek.key_id, label, tenant))
+        return envelope.seal(
+            dek.cipher, dek.key_id, plaintext, self._associated_data(dek.key_id, label, tenant)
+        )
 
     def decrypt(self, blob: bytes, *, tenant: str, label: str) -> bytes:
         """Open a value sealed for ``tenant`` and ``label``; raise a carnet error otherwise."""
@@ -168,7 +169,9 @@ class KeyManager:
             # wrong scope. The key's tenant is metadata, so naming it leaks nothing.
             raise TenantMismatch(tenant, dek.tenant)
         try:
-            plaintext = envelope.open_(dek.cipher, blob, self._associated_data(key_id, label, tenant))
+            plaintext = envelope.open_(
+                dek.cipher, blob, self._associated_data(key_id, label, tenant)
+            )
         except InvalidCiphertext as exc:
             raise InvalidCiphertext(exc.reason, label=label, tenant=tenant) from None
         if self.decrypt_hook is not None:
@@ -221,7 +224,8 @@ class KeyManager:
                 ).first()
                 if row is None:
                     states = {
-                        r.state for r in conn.execute(
+                        r.state
+                        for r in conn.execute(
                             sa.select(self.table.c.state).where(self.table.c.tenant == tenant)
                         )
                     }
@@ -252,13 +256,23 @@ class KeyManager:
         try:
             with self.engine.begin() as conn:
                 version = conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
+                    sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
+                        t.c.tenant == tenant
+                    )
                 ).scalar_one()
-                conn.execute(t.insert().values(
-                    key_id=key_id.hex(), tenant=tenant, version=version + 1, state=ACTIVE,
-                    active_tenant=tenant, master_key_uri=self._master.uri, wrapped_key=wrapped,
-                    created_at=now, updated_at=now,
-                ))
+                conn.execute(
+                    t.insert().values(
+                        key_id=key_id.hex(),
+                        tenant=tenant,
+                        version=version + 1,
+                        state=ACTIVE,
+                        active_tenant=tenant,
+                        master_key_uri=self._master.uri,
+                        wrapped_key=wrapped,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
         except sa.exc.IntegrityError:
             # Another process created the tenant's key first: the database's
             # unique constraint decided; reload theirs.
@@ -314,9 +328,11 @@ class KeyManager:
 
     def tenants(self) -> list[str]:
         with self.engine.connect() as conn:
-            return list(conn.execute(
-                sa.select(self.table.c.tenant).distinct().order_by(self.table.c.tenant)
-            ).scalars())
+            return list(
+                conn.execute(
+                    sa.select(self.table.c.tenant).distinct().order_by(self.table.c.tenant)
+                ).scalars()
+            )
 
     def rotate(self, tenant: str) -> KeyRecord:
         """Make a new active DEK for ``tenant``; earlier ones stay readable (state ``inactive``)."""
@@ -330,23 +346,36 @@ class KeyManager:
             ).first()
             if current is not None:
                 conn.execute(
-                    t.update().where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
+                    t.update()
+                    .where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
                     .values(state=INACTIVE, active_tenant=None, updated_at=now)
                 )
             version = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
             ).scalar_one()
-            conn.execute(t.insert().values(
-                key_id=key_id.hex(), tenant=tenant, version=version + 1, state=ACTIVE,
-                active_tenant=tenant, master_key_uri=self._master.uri, wrapped_key=wrapped,
-                created_at=now, updated_at=now,
-            ))
+            conn.execute(
+                t.insert().values(
+                    key_id=key_id.hex(),
+                    tenant=tenant,
+                    version=version + 1,
+                    state=ACTIVE,
+                    active_tenant=tenant,
+                    master_key_uri=self._master.uri,
+                    wrapped_key=wrapped,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         self.keys_created += 1
         dek = _Dek(key_id, tenant, secret)
         self._keys.put(key_id, dek)
         self._active.put(tenant, dek)
-        log.info("carnet: rotated data key of tenant %r to version %d (%s)", tenant, version + 1,
-                 key_id.hex())
+        log.info(
+            "carnet: rotated data key of tenant %r to version %d (%s)",
+            tenant,
+            version + 1,
+            key_id.hex(),
+        )
         rec = self.get_key(key_id)
         assert rec is not None  # noqa: S101
         return rec
@@ -358,7 +387,9 @@ class KeyManager:
         """
         t = self.table
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(t).where(t.c.key_id == key_id.hex()).with_for_update()).first()
+            row = conn.execute(
+                sa.select(t).where(t.c.key_id == key_id.hex()).with_for_update()
+            ).first()
             if row is None:
                 raise UnknownKey(key_id)
             if row.state == ACTIVE:
@@ -367,8 +398,11 @@ class KeyManager:
                 )
             if row.state in (RETIRED, DESTROYED):
                 return KeyRecord.from_row(row)
-            conn.execute(t.update().where(t.c.key_id == key_id.hex())
-                         .values(state=RETIRED, wrapped_key=None, updated_at=utcnow()))
+            conn.execute(
+                t.update()
+                .where(t.c.key_id == key_id.hex())
+                .values(state=RETIRED, wrapped_key=None, updated_at=utcnow())
+            )
         self._keys.pop(key_id)
         log.info("carnet: retired data key %s of tenant %r", key_id.hex(), row.tenant)
         rec = self.get_key(key_id)
@@ -386,7 +420,8 @@ class KeyManager:
         t = self.table
         with self.engine.begin() as conn:
             n = conn.execute(
-                t.update().where(t.c.tenant == tenant, t.c.state != DESTROYED)
+                t.update()
+                .where(t.c.tenant == tenant, t.c.state != DESTROYED)
                 .values(state=DESTROYED, wrapped_key=None, active_tenant=None, updated_at=utcnow())
             ).rowcount
         self._forget_tenant(tenant)
@@ -442,19 +477,22 @@ class KeyManager:
             with self.engine.begin() as conn:
                 for rec, wrapped in updates:
                     res = conn.execute(
-                        t.update().where(
+                        t.update()
+                        .where(
                             t.c.key_id == rec.key_id.hex(),
                             t.c.master_key_uri == rec.master_key_uri,
                             t.c.wrapped_key.is_not(None),
-                        ).values(master_key_uri=new.uri, wrapped_key=wrapped, updated_at=utcnow())
+                        )
+                        .values(master_key_uri=new.uri, wrapped_key=wrapped, updated_at=utcnow())
                     )
                     done += res.rowcount
             if progress is not None:
                 progress(len(rows))
         self._master = new
         log.info("carnet: rewrapped %d data key(s) under %s", done, new.uri)
-        return RewrapReport(rewrapped=done, already=already, skipped_destroyed=destroyed,
-                            master_key_uri=new.uri)
+        return RewrapReport(
+            rewrapped=done, already=already, skipped_destroyed=destroyed, master_key_uri=new.uri
+        )
 
     # -- observability -------------------------------------------------------------
 

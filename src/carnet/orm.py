@@ -116,8 +116,11 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                 if tkey is not None or scope is None:
                     raise TenantRequired(
                         f"{type(obj).__name__}.{key}: the row has no tenant"
-                        + (f" (set {type(obj).__name__}.{tkey})" if tkey else
-                           " (use carnet.tenant_scope)")
+                        + (
+                            f" (set {type(obj).__name__}.{tkey})"
+                            if tkey
+                            else " (use carnet.tenant_scope)"
+                        )
                         + "; nothing was written"
                     )
                 tenant = scope

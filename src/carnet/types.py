@@ -111,7 +111,7 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
 
     # -- schema attachment: learn table.column for the default label ----------------
 
-    def _set_parent(self, parent: Any, **kw: Any) -> None:
+    def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
         parent._on_table_attach(self._set_table)
 
     def _set_table(self, column: sa.Column[Any], table: sa.Table) -> None:
@@ -129,8 +129,13 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
     def copy(self, **kw: Any) -> EncryptedText:
         # Also used by SQLAlchemy for the per-dialect implementation, which must
         # keep the label learnt at attachment.
-        new = EncryptedText(self.tenant, label=self.label, storage=self.storage,
-                            mixed_read=self.mixed_read, manager=self._manager)
+        new = EncryptedText(
+            self.tenant,
+            label=self.label,
+            storage=self.storage,
+            mixed_read=self.mixed_read,
+            manager=self._manager,
+        )
         new._auto_label = self._auto_label
         new._from_copy = True
         return new
@@ -152,7 +157,10 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         return self._manager if self._manager is not None else get_manager()
 
     def __repr__(self) -> str:
-        return f"EncryptedText(tenant={self.tenant!r}, label={self.field_label!r}, storage={self.storage!r})"
+        return (
+            f"EncryptedText(tenant={self.tenant!r}, label={self.field_label!r}, "
+            f"storage={self.storage!r})"
+        )
 
     # -- storage per dialect ----------------------------------------------------------
 
@@ -170,10 +178,14 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
     # -- values ---------------------------------------------------------------------------
 
     def encrypt(self, value: str, tenant: str) -> bytes:
-        return self.manager.encrypt(value.encode("utf-8"), tenant=tenant, label=self._label_or_fail())
+        return self.manager.encrypt(
+            value.encode("utf-8"), tenant=tenant, label=self._label_or_fail()
+        )
 
     def decrypt(self, blob: bytes, tenant: str) -> str:
-        return self.manager.decrypt(blob, tenant=tenant, label=self._label_or_fail()).decode("utf-8")
+        return self.manager.decrypt(blob, tenant=tenant, label=self._label_or_fail()).decode(
+            "utf-8"
+        )
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
         if value is None:
@@ -237,5 +249,6 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
             raise UnsupportedOperation(
-                f"{getattr(op, '__name__', op)} on an encrypted column cannot work: values are ciphertext"
+                f"{getattr(op, '__name__', op)} on an encrypted column cannot work: "
+                "values are ciphertext"
             )

@@ -17,17 +17,51 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from carnet import envelope
 
 CASES = [
-    ("empty note", bytes(range(32)), "00112233445566778899aabbccddeeff", "000102030405060708090a0b",
-     "notes.body", "cabinet-lyon-3", ""),
-    ("ascii note", bytes.fromhex("ff" * 32), "0f" * 16, "ffffffffffffffffffffffff",
-     "notes.body", "p1", "Patient seen for follow-up."),
-    ("french note with accents", bytes(range(100, 132)), "a1" * 16, "cafebabefacedbaddecaf888",
-     "consultations.comment", "cabinet-paris-11",
-     "Patiente anxieuse, suivi dépression ; évoque des violences conjugales."),
-    ("non-BMP characters and a unicode tenant", bytes(range(200, 232)), "5a" * 16,
-     "0102030405060708090a0b0c", "notes.body", "cabinet-Évry-ü", "Note 🩺 with emoji"),
-    ("custom label", bytes(range(32)), "00112233445566778899aabbccddeeff", "0c0b0a090807060504030201",
-     "legacy-comment-v1", "p1", "renamed column keeps its label"),
+    (
+        "empty note",
+        bytes(range(32)),
+        "00112233445566778899aabbccddeeff",
+        "000102030405060708090a0b",
+        "notes.body",
+        "cabinet-lyon-3",
+        "",
+    ),
+    (
+        "ascii note",
+        bytes.fromhex("ff" * 32),
+        "0f" * 16,
+        "ffffffffffffffffffffffff",
+        "notes.body",
+        "p1",
+        "Patient seen for follow-up.",
+    ),
+    (
+        "french note with accents",
+        bytes(range(100, 132)),
+        "a1" * 16,
+        "cafebabefacedbaddecaf888",
+        "consultations.comment",
+        "cabinet-paris-11",
+        "Patiente anxieuse, suivi dépression ; évoque des violences conjugales.",
+    ),
+    (
+        "non-BMP characters and a unicode tenant",
+        bytes(range(200, 232)),
+        "5a" * 16,
+        "0102030405060708090a0b0c",
+        "notes.body",
+        "cabinet-Évry-ü",
+        "Note 🩺 with emoji",
+    ),
+    (
+        "custom label",
+        bytes(range(32)),
+        "00112233445566778899aabbccddeeff",
+        "0c0b0a090807060504030201",
+        "legacy-comment-v1",
+        "p1",
+        "renamed column keeps its label",
+    ),
 ]
 
 
@@ -38,13 +72,24 @@ def main() -> None:
         nonce = bytes.fromhex(nonce_hex)
         aad = envelope.associated_data(key_id, label, tenant)
         blob = envelope._seal_with_nonce(AESGCM(dek), key_id, nonce, text.encode("utf-8"), aad)
-        out.append({
-            "name": name, "dek": dek.hex(), "key_id": key_id_hex, "nonce": nonce_hex,
-            "label": label, "tenant": tenant, "plaintext": text, "aad": aad.hex(),
-            "blob": blob.hex(), "text_form": envelope.to_text(blob),
-        })
+        out.append(
+            {
+                "name": name,
+                "dek": dek.hex(),
+                "key_id": key_id_hex,
+                "nonce": nonce_hex,
+                "label": label,
+                "tenant": tenant,
+                "plaintext": text,
+                "aad": aad.hex(),
+                "blob": blob.hex(),
+                "text_form": envelope.to_text(blob),
+            }
+        )
     path = Path(__file__).with_name("carnet_v1.json")
-    path.write_text(json.dumps({"format": "carnet v1", "vectors": out}, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(
+        json.dumps({"format": "carnet v1", "vectors": out}, indent=2, ensure_ascii=False) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ class MasterKey(abc.ABC):
 
 def context_aad(context: Mapping[str, str]) -> bytes:
     """Canonical bytes of a wrap context, for providers that use AEAD associated data."""
-    return json.dumps(dict(sorted(context.items())), separators=(",", ":"),
-                      ensure_ascii=False).encode("utf-8")
+    return json.dumps(
+        dict(sorted(context.items())), separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
 
 
 def scheme_of(uri: str) -> str:
@@ -106,7 +107,9 @@ def provider_class(scheme: str) -> type[MasterKey]:
                 cls = ep.load()
                 break
         else:
-            known = sorted(set(_BUILTIN) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+            known = sorted(
+                set(_BUILTIN) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+            )
             raise ConfigurationError(
                 f"unknown master key scheme {scheme!r}; known: {', '.join(known)}"
             )

@@ -23,7 +23,9 @@ HEADER = "carnet-master-key-v1:"
 def _path_of(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path:
-        raise ConfigurationError(f"file master key URI must look like file:///abs/path, got {uri!r}")
+        raise ConfigurationError(
+            f"file master key URI must look like file:///abs/path, got {uri!r}"
+        )
     return unquote(parts.path)
 
 
@@ -40,7 +42,9 @@ class FileMasterKey(LocalMasterKey):
                 f"master key file {path} does not exist (create one: carnet master new file://{path})"
             ) from None
         except OSError as exc:
-            raise MasterKeyUnavailable(f"cannot stat master key file {path}: {exc.strerror}") from None
+            raise MasterKeyUnavailable(
+                f"cannot stat master key file {path}: {exc.strerror}"
+            ) from None
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
             raise ConfigurationError(f"master key file {path} must be a regular file, not a link")
         if st.st_mode & 0o077:
@@ -71,7 +75,9 @@ class FileMasterKey(LocalMasterKey):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            raise ConfigurationError(f"master key file {path} already exists; not overwriting") from None
+            raise ConfigurationError(
+                f"master key file {path} already exists; not overwriting"
+            ) from None
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(HEADER + base64.b64encode(secret).decode("ascii") + "\n")
         return cls(f"file://{path}", secret)

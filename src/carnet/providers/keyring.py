@@ -23,7 +23,9 @@ def _names(uri: str) -> tuple[str, str]:
     name = unquote(parts.path.lstrip("/"))
     service = unquote(parts.netloc)
     if parts.scheme != "keyring" or not service or not name or "/" in name:
-        raise ConfigurationError(f"keyring master key URI must look like keyring://service/name, got {uri!r}")
+        raise ConfigurationError(
+            f"keyring master key URI must look like keyring://service/name, got {uri!r}"
+        )
     return service, name
 
 
@@ -54,7 +56,9 @@ class KeyringMasterKey(LocalMasterKey):
         try:
             secret = base64.b64decode(text[len(HEADER) :], validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigurationError(f"keyring entry {service}/{name} is not a carnet master key") from None
+            raise ConfigurationError(
+                f"keyring entry {service}/{name} is not a carnet master key"
+            ) from None
         if len(secret) != SECRET_SIZE:
             raise ConfigurationError(f"keyring entry {service}/{name} is not a carnet master key")
         return cls(f"keyring://{service}/{name}", secret)
@@ -63,7 +67,9 @@ class KeyringMasterKey(LocalMasterKey):
     def create(cls, uri: str) -> KeyringMasterKey:
         service, name = _names(uri)
         if _backend_call(lambda k: k.get_password(service, name)) is not None:
-            raise ConfigurationError(f"keyring entry {service}/{name} already exists; not overwriting")
+            raise ConfigurationError(
+                f"keyring entry {service}/{name} already exists; not overwriting"
+            )
         secret = os.urandom(SECRET_SIZE)
         text = HEADER + base64.b64encode(secret).decode("ascii")
         _backend_call(lambda k: k.set_password(service, name, text))
