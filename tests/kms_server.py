@@ -104,6 +104,7 @@ class FaultProxy:
     requests: list[str] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _conns: set[socket.socket] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -120,6 +121,16 @@ class FaultProxy:
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with proxy._lock:
+                    proxy._conns.add(self.connection)
+
+            def finish(self) -> None:
+                with proxy._lock:
+                    proxy._conns.discard(self.connection)
+                super().finish()
 
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -168,15 +179,22 @@ class FaultProxy:
         ThreadingHTTPServer.allow_reuse_address = True
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
-        """Close the listening socket: the endpoint refuses connections."""
+        """Close the listening socket and live connections: the endpoint refuses connections."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @pytest.fixture(scope="session")
