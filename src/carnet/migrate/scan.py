@@ -109,6 +109,9 @@ def classify(keys: KeyManager, target: Target, row: ScannedRow) -> str:
             return NULL
         if row.tenant is None:
             return NO_TENANT
+        if isinstance(row.value, (bytes, bytearray, memoryview)):
+            # A binary column (after an expand/contract): raw v1 bytes, no text prefix.
+            return opens(keys, bytes(row.value), row.tenant, target.label)
         return classify_text(keys, row.value, row.tenant, target.label)
     if row.value is not None:
         if row.tenant is None:
