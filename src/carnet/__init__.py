@@ -1,6 +1,6 @@
 """carnet: field-level envelope encryption of medical notes in SQL databases."""
 
-from . import errors
+from . import audit, errors
 from ._hooks import install as _install_hooks
 from .context import configure, current_tenant, get_manager, tenant_scope
 from .manager import KeyManager
@@ -14,6 +14,7 @@ _install_hooks()
 _install_orm()
 
 __all__ = [
+    "audit",
     "EncryptedText",
     "KeyManager",
     "MasterKey",
