@@ -320,3 +320,35 @@ def test_models_import_before_configuration(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "ok"
+
+
+def test_new_practice_after_a_write_in_the_same_transaction(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # On SQLite the session holds the write lock after its first flush; the
+    # second practice's first key must not wait on it.
+    with Session(engine) as s:
+        s.add(Note(practice_id="first", body="one"))
+        s.flush()
+        s.add(Note(practice_id="second", body="two"))
+        s.commit()
+    with Session(engine) as s:
+        assert sorted(n.body for n in s.scalars(sa.select(Note))) == ["one", "two"]  # type: ignore[type-var]
+
+
+def test_key_created_in_a_rolled_back_transaction_is_forgotten(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with Session(engine) as s:
+        s.add(Note(practice_id="warmup", body="w"))
+        s.flush()
+        s.add(Note(practice_id="rolled-back", body="x"))
+        s.flush()
+        s.rollback()
+    with Session(engine) as s:
+        s.add(Note(practice_id="rolled-back", body="kept"))
+        s.commit()
+    keys.clear_cache()
+    with Session(engine) as s:
+        assert [n.body for n in s.scalars(sa.select(Note))] == ["kept"]
+    assert len([r for r in keys.list_keys("rolled-back") if r.state == "active"]) == 1

@@ -44,6 +44,11 @@ class TTLCache(Generic[V]):
         self.misses += 1
         return None
 
+    def peek(self, key: Hashable) -> bool:
+        """Whether a live entry exists, without counting a hit or a miss."""
+        entry = self._data.get(key)
+        return entry is not None and entry[0] > time.monotonic()
+
     def put(self, key: Hashable, value: V) -> None:
         with self._lock:
             self._data[key] = (time.monotonic() + self.ttl, value)

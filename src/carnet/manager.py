@@ -12,6 +12,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -216,19 +217,34 @@ class KeyManager:
             raise UnknownKey(key_id)
         return self._unwrap(rec)
 
-    def _active_dek(self, tenant: str) -> _Dek:
+    def _query_active(
+        self, conn: sa.Connection, tenant: str
+    ) -> tuple[sa.Row[Any] | None, set[str]]:
+        row = conn.execute(
+            sa.select(self.table).where(self.table.c.active_tenant == tenant)
+        ).first()
+        states: set[str] = set()
+        if row is None:
+            states = set(
+                conn.execute(
+                    sa.select(self.table.c.state).where(self.table.c.tenant == tenant)
+                ).scalars()
+            )
+        return row, states
+
+    def _active_dek(self, tenant: str, conn: sa.Connection | None = None) -> _Dek:
+        """The tenant's active key, created if it has none.
+
+        With ``conn``, reads and a creation happen inside that connection's open
+        transaction (SQLite, where a second connection would wait on the
+        application's own write lock); otherwise in short transactions of their own.
+        """
         for _attempt in range(5):
-            with self.engine.connect() as conn:
-                row = conn.execute(
-                    sa.select(self.table).where(self.table.c.active_tenant == tenant)
-                ).first()
-                if row is None:
-                    states = {
-                        r.state
-                        for r in conn.execute(
-                            sa.select(self.table.c.state).where(self.table.c.tenant == tenant)
-                        )
-                    }
+            if conn is None:
+                with self.engine.connect() as own:
+                    row, states = self._query_active(own, tenant)
+            else:
+                row, states = self._query_active(conn, tenant)
             if row is not None:
                 rec = KeyRecord.from_row(row)
                 cached = self._keys.get(rec.key_id)
@@ -237,8 +253,7 @@ class KeyManager:
                 return dek
             if states and states <= {DESTROYED}:
                 raise KeyDestroyed(None, tenant)
-            if self._insert_key(tenant) is not None:
-                continue
+            self._insert_key(tenant, conn)
         raise MasterKeyUnavailable(f"could not create or load an active key for tenant {tenant!r}")
 
     def _new_wrapped(self, tenant: str) -> tuple[bytes, bytes, bytes]:
@@ -248,31 +263,36 @@ class KeyManager:
         self.master_wraps += 1
         return key_id, secret, wrapped
 
-    def _insert_key(self, tenant: str) -> bytes | None:
+    def _insert_row(self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes) -> None:
+        t = self.table
+        now = utcnow()
+        version = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
+        ).scalar_one()
+        conn.execute(
+            t.insert().values(
+                key_id=key_id.hex(),
+                tenant=tenant,
+                version=version + 1,
+                state=ACTIVE,
+                active_tenant=tenant,
+                master_key_uri=self._master.uri,
+                wrapped_key=wrapped,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+    def _insert_key(self, tenant: str, conn: sa.Connection | None = None) -> bytes | None:
         """Insert a tenant's first active key. Returns its id, or None when another process won."""
         key_id, secret, wrapped = self._new_wrapped(tenant)
-        now = utcnow()
-        t = self.table
         try:
-            with self.engine.begin() as conn:
-                version = conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
-                        t.c.tenant == tenant
-                    )
-                ).scalar_one()
-                conn.execute(
-                    t.insert().values(
-                        key_id=key_id.hex(),
-                        tenant=tenant,
-                        version=version + 1,
-                        state=ACTIVE,
-                        active_tenant=tenant,
-                        master_key_uri=self._master.uri,
-                        wrapped_key=wrapped,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+            if conn is None:
+                with self.engine.begin() as own:
+                    self._insert_row(own, tenant, key_id, wrapped)
+            else:
+                with conn.begin_nested():
+                    self._insert_row(conn, tenant, key_id, wrapped)
         except sa.exc.IntegrityError:
             # Another process created the tenant's key first: the database's
             # unique constraint decided; reload theirs.
@@ -287,6 +307,24 @@ class KeyManager:
         self.keys_created += 1
         self._keys.put(key_id, _Dek(key_id, tenant, secret))
         return key_id
+
+    def ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
+        """Load or create ``tenant``'s active key inside ``conn``'s open transaction.
+
+        Returns the key id when this call created it (the caller must call
+        :meth:`forget_key` if that transaction rolls back), else None.
+        """
+        created_before = self.keys_created
+        dek = self._active_dek(_check_tenant(tenant), conn)
+        return dek.key_id if self.keys_created != created_before else None
+
+    def forget_key(self, tenant: str, key_id: bytes) -> None:
+        """Drop a key from the caches (its creating transaction rolled back)."""
+        self._active.pop(tenant)
+        self._keys.pop(key_id)
+
+    def has_cached_active_key(self, tenant: str) -> bool:
+        return self._active.peek(tenant)
 
     def ensure_key(self, tenant: str) -> KeyRecord:
         """Make sure ``tenant`` has an active key (creating it) and return its record."""

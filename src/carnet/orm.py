@@ -25,11 +25,13 @@ from sqlalchemy.orm.state import InstanceState
 
 from .context import _tenant
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
+from .manager import KeyManager
 from .types import BoundText, EncryptedText, Sealed
 
 Spec = tuple[str, EncryptedText, "str | None"]
 _specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDictionary()
 _BOUND = "_carnet_bound"
+_NEW_KEYS = "_carnet_new_keys"
 
 
 def _open_state(state: InstanceState[Any], specs: list[Spec], only: Any = None) -> None:
@@ -82,6 +84,7 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     bound: list[tuple[InstanceState[Any], str, str]] = []
+    need_keys: dict[tuple[int, str], tuple[KeyManager, str, Mapper[Any]]] = {}
     scope = _tenant.get()
     for obj in itertools.chain(session.new, session.dirty):
         state = attributes.instance_state(obj)
@@ -133,8 +136,39 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
             bv.carnet_tenant = tenant
             d[key] = bv
             bound.append((state, key, str(v)))
+            manager = _typ.manager
+            if not manager.has_cached_active_key(tenant):
+                need_keys[(id(manager), tenant)] = (manager, tenant, state.mapper)
     if bound:
         session.info[_BOUND] = bound
+    for manager, tenant, mapper in need_keys.values():
+        _ensure_key(session, manager, tenant, mapper)
+
+
+def _ensure_key(session: Session, manager: KeyManager, tenant: str, mapper: Mapper[Any]) -> None:
+    # Create a practice's first key before the flush sends any SQL. On SQLite,
+    # when the key table lives in the session's own database, create it inside
+    # the session's transaction: a second connection would wait on the write
+    # lock this transaction may already hold. Elsewhere a short transaction of
+    # its own commits the key whatever becomes of the application's.
+    bind = session.get_bind(mapper)
+    if bind.dialect.name == "sqlite" and str(bind.engine.url) == str(manager.engine.url):
+        conn = session.connection(bind_arguments={"mapper": mapper})
+        created = manager.ensure_key_in(conn, tenant)
+        if created is not None:
+            session.info.setdefault(_NEW_KEYS, []).append((manager, tenant, created))
+    else:
+        manager.ensure_key(tenant)
+
+
+def _after_commit(session: Session) -> None:
+    session.info.pop(_NEW_KEYS, None)
+
+
+def _after_rollback(session: Session) -> None:
+    # Keys created inside the rolled-back transaction no longer exist.
+    for manager, tenant, key_id in session.info.pop(_NEW_KEYS, ()):
+        manager.forget_key(tenant, key_id)
 
 
 def _after_flush_postexec(session: Session, flush_context: Any) -> None:
@@ -157,4 +191,6 @@ def install() -> None:
     event.listen(Mapper, "mapper_configured", _setup)
     event.listen(Session, "before_flush", _before_flush)
     event.listen(Session, "after_flush_postexec", _after_flush_postexec)
+    event.listen(Session, "after_commit", _after_commit)
+    event.listen(Session, "after_rollback", _after_rollback)
     _installed = True
