@@ -31,14 +31,14 @@ EXIT_INCOMPLETE = 3
 
 
 def _db_options(f: F) -> F:
-    f = click.option("--database-url", envvar="CARNET_DATABASE_URL", required=True,
+    f = click.option("--database-url", envvar="CARNET_DATABASE_URL",
                      help="SQLAlchemy URL of the application's database [CARNET_DATABASE_URL].")(f)
     return f
 
 
 def _target_options(f: F) -> F:
     opts = [
-        click.option("--master-key", envvar="CARNET_MASTER_KEY", required=True,
+        click.option("--master-key", envvar="CARNET_MASTER_KEY",
                      help="Master key URI [CARNET_MASTER_KEY]."),
         click.option("--table", required=True, help="Table holding the plaintext column."),
         click.option("--column", required=True, help="The plaintext (legacy) column."),
@@ -61,9 +61,25 @@ def _target_options(f: F) -> F:
     return _db_options(f)
 
 
+def _inherited(name: str, value: str | None, needed: bool = True) -> str | None:
+    """This command's option, else the same option given to ``carnet`` itself."""
+    if value:
+        return value
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    got = root.params.get(name) if root is not None and root is not ctx else None
+    if not got and needed:
+        flag = "--" + name.replace("_", "-")
+        raise click.UsageError(f"missing {flag} (or CARNET_{name.upper()})")
+    return got if isinstance(got, str) else None
+
+
 @contextmanager
-def _open(database_url: str, master_key: str | None) -> Iterator[tuple[sa.Engine,
-                                                                      KeyManager | None]]:
+def _open(database_url: str | None, master_key: str | None,
+          needs_key: bool = True) -> Iterator[tuple[sa.Engine, KeyManager | None]]:
+    database_url = _inherited("database_url", database_url)
+    assert database_url is not None  # noqa: S101 - _inherited raised otherwise
+    master_key = _inherited("master_key", master_key, needs_key)
     # hide_parameters: a failed UPDATE must not print its parameters, which
     # include the legacy note it compared against.
     engine = sa.create_engine(database_url, hide_parameters=True)
@@ -284,13 +300,14 @@ def finish_cmd(database_url: str, master_key: str, as_json: bool, **kw: Any) -> 
 @click.option("--yes", is_flag=True, help="Do not ask before VACUUM FULL.")
 @click.option("--json", "as_json", is_flag=True)
 @_errors
-def compact_cmd(database_url: str, table: str, column: tuple[str, ...], vacuum_full: bool,
+def compact_cmd(database_url: str | None, table: str, column: tuple[str, ...], vacuum_full: bool,
                 yes: bool, as_json: bool) -> None:
     """Compact the table after a migration and report where plaintext may remain."""
-    if vacuum_full and not yes and sa.make_url(database_url).get_backend_name() == "postgresql":
+    url = _inherited("database_url", database_url) or ""
+    if vacuum_full and not yes and sa.make_url(url).get_backend_name() == "postgresql":
         click.confirm(f"VACUUM FULL locks {table} against all reads and writes until it ends. "
                       "Go on?", abort=True, err=True)
-    with _open(database_url, None) as (engine, _):
+    with _open(database_url, None, needs_key=False) as (engine, _):
         rep = residue_mod.compact(engine, table, full=vacuum_full, columns=column)
     lines = [f"{rep.backend}: {'; '.join(rep.actions)}", "cleaned:"]
     lines += [f"  {i.where}: {i.detail}" for i in rep.cleaned]
