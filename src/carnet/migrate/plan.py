@@ -21,10 +21,11 @@ from ..manager import KeyManager
 from . import scan as sc
 from .target import IN_PLACE, Target
 
-# Rows per second of `migrate run` measured by bench/bench_migrate.py on a
-# 2-core machine with a local server (docs/migration.md gives the figures).
-# An estimate only: a busy server, a remote master key or long notes are slower.
-DEFAULT_RATES = {"sqlite": 9000.0, "postgresql": 5000.0, "mariadb": 3000.0}
+# Rows per second of `migrate run`, one worker. PostgreSQL: bench/bench_migrate.py
+# measured 5,084 rows/s on 200,000 notes (2 cores, local server, busy machine).
+# SQLite and MariaDB were not benchmarked: rough guesses; pass --rate to
+# override. A busy server, a remote master key or long notes are slower.
+DEFAULT_RATES = {"sqlite": 5000.0, "postgresql": 5000.0, "mariadb": 3000.0}
 
 # Up to this many primary keys of each problem kind are listed; the counts are exact.
 SAMPLE = 20
