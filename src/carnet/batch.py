@@ -177,6 +177,46 @@ class _Plan:
         self.cas_null = table.update().where(*pk_match, self.col.is_(None)).values(
             {self.col.name: new})
         self.npk = n
+        # PostgreSQL: one UPDATE ... FROM (VALUES ...) per batch instead of one
+        # statement per row: a single round trip, same compare-and-set.
+        # %(name)b (binary parameters) is psycopg 3 syntax.
+        self.bulk = self.dialect.name == "postgresql" and self.dialect.driver == "psycopg"
+
+        if self.bulk:
+            q = self.dialect.identifier_preparer
+            tname = q.format_table(table)
+            cname = q.quote(self.col.name)
+            arrays = ", ".join(f"%(carnet_pk{i})b" for i in range(n))
+            names = ", ".join(f"k{i}" for i in range(n))
+            match = " AND ".join(f"{tname}.{q.quote(c.name)} = carnet_v.k{i}"
+                                 for i, c in enumerate(self.pk))
+            # unnest() of one array per field: the statement text is the same
+            # for every batch, so the server prepares it once. Sent through
+            # psycopg with binary parameters: text-format bytea arrays cost
+            # more to escape than the encryption itself.
+            self.bulk_sql = (
+                f"UPDATE {tname} SET {cname} = carnet_v.new "  # noqa: S608 - quoted identifiers
+                f"FROM unnest({arrays}, %(carnet_old)b, %(carnet_new)b) "
+                f"AS carnet_v({names}, old, new) "
+                f"WHERE {match} AND {tname}.{cname} = carnet_v.old"
+            )
+
+    def bulk_execute(self, conn: sa.Connection, updates: list[dict[str, Any]]) -> int:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None  # noqa: S101 - a connection in a transaction has one
+        cur: Any = dbapi.cursor()
+        try:
+            cur.execute(self.bulk_sql, self.bulk_params(updates))
+            return int(cur.rowcount)
+        finally:
+            cur.close()
+
+    def bulk_params(self, updates: list[dict[str, Any]]) -> dict[str, Any]:
+        params: dict[str, Any] = {f"carnet_pk{i}": [u[f"carnet_pk{i}"] for u in updates]
+                                  for i in range(self.npk)}
+        params["carnet_old"] = [u["carnet_old"] for u in updates]
+        params["carnet_new"] = [u["carnet_new"] for u in updates]
+        return params
 
     def select(self, lower: Sequence[Any] | None, upper: Sequence[Any] | None,
                last: Sequence[Any] | None, limit: int) -> sa.Select[Any]:
@@ -451,7 +491,9 @@ def _one_batch(
     last_seen = tuple(rows[-1][: plan.npk])
     written = 0
     with conn.begin():
-        if updates:
+        if updates and plan.bulk:
+            written += plan.bulk_execute(conn, updates)
+        elif updates:
             written += conn.execute(plan.cas, updates).rowcount
         if updates_null:
             written += conn.execute(plan.cas_null, updates_null).rowcount
