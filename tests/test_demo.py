@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from carnet import _synthetic
+from carnet.errors import ConfigurationError
 from carnet.demo import distinctive_probes, note_probes, run_demo, scan_files
 
 SEED = 11
@@ -99,5 +100,5 @@ def test_output_shows_no_note_text_but_the_labelled_example(
 
 def test_refuses_a_directory_with_an_earlier_demo(demo: tuple[dict[str, Any], list[str]]) -> None:
     figures, _ = demo
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigurationError, match="already exists"):
         run_demo(figures["directory"], echo=lambda _line: None)

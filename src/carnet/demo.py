@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import _synthetic
-from .errors import KeyDestroyed
+from .errors import ConfigurationError, KeyDestroyed
 from .manager import KeyManager
 from .providers import create_master_key
 from .types import EncryptedText, Sealed
@@ -147,7 +147,7 @@ def _prepare_directory(directory: str | None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in (DB_NAME, KEY_NAME):
         if (path / name).exists():
-            raise FileExistsError(
+            raise ConfigurationError(
                 f"{path / name} already exists: give carnet demo an empty or new directory"
             )
     return path
