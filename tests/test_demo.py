@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from carnet import _synthetic
-from carnet.errors import ConfigurationError
 from carnet.demo import distinctive_probes, note_probes, run_demo, scan_files
+from carnet.errors import ConfigurationError
 
 SEED = 11
 PRACTICES = 4
