@@ -33,7 +33,8 @@ DOC_HEADER = """\
 carnet's costs measured against baselines run side by side on the same
 machine, database and data (`make bench`, or `python -m bench [module ...]`).
 Ratios are carnet / baseline: below 1 is faster than the baseline. Timings are
-medians of several interleaved repeats. The tables between the `bench:` markers
+medians of several interleaved repeats, in process CPU time unless
+CARNET_BENCH_CLOCK=wall. The tables between the `bench:` markers
 are generated; edit the prose outside them.
 
 """
@@ -88,7 +89,7 @@ def markdown_section(module: str, rows: list[Row], info: dict[str, str], seconds
         f"Measured {info['date']} in {seconds:.0f} s on {info['cpu']} ({info['cores']} cores), "
         f"{info['os']}, Python {info['python']}, SQLAlchemy {info['sqlalchemy']}, "
         f"cryptography {info['cryptography']}, sqlalchemy-utils {info['sqlalchemy-utils']}; "
-        f"load average at the end {info['load']}."
+        f"load average at the end {info['load']}. Timings in {info['clock']}."
     )
     lines.append("")
     if error is not None:
