@@ -352,3 +352,13 @@ def test_key_created_in_a_rolled_back_transaction_is_forgotten(
     with Session(engine) as s:
         assert [n.body for n in s.scalars(sa.select(Note))] == ["kept"]
     assert len([r for r in keys.list_keys("rolled-back") if r.state == "active"]) == 1
+
+
+def test_cached_orm_column_statements_run_twice(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    # SQLAlchemy compares column objects with == when it reuses a cached
+    # statement's result map: that must not hit the encrypted-column guard.
+    a, b = _insert_two(engine)
+    for nid, want in ((a, "note of p1"), (b, "note of p2"), (a, "note of p1")):
+        with engine.connect() as conn:
+            sealed = conn.execute(sa.select(Note.body).where(Note.id == nid)).scalar_one()
+        assert sealed.open("p1" if nid == a else "p2") == want

@@ -44,6 +44,11 @@ class TTLCache(Generic[V]):
         self.misses += 1
         return None
 
+    def expiry(self, key: Hashable) -> float | None:
+        """Monotonic time at which the entry expires, or None if absent."""
+        entry = self._data.get(key)
+        return entry[0] if entry is not None else None
+
     def peek(self, key: Hashable) -> bool:
         """Whether a live entry exists, without counting a hit or a miss."""
         entry = self._data.get(key)

@@ -15,6 +15,7 @@ Installed once, when :mod:`carnet` is imported:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from typing import Any
@@ -34,15 +35,14 @@ _BOUND = "_carnet_bound"
 _NEW_KEYS = "_carnet_new_keys"
 
 
-def _open_state(state: InstanceState[Any], specs: list[Spec], only: Any = None) -> None:
+def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) -> None:
+    # Called for every loaded row: kept lean (no work unless a value is Sealed).
     d = state.dict
-    scope = _tenant.get()
     for key, typ, tkey in specs:
-        if only is not None and key not in only:
-            continue
         v = d.get(key)
-        if type(v) is not Sealed:
+        if v.__class__ is not Sealed:
             continue
+        scope = _tenant.get()
         tenant = d.get(tkey) if tkey is not None else None
         if tenant is None:
             if scope is None:
@@ -72,14 +72,11 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
         return
     _specs[mapper] = specs
 
-    def on_load(target: Any, context: Any) -> None:
-        _open_state(attributes.instance_state(target), specs)
-
-    def on_refresh(target: Any, context: Any, attrs: Any) -> None:
-        _open_state(attributes.instance_state(target), specs)
-
-    event.listen(mapper, "load", on_load)
-    event.listen(mapper, "refresh", on_refresh)
+    # raw=True hands the InstanceState itself to a partial: no per-row lookup
+    # and no extra Python frame on the load path.
+    opener = functools.partial(_open_state, specs)
+    event.listen(mapper, "load", opener, raw=True)
+    event.listen(mapper, "refresh", opener, raw=True)
 
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.base import SchemaEventTarget
+from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
 from . import envelope
@@ -67,6 +68,10 @@ class Sealed:
 _ALLOWED_OPS = {operators.is_, operators.is_not}
 
 
+def _is_column(other: Any) -> bool:
+    return isinstance(other, ColumnElement) and not isinstance(other, BindParameter | Null)
+
+
 class EncryptedText(TypeDecorator[str], SchemaEventTarget):
     """A text column stored encrypted with AES-256-GCM under a per-tenant data key.
 
@@ -107,6 +112,7 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         self.mixed_read = mixed_read
         self._manager = manager
         self._auto_label: str | None = None
+        self._resolved_label: str | None = label
         self._from_copy = False
 
     # -- schema attachment: learn table.column for the default label ----------------
@@ -125,6 +131,8 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
                 "give each column its own EncryptedText(), or an explicit label="
             )
         self._auto_label = auto
+        if self.label is None:
+            self._resolved_label = auto
 
     def copy(self, **kw: Any) -> EncryptedText:
         # Also used by SQLAlchemy for the per-dialect implementation, which must
@@ -137,6 +145,7 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
             manager=self._manager,
         )
         new._auto_label = self._auto_label
+        new._resolved_label = self._resolved_label
         new._from_copy = True
         return new
 
@@ -177,15 +186,21 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
 
     # -- values ---------------------------------------------------------------------------
 
+    # Hot paths: per value, no property lookups beyond the two attributes below.
+
     def encrypt(self, value: str, tenant: str) -> bytes:
-        return self.manager.encrypt(
-            value.encode("utf-8"), tenant=tenant, label=self._label_or_fail()
-        )
+        label = self._resolved_label
+        if label is None:
+            label = self._label_or_fail()
+        manager = self._manager if self._manager is not None else get_manager()
+        return manager.encrypt(value.encode("utf-8"), tenant=tenant, label=label)
 
     def decrypt(self, blob: bytes, tenant: str) -> str:
-        return self.manager.decrypt(blob, tenant=tenant, label=self._label_or_fail()).decode(
-            "utf-8"
-        )
+        label = self._resolved_label
+        if label is None:
+            label = self._label_or_fail()
+        manager = self._manager if self._manager is not None else get_manager()
+        return manager.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
         if value is None:
@@ -217,6 +232,27 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
             raise CarnetError(f"encryption failed: {type(exc).__name__}") from None
         return envelope.to_text(blob) if self.storage == "text" else blob
 
+    def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Any:
+        if self.storage == "text":
+            return super().result_processor(dialect, coltype)
+        # Binary storage: one closure per value instead of SQLAlchemy's
+        # impl-processor + process_result_value chain; drivers return bytes
+        # (or a memoryview, copied).
+        get_tenant = _tenant.get
+        decrypt = self.decrypt
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            if value.__class__ is not bytes:
+                value = bytes(value)
+            tenant = get_tenant()
+            if tenant is None:
+                return Sealed(value, self)
+            return decrypt(value, tenant)
+
+        return process
+
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
         if value is None:
             return None
@@ -239,8 +275,12 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
     class comparator_factory(TypeDecorator.Comparator[str]):  # noqa: N801 - SQLAlchemy's name
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
             if op in _ALLOWED_OPS or (
-                op in (operators.eq, operators.ne) and len(other) == 1 and other[0] is None
+                op in (operators.eq, operators.ne)
+                and len(other) == 1
+                and (other[0] is None or _is_column(other[0]))
             ):
+                # Column-to-column equality stays: SQLAlchemy itself compares
+                # column objects with == (result keymaps, cached statements).
                 return super().operate(op, *other, **kwargs)
             raise UnsupportedOperation(
                 f"{getattr(op, '__name__', op)} on an encrypted column cannot work: each value is "
