@@ -99,3 +99,16 @@ def test_master_rotation_then_old_key_deleted(km: carnet.KeyManager, engine: sa.
     assert len(read_notes(engine, fresh)) == 120
     assert lifecycle.status(fresh).master_key_ok
 
+
+
+def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
+        km: carnet.KeyManager, engine: sa.Engine) -> None:
+    raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
+    with engine.begin() as conn:  # row 1 is p1's, row 2 is p2's: paste p1's note into p2's row
+        b1 = conn.execute(sa.select(raw.c.body).where(raw.c.id == 1)).scalar_one()
+        conn.execute(raw.update().where(raw.c.id == 2).values(body=b1))
+    # By its key alone the pasted value is authentic...
+    assert lifecycle.verify(km, "notes", "body").failed == 0
+    # ...but not in a row of p2.
+    rep = lifecycle.verify(km, "notes", "body", tenant_column="practice_id")
+    assert (rep.failed, rep.reasons, rep.failed_pks) == (1, {"other_practice": 1}, [[2]])

@@ -477,19 +477,23 @@ def reencrypt(ctx: click.Context, cfg: Config, table: str, column: str, tenant: 
 @click.option("--column", required=True, metavar="C")
 @click.option("--label", metavar="L", help="Field label (default table.column).")
 @click.option("--allow-plaintext", is_flag=True, help="Do not count legacy plaintext as failures.")
+@click.option("--tenant-column", metavar="COL",
+              help="Column of the row's practice: also catch values copied between practices.")
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=1000, show_default=True)
 @json_option
 @pass_config
 @click.pass_context
 def verify(ctx: click.Context, cfg: Config, table: str, column: str, label: str | None,
-           allow_plaintext: bool, batch_size: int, as_json: bool) -> None:
+           allow_plaintext: bool, tenant_column: str | None, batch_size: int,
+           as_json: bool) -> None:
     """Decrypt every value; report failing rows by primary key, never their content."""
     km = cfg.manager()
     lifecycle.require_encrypted(km, table, column)
     bar = Progress("verify", lifecycle.estimate_rows(km.engine, table), quiet=as_json)
     try:
         rep = lifecycle.verify(km, table, column, label=label, allow_plaintext=allow_plaintext,
-                               batch_size=batch_size, progress=bar.update)
+                               batch_size=batch_size, tenant_column=tenant_column,
+                               progress=bar.update)
     finally:
         bar.close()
 

@@ -28,6 +28,8 @@ from .errors import (
     InvalidCiphertext,
     KeyDestroyed,
     KeyInUse,
+    TenantMismatch,
+    TenantRequired,
     UnknownKey,
 )
 from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
@@ -591,19 +593,32 @@ _REASONS: list[tuple[type[CarnetError], str]] = [
     (KeyDestroyed, "destroyed_key"),  # also KeyRetired
     (UnknownKey, "unknown_key"),
     (InvalidCiphertext, "tampered_or_foreign"),
+    (TenantMismatch, "other_practice"),
 ]
 
 
 def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
            allow_plaintext: bool = False, batch_size: int = 1000,
+           tenant_column: str | None = None,
            progress: Progress | None = None) -> VerifyReport:
-    """Decrypt every value; count failures by reason and list their primary keys."""
+    """Decrypt every value; count failures by reason and list their primary keys.
+
+    Without ``tenant_column`` each value is opened as its key's practice, which
+    proves it authentic but not that it sits in a row of that practice; with it,
+    each value must open as its own row's practice, as the application reads it.
+    """
     check_column(km.engine, table, column)
+    if tenant_column is not None:
+        check_column(km.engine, table, tenant_column)
     lab = _label(table, column, label)
     keys = _Keys(km)
     rep = VerifyReport(table=table, column=column)
     pending = 0
-    for row in iter_rows(km.engine, table, column, batch_size=batch_size):
+    # One reflected Table for both the scan and the extra column, so the
+    # SELECT names a single FROM.
+    tbl = resolve_table(km.engine, table)
+    extra = {"tenant": tbl.c[tenant_column]} if tenant_column is not None else None
+    for row in iter_rows(km.engine, tbl, column, batch_size=batch_size, extra_columns=extra):
         rep.rows += 1
         pending += 1
         if progress is not None and pending >= batch_size:
@@ -625,7 +640,13 @@ def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
                 rec = keys.get(kid)
                 if rec is None:
                     raise UnknownKey(kid)
-                km.decrypt(blob, tenant=rec.tenant, label=lab)
+                tenant = rec.tenant
+                if tenant_column is not None:
+                    row_tenant = row.extra["tenant"]
+                    if row_tenant is None:
+                        raise TenantRequired("row has no practice")
+                    tenant = str(row_tenant)
+                km.decrypt(blob, tenant=tenant, label=lab)
                 rep.ok += 1
                 continue
         except CarnetError as exc:
