@@ -1,5 +1,7 @@
 """carnet: field-level envelope encryption of medical notes in SQL databases."""
 
+import logging as _logging
+
 from . import audit, errors
 from ._hooks import install as _install_hooks
 from .context import configure, current_tenant, get_manager, tenant_scope
@@ -9,6 +11,9 @@ from .providers import MasterKey, create_master_key, open_master_key
 from .types import EncryptedText, Sealed
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where to: no output unless configured.
+_logging.getLogger("carnet").addHandler(_logging.NullHandler())
 
 _install_hooks()
 _install_orm()
