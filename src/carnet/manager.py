@@ -292,7 +292,8 @@ class KeyManager:
         self.master_wraps += 1
         return key_id, secret, wrapped
 
-    def _insert_row(self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes) -> None:
+    def _insert_row(self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes) -> int:
+        """Insert the tenant's next key version as its active key; return the version."""
         t = self.table
         now = utcnow()
         version = conn.execute(
@@ -311,6 +312,7 @@ class KeyManager:
                 updated_at=now,
             )
         )
+        return int(version) + 1
 
     def _insert_key(self, tenant: str, conn: sa.Connection | None = None) -> bytes | None:
         """Insert a tenant's first active key. Returns its id, or None when another process won."""
@@ -418,22 +420,7 @@ class KeyManager:
                     .where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
                     .values(state=INACTIVE, active_tenant=None, updated_at=now)
                 )
-            version = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
-            ).scalar_one()
-            conn.execute(
-                t.insert().values(
-                    key_id=key_id.hex(),
-                    tenant=tenant,
-                    version=version + 1,
-                    state=ACTIVE,
-                    active_tenant=tenant,
-                    master_key_uri=self._master.uri,
-                    wrapped_key=wrapped,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            version = self._insert_row(conn, tenant, key_id, wrapped)
         self.keys_created += 1
         dek = _Dek(key_id, tenant, secret)
         self._keys.put(key_id, dek)
@@ -442,7 +429,7 @@ class KeyManager:
         log.info(
             "carnet: rotated data key of tenant %r to version %d (%s)",
             tenant,
-            version + 1,
+            version,
             key_id.hex(),
         )
         rec = self.get_key(key_id)

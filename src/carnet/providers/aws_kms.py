@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from ..errors import ConfigurationError, MasterKeyMismatch, MasterKeyUnavailable, MissingDependency
+from ._settings import parse_number, resolve_settings
 from .base import MasterKey
 
 T = TypeVar("T")
@@ -157,27 +158,11 @@ def _parse(uri: str) -> tuple[str, str | None, dict[str, float]]:
 
 
 def _number(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0 or value > 3600:
-        raise ConfigurationError(f"{name} must be positive and at most 3600, got {raw!r}")
-    if name == "max_attempts" and value != int(value):
-        raise ConfigurationError(f"max_attempts must be a whole number, got {raw!r}")
-    return value
+    return parse_number(name, raw)
 
 
 def _settings(explicit: Mapping[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, (env, default) in _SETTINGS.items():
-        if name in explicit:
-            out[name] = explicit[name]
-        elif os.environ.get(env):
-            out[name] = _number(env, os.environ[env])
-        else:
-            out[name] = float(default)
-    return out
+    return resolve_settings(_SETTINGS, explicit)
 
 
 class AwsKmsMasterKey(MasterKey):

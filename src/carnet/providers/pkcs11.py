@@ -38,6 +38,7 @@ from ..errors import (
     MasterKeyUnavailable,
     MissingDependency,
 )
+from ._settings import parse_number, resolve_settings
 from .base import MasterKey, context_aad
 
 T = TypeVar("T")
@@ -134,27 +135,11 @@ def _parse(uri: str) -> _Location:
 
 
 def _number(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0 or value > 3600:
-        raise ConfigurationError(f"{name} must be positive and at most 3600, got {raw!r}")
-    if name == "max_attempts" and value != int(value):
-        raise ConfigurationError(f"max_attempts must be a whole number, got {raw!r}")
-    return value
+    return parse_number(name, raw)
 
 
 def _settings(explicit: Mapping[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, (env, default) in _SETTINGS.items():
-        if name in explicit:
-            out[name] = explicit[name]
-        elif os.environ.get(env):
-            out[name] = _number(env, os.environ[env])
-        else:
-            out[name] = float(default)
-    return out
+    return resolve_settings(_SETTINGS, explicit)
 
 
 def _read_pin(source: str) -> str:
