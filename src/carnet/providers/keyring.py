@@ -35,7 +35,7 @@ def _backend_call(fn, *args):  # type: ignore[no-untyped-def]
 
     try:
         return fn(keyring, *args)
-    except keyring.errors.KeyringError as exc:
+    except (keyring.errors.KeyringError, OSError) as exc:
         # The backend's message can name the entry but never holds the secret.
         raise MasterKeyUnavailable(f"OS keyring unavailable: {type(exc).__name__}") from None
 
