@@ -115,3 +115,23 @@ def test_keyring_key_round_trip(file_keyring: KeyringBackend) -> None:
     assert carnet.open_master_key(uri).unwrap(mk.wrap(dek, CTX), CTX) == dek
     with pytest.raises(ConfigurationError, match="no keyring entry"):
         carnet.open_master_key("keyring://carnet-test/other")
+
+
+def test_secret_service_without_a_session_bus_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The SecretService backend forced on a machine with no D-Bus session:
+    # secretstorage raises its own exception type, outside keyring's errors.
+    from keyring.backends.SecretService import Keyring as SecretServiceKeyring
+
+    from carnet.errors import MasterKeyUnavailable
+
+    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/nonexistent-carnet-test")
+    previous = keyring.get_keyring()
+    keyring.set_keyring(SecretServiceKeyring())
+    try:
+        with pytest.raises(MasterKeyUnavailable, match="OS keyring unavailable"):
+            carnet.open_master_key("keyring://carnet-test/master")
+    finally:
+        keyring.set_keyring(previous)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, MasterKeyUnavailable
 from ._local import SECRET_SIZE, LocalMasterKey
 
 HEADER = "carnet-master-key-v1:"
+T = TypeVar("T")
 
 
 def _names(uri: str) -> tuple[str, str]:
@@ -29,14 +32,16 @@ def _names(uri: str) -> tuple[str, str]:
     return service, name
 
 
-def _backend_call(fn, *args):  # type: ignore[no-untyped-def]
+def _backend_call(fn: Callable[[Any], T]) -> T:
     import keyring
-    import keyring.errors
 
     try:
-        return fn(keyring, *args)
-    except (keyring.errors.KeyringError, OSError) as exc:
-        # The backend's message can name the entry but never holds the secret.
+        return fn(keyring)
+    except Exception as exc:  # noqa: BLE001 - the backend boundary: every failure is "unreachable"
+        # Backends raise KeyringError, OSError, or their own exceptions (secretstorage's
+        # SecretServiceNotAvailableException when no session bus is set). Whatever it
+        # is, the master key cannot be had; the type name says why, and no message of
+        # the backend is echoed (it may name the entry).
         raise MasterKeyUnavailable(f"OS keyring unavailable: {type(exc).__name__}") from None
 
 
