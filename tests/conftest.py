@@ -23,6 +23,10 @@ import sqlalchemy as sa
 
 from dbutil import DatabaseUnavailable, drop_database, make_database, server_check
 
+# Fixtures of the real components (moto's KMS server, SoftHSM2, a private
+# Secret Service), declared once here: each starts only when a test asks for it.
+pytest_plugins = ("kms_server", "softhsm", "secret_service")
+
 _ALLOW_SKIP = os.environ.get("CARNET_TEST_ALLOW_SKIP") == "1"
 
 # One connection attempt per server per session: when a server is down every

@@ -25,7 +25,6 @@ from models import Base, Note
 if TYPE_CHECKING:
     from kms_server import FaultProxy
 
-pytest_plugins = ("kms_server",)
 
 SECRET = "PLANTED-outage-note: patient disclosed suicidal ideation 7f3a"
 FAST = "connect_timeout=0.5&read_timeout=0.5&max_attempts=3&backoff=0.02"

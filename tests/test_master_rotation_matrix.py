@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from kms_server import MotoServer
     from softhsm import SoftHsm
 
-pytest_plugins = ("kms_server", "softhsm")
 
 PRACTICES = [f"practice-{i}" for i in range(5)]
 

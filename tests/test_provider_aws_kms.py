@@ -19,7 +19,6 @@ from carnet.providers.aws_kms import AwsKmsMasterKey
 if TYPE_CHECKING:
     from kms_server import MotoServer
 
-pytest_plugins = ("kms_server",)
 
 DEK = b"planted-dek-0123456789abcdefghij"
 CTX = {"tenant": "practice-1", "key_id": "00112233445566778899aabbccddeeff"}

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from kms_server import FaultProxy
     from softhsm import SoftHsm
 
-pytest_plugins = ("kms_server", "softhsm")
 
 DEK = b"planted-dek-0123456789abcdefghij"
 CTX = {"tenant": "practice-1", "key_id": "00112233445566778899aabbccddeeff"}

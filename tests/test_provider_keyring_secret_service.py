@@ -21,7 +21,6 @@ from carnet.providers.keyring import HEADER, KeyringMasterKey
 if TYPE_CHECKING:
     from secret_service import SecretService
 
-pytest_plugins = ("secret_service",)
 
 # A prompt that nobody answers must fail the test, not hang CI.
 pytestmark = pytest.mark.timeout(60)

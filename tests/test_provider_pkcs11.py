@@ -19,7 +19,6 @@ from carnet.providers.pkcs11 import Pkcs11MasterKey
 if TYPE_CHECKING:
     from softhsm import SoftHsm
 
-pytest_plugins = ("softhsm",)
 
 DEK = b"planted-dek-0123456789abcdefghij"
 CTX = {"tenant": "practice-1", "key_id": "00112233445566778899aabbccddeeff"}
