@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -29,3 +32,17 @@ comments = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("text", carnet.EncryptedText()),
 )
+
+
+@contextmanager
+def configured_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    """A KeyManager with its schema and these models' tables, as the default manager."""
+    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    km.create_schema()
+    Base.metadata.create_all(engine)
+    core_metadata.create_all(engine)
+    carnet.configure(km)
+    try:
+        yield km
+    finally:
+        carnet.configure(None)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 import carnet
 from carnet.errors import CarnetError, MasterKeyUnavailable
 from carnet.providers.base import MasterKey
-from models import Base, Note, comments, core_metadata
+from models import Base, Note, comments, configured_keys
 
 SECRET = "PLANTED-abus-sexuel-7f3a9"
 
@@ -32,13 +32,8 @@ def _everything(exc: BaseException) -> str:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    Base.metadata.create_all(engine)
-    core_metadata.create_all(engine)
-    carnet.configure(km)
-    yield km
-    carnet.configure(None)
+    with configured_keys(engine, master_key_uri) as km:
+        yield km
 
 
 @pytest.fixture

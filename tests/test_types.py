@@ -21,18 +21,13 @@ from carnet.errors import (
     TenantRequired,
     UnsupportedOperation,
 )
-from models import Base, Note, comments, core_metadata
+from models import Note, comments, configured_keys
 
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    Base.metadata.create_all(engine)
-    core_metadata.create_all(engine)
-    carnet.configure(km)
-    yield km
-    carnet.configure(None)
+    with configured_keys(engine, master_key_uri) as km:
+        yield km
 
 
 def _raw(engine: sa.Engine, table: str, column: str, pk: int) -> object:

@@ -381,8 +381,8 @@ class KeyManager:
         with self.engine.connect() as conn:
             return [KeyRecord.from_row(r) for r in conn.execute(q)]
 
-    def iter_keys(self, batch_size: int = 1000) -> Iterator[KeyRecord]:
-        """Every key record, in key-id order, a batch at a time (flat memory)."""
+    def _key_batches(self, batch_size: int) -> Iterator[list[KeyRecord]]:
+        """Every key record in key-id order, a batch at a time (keyset paging, flat memory)."""
         last = ""
         t = self.table
         while True:
@@ -392,9 +392,13 @@ class KeyManager:
                 ).all()
             if not rows:
                 return
-            for r in rows:
-                yield KeyRecord.from_row(r)
+            yield [KeyRecord.from_row(r) for r in rows]
             last = rows[-1].key_id
+
+    def iter_keys(self, batch_size: int = 1000) -> Iterator[KeyRecord]:
+        """Every key record, in key-id order, a batch at a time (flat memory)."""
+        for batch in self._key_batches(batch_size):
+            yield from batch
 
     def tenants(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -509,18 +513,9 @@ class KeyManager:
         self._masters.setdefault(new.uri, new)
         t = self.table
         done = already = destroyed = 0
-        last = ""
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(t).where(t.c.key_id > last).order_by(t.c.key_id).limit(batch_size)
-                ).all()
-            if not rows:
-                break
-            last = rows[-1].key_id
+        for batch in self._key_batches(batch_size):
             updates = []
-            for row in rows:
-                rec = KeyRecord.from_row(row)
+            for rec in batch:
                 if rec.wrapped_key is None:
                     destroyed += 1
                     continue
@@ -545,7 +540,7 @@ class KeyManager:
                     )
                     done += res.rowcount
             if progress is not None:
-                progress(len(rows))
+                progress(len(batch))
         self._master = new
         log.info("carnet: rewrapped %d data key(s) under %s", done, new.uri)
         return RewrapReport(
