@@ -357,3 +357,27 @@ def test_cached_orm_column_statements_run_twice(keys: carnet.KeyManager, engine:
         with engine.connect() as conn:
             sealed = conn.execute(sa.select(Note.body).where(Note.id == nid)).scalar_one()
         assert sealed.open("p1" if nid == a else "p2") == want
+
+
+def test_orm_bulk_insert_and_update_bind_each_rows_tenant(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    rows = [{"id": i, "practice_id": f"p{i % 3}", "body": f"bulk note {i}"} for i in range(1, 31)]
+    with Session(engine) as s:
+        s.execute(sa.insert(Note), rows)
+        s.commit()
+    with Session(engine) as s:
+        s.execute(sa.update(Note), [{"id": 4, "practice_id": "p1", "body": "updated"}])
+        s.commit()
+    with Session(engine) as s:
+        got = {n.id: (n.practice_id, n.body) for n in s.scalars(sa.select(Note))}
+    want = {r["id"]: (r["practice_id"], r["body"]) for r in rows}
+    want[4] = ("p1", "updated")
+    assert got == want
+    with engine.connect() as conn:  # each value sealed under its own row's practice key
+        for nid, blob in conn.execute(sa.text("SELECT id, body FROM notes")):
+            assert bytes(blob)[1:17] == keys.ensure_key(f"p{nid % 3}").key_id
+    with Session(engine) as s, pytest.raises(TenantRequired):
+        s.execute(sa.insert(Note), [{"id": 99, "practice_id": None, "body": "PLANTED"}])
+    with Session(engine) as s, carnet.tenant_scope("p0"), pytest.raises(TenantMismatch):
+        s.execute(sa.insert(Note), [{"id": 98, "practice_id": "p2", "body": "x"}])

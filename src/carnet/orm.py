@@ -21,7 +21,7 @@ import weakref
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import Mapper, Session, attributes
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, configure_mappers
 from sqlalchemy.orm.state import InstanceState
 
 from .context import _tenant
@@ -158,6 +158,51 @@ def _ensure_key(session: Session, manager: KeyManager, tenant: str, mapper: Mapp
         manager.ensure_key(tenant)
 
 
+def _bind_row(specs: list[Spec], row: Any, scope: str | None) -> dict[str, Any] | None:
+    """For one parameter dict of an ORM bulk statement: its values bound to its tenant."""
+    out: dict[str, Any] | None = None
+    for key, _typ, tkey in specs:
+        v = row.get(key)
+        if tkey is None or not isinstance(v, str) or type(v) is BoundText:
+            continue
+        tenant = row.get(tkey)
+        if tenant is None:
+            continue  # bind processing then needs a scope, or raises TenantRequired
+        tenant = str(tenant)
+        if scope is not None and scope != tenant:
+            raise TenantMismatch(scope, tenant)
+        bv = BoundText(v)
+        bv.carnet_tenant = tenant
+        if out is None:
+            out = {}
+        out[key] = bv
+    return out
+
+
+def _do_orm_execute(state: ORMExecuteState) -> Any:
+    # ORM bulk INSERT / UPDATE (session.execute(insert(Note), [{...}, ...])) skip
+    # the flush: bind each parameter dict's note to that dict's own tenant, as a
+    # flush does for each object.
+    if not (state.is_insert or state.is_update) or not state.parameters:
+        return None
+    mapper = state.bind_mapper
+    if mapper is None:
+        return None
+    if not mapper.configured:
+        configure_mappers()  # a first statement may come before any query configured them
+    specs = _specs.get(mapper)
+    if not specs:
+        return None
+    scope = _tenant.get()
+    if isinstance(state.parameters, list):
+        rows = [_bind_row(specs, row, scope) or {} for row in state.parameters]
+        if not any(rows):
+            return None
+        return state.invoke_statement(params=rows)
+    one = _bind_row(specs, state.parameters, scope)
+    return state.invoke_statement(params=one) if one else None
+
+
 def _after_commit(session: Session) -> None:
     session.info.pop(_NEW_KEYS, None)
 
@@ -189,5 +234,6 @@ def install() -> None:
     event.listen(Session, "before_flush", _before_flush)
     event.listen(Session, "after_flush_postexec", _after_flush_postexec)
     event.listen(Session, "after_commit", _after_commit)
+    event.listen(Session, "do_orm_execute", _do_orm_execute)
     event.listen(Session, "after_rollback", _after_rollback)
     _installed = True
