@@ -381,3 +381,35 @@ def test_orm_bulk_insert_and_update_bind_each_rows_tenant(
         s.execute(sa.insert(Note), [{"id": 99, "practice_id": None, "body": "PLANTED"}])
     with Session(engine) as s, carnet.tenant_scope("p0"), pytest.raises(TenantMismatch):
         s.execute(sa.insert(Note), [{"id": 98, "practice_id": "p2", "body": "x"}])
+
+
+def test_core_new_practice_after_a_write_in_the_same_transaction(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # SQLite: the connection already holds the write lock when the new
+    # practice's first key is needed; it must not wait on itself.
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO comments (id, text) VALUES (100, NULL)"))
+        with carnet.tenant_scope("core-new"):
+            conn.execute(comments.insert(), {"id": 1, "text": "premier commentaire"})
+    keys.clear_cache()
+    with carnet.tenant_scope("core-new"), engine.connect() as conn:
+        assert conn.execute(sa.select(comments.c.text).where(comments.c.id == 1)).scalar_one() == (
+            "premier commentaire"
+        )
+
+
+def test_core_key_created_in_a_rolled_back_transaction_is_forgotten(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with engine.connect() as conn:
+        conn.execute(sa.text("INSERT INTO comments (id, text) VALUES (100, NULL)"))
+        with carnet.tenant_scope("core-gone"):
+            conn.execute(comments.insert(), {"id": 1, "text": "lost"})
+        conn.rollback()
+    with carnet.tenant_scope("core-gone"), engine.begin() as conn:
+        conn.execute(comments.insert(), {"id": 2, "text": "kept"})
+    keys.clear_cache()
+    with carnet.tenant_scope("core-gone"), engine.connect() as conn:
+        assert conn.execute(sa.select(comments.c.text)).scalars().all() == ["kept"]
+    assert [r.state for r in keys.list_keys("core-gone")] == ["active"]
