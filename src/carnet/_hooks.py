@@ -46,7 +46,7 @@ def _before_execute(conn: sa.Connection, clauseelement: Any, *_args: Any) -> Non
         manager = typ._manager if typ._manager is not None else context._default_manager
         if manager is None or manager.has_cached_active_key(tenant):
             continue
-        if str(manager.engine.url) != str(conn.engine.url):
+        if not manager.shares_sqlite_database(conn):
             continue
         created = manager.ensure_key_in(conn, tenant)
         if created is not None:

@@ -339,6 +339,13 @@ class KeyManager:
         self._keys.put(key_id, _Dek(key_id, tenant, secret))
         return key_id
 
+    def shares_sqlite_database(self, bind: sa.Engine | sa.Connection) -> bool:
+        """Whether ``bind`` is SQLite on the very database holding ``carnet_keys``.
+
+        Then a key must be created on that connection (SQLite has one writer).
+        """
+        return bind.dialect.name == "sqlite" and str(bind.engine.url) == str(self.engine.url)
+
     def ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
         """Load or create ``tenant``'s active key inside ``conn``'s open transaction.
 

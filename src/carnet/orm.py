@@ -149,7 +149,7 @@ def _ensure_key(session: Session, manager: KeyManager, tenant: str, mapper: Mapp
     # lock this transaction may already hold. Elsewhere a short transaction of
     # its own commits the key whatever becomes of the application's.
     bind = session.get_bind(mapper)
-    if bind.dialect.name == "sqlite" and str(bind.engine.url) == str(manager.engine.url):
+    if manager.shares_sqlite_database(bind):
         conn = session.connection(bind_arguments={"mapper": mapper})
         created = manager.ensure_key_in(conn, tenant)
         if created is not None:
