@@ -8,6 +8,7 @@ from .context import configure, current_tenant, get_manager, tenant_scope
 from .manager import KeyManager
 from .orm import install as _install_orm
 from .providers import MasterKey, create_master_key, open_master_key
+from .tenancy import install as _install_tenancy
 from .types import EncryptedText, Sealed
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ _logging.getLogger("carnet").addHandler(_logging.NullHandler())
 
 _install_hooks()
 _install_orm()
+_install_tenancy()
 
 __all__ = [
     "audit",

@@ -1,38 +1,55 @@
-"""ORM integration: the row's own tenant column chooses the key.
+"""ORM integration: the row's own practice column chooses the key.
 
 Installed once, when :mod:`carnet` is imported:
 
 - ``mapper_configured``: find each mapper's EncryptedText columns and check
   that their ``tenant=`` attribute exists (a typo fails at configuration).
 - ``load`` / ``refresh``: open the :class:`~carnet.types.Sealed` values of a
-  loaded row with that row's tenant.
-- ``before_flush``: bind every plaintext about to be written to its row's
-  tenant (:class:`~carnet.types.BoundText`); a row with no tenant raises
-  ``TenantRequired`` before any SQL is sent. A changed tenant re-seals the
-  row's encrypted values under the new tenant.
-- ``after_flush_postexec``: put plain ``str`` back on the instances.
+  loaded row with that row's practice.
+- ``before_update`` (per row, after the flush has synchronised foreign keys,
+  so a practice changed through a relationship is seen too): when the row's
+  practice changes, every encrypted value of the row is read under the old
+  practice (from the database when it is not loaded, deferred or expired)
+  and written again, to be sealed for the new one; otherwise each changed
+  value is bound to the row's practice (:class:`~carnet.types.BoundText`),
+  which the write guard pins the UPDATE to.
+
+Every INSERT and UPDATE then passes the write guard of :mod:`carnet.tenancy`,
+which binds each value to its row's practice and refuses what it cannot make
+true: the ORM only supplies what the statement alone does not say.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import weakref
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes, configure_mappers
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
 from .context import _tenant
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
-from .manager import KeyManager
 from .types import BoundText, EncryptedText, Sealed
 
 Spec = tuple[str, EncryptedText, "str | None"]
+
+
+class _Group:
+    """The encrypted attributes of a mapper decided by one practice attribute."""
+
+    __slots__ = ("tkey", "tcol", "items")
+
+    def __init__(self, tkey: str, tcol: sa.Column[Any]) -> None:
+        self.tkey = tkey
+        self.tcol = tcol
+        self.items: list[tuple[str, EncryptedText, sa.Column[Any]]] = []
+
+
 _specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDictionary()
-_BOUND = "_carnet_bound"
-_NEW_KEYS = "_carnet_new_keys"
 
 
 def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) -> None:
@@ -44,9 +61,15 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
             continue
         scope = _tenant.get()
         tenant = d.get(tkey) if tkey is not None else None
+        if tkey is not None and tkey in state.committed_state:
+            # The practice was changed and not flushed yet: the stored value is
+            # still sealed for the practice it had.
+            before = state.committed_state[tkey]
+            if before is not NO_VALUE:
+                tenant = before
         if tenant is None:
             if scope is None:
-                continue  # tenant column not loaded: the value stays Sealed, never garbage
+                continue  # practice column not loaded: the value stays Sealed, never garbage
             tenant = scope
         else:
             tenant = str(tenant)
@@ -57,17 +80,28 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
 
 def _setup(mapper: Mapper[Any], class_: type) -> None:
     specs: list[Spec] = []
+    groups: dict[str, _Group] = {}
     for prop in mapper.column_attrs:
         for col in prop.columns:
             typ = getattr(col, "type", None)
-            if isinstance(typ, EncryptedText):
-                tkey = typ.tenant
-                if tkey is not None and tkey not in mapper.attrs:
+            if not isinstance(typ, EncryptedText):
+                continue
+            tkey = typ.tenant
+            if tkey is not None:
+                tprop = mapper.attrs.get(tkey)
+                if tprop is None or not isinstance(tprop, sa.orm.ColumnProperty):
                     raise ConfigurationError(
-                        f"{class_.__name__}.{prop.key}: EncryptedText(tenant={tkey!r}) names no "
-                        f"attribute of {class_.__name__}"
+                        f"{class_.__name__}.{prop.key}: EncryptedText(tenant={tkey!r}) names "
+                        f"no column attribute of {class_.__name__}"
                     )
-                specs.append((prop.key, typ, tkey))
+                tcol = tprop.columns[0]
+                # The Core write guard finds the practice by column key.
+                typ._tenant_column = tcol.key
+                group = groups.get(tkey)
+                if group is None:
+                    group = groups[tkey] = _Group(tkey, tcol)  # type: ignore[arg-type]
+                group.items.append((prop.key, typ, col))  # type: ignore[arg-type]
+            specs.append((prop.key, typ, tkey))
     if not specs:
         return
     _specs[mapper] = specs
@@ -77,150 +111,167 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
     opener = functools.partial(_open_state, specs)
     event.listen(mapper, "load", opener, raw=True)
     event.listen(mapper, "refresh", opener, raw=True)
+    if groups:
+        group_list = list(groups.values())
+        event.listen(
+            mapper, "before_update", functools.partial(_before_update, group_list), raw=True
+        )
+        event.listen(
+            mapper, "before_insert", functools.partial(_before_insert, group_list), raw=True
+        )
+        restore = functools.partial(_restore, group_list)
+        event.listen(mapper, "after_update", restore, raw=True)
+        event.listen(mapper, "after_insert", restore, raw=True)
 
 
-def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    bound: list[tuple[InstanceState[Any], str, str]] = []
-    need_keys: dict[tuple[int, str], tuple[KeyManager, str, Mapper[Any]]] = {}
-    scope = _tenant.get()
-    for obj in itertools.chain(session.new, session.dirty):
-        state = attributes.instance_state(obj)
-        specs = _specs.get(state.mapper)
-        if not specs:
-            continue
-        d = state.dict
-        pending = state.key is None
-        for key, _typ, tkey in specs:
-            if key not in d:
-                continue
-            tenant_changed = tkey is not None and tkey in state.committed_state
-            if not (pending or key in state.committed_state or tenant_changed):
-                continue
-            v = d[key]
-            if v is None:
-                continue
-            if isinstance(v, Sealed):
-                if tenant_changed:
-                    raise ConfigurationError(
-                        f"{type(obj).__name__}.{key}: the tenant changed but the value was never "
-                        "opened; load it with its tenant first"
-                    )
-                continue
-            if tkey is None:
-                tenant = None
-            elif tkey in d:
-                tenant = d[tkey]
-            else:
-                tenant = getattr(obj, tkey)  # expired after commit: load it, don't guess
-            if tenant is None:
-                if tkey is not None or scope is None:
-                    raise TenantRequired(
-                        f"{type(obj).__name__}.{key}: the row has no tenant"
-                        + (
-                            f" (set {type(obj).__name__}.{tkey})"
-                            if tkey
-                            else " (use carnet.tenant_scope)"
-                        )
-                        + "; nothing was written"
-                    )
-                tenant = scope
-            tenant = str(tenant)
-            if scope is not None and scope != tenant:
-                raise TenantMismatch(scope, tenant)
-            if tenant_changed and key not in state.committed_state:
-                attributes.flag_modified(obj, key)
-            bv = BoundText(v)
-            bv.carnet_tenant = tenant
-            d[key] = bv
-            bound.append((state, key, str(v)))
-            manager = _typ.manager
-            if not manager.has_cached_active_key(tenant):
-                need_keys[(id(manager), tenant)] = (manager, tenant, state.mapper)
-    if bound:
-        session.info[_BOUND] = bound
-    for manager, tenant, mapper in need_keys.values():
-        _ensure_key(session, manager, tenant, mapper)
-
-
-def _ensure_key(session: Session, manager: KeyManager, tenant: str, mapper: Mapper[Any]) -> None:
-    # Create a practice's first key before the flush sends any SQL. On SQLite,
-    # when the key table lives in the session's own database, create it inside
-    # the session's transaction: a second connection would wait on the write
-    # lock this transaction may already hold. Elsewhere a short transaction of
-    # its own commits the key whatever becomes of the application's.
-    bind = session.get_bind(mapper)
-    if manager.shares_sqlite_database(bind):
-        conn = session.connection(bind_arguments={"mapper": mapper})
-        created = manager.ensure_key_in(conn, tenant)
-        if created is not None:
-            session.info.setdefault(_NEW_KEYS, []).append((manager, tenant, created))
-    else:
-        manager.ensure_key(tenant)
-
-
-def _bind_row(specs: list[Spec], row: Any, scope: str | None) -> dict[str, Any] | None:
-    """For one parameter dict of an ORM bulk statement: its values bound to its tenant."""
-    out: dict[str, Any] | None = None
-    for key, _typ, tkey in specs:
-        v = row.get(key)
-        if tkey is None or not isinstance(v, str) or type(v) is BoundText:
-            continue
-        tenant = row.get(tkey)
-        if tenant is None:
-            continue  # bind processing then needs a scope, or raises TenantRequired
-        tenant = str(tenant)
-        if scope is not None and scope != tenant:
-            raise TenantMismatch(scope, tenant)
-        bv = BoundText(v)
-        bv.carnet_tenant = tenant
-        if out is None:
-            out = {}
-        out[key] = bv
+def _fetch(
+    mapper: Mapper[Any],
+    connection: sa.Connection,
+    state: InstanceState[Any],
+    columns: list[sa.Column[Any]],
+) -> dict[sa.Column[Any], Any]:
+    """The row's stored values of ``columns``, encrypted ones as Sealed (never opened here)."""
+    out: dict[sa.Column[Any], Any] = {}
+    by_table: dict[Any, list[sa.Column[Any]]] = {}
+    for c in columns:
+        by_table.setdefault(c.table, []).append(c)
+    token = _tenant.set(None)  # no scope: values come back Sealed, opened by the caller
+    try:
+        for table, cols in by_table.items():
+            # The identity key, not the attributes: reading an expired attribute
+            # here would load (and open) the whole row in the middle of the flush.
+            pks = list(mapper._pks_by_table[table])
+            ident = list(state.key[1]) if state.key is not None else []
+            if len(ident) != len(pks):
+                raise ConfigurationError(
+                    f"{mapper.class_.__name__}: cannot find the row to re-seal in {table.name}"
+                )
+            row = connection.execute(
+                sa.select(*cols).where(*(pk == v for pk, v in zip(pks, ident, strict=True)))
+            ).first()
+            if row is None:
+                raise ConfigurationError(
+                    f"{mapper.class_.__name__}: the row to update is gone from {table.name}"
+                )
+            out.update(zip(cols, row, strict=True))
+    finally:
+        _tenant.reset(token)
     return out
 
 
-def _do_orm_execute(state: ORMExecuteState) -> Any:
-    # ORM bulk INSERT / UPDATE (session.execute(insert(Note), [{...}, ...])) skip
-    # the flush: bind each parameter dict's note to that dict's own tenant, as a
-    # flush does for each object.
-    if not (state.is_insert or state.is_update) or not state.parameters:
-        return None
-    mapper = state.bind_mapper
-    if mapper is None:
-        return None
-    if not mapper.configured:
-        configure_mappers()  # a first statement may come before any query configured them
-    specs = _specs.get(mapper)
-    if not specs:
-        return None
-    scope = _tenant.get()
-    if isinstance(state.parameters, list):
-        rows = [_bind_row(specs, row, scope) or {} for row in state.parameters]
-        if not any(rows):
-            return None
-        return state.invoke_statement(params=rows)
-    one = _bind_row(specs, state.parameters, scope)
-    return state.invoke_statement(params=one) if one else None
+def _plain(typ: EncryptedText, v: Any, tenant: str | None) -> Any:
+    """A stored value as plaintext, opened under the practice it is stored for."""
+    if isinstance(v, Sealed):
+        if tenant is None:
+            raise TenantRequired(
+                f"{typ.field_label}: a stored value has no practice to open it with"
+            )
+        return typ.decrypt(v.data, tenant)
+    return v
 
 
-def _after_commit(session: Session) -> None:
-    session.info.pop(_NEW_KEYS, None)
+def _bind(v: Any, tenant: Any) -> Any:
+    if not isinstance(v, str):
+        return v  # None, or a wrong type the write guard refuses with a clear error
+    if tenant is None:
+        return v  # the write guard raises TenantRequired
+    bv = BoundText(v)
+    bv.carnet_tenant = tenant if type(tenant) is str else str(tenant)
+    return bv
 
 
-def _after_rollback(session: Session) -> None:
-    # Keys created inside the rolled-back transaction no longer exist.
-    for manager, tenant, key_id in session.info.pop(_NEW_KEYS, ()):
-        manager.forget_key(tenant, key_id)
+def _before_update(
+    groups: list[_Group], mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
+) -> None:
+    d = state.dict
+    cs = state.committed_state
+    for g in groups:
+        tkey = g.tkey
+        moved = False
+        old: Any = None
+        if tkey in cs:
+            old = cs[tkey]
+            if old is NO_VALUE:
+                # Set without being loaded first: the database knows the old practice.
+                old = _fetch(mapper, connection, state, [g.tcol])[g.tcol]
+                if old == d.get(tkey):
+                    cs[tkey] = old  # not a move: the UPDATE leaves it out
+                else:
+                    moved = True
+            else:
+                moved = not (d.get(tkey) == old)
+        if moved:
+            _reseal(g, mapper, connection, state, old)
+            continue
+        tenant: Any = d.get(tkey, NO_VALUE)
+        for key, _typ, _col in g.items:
+            if key in cs and isinstance(d.get(key), str):
+                if tenant is NO_VALUE:
+                    tenant = _fetch(mapper, connection, state, [g.tcol])[g.tcol]
+                d[key] = _bind(d[key], tenant)
 
 
-def _after_flush_postexec(session: Session, flush_context: Any) -> None:
-    bound = session.info.pop(_BOUND, None)
-    if not bound:
-        return
-    for state, key, plain in bound:
-        v = state.dict.get(key)
-        if type(v) is BoundText:
-            state.dict[key] = plain
+def _reseal(
+    g: _Group,
+    mapper: Mapper[Any],
+    connection: sa.Connection,
+    state: InstanceState[Any],
+    old: Any,
+) -> None:
+    """The row moves to another practice: write every encrypted value again, sealed for it."""
+    d = state.dict
+    cs = state.committed_state
+    new = d.get(g.tkey)
+    # Values not loaded (deferred, load_only, expired) or loaded without a
+    # practice (Sealed) are read from the database and opened under the
+    # practice they are stored for: the database's, not the object's.
+    missing = [
+        col
+        for key, _typ, col in g.items
+        if key not in cs and (key not in d or isinstance(d[key], Sealed))
+    ]
+    stored: dict[sa.Column[Any], Any] = {}
+    if missing:
+        stored = _fetch(mapper, connection, state, [g.tcol, *missing])
+        old = stored[g.tcol]
+    old_tenant = None if old is None else str(old)
+    for key, typ, col in g.items:
+        if key in cs:
+            v = d.get(key)  # written by the application: its new plaintext
+        elif col in stored:
+            v = _plain(typ, stored[col], old_tenant)
+        else:
+            v = d.get(key)
+        if isinstance(v, Sealed):
+            v = _plain(typ, v, old_tenant)
+        d[key] = _bind(v, new)
+        # Written even when equal to the loaded text: it must be sealed for the new practice.
+        cs[key] = NO_VALUE
+
+
+def _before_insert(
+    groups: list[_Group], mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
+) -> None:
+    # A practice column in the same table reaches the write guard in the
+    # INSERT itself; bind here only values whose practice lives in another
+    # table (joined inheritance), which the guard cannot see.
+    d = state.dict
+    for g in groups:
+        for key, _typ, col in g.items:
+            if col.table is not g.tcol.table and isinstance(d.get(key), str):
+                d[key] = _bind(d[key], d.get(g.tkey))
+
+
+def _restore(
+    groups: list[_Group], mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
+) -> None:
+    # Put plain str back on the instance: BoundText is a flush-time detail.
+    d = state.dict
+    for g in groups:
+        for key, _typ, _col in g.items:
+            v = d.get(key)
+            if type(v) is BoundText:
+                d[key] = str.__str__(v)
 
 
 _installed = False
@@ -231,9 +282,4 @@ def install() -> None:
     if _installed:
         return
     event.listen(Mapper, "mapper_configured", _setup)
-    event.listen(Session, "before_flush", _before_flush)
-    event.listen(Session, "after_flush_postexec", _after_flush_postexec)
-    event.listen(Session, "after_commit", _after_commit)
-    event.listen(Session, "do_orm_execute", _do_orm_execute)
-    event.listen(Session, "after_rollback", _after_rollback)
     _installed = True

@@ -114,6 +114,9 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         self._auto_label: str | None = None
         self._resolved_label: str | None = label
         self._from_copy = False
+        # The practice column's key when the ORM attribute named by ``tenant``
+        # maps to a column of another name (set at mapper configuration).
+        self._tenant_column: str | None = None
 
     # -- schema attachment: learn table.column for the default label ----------------
 
@@ -146,8 +149,14 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         )
         new._auto_label = self._auto_label
         new._resolved_label = self._resolved_label
+        new._tenant_column = self._tenant_column
         new._from_copy = True
         return new
+
+    @property
+    def tenant_column_name(self) -> str | None:
+        """Key of the column holding the row's practice, or None (the scope decides)."""
+        return self._tenant_column if self._tenant_column is not None else self.tenant
 
     @property
     def field_label(self) -> str | None:

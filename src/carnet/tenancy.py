@@ -1,0 +1,430 @@
+"""The tenant invariant, enforced where every write passes.
+
+    After any commit, every non-NULL encrypted value opens under its own row's
+    practice and label; a write carnet cannot make true is refused with a
+    CarnetError and nothing of it is written (docs/threat-model.md).
+
+Every INSERT and UPDATE reaches ``Connection.execute``, whatever built it: an
+ORM flush, ``session.merge``, an ORM bulk or criteria statement, the legacy
+bulk methods, Core. :func:`guard_write` runs there (a ``before_execute``
+hook) and, for each row of the statement:
+
+- binds each plaintext to the practice of the row that will hold it: the
+  practice column's value in the same row of the statement, else the
+  practice the ORM bound it to (:class:`~carnet.types.BoundText`), else the
+  tenant scope;
+- refuses a scope that names another practice than the row (``TenantMismatch``);
+- refuses an UPDATE that moves rows to another practice without writing every
+  encrypted column of those rows (carnet cannot re-seal what it does not
+  read; the ORM reads and re-seals, see :mod:`carnet.orm`);
+- pins an UPDATE whose practice comes from a scope or from the ORM to that
+  practice (``AND practice = :tenant``), so a value is never written into a
+  row of another practice; the statement's rowcount says how many rows matched;
+- creates a practice's first key before the statement runs, on the
+  statement's own connection on SQLite, and forgets keys created in a
+  transaction or savepoint that rolls back.
+
+A column whose type names no practice column (``EncryptedText()``) trusts the
+scope: there is nothing in the row to check it against.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
+
+from . import context
+from .errors import (
+    ConfigurationError,
+    InvalidPlaintext,
+    TenantMismatch,
+    TenantRequired,
+    UnsupportedOperation,
+)
+from .types import BoundText, EncryptedText, Sealed
+
+if TYPE_CHECKING:
+    from .manager import KeyManager
+
+_PIN = "carnet_pin_tenant"
+_PIN_ANY = "carnet_pin_any"
+_NEW_KEYS = "carnet_new_keys"
+
+
+class _Enc:
+    """One encrypted column of a table, and where its row's practice is."""
+
+    __slots__ = ("key", "column", "type", "tenant_key", "tenant_column")
+
+    def __init__(self, column: sa.ColumnElement[Any], type_: EncryptedText) -> None:
+        self.key: str = column.key or ""
+        self.column = column
+        self.type = type_
+        self.tenant_key: str | None = None
+        self.tenant_column: sa.ColumnElement[Any] | None = None
+
+
+class _Spec:
+    __slots__ = ("encs", "by_tenant")
+
+    def __init__(self, encs: list[_Enc]) -> None:
+        self.encs = encs
+        # Practice column key -> the encrypted columns it decides.
+        self.by_tenant: dict[str, list[_Enc]] = {}
+        for e in encs:
+            if e.tenant_key is not None:
+                self.by_tenant.setdefault(e.tenant_key, []).append(e)
+
+
+_specs: weakref.WeakKeyDictionary[Any, _Spec | None] = weakref.WeakKeyDictionary()
+
+
+def _base_table(table: Any) -> Any:
+    # ORM statements carry annotated copies of the Table; key the cache on the original.
+    return getattr(table, "_Annotated__element", table)
+
+
+def _spec_for(table: Any) -> _Spec | None:
+    base = _base_table(table)
+    try:
+        return _specs[base]
+    except KeyError:
+        pass
+    except TypeError:  # not weak-referenceable: no cache
+        return _build_spec(base)
+    spec = _build_spec(base)
+    _specs[base] = spec
+    return spec
+
+
+def _build_spec(table: Any) -> _Spec | None:
+    columns = getattr(table, "c", None)
+    if columns is None:
+        return None
+    encs: list[_Enc] = []
+    for col in columns:
+        typ = col.type
+        if not isinstance(typ, EncryptedText):
+            continue
+        e = _Enc(col, typ)
+        name = typ.tenant_column_name
+        if name is not None:
+            tcol = columns.get(name)
+            if tcol is not None:
+                e.tenant_key = tcol.key
+                e.tenant_column = tcol
+            # Otherwise the practice lives in another table (joined inheritance,
+            # a parent row): the ORM binds each value to it, or a scope decides.
+        encs.append(e)
+    return _Spec(encs) if encs else None
+
+
+# -- values of a statement ------------------------------------------------------------
+
+
+_MISSING = object()
+
+
+def _embedded(stmt: Insert | Update) -> dict[str, Any]:
+    """Values written into the statement itself (``.values(...)``), by column key."""
+    if stmt._multi_values:
+        raise UnsupportedOperation(
+            "a multi-row INSERT ... VALUES with an encrypted column: pass the rows as "
+            "parameters instead (conn.execute(insert(table), [dict, ...]))"
+        )
+    out: dict[str, Any] = {}
+    items: Sequence[tuple[Any, Any]] = ()
+    if stmt._values:
+        items = list(stmt._values.items())
+    else:
+        items = list(getattr(stmt, "_ordered_values", None) or ())
+    for k, v in items:
+        if hasattr(k, "__clause_element__"):
+            k = k.__clause_element__()
+        name = k if isinstance(k, str) else getattr(k, "key", None)
+        if name is not None:
+            out[name] = v
+    return out
+
+
+def _value(row: Mapping[str, Any], embedded: Mapping[str, Any], key: str) -> tuple[Any, Any]:
+    """(value, where): where is the params key holding it, or None for a value in the statement."""
+    if key in row:
+        return row[key], key
+    v = embedded.get(key, _MISSING)
+    if v is _MISSING:
+        return _MISSING, None
+    if isinstance(v, BindParameter):
+        if v.key in row:
+            return row[v.key], v.key
+        return (v.effective_value if v.callable is not None else v.value), None
+    if isinstance(v, Null):
+        return None, None
+    if isinstance(v, ClauseElement):
+        return v, None  # an SQL expression
+    return v, None
+
+
+def _written(
+    encs: Sequence[_Enc], row: Mapping[str, Any], embedded: Mapping[str, Any]
+) -> list[_Enc]:
+    return [e for e in encs if e.key in row or e.key in embedded]
+
+
+def _check_plain(e: _Enc, v: Any) -> None:
+    if v is None or isinstance(v, str):
+        return
+    label = e.type.field_label
+    if isinstance(v, Sealed):
+        raise ConfigurationError(f"{label}: a Sealed value cannot be written back; open it first")
+    if isinstance(v, ClauseElement):
+        raise UnsupportedOperation(
+            f"{label}: an SQL expression cannot be written into an encrypted column "
+            "(the database would compute on or copy ciphertext); write a str value"
+        )
+    raise InvalidPlaintext(
+        f"{label} stores str values, not {type(v).__name__}; nothing was written"
+    )
+
+
+def _tenant_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, ClauseElement):
+        raise UnsupportedOperation(
+            "the practice column is set from an SQL expression in a statement that writes "
+            "encrypted columns: carnet cannot know which practice each row gets"
+        )
+    return v if type(v) is str else str(v)
+
+
+def _bind(v: Any, tenant: str) -> BoundText:
+    if type(v) is BoundText and v.carnet_tenant == tenant:
+        return v
+    bv = BoundText(v)
+    bv.carnet_tenant = tenant
+    return bv
+
+
+# -- the guard -------------------------------------------------------------------------
+
+
+def guard_write(
+    conn: sa.Connection,
+    stmt: Insert | Update,
+    spec: _Spec,
+    multiparams: list[dict[str, Any]],
+    params: dict[str, Any],
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    """Bind, check and pin one INSERT or UPDATE; see the module docstring."""
+    if isinstance(stmt, Insert) and stmt._select_names:
+        copied = [e.key for e in spec.encs if e.key in stmt._select_names]
+        if copied:
+            raise UnsupportedOperation(
+                f"INSERT ... FROM SELECT into encrypted column(s) {', '.join(copied)} copies "
+                "ciphertext between rows: read, then insert the values"
+            )
+        return stmt, multiparams, params
+    single = not multiparams
+    rows: list[dict[str, Any]] = [params] if single else multiparams
+    embedded = _embedded(stmt)
+    is_update = isinstance(stmt, Update)
+    scope = context._tenant.get()
+    first = rows[0] if rows else {}
+
+    out_rows: list[dict[str, Any]] = [dict(r) for r in rows] if rows else [{}]
+    new_embedded: dict[str, Any] = {}
+    pins: list[str | None] | None = None
+    pin_column: sa.ColumnElement[Any] | None = None
+    need_keys: dict[tuple[int, str], tuple[KeyManager, str]] = {}
+
+    groups: list[tuple[str | None, list[_Enc]]] = list(spec.by_tenant.items())
+    free = [e for e in spec.encs if e.tenant_key is None]
+    if free:
+        groups.append((None, free))
+
+    for tenant_key, encs in groups:
+        written = _written(encs, first, embedded)
+        tenant_in_stmt = tenant_key is not None and (
+            tenant_key in first or tenant_key in embedded
+        )
+        # An UPDATE that sets the practice and only some of its encrypted columns
+        # may not move a row (the others would stay sealed for the old practice):
+        # it is pinned to rows already in the practice it names.
+        partial = is_update and tenant_in_stmt and len(written) != len(encs)
+        if partial and not written:
+            missing = [e.key for e in encs]
+            raise UnsupportedOperation(
+                f"this UPDATE sets {tenant_key} but not the encrypted column(s) "
+                f"{', '.join(missing)}: rows moved to another practice would keep values sealed "
+                "for the old one. Change a row's practice through the ORM (it re-seals), or "
+                "write every encrypted column in the same statement"
+            )
+        if not written:
+            continue
+        group_pins: list[str | None] = []
+        for i, row in enumerate(out_rows):
+            src = rows[i] if rows else {}
+            row_tenant: str | None = None
+            from_row = False
+            if tenant_in_stmt:
+                assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
+                tv, _ = _value(src, embedded, tenant_key)
+                row_tenant = _tenant_str(tv)
+                from_row = True
+            for e in written:
+                v, where = _value(src, embedded, e.key)
+                _check_plain(e, v)
+                if v is None:
+                    continue
+                if isinstance(stmt, Insert) and e.tenant_key is not None and not from_row:
+                    # The row's practice would be the column's default: unknown here,
+                    # so neither a scope nor a binding may stand in for it.
+                    raise TenantRequired(
+                        f"writing {e.type.field_label}: give the row's {e.tenant_key} in the "
+                        "INSERT; nothing was written"
+                    )
+                if from_row:
+                    tenant = row_tenant
+                    if tenant is None:
+                        raise TenantRequired(
+                            f"writing {e.type.field_label}: the row's {tenant_key} is NULL; "
+                            "nothing was written"
+                        )
+                elif type(v) is BoundText:
+                    tenant = v.carnet_tenant
+                elif scope is not None:
+                    tenant = scope
+                else:
+                    raise TenantRequired(
+                        f"writing {e.type.field_label}: no practice. With the ORM set the "
+                        "row's practice column; in Core use carnet.tenant_scope(...)"
+                    )
+                if scope is not None and tenant != scope:
+                    raise TenantMismatch(scope, tenant)
+                if not from_row:
+                    if row_tenant is None:
+                        row_tenant = tenant
+                    elif row_tenant != tenant:
+                        raise TenantMismatch(row_tenant, tenant)
+                bound = _bind(v, tenant)
+                if where is not None:
+                    row[where] = bound
+                elif bound is not v:
+                    new_embedded[e.key] = bound
+                manager = e.type.manager
+                if not manager.has_cached_active_key(tenant):
+                    need_keys[(id(manager), tenant)] = (manager, tenant)
+            if not from_row and scope is not None and row_tenant is None:
+                row_tenant = scope
+            if partial and row_tenant is None:
+                raise TenantRequired(
+                    f"this UPDATE sets {tenant_key} to NULL but does not write every encrypted "
+                    "column of the rows; nothing was written"
+                )
+            group_pins.append(row_tenant if partial or not from_row else None)
+        if is_update and tenant_key is not None and (partial or not tenant_in_stmt):
+            # The row's practice is not in the statement: pin it, so a value is
+            # never written into another practice's row.
+            if any(p is not None for p in group_pins):
+                if pins is not None:
+                    raise UnsupportedOperation(
+                        "an UPDATE of encrypted columns decided by two practice columns"
+                    )
+                pins = group_pins
+                pin_column = encs[0].tenant_column
+
+    for manager, tenant in need_keys.values():
+        ensure_key_for(conn, manager, tenant)
+
+    if new_embedded:
+        stmt = stmt.values(new_embedded)
+    if pins is not None and pin_column is not None and isinstance(stmt, Update):
+        if all(p is not None for p in pins):
+            stmt = stmt.where(pin_column == sa.bindparam(_PIN))
+            for row, p in zip(out_rows, pins, strict=True):
+                row[_PIN] = p
+        else:
+            # Rows writing only NULLs need no pin: match them whatever their practice.
+            stmt = stmt.where(
+                sa.or_(pin_column == sa.bindparam(_PIN), sa.bindparam(_PIN_ANY) == 1)
+            )
+            for row, p in zip(out_rows, pins, strict=True):
+                row[_PIN] = p
+                row[_PIN_ANY] = 1 if p is None else 0
+    if single:
+        return stmt, [], out_rows[0]
+    return stmt, out_rows, {}
+
+
+def _before_execute(
+    conn: sa.Connection,
+    clauseelement: Any,
+    multiparams: list[dict[str, Any]],
+    params: dict[str, Any],
+    execution_options: Any,
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    if isinstance(clauseelement, Insert | Update):
+        spec = _spec_for(clauseelement.table)
+        if spec is not None:
+            return guard_write(conn, clauseelement, spec, multiparams, params)
+    return clauseelement, multiparams, params
+
+
+# -- first keys and rollbacks -----------------------------------------------------------
+
+
+def ensure_key_for(conn: sa.Connection, manager: KeyManager, tenant: str) -> None:
+    """Create ``tenant``'s first key if needed, where the statement on ``conn`` can see it.
+
+    On SQLite, when the key table lives in the statement's own database, the
+    key is created inside ``conn``'s transaction: a second connection would
+    wait on the write lock this one may hold. It then lives and dies with that
+    transaction: a rollback, of the transaction or of any savepoint, makes
+    carnet forget it (forgetting a key that did commit costs one reload, never
+    a wrong answer). Elsewhere the key commits in a short transaction of its own.
+    """
+    if manager.shares_sqlite_database(conn):
+        created = manager.ensure_key_in(conn, tenant)
+        if created is not None:
+            conn.info.setdefault(_NEW_KEYS, []).append((manager, tenant, created))
+    else:
+        manager.ensure_key(tenant)
+
+
+def _forget(conn: sa.Connection, *_args: Any) -> None:
+    created = conn.info.get(_NEW_KEYS)
+    if created:
+        for manager, tenant, key_id in created:
+            manager.forget_key(tenant, key_id)
+
+
+def _on_rollback(conn: sa.Connection) -> None:
+    _forget(conn)
+    conn.info.pop(_NEW_KEYS, None)
+
+
+def _on_commit(conn: sa.Connection) -> None:
+    conn.info.pop(_NEW_KEYS, None)
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    event.listen(sa.Engine, "before_execute", _before_execute, retval=True)
+    event.listen(sa.Engine, "rollback", _on_rollback)
+    # A savepoint rolled back may have held the key: forget, but keep the
+    # list, since the enclosing transaction may still roll back too.
+    event.listen(sa.Engine, "rollback_savepoint", _forget)
+    event.listen(sa.Engine, "commit", _on_commit)
+    _installed = True
