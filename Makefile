@@ -10,7 +10,7 @@ EXTRAS := dev,aws,pkcs11,postgres,mysql,alembic
 LINT_PATHS := $(wildcard src tests bench examples)
 PYTEST_ARGS ?=
 
-.PHONY: venv venv-dev demo test test-fast check lint typecheck pytest test-sqlalchemy-2.0 bench clean
+.PHONY: venv venv-dev demo test test-fast fuzz check lint typecheck pytest test-sqlalchemy-2.0 bench clean
 
 venv: $(VENV)/.stamp-core
 venv-dev: $(VENV)/.stamp-dev
@@ -43,6 +43,11 @@ test: $(VENV)/.stamp-dev
 
 # Without lint and type checks, for a quick loop while editing.
 test-fast: pytest
+
+# Many more examples of the model-based tests than CI runs, randomized.
+FUZZ_EXAMPLES ?= 300
+fuzz: $(VENV)/.stamp-dev
+	CARNET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -s -p no:cacheprovider --timeout=0 tests/test_tenant_model.py
 
 check: lint typecheck
 

@@ -1,0 +1,334 @@
+"""Each write path named by the tenant invariant, one test each, on the three backends.
+
+A note belongs to its row's practice: after the write either every value
+opens, from a brand-new KeyManager, under its row's practice, or the write was
+refused with a CarnetError and nothing of it was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    load_only,
+    mapped_column,
+    relationship,
+)
+
+import carnet
+from carnet import envelope
+from carnet.errors import (
+    InvalidPlaintext,
+    TenantMismatch,
+    TenantRequired,
+    UnsupportedOperation,
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Practice(Base):
+    __tablename__ = "tp_practices"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+
+
+class Note(Base):
+    __tablename__ = "tp_notes"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    practice_id: Mapped[str | None] = mapped_column(sa.ForeignKey("tp_practices.id"))
+    practice: Mapped[Practice | None] = relationship()
+    body: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="practice_id"))
+    summary: Mapped[str | None] = mapped_column(
+        carnet.EncryptedText(tenant="practice_id", storage="text")
+    )
+
+
+notes = Note.__table__
+BODY, SUMMARY = "Patiente anxieuse, suivi dépression", "violences évoquées"
+
+
+@pytest.fixture
+def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    km.create_schema()
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(Practice.__table__.insert(), [{"id": "A"}, {"id": "B"}])
+    carnet.configure(km)
+    try:
+        yield km
+    finally:
+        carnet.configure(None)
+        km.close()
+
+
+def stored(engine: sa.Engine, master_key_uri: str, nid: int) -> tuple[str, str | None, str | None]:
+    """(practice, body, summary) of a row, opened by a brand-new KeyManager under its practice."""
+    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        with engine.connect() as conn:
+            r = conn.execute(
+                sa.text("SELECT practice_id, body, summary FROM tp_notes WHERE id = :i"), {"i": nid}
+            ).one()
+        body = (
+            None
+            if r.body is None
+            else km.decrypt(bytes(r.body), tenant=r.practice_id, label="tp_notes.body").decode()
+        )
+        summary = (
+            None
+            if r.summary is None
+            else km.decrypt(
+                envelope.from_text(r.summary), tenant=r.practice_id, label="tp_notes.summary"
+            ).decode()
+        )
+        return r.practice_id, body, summary
+    finally:
+        km.close()
+
+
+def _seed(engine: sa.Engine, nid: int = 1, practice: str = "A") -> None:
+    with Session(engine) as s:
+        s.add(Note(id=nid, practice_id=practice, body=BODY, summary=SUMMARY))
+        s.commit()
+
+
+# -- the row's practice changes through the ORM --------------------------------------
+
+
+def test_form_posting_the_same_text_back_reseals_for_the_new_practice(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s:
+        n = s.get(Note, 1)
+        assert n is not None
+        n.practice_id, n.body, n.summary = "B", BODY, SUMMARY
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("B", BODY, SUMMARY)
+
+
+def test_merge_with_the_same_text_reseals_for_the_new_practice(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s:
+        s.merge(Note(id=1, practice_id="B", body=BODY, summary=SUMMARY))
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("B", BODY, SUMMARY)
+
+
+@pytest.mark.parametrize("how", ["load_only", "defer", "expired", "expired_all"])
+def test_practice_change_with_values_not_loaded_reseals_them(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str, how: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s:
+        if how == "load_only":
+            n = s.scalars(sa.select(Note).options(load_only(Note.id, Note.practice_id))).one()
+        elif how == "defer":
+            n = s.scalars(sa.select(Note).options(defer(Note.body), defer(Note.summary))).one()
+        else:
+            n = s.get(Note, 1)  # type: ignore[assignment]
+            assert n is not None
+            s.expire(n, ["body", "summary"] if how == "expired" else None)
+        n.practice_id = "B"
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("B", BODY, SUMMARY)
+
+
+def test_practice_change_through_a_relationship_reseals(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s:
+        n = s.get(Note, 1)
+        assert n is not None
+        n.practice = s.get(Practice, "B")
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("B", BODY, SUMMARY)
+
+
+def test_practice_change_to_the_same_value_writes_no_move(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s:
+        n = s.scalars(sa.select(Note).options(load_only(Note.id))).one()
+        n.practice_id = "A"  # not loaded before: the database decides it is no move
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, SUMMARY)
+
+
+def test_orm_update_statement_moving_rows_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s, pytest.raises(UnsupportedOperation):
+        s.execute(sa.update(Note).where(Note.id == 1).values(practice_id="B"))
+    with Session(engine) as s, pytest.raises(UnsupportedOperation):
+        s.execute(sa.update(Note), [{"id": 1, "practice_id": "B"}])
+    with engine.begin() as conn, pytest.raises(UnsupportedOperation):
+        conn.execute(notes.update().values(practice_id="B"))
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, SUMMARY)
+
+
+def test_statement_writing_every_encrypted_column_may_move_rows(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            notes.update().where(notes.c.id == 1).values(practice_id="B", body="x", summary=None)
+        )
+    assert stored(engine, master_key_uri, 1) == ("B", "x", None)
+
+
+def test_statement_writing_some_encrypted_columns_never_moves_a_row(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    # summary is not written: the statement is pinned to rows already in B.
+    _seed(engine)
+    with engine.begin() as conn:
+        res = conn.execute(notes.update().where(notes.c.id == 1).values(practice_id="B", body="x"))
+        assert res.rowcount == 0
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, SUMMARY)
+
+
+# -- a scope never overrides the row's own practice ---------------------------------------
+
+
+def test_core_insert_naming_another_practice_than_the_scope_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
+        conn.execute(notes.insert(), {"id": 1, "practice_id": "B", "body": "PLANTED"})
+    with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
+        conn.execute(notes.insert().values(id=1, practice_id="B", body="PLANTED"))
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM tp_notes")).scalar_one() == 0
+
+
+def test_core_insert_without_the_practice_column_is_refused_even_in_a_scope(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantRequired):
+        conn.execute(notes.insert(), {"id": 1, "body": "PLANTED"})
+
+
+def test_core_update_in_a_scope_is_pinned_to_the_scope_practice(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine, 1, "A")
+    _seed(engine, 2, "B")
+    with carnet.tenant_scope("A"), engine.begin() as conn:
+        res = conn.execute(notes.update().values(body="rewritten"))
+    assert res.rowcount == 1  # B's row did not match: the rowcount says so
+    assert stored(engine, master_key_uri, 1) == ("A", "rewritten", SUMMARY)
+    assert stored(engine, master_key_uri, 2) == ("B", BODY, SUMMARY)
+
+
+def test_core_update_without_scope_or_practice_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    with engine.begin() as conn, pytest.raises(TenantRequired):
+        conn.execute(notes.update().where(notes.c.id == 1).values(body="x"))
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, SUMMARY)
+
+
+def test_scoped_orm_bulk_update_of_another_practice_row_changes_nothing(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine, 1, "B")
+    with Session(engine) as s, carnet.tenant_scope("A"):
+        try:
+            s.execute(sa.update(Note), [{"id": 1, "body": "PLANTED"}])
+            s.commit()
+        except Exception:  # noqa: BLE001 - a refusal is as good as a pinned no-op
+            s.rollback()
+    assert stored(engine, master_key_uri, 1) == ("B", BODY, SUMMARY)
+    with Session(engine) as s, carnet.tenant_scope("A"), pytest.raises(TenantMismatch):
+        s.execute(sa.update(Note), [{"id": 1, "practice_id": "B", "body": "x", "summary": "y"}])
+
+
+def test_orm_write_under_another_practice_scope_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with Session(engine) as s, carnet.tenant_scope("A"):
+        s.add(Note(id=1, practice_id="B", body="PLANTED"))
+        with pytest.raises(TenantMismatch):
+            s.commit()
+
+
+# -- savepoints -------------------------------------------------------------------------------
+
+
+def test_first_key_created_in_a_rolled_back_core_savepoint_is_not_used_later(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), {"id": 1, "practice_id": "A"})  # holds the write lock
+        sp = conn.begin_nested()
+        conn.execute(notes.insert(), {"id": 2, "practice_id": "B", "body": "gone"})
+        sp.rollback()
+        conn.execute(notes.insert(), {"id": 3, "practice_id": "B", "body": "kept"})
+    keys.clear_cache()
+    assert stored(engine, master_key_uri, 3) == ("B", "kept", None)
+
+
+def test_first_key_created_in_a_rolled_back_orm_savepoint_is_not_used_later(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    with Session(engine) as s:
+        s.add(Note(id=1, practice_id="A"))
+        s.flush()
+        sp = s.begin_nested()
+        s.add(Note(id=2, practice_id="B", body="gone"))
+        s.flush()
+        sp.rollback()
+        s.add(Note(id=3, practice_id="B", body="kept"))
+        s.commit()
+    assert stored(engine, master_key_uri, 3) == ("B", "kept", None)
+
+
+# -- values of the wrong kind -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [b"bytes", 123, 4.5, ["list"]])
+def test_values_that_are_not_str_are_refused_on_every_path(
+    keys: carnet.KeyManager, engine: sa.Engine, value: object
+) -> None:
+    with Session(engine) as s:
+        s.add(Note(id=1, practice_id="A", body=value))  # type: ignore[arg-type]
+        with pytest.raises(InvalidPlaintext):
+            s.commit()
+    with Session(engine) as s, pytest.raises(InvalidPlaintext):
+        s.execute(sa.insert(Note), [{"id": 2, "practice_id": "A", "body": value}])
+    with engine.begin() as conn, pytest.raises(InvalidPlaintext):
+        conn.execute(notes.insert(), {"id": 3, "practice_id": "A", "body": value})
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM tp_notes")).scalar_one() == 0
+
+
+def test_str_subclasses_are_stored_as_their_plain_text(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    class Markup(str):
+        pass
+
+    with Session(engine) as s:
+        s.add(Note(id=1, practice_id="A", body=Markup("<b>suivi</b>")))
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("A", "<b>suivi</b>", None)
+    with Session(engine) as s:
+        n = s.get(Note, 1)
+        assert n is not None and type(n.body) is str
