@@ -275,9 +275,10 @@ def _add_column_step(table_name: str, col: sa.Column[Any]) -> Callable[[Any], No
                 f"carnet declares {table_name}.{col.name} NOT NULL without a constant default: "
                 "existing rows cannot be given a value"
             )
+        # A str is quoted by SQLAlchemy itself; other constants are rendered by
+        # each dialect's DDL compiler as literals.
         new.server_default = sa.DefaultClause(
-            sa.literal(arg, type_=col.type).compile(compile_kwargs={"literal_binds": True})
-            .string
+            arg if isinstance(arg, str) else sa.literal(arg, type_=col.type)
         )
 
     def apply(op: Any) -> None:
