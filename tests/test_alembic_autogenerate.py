@@ -385,3 +385,42 @@ def test_render_type_keeps_what_shapes_stored_values() -> None:
     # What is rendered is a constructor call that gives back the same arguments.
     made = eval(render(carnet.EncryptedText("p", label="x.y")), {"carnet": carnet})  # noqa: S307
     assert (made.tenant, made.label, made.storage) == ("p", "x.y", "binary")
+
+
+def test_the_applications_own_hooks_are_called_for_everything_else() -> None:
+    seen: list[str] = []
+
+    def mine(obj: Any, name: Any, type_: str, reflected: bool, compare_to: Any) -> bool:
+        seen.append(name)
+        return name != "audit_log"
+
+    def my_render(type_: str, obj: Any, autogen_context: Any) -> Any:
+        return "mine()" if type_ == "type" and isinstance(obj, sa.Enum) else False
+
+    opts = carnet_alembic.autogenerate_options(
+        keys_table="practice_keys", include_object=mine, render_item=my_render
+    )
+    flt = opts["include_object"]
+    md = carnet_metadata("practice_keys")
+    renamed = sa.Table(
+        "old_keys", sa.MetaData(), *[c._copy() for c in md.tables["practice_keys"].c]
+    )
+    for table in [*md.tables.values(), renamed]:
+        assert flt(table, table.name, "table", True, None) is False
+        # ... and so are their columns (and indexes, constraints: anything with .table)
+        column = next(iter(table.c))
+        assert flt(column, column.name, "column", True, None) is False
+    notes = sa.Table("notes", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    audit = sa.Table("audit_log", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+    assert flt(notes, "notes", "table", False, None) is True
+    assert flt(audit, "audit_log", "table", True, None) is False
+    assert seen == ["notes", "audit_log"]  # never asked about carnet's tables
+
+    class Ctx:
+        imports: set[str] = set()
+
+    ctx = Ctx()
+    assert opts["render_item"]("type", carnet.EncryptedText(), ctx) == "carnet.EncryptedText()"
+    assert ctx.imports == {"import carnet"}
+    assert opts["render_item"]("type", sa.Enum("a"), ctx) == "mine()"
+    assert opts["render_item"]("type", sa.Integer(), ctx) is False
