@@ -208,6 +208,29 @@ def test_autogenerate_then_upgrade_twice_then_the_application_works(
         engine.dispose()
 
 
+def test_adopting_alembic_on_a_database_made_by_create_schema(
+    db_url: str, master_key_uri: str, tmp_path: Path, manager_cleanup: list[carnet.KeyManager]
+) -> None:
+    # The case: carnet_keys exists, with keys in it, and is not in the models.
+    engine = sa.create_engine(db_url)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    manager_cleanup.append(keys)
+    keys.create_schema()
+    keys.encrypt(b"x", tenant="cabinet-a", label="notes.body")
+    project = Project(tmp_path / "project", db_url)
+    script = project.autogenerate("adopt")
+    source = script.read_text()
+    assert "carnet_keys" not in source, source
+    assert not any("drop_" in stmt for stmt in function_body(script, "upgrade"))
+    # Only what create_schema() does not make is proposed.
+    assert "# carnet: create table carnet_jobs" in source
+    assert "# carnet: create table carnet_migrations" in source
+    project.run("upgrade", "head")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM carnet_keys")).scalar_one() == 1
+    assert _plan(engine) == []
+
+
 def test_a_renamed_key_table_is_never_proposed_for_dropping(
     db_url: str, master_key_uri: str, tmp_path: Path, manager_cleanup: list[carnet.KeyManager]
 ) -> None:

@@ -26,12 +26,13 @@ KEYS_TABLE = "carnet_keys"
 MIGRATIONS_TABLE = MIGRATIONS.name
 
 # Columns each table has had since its first release. A live table holding all
-# of a signature is carnet's, whatever its name. Only columns that are never
-# removed belong here: a column added by a later release (a live table from an
+# of a signature is carnet's, whatever its name. Only the columns that define
+# the table belong here: one added by a later release (a live table from an
 # older release lacks it) must not be required, or that older table would no
-# longer be recognised, exactly when it needs protecting during an upgrade.
+# longer be recognised, exactly when it needs protecting during an upgrade;
+# nor one a later release may replace (the key table's ``active_tenant``).
 KEYS_SIGNATURE = frozenset(
-    {"key_id", "tenant", "version", "state", "active_tenant", "master_key_uri", "wrapped_key"}
+    {"key_id", "tenant", "version", "state", "master_key_uri", "wrapped_key"}
 )
 JOBS_SIGNATURE = frozenset(
     {"job", "worker", "workers", "table_name", "column_name", "lower_pk", "upper_pk", "last_pk"}
