@@ -1,4 +1,4 @@
-"""Alembic operations for the expand/contract path.
+"""Alembic support: autogenerate with EncryptedText, carnet's own tables, expand/contract.
 
 Expand (one migration, before the backfill)::
 
