@@ -332,3 +332,71 @@ def test_str_subclasses_are_stored_as_their_plain_text(
     with Session(engine) as s:
         n = s.get(Note, 1)
         assert n is not None and type(n.body) is str
+
+
+# -- no Sealed left in a str attribute ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["load_only", "refresh", "refresh_after_expire"])
+def test_value_loaded_without_its_practice_opens_on_access(
+    keys: carnet.KeyManager, engine: sa.Engine, how: str
+) -> None:
+    _seed(engine)
+    with Session(engine) as s:
+        if how == "load_only":
+            n = s.scalars(sa.select(Note).options(load_only(Note.body))).one()
+        else:
+            n = s.get(Note, 1)  # type: ignore[assignment]
+            assert n is not None
+            if how == "refresh_after_expire":
+                s.expire(n)
+            s.refresh(n, ["body"])
+        assert n.body == BODY and type(n.body) is str
+        assert n.practice_id == "A"
+
+
+# -- strict mode: a lost scope fails closed -------------------------------------------------------
+
+
+def test_require_scope_refuses_reads_and_writes_without_a_scope(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)
+    carnet.configure(keys, require_scope=True)
+    with Session(engine) as s, pytest.raises(TenantRequired):
+        s.get(Note, 1)
+    with Session(engine) as s, carnet.tenant_scope("B"), pytest.raises(TenantMismatch):
+        s.get(Note, 1)
+    with Session(engine) as s:
+        s.add(Note(id=2, practice_id="A", body="x"))
+        with pytest.raises(TenantRequired):
+            s.commit()
+    with engine.connect() as conn:
+        sealed = conn.execute(sa.select(notes.c.body)).scalar_one()
+    with pytest.raises(TenantRequired):
+        sealed.open("A")
+    with carnet.tenant_scope("A"):
+        assert sealed.open("A") == BODY
+        with Session(engine) as s:
+            n = s.get(Note, 1)
+            assert n is not None and n.body == BODY
+            n.body = "edited"
+            s.add(Note(id=2, practice_id="A", body="two"))
+            s.commit()
+            # carnet's own re-seal of a row leaving the scope's practice is allowed
+            n.practice_id = "B"
+            s.commit()
+    assert stored(engine, master_key_uri, 1) == ("B", "edited", SUMMARY)
+    assert stored(engine, master_key_uri, 2) == ("A", "two", None)
+    keys.require_scope = False
+
+
+def test_leaving_a_scope_in_another_context_is_safe() -> None:
+    import contextvars
+
+    scope = carnet.tenant_scope("A")
+    ctx = contextvars.copy_context()
+    ctx.run(scope.__enter__)
+    assert ctx.run(carnet.current_tenant) == "A"
+    scope.__exit__(None, None, None)  # here, not in ctx: no ValueError from ContextVar
+    assert carnet.current_tenant() is None

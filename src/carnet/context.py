@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError
@@ -22,9 +22,20 @@ _default_manager: KeyManager | None = None
 _tenant: ContextVar[str | None] = ContextVar("carnet_tenant", default=None)
 
 
-def configure(manager: KeyManager | None) -> None:
-    """Set (or with ``None`` clear) the default KeyManager of EncryptedText columns."""
+def configure(manager: KeyManager | None, *, require_scope: bool | None = None) -> None:
+    """Set (or with ``None`` clear) the default KeyManager of EncryptedText columns.
+
+    ``require_scope=True`` turns on strict mode for that manager: every
+    application seal and open, ORM included, then needs a
+    :func:`tenant_scope` that matches the row's practice, so a scope lost on
+    the way (a web framework running a dependency in another context) raises
+    ``TenantRequired`` instead of returning a note. carnet's own re-seal of a
+    row moved to another practice stays allowed under a scope of the
+    practice it leaves.
+    """
     global _default_manager
+    if manager is not None and require_scope is not None:
+        manager.require_scope = require_scope
     _default_manager = manager
 
 
@@ -50,7 +61,15 @@ def tenant_scope(tenant: str) -> Iterator[str]:
     try:
         yield tenant
     finally:
-        _tenant.reset(token)
+        try:
+            _tenant.reset(token)
+        except ValueError:
+            # Left in another context than it was entered in (a generator
+            # dependency finalised elsewhere): reset does not apply there, so
+            # restore the value this scope replaced instead of masking the
+            # application's own exception with ContextVar's.
+            before = token.old_value
+            _tenant.set(None if before is Token.MISSING else before)
 
 
 def current_tenant() -> str | None:

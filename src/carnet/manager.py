@@ -94,6 +94,7 @@ class KeyManager:
         cache_size: int = 10_000,
         cache_ttl: float = 300.0,
         table_name: str = "carnet_keys",
+        require_scope: bool = False,
     ) -> None:
         if isinstance(bind, str):
             try:
@@ -119,6 +120,9 @@ class KeyManager:
         self.keys_created = 0
         self.legacy_plaintext_reads = 0
         self.decrypt_hook: DecryptHook | None = None
+        # Strict mode: application seals and opens need a matching tenant_scope
+        # (see carnet.configure).
+        self.require_scope = require_scope
         if bind.echo == "debug" or log_debug_enabled():
             warnings.warn(
                 "SQLAlchemy echo='debug' logs result rows: decrypted notes read through "

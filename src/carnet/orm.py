@@ -53,7 +53,8 @@ _specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDict
 
 
 def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) -> None:
-    # Called for every loaded row: kept lean (no work unless a value is Sealed).
+    # Called for every loaded row: kept lean (no work unless a value is Sealed,
+    # which a read outside a scope always gives).
     d = state.dict
     for key, typ, tkey in specs:
         v = d.get(key)
@@ -67,14 +68,30 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
             before = state.committed_state[tkey]
             if before is not NO_VALUE:
                 tenant = before
+            elif tenant is not None:
+                raise TenantRequired(
+                    f"{state.class_.__name__}.{key}: its practice was changed before it "
+                    "was loaded; load it first"
+                )
         if tenant is None:
-            if scope is None:
-                continue  # practice column not loaded: the value stays Sealed, never garbage
-            tenant = scope
+            if scope is not None:
+                tenant = scope
+            elif tkey is not None and tkey not in d and tkey not in state.committed_state:
+                # Loaded without its practice (load_only, a refresh of the value
+                # alone): never leave a Sealed in a str attribute. Expire both,
+                # so the first access loads them together and opens the value.
+                state._expire_attributes(d, [key, tkey])
+                continue
+            else:
+                raise TenantRequired(
+                    f"{state.class_.__name__}.{key}: no practice to open it with"
+                    + (f" ({tkey} is NULL)" if tkey is not None else " (use carnet.tenant_scope)")
+                )
         else:
             tenant = str(tenant)
             if scope is not None and scope != tenant:
                 raise TenantMismatch(scope, tenant)
+        typ.check_scope(tenant)
         d[key] = typ.decrypt(v.data, tenant)
 
 
@@ -244,7 +261,10 @@ def _reseal(
             v = d.get(key)
         if isinstance(v, Sealed):
             v = _plain(typ, v, old_tenant)
-        d[key] = _bind(v, new)
+        v = _bind(v, new)
+        if type(v) is BoundText:
+            v.carnet_moved_from = old_tenant
+        d[key] = v
         # Written even when equal to the loaded text: it must be sealed for the new practice.
         cs[key] = NO_VALUE
 

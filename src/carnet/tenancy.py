@@ -209,6 +209,8 @@ def _bind(v: Any, tenant: str) -> BoundText:
         return v
     bv = BoundText(v)
     bv.carnet_tenant = tenant
+    if type(v) is BoundText:
+        bv.carnet_moved_from = v.carnet_moved_from
     return bv
 
 
@@ -307,7 +309,14 @@ def guard_write(
                         "row's practice column; in Core use carnet.tenant_scope(...)"
                     )
                 if scope is not None and tenant != scope:
-                    raise TenantMismatch(scope, tenant)
+                    # carnet's own re-seal of a row leaving the scope's practice.
+                    if not (type(v) is BoundText and v.carnet_moved_from == scope):
+                        raise TenantMismatch(scope, tenant)
+                elif scope is None and e.type.manager.require_scope:
+                    raise TenantRequired(
+                        f"writing {e.type.field_label}: require_scope is on and no "
+                        "tenant_scope is active; nothing was written"
+                    )
                 if not from_row:
                     if row_tenant is None:
                         row_tenant = tenant

@@ -37,9 +37,15 @@ Storage = Literal["binary", "text"]
 
 
 class BoundText(str):
-    """Plaintext on its way to the database, bound to its row's tenant by the ORM flush hook."""
+    """Plaintext on its way to the database, bound to its row's practice.
+
+    ``carnet_moved_from`` is set when carnet itself re-seals the values of a
+    row moved to another practice: the write is allowed under a scope of the
+    practice the row leaves.
+    """
 
     carnet_tenant: str
+    carnet_moved_from: str | None = None
 
 
 class Sealed:
@@ -56,6 +62,8 @@ class Sealed:
         self._type = type_
 
     def open(self, tenant: str) -> str:
+        """Decrypt under ``tenant``; with ``require_scope`` only inside a scope of that tenant."""
+        self._type.check_scope(tenant)
         return self._type.decrypt(self.data, tenant)
 
     def __repr__(self) -> str:
@@ -72,7 +80,7 @@ def _is_column(other: Any) -> bool:
     return isinstance(other, ColumnElement) and not isinstance(other, BindParameter | Null)
 
 
-class EncryptedText(TypeDecorator[str], SchemaEventTarget):
+class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
     """A text column stored encrypted with AES-256-GCM under a per-tenant data key.
 
     ``tenant``: name of the mapped attribute holding the row's tenant id (ORM).
@@ -84,6 +92,10 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
     prefix as legacy plaintext (counted in ``KeyManager.stats()``) instead of
     raising. ``manager``: a KeyManager; default: the one given to
     :func:`carnet.configure`, looked up at use, not at import.
+
+    A Core read outside a :func:`carnet.tenant_scope` returns
+    :class:`Sealed` placeholders, never text: the column's Python type is
+    ``str | Sealed``, so a type checker makes the caller handle both.
     """
 
     impl = sa.LargeBinary
@@ -197,6 +209,20 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
 
     # Hot paths: per value, no property lookups beyond the two attributes below.
 
+    def check_scope(self, tenant: str) -> None:
+        """In strict mode (``require_scope``), an application read needs a scope of ``tenant``."""
+        manager = self._manager if self._manager is not None else get_manager()
+        if manager.require_scope:
+            scope = _tenant.get()
+            if scope is None:
+                raise TenantRequired(
+                    f"reading {self.field_label}: require_scope is on and no tenant_scope is "
+                    "active (a scope entered in another context, such as a sync dependency "
+                    "run in a thread pool, is lost)"
+                )
+            if scope != tenant:
+                raise TenantMismatch(scope, tenant)
+
     def encrypt(self, value: str, tenant: str) -> bytes:
         label = self._resolved_label
         if label is None:
@@ -217,7 +243,7 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         scope = _tenant.get()
         if type(value) is BoundText:
             tenant = value.carnet_tenant
-            if scope is not None and scope != tenant:
+            if scope is not None and scope != tenant and value.carnet_moved_from != scope:
                 raise TenantMismatch(scope, tenant)
         elif isinstance(value, str):
             if scope is None:
@@ -281,7 +307,7 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
 
     # -- SQL operators ----------------------------------------------------------------------
 
-    class comparator_factory(TypeDecorator.Comparator[str]):  # noqa: N801 - SQLAlchemy's name
+    class comparator_factory(TypeDecorator.Comparator["str | Sealed"]):  # noqa: N801 - SQLAlchemy's name
         def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
             if op in _ALLOWED_OPS or (
                 op in (operators.eq, operators.ne)
