@@ -240,7 +240,10 @@ def guard_write(
     scope = context._tenant.get()
     first = rows[0] if rows else {}
 
-    out_rows: list[dict[str, Any]] = [dict(r) for r in rows] if rows else [{}]
+    # Rows are copied only when a value in them is rebound: the caller's dicts stay as given.
+    out_rows: list[dict[str, Any]] = list(rows) if rows else [{}]
+    is_copy = [False] * len(out_rows)
+    seen_tenants: set[tuple[int, str]] = set()
     new_embedded: dict[str, Any] = {}
     pins: list[str | None] | None = None
     pin_column: sa.ColumnElement[Any] | None = None
@@ -271,7 +274,8 @@ def guard_write(
         if not written:
             continue
         group_pins: list[str | None] = []
-        for i, row in enumerate(out_rows):
+        managers = {e.key: e.type.manager for e in written}
+        for i in range(len(out_rows)):
             src = rows[i] if rows else {}
             row_tenant: str | None = None
             from_row = False
@@ -312,7 +316,7 @@ def guard_write(
                     # carnet's own re-seal of a row leaving the scope's practice.
                     if not (type(v) is BoundText and v.carnet_moved_from == scope):
                         raise TenantMismatch(scope, tenant)
-                elif scope is None and e.type.manager.require_scope:
+                elif scope is None and managers[e.key].require_scope:
                     raise TenantRequired(
                         f"writing {e.type.field_label}: require_scope is on and no "
                         "tenant_scope is active; nothing was written"
@@ -322,14 +326,24 @@ def guard_write(
                         row_tenant = tenant
                     elif row_tenant != tenant:
                         raise TenantMismatch(row_tenant, tenant)
-                bound = _bind(v, tenant)
-                if where is not None:
-                    row[where] = bound
-                elif bound is not v:
-                    new_embedded[e.key] = bound
-                manager = e.type.manager
-                if not manager.has_cached_active_key(tenant):
-                    need_keys[(id(manager), tenant)] = (manager, tenant)
+                # A plain str under a scope of its own practice is sealed for the
+                # scope by the type itself: nothing to rebind (the common Core case).
+                if not (tenant == scope and type(v) is str):
+                    bound = _bind(v, tenant)
+                    if bound is not v:
+                        if where is not None:
+                            if not is_copy[i]:
+                                out_rows[i] = dict(out_rows[i])
+                                is_copy[i] = True
+                            out_rows[i][where] = bound
+                        else:
+                            new_embedded[e.key] = bound
+                manager = managers[e.key]
+                mark = (id(manager), tenant)
+                if mark not in seen_tenants:
+                    seen_tenants.add(mark)
+                    if not manager.has_cached_active_key(tenant):
+                        need_keys[mark] = (manager, tenant)
             if not from_row and scope is not None and row_tenant is None:
                 row_tenant = scope
             if partial and row_tenant is None:
@@ -355,6 +369,7 @@ def guard_write(
     if new_embedded:
         stmt = stmt.values(new_embedded)
     if pins is not None and pin_column is not None and isinstance(stmt, Update):
+        out_rows = [r if c else dict(r) for r, c in zip(out_rows, is_copy, strict=True)]
         if all(p is not None for p in pins):
             stmt = stmt.where(pin_column == sa.bindparam(_PIN))
             for row, p in zip(out_rows, pins, strict=True):
