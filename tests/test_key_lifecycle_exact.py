@@ -4,6 +4,7 @@ and a retire that has read every place the key could be used. On all three backe
 from __future__ import annotations
 
 import secrets
+import threading
 import unicodedata
 from collections.abc import Iterator
 
@@ -436,3 +437,46 @@ def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
     finally:
         for _ in gen:
             pass
+
+
+def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
+    km: carnet.KeyManager,
+) -> None:
+    """Whatever interleaving: once destroy returns, the practice has no live key, and
+    every later write and rotation refuses."""
+    for round_ in range(4):
+        tenant = f"race-{round_}"
+        km.ensure_key(tenant)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def churn(
+            tenant: str = tenant,
+            stop: threading.Event = stop,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            # Another process: rotations and first writes, until it sees the destruction.
+            other = carnet.KeyManager(km.engine, master_key=km.master_key, cache_ttl=0.01)
+            try:
+                while not stop.is_set():
+                    try:
+                        other.rotate(tenant)
+                        other.encrypt(b"x", tenant=tenant, label="l")
+                    except KeyDestroyed:
+                        return
+            except BaseException as exc:  # noqa: BLE001 - reported to the test
+                errors.append(exc)
+            finally:
+                other.close()
+
+        workers = [threading.Thread(target=churn) for _ in range(2)]
+        for w in workers:
+            w.start()
+        km.destroy(tenant)
+        stop.set()
+        for w in workers:
+            w.join(60)
+        assert not errors, [type(e).__name__ for e in errors]
+        assert {r.state for r in km.list_keys(tenant)} == {"destroyed"}
+        with pytest.raises(KeyDestroyed):
+            _cold(km).encrypt(b"later", tenant=tenant, label="l")

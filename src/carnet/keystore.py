@@ -116,6 +116,17 @@ def make_practice_ids_exact(engine: sa.Engine, table: sa.Table) -> list[str]:
     return cols
 
 
+def lock_conflict(exc: sa.exc.DBAPIError) -> bool:
+    """Deadlock, lock wait time-out, serialization failure or busy SQLite: worth a retry."""
+    orig = exc.orig
+    code = (getattr(orig, "args", None) or [None])[0]
+    return (
+        code in (1205, 1213)
+        or getattr(orig, "sqlstate", None) in ("40001", "40P01", "55P03")
+        or "database is locked" in str(orig).lower()
+    )
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 

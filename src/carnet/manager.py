@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
@@ -39,6 +41,7 @@ from .keystore import (
     RETIRED,
     KeyRecord,
     keys_table,
+    lock_conflict,
     make_practice_ids_exact,
     utcnow,
 )
@@ -48,6 +51,14 @@ log = logging.getLogger("carnet")
 _FAST_PATH_MAX = 100_000
 
 DecryptHook = Callable[[str, str, int], None]
+_T = TypeVar("_T")
+
+# Tries of a key-table change that lost a race to another process before giving up.
+_RACE_ATTEMPTS = 8
+
+
+class _Raced(Exception):
+    """A compare-and-set on the key table found the row changed since it was read."""
 
 
 class _Dek:
@@ -488,38 +499,9 @@ class KeyManager:
         """
         tenant = _check_tenant(tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
-        t = self.table
-        for attempt in range(3):
-            try:
-                with self.engine.begin() as conn:
-                    recs = self._tenant_rows(conn, tenant, lock=True)
-                    active = [r for r in recs if r.state == ACTIVE]
-                    if not recs:
-                        if not create:
-                            raise UnknownTenant(
-                                tenant,
-                                "; check the id, or pass create=True "
-                                "('carnet keys rotate --create') to create its first key",
-                            )
-                        version = self._insert_row(conn, tenant, key_id, wrapped, version=1)
-                    elif not active and any(r.state == DESTROYED for r in recs):
-                        raise self._destroyed(tenant)
-                    else:
-                        now = utcnow()
-                        for cur in active:
-                            conn.execute(
-                                t.update()
-                                .where(t.c.key_id == cur.key_id.hex(), t.c.state == ACTIVE)
-                                .values(state=INACTIVE, active_tenant=None, updated_at=now)
-                            )
-                        version = self._insert_row(conn, tenant, key_id, wrapped)
-                break
-            except sa.exc.IntegrityError:
-                # A concurrent rotation or first-key creation committed between
-                # our locking read and our insert (PostgreSQL's READ COMMITTED
-                # does not show a row inserted after the read began): read again.
-                if attempt == 2:
-                    raise
+        version = self._key_transaction(
+            tenant, lambda conn: self._rotate_in(conn, tenant, key_id, wrapped, create)
+        )
         self.keys_created += 1
         dek = _Dek(key_id, tenant, secret)
         self._keys.put(key_id, dek)
@@ -534,6 +516,65 @@ class KeyManager:
         rec = self.get_key(key_id)
         assert rec is not None  # noqa: S101
         return rec
+
+    def _key_transaction(self, tenant: str, work: Callable[[sa.Connection], _T]) -> _T:
+        """Run ``work`` in a transaction of its own, again if it lost a race.
+
+        Another rotation, first-key creation, re-enable or destroy may commit
+        between our read and our write (SQLite takes no row locks; PostgreSQL's
+        READ COMMITTED does not show rows inserted after the read began;
+        MariaDB's gap locks deadlock): the unique constraints, a compare-and-set
+        or the database's deadlock detection then reject ours, nothing of it is
+        written, and ``work`` reads and decides again.
+        """
+        for attempt in range(_RACE_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except (sa.exc.IntegrityError, _Raced):
+                pass
+            except sa.exc.DBAPIError as exc:
+                if not lock_conflict(exc):
+                    raise
+            if attempt < _RACE_ATTEMPTS - 1:
+                # Jitter, so that two processes retrying do not collide again.
+                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))  # noqa: S311
+        raise KeyStoreInconsistent(
+            f"the keys of tenant {tenant!r} kept changing concurrently: run again"
+        )
+
+    def _rotate_in(
+        self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes, create: bool
+    ) -> int:
+        t = self.table
+        recs = self._tenant_rows(conn, tenant, lock=True)
+        active = [r for r in recs if r.state == ACTIVE]
+        if not recs:
+            if not create:
+                raise UnknownTenant(
+                    tenant,
+                    "; check the id, or pass create=True "
+                    "('carnet keys rotate --create') to create its first key",
+                )
+            return self._insert_row(conn, tenant, key_id, wrapped, version=1)
+        if not active and any(r.state == DESTROYED for r in recs):
+            raise self._destroyed(tenant)
+        now = utcnow()
+        for cur in active:
+            # Compare-and-set: the key must still be the active one we read, or
+            # a destroy may have run since and the new key would outlive it.
+            done = conn.execute(
+                t.update()
+                .where(
+                    t.c.key_id == cur.key_id.hex(),
+                    t.c.state == ACTIVE,
+                    t.c.active_tenant == tenant,
+                )
+                .values(state=INACTIVE, active_tenant=None, updated_at=now)
+            ).rowcount
+            if done != 1:
+                raise _Raced
+        return self._insert_row(conn, tenant, key_id, wrapped)
 
     @staticmethod
     def _destroyed(tenant: str) -> KeyDestroyed:
@@ -552,7 +593,8 @@ class KeyManager:
         """
         tenant = _check_tenant(tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
-        with self.engine.begin() as conn:
+
+        def work(conn: sa.Connection) -> int:
             recs = self._tenant_rows(conn, tenant, lock=True)
             if not recs:
                 raise UnknownTenant(tenant, ": there is nothing to re-enable")
@@ -560,8 +602,11 @@ class KeyManager:
                 raise ConfigurationError(
                     f"practice {tenant!r} has an active key: it is not destroyed"
                 )
-            # The UNIQUE active marker makes a concurrent re-enable fail here.
-            version = self._insert_row(conn, tenant, key_id, wrapped)
+            # The UNIQUE active marker makes a concurrent re-enable fail here;
+            # its retry then finds the practice active.
+            return self._insert_row(conn, tenant, key_id, wrapped)
+
+        version = self._key_transaction(tenant, work)
         self.keys_created += 1
         dek = _Dek(key_id, tenant, secret)
         self._keys.put(key_id, dek)
@@ -624,25 +669,35 @@ class KeyManager:
         t = self.table
         n = 0
         self._forget_tenant(tenant)
-        # Repeat until a pass finds no live key: a rotation or first-key
-        # creation that read the practice before our first commit may commit
-        # its new key after our locking read (READ COMMITTED does not show it).
-        # Anything starting after our commit sees a destroyed practice and refuses.
-        for attempt in range(10):
-            with self.engine.begin() as conn:
-                recs = self._tenant_rows(conn, tenant, lock=True)
-                if not recs and attempt == 0:
-                    raise UnknownTenant(tenant, ": nothing was destroyed (check the id)")
-                live = [r.key_id.hex() for r in recs if r.state != DESTROYED]
-                if not live:
-                    break
-                n += conn.execute(
+
+        def one_pass(conn: sa.Connection) -> int:
+            recs = self._tenant_rows(conn, tenant, lock=True)
+            if not recs and n == 0:
+                raise UnknownTenant(tenant, ": nothing was destroyed (check the id)")
+            if all(r.state == DESTROYED for r in recs):
+                return 0
+            # By practice, not by the ids just read: SQLite takes no row lock, so a
+            # rotation may commit between that read and this one atomic statement.
+            # The comparison is exact: _tenant_rows refused a table that folds ids.
+            return int(
+                conn.execute(
                     t.update()
-                    .where(t.c.key_id.in_(live), t.c.state != DESTROYED)
+                    .where(t.c.tenant == tenant, t.c.state != DESTROYED)
                     .values(
                         state=DESTROYED, wrapped_key=None, active_tenant=None, updated_at=utcnow()
                     )
                 ).rowcount
+            )
+
+        # Repeat until a pass finds no live key: a rotation or first-key
+        # creation that read the practice before our first commit may commit
+        # its new key after our locking read. Anything starting after our
+        # commit sees a destroyed practice and refuses.
+        for _pass in range(10):
+            done = self._key_transaction(tenant, one_pass)
+            if not done:
+                break
+            n += done
         else:
             raise KeyStoreInconsistent(
                 f"new keys of tenant {tenant!r} kept appearing while destroying it: run again"
