@@ -306,6 +306,10 @@ def test_destroy_or_rotate_of_a_practice_with_no_key_is_an_error(
         km.rotate("cabinet-lyom")
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "cabinet-lyom", "--yes")
     assert r.exit_code == 7 and "cabinet-lyom" in r.output and "no data key" in r.output
+    r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "cabinet-lyom")
+    assert r.exit_code == 7 and "Type the practice id" not in r.output  # before any prompt
+    r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "cabinet-lyom", "--yes")
+    assert r.exit_code == 7
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "cabinet-lyom")
     assert r.exit_code == 7 and "--create" in r.output
     assert [r.tenant for r in km.list_keys()] == ["cabinet-lyon"]  # nothing created

@@ -419,6 +419,7 @@ def keys_retire(ctx: click.Context, cfg: Config, key_id: str, tables: tuple[str,
 def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_json: bool) -> None:
     """Crypto-shred a practice: every value under its keys becomes unreadable forever."""
     km = cfg.manager()
+    lifecycle.require_tenant(km, tenant)  # a typo fails before the prompt, not after
     _confirm(ctx, yes, f"This makes every note of practice {tenant!r} unreadable forever.\n"
                        f"Type the practice id to confirm", expected=tenant)
     res = lifecycle.destroy_tenant(km, tenant)
@@ -441,6 +442,8 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool,
     Its notes sealed before the destruction stay unreadable.
     """
     km = cfg.manager()
+    if any(r.state == "active" for r in lifecycle.require_tenant(km, tenant)):
+        raise ConfigurationError(f"practice {tenant!r} has an active key: it is not destroyed")
     _confirm(ctx, yes, f"Practice {tenant!r} was destroyed; new notes will be written for it "
                        f"under a new key (its old notes stay unreadable).\n"
                        f"Type the practice id to confirm", expected=tenant)

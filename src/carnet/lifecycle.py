@@ -34,6 +34,7 @@ from .errors import (
     TenantMismatch,
     TenantRequired,
     UnknownKey,
+    UnknownTenant,
 )
 from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
@@ -358,6 +359,14 @@ def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None, *,
         tenants = [t for t in km.tenants()
                    if any(r.state == ACTIVE for r in km.list_keys(t))]
     return [km.rotate(t, create=create).as_dict() for t in tenants]
+
+
+def require_tenant(km: KeyManager, tenant: str) -> list[KeyRecord]:
+    """The practice's keys; :class:`UnknownTenant` if it has none (a mistyped id)."""
+    recs = km.list_keys(tenant)
+    if not recs:
+        raise UnknownTenant(tenant, " (check the id)")
+    return recs
 
 
 def reenable_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
