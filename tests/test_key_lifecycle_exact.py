@@ -265,7 +265,7 @@ def test_rotate_of_a_destroyed_practice_refuses_until_reenabled(
         km.rotate("gone")
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "gone")
     assert r.exit_code == 8 and "reenable" in r.output
-    with pytest.raises(KeyDestroyed):
+    with pytest.raises(KeyDestroyed, match="reenable"):
         _cold(km).encrypt(b"new", tenant="gone", label="l")
     assert {r.state for r in km.list_keys("gone")} == {"destroyed"}
 

@@ -328,7 +328,7 @@ class KeyManager:
                 self._active.put(tenant, dek)
                 return dek
             if DESTROYED in states:
-                raise KeyDestroyed(None, tenant)
+                raise self._destroyed(tenant)
             if states:
                 raise KeyStoreInconsistent(
                     f"practice {tenant!r} has keys but no active one: "
