@@ -383,7 +383,9 @@ def _unreadable_column(engine: sa.Engine, db_kind: str, db_url: str) -> Iterator
         # A TEXT value that is not UTF-8: the driver cannot return it.
         with engine.begin() as conn:
             conn.execute(sa.text("CREATE TABLE odd (id INTEGER PRIMARY KEY, txt TEXT)"))
-            conn.execute(sa.text("INSERT INTO odd VALUES (1, CAST(X'01FFFE' AS TEXT))"))
+            # The driver's error quotes the value: it must not reach the output.
+            bad = (NOTE.encode() + b"\xff\xfe").hex()
+            conn.execute(sa.text(f"INSERT INTO odd VALUES (1, CAST(X'{bad}' AS TEXT))"))
         yield db_url
         return
     # A role that may see the table but not read it.
@@ -391,6 +393,7 @@ def _unreadable_column(engine: sa.Engine, db_kind: str, db_url: str) -> Iterator
     url = sa.engine.make_url(db_url)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE odd (id INTEGER PRIMARY KEY, txt TEXT)"))
+        conn.execute(sa.text("INSERT INTO odd VALUES (1, :note)"), {"note": NOTE})
         if db_kind == "postgresql":
             conn.execute(sa.text(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'"))
             conn.execute(

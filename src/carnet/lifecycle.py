@@ -427,9 +427,12 @@ def _under_key(value: Any, key_id: bytes) -> bool:
 
 def _why(exc: BaseException) -> str:
     # The driver's class and error code only: a driver message may quote the value.
+    # (SQLite's message for an undecodable value quotes the value itself.)
     orig = getattr(exc, "orig", None) or exc
-    code = getattr(orig, "sqlstate", None) or (getattr(orig, "args", None) or [None])[0]
-    code = code if isinstance(code, (str, int)) else None
+    code = getattr(orig, "sqlstate", None)
+    if not isinstance(code, str):
+        first = (getattr(orig, "args", None) or [None])[0]
+        code = first if isinstance(first, int) else None
     return type(orig).__name__ + (f" {code}" if code is not None else "")
 
 
