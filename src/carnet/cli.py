@@ -2,8 +2,9 @@
 
 Exit codes (docs/cli.md): 0 ok; 1 rows failed (verify, reencrypt); 2 usage
 or configuration error; 3 master key unavailable or wrong; 4 database
-unreachable or database error; 5 refused, key still in use; 6 aborted at a
-confirmation prompt.
+unreachable or database error; 5 refused, key still (or possibly) in use;
+6 aborted at a confirmation prompt; 7 unknown practice (it has no data key);
+8 refused, the practice was destroyed (``keys reenable`` first).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from . import lifecycle
 from .errors import (
     CarnetError,
     ConfigurationError,
+    KeyDestroyed,
     KeyInUse,
     MasterKeyMismatch,
     MasterKeyUnavailable,
+    UnknownTenant,
 )
 from .manager import KeyManager
 
@@ -34,6 +37,8 @@ EXIT_MASTER_KEY = 3
 EXIT_DATABASE = 4
 EXIT_IN_USE = 5
 EXIT_ABORTED = 6
+EXIT_UNKNOWN_TENANT = 7
+EXIT_DESTROYED = 8
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,6 +69,10 @@ class CarnetGroup(click.Group):
             return super().invoke(ctx)
         except KeyInUse as exc:
             _fail(ctx, EXIT_IN_USE, str(exc))
+        except UnknownTenant as exc:
+            _fail(ctx, EXIT_UNKNOWN_TENANT, str(exc))
+        except KeyDestroyed as exc:
+            _fail(ctx, EXIT_DESTROYED, str(exc))
         except (MasterKeyUnavailable, MasterKeyMismatch) as exc:
             _fail(ctx, EXIT_MASTER_KEY, str(exc))
         except CarnetError as exc:
@@ -228,10 +237,16 @@ def column_options(f: F) -> F:
 @json_option
 @pass_config
 def init(cfg: Config, as_json: bool) -> None:
-    """Create carnet's tables (carnet_keys, carnet_jobs)."""
+    """Create carnet's tables (carnet_keys, carnet_jobs); make practice ids exact."""
     res = lifecycle.init(cfg.manager())
-    _emit(as_json, res, lambda: click.echo(f"created {', '.join(res['tables'])} "
-                                           f"in {res['database']}"))
+
+    def text() -> None:
+        click.echo(f"created {', '.join(res['tables'])} in {res['database']}")
+        if res["converted_to_exact_practice_ids"]:
+            click.echo(f"converted {res['tables'][0]} to exact practice ids "
+                       f"({', '.join(res['converted_to_exact_practice_ids'])})")
+
+    _emit(as_json, res, text)
 
 
 @cli.group()
@@ -323,7 +338,7 @@ def status(ctx: click.Context, cfg: Config, tables: tuple[str, ...], columns: tu
 
 @cli.group()
 def keys() -> None:
-    """Data keys: list, rotate, retire, destroy."""
+    """Data keys: list, rotate, retire, destroy, reenable."""
 
 
 @keys.command("list")
@@ -345,13 +360,18 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
 @keys.command("rotate")
 @click.option("--tenant", "tenants", multiple=True, metavar="T", help="Practice (repeatable).")
 @click.option("--all", "all_", is_flag=True, help="Every practice with an active key.")
+@click.option("--create", is_flag=True,
+              help="Create the first key of a --tenant that has none (else exit 7).")
 @json_option
 @pass_config
-def keys_rotate(cfg: Config, tenants: tuple[str, ...], all_: bool, as_json: bool) -> None:
+def keys_rotate(cfg: Config, tenants: tuple[str, ...], all_: bool, create: bool,
+                as_json: bool) -> None:
     """Make a new active data key; older ones stay readable until retired."""
     if bool(tenants) == all_:
         raise click.UsageError("give --tenant T (repeatable) or --all")
-    rows = lifecycle.rotate_keys(cfg.manager(), None if all_ else list(tenants))
+    if create and all_:
+        raise click.UsageError("--create needs --tenant T: --all only rotates existing practices")
+    rows = lifecycle.rotate_keys(cfg.manager(), None if all_ else list(tenants), create=create)
 
     def text() -> None:
         for r in rows:
@@ -371,7 +391,11 @@ def keys_rotate(cfg: Config, tenants: tuple[str, ...], all_: bool, as_json: bool
 @click.pass_context
 def keys_retire(ctx: click.Context, cfg: Config, key_id: str, tables: tuple[str, ...],
                 columns: tuple[str, ...], force: bool, yes: bool, as_json: bool) -> None:
-    """Erase an inactive data key, refusing while any row still uses it."""
+    """Erase an inactive data key, refusing while any row still uses it.
+
+    Without --table/--column it reads every row of every text or binary column
+    of every table, and refuses (exit 5) if some table or column cannot be read.
+    """
     kid = lifecycle.parse_key_id(key_id)
     pairs = _pairs(ctx, tables, columns)
     km = cfg.manager()
@@ -379,9 +403,11 @@ def keys_retire(ctx: click.Context, cfg: Config, key_id: str, tables: tuple[str,
         _confirm(ctx, yes, f"Retire key {kid.hex()} even if rows use it (they become unreadable)?")
     res = lifecycle.retire_key(km, kid, pairs, force=force)
     _emit(as_json, res, lambda: click.echo(
-        f"retired key {res['key']['key_id']} of {res['key']['tenant']} v{res['key']['version']}"
+        f"retired key {res['key']['key_id']} of {res['key']['tenant']} v{res['key']['version']} "
+        f"after reading {res['rows_scanned']} row(s) in {res['columns_scanned']} column(s)"
         + (f"; {res['rows_made_unreadable']} row(s) made unreadable"
-           if res["rows_made_unreadable"] else "")))
+           if res["rows_made_unreadable"] else "")
+        + (f"; not read: {', '.join(sorted(res['unreadable']))}" if res["unreadable"] else "")))
 
 
 @keys.command("destroy")
@@ -393,12 +419,38 @@ def keys_retire(ctx: click.Context, cfg: Config, key_id: str, tables: tuple[str,
 def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_json: bool) -> None:
     """Crypto-shred a practice: every value under its keys becomes unreadable forever."""
     km = cfg.manager()
+    lifecycle.require_tenant(km, tenant)  # a typo fails before the prompt, not after
     _confirm(ctx, yes, f"This makes every note of practice {tenant!r} unreadable forever.\n"
                        f"Type the practice id to confirm", expected=tenant)
     res = lifecycle.destroy_tenant(km, tenant)
     _emit(as_json, res, lambda: click.echo(
-        f"destroyed {res['keys_destroyed']} data key(s) of {tenant}; other processes stop "
+        f"{tenant} was already destroyed: nothing left to erase" if res["already_destroyed"]
+        else f"destroyed {res['keys_destroyed']} data key(s) of {tenant}; other processes stop "
         f"decrypting within their cache time-to-live ({res['cache_ttl_seconds']:g}s here)"))
+
+
+@keys.command("reenable")
+@click.option("--tenant", required=True, metavar="T", help="The destroyed practice.")
+@click.option("--yes", is_flag=True, help="Do not ask for the practice id to be typed back.")
+@json_option
+@pass_config
+@click.pass_context
+def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool,
+                  as_json: bool) -> None:
+    """Let a destroyed practice be written again, under a new data key.
+
+    Its notes sealed before the destruction stay unreadable.
+    """
+    km = cfg.manager()
+    if any(r.state == "active" for r in lifecycle.require_tenant(km, tenant)):
+        raise ConfigurationError(f"practice {tenant!r} has an active key: it is not destroyed")
+    _confirm(ctx, yes, f"Practice {tenant!r} was destroyed; new notes will be written for it "
+                       f"under a new key (its old notes stay unreadable).\n"
+                       f"Type the practice id to confirm", expected=tenant)
+    res = lifecycle.reenable_tenant(km, tenant)
+    _emit(as_json, res, lambda: click.echo(
+        f"re-enabled {tenant}: new active key v{res['key']['version']} ({res['key']['key_id']}); "
+        "values under its destroyed keys stay unreadable"))
 
 
 # -- reencrypt / verify -------------------------------------------------------------------------

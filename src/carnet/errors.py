@@ -87,6 +87,26 @@ class KeyInUse(CarnetError):
     """A key cannot be retired while rows still use it."""
 
 
+class KeyUsageUnknown(KeyInUse):
+    """A key cannot be retired: some table or column that could hold it was not readable."""
+
+
+class UnknownTenant(CarnetError):
+    """The practice has no data key at all (never created: often a typo in its id)."""
+
+    def __init__(self, tenant: str, hint: str = "") -> None:
+        self.tenant = tenant
+        super().__init__(f"practice {tenant!r} has no data key{hint}")
+
+
+class KeyStoreInconsistent(CarnetError):
+    """A row of the key table contradicts itself or the lookup; carnet will not use it.
+
+    E.g. an active marker naming another practice, an unknown state, or a key
+    table whose collation folds practice ids (case, trailing spaces).
+    """
+
+
 class MasterKeyUnavailable(CarnetError):
     """The master key could not be reached (network, time-out, HSM down, keyring locked)."""
 

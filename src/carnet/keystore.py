@@ -9,20 +9,44 @@ States::
     inactive  decrypts only, after a rotation
     retired   material erased after re-encryption moved every value away
     destroyed material erased by crypto-shredding the whole tenant
+
+Practice ids are exact strings: ``tenant`` and ``active_tenant`` compare
+byte for byte on every backend. SQLite (BINARY) and PostgreSQL (deterministic
+collations, no padding for VARCHAR) do so by default; MariaDB's default
+collations fold case and accents and ignore trailing spaces, so there the two
+columns use ``utf8mb4_nopad_bin`` (``utf8mb4_bin`` would still pad spaces).
+A table created before that is converted by :func:`make_practice_ids_exact`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+from .errors import KeyStoreInconsistent
+
+log = logging.getLogger("carnet")
 
 ACTIVE = "active"
 INACTIVE = "inactive"
 RETIRED = "retired"
 DESTROYED = "destroyed"
 STATES = (ACTIVE, INACTIVE, RETIRED, DESTROYED)
+
+# MariaDB collation comparing code points exactly, without padding trailing spaces.
+EXACT_COLLATION = "utf8mb4_nopad_bin"
+_PRACTICE_COLUMNS = ("tenant", "active_tenant")
+
+
+def practice_id_type(length: int = 255) -> sa.types.TypeEngine[str]:
+    """VARCHAR that compares practice ids exactly on every backend."""
+    return sa.String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation=EXACT_COLLATION), "mysql", "mariadb"
+    )
 
 
 def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
@@ -31,10 +55,10 @@ def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
         metadata,
         # hex, not binary: a BLOB cannot be a MariaDB primary key without a prefix length.
         sa.Column("key_id", sa.String(32), primary_key=True),
-        sa.Column("tenant", sa.String(255), nullable=False),
+        sa.Column("tenant", practice_id_type(), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("active_tenant", sa.String(255), nullable=True, unique=True),
+        sa.Column("active_tenant", practice_id_type(), nullable=True, unique=True),
         sa.Column("master_key_uri", sa.String(1024), nullable=False),
         sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -43,6 +67,63 @@ def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
         sa.CheckConstraint(
             "state IN ('active', 'inactive', 'retired', 'destroyed')", name=f"ck_{name}_state"
         ),
+    )
+
+
+def inexact_practice_columns(conn: sa.Connection, table: sa.Table) -> list[str]:
+    """Practice-id columns of ``table`` whose collation folds ids (MariaDB/MySQL only)."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return []
+    rows = conn.execute(
+        sa.text(
+            "SELECT COLUMN_NAME, COLLATION_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :name"
+        ),
+        {"schema": table.schema, "name": table.name},
+    ).all()
+    # A binary column (no collation) compares bytes: exact too.
+    return [
+        str(col)
+        for col, collation in rows
+        if str(col) in _PRACTICE_COLUMNS and collation not in (None, EXACT_COLLATION)
+    ]
+
+
+def make_practice_ids_exact(engine: sa.Engine, table: sa.Table) -> list[str]:
+    """Convert a key table made with a folding collation; return the converted columns.
+
+    Safe on live data: a binary collation only tells apart ids the old one
+    merged, so no unique constraint can be violated by the conversion.
+    """
+    with engine.begin() as conn:
+        cols = inexact_practice_columns(conn, table)
+        if not cols:
+            return []
+        prep = conn.dialect.identifier_preparer
+        parts = []
+        for name in cols:
+            col = table.c[name]
+            ddl_type = col.type.compile(dialect=conn.dialect)
+            null = "NULL" if col.nullable else "NOT NULL"
+            parts.append(f"MODIFY COLUMN {prep.quote(name)} {ddl_type} {null}")
+        conn.execute(sa.text(f"ALTER TABLE {prep.format_table(table)} {', '.join(parts)}"))
+    log.warning(
+        "carnet: converted %s.%s to exact practice ids (collation %s)",
+        table.name,
+        "/".join(cols),
+        EXACT_COLLATION,
+    )
+    return cols
+
+
+def lock_conflict(exc: sa.exc.DBAPIError) -> bool:
+    """Deadlock, lock wait time-out, serialization failure or busy SQLite: worth a retry."""
+    orig = exc.orig
+    code = (getattr(orig, "args", None) or [None])[0]
+    return (
+        code in (1205, 1213)
+        or getattr(orig, "sqlstate", None) in ("40001", "40P01", "55P03")
+        or "database is locked" in str(orig).lower()
     )
 
 
@@ -62,6 +143,22 @@ class KeyRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     wrapped_key: bytes | None = field(default=None, repr=False)
+    active_tenant: str | None = None
+
+    def check(self) -> None:
+        """Raise unless the row is coherent: a known state, and an active marker
+        present exactly when active and naming the row's own practice. A row
+        that fails this (tampered, or damaged by hand) is never used."""
+        marked = self.active_tenant is not None
+        if (
+            self.state not in STATES
+            or marked != (self.state == ACTIVE)
+            or (marked and self.active_tenant != self.tenant)
+        ):
+            raise KeyStoreInconsistent(
+                f"key row {self.key_id.hex()} is inconsistent (state {self.state!r}, practice "
+                f"{self.tenant!r}, active marker {self.active_tenant!r}): refusing to use it"
+            )
 
     @classmethod
     def from_row(cls, row: sa.Row[object] | sa.RowMapping) -> KeyRecord:
@@ -76,6 +173,7 @@ class KeyRecord:
             created_at=m["created_at"],
             updated_at=m["updated_at"],
             wrapped_key=bytes(wrapped) if wrapped is not None else None,
+            active_tenant=m.get("active_tenant"),
         )
 
     def as_dict(self) -> dict[str, object]:

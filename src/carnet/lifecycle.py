@@ -8,6 +8,8 @@ primary keys.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import multiprocessing
 import os
 import time
@@ -28,9 +30,11 @@ from .errors import (
     InvalidCiphertext,
     KeyDestroyed,
     KeyInUse,
+    KeyUsageUnknown,
     TenantMismatch,
     TenantRequired,
     UnknownKey,
+    UnknownTenant,
 )
 from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
@@ -82,10 +86,11 @@ def open_manager(
 
 
 def init(km: KeyManager) -> dict[str, Any]:
-    """Create ``carnet_keys`` and ``carnet_jobs`` when missing."""
-    km.create_schema()
+    """Create ``carnet_keys`` and ``carnet_jobs`` when missing; make practice ids exact."""
+    converted = km.create_schema()
     _jobs.ensure_jobs_table(km.engine)
-    return {"tables": [km.table.name, _jobs.JOBS_TABLE], "database": _safe_url(km.engine)}
+    return {"tables": [km.table.name, _jobs.JOBS_TABLE], "database": _safe_url(km.engine),
+            "converted_to_exact_practice_ids": converted}
 
 
 def new_master(uri: str) -> dict[str, Any]:
@@ -343,41 +348,173 @@ def list_keys(km: KeyManager, tenant: str | None = None) -> list[dict[str, Any]]
     return [r.as_dict() for r in km.list_keys(tenant)]
 
 
-def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """New active DEK for each tenant (all live tenants when ``tenants`` is None)."""
+def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None, *,
+                create: bool = False) -> list[dict[str, Any]]:
+    """New active DEK for each tenant (all live tenants when ``tenants`` is None).
+
+    A named practice with no key is refused (:class:`UnknownTenant`) unless
+    ``create``; a destroyed one is refused (:class:`KeyDestroyed`).
+    """
     if tenants is None:
         tenants = [t for t in km.tenants()
                    if any(r.state == ACTIVE for r in km.list_keys(t))]
-    return [km.rotate(t).as_dict() for t in tenants]
+    return [km.rotate(t, create=create).as_dict() for t in tenants]
+
+
+def require_tenant(km: KeyManager, tenant: str) -> list[KeyRecord]:
+    """The practice's keys; :class:`UnknownTenant` if it has none (a mistyped id)."""
+    recs = km.list_keys(tenant)
+    if not recs:
+        raise UnknownTenant(tenant, " (check the id)")
+    return recs
+
+
+def reenable_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
+    """Let a destroyed practice be written again, under a new key."""
+    return {"tenant": tenant, "key": km.reenable(tenant).as_dict()}
 
 
 @dataclass
 class KeyUsage:
     key_id: str
     rows: dict[str, int]  # "table.column" -> rows sealed under the key
+    columns_scanned: int = 0
+    rows_scanned: int = 0
+    # "table" or "table.column" -> why it could not be read (never its content)
+    unreadable: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(self.rows.values())
 
 
+# Reflected types that cannot hold carnet ciphertext; every other column is
+# read, and what decides is the value's Python type (str or bytes).
+_NOT_TEXT = (sa.types.Integer, sa.types.Numeric, sa.types.Boolean, sa.types.Date,
+             sa.types.DateTime, sa.types.Time, sa.types.Interval, sa.types.JSON)
+_B64_HEAD = 24  # base64 characters holding the first 18 bytes: version and key id
+_PREFIX_BYTES = envelope.TEXT_PREFIX.encode("ascii")
+
+
+def _frame_head(value: Any) -> bytes | None:
+    """The leading bytes of a stored value that may be carnet ciphertext, else None.
+
+    Only the version byte and key id matter here, so a truncated or damaged
+    value still counts for the key it names.
+    """
+    if isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    if isinstance(value, bytes) and value.startswith(_PREFIX_BYTES):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, str):
+        if not value.startswith(envelope.TEXT_PREFIX):
+            return None
+        head = value[len(envelope.TEXT_PREFIX):len(envelope.TEXT_PREFIX) + _B64_HEAD]
+        try:
+            return base64.b64decode(head, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+    if isinstance(value, bytes):
+        return value
+    return None
+
+
+def _under_key(value: Any, key_id: bytes) -> bool:
+    head = _frame_head(value)
+    return (head is not None and len(head) > envelope.KEY_ID_SIZE
+            and head[0] == envelope.VERSION and head[1:1 + envelope.KEY_ID_SIZE] == key_id)
+
+
+def _why(exc: BaseException) -> str:
+    # The driver's class and error code only: a driver message may quote the value.
+    # (SQLite's message for an undecodable value quotes the value itself.)
+    orig = getattr(exc, "orig", None) or exc
+    code = getattr(orig, "sqlstate", None)
+    if not isinstance(code, str):
+        first = (getattr(orig, "args", None) or [None])[0]
+        code = first if isinstance(first, int) else None
+    return type(orig).__name__ + (f" {code}" if code is not None else "")
+
+
+def _all_tables(km: KeyManager) -> list[tuple[str | None, str]]:
+    """Every table that may hold carnet values: the default schema's, and on
+    PostgreSQL every other non-system schema's."""
+    insp = sa.inspect(km.engine)
+    schemas: list[str | None] = [None]
+    if km.engine.dialect.name == "postgresql":
+        default = insp.default_schema_name
+        schemas += [s for s in insp.get_schema_names()
+                    if s != default and s != "information_schema" and not s.startswith("pg_")]
+    out: list[tuple[str | None, str]] = []
+    for schema in schemas:
+        for name in sorted(insp.get_table_names(schema=schema)):
+            if schema is None and name in (km.table.name, _jobs.JOBS_TABLE):
+                continue
+            out.append((schema, name))
+    return out
+
+
+def _candidate_columns(km: KeyManager, schema: str | None, name: str) -> list[str]:
+    cols = sa.inspect(km.engine).get_columns(name, schema=schema)
+    return [c["name"] for c in cols if not isinstance(c["type"], _NOT_TEXT)]
+
+
+def _scan(km: KeyManager, schema: str | None, name: str, columns: Sequence[str],
+          key_id: bytes, usage: KeyUsage) -> None:
+    """Read every row of ``columns`` (raw driver values, no primary key needed)."""
+    where = f"{schema}.{name}" if schema else name
+    tbl = sa.table(name, *(sa.column(c) for c in columns), schema=schema)
+    counts = dict.fromkeys(columns, 0)
+    rows = 0
+    try:
+        with km.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=2000).execute(
+                sa.select(*(tbl.c[c] for c in columns)))
+            for row in result:
+                rows += 1
+                for c, v in zip(columns, row, strict=True):
+                    if v is not None and _under_key(v, key_id):
+                        counts[c] += 1
+    except (sa.exc.DBAPIError, UnicodeDecodeError) as exc:
+        if len(columns) > 1:
+            # Find which columns cannot be read, so the refusal names them.
+            for c in columns:
+                _scan(km, schema, name, [c], key_id, usage)
+            return
+        usage.unreadable[f"{where}.{columns[0]}"] = _why(exc)
+        return
+    usage.columns_scanned += len(columns)
+    usage.rows_scanned += rows
+    for c, n in counts.items():
+        if n:
+            usage.rows[f"{where}.{c}"] = n
+
+
 def key_usage(km: KeyManager, key_id: bytes,
               columns: Sequence[tuple[str, str]] | None = None) -> KeyUsage:
-    cols = list(columns) if columns is not None else discover_columns(km)
+    """Rows sealed under ``key_id``, by reading every row of every candidate column.
+
+    Without ``columns``: every column of every table that is not clearly
+    numeric, temporal or JSON, whatever its name, primary key or first values.
+    A table or column that cannot be read is listed in ``unreadable``.
+    """
     usage = KeyUsage(key_id=key_id.hex(), rows={})
-    for table, column in cols:
-        check_column(km.engine, table, column)
-        n = 0
-        for row in iter_rows(km.engine, table, column, batch_size=2000):
-            try:
-                blob = blob_of(row.value)
-            except InvalidCiphertext:
-                continue
-            if isinstance(blob, bytes) and len(blob) >= envelope.MIN_SIZE \
-                    and blob[1:1 + envelope.KEY_ID_SIZE] == key_id:
-                n += 1
-        if n:
-            usage.rows[f"{table}.{column}"] = n
+    if columns is not None:
+        for table, column in columns:
+            tbl = resolve_table(km.engine, table)
+            if column not in tbl.c:
+                raise ConfigurationError(f"table {table!r} has no column {column!r}")
+            _scan(km, tbl.schema, tbl.name, [column], key_id, usage)
+        return usage
+    for schema, name in _all_tables(km):
+        where = f"{schema}.{name}" if schema else name
+        try:
+            cols = _candidate_columns(km, schema, name)
+        except sa.exc.DBAPIError as exc:
+            usage.unreadable[where] = _why(exc)
+            continue
+        if cols:
+            _scan(km, schema, name, cols, key_id, usage)
     return usage
 
 
@@ -397,7 +534,11 @@ def parse_key_id(text: str) -> bytes:
 def retire_key(km: KeyManager, key_id: bytes,
                columns: Sequence[tuple[str, str]] | None = None,
                force: bool = False) -> dict[str, Any]:
-    """Erase an inactive key version once no row uses it (or with ``force``)."""
+    """Erase an inactive key version once a full scan finds no row using it (or with ``force``).
+
+    Refuses (:class:`KeyUsageUnknown`) when some table or column could not be
+    read: the key could be used there. ``force`` retires anyway.
+    """
     rec = km.get_key(key_id)
     if rec is None:
         raise UnknownKey(key_id)
@@ -409,14 +550,28 @@ def retire_key(km: KeyManager, key_id: bytes,
         where = ", ".join(f"{n} row(s) in {tc}" for tc, n in sorted(usage.rows.items()))
         raise KeyInUse(
             f"key {key_id.hex()} (tenant {rec.tenant!r}, v{rec.version}) is still used by "
-            f"{where}: run carnet reencrypt first, or --force to make them unreadable")
+            f"{usage.total} row(s): {where}; run carnet reencrypt first, or --force to make "
+            "them unreadable")
+    if usage is not None and usage.unreadable and not force:
+        where = ", ".join(f"{w} ({why})" for w, why in sorted(usage.unreadable.items()))
+        raise KeyUsageUnknown(
+            f"key {key_id.hex()} (tenant {rec.tenant!r}, v{rec.version}) may still be used: "
+            f"could not read {where}; grant read access (or name the encrypted columns with "
+            "--table/--column), or --force to retire without knowing")
     done = km.retire(key_id)
-    return {"key": done.as_dict(), "rows_made_unreadable": usage.total if usage else 0}
+    return {"key": done.as_dict(),
+            "rows_under_key": usage.total if usage else 0,
+            "rows_made_unreadable": usage.total if usage else 0,
+            "columns_scanned": usage.columns_scanned if usage else 0,
+            "rows_scanned": usage.rows_scanned if usage else 0,
+            "unreadable": dict(usage.unreadable) if usage else {}}
 
 
 def destroy_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
+    """Crypto-shred a practice; :class:`UnknownTenant` if it has no key at all."""
     n = km.destroy(tenant)
-    return {"tenant": tenant, "keys_destroyed": n, "cache_ttl_seconds": km.cache_ttl}
+    return {"tenant": tenant, "keys_destroyed": n, "already_destroyed": n == 0,
+            "cache_ttl_seconds": km.cache_ttl}
 
 
 def rotate_master(km: KeyManager, to: str, *, batch_size: int = 200,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
@@ -26,18 +27,38 @@ from .errors import (
     InvalidCiphertext,
     KeyDestroyed,
     KeyRetired,
+    KeyStoreInconsistent,
     MasterKeyUnavailable,
     TenantMismatch,
     TenantRequired,
     UnknownKey,
+    UnknownTenant,
 )
-from .keystore import ACTIVE, DESTROYED, INACTIVE, RETIRED, KeyRecord, keys_table, utcnow
+from .keystore import (
+    ACTIVE,
+    DESTROYED,
+    INACTIVE,
+    RETIRED,
+    KeyRecord,
+    keys_table,
+    lock_conflict,
+    make_practice_ids_exact,
+    utcnow,
+)
 from .providers.base import MasterKey, open_master_key
 
 log = logging.getLogger("carnet")
 _FAST_PATH_MAX = 100_000
 
 DecryptHook = Callable[[str, str, int], None]
+_T = TypeVar("_T")
+
+# Tries of a key-table change that lost a race to another process before giving up.
+_RACE_ATTEMPTS = 8
+
+
+class _Raced(Exception):
+    """A compare-and-set on the key table found the row changed since it was read."""
 
 
 class _Dek:
@@ -143,9 +164,14 @@ class KeyManager:
     def __repr__(self) -> str:
         return f"<KeyManager {self.engine.url!r} master={self._master.uri} table={self.table.name}>"
 
-    def create_schema(self) -> None:
-        """Create ``carnet_keys`` if it is missing."""
+    def create_schema(self) -> list[str]:
+        """Create ``carnet_keys`` if it is missing; make its practice ids exact.
+
+        Returns the columns of an existing table that were converted from a
+        collation folding case or trailing spaces (MariaDB), usually none.
+        """
         self.metadata.create_all(self.engine)
+        return make_practice_ids_exact(self.engine, self.table)
 
     # -- value level ---------------------------------------------------------------
 
@@ -233,6 +259,7 @@ class KeyManager:
         return mk
 
     def _unwrap(self, rec: KeyRecord) -> _Dek:
+        rec.check()
         if rec.state == DESTROYED:
             raise KeyDestroyed(rec.key_id, rec.tenant)
         if rec.state == RETIRED or rec.wrapped_key is None:
@@ -250,42 +277,67 @@ class KeyManager:
             raise UnknownKey(key_id)
         return self._unwrap(rec)
 
+    def _tenant_rows(
+        self, conn: sa.Connection, tenant: str, *, lock: bool = False
+    ) -> list[KeyRecord]:
+        """Every key row of exactly ``tenant``, checked row by row.
+
+        One statement, so the rows are one consistent snapshot. It also reads
+        any row whose active marker names ``tenant``: such a row of another
+        practice would otherwise silently take the practice's place. The SQL
+        comparison is exact on a table made or converted by ``create_schema``;
+        Python compares again so that a table still folding ids (an old MariaDB
+        table) fails closed instead of handing out another practice's key.
+        """
+        t = self.table
+        q = sa.select(t).where(sa.or_(t.c.tenant == tenant, t.c.active_tenant == tenant))
+        if lock:
+            q = q.with_for_update()
+        recs = [KeyRecord.from_row(r) for r in conn.execute(q)]
+        for rec in recs:
+            if rec.tenant != tenant and rec.active_tenant != tenant:
+                raise KeyStoreInconsistent(
+                    f"the key table matched practice {rec.tenant!r} for {tenant!r}: its "
+                    "collation folds practice ids; run 'carnet init' to make them exact"
+                )
+            rec.check()
+        return recs
+
     def _query_active(
         self, conn: sa.Connection, tenant: str
-    ) -> tuple[sa.Row[Any] | None, set[str]]:
-        row = conn.execute(
-            sa.select(self.table).where(self.table.c.active_tenant == tenant)
-        ).first()
-        states: set[str] = set()
-        if row is None:
-            states = set(
-                conn.execute(
-                    sa.select(self.table.c.state).where(self.table.c.tenant == tenant)
-                ).scalars()
-            )
-        return row, states
+    ) -> tuple[KeyRecord | None, set[str]]:
+        """The tenant's active key record (if any) and the states of all its keys."""
+        recs = self._tenant_rows(conn, tenant)
+        active = [r for r in recs if r.state == ACTIVE]
+        return (active[0] if active else None), {r.state for r in recs}
 
     def _active_dek(self, tenant: str, conn: sa.Connection | None = None) -> _Dek:
-        """The tenant's active key, created if it has none.
+        """The tenant's active key, created if it has none and never had one.
 
-        With ``conn``, reads and a creation happen inside that connection's open
-        transaction (SQLite, where a second connection would wait on the
-        application's own write lock); otherwise in short transactions of their own.
+        A practice with a destroyed key and no active one stays destroyed
+        (``KeyDestroyed``) until :meth:`reenable`. With ``conn``, reads and a
+        creation happen inside that connection's open transaction (SQLite,
+        where a second connection would wait on the application's own write
+        lock); otherwise in short transactions of their own.
         """
         for _attempt in range(5):
             if conn is None:
                 with self.engine.connect() as own:
-                    row, states = self._query_active(own, tenant)
+                    rec, states = self._query_active(own, tenant)
             else:
-                row, states = self._query_active(conn, tenant)
-            if row is not None:
-                rec = KeyRecord.from_row(row)
+                rec, states = self._query_active(conn, tenant)
+            if rec is not None:
                 cached = self._keys.get(rec.key_id)
                 dek = cached if cached is not None else self._unwrap(rec)
                 self._active.put(tenant, dek)
                 return dek
-            if states and states <= {DESTROYED}:
-                raise KeyDestroyed(None, tenant)
+            if DESTROYED in states:
+                raise self._destroyed(tenant)
+            if states:
+                raise KeyStoreInconsistent(
+                    f"practice {tenant!r} has keys but no active one: "
+                    f"run 'carnet keys rotate --tenant {tenant}'"
+                )
             self._insert_key(tenant, conn)
         raise MasterKeyUnavailable(f"could not create or load an active key for tenant {tenant!r}")
 
@@ -296,18 +348,28 @@ class KeyManager:
         self.master_wraps += 1
         return key_id, secret, wrapped
 
-    def _insert_row(self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes) -> int:
-        """Insert the tenant's next key version as its active key; return the version."""
+    def _insert_row(
+        self,
+        conn: sa.Connection,
+        tenant: str,
+        key_id: bytes,
+        wrapped: bytes,
+        version: int | None = None,
+    ) -> int:
+        """Insert a key version (default: the next one) as the active key; return the version."""
         t = self.table
         now = utcnow()
-        version = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
-        ).scalar_one()
+        if version is None:
+            version = 1 + conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
+                    t.c.tenant == tenant
+                )
+            ).scalar_one()
         conn.execute(
             t.insert().values(
                 key_id=key_id.hex(),
                 tenant=tenant,
-                version=version + 1,
+                version=version,
                 state=ACTIVE,
                 active_tenant=tenant,
                 master_key_uri=self._master.uri,
@@ -316,21 +378,28 @@ class KeyManager:
                 updated_at=now,
             )
         )
-        return int(version) + 1
+        return int(version)
 
     def _insert_key(self, tenant: str, conn: sa.Connection | None = None) -> bytes | None:
-        """Insert a tenant's first active key. Returns its id, or None when another process won."""
+        """Insert a tenant's first active key. Returns its id, or None when another process won.
+
+        A first key is always version 1, so the UNIQUE (tenant, version)
+        constraint lets a practice have a first key once, ever: if between our
+        read and this insert another process created the practice's key and
+        an operator destroyed it, the insert fails instead of bringing the
+        destroyed practice back, and the caller's re-read finds it destroyed.
+        """
         key_id, secret, wrapped = self._new_wrapped(tenant)
         try:
             if conn is None:
                 with self.engine.begin() as own:
-                    self._insert_row(own, tenant, key_id, wrapped)
+                    self._insert_row(own, tenant, key_id, wrapped, version=1)
             else:
                 with conn.begin_nested():
-                    self._insert_row(conn, tenant, key_id, wrapped)
+                    self._insert_row(conn, tenant, key_id, wrapped, version=1)
         except sa.exc.IntegrityError:
             # Another process created the tenant's key first: the database's
-            # unique constraint decided; reload theirs.
+            # unique constraints decided; the caller reloads theirs.
             return None
         except sa.exc.OperationalError as exc:
             if "locked" in str(exc.orig):
@@ -383,14 +452,20 @@ class KeyManager:
             row = conn.execute(
                 sa.select(self.table).where(self.table.c.key_id == key_id.hex())
             ).first()
-        return KeyRecord.from_row(row) if row is not None else None
+        if row is None:
+            return None
+        rec = KeyRecord.from_row(row)
+        # The key id column may fold case on an old table: the id must be the one asked.
+        return rec if rec.key_id == key_id else None
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
         q = sa.select(self.table).order_by(self.table.c.tenant, self.table.c.version)
         if tenant is not None:
             q = q.where(self.table.c.tenant == tenant)
         with self.engine.connect() as conn:
-            return [KeyRecord.from_row(r) for r in conn.execute(q)]
+            recs = [KeyRecord.from_row(r) for r in conn.execute(q)]
+        # Exact in Python too: a table still folding ids must not list another practice's keys.
+        return recs if tenant is None else [r for r in recs if r.tenant == tenant]
 
     def _key_batches(self, batch_size: int) -> Iterator[list[KeyRecord]]:
         """Every key record in key-id order, a batch at a time (keyset paging, flat memory)."""
@@ -419,23 +494,18 @@ class KeyManager:
                 ).scalars()
             )
 
-    def rotate(self, tenant: str) -> KeyRecord:
-        """Make a new active DEK for ``tenant``; earlier ones stay readable (state ``inactive``)."""
+    def rotate(self, tenant: str, *, create: bool = False) -> KeyRecord:
+        """Make a new active DEK for ``tenant``; earlier ones stay readable (state ``inactive``).
+
+        A practice with no key raises :class:`UnknownTenant` unless ``create``
+        (then its first key is made); a destroyed practice raises
+        :class:`KeyDestroyed` until :meth:`reenable`.
+        """
         tenant = _check_tenant(tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
-        t = self.table
-        now = utcnow()
-        with self.engine.begin() as conn:
-            current = conn.execute(
-                sa.select(t.c.key_id).where(t.c.active_tenant == tenant).with_for_update()
-            ).first()
-            if current is not None:
-                conn.execute(
-                    t.update()
-                    .where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
-                    .values(state=INACTIVE, active_tenant=None, updated_at=now)
-                )
-            version = self._insert_row(conn, tenant, key_id, wrapped)
+        version = self._key_transaction(
+            tenant, lambda conn: self._rotate_in(conn, tenant, key_id, wrapped, create)
+        )
         self.keys_created += 1
         dek = _Dek(key_id, tenant, secret)
         self._keys.put(key_id, dek)
@@ -443,6 +513,111 @@ class KeyManager:
         self._drop_fast_paths()
         log.info(
             "carnet: rotated data key of tenant %r to version %d (%s)",
+            tenant,
+            version,
+            key_id.hex(),
+        )
+        rec = self.get_key(key_id)
+        assert rec is not None  # noqa: S101
+        return rec
+
+    def _key_transaction(self, tenant: str, work: Callable[[sa.Connection], _T]) -> _T:
+        """Run ``work`` in a transaction of its own, again if it lost a race.
+
+        Another rotation, first-key creation, re-enable or destroy may commit
+        between our read and our write (SQLite takes no row locks; PostgreSQL's
+        READ COMMITTED does not show rows inserted after the read began;
+        MariaDB's gap locks deadlock): the unique constraints, a compare-and-set
+        or the database's deadlock detection then reject ours, nothing of it is
+        written, and ``work`` reads and decides again.
+        """
+        for attempt in range(_RACE_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except (sa.exc.IntegrityError, _Raced):
+                pass
+            except sa.exc.DBAPIError as exc:
+                if not lock_conflict(exc):
+                    raise
+            if attempt < _RACE_ATTEMPTS - 1:
+                # Jitter, so that two processes retrying do not collide again.
+                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))  # noqa: S311
+        raise KeyStoreInconsistent(
+            f"the keys of tenant {tenant!r} kept changing concurrently: run again"
+        )
+
+    def _rotate_in(
+        self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes, create: bool
+    ) -> int:
+        t = self.table
+        recs = self._tenant_rows(conn, tenant, lock=True)
+        active = [r for r in recs if r.state == ACTIVE]
+        if not recs:
+            if not create:
+                raise UnknownTenant(
+                    tenant,
+                    "; check the id, or pass create=True "
+                    "('carnet keys rotate --create') to create its first key",
+                )
+            return self._insert_row(conn, tenant, key_id, wrapped, version=1)
+        if not active and any(r.state == DESTROYED for r in recs):
+            raise self._destroyed(tenant)
+        now = utcnow()
+        for cur in active:
+            # Compare-and-set: the key must still be the active one we read, or
+            # a destroy may have run since and the new key would outlive it.
+            done = conn.execute(
+                t.update()
+                .where(
+                    t.c.key_id == cur.key_id.hex(),
+                    t.c.state == ACTIVE,
+                    t.c.active_tenant == tenant,
+                )
+                .values(state=INACTIVE, active_tenant=None, updated_at=now)
+            ).rowcount
+            if done != 1:
+                raise _Raced
+        return self._insert_row(conn, tenant, key_id, wrapped)
+
+    @staticmethod
+    def _destroyed(tenant: str) -> KeyDestroyed:
+        exc = KeyDestroyed(None, tenant)
+        exc.args = (
+            f"the data keys of tenant {tenant!r} were destroyed; it gets no new key unless "
+            f"re-enabled ('carnet keys reenable --tenant {tenant}')",
+        )
+        return exc
+
+    def reenable(self, tenant: str) -> KeyRecord:
+        """Give a destroyed practice a new active DEK, so that it can be written again.
+
+        Values sealed under its destroyed keys stay unreadable: re-enabling
+        creates a new key, it restores nothing.
+        """
+        tenant = _check_tenant(tenant)
+        key_id, secret, wrapped = self._new_wrapped(tenant)
+
+        def work(conn: sa.Connection) -> int:
+            recs = self._tenant_rows(conn, tenant, lock=True)
+            if not recs:
+                raise UnknownTenant(tenant, ": there is nothing to re-enable")
+            if any(r.state == ACTIVE for r in recs):
+                raise ConfigurationError(
+                    f"practice {tenant!r} has an active key: it is not destroyed"
+                )
+            # The UNIQUE active marker makes a concurrent re-enable fail here;
+            # its retry then finds the practice active.
+            return self._insert_row(conn, tenant, key_id, wrapped)
+
+        version = self._key_transaction(tenant, work)
+        self.keys_created += 1
+        dek = _Dek(key_id, tenant, secret)
+        self._keys.put(key_id, dek)
+        self._active.put(tenant, dek)
+        self._drop_fast_paths()
+        log.warning(
+            "carnet: re-enabled tenant %r with a new data key, version %d (%s)",
             tenant,
             version,
             key_id.hex(),
@@ -484,18 +659,53 @@ class KeyManager:
     def destroy(self, tenant: str) -> int:
         """Crypto-shred ``tenant``: erase every wrapped DEK; rows stay, reads raise KeyDestroyed.
 
+        Returns the number of keys destroyed now (0 if it already was). A
+        practice with no key at all raises :class:`UnknownTenant`: a typo must
+        not look like a successful erasure. Afterwards the practice gets no
+        new key (writes and rotations raise ``KeyDestroyed``) unless
+        re-enabled with :meth:`reenable`.
+
         Other processes stop decrypting within the cache time-to-live. Copies of
         the wrapped keys in backups stay unwrappable until the master key they
         were wrapped under is itself retired (see docs/threat-model.md).
         """
         tenant = _check_tenant(tenant)
         t = self.table
-        with self.engine.begin() as conn:
-            n = conn.execute(
-                t.update()
-                .where(t.c.tenant == tenant, t.c.state != DESTROYED)
-                .values(state=DESTROYED, wrapped_key=None, active_tenant=None, updated_at=utcnow())
-            ).rowcount
+        n = 0
+        self._forget_tenant(tenant)
+
+        def one_pass(conn: sa.Connection) -> int:
+            recs = self._tenant_rows(conn, tenant, lock=True)
+            if not recs and n == 0:
+                raise UnknownTenant(tenant, ": nothing was destroyed (check the id)")
+            if all(r.state == DESTROYED for r in recs):
+                return 0
+            # By practice, not by the ids just read: SQLite takes no row lock, so a
+            # rotation may commit between that read and this one atomic statement.
+            # The comparison is exact: _tenant_rows refused a table that folds ids.
+            return int(
+                conn.execute(
+                    t.update()
+                    .where(t.c.tenant == tenant, t.c.state != DESTROYED)
+                    .values(
+                        state=DESTROYED, wrapped_key=None, active_tenant=None, updated_at=utcnow()
+                    )
+                ).rowcount
+            )
+
+        # Repeat until a pass finds no live key: a rotation or first-key
+        # creation that read the practice before our first commit may commit
+        # its new key after our locking read. Anything starting after our
+        # commit sees a destroyed practice and refuses.
+        for _pass in range(10):
+            done = self._key_transaction(tenant, one_pass)
+            if not done:
+                break
+            n += done
+        else:
+            raise KeyStoreInconsistent(
+                f"new keys of tenant {tenant!r} kept appearing while destroying it: run again"
+            )
         self._forget_tenant(tenant)
         log.warning("carnet: destroyed %d data key(s) of tenant %r", n, tenant)
         return int(n)
