@@ -4,7 +4,7 @@ import logging as _logging
 
 from . import audit, errors
 from ._hooks import install as _install_hooks
-from .context import configure, current_tenant, get_manager, tenant_scope
+from .context import bind_manager, configure, current_tenant, get_manager, tenant_scope
 from .manager import KeyManager
 from .orm import install as _install_orm
 from .providers import MasterKey, create_master_key, open_master_key
@@ -22,6 +22,7 @@ _install_tenancy()
 
 __all__ = [
     "audit",
+    "bind_manager",
     "EncryptedText",
     "KeyManager",
     "MasterKey",

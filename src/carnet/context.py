@@ -8,10 +8,11 @@ when a value is written or read.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
 
@@ -20,6 +21,31 @@ if TYPE_CHECKING:
 
 _default_manager: KeyManager | None = None
 _tenant: ContextVar[str | None] = ContextVar("carnet_tenant", default=None)
+# Managers bound to an engine, by the engine's Dialect: a type's bind and
+# result processors see only the dialect, and every Engine has its own.
+_bound: weakref.WeakKeyDictionary[Any, KeyManager] = weakref.WeakKeyDictionary()
+
+
+def bind_manager(bind: Any, manager: KeyManager | None) -> None:
+    """Make ``manager`` the one for statements run on ``bind`` (an Engine or AsyncEngine).
+
+    ``None`` removes the binding. A column's own ``manager=`` still wins; the
+    process default of :func:`configure` serves every engine not bound.
+    """
+    engine = getattr(bind, "sync_engine", bind)
+    dialect = getattr(engine, "dialect", None)
+    if dialect is None:
+        raise ConfigurationError("bind() takes an Engine or an AsyncEngine")
+    if manager is None:
+        _bound.pop(dialect, None)
+    else:
+        _bound[dialect] = manager
+
+
+def manager_for(dialect: Any) -> KeyManager:
+    """The manager for statements on ``dialect``: bound to its engine, else the default."""
+    manager = _bound.get(dialect) if dialect is not None else None
+    return manager if manager is not None else get_manager()
 
 
 def configure(manager: KeyManager | None, *, require_scope: bool | None = None) -> None:

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
@@ -116,6 +116,7 @@ class KeyManager:
         cache_ttl: float = 300.0,
         table_name: str = "carnet_keys",
         require_scope: bool = False,
+        read_only: bool = False,
     ) -> None:
         if isinstance(bind, str):
             try:
@@ -144,6 +145,8 @@ class KeyManager:
         # Strict mode: application seals and opens need a matching tenant_scope
         # (see carnet.configure).
         self.require_scope = require_scope
+        # A read replica: reads keys, never writes the key table.
+        self.read_only = read_only
         if bind.echo == "debug" or log_debug_enabled():
             warnings.warn(
                 "SQLAlchemy echo='debug' logs result rows: decrypted notes read through "
@@ -163,6 +166,19 @@ class KeyManager:
 
     def __repr__(self) -> str:
         return f"<KeyManager {self.engine.url!r} master={self._master.uri} table={self.table.name}>"
+
+    def bind(self, engine: Any) -> KeyManager:
+        """Use this manager for encrypted columns in statements run on ``engine``.
+
+        One model may then live in several databases, each with its own key
+        table and master key: the manager is chosen from the engine (or
+        session bind) a statement runs on; :func:`carnet.configure` remains
+        the default for engines not bound. Returns ``self``.
+        """
+        from .context import bind_manager
+
+        bind_manager(engine, self)
+        return self
 
     def create_schema(self) -> list[str]:
         """Create ``carnet_keys`` if it is missing; make its practice ids exact.
@@ -380,6 +396,14 @@ class KeyManager:
         )
         return int(version)
 
+    def _writable(self, what: str, tenant: str | None = None) -> None:
+        if self.read_only:
+            who = f" for practice {tenant!r}" if tenant is not None else ""
+            raise ConfigurationError(
+                f"this KeyManager is read-only (a replica): cannot {what}{who}. Write through "
+                "a KeyManager on the primary database"
+            )
+
     def _insert_key(self, tenant: str, conn: sa.Connection | None = None) -> bytes | None:
         """Insert a tenant's first active key. Returns its id, or None when another process won.
 
@@ -389,6 +413,7 @@ class KeyManager:
         an operator destroyed it, the insert fails instead of bringing the
         destroyed practice back, and the caller's re-read finds it destroyed.
         """
+        self._writable("create a first data key", tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
         try:
             if conn is None:
@@ -531,6 +556,7 @@ class KeyManager:
         or the database's deadlock detection then reject ours, nothing of it is
         written, and ``work`` reads and decides again.
         """
+        self._writable("change data keys", tenant)
         for attempt in range(_RACE_ATTEMPTS):
             try:
                 with self.engine.begin() as conn:
@@ -632,6 +658,7 @@ class KeyManager:
         The CLI checks that no row uses the key first; this call does not scan tables.
         """
         t = self.table
+        self._writable("retire a data key")
         with self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(t).where(t.c.key_id == key_id.hex()).with_for_update()
@@ -669,6 +696,7 @@ class KeyManager:
         the wrapped keys in backups stay unwrappable until the master key they
         were wrapped under is itself retired (see docs/threat-model.md).
         """
+        self._writable("destroy data keys", tenant)
         tenant = _check_tenant(tenant)
         t = self.table
         n = 0
@@ -730,6 +758,7 @@ class KeyManager:
         key (each row is one atomic compare-and-set), and a rerun finishes the
         rest. Afterwards this manager uses the new master key for new DEKs.
         """
+        self._writable("rewrap data keys")
         new = open_master_key(to)
         self._masters.setdefault(new.uri, new)
         t = self.table

@@ -91,8 +91,9 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
             tenant = str(tenant)
             if scope is not None and scope != tenant:
                 raise TenantMismatch(scope, tenant)
-        typ.check_scope(tenant)
-        d[key] = typ.decrypt(v.data, tenant)
+        manager = v.manager
+        typ.check_scope(tenant, manager)
+        d[key] = typ.decrypt(v.data, tenant, manager)
 
 
 def _setup(mapper: Mapper[Any], class_: type) -> None:
@@ -183,7 +184,7 @@ def _plain(typ: EncryptedText, v: Any, tenant: str | None) -> Any:
             raise TenantRequired(
                 f"{typ.field_label}: a stored value has no practice to open it with"
             )
-        return typ.decrypt(v.data, tenant)
+        return typ.decrypt(v.data, tenant, v.manager)
     return v
 
 

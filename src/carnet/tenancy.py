@@ -274,7 +274,7 @@ def guard_write(
         if not written:
             continue
         group_pins: list[str | None] = []
-        managers = {e.key: e.type.manager for e in written}
+        managers = {e.key: e.type.manager_for(conn.dialect) for e in written}
         for i in range(len(out_rows)):
             src = rows[i] if rows else {}
             row_tenant: str | None = None

@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
 from . import envelope
-from .context import _tenant, get_manager
+from .context import _tenant, get_manager, manager_for
 from .errors import (
     CarnetError,
     ConfigurationError,
@@ -55,16 +55,26 @@ class Sealed:
     row's tenant column is loaded too.
     """
 
-    __slots__ = ("data", "_type")
+    __slots__ = ("data", "_type", "_manager")
 
-    def __init__(self, data: bytes, type_: EncryptedText) -> None:
+    def __init__(
+        self, data: bytes, type_: EncryptedText, manager: KeyManager | None = None
+    ) -> None:
         self.data = data
         self._type = type_
+        # The manager of the engine the value was read from (several databases
+        # may serve one model, each with its own key table).
+        self._manager = manager
+
+    @property
+    def manager(self) -> KeyManager:
+        return self._manager if self._manager is not None else self._type.manager
 
     def open(self, tenant: str) -> str:
         """Decrypt under ``tenant``; with ``require_scope`` only inside a scope of that tenant."""
-        self._type.check_scope(tenant)
-        return self._type.decrypt(self.data, tenant)
+        manager = self.manager
+        self._type.check_scope(tenant, manager)
+        return self._type.decrypt(self.data, tenant, manager)
 
     def __repr__(self) -> str:
         kid = self.data[1:17].hex()[:12] if len(self.data) > 17 else "?"
@@ -184,7 +194,13 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
 
     @property
     def manager(self) -> KeyManager:
+        """This column's manager, else the process default (see :meth:`manager_for`)."""
         return self._manager if self._manager is not None else get_manager()
+
+    def manager_for(self, dialect: sa.Dialect | None) -> KeyManager:
+        """The manager for a statement on an engine: the column's own, the one bound to
+        that engine (``keys.bind(engine)``), or the process default."""
+        return self._manager if self._manager is not None else manager_for(dialect)
 
     def __repr__(self) -> str:
         return (
@@ -209,9 +225,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
 
     # Hot paths: per value, no property lookups beyond the two attributes below.
 
-    def check_scope(self, tenant: str) -> None:
+    def check_scope(self, tenant: str, manager: KeyManager | None = None) -> None:
         """In strict mode (``require_scope``), an application read needs a scope of ``tenant``."""
-        manager = self._manager if self._manager is not None else get_manager()
+        if manager is None:
+            manager = self.manager
         if manager.require_scope:
             scope = _tenant.get()
             if scope is None:
@@ -223,18 +240,20 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             if scope != tenant:
                 raise TenantMismatch(scope, tenant)
 
-    def encrypt(self, value: str, tenant: str) -> bytes:
+    def encrypt(self, value: str, tenant: str, manager: KeyManager | None = None) -> bytes:
         label = self._resolved_label
         if label is None:
             label = self._label_or_fail()
-        manager = self._manager if self._manager is not None else get_manager()
+        if manager is None:
+            manager = self._manager if self._manager is not None else get_manager()
         return manager.encrypt(value.encode("utf-8"), tenant=tenant, label=label)
 
-    def decrypt(self, blob: bytes, tenant: str) -> str:
+    def decrypt(self, blob: bytes, tenant: str, manager: KeyManager | None = None) -> str:
         label = self._resolved_label
         if label is None:
             label = self._label_or_fail()
-        manager = self._manager if self._manager is not None else get_manager()
+        if manager is None:
+            manager = self._manager if self._manager is not None else get_manager()
         return manager.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
@@ -257,7 +276,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         else:
             raise InvalidPlaintext(f"EncryptedText stores str values, not {type(value).__name__}")
         try:
-            blob = self.encrypt(value, tenant)
+            blob = self.encrypt(value, tenant, self.manager_for(dialect))
         except CarnetError:
             raise
         except UnicodeEncodeError:
@@ -275,16 +294,20 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # (or a memoryview, copied).
         get_tenant = _tenant.get
         decrypt = self.decrypt
+        manager_of = self.manager_for
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
             if value.__class__ is not bytes:
                 value = bytes(value)
+            # Resolved per value, not when the processor is built: processors are
+            # cached per dialect, and the manager bound to an engine may change.
+            manager = manager_of(dialect)
             tenant = get_tenant()
             if tenant is None:
-                return Sealed(value, self)
-            return decrypt(value, tenant)
+                return Sealed(value, self, manager)
+            return decrypt(value, tenant, manager)
 
         return process
 
@@ -294,16 +317,17 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         if self.storage == "text":
             if not value.startswith(envelope.TEXT_PREFIX):
                 if self.mixed_read:
-                    self.manager.legacy_plaintext_reads += 1
+                    self.manager_for(dialect).legacy_plaintext_reads += 1
                     return value
                 raise InvalidCiphertext("value is not carnet ciphertext", label=self.field_label)
             blob = envelope.from_text(value)
         else:
             blob = value if type(value) is bytes else bytes(value)
+        manager = self.manager_for(dialect)
         tenant = _tenant.get()
         if tenant is None:
-            return Sealed(blob, self)
-        return self.decrypt(blob, tenant)
+            return Sealed(blob, self, manager)
+        return self.decrypt(blob, tenant, manager)
 
     # -- SQL operators ----------------------------------------------------------------------
 
