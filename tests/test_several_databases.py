@@ -74,9 +74,7 @@ def test_one_model_on_two_databases_uses_each_databases_keys(
             engine.dispose()
 
 
-def test_read_replica_reads_and_refuses_a_first_key(
-    db_url: str, master_key_uri: str
-) -> None:
+def test_read_replica_reads_and_refuses_a_first_key(db_url: str, master_key_uri: str) -> None:
     primary, keys = _keyed(db_url, master_key_uri)
     # A second engine on the same data stands for a replica that streams it.
     replica = sa.create_engine(db_url)

@@ -122,10 +122,16 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                     )
                 )
                 proc = subprocess.run(
-                    [sys.executable, str(Path(__file__).with_name("invariant.py")),
-                     str(engine.url.render_as_string(hide_password=False)), master_key_uri,
-                     str(path)],
-                    capture_output=True, text=True, timeout=120,
+                    [
+                        sys.executable,
+                        str(Path(__file__).with_name("invariant.py")),
+                        str(engine.url.render_as_string(hide_password=False)),
+                        master_key_uri,
+                        str(path),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
                 )
                 path.unlink()
@@ -182,9 +188,13 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             self.model[nid] = (p, body, summary)
 
         @precondition(lambda self: self._live())
-        @rule(data=st.data(), new=practices, how=st.sampled_from(
-            ["form_post", "load_only", "expired", "relationship", "merge", "attribute"]
-        ))
+        @rule(
+            data=st.data(),
+            new=practices,
+            how=st.sampled_from(
+                ["form_post", "load_only", "expired", "relationship", "merge", "attribute"]
+            ),
+        )
         def orm_move(self, data: st.DataObject, new: str, how: str) -> None:
             nid = data.draw(st.sampled_from(self._live()))
             old, body, summary = self.model[nid]
@@ -195,7 +205,8 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                         s.merge(MNote(id=nid, practice_id=new, body=body, summary=summary))
                     elif how == "load_only":
                         n = s.scalars(
-                            sa.select(MNote).options(load_only(MNote.id, MNote.practice_id))
+                            sa.select(MNote)
+                            .options(load_only(MNote.id, MNote.practice_id))
                             .where(MNote.id == nid)
                         ).one()
                         n.practice_id = new
@@ -257,8 +268,12 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                 self._refused(insert, KeyDestroyed)
 
         @precondition(lambda self: self._live())
-        @rule(data=st.data(), body=texts, scope=st.sampled_from(["none", "own", "other"]),
-              practice=st.sampled_from(["absent", "own", "other"]))
+        @rule(
+            data=st.data(),
+            body=texts,
+            scope=st.sampled_from(["none", "own", "other"]),
+            practice=st.sampled_from(["absent", "own", "other"]),
+        )
         def orm_bulk_update(
             self, data: st.DataObject, body: str | None, scope: str, practice: str
         ) -> None:
@@ -304,18 +319,23 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
         @rule(practice=practices, body=texts, scope=st.sampled_from(["none", "same", "other"]))
         def core_insert(self, practice: str, body: str | None, scope: str) -> None:
             nid = self._id()
-            scoped = {"none": None, "same": practice,
-                      "other": next(p for p in PRACTICES if p != practice)}[scope]
+            scoped = {
+                "none": None,
+                "same": practice,
+                "other": next(p for p in PRACTICES if p != practice),
+            }[scope]
 
             def insert() -> None:
                 with engine.begin() as conn:
                     if scoped is None:
-                        conn.execute(notes.insert(), {"id": nid, "practice_id": practice,
-                                                      "body": body})
+                        conn.execute(
+                            notes.insert(), {"id": nid, "practice_id": practice, "body": body}
+                        )
                     else:
                         with carnet.tenant_scope(scoped):
-                            conn.execute(notes.insert(), {"id": nid, "practice_id": practice,
-                                                          "body": body})
+                            conn.execute(
+                                notes.insert(), {"id": nid, "practice_id": practice, "body": body}
+                            )
 
             if body is not None and scope == "other":
                 self._refused(insert, TenantMismatch)
@@ -328,13 +348,17 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                     self._created(practice)
 
         @precondition(lambda self: self._live())
-        @rule(data=st.data(), body=st.text(max_size=20),
-              scope=st.sampled_from(["none", "own", "other"]))
+        @rule(
+            data=st.data(),
+            body=st.text(max_size=20),
+            scope=st.sampled_from(["none", "own", "other"]),
+        )
         def core_update(self, data: st.DataObject, body: str, scope: str) -> None:
             nid = data.draw(st.sampled_from(self._live()))
             own, _, summary = self.model[nid]
-            scoped = {"none": None, "own": own,
-                      "other": next(p for p in PRACTICES if p != own)}[scope]
+            scoped = {"none": None, "own": own, "other": next(p for p in PRACTICES if p != own)}[
+                scope
+            ]
             stmt = notes.update().where(notes.c.id == nid).values(body=body)
             if scoped is None:
                 with engine.begin() as conn:
@@ -365,8 +389,12 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
 
         # -- savepoints ------------------------------------------------------------
 
-        @rule(practice=practices, first=st.text(max_size=20), second=st.text(max_size=20),
-              orm=st.booleans())
+        @rule(
+            practice=practices,
+            first=st.text(max_size=20),
+            second=st.text(max_size=20),
+            orm=st.booleans(),
+        )
         def savepoint_rolled_back(self, practice: str, first: str, second: str, orm: bool) -> None:
             # The practice's first key may be created inside the savepoint (on
             # SQLite, in the savepoint itself): a rollback must not leave it cached.
@@ -387,11 +415,13 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                 with engine.begin() as conn:
                     conn.execute(notes.insert(), {"id": before, "practice_id": practice})
                     sp = conn.begin_nested()
-                    conn.execute(notes.insert(),
-                                 {"id": gone, "practice_id": practice, "body": first})
+                    conn.execute(
+                        notes.insert(), {"id": gone, "practice_id": practice, "body": first}
+                    )
                     sp.rollback()
-                    conn.execute(notes.insert(),
-                                 {"id": kept, "practice_id": practice, "body": second})
+                    conn.execute(
+                        notes.insert(), {"id": kept, "practice_id": practice, "body": second}
+                    )
             self.model[before] = (practice, None, None)
             self.model[kept] = (practice, second, None)
             self._created(practice)

@@ -33,20 +33,42 @@ from sqlalchemy.orm.state import InstanceState
 
 from .context import _tenant
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
+from .tenancy import register_dependent as _register_dependent
 from .types import BoundText, EncryptedText, Sealed
 
 Spec = tuple[str, EncryptedText, "str | None"]
 
 
 class _Group:
-    """The encrypted attributes of a mapper decided by one practice attribute."""
+    """The encrypted attributes of a mapper decided by one practice.
 
-    __slots__ = ("tkey", "tcol", "items")
+    ``tkey``/``tcol``: the attribute (and column) whose change moves the row
+    to another practice: the practice column itself, or, for a practice on a
+    parent row (``tenant="patient.practice_id"``), the foreign key to it.
+    ``parent``: for the latter, the parent's primary key and practice columns,
+    and the hidden attribute (a correlated subquery loaded with the row) that
+    holds the row's practice.
+    """
 
-    def __init__(self, tkey: str, tcol: sa.Column[Any]) -> None:
+    __slots__ = ("tkey", "tcol", "parent", "items")
+
+    def __init__(
+        self,
+        tkey: str,
+        tcol: sa.Column[Any],
+        parent: tuple[Any, Any, str, Any] | None = None,
+    ) -> None:
         self.tkey = tkey
         self.tcol = tcol
+        self.parent = parent
         self.items: list[tuple[str, EncryptedText, sa.Column[Any]]] = []
+
+    def practice_key(self) -> str:
+        return self.parent[2] if self.parent is not None else self.tkey
+
+    def practice_source(self) -> Any:
+        """What to SELECT for the practice the row is stored under."""
+        return self.parent[3] if self.parent is not None else self.tcol
 
 
 _specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDictionary()
@@ -105,8 +127,18 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
             if not isinstance(typ, EncryptedText):
                 continue
             tkey = typ.tenant
+            if tkey is not None and "." in tkey:
+                group = _parent_group(mapper, class_, prop.key, typ, tkey, groups)
+                group.items.append((prop.key, typ, col))  # type: ignore[arg-type]
+                specs.append((prop.key, typ, group.practice_key()))
+                continue
             if tkey is not None:
                 tprop = mapper.attrs.get(tkey)
+                if isinstance(tprop, sa.orm.RelationshipProperty):
+                    raise ConfigurationError(
+                        f"{class_.__name__}.{prop.key}: EncryptedText(tenant={tkey!r}) names a "
+                        f"relationship; name its practice attribute, e.g. '{tkey}.practice_id'"
+                    )
                 if tprop is None or not isinstance(tprop, sa.orm.ColumnProperty):
                     raise ConfigurationError(
                         f"{class_.__name__}.{prop.key}: EncryptedText(tenant={tkey!r}) names "
@@ -115,10 +147,10 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
                 tcol = tprop.columns[0]
                 # The Core write guard finds the practice by column key.
                 typ._tenant_column = tcol.key
-                group = groups.get(tkey)
-                if group is None:
-                    group = groups[tkey] = _Group(tkey, tcol)  # type: ignore[arg-type]
-                group.items.append((prop.key, typ, col))  # type: ignore[arg-type]
+                same = groups.get(tkey)
+                if same is None:
+                    same = groups[tkey] = _Group(tkey, tcol)  # type: ignore[arg-type]
+                same.items.append((prop.key, typ, col))  # type: ignore[arg-type]
             specs.append((prop.key, typ, tkey))
     if not specs:
         return
@@ -142,20 +174,83 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
         event.listen(mapper, "after_insert", restore, raw=True)
 
 
+def _parent_group(
+    mapper: Mapper[Any],
+    class_: type,
+    key: str,
+    typ: EncryptedText,
+    path: str,
+    groups: dict[str, _Group],
+) -> _Group:
+    """The group for ``tenant="relationship.attribute"``: the practice lives on a parent row."""
+    rel_name, attr = path.split(".", 1)
+    where = f"{class_.__name__}.{key}: EncryptedText(tenant={path!r})"
+    rel = mapper.relationships.get(rel_name)
+    if rel is None:
+        raise ConfigurationError(f"{where}: {class_.__name__} has no relationship {rel_name!r}")
+    if rel.direction is not sa.orm.MANYTOONE or len(rel.local_remote_pairs or ()) != 1:
+        raise ConfigurationError(
+            f"{where}: {rel_name!r} must be a many-to-one relationship on one foreign key"
+        )
+    tprop = rel.mapper.attrs.get(attr)
+    if tprop is None or not isinstance(tprop, sa.orm.ColumnProperty):
+        raise ConfigurationError(
+            f"{where}: {rel.mapper.class_.__name__} has no column attribute {attr!r}"
+        )
+    local, remote = (rel.local_remote_pairs or [])[0]
+    parent_tenant = tprop.columns[0]
+    fk_prop = mapper.get_property_by_column(local)
+    hidden = f"_carnet_practice_{rel_name}"
+    expr = (
+        sa.select(parent_tenant)
+        .where(remote == local)
+        .correlate_except(remote.table)
+        .scalar_subquery()
+    )
+    if hidden not in mapper.attrs:
+        # Loaded with every row, so a value opens under its parent's practice
+        # without a query of its own; never written.
+        mapper.add_property(hidden, sa.orm.column_property(expr))
+    typ._tenant_path = (str(local.key), remote, parent_tenant)
+    _register_dependent(remote, parent_tenant, local, typ)
+    group = groups.get(fk_prop.key)
+    if group is None:
+        group = groups[fk_prop.key] = _Group(
+            fk_prop.key,
+            local,  # type: ignore[arg-type]
+            (remote, parent_tenant, hidden, expr),
+        )
+    return group
+
+
+def _parent_practice(connection: sa.Connection, g: _Group, fk: Any) -> Any:
+    assert g.parent is not None  # noqa: S101 - only for parent groups
+    pk, tenant, _hidden, _expr = g.parent
+    if fk is None:
+        return None
+    return connection.execute(sa.select(tenant).where(pk == fk)).scalar_one_or_none()
+
+
 def _fetch(
     mapper: Mapper[Any],
     connection: sa.Connection,
     state: InstanceState[Any],
-    columns: list[sa.Column[Any]],
-) -> dict[sa.Column[Any], Any]:
-    """The row's stored values of ``columns``, encrypted ones as Sealed (never opened here)."""
-    out: dict[sa.Column[Any], Any] = {}
-    by_table: dict[Any, list[sa.Column[Any]]] = {}
+    columns: list[Any],
+    table: Any = None,
+) -> dict[Any, Any]:
+    """The row's stored values of ``columns``, encrypted ones as Sealed (never opened here).
+
+    ``columns`` are columns of the mapper's tables, or expressions read from
+    ``table`` (the practice of a parent row).
+    """
+    out: dict[Any, Any] = {}
+    by_table: dict[Any, list[Any]] = {}
     for c in columns:
-        by_table.setdefault(c.table, []).append(c)
+        by_table.setdefault(c.table if isinstance(c, sa.Column) else table, []).append(c)
     token = _tenant.set(None)  # no scope: values come back Sealed, opened by the caller
     try:
-        for table, cols in by_table.items():
+        for tbl, cols in by_table.items():
+            table = tbl
             # The identity key, not the attributes: reading an expired attribute
             # here would load (and open) the whole row in the middle of the flush.
             pks = list(mapper._pks_by_table[table])
@@ -165,7 +260,9 @@ def _fetch(
                     f"{mapper.class_.__name__}: cannot find the row to re-seal in {table.name}"
                 )
             row = connection.execute(
-                sa.select(*cols).where(*(pk == v for pk, v in zip(pks, ident, strict=True)))
+                sa.select(*cols)
+                .select_from(table)
+                .where(*(pk == v for pk, v in zip(pks, ident, strict=True)))
             ).first()
             if row is None:
                 raise ConfigurationError(
@@ -198,6 +295,13 @@ def _bind(v: Any, tenant: Any) -> Any:
     return bv
 
 
+def _stored_practice(
+    g: _Group, mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
+) -> Any:
+    src = g.practice_source()
+    return _fetch(mapper, connection, state, [src], g.tcol.table)[src]
+
+
 def _before_update(
     groups: list[_Group], mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
 ) -> None:
@@ -206,26 +310,25 @@ def _before_update(
     for g in groups:
         tkey = g.tkey
         moved = False
-        old: Any = None
         if tkey in cs:
-            old = cs[tkey]
-            if old is NO_VALUE:
-                # Set without being loaded first: the database knows the old practice.
-                old = _fetch(mapper, connection, state, [g.tcol])[g.tcol]
-                if old == d.get(tkey):
-                    cs[tkey] = old  # not a move: the UPDATE leaves it out
+            before = cs[tkey]
+            if before is NO_VALUE:
+                # Set without being loaded first: the database knows the old value.
+                before = _fetch(mapper, connection, state, [g.tcol])[g.tcol]
+                if before == d.get(tkey):
+                    cs[tkey] = before  # not a move: the UPDATE leaves it out
                 else:
                     moved = True
             else:
-                moved = not (d.get(tkey) == old)
+                moved = not (d.get(tkey) == before)
         if moved:
-            _reseal(g, mapper, connection, state, old)
+            _reseal(g, mapper, connection, state)
             continue
-        tenant: Any = d.get(tkey, NO_VALUE)
+        tenant: Any = d.get(g.practice_key(), NO_VALUE)
         for key, _typ, _col in g.items:
             if key in cs and isinstance(d.get(key), str):
                 if tenant is NO_VALUE:
-                    tenant = _fetch(mapper, connection, state, [g.tcol])[g.tcol]
+                    tenant = _stored_practice(g, mapper, connection, state)
                 d[key] = _bind(d[key], tenant)
 
 
@@ -234,12 +337,14 @@ def _reseal(
     mapper: Mapper[Any],
     connection: sa.Connection,
     state: InstanceState[Any],
-    old: Any,
 ) -> None:
     """The row moves to another practice: write every encrypted value again, sealed for it."""
     d = state.dict
     cs = state.committed_state
-    new = d.get(g.tkey)
+    if g.parent is not None:
+        new = _parent_practice(connection, g, d.get(g.tkey))
+    else:
+        new = d.get(g.tkey)
     # Values not loaded (deferred, load_only, expired) or loaded without a
     # practice (Sealed) are read from the database and opened under the
     # practice they are stored for: the database's, not the object's.
@@ -248,10 +353,9 @@ def _reseal(
         for key, _typ, col in g.items
         if key not in cs and (key not in d or isinstance(d[key], Sealed))
     ]
-    stored: dict[sa.Column[Any], Any] = {}
-    if missing:
-        stored = _fetch(mapper, connection, state, [g.tcol, *missing])
-        old = stored[g.tcol]
+    src = g.practice_source()
+    stored = _fetch(mapper, connection, state, [src, *missing], g.tcol.table)
+    old = stored[src]
     old_tenant = None if old is None else str(old)
     for key, typ, col in g.items:
         if key in cs:
@@ -278,6 +382,8 @@ def _before_insert(
     # table (joined inheritance), which the guard cannot see.
     d = state.dict
     for g in groups:
+        if g.parent is not None:
+            continue  # the guard finds the parent's practice from the foreign key
         for key, _typ, col in g.items:
             if col.table is not g.tcol.table and isinstance(d.get(key), str):
                 d[key] = _bind(d[key], d.get(g.tkey))

@@ -60,14 +60,18 @@ _NEW_KEYS = "carnet_new_keys"
 class _Enc:
     """One encrypted column of a table, and where its row's practice is."""
 
-    __slots__ = ("key", "column", "type", "tenant_key", "tenant_column")
+    __slots__ = ("key", "column", "type", "tenant_key", "tenant_column", "parent")
 
     def __init__(self, column: sa.ColumnElement[Any], type_: EncryptedText) -> None:
         self.key: str = column.key or ""
         self.column = column
         self.type = type_
+        # The column of this table that decides the practice: the practice
+        # itself, or a foreign key to a parent row that holds it (``parent``:
+        # the parent's primary key and practice columns).
         self.tenant_key: str | None = None
         self.tenant_column: sa.ColumnElement[Any] | None = None
+        self.parent: tuple[Any, Any] | None = None
 
 
 class _Spec:
@@ -114,7 +118,12 @@ def _build_spec(table: Any) -> _Spec | None:
             continue
         e = _Enc(col, typ)
         name = typ.tenant_column_name
-        if name is not None:
+        if typ._tenant_path is not None:
+            fk_key, parent_pk, parent_tenant = typ._tenant_path
+            fk = columns.get(fk_key)
+            if fk is not None:
+                e.tenant_key, e.tenant_column, e.parent = fk.key, fk, (parent_pk, parent_tenant)
+        elif name is not None:
             tcol = columns.get(name)
             if tcol is not None:
                 e.tenant_key = tcol.key
@@ -247,6 +256,7 @@ def guard_write(
     new_embedded: dict[str, Any] = {}
     pins: list[str | None] | None = None
     pin_column: sa.ColumnElement[Any] | None = None
+    pin_parent: tuple[Any, Any] | None = None
     need_keys: dict[tuple[int, str], tuple[KeyManager, str]] = {}
 
     groups: list[tuple[str | None, list[_Enc]]] = list(spec.by_tenant.items())
@@ -256,9 +266,7 @@ def guard_write(
 
     for tenant_key, encs in groups:
         written = _written(encs, first, embedded)
-        tenant_in_stmt = tenant_key is not None and (
-            tenant_key in first or tenant_key in embedded
-        )
+        tenant_in_stmt = tenant_key is not None and (tenant_key in first or tenant_key in embedded)
         # An UPDATE that sets the practice and only some of its encrypted columns
         # may not move a row (the others would stay sealed for the old practice):
         # it is pinned to rows already in the practice it names.
@@ -275,6 +283,13 @@ def guard_write(
             continue
         group_pins: list[str | None] = []
         managers = {e.key: e.type.manager_for(conn.dialect) for e in written}
+        parent = encs[0].parent
+        parents: dict[Any, Any] = {}
+        if parent is not None and tenant_in_stmt:
+            assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
+            parents = _parent_practices(
+                conn, parent, [_value(r, embedded, tenant_key)[0] for r in (rows or [{}])]
+            )
         for i in range(len(out_rows)):
             src = rows[i] if rows else {}
             row_tenant: str | None = None
@@ -282,6 +297,9 @@ def guard_write(
             if tenant_in_stmt:
                 assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
                 tv, _ = _value(src, embedded, tenant_key)
+                if parent is not None:
+                    _tenant_str(tv)  # refuses an SQL expression
+                    tv = parents.get(tv)
                 row_tenant = _tenant_str(tv)
                 from_row = True
             for e in written:
@@ -362,6 +380,7 @@ def guard_write(
                     )
                 pins = group_pins
                 pin_column = encs[0].tenant_column
+                pin_parent = parent
 
     for manager, tenant in need_keys.values():
         ensure_key_for(conn, manager, tenant)
@@ -370,21 +389,99 @@ def guard_write(
         stmt = stmt.values(new_embedded)
     if pins is not None and pin_column is not None and isinstance(stmt, Update):
         out_rows = [r if c else dict(r) for r, c in zip(out_rows, is_copy, strict=True)]
+        if pin_parent is not None:
+            # The practice is the parent's: pin to rows whose parent is in it.
+            parent_pk, parent_tenant = pin_parent
+            pinned: Any = pin_column.in_(
+                sa.select(parent_pk).where(parent_tenant == sa.bindparam(_PIN))
+            )
+        else:
+            pinned = pin_column == sa.bindparam(_PIN)
         if all(p is not None for p in pins):
-            stmt = stmt.where(pin_column == sa.bindparam(_PIN))
+            stmt = stmt.where(pinned)
             for row, p in zip(out_rows, pins, strict=True):
                 row[_PIN] = p
         else:
             # Rows writing only NULLs need no pin: match them whatever their practice.
-            stmt = stmt.where(
-                sa.or_(pin_column == sa.bindparam(_PIN), sa.bindparam(_PIN_ANY) == 1)
-            )
+            stmt = stmt.where(sa.or_(pinned, sa.bindparam(_PIN_ANY) == 1))
             for row, p in zip(out_rows, pins, strict=True):
                 row[_PIN] = p
                 row[_PIN_ANY] = 1 if p is None else 0
     if single:
         return stmt, [], out_rows[0]
     return stmt, out_rows, {}
+
+
+def _parent_practices(
+    conn: sa.Connection, parent: tuple[Any, Any], fks: list[Any]
+) -> dict[Any, Any]:
+    """Parent primary key -> its practice, for the foreign keys of a statement's rows."""
+    parent_pk, parent_tenant = parent
+    wanted = {fk for fk in fks if fk is not None and not isinstance(fk, ClauseElement)}
+    if not wanted:
+        return {}
+    token = context._tenant.set(None)
+    try:
+        rows = conn.execute(
+            sa.select(parent_pk, parent_tenant).where(parent_pk.in_(sorted(wanted, key=repr)))
+        ).all()
+    finally:
+        context._tenant.reset(token)
+    return {pk: practice for pk, practice in rows}
+
+
+# Parent table -> (its primary key, its practice column, a child's foreign key, the
+# child's encrypted column): children whose values are sealed for the parent's practice.
+_Dependent = tuple[Any, Any, Any, Any]
+_dependents: weakref.WeakKeyDictionary[Any, list[_Dependent]] = weakref.WeakKeyDictionary()
+
+
+def register_dependent(
+    parent_pk: Any, parent_tenant: Any, child_fk: Any, child_type: EncryptedText
+) -> None:
+    """Record that ``child_type``'s values are sealed for their parent row's practice."""
+    child_col = next((c for c in child_fk.table.c if c.type is child_type), None)
+    if child_col is None:
+        return
+    entries = _dependents.setdefault(_base_table(parent_pk.table), [])
+    if all(e[3] is not child_col for e in entries):
+        entries.append((parent_pk, parent_tenant, child_fk, child_col))
+
+
+def _guard_parent_move(
+    conn: sa.Connection,
+    stmt: Update,
+    entries: list[_Dependent],
+    multiparams: list[dict[str, Any]],
+    params: dict[str, Any],
+) -> None:
+    """Refuse to change a parent's practice while children hold values sealed for it."""
+    embedded = _embedded(stmt)
+    rows = multiparams or [params]
+    for parent_pk, parent_tenant, child_fk, child_col in entries:
+        key = parent_tenant.key
+        if key not in rows[0] and key not in embedded:
+            continue
+        for row in rows:
+            new, _ = _value(row, embedded, key)
+            moving = sa.select(parent_pk).where(
+                *([stmt.whereclause] if stmt.whereclause is not None else []),
+                *([] if isinstance(new, ClauseElement) else [parent_tenant.is_distinct_from(new)]),
+            )
+            held = conn.execute(
+                sa.select(sa.literal(1))
+                .select_from(child_fk.table)
+                .where(child_fk.in_(moving), child_col.is_not(None))
+                .limit(1),
+                row,
+            ).first()
+            if held is not None:
+                raise UnsupportedOperation(
+                    f"this UPDATE changes {parent_tenant.table.name}.{key} of rows whose "
+                    f"{child_col.table.name}.{child_col.name} values are sealed for the old "
+                    "practice: move those rows to a parent of the new practice first (the ORM "
+                    "re-seals them), then change the practice"
+                )
 
 
 def _before_execute(
@@ -395,6 +492,10 @@ def _before_execute(
     execution_options: Any,
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
     if isinstance(clauseelement, Insert | Update):
+        if _dependents and isinstance(clauseelement, Update):
+            entries = _dependents.get(_base_table(clauseelement.table))
+            if entries:
+                _guard_parent_move(conn, clauseelement, entries, multiparams, params)
         spec = _spec_for(clauseelement.table)
         if spec is not None:
             return guard_write(conn, clauseelement, spec, multiparams, params)

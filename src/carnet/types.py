@@ -139,6 +139,9 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # The practice column's key when the ORM attribute named by ``tenant``
         # maps to a column of another name (set at mapper configuration).
         self._tenant_column: str | None = None
+        # For a practice on a parent row (``tenant="patient.practice_id"``): the
+        # foreign key's column key, the parent's primary key and practice columns.
+        self._tenant_path: tuple[str, Any, Any] | None = None
 
     # -- schema attachment: learn table.column for the default label ----------------
 
@@ -172,6 +175,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         new._auto_label = self._auto_label
         new._resolved_label = self._resolved_label
         new._tenant_column = self._tenant_column
+        new._tenant_path = self._tenant_path
         new._from_copy = True
         return new
 
