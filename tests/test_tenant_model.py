@@ -83,7 +83,25 @@ class MNote(Base):
     )
 
 
+class MPatient(Base):
+    __tablename__ = "mt_patients"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    practice_id: Mapped[str] = mapped_column(sa.String(64))
+
+
+class MConsult(Base):
+    """A note whose practice is on its parent row (the patient's)."""
+
+    __tablename__ = "mt_consults"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    patient_id: Mapped[int] = mapped_column(sa.ForeignKey("mt_patients.id"))
+    patient: Mapped[MPatient] = relationship()
+    comment: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="patient.practice_id"))
+
+
 notes = MNote.__table__
+consults = MConsult.__table__
+PATIENTS = list(range(1, 7))
 texts = st.one_of(st.none(), st.text(max_size=40))
 practices = st.sampled_from(PRACTICES)
 
@@ -96,12 +114,20 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             self.destroyed: set[str] = set()
             self.keyed: set[str] = set()
             self.next_id = 1
+            self.patients = {p: PRACTICES[p % len(PRACTICES)] for p in PATIENTS}
+            self.consults: dict[int, tuple[int, str | None]] = {}
 
         @initialize()
         def fresh(self) -> None:
             carnet.configure(None)
             with engine.begin() as conn:
                 conn.execute(notes.delete())
+                conn.execute(consults.delete())
+                conn.execute(MPatient.__table__.delete())
+                conn.execute(
+                    MPatient.__table__.insert(),
+                    [{"id": p, "practice_id": t} for p, t in self.patients.items()],
+                )
                 conn.execute(sa.text("DELETE FROM carnet_keys"))
             self.km = carnet.KeyManager(engine, master_key=master_key_uri)
             carnet.configure(self.km)
@@ -111,13 +137,15 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             if hasattr(self, "km"):
                 self.km.close()
             # The same check from a brand-new process: nothing cached anywhere.
-            if self.model:
+            if self.model or self.consults:
                 path = Path(os.environ.get("TMPDIR", "/tmp")) / f"carnet-model-{os.getpid()}.json"
                 path.write_text(
                     json.dumps(
                         {
                             "expected": {str(k): list(v) for k, v in self.model.items()},
                             "destroyed": sorted(self.destroyed),
+                            "consults": {str(k): list(v) for k, v in self.consults.items()},
+                            "patients": {str(k): v for k, v in self.patients.items()},
                         }
                     )
                 )
@@ -426,6 +454,110 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             self.model[kept] = (practice, second, None)
             self._created(practice)
 
+        # -- the practice on a parent row ------------------------------------------------
+
+        @rule(patient=st.sampled_from(PATIENTS), text=texts,
+              how=st.sampled_from(["orm", "core", "core_own_scope", "core_other_scope"]))
+        def consult_add(self, patient: int, text: str | None, how: str) -> None:
+            cid = self._id()
+            practice = self.patients[patient]
+            other = next(p for p in PRACTICES if p != practice)
+            row = {"id": cid, "patient_id": patient, "comment": text}
+
+            def add() -> None:
+                if how == "orm":
+                    with Session(engine) as s:
+                        s.add(MConsult(**row))
+                        s.commit()
+                    return
+                scoped = {"core": None, "core_own_scope": practice,
+                          "core_other_scope": other}[how]
+                with engine.begin() as conn:
+                    if scoped is None:
+                        conn.execute(consults.insert(), row)
+                    else:
+                        with carnet.tenant_scope(scoped):
+                            conn.execute(consults.insert(), row)
+
+            if text is not None and how == "core_other_scope":
+                self._refused(add, TenantMismatch)
+            elif text is not None and not self._writes(practice):
+                self._refused(add, KeyDestroyed)
+            else:
+                add()
+                self.consults[cid] = (patient, text)
+                if text is not None:
+                    self._created(practice)
+
+        def _live_consults(self) -> list[int]:
+            return sorted(
+                c for c, (p, _) in self.consults.items()
+                if self.patients[p] not in self.destroyed
+            )
+
+        @precondition(lambda self: self._live_consults())
+        @rule(data=st.data(), patient=st.sampled_from(PATIENTS),
+              how=st.sampled_from(["foreign_key", "relationship", "load_only"]))
+        def consult_move(self, data: st.DataObject, patient: int, how: str) -> None:
+            cid = data.draw(st.sampled_from(self._live_consults()))
+            _, text = self.consults[cid]
+            new = self.patients[patient]
+
+            def move() -> None:
+                with Session(engine) as s:
+                    if how == "load_only":
+                        c = s.scalars(sa.select(MConsult).options(load_only(MConsult.id))
+                                      .where(MConsult.id == cid)).one()
+                    else:
+                        c = s.get(MConsult, cid)  # type: ignore[assignment]
+                    assert c is not None
+                    if how == "relationship":
+                        c.patient = s.get(MPatient, patient)  # type: ignore[assignment]
+                    else:
+                        c.patient_id = patient
+                    s.commit()
+
+            if text is not None and not self._writes(new):
+                self._refused(move, KeyDestroyed)
+                return
+            move()
+            self.consults[cid] = (patient, text)
+            if text is not None:
+                self._created(new)
+
+        @precondition(lambda self: self._live_consults())
+        @rule(data=st.data(), text=texts)
+        def consult_edit(self, data: st.DataObject, text: str | None) -> None:
+            cid = data.draw(st.sampled_from(self._live_consults()))
+            patient, _ = self.consults[cid]
+            with Session(engine) as s:
+                c = s.get(MConsult, cid)
+                assert c is not None
+                c.comment = text
+                s.commit()
+            self.consults[cid] = (patient, text)
+
+        @rule(patient=st.sampled_from(PATIENTS), new=practices, orm=st.booleans())
+        def patient_changes_practice(self, patient: int, new: str, orm: bool) -> None:
+            def change() -> None:
+                if orm:
+                    with Session(engine) as s:
+                        p = s.get(MPatient, patient)
+                        assert p is not None
+                        p.practice_id = new
+                        s.commit()
+                else:
+                    with engine.begin() as conn:
+                        conn.execute(MPatient.__table__.update()
+                                     .where(MPatient.id == patient).values(practice_id=new))
+
+            held = any(p == patient and t is not None for p, t in self.consults.values())
+            if held and new != self.patients[patient]:
+                self._refused(change, UnsupportedOperation)
+            else:
+                change()
+                self.patients[patient] = new
+
         # -- key lifecycle -------------------------------------------------------------
 
         @precondition(lambda self: self.keyed - self.destroyed)
@@ -449,7 +581,9 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             if not hasattr(self, "km"):
                 return
             checks[0] += 1
-            problems = mismatches(engine, master_key_uri, self.model, self.destroyed)
+            problems = mismatches(
+                engine, master_key_uri, self.model, self.destroyed, self.consults, self.patients
+            )
             assert not problems, problems
 
     return TenantMachine

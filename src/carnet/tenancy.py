@@ -111,6 +111,17 @@ def _build_spec(table: Any) -> _Spec | None:
     columns = getattr(table, "c", None)
     if columns is None:
         return None
+    if any(
+        isinstance(c.type, EncryptedText)
+        and c.type._tenant_path is None
+        and "." in (c.type.tenant or "")
+        for c in columns
+    ):
+        # A practice on a parent row is resolved at mapper configuration: a Core
+        # statement may come first.
+        from sqlalchemy.orm import configure_mappers
+
+        configure_mappers()
     encs: list[_Enc] = []
     for col in columns:
         typ = col.type
@@ -123,6 +134,11 @@ def _build_spec(table: Any) -> _Spec | None:
             fk = columns.get(fk_key)
             if fk is not None:
                 e.tenant_key, e.tenant_column, e.parent = fk.key, fk, (parent_pk, parent_tenant)
+        elif name is not None and "." in name:
+            raise ConfigurationError(
+                f"{typ.field_label}: EncryptedText(tenant={name!r}) names a parent's practice, "
+                "which needs an ORM mapping with that relationship"
+            )
         elif name is not None:
             tcol = columns.get(name)
             if tcol is not None:
