@@ -221,15 +221,20 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
             raise ConfigurationError("a Sealed value cannot be written back: open it first")
         else:
             raise InvalidPlaintext(f"EncryptedText stores str values, not {type(value).__name__}")
+        failure: CarnetError | None = None
         try:
             blob = self.encrypt(value, tenant)
         except CarnetError:
             raise
         except UnicodeEncodeError:
-            # The exception object holds the whole string: drop it.
-            raise InvalidPlaintext("value is not valid Unicode (lone surrogate)") from None
+            # The exception object holds the whole string (``.object``).
+            failure = InvalidPlaintext("value is not valid Unicode (lone surrogate)")
         except Exception as exc:  # noqa: BLE001 - a foreign error here may carry the note
-            raise CarnetError(f"encryption failed: {type(exc).__name__}") from None
+            failure = CarnetError(f"encryption failed: {type(exc).__name__}")
+        if failure is not None:
+            # Raised outside the except blocks: ``raise ... from None`` inside
+            # them only hides the original, still kept as ``__context__``.
+            raise failure
         return envelope.to_text(blob) if self.storage == "text" else blob
 
     def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Any:
