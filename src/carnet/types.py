@@ -68,6 +68,13 @@ class Sealed:
 _ALLOWED_OPS = {operators.is_, operators.is_not}
 
 
+def _legacy_read(hook: Any, tenant: str | None, label: str | None) -> None:
+    # An auditor tells legacy plaintext reads apart (``legacy_read``); any
+    # other decrypt hook sees them as decryptions. The tenant is the scope's,
+    # when there is one: in an ORM read the row's is not known here.
+    getattr(hook, "legacy_read", hook)(tenant or "<unknown>", label or "<unknown>", 1)
+
+
 def _is_column(other: Any) -> bool:
     return isinstance(other, ColumnElement) and not isinstance(other, BindParameter | Null)
 
@@ -264,7 +271,10 @@ class EncryptedText(TypeDecorator[str], SchemaEventTarget):
         if self.storage == "text":
             if not value.startswith(envelope.TEXT_PREFIX):
                 if self.mixed_read:
-                    self.manager.legacy_plaintext_reads += 1
+                    manager = self.manager
+                    manager.legacy_plaintext_reads += 1
+                    if manager.decrypt_hook is not None:  # audit and budget: a note is disclosed
+                        _legacy_read(manager.decrypt_hook, _tenant.get(), self.field_label)
                     return value
                 raise InvalidCiphertext("value is not carnet ciphertext", label=self.field_label)
             blob = envelope.from_text(value)
