@@ -26,7 +26,7 @@ import sqlalchemy as sa
 import carnet
 from carnet.errors import DatabaseError
 from carnet.migrate import resolve, run_migration
-from lifecycleutil import run_cli
+from lifecycleutil import fill_notes, run_cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -234,3 +234,42 @@ def test_latin1_legacy_note_through_the_library(
         assert SECRET not in _everything(ei.value)
         assert "not valid UTF-8" in str(ei.value)
     assert SECRET not in logs.text
+
+
+# -- the same boundary under re-encryption, through the main CLI -------------------------
+
+_REFUSE_NOTES = {
+    "postgresql": [
+        "CREATE FUNCTION refuse_notes() RETURNS trigger AS $$ BEGIN "
+        "RAISE EXCEPTION 'refused row of %%', OLD.practice_id; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse BEFORE UPDATE ON notes FOR EACH ROW EXECUTE FUNCTION refuse_notes()",
+    ],
+    "mariadb": [
+        "CREATE TRIGGER refuse BEFORE UPDATE ON notes FOR EACH ROW BEGIN "
+        "DECLARE m VARCHAR(255); SET m = CONCAT('refused row of ', OLD.practice_id); "
+        "SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = m; END",
+    ],
+}
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"])
+def test_reencrypt_refused_by_the_database_is_one_line_exit_4(
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, db_kind: str
+) -> None:
+
+    fill_notes(engine, keys, 12)
+    r = run_cli(["keys", "rotate", "--all"], db_url=db_url, master_key=master_key_uri)
+    assert r.returncode == 0, r.stderr
+    with engine.begin() as conn:
+        for ddl in _REFUSE_NOTES[db_kind]:
+            conn.exec_driver_sql(ddl)
+    engine.dispose()
+    r = run_cli(
+        ["reencrypt", "--table", "notes", "--column", "body"],
+        db_url=db_url,
+        master_key=master_key_uri,
+    )
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("carnet: error: notes.body: database error"), r.stderr
+    assert "refused row of" not in r.stderr  # the trigger's text, which could quote a value
