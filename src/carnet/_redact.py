@@ -5,6 +5,8 @@
   its parameters: when bind processing failed they are the caller's values,
   the notes in clear, and SQLAlchemy's message lists them. The statement
   text stays. Other statements keep SQLAlchemy's usual message.
+- So does a failed write to carnet's key table: its parameters include
+  wrapped data keys.
 - SQLite's "Could not decode to UTF-8 column 'c' with text '...'" (a Latin-1
   legacy note read as text) loses the quoted text, whatever the statement.
 """
@@ -39,7 +41,7 @@ def redact(ctx: Any) -> None:
 
 
 def _binds_encrypted(ctx: Any) -> bool:
-    """Does the failed statement bind a value of an encrypted column?"""
+    """Does the failed statement bind a note (an encrypted column) or a wrapped key?"""
     ec = ctx.execution_context
     if ec is not None:
         compiled = getattr(ec, "compiled", None)
@@ -53,7 +55,18 @@ def _binds_encrypted(ctx: Any) -> bool:
     if compiled is None:
         return False  # a raw driver-level string statement: no carnet type in it
     binds = getattr(compiled, "binds", None) or {}
-    return any(isinstance(b.type, EncryptedText) for b in binds.values())
+    return any(isinstance(b.type, EncryptedText) for b in binds.values()) or _on_key_table(
+        compiled
+    )
+
+
+def _on_key_table(compiled: Compiled) -> bool:
+    # A write to carnet's key table binds wrapped data keys: key material,
+    # kept out of messages like a note. Recognised by its columns, since its
+    # name is the application's choice.
+    table = getattr(getattr(compiled, "statement", None), "table", None)
+    columns = getattr(table, "c", None)
+    return columns is not None and "wrapped_key" in columns and "master_key_uri" in columns
 
 
 def _compiled_from_frames(tb: TracebackType | None) -> Compiled | None:
