@@ -55,9 +55,7 @@ def _binds_encrypted(ctx: Any) -> bool:
     if compiled is None:
         return False  # a raw driver-level string statement: no carnet type in it
     binds = getattr(compiled, "binds", None) or {}
-    return any(isinstance(b.type, EncryptedText) for b in binds.values()) or _on_key_table(
-        compiled
-    )
+    return any(isinstance(b.type, EncryptedText) for b in binds.values()) or _on_key_table(compiled)
 
 
 def _on_key_table(compiled: Compiled) -> bool:

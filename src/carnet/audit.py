@@ -100,8 +100,14 @@ class DecryptBudget:
     principal; principals idle for a window are dropped as the table grows.
     """
 
-    def __init__(self, limit: int, window: float, *, exempt: tuple[str, ...] = (),
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        exempt: tuple[str, ...] = (),
+        clock: Clock = time.monotonic,
+    ) -> None:
         if limit < 1 or not window > 0:
             raise ConfigurationError("a decrypt budget needs limit >= 1 and window > 0")
         self.limit = limit
