@@ -25,6 +25,11 @@ def _handle_error(ctx: Any) -> BaseException | None:
     orig = ctx.original_exception
     if isinstance(orig, CarnetError):
         return orig
+    # Any other failure: strip the notes SQLAlchemy's error would show (see
+    # carnet._redact). Imported on the first failed statement only.
+    from ._redact import redact
+
+    redact(ctx)
     return None
 
 

@@ -2,25 +2,27 @@
 
 The leak that motivates carnet was a bulk read. Inside the application,
 carnet cannot tell a legitimate screen from a scraping loop, but it can
-count: every decryption is attributed to the principal in scope (a user, a
-service account), aggregated per (principal, tenant, field), and checked
-against an optional budget per time window::
+count: every decryption (and, during a migration, every legacy plaintext
+value a mixed-read column returns) is attributed to the principal in scope
+(a user, a service account), aggregated per (principal, tenant, field), and
+checked against an optional budget::
 
     auditor = carnet.audit.Auditor(budget=carnet.audit.DecryptBudget(limit=500, window=60))
     auditor.install(keys)
     with carnet.audit.principal_scope("dr.martin"):
-        ...  # the 501st decrypt within a minute raises DecryptBudgetExceeded
+        ...  # a 501st read within any 60 seconds raises DecryptBudgetExceeded
 
 Events go to the ``carnet.audit`` logger (and an optional sink callable):
-principal, tenant, field label, count; never a note.
+principal, tenant, field label, counts; never a note. See docs/audit.md.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -55,59 +57,125 @@ def current_principal() -> str:
 
 @dataclass(frozen=True)
 class AuditEvent:
+    """Reads of one field of one tenant by one principal between ``start`` and ``end``.
+
+    ``count`` counts every note disclosed: decryptions and legacy plaintext
+    values returned by a mixed-read column; ``legacy`` is how many of them
+    were the latter. ``start`` and ``end`` are readings of the auditor's clock
+    (``time.monotonic`` unless given).
+    """
+
     principal: str
     tenant: str
     field: str
     count: int
     start: float
     end: float
+    legacy: int = 0
+
+
+Clock = Callable[[], float]
+
+# Budgets drop the records of principals idle for a whole window when they
+# track more principals than this and either a window has passed since the
+# last sweep or the table doubled: amortized O(1) per new principal.
+_SWEEP_MIN = 1024
 
 
 class DecryptBudget:
-    """At most ``limit`` decryptions per principal in any fixed ``window`` of seconds.
+    """Never more than ``limit`` decryptions by one principal in any ``window`` seconds.
+
+    A sliding window, exact: for each principal the budget keeps the times of
+    its allowed decryptions of the last ``window`` seconds (at most ``limit``
+    of them). A decryption at time ``t`` is allowed when fewer than ``limit``
+    were allowed in ``(t - window, t]``; otherwise it raises
+    :class:`DecryptBudgetExceeded` and is not recorded, so a refused scraper
+    does not push its own budget back. No instant is special: a burst
+    straddling a minute boundary counts whole.
 
     ``exempt`` principals (batch jobs that legitimately read everything, such as
-    re-encryption) are counted but never stopped.
+    re-encryption) are never stopped. ``clock`` returns seconds and must not go
+    backwards (default ``time.monotonic``). Memory: about 32 bytes per
+    decryption allowed in the last window, so at most ``32 * limit`` bytes per
+    principal; principals idle for a window are dropped as the table grows.
     """
 
-    def __init__(self, limit: int, window: float, *, exempt: tuple[str, ...] = ()) -> None:
-        if limit < 1 or window <= 0:
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        exempt: tuple[str, ...] = (),
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if limit < 1 or not window > 0:
             raise ConfigurationError("a decrypt budget needs limit >= 1 and window > 0")
         self.limit = limit
         self.window = window
         self.exempt = frozenset(exempt)
-        self._windows: dict[str, tuple[float, int]] = {}
+        self._clock = clock
+        self._recent: dict[str, deque[float]] = {}
+        self._sweep_at = _SWEEP_MIN
+        self._swept = -math.inf
         self._lock = threading.Lock()
 
     def charge(self, principal: str, n: int = 1) -> None:
-        if principal in self.exempt:
+        """Record ``n`` decryptions by ``principal`` now, or raise if that breaks the budget."""
+        if n <= 0 or principal in self.exempt:
             return
-        now = time.monotonic()
+        now = self._clock()
+        window = self.window
         with self._lock:
-            start, used = self._windows.get(principal, (now, 0))
-            if now - start >= self.window:
-                start, used = now, 0
-            used += n
-            self._windows[principal] = (start, used)
-        if used > self.limit:
+            times = self._recent.get(principal)
+            if times is None:
+                times = self._add(principal, now)
+            # Oldest first: drop those out of (now - window, now].
+            while times and now - times[0] >= window:
+                times.popleft()
+            allowed = len(times) + n <= self.limit
+            if allowed:
+                if n == 1:
+                    times.append(now)
+                else:
+                    times.extend([now] * n)
+        if not allowed:
             log.warning(
-                "carnet: decrypt budget exceeded by %r: %d decryptions in %.0fs (limit %d)",
+                "carnet: decrypt budget exceeded by %r: %d more would pass %d in %gs",
                 principal,
-                used,
-                self.window,
+                n,
                 self.limit,
+                window,
             )
             raise DecryptBudgetExceeded(
                 f"principal {principal!r} exceeded its decrypt budget of {self.limit} "
-                f"per {self.window:g}s"
+                f"per {window:g}s"
             )
+
+    def _add(self, principal: str, now: float) -> deque[float]:
+        recent = self._recent
+        window = self.window
+        if len(recent) >= self._sweep_at or (
+            len(recent) > _SWEEP_MIN and now - self._swept >= window
+        ):
+            # A principal whose newest decryption is a window old has nothing
+            # left in any window that still matters: forgetting it is exact.
+            for p in [p for p, t in recent.items() if not t or now - t[-1] >= window]:
+                del recent[p]
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(recent))
+            self._swept = now
+        times: deque[float] = deque()
+        recent[principal] = times
+        return times
 
 
 class Auditor:
-    """Counts decryptions per (principal, tenant, field), emits events, enforces a budget.
+    """Counts reads of notes per (principal, tenant, field), emits events, enforces a budget.
 
-    Events are emitted every ``flush_every`` seconds (on the next decryption) and
-    on :meth:`flush`; ``sink`` receives each :class:`AuditEvent` besides the log.
+    Events are emitted every ``flush_every`` seconds (on the next read) and on
+    :meth:`flush`; ``sink`` receives each :class:`AuditEvent` besides the log.
+    A legacy plaintext value returned by a mixed-read column during a
+    migration discloses a note as a decryption does: it is counted and charged
+    to the budget the same way (:meth:`legacy_read`).
     """
 
     def __init__(
@@ -116,12 +184,14 @@ class Auditor:
         budget: DecryptBudget | None = None,
         sink: Callable[[AuditEvent], None] | None = None,
         flush_every: float = 60.0,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.budget = budget
         self.sink = sink
         self.flush_every = flush_every
-        self._counts: defaultdict[tuple[str, str, str], int] = defaultdict(int)
-        self._since = time.monotonic()
+        self._clock = clock
+        self._counts: defaultdict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0])
+        self._since = clock()
         self._lock = threading.Lock()
 
     def install(self, manager: KeyManager) -> Auditor:
@@ -129,27 +199,41 @@ class Auditor:
         return self
 
     def __call__(self, tenant: str, field: str, count: int) -> None:
+        self._record(tenant, field, count, 0)
+
+    def legacy_read(self, tenant: str, field: str, count: int) -> None:
+        """A mixed-read column returned ``count`` legacy plaintext value(s)."""
+        self._record(tenant, field, count, count)
+
+    def _record(self, tenant: str, field: str, count: int, legacy: int) -> None:
         principal = _principal.get() or ANONYMOUS
         if self.budget is not None:
             self.budget.charge(principal, count)
-        self._counts[(principal, tenant, field)] += count
-        if time.monotonic() - self._since >= self.flush_every:
+        with self._lock:
+            c = self._counts[(principal, tenant, field)]
+            c[0] += count
+            c[1] += legacy
+            due = self._clock() - self._since >= self.flush_every
+        if due:
             self.flush()
 
     def flush(self) -> list[AuditEvent]:
         with self._lock:
-            counts, self._counts = self._counts, defaultdict(int)
-            start, self._since = self._since, time.monotonic()
+            counts, self._counts = self._counts, defaultdict(lambda: [0, 0])
+            start, self._since = self._since, self._clock()
+            end = self._since
         events = [
-            AuditEvent(p, t, f, n, start, self._since) for (p, t, f), n in sorted(counts.items())
+            AuditEvent(p, t, f, n, start, end, legacy)
+            for (p, t, f), (n, legacy) in sorted(counts.items())
         ]
         for ev in events:
             log.info(
-                "carnet: decrypted %d value(s) of %s for tenant %r by principal %r",
+                "carnet: decrypted %d value(s) of %s for tenant %r by principal %r%s",
                 ev.count,
                 ev.field,
                 ev.tenant,
                 ev.principal,
+                f" ({ev.legacy} legacy plaintext)" if ev.legacy else "",
             )
             if self.sink is not None:
                 self.sink(ev)

@@ -25,7 +25,15 @@ import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
 
 from . import jobs as _jobs
-from .errors import CarnetError, ConfigurationError, MasterKeyMismatch, MasterKeyUnavailable
+from .errors import (
+    CarnetError,
+    ConfigurationError,
+    DatabaseError,
+    MasterKeyMismatch,
+    MasterKeyUnavailable,
+    db_error_code,
+    describe_db_error,
+)
 from .keystore import utcnow
 
 __all__ = ["BatchReport", "BatchRow", "iter_rows", "resolve_table", "run_batches", "raw_type"]
@@ -177,6 +185,8 @@ class _Plan:
         self.cas_null = table.update().where(*pk_match, self.col.is_(None)).values(
             {self.col.name: new})
         self.npk = n
+        # What the run is doing, for an error that must name rows but no values.
+        self.doing: tuple[str, tuple[Any, ...] | None] = ("reading the rows", None)
         # PostgreSQL: one UPDATE ... FROM (VALUES ...) per batch instead of one
         # statement per row: a single round trip, same compare-and-set.
         # %(name)b (binary parameters) is psycopg 3 syntax.
@@ -208,6 +218,13 @@ class _Plan:
         try:
             cur.execute(self.bulk_sql, self.bulk_params(updates))
             return int(cur.rowcount)
+        except self.dialect.loaded_dbapi.Error as exc:
+            # The raw cursor bypasses SQLAlchemy: wrap the driver's error as
+            # SQLAlchemy would (so a deadlock is retried like any other), with
+            # no parameters: they hold the old values, legacy notes in a migration.
+            raise sa.exc.DBAPIError.instance(
+                self.bulk_sql, None, exc, self.dialect.loaded_dbapi.Error,
+                hide_parameters=True, dialect=self.dialect) from None
         finally:
             cur.close()
 
@@ -425,6 +442,7 @@ def run_batches(
 
     with engine.connect() as conn:
         while True:
+            failure: DatabaseError | None = None
             for attempt in range(_RETRIES):
                 try:
                     n, last_seen = _one_batch(conn, plan, t, job, index, lower, upper, last,
@@ -434,8 +452,14 @@ def run_batches(
                     if conn.in_transaction():
                         conn.rollback()
                     if not _transient(exc) or attempt == _RETRIES - 1:
-                        raise
+                        failure = _failure(exc, plan)
+                        break
                     time.sleep(min(2.0, 0.02 * 2 ** attempt) * (0.5 + random.random()))  # noqa: S311
+            if failure is not None:
+                # Raised outside the except block: the driver's error, its
+                # message and SQLAlchemy's parameters (legacy notes during a
+                # migration) must not ride along as __context__.
+                raise failure
             if n == 0:
                 break
             last = last_seen
@@ -446,6 +470,22 @@ def run_batches(
     _finish(engine, job, index)
     report.elapsed = time.monotonic() - started
     return report
+
+
+def _failure(exc: sa.exc.DBAPIError, plan: _Plan) -> DatabaseError:
+    doing, pks = plan.doing
+    if pks is None:
+        rows = "from the start of the range"
+    elif doing.startswith("reading"):
+        rows = f"after primary key {list(pks[0])}"
+    else:
+        rows = f"with primary keys {list(pks[0])} to {list(pks[-1])}"
+    where = f"{plan.table.name}.{plan.col.name}"
+    return DatabaseError(
+        f"{where}: database error while {doing} {rows}: {describe_db_error(exc)}",
+        table=plan.table.name, column=plan.col.name, pks=pks or (),
+        code=db_error_code(exc),
+    )
 
 
 def _finish(engine: sa.Engine, job: str, index: int) -> None:
@@ -461,6 +501,8 @@ def _one_batch(
     batch_size: int, transform: Callable[[BatchRow], Any | None], report: BatchReport,
 ) -> tuple[int, tuple[Any, ...] | None]:
     # Plain read, ended at once: no row or gap locks held while transforming.
+    start = last if last is not None else lower
+    plan.doing = ("reading the rows", (start,) if start is not None else None)
     rows = conn.execute(plan.select(lower, upper, last, batch_size)).all()
     conn.commit()
     if not rows:
@@ -489,6 +531,7 @@ def _one_batch(
             params["carnet_old"] = br.value
             updates.append(params)
     last_seen = tuple(rows[-1][: plan.npk])
+    plan.doing = ("writing the rows", (tuple(rows[0][: plan.npk]), last_seen))
     written = 0
     with conn.begin():
         if updates and plan.bulk:

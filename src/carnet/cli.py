@@ -22,11 +22,13 @@ from . import lifecycle
 from .errors import (
     CarnetError,
     ConfigurationError,
+    DatabaseError,
     KeyDestroyed,
     KeyInUse,
     MasterKeyMismatch,
     MasterKeyUnavailable,
     UnknownTenant,
+    describe_db_error,
 )
 from .manager import KeyManager
 
@@ -49,16 +51,15 @@ def _fail(ctx: click.Context, code: int, message: str) -> None:
 
 
 def _db_message(exc: sa.exc.SQLAlchemyError) -> str:
-    # Only the driver's first line, never SQLAlchemy's rendering, which
-    # appends the statement's parameters (a note, during a migration).
+    # Never SQLAlchemy's rendering, which appends the statement's parameters
+    # (a note, during a migration), nor the driver's text beyond what
+    # describe_db_error keeps: some driver messages quote a stored value.
     orig = getattr(exc, "orig", None)
-    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) and orig is not None:
-        first = (str(orig).strip().splitlines() or [""])[0][:200]
-        return f"database unreachable or failing: {first}"
-    if orig is not None:
-        code = getattr(orig, "sqlstate", None) or (getattr(orig, "args", None) or [None])[0]
-        return f"database error ({type(orig).__name__}{f' {code}' if code else ''})"
-    return f"database error ({type(exc).__name__})"
+    if orig is None:
+        return f"database error ({type(exc).__name__})"
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return f"database unreachable or failing: {describe_db_error(exc)}"
+    return f"database error: {describe_db_error(exc)}"
 
 
 class CarnetGroup(click.Group):
@@ -73,6 +74,8 @@ class CarnetGroup(click.Group):
             _fail(ctx, EXIT_UNKNOWN_TENANT, str(exc))
         except KeyDestroyed as exc:
             _fail(ctx, EXIT_DESTROYED, str(exc))
+        except DatabaseError as exc:
+            _fail(ctx, EXIT_DATABASE, str(exc))
         except (MasterKeyUnavailable, MasterKeyMismatch) as exc:
             _fail(ctx, EXIT_MASTER_KEY, str(exc))
         except CarnetError as exc:

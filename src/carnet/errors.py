@@ -138,3 +138,104 @@ class UnsupportedOperation(CarnetError, TypeError):
 
 class DecryptBudgetExceeded(CarnetError):
     """A principal decrypted more values than its budget allows in the window."""
+
+
+class DatabaseError(CarnetError):
+    """carnet's own batch work (a migration, a re-encryption) failed in the database.
+
+    The message names the table, the column and the primary keys of the rows
+    concerned, the driver's error class and code; never a stored value. The
+    driver's exception is not chained (no ``__cause__`` or ``__context__``):
+    its message or its parameters may quote a legacy note.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        table: str | None = None,
+        column: str | None = None,
+        pks: tuple[object, ...] = (),
+        code: str | None = None,
+    ) -> None:
+        self.table = table
+        self.column = column
+        self.pks = pks
+        self.code = code
+        super().__init__(message)
+
+
+# Driver errors whose first line is about reaching the server, never about a
+# row: PostgreSQL SQLSTATE classes 08 (connection), 28 (authentication), 3D
+# (no such database), 57P (shutdown); MySQL/MariaDB server errors 1040-1049
+# (connections, access, unknown database) and client errors 2000-2999.
+_PG_CONNECTION_CLASSES = ("08", "28", "3D", "57P")
+_SQLITE_SAFE_PREFIX = "SQLITE_"
+
+# Known row-level errors: a hint instead of the driver's text, which may quote
+# the value (MariaDB "Incorrect string value: '...'", PostgreSQL DETAIL lines,
+# pysqlite "Could not decode to UTF-8 column 'c' with text '...'").
+_HINTS = {
+    "22001": "a value is too long for its column",
+    "1406": "a value is too long for its column",
+    "1366": "a value is not valid in the column's character set",
+    "22021": "a value is not valid in the database encoding",
+    "23505": "a unique constraint refused a value",
+    "1062": "a unique constraint refused a value",
+}
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's exception inside a SQLAlchemy wrapper, or ``exc`` itself."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
+
+
+def db_error_code(exc: BaseException) -> str | None:
+    """SQLSTATE (PostgreSQL), error number (MySQL/MariaDB) or SQLite error name, if any."""
+    orig = _driver_error(exc)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate
+    name = getattr(orig, "sqlite_errorname", None)
+    if isinstance(name, str):
+        return name
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return str(args[0])
+    return None
+
+
+def _text_is_safe(orig: BaseException, code: str | None) -> bool:
+    module = type(orig).__module__
+    if module.startswith("psycopg"):
+        if code is None:  # raised by libpq itself: connection set-up and loss
+            return type(orig).__name__ in ("OperationalError", "InterfaceError")
+        return code.startswith(_PG_CONNECTION_CLASSES)
+    if module.startswith(("pymysql", "MySQLdb", "mariadb")):
+        return code is not None and code.isdigit() and (
+            1040 <= int(code) <= 1049 or 2000 <= int(code) <= 2999)
+    if module.startswith("sqlite3"):
+        # Messages of the SQLite library name files, tables and columns; only
+        # pysqlite's own messages (no error name) quote stored text.
+        return code is not None and code.startswith(_SQLITE_SAFE_PREFIX)
+    return False
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """One line about a driver or SQLAlchemy database error that quotes no stored value.
+
+    The driver's own text is kept only for errors about reaching the server
+    (host, port, authentication, missing database file); for everything else
+    the error class, its code and a hint.
+    """
+    orig = _driver_error(exc)
+    code = db_error_code(exc)
+    kind = type(orig).__name__ + (f" {code}" if code else "")
+    if _text_is_safe(orig, code):
+        first = (str(orig).strip().splitlines() or [""])[0][:200]
+        return f"{kind}: {first}"
+    hint = _HINTS.get(code or "")
+    if hint is None and str(orig).startswith("Could not decode to UTF-8 column"):
+        hint = "a stored text value is not valid UTF-8 (a Latin-1 legacy value?)"
+    return f"{kind}: {hint}" if hint else kind

@@ -86,6 +86,13 @@ class Sealed:
 _ALLOWED_OPS = {operators.is_, operators.is_not}
 
 
+def _legacy_read(hook: Any, tenant: str | None, label: str | None) -> None:
+    # An auditor tells legacy plaintext reads apart (``legacy_read``); any
+    # other decrypt hook sees them as decryptions. The tenant is the scope's,
+    # when there is one: in an ORM read the row's is not known here.
+    getattr(hook, "legacy_read", hook)(tenant or "<unknown>", label or "<unknown>", 1)
+
+
 def _is_column(other: Any) -> bool:
     return isinstance(other, ColumnElement) and not isinstance(other, BindParameter | Null)
 
@@ -279,15 +286,20 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             raise ConfigurationError("a Sealed value cannot be written back: open it first")
         else:
             raise InvalidPlaintext(f"EncryptedText stores str values, not {type(value).__name__}")
+        failure: CarnetError | None = None
         try:
             blob = self.encrypt(value, tenant, self.manager_for(dialect))
         except CarnetError:
             raise
         except UnicodeEncodeError:
-            # The exception object holds the whole string: drop it.
-            raise InvalidPlaintext("value is not valid Unicode (lone surrogate)") from None
+            # The exception object holds the whole string (``.object``).
+            failure = InvalidPlaintext("value is not valid Unicode (lone surrogate)")
         except Exception as exc:  # noqa: BLE001 - a foreign error here may carry the note
-            raise CarnetError(f"encryption failed: {type(exc).__name__}") from None
+            failure = CarnetError(f"encryption failed: {type(exc).__name__}")
+        if failure is not None:
+            # Raised outside the except blocks: ``raise ... from None`` inside
+            # them only hides the original, still kept as ``__context__``.
+            raise failure
         return envelope.to_text(blob) if self.storage == "text" else blob
 
     def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Any:
@@ -321,7 +333,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         if self.storage == "text":
             if not value.startswith(envelope.TEXT_PREFIX):
                 if self.mixed_read:
-                    self.manager_for(dialect).legacy_plaintext_reads += 1
+                    manager = self.manager_for(dialect)
+                    manager.legacy_plaintext_reads += 1
+                    if manager.decrypt_hook is not None:  # audit and budget: a note is disclosed
+                        _legacy_read(manager.decrypt_hook, _tenant.get(), self.field_label)
                     return value
                 raise InvalidCiphertext("value is not carnet ciphertext", label=self.field_label)
             blob = envelope.from_text(value)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 
-from ..errors import CarnetError
+from ..errors import CarnetError, describe_db_error
 from ..manager import KeyManager
 from . import plan as plan_mod
 from . import residue as residue_mod
@@ -101,12 +101,11 @@ def _errors(f: F) -> F:
             return f(*args, **kwargs)
         except CarnetError as exc:
             raise click.ClickException(str(exc)) from None
-        except sa.exc.DBAPIError as exc:
-            # The driver's own message, first line only: the full text of some
-            # errors echoes row values.
-            first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else ""
-            raise click.ClickException(
-                f"database error ({type(exc.orig).__name__}): {first}") from None
+        except sa.exc.SQLAlchemyError as exc:
+            # Neither SQLAlchemy's rendering (the parameters: legacy notes) nor
+            # the driver's text, which may quote a stored value: see
+            # describe_db_error.
+            raise click.ClickException(f"database error: {describe_db_error(exc)}") from None
     return wrapper  # type: ignore[return-value]
 
 

@@ -5,6 +5,12 @@ label. A value that already opens for its row is left alone, so a rerun (or a
 second worker over the same range) never encrypts anything twice. A value
 that starts with carnet's prefix but does not open is left and reported,
 unless the operator decided ``prefixed="encrypt"`` after looking at them.
+
+Errors: a database error during the run is raised as
+:class:`~carnet.errors.DatabaseError`, naming the table, column and primary
+keys, never a value, and chaining no driver exception; the statements run on
+the caller's engine with their parameters hidden from its log and errors,
+since the compare-and-set binds each legacy note as the old value.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from . import state
 from .target import IN_PLACE, Target
 
 Prefixed = Literal["report", "encrypt"]
+
+# A legacy value whose ciphertext would not fit its length-limited column
+# (VARCHAR(n)), as `plan` counts them: left and reported, never sent to a
+# database that would refuse (or, without strict mode, cut) it.
+TOO_LONG = "too_long"
 
 
 class RowLeft(CarnetError):
@@ -52,6 +63,7 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
                problems: dict[str, dict[tuple[Any, ...], None]]) -> Callable[[BatchRow], Any]:
     label = target.label
     in_place = target.mode == IN_PLACE
+    limit = getattr(target.table.c[target.source].type, "length", None) if in_place else None
 
     def left(kind: str, pk: tuple[Any, ...]) -> RowLeft:
         problems.setdefault(kind, {})[pk] = None
@@ -73,7 +85,10 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
                 return None
             if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
                 raise left(sc.PREFIXED_INVALID, row.pk)
-            return envelope.to_text(seal(value, tenant))
+            sealed = envelope.to_text(seal(value, tenant))
+            if limit is not None and len(sealed) > limit:
+                raise left(TOO_LONG, row.pk)
+            return sealed
         # Expand/contract: row.value is the new binary column, the legacy text in extra.
         if row.value is not None:
             return None
@@ -111,6 +126,7 @@ def run_migration(
     """
     if prefixed not in ("report", "encrypt"):
         raise ValueError("prefixed must be 'report' or 'encrypt'")
+    engine = _parameters_hidden(engine)
     state.record(engine, target.describe(), state.RUNNING)
     problems: dict[str, dict[tuple[Any, ...], None]] = {}
     extra: dict[str, sa.ColumnElement[Any]] = {"tenant": target.tenant_column()}
@@ -129,6 +145,17 @@ def run_migration(
         batch_size=batch_size, worker=worker, progress=on_batch, restart=restart,
     )
     return RunResult(report, {k: [list(pk) for pk in v] for k, v in problems.items()})
+
+
+def _parameters_hidden(engine: sa.Engine) -> sa.Engine:
+    """The same engine (pool, dialect, events) whose log lines and errors omit parameters.
+
+    The compare-and-set binds every legacy note as its old value: an
+    application engine with ``echo=True`` would log them in clear.
+    """
+    quiet = engine.execution_options()
+    quiet.hide_parameters = True
+    return quiet
 
 
 @dataclass

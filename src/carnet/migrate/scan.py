@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import envelope
-from ..errors import CarnetError, KeyDestroyed
+from ..errors import CarnetError, DatabaseError, KeyDestroyed, db_error_code, describe_db_error
 from ..manager import KeyManager
 from .target import IN_PLACE, Target
 
@@ -68,8 +68,22 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
             q = q.where(sa.tuple_(*pk_cols) > sa.tuple_(*last)) if len(pk_cols) > 1 \
                 else q.where(pk_cols[0] > last[0])
         q = q.order_by(*pk_cols).limit(batch_size)
-        with engine.connect() as conn:
-            rows = conn.execute(q).all()
+        failure: DatabaseError | None = None
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(q).all()
+        except sa.exc.DBAPIError as exc:
+            after = f"after primary key {list(last)}" if last is not None else "from the start"
+            failure = DatabaseError(
+                f"{target.name}: database error while reading the rows {after}: "
+                f"{describe_db_error(exc)}",
+                table=t.name, column=target.source, pks=(last,) if last is not None else (),
+                code=db_error_code(exc))
+        if failure is not None:
+            # Outside the except block: the driver's message may quote a
+            # stored value (SQLite's undecodable text), and must not ride
+            # along as __context__.
+            raise failure
         if not rows:
             return
         n = len(pk_cols)

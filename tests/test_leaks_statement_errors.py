@@ -1,0 +1,192 @@
+"""Another column fails next to a note: the error must not render the note.
+
+SQLAlchemy's ``StatementError`` lists the statement's parameters. When a bind
+processor fails (a bad flag, a bad date on SQLite) those are the caller's
+values, the note in clear; when the database refuses the row they are the
+processed values. Whatever failed, a statement that binds an encrypted column
+renders no parameters: Core insert, executemany and ORM flush, on every
+backend, in str, repr, the printed traceback and the whole cause/context chain.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import carnet
+
+SECRET = "PLANTED-depression-4d1e9"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Visit(Base):
+    __tablename__ = "visits"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    practice_id: Mapped[str] = mapped_column(sa.String(64))
+    seen_on: Mapped[datetime.date | None] = mapped_column(sa.Date)
+    urgent: Mapped[bool | None] = mapped_column(sa.Boolean)
+    note: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="practice_id"))
+
+
+VISITS = Visit.__table__
+
+# A bind processor raises on every backend (Boolean refuses a string); a bad
+# date is refused by SQLite's bind processor, by the server elsewhere.
+BAD = {"flag": {"urgent": "yes"}, "date": {"seen_on": "31/02/2026"}}
+
+
+def _everything(exc: BaseException) -> str:
+    parts = ["".join(traceback.format_exception(exc))]
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        parts += [str(e), repr(e), repr(getattr(e, "args", ""))]
+        parts.append(repr(getattr(e, "params", "")))
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    km.create_schema()
+    Base.metadata.create_all(engine)
+    carnet.configure(km)
+    try:
+        yield km
+    finally:
+        carnet.configure(None)
+        km.close()
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+
+
+def _row(i: int, bad: dict[str, Any] | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": i,
+        "practice_id": "p1",
+        "seen_on": datetime.date(2026, 1, i),
+        "urgent": False,
+        "note": f"{SECRET} {i}",
+    }
+    row.update(bad or {})
+    return row
+
+
+def _check(exc: BaseException, logs: pytest.LogCaptureFixture, engine: sa.Engine) -> None:
+    assert isinstance(exc, sa.exc.StatementError), type(exc)
+    text = _everything(exc)
+    assert SECRET not in text
+    assert "INSERT INTO visits" in text  # the statement is still named
+    assert SECRET not in logs.text
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(VISITS)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_core_insert(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture, bad: str
+) -> None:
+    with (
+        pytest.raises(sa.exc.StatementError) as ei,
+        carnet.tenant_scope("p1"),
+        engine.begin() as conn,
+    ):
+        conn.execute(VISITS.insert(), _row(1, BAD[bad]))
+    _check(ei.value, logs, engine)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_executemany(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture, bad: str
+) -> None:
+    rows = [_row(1), _row(2), _row(3, BAD[bad]), _row(4)]
+    with (
+        pytest.raises(sa.exc.StatementError) as ei,
+        carnet.tenant_scope("p1"),
+        engine.begin() as conn,
+    ):
+        conn.execute(VISITS.insert(), rows)
+    _check(ei.value, logs, engine)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_orm_flush(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture, bad: str
+) -> None:
+    with Session(engine) as s:
+        s.add_all([Visit(**_row(1)), Visit(**_row(2, BAD[bad]))])
+        with pytest.raises(sa.exc.StatementError) as ei:
+            s.commit()
+        s.rollback()
+    _check(ei.value, logs, engine)
+
+
+def test_statements_without_encrypted_binds_keep_their_parameters(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # The hook is engine-wide: the application's other statements keep
+    # SQLAlchemy's usual, debuggable message.
+    other = sa.Table(
+        "plain",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("urgent", sa.Boolean),
+    )
+    other.create(engine)
+    with pytest.raises(sa.exc.StatementError) as ei, engine.begin() as conn:
+        conn.execute(other.insert(), {"id": 1, "urgent": "visible-value"})
+    assert "visible-value" in str(ei.value)
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_undecodable_legacy_text_is_not_quoted(
+    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+) -> None:
+    # A Latin-1 legacy note in a mixed-read column: pysqlite's own message
+    # quotes the stored bytes.
+    summary = sa.Table(
+        "legacy",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("summary", carnet.EncryptedText(storage="text", mixed_read=True)),
+    )
+    summary.create(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO legacy VALUES (1, CAST(? AS TEXT))",
+            ((SECRET + " r\u00e9sum\u00e9").encode("latin-1"),),
+        )
+    logs.clear()  # the planting statement itself is logged
+    with (
+        pytest.raises(sa.exc.OperationalError) as ei,
+        carnet.tenant_scope("p1"),
+        engine.connect() as conn,
+    ):
+        conn.execute(sa.select(summary.c.summary)).all()
+    text = _everything(ei.value)
+    assert SECRET not in text
+    assert "Could not decode to UTF-8 column 'summary'" in text
+    assert SECRET not in logs.text
