@@ -4,7 +4,8 @@ Both apps take the practice and the principal from the bearer token, run in
 strict mode (``require_scope=True``) with a decrypt budget, and answer
 carnet's refusals with HTTP statuses that carry no note. Each test plants a
 recognisable note and checks it never reaches a response or a log line where
-it should not.
+it should not. The last test runs the ``pandas.read_sql`` snippet of
+docs/quickstart.md as it is written there.
 """
 
 from __future__ import annotations
@@ -364,3 +365,39 @@ def test_demo_setup_serves_a_round_trip(tmp_path: Path) -> None:
         keys.decrypt_hook = None
         carnet.configure(None)
         engine.dispose()
+
+
+# -- pandas.read_sql under a scope (docs/quickstart.md) ----------------------------------
+
+
+def pandas_snippet() -> str:
+    text = (ROOT / "docs" / "quickstart.md").read_text(encoding="utf-8")
+    block = text.split("<!-- pandas:start -->")[1].split("<!-- pandas:end -->")[0]
+    return block.strip().removeprefix("```python").removesuffix("```")
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_pandas_read_sql_snippet(engine: sa.Engine, master_key_uri: str, strict: bool) -> None:
+    # The quickstart's model, as the snippet refers to it.
+    from models import Note as QuickstartNote
+    from models import configured_keys
+
+    lyon = [f"{SECRET} {i}" for i in range(5)]
+    with configured_keys(engine, master_key_uri) as km:
+        with Session(engine) as s:
+            s.add_all([QuickstartNote(practice_id=LYON, body=b) for b in lyon])
+            # Another practice's rows in the same table: the snippet's filter
+            # keeps them out of a read they would not open in.
+            s.add(QuickstartNote(practice_id=NANTES, body="autre cabinet"))
+            s.commit()
+        km.require_scope = strict
+        try:
+            namespace: dict[str, Any] = {"Note": QuickstartNote, "engine": engine}
+            exec(compile(pandas_snippet(), "quickstart.md", "exec"), namespace)  # noqa: S102
+            df, sealed = namespace["df"], namespace["sealed"]
+            assert list(df.sort_values("id")["body"]) == lyon
+            assert all(SECRET not in repr(v) for v in sealed["body"])
+            with carnet.tenant_scope(LYON):
+                assert [v.open(LYON) for v in sealed.sort_values("id")["body"]] == lyon
+        finally:
+            km.require_scope = False
