@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 from webapp import fastapi_app, flask_app  # noqa: E402
-from webapp.common import demo_setup  # noqa: E402
 from webapp.models import Note, create_tables  # noqa: E402
 
 SECRET = "PLANTED-webapp-violences-conjugales-58"
@@ -353,18 +352,21 @@ def test_flask_concurrent_requests_get_their_own_practice(
 # -- a demonstration set-up ------------------------------------------------------------
 
 
-def test_demo_setup_serves_a_round_trip(tmp_path: Path) -> None:
-    engine, keys = demo_setup(str(tmp_path / "demo"))
+def test_demo_app_serves_a_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The factory the README hands to uvicorn, in ./webapp-demo of the working directory.
+    monkeypatch.chdir(tmp_path)
+    app = fastapi_app.demo_app()
+    keys = carnet.get_manager()
     try:
-        c = Client("fastapi", fastapi_app.create_app(engine, keys))
+        c = Client("fastapi", app)
         nid = c.post("/patients/pat-1/notes", {"body": SECRET}, MARTIN).json()["id"]
         assert c.get(f"/notes/{nid}", MARTIN).json()["body"] == SECRET
-        assert SECRET.encode() not in (tmp_path / "demo" / "notes.db").read_bytes()
+        assert SECRET.encode() not in (tmp_path / "webapp-demo" / "notes.db").read_bytes()
     finally:
         keys.require_scope = False
         keys.decrypt_hook = None
         carnet.configure(None)
-        engine.dispose()
+        keys.engine.dispose()
 
 
 # -- pandas.read_sql under a scope (docs/quickstart.md) ----------------------------------
