@@ -1,0 +1,1 @@
+"""Two small web applications on carnet: FastAPI and Flask, strict mode and a decrypt budget."""
