@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS := dev,aws,pkcs11,postgres,mysql,alembic
+EXTRAS := dev,aws,pkcs11,postgres,mysql,alembic,asyncio
 # Directories that may not exist yet in a young tree; ruff fails on missing paths.
 LINT_PATHS := $(wildcard src tests bench examples)
 PYTEST_ARGS ?=

@@ -95,7 +95,8 @@ class FaultProxy:
     ``fault`` decides per request: return None to relay, or one of
     ``("status", code, error_type)`` to answer with a KMS-style JSON error,
     ``("hang", seconds)`` to hold the request past the client's read
-    time-out, ``("drop",)`` to close the connection without an answer.
+    time-out, ``("slow", seconds)`` to relay after a delay (a distant KMS),
+    ``("drop",)`` to close the connection without an answer.
     """
 
     upstream_port: int
@@ -144,6 +145,9 @@ class FaultProxy:
                 elif action[0] == "status":
                     _, code, error_type = action
                     self._answer(int(code), {"__type": error_type, "message": "injected"})  # type: ignore[call-overload]
+                elif action[0] == "slow":
+                    time.sleep(float(action[1]))  # type: ignore[arg-type]
+                    self._relay(body)
                 elif action[0] == "hang":
                     time.sleep(float(action[1]))  # type: ignore[arg-type]
                     self.close_connection = True

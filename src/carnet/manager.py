@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import envelope
 from .cache import TTLCache
@@ -108,7 +109,7 @@ class KeyManager:
 
     def __init__(
         self,
-        bind: sa.Engine | str,
+        bind: sa.Engine | AsyncEngine | str,
         master_key: str | MasterKey,
         *,
         previous_master_keys: Iterable[str | MasterKey] = (),
@@ -119,11 +120,18 @@ class KeyManager:
         read_only: bool = False,
     ) -> None:
         if isinstance(bind, str):
-            try:
-                bind = sa.create_engine(bind)
-            except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-                raise ConfigurationError(f"bad database URL: {exc}") from None
-        self.engine: sa.Engine = bind
+            bind = _engine_from_url(bind)
+        self.async_engine: AsyncEngine | None = None
+        if _is_async_engine(bind):
+            # Key-table statements run through the async engine's sync facade
+            # inside SQLAlchemy's greenlets (an AsyncSession flush or load),
+            # and through a synchronous twin on the same database elsewhere
+            # (key management from ordinary code, a thread).
+            self.async_engine = bind  # type: ignore[assignment]
+            bind = bind.sync_engine  # type: ignore[union-attr]
+        self._engine: sa.Engine = bind  # type: ignore[assignment]
+        self._twin: sa.Engine | None = None
+        self._key_async: AsyncEngine | None = None
         self._master = open_master_key(master_key)
         self._masters: dict[str, MasterKey] = {self._master.uri: self._master}
         for prev in previous_master_keys:
@@ -157,6 +165,37 @@ class KeyManager:
     # -- configuration -------------------------------------------------------------
 
     @property
+    def engine(self) -> sa.Engine:
+        """The engine of the key table, usable from the calling code.
+
+        For an async engine: its sync facade inside SQLAlchemy's greenlets
+        (statements of an AsyncSession or AsyncConnection), else a synchronous
+        engine on the same database (created on first use).
+        """
+        if self.async_engine is None:
+            return self._engine
+        if _in_greenlet():
+            # A pool of its own: the application's tasks may hold every
+            # connection of theirs while their flushes wait for a first key.
+            if self._key_async is None:
+                from sqlalchemy.ext.asyncio import create_async_engine
+
+                self._key_async = create_async_engine(
+                    self._engine.url, pool_size=2, max_overflow=8
+                )
+            return self._key_async.sync_engine
+        if self._twin is None:
+            self._twin = sa.create_engine(_sync_url(self._engine.url))
+        return self._twin
+
+    async def create_schema_async(self) -> list[str]:
+        """:meth:`create_schema` for an async engine, awaited on the event loop."""
+        import asyncio
+
+        # In a worker thread, through the synchronous twin: the loop goes on.
+        return await asyncio.to_thread(self.create_schema)
+
+    @property
     def master_key(self) -> MasterKey:
         return self._master
 
@@ -165,7 +204,9 @@ class KeyManager:
         return self._keys.ttl
 
     def __repr__(self) -> str:
-        return f"<KeyManager {self.engine.url!r} master={self._master.uri} table={self.table.name}>"
+        return (
+            f"<KeyManager {self._engine.url!r} master={self._master.uri} table={self.table.name}>"
+        )
 
     def bind(self, engine: Any) -> KeyManager:
         """Use this manager for encrypted columns in statements run on ``engine``.
@@ -281,7 +322,7 @@ class KeyManager:
         if rec.state == RETIRED or rec.wrapped_key is None:
             raise KeyRetired(rec.key_id, rec.tenant)
         ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
-        secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
+        secret = _off_loop(self._master_for(rec.master_key_uri).unwrap, rec.wrapped_key, ctx)
         self.master_unwraps += 1
         dek = _Dek(rec.key_id, rec.tenant, secret)
         self._keys.put(rec.key_id, dek)
@@ -360,7 +401,7 @@ class KeyManager:
     def _new_wrapped(self, tenant: str) -> tuple[bytes, bytes, bytes]:
         key_id = os.urandom(envelope.KEY_ID_SIZE)
         secret = os.urandom(32)
-        wrapped = self._master.wrap(secret, {"tenant": tenant, "key_id": key_id.hex()})
+        wrapped = _off_loop(self._master.wrap, secret, {"tenant": tenant, "key_id": key_id.hex()})
         self.master_wraps += 1
         return key_id, secret, wrapped
 
@@ -442,7 +483,14 @@ class KeyManager:
 
         Then a key must be created on that connection (SQLite has one writer).
         """
-        return bind.dialect.name == "sqlite" and str(bind.engine.url) == str(self.engine.url)
+        if bind.dialect.name != "sqlite":
+            return False
+        # By database file, not URL text: sqlite+aiosqlite:///f and sqlite:///f
+        # are the same database, and so is the async engine's sync facade.
+        theirs, ours = bind.engine.url.database, self._engine.url.database
+        if not theirs or theirs == ":memory:" or not ours or ours == ":memory:":
+            return bind.engine is self._engine
+        return os.path.realpath(theirs) == os.path.realpath(ours)
 
     def ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
         """Load or create ``tenant``'s active key inside ``conn``'s open transaction.
@@ -828,6 +876,87 @@ class KeyManager:
         self.clear_cache()
         for mk in self._masters.values():
             mk.close()
+        if self._twin is not None:
+            self._twin.dispose()
+        if self._key_async is not None:
+            # Its connections belong to an event loop: drop them without I/O.
+            self._key_async.sync_engine.dispose(close=False)
+
+    async def aclose(self) -> None:
+        """:meth:`close` for an async engine: also closes the key pool's connections."""
+        if self._key_async is not None:
+            await self._key_async.dispose()
+            self._key_async = None
+        self.close()
+
+
+def _engine_from_url(url: str) -> sa.Engine | AsyncEngine:
+    try:
+        parsed = sa.engine.make_url(url)
+        if parsed.get_dialect().is_async:
+            from sqlalchemy.ext.asyncio import create_async_engine
+
+            return create_async_engine(parsed)
+        return sa.create_engine(parsed)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise ConfigurationError(f"bad database URL: {exc}") from None
+
+
+def _is_async_engine(bind: Any) -> bool:
+    return hasattr(bind, "sync_engine")
+
+
+# Async drivers and the synchronous driver of the same database, for the twin engine.
+_SYNC_DRIVERS = {
+    "aiosqlite": "pysqlite",
+    "asyncpg": "psycopg",
+    "psycopg_async": "psycopg",
+    "psycopg": "psycopg",
+    "aiomysql": "pymysql",
+    "asyncmy": "pymysql",
+}
+
+
+def _sync_url(url: sa.URL) -> sa.URL:
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "an in-memory aiosqlite database cannot be shared with carnet's synchronous key "
+            "operations: use a database file"
+        )
+    sync = _SYNC_DRIVERS.get(driver)
+    if sync is None:
+        raise ConfigurationError(
+            f"no synchronous driver known for {backend}+{driver}: give KeyManager a "
+            "synchronous engine on the same database for key management"
+        )
+    return url.set(drivername=f"{backend}+{sync}")
+
+
+def _in_greenlet() -> bool:
+    try:
+        from sqlalchemy.util.concurrency import in_greenlet
+    except ImportError:  # pragma: no cover - SQLAlchemy without its asyncio extra
+        return False
+    try:
+        return bool(in_greenlet())
+    except ImportError:  # greenlet not installed: nothing async runs
+        return False
+
+
+def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:
+    """Call a master-key provider (KMS, HSM: blocking I/O, retries with sleeps).
+
+    Inside SQLAlchemy's greenlets the event loop is waiting on us: run the call
+    in a worker thread and let the loop go on meanwhile.
+    """
+    if _in_greenlet():
+        import asyncio
+
+        from sqlalchemy.util import await_only
+
+        return await_only(asyncio.to_thread(fn, *args))
+    return fn(*args)
 
 
 def log_debug_enabled() -> bool:
