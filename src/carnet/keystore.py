@@ -2,13 +2,20 @@
 
 States::
 
-    active    encrypts and decrypts; exactly one per tenant (enforced by a
-              UNIQUE column ``active_tenant`` that holds the tenant id only
-              while the key is active: NULLs do not collide on any backend,
-              so this works where partial indexes do not, e.g. MariaDB)
+    active    encrypts and decrypts; exactly one per tenant and kind (enforced
+              by UNIQUE (kind, active_tenant), where ``active_tenant`` holds
+              the tenant id only while the key is active: a NULL in a unique
+              constraint collides with nothing on any backend, so this works
+              where partial indexes do not, e.g. MariaDB)
     inactive  decrypts only, after a rotation
     retired   material erased after re-encryption moved every value away
     destroyed material erased by crypto-shredding the whole tenant
+
+Kinds::
+
+    data      a data key (DEK): AES-256-GCM key of the tenant's field values
+    index     a blind-index root key: HKDF input of the tenant's blind-index
+              keys (see carnet.indexkeys); never encrypts anything
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ INACTIVE = "inactive"
 RETIRED = "retired"
 DESTROYED = "destroyed"
 STATES = (ACTIVE, INACTIVE, RETIRED, DESTROYED)
+DATA = "data"
+INDEX = "index"
+KINDS = (DATA, INDEX)
 
 
 def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
@@ -34,12 +44,15 @@ def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
         sa.Column("tenant", sa.String(255), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("active_tenant", sa.String(255), nullable=True, unique=True),
+        sa.Column("kind", sa.String(8), nullable=False, default=DATA, server_default=DATA),
+        sa.Column("active_tenant", sa.String(255), nullable=True),
         sa.Column("master_key_uri", sa.String(1024), nullable=False),
         sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.UniqueConstraint("tenant", "version", name=f"uq_{name}_tenant_version"),
+        sa.UniqueConstraint("tenant", "kind", "version", name=f"uq_{name}_tenant_kind_version"),
+        sa.UniqueConstraint("kind", "active_tenant", name=f"uq_{name}_kind_active"),
+        sa.CheckConstraint("kind IN ('data', 'index')", name=f"ck_{name}_kind"),
         sa.CheckConstraint(
             "state IN ('active', 'inactive', 'retired', 'destroyed')", name=f"ck_{name}_state"
         ),
@@ -62,6 +75,7 @@ class KeyRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     wrapped_key: bytes | None = field(default=None, repr=False)
+    kind: str = DATA
 
     @classmethod
     def from_row(cls, row: sa.Row[object] | sa.RowMapping) -> KeyRecord:
@@ -76,6 +90,7 @@ class KeyRecord:
             created_at=m["created_at"],
             updated_at=m["updated_at"],
             wrapped_key=bytes(wrapped) if wrapped is not None else None,
+            kind=m.get("kind", DATA),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -85,7 +100,21 @@ class KeyRecord:
             "tenant": self.tenant,
             "version": self.version,
             "state": self.state,
+            "kind": self.kind,
             "master_key_uri": self.master_key_uri,
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
+
+
+def wrap_context(tenant: str, key_id: bytes, kind: str = DATA) -> dict[str, str]:
+    """The context a key's wrap authenticates (docs/format.md).
+
+    Index root keys also bind their kind, so a wrapped root relabelled as a
+    data key in the table does not unwrap as one. Data keys keep the context
+    they always had, so existing wraps stay valid.
+    """
+    ctx = {"tenant": tenant, "key_id": key_id.hex()}
+    if kind != DATA:
+        ctx["kind"] = kind
+    return ctx

@@ -31,13 +31,40 @@ from .errors import (
     TenantRequired,
     UnknownKey,
 )
-from .keystore import ACTIVE, DESTROYED, INACTIVE, RETIRED, KeyRecord, keys_table, utcnow
+from .keystore import (
+    ACTIVE,
+    DATA,
+    DESTROYED,
+    INACTIVE,
+    INDEX,
+    RETIRED,
+    KeyRecord,
+    keys_table,
+    utcnow,
+    wrap_context,
+)
 from .providers.base import MasterKey, open_master_key
 
 log = logging.getLogger("carnet")
 _FAST_PATH_MAX = 100_000
 
 DecryptHook = Callable[[str, str, int], None]
+
+
+class IndexRoot:
+    """An unwrapped blind-index root key, held only in the cache. Never printed."""
+
+    __slots__ = ("key_id", "version", "secret", "derived")
+
+    def __init__(self, key_id: bytes, version: int, secret: bytes) -> None:
+        self.key_id = key_id
+        self.version = version
+        self.secret = secret
+        # Per-index keys derived from this root (carnet.indexkeys), dropped with it.
+        self.derived: dict[tuple[str, str, str], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<IndexRoot {self.key_id.hex()} v{self.version}>"
 
 
 class _Dek:
@@ -110,6 +137,7 @@ class KeyManager:
         self.table = keys_table(self.metadata, table_name)
         self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
+        self._index_roots: TTLCache[list[IndexRoot]] = TTLCache(cache_size, cache_ttl)
         self._sealers: dict[tuple[str, str], tuple[bytes, AESGCM, bytes, float]] = {}
         self._openers: dict[tuple[bytes, str, str], tuple[AESGCM, bytes, float]] = {}
         self._fast_hits = 0
@@ -233,7 +261,7 @@ class KeyManager:
             raise KeyDestroyed(rec.key_id, rec.tenant)
         if rec.state == RETIRED or rec.wrapped_key is None:
             raise KeyRetired(rec.key_id, rec.tenant)
-        ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
+        ctx = wrap_context(rec.tenant, rec.key_id)
         secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
         self.master_unwraps += 1
         dek = _Dek(rec.key_id, rec.tenant, secret)
@@ -242,7 +270,8 @@ class KeyManager:
 
     def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
         rec = self.get_key(key_id)
-        if rec is None:
+        if rec is None or rec.kind != DATA:
+            # An index root key never decrypts a value, whatever a header names.
             raise UnknownKey(key_id)
         return self._unwrap(rec)
 
@@ -250,7 +279,9 @@ class KeyManager:
         self, conn: sa.Connection, tenant: str
     ) -> tuple[sa.Row[Any] | None, set[str]]:
         row = conn.execute(
-            sa.select(self.table).where(self.table.c.active_tenant == tenant)
+            sa.select(self.table).where(
+                self.table.c.active_tenant == tenant, self.table.c.kind == DATA
+            )
         ).first()
         states: set[str] = set()
         if row is None:
@@ -292,12 +323,16 @@ class KeyManager:
         self.master_wraps += 1
         return key_id, secret, wrapped
 
-    def _insert_row(self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes) -> int:
-        """Insert the tenant's next key version as its active key; return the version."""
+    def _insert_row(
+        self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes, kind: str = DATA
+    ) -> int:
+        """Insert the tenant's next key version of ``kind`` as its active key; return it."""
         t = self.table
         now = utcnow()
         version = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(t.c.tenant == tenant)
+            sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
+                t.c.tenant == tenant, t.c.kind == kind
+            )
         ).scalar_one()
         conn.execute(
             t.insert().values(
@@ -305,6 +340,7 @@ class KeyManager:
                 tenant=tenant,
                 version=version + 1,
                 state=ACTIVE,
+                kind=kind,
                 active_tenant=tenant,
                 master_key_uri=self._master.uri,
                 wrapped_key=wrapped,
@@ -423,7 +459,9 @@ class KeyManager:
         now = utcnow()
         with self.engine.begin() as conn:
             current = conn.execute(
-                sa.select(t.c.key_id).where(t.c.active_tenant == tenant).with_for_update()
+                sa.select(t.c.key_id)
+                .where(t.c.active_tenant == tenant, t.c.kind == DATA)
+                .with_for_update()
             ).first()
             if current is not None:
                 conn.execute(
@@ -471,6 +509,7 @@ class KeyManager:
                 .values(state=RETIRED, wrapped_key=None, updated_at=utcnow())
             )
         self._keys.pop(key_id)
+        self._index_roots.pop(row.tenant)
         self._drop_fast_paths()
         log.info("carnet: retired data key %s of tenant %r", key_id.hex(), row.tenant)
         rec = self.get_key(key_id)
@@ -499,6 +538,7 @@ class KeyManager:
     def _forget_tenant(self, tenant: str) -> None:
         self._drop_fast_paths()
         self._active.pop(tenant)
+        self._index_roots.pop(tenant)
         with self._keys._lock:
             for k in [k for k, (_, d) in self._keys._data.items() if d.tenant == tenant]:
                 del self._keys._data[k]
@@ -529,7 +569,7 @@ class KeyManager:
                 if rec.master_key_uri == new.uri:
                     already += 1
                     continue
-                ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
+                ctx = wrap_context(rec.tenant, rec.key_id, rec.kind)
                 secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
                 self.master_unwraps += 1
                 updates.append((rec, new.wrap(secret, ctx)))
@@ -553,6 +593,136 @@ class KeyManager:
         return RewrapReport(
             rewrapped=done, already=already, skipped_destroyed=destroyed, master_key_uri=new.uri
         )
+
+    # -- blind-index root keys -------------------------------------------------------
+
+    # Kept in carnet_keys beside the data keys (kind 'index'), wrapped by the
+    # same master key, one active per tenant. Separate from the data key so a
+    # data-key rotation never forces re-indexing, and destroyed with it:
+    # destroy() shreds every row of the tenant whatever its kind.
+
+    def index_roots(self, tenant: str, *, create: bool = True) -> list[IndexRoot]:
+        """The tenant's usable index roots, active first, then inactive ones newest first.
+
+        Writes use the first; lookups try all, so rows keep being found while a
+        re-index after :meth:`rotate_index_root` runs. With ``create`` a tenant
+        without a root gets one; without it the list may be empty.
+        """
+        roots, _ = self.index_roots_in(None, _check_tenant(tenant), create=create)
+        return roots
+
+    def index_roots_in(
+        self, conn: sa.Connection | None, tenant: str, *, create: bool = True
+    ) -> tuple[list[IndexRoot], bytes | None]:
+        """:meth:`index_roots`, reading and creating inside ``conn``'s transaction if given.
+
+        Also returns the key id of a root this call created inside ``conn``
+        (the caller calls :meth:`forget_index_roots` if that transaction rolls
+        back), else None.
+        """
+        cached = self._index_roots.get(tenant)
+        if cached is not None:
+            return cached, None
+        created: bytes | None = None
+        for _attempt in range(5):
+            if conn is None:
+                with self.engine.connect() as own:
+                    rows, states = self._query_index_roots(own, tenant)
+            else:
+                rows, states = self._query_index_roots(conn, tenant)
+            if rows and rows[0].state == ACTIVE:
+                roots = [self._unwrap_index_root(KeyRecord.from_row(r)) for r in rows]
+                self._index_roots.put(tenant, roots)
+                return roots, created
+            if states and states <= {DESTROYED}:
+                raise KeyDestroyed(None, tenant)
+            if not create:
+                return [self._unwrap_index_root(KeyRecord.from_row(r)) for r in rows], None
+            created = self._insert_index_root(tenant, conn)
+            if conn is None:
+                created = None
+        raise MasterKeyUnavailable(f"could not create or load an index root for tenant {tenant!r}")
+
+    def _query_index_roots(
+        self, conn: sa.Connection, tenant: str
+    ) -> tuple[list[sa.Row[Any]], set[str]]:
+        t = self.table
+        rows = list(
+            conn.execute(
+                sa.select(t)
+                .where(t.c.tenant == tenant, t.c.kind == INDEX, t.c.state.in_((ACTIVE, INACTIVE)))
+                # active first (its marker is set), then the newest inactive ones
+                .order_by(t.c.active_tenant.is_(None), t.c.version.desc())
+            )
+        )
+        states: set[str] = set()
+        if not rows or rows[0].state != ACTIVE:
+            states = set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars())
+        return rows, states
+
+    def _unwrap_index_root(self, rec: KeyRecord) -> IndexRoot:
+        if rec.wrapped_key is None:
+            raise KeyRetired(rec.key_id, rec.tenant)
+        ctx = wrap_context(rec.tenant, rec.key_id, INDEX)
+        secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
+        self.master_unwraps += 1
+        return IndexRoot(rec.key_id, rec.version, secret)
+
+    def _insert_index_root(self, tenant: str, conn: sa.Connection | None) -> bytes | None:
+        key_id = os.urandom(envelope.KEY_ID_SIZE)
+        wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
+        self.master_wraps += 1
+        try:
+            if conn is None:
+                with self.engine.begin() as own:
+                    self._insert_row(own, tenant, key_id, wrapped, kind=INDEX)
+            else:
+                with conn.begin_nested():
+                    self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
+        except sa.exc.IntegrityError:
+            return None  # another process created it first: the next read loads theirs
+        self.keys_created += 1
+        return key_id
+
+    def forget_index_roots(self, tenant: str) -> None:
+        """Drop a tenant's cached index roots (a creating transaction rolled back)."""
+        self._index_roots.pop(tenant)
+
+    def rotate_index_root(self, tenant: str) -> KeyRecord:
+        """Make a new active index root for ``tenant``; the previous one stays for lookups.
+
+        Index values written from now on use the new root; run
+        :func:`carnet.searchable.reindex` to recompute the existing ones, then
+        retire the old root (:meth:`retire`).
+        """
+        tenant = _check_tenant(tenant)
+        key_id = os.urandom(envelope.KEY_ID_SIZE)
+        wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
+        self.master_wraps += 1
+        t = self.table
+        with self.engine.begin() as conn:
+            if set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars()) == {
+                DESTROYED
+            }:
+                raise KeyDestroyed(None, tenant)
+            current = conn.execute(
+                sa.select(t.c.key_id)
+                .where(t.c.active_tenant == tenant, t.c.kind == INDEX)
+                .with_for_update()
+            ).first()
+            if current is not None:
+                conn.execute(
+                    t.update()
+                    .where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
+                    .values(state=INACTIVE, active_tenant=None, updated_at=utcnow())
+                )
+            version = self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
+        self.keys_created += 1
+        self._index_roots.pop(tenant)
+        log.info("carnet: rotated index root of tenant %r to version %d", tenant, version)
+        rec = self.get_key(key_id)
+        assert rec is not None  # noqa: S101
+        return rec
 
     # -- observability -------------------------------------------------------------
 
@@ -579,6 +749,7 @@ class KeyManager:
         """Forget every unwrapped DEK (the next use of each costs one master-key call)."""
         self._keys.clear()
         self._active.clear()
+        self._index_roots.clear()
         self._drop_fast_paths()
 
     def close(self) -> None:
