@@ -40,3 +40,6 @@ from .searchable import install as _install_searchable  # noqa: E402
 
 _install_searchable()
 __all__ += ["BlindIndex", "EncryptedDate", "EncryptedString", "reindex", "search", "transforms"]
+from .planner import plan_bits, print_bits_plan  # noqa: E402
+
+__all__ += ["plan_bits", "print_bits_plan"]
