@@ -681,7 +681,6 @@ class KeyManager:
                     self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
         except sa.exc.IntegrityError:
             return None  # another process created it first: the next read loads theirs
-        self.keys_created += 1
         return key_id
 
     def forget_index_roots(self, tenant: str) -> None:
@@ -717,7 +716,6 @@ class KeyManager:
                     .values(state=INACTIVE, active_tenant=None, updated_at=utcnow())
                 )
             version = self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
-        self.keys_created += 1
         self._index_roots.pop(tenant)
         log.info("carnet: rotated index root of tenant %r to version %d", tenant, version)
         rec = self.get_key(key_id)
