@@ -413,6 +413,7 @@ class _Resolved:
     tenant: str | None
     column: sa.ColumnElement[Any]
     tenant_column: sa.ColumnElement[Any] | None
+    statements: dict[int, sa.Select[Any]] = dataclasses.field(default_factory=dict)
 
 
 _orm: weakref.WeakKeyDictionary[Mapper[Any], list[_Resolved]] = weakref.WeakKeyDictionary()
@@ -783,7 +784,22 @@ def _core_before_execute(
 # -- lookups ----------------------------------------------------------------------------
 
 
+_resolved: dict[int, tuple[Any, Mapper[Any], _Resolved]] = {}
+
+
 def _resolve(attr: Any) -> tuple[Mapper[Any], _Resolved]:
+    # Per lookup: remembered by attribute (holding it, so its id stays its own).
+    hit = _resolved.get(id(attr))
+    if hit is not None and hit[0] is attr:
+        return hit[1], hit[2]
+    mapper, r = _resolve_uncached(attr)
+    if len(_resolved) > 10_000:
+        _resolved.clear()
+    _resolved[id(attr)] = (attr, mapper, r)
+    return mapper, r
+
+
+def _resolve_uncached(attr: Any) -> tuple[Mapper[Any], _Resolved]:
     if not isinstance(attr, InstrumentedAttribute):
         raise ConfigurationError("search() takes a mapped attribute, e.g. Patient.phone")
     configure_mappers()
@@ -803,17 +819,10 @@ def _resolve(attr: Any) -> tuple[Mapper[Any], _Resolved]:
     )
 
 
-def candidates(
-    attr: Any, value: Any, *, tenant: str | None = None, manager: KeyManager | None = None
-) -> tuple[sa.ColumnElement[bool], str | None]:
-    """The SQL condition selecting a value's candidate rows, and the normalised value.
-
-    The condition is ``tenant = :tenant AND index IN (:values)`` (one value per
-    usable index root). Candidates include false positives of the truncated
-    hash: compare the decrypted rows (as :func:`search` does) before trusting
-    them. The normalised value is None when nothing can match.
-    """
-    mapper, r = _resolve(attr)
+def _lookup(
+    r: _Resolved, mapper: Mapper[Any], value: Any, tenant: str | None, manager: KeyManager | None
+) -> tuple[str, list[int], str | None]:
+    """(tenant, candidate index values, normalised value) of one lookup."""
     tenant = tenant if tenant is not None else context.current_tenant()
     if tenant is None:
         raise TenantRequired("search: no tenant; pass tenant= or use carnet.tenant_scope(...)")
@@ -831,11 +840,44 @@ def candidates(
     km = manager if manager is not None else _manager_for(r.spec, r.source_types)
     roots = km.index_roots(tenant, create=False) if normalised is not None else []
     if normalised is None or not roots:
+        return tenant, [], None
+    return tenant, sorted({_value(r.spec, root, normalised, tenant) for root in roots}), normalised
+
+
+def candidates(
+    attr: Any, value: Any, *, tenant: str | None = None, manager: KeyManager | None = None
+) -> tuple[sa.ColumnElement[bool], str | None]:
+    """The SQL condition selecting a value's candidate rows, and the normalised value.
+
+    The condition is ``tenant = :tenant AND index IN (:values)`` (one value per
+    usable index root). Candidates include false positives of the truncated
+    hash: compare the decrypted rows (as :func:`search` does) before trusting
+    them. The normalised value is None when nothing can match.
+    """
+    mapper, r = _resolve(attr)
+    tenant, found, normalised = _lookup(r, mapper, value, tenant, manager)
+    if normalised is None:
         return sa.false(), None
-    found = sorted({_value(r.spec, root, normalised, tenant) for root in roots})
+    assert r.tenant_column is not None  # noqa: S101 - checked by _lookup
     col = r.column
     cond = col == found[0] if len(found) == 1 else col.in_(found)
-    return sa.and_(r.tenant_column == tenant, cond), normalised
+    same_tenant: sa.ColumnElement[bool] = r.tenant_column == sa.literal(tenant)
+    return sa.and_(same_tenant, cond), normalised
+
+
+def _statement(r: _Resolved, mapper: Mapper[Any], n: int) -> sa.Select[Any]:
+    # Built once per index and number of roots, with bound parameters: a
+    # lookup then costs SQLAlchemy no expression building or cache-key work.
+    stmt = r.statements.get(n)
+    if stmt is None:
+        assert r.tenant_column is not None  # noqa: S101 - checked by _lookup
+        values = [sa.bindparam(f"carnet_v{i}", type_=sa.BigInteger) for i in range(n)]
+        cond = r.column == values[0] if n == 1 else r.column.in_(values)
+        stmt = sa.select(mapper.class_).where(
+            r.tenant_column == sa.bindparam("carnet_tenant", type_=r.tenant_column.type), cond
+        )
+        r.statements[n] = stmt
+    return stmt
 
 
 def search(
@@ -859,10 +901,15 @@ def search(
     :class:`~carnet.errors.InvalidPlaintext` (or, lenient index, finds nothing).
     """
     mapper, r = _resolve(attr)
-    cond, normalised = candidates(attr, value, tenant=tenant, manager=manager)
+    tenant, found, normalised = _lookup(r, mapper, value, tenant, manager)
     if normalised is None:
         return []
-    rows = session.scalars(sa.select(mapper.class_).where(cond, *where)).all()
+    params: dict[str, Any] = {f"carnet_v{i}": v for i, v in enumerate(found)}
+    params["carnet_tenant"] = tenant
+    stmt = _statement(r, mapper, len(found))
+    if where:
+        stmt = stmt.where(*where)
+    rows = session.scalars(stmt, params).all()
     out = []
     for obj in rows:
         vals = [getattr(obj, s) for s in r.sources]

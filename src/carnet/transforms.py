@@ -111,6 +111,7 @@ _DOM = {
     "696": "596",  # Martinique, mobile
     "697": "596",  # Martinique, mobile
 }
+_TRUNK = re.compile(r"^(\+|00)(33|262|590|594|596)\s*\(0\)")
 _PHONE_CHARS = re.compile(r"[\s.\-/()\u00a0\u202f]")
 _COUNTRY = ("33", "262", "590", "594", "596")
 
@@ -122,7 +123,7 @@ def _not_phone() -> InvalidPlaintext:
 def _phone_fr(value: Any) -> str:
     s = _text(value, "phone_fr").strip()
     # "+33 (0)6 12 ..." is a common way of writing the trunk prefix: drop "(0)".
-    s = re.sub(r"^(\+|00)(33|262|590|594|596)\s*\(0\)", r"\1\2", s)
+    s = _TRUNK.sub(r"\1\2", s)
     s = _PHONE_CHARS.sub("", s)
     if s.startswith("+"):
         rest = s[1:]
