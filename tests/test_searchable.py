@@ -289,6 +289,21 @@ def test_compound_partial_update_loads_the_other_field(
         assert carnet.search(s, Patient.name_bidx, ("H", "Dupont"), tenant="p1") == []
 
 
+def test_compound_partial_update_opens_a_field_loaded_without_its_tenant(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    (pid,) = _add(engine, Patient(practice_id="p1", first_name="Hélène", last_name="Dupont"))
+    with Session(engine) as s:
+        # practice_id not loaded: first_name stays sealed when loaded
+        p = s.scalars(sa.select(Patient).options(load_only(Patient.id, Patient.first_name))).one()
+        assert isinstance(p.__dict__["first_name"], carnet.Sealed)
+        p.last_name = "Martin"
+        s.commit()
+    with Session(engine) as s:
+        found = carnet.search(s, Patient.name_bidx, ("h", "martin"), tenant="p1")
+        assert [(x.id, x.first_name) for x in found] == [(pid, "Hélène")]
+
+
 def test_invalid_value_for_a_strict_index_writes_nothing(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:

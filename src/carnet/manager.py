@@ -261,11 +261,14 @@ class KeyManager:
             raise KeyDestroyed(rec.key_id, rec.tenant)
         if rec.state == RETIRED or rec.wrapped_key is None:
             raise KeyRetired(rec.key_id, rec.tenant)
-        ctx = wrap_context(rec.tenant, rec.key_id)
+        ctx = wrap_context(rec.tenant, rec.key_id, rec.kind)
         secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
         self.master_unwraps += 1
         dek = _Dek(rec.key_id, rec.tenant, secret)
-        self._keys.put(rec.key_id, dek)
+        if rec.kind == DATA:
+            # Only data keys are cached as such: an index root must never
+            # become the AES key of a value whose header names it.
+            self._keys.put(rec.key_id, dek)
         return dek
 
     def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:

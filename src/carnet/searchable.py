@@ -518,11 +518,14 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                     # The other field of a compound index, not loaded: load it.
                     v = getattr(obj, src)
                 if isinstance(v, Sealed):
-                    raise ConfigurationError(
-                        f"{type(obj).__name__}.{r.key}: field {src!r} was never opened (its "
-                        "tenant was not loaded), so the index cannot be recomputed; load the "
-                        "row with its tenant first. Nothing was written."
-                    )
+                    if tenant_changed:
+                        raise ConfigurationError(
+                            f"{type(obj).__name__}.{r.key}: the tenant changed but field "
+                            f"{src!r} was never opened; load it with its tenant first. "
+                            "Nothing was written."
+                        )
+                    # Loaded before its row's tenant was: open it under that tenant.
+                    v = v.open(_row_tenant(obj, r, scope))
                 values.append(v)
             normalised = _normalise(r.spec, values)
             new: int | None = None
