@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import itertools
 import math
 import weakref
@@ -929,6 +930,14 @@ def search(
 # -- re-indexing after an index root rotation -----------------------------------------
 
 
+def _job_name(label: str, tenant: str) -> str:
+    name = f"bidx:{label}:{tenant}"
+    if len(name) <= 255:
+        return name
+    # carnet_jobs.job holds 255 characters: a long practice id is hashed (ids are metadata).
+    return f"bidx:{label[:100]}:{hashlib.sha256(name.encode()).hexdigest()}"
+
+
 def reindex(
     engine: sa.Engine,
     attr: Any,
@@ -975,7 +984,7 @@ def reindex(
             table,
             str(r.column.key),
             transform,
-            job=f"bidx:{spec.field_label}:{tenant}",
+            job=_job_name(spec.field_label, tenant),
             extra_columns=sources,
             where=r.tenant_column == tenant,
             batch_size=batch_size,
