@@ -401,6 +401,9 @@ def test_core_refusals(keys: carnet.KeyManager, engine: sa.Engine) -> None:
         conn.execute(t.insert().values(id=1, phone="0612345678"))
     with carnet.tenant_scope("p1"), engine.begin() as conn, pytest.raises(ConfigurationError):
         conn.execute(t.update().where(t.c.id == 1), {"first_name": "Zoé"})
+    src = sa.select(t.c.id + 1000, t.c.practice_id, t.c.phone)
+    with carnet.tenant_scope("p1"), engine.begin() as conn, pytest.raises(ConfigurationError):
+        conn.execute(t.insert().from_select(["id", "practice_id", "phone"], src))
     assert _raw(engine, "SELECT count(*) FROM core_patients")[0][0] == 0
 
 

@@ -727,17 +727,22 @@ def _refuse_inline(stmt: Any, indexes: list[_TableIndex]) -> None:
     # without its index.
     inline = getattr(stmt, "_values", None) or {}
     keys = {getattr(k, "key", k) for k in inline}
+    table_keys = {c.key for c in stmt.table.c}
     for multi in getattr(stmt, "_multi_values", ()) or ():
         for row in multi:
-            if isinstance(row, dict):
-                keys |= {getattr(k, "key", k) for k in row}
+            # A positional row sets every column in table order, the index
+            # included: given explicitly, it is left as given.
+            keys |= {getattr(k, "key", k) for k in row} if isinstance(row, dict) else table_keys
+    if getattr(stmt, "select", None) is not None:
+        # INSERT ... SELECT: the values never pass through Python.
+        keys |= {getattr(k, "key", k) for k in getattr(stmt, "_select_names", ()) or ()}
     if not keys:
         return
     for ix in indexes:
         if ix.column not in keys and any(s in keys for s in ix.sources):
             raise ConfigurationError(
-                f"{ix.spec.field_label}: a blind-indexed field written with .values(...) "
-                "inside the statement; pass the values as execute parameters "
+                f"{ix.spec.field_label}: a blind-indexed field written inside the statement "
+                "(.values(...), or copied by the database); pass the values as execute parameters "
                 "(conn.execute(stmt, {...})) so carnet can compute the index. Nothing was written."
             )
 
