@@ -493,6 +493,8 @@ def _roots_for_flush(
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     scope = context._tenant.get()
     dated: list[tuple[InstanceState[Any], str]] = []
+    # One root lookup per practice and flush, not per row.
+    roots_seen: dict[tuple[int, str], list[IndexRoot]] = {}
     for obj in itertools.chain(session.new, session.dirty):
         state = attributes.instance_state(obj)
         mapper = state.mapper
@@ -533,7 +535,11 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
             if normalised is not None:
                 tenant = _row_tenant(obj, r, scope)
                 manager = _manager_for(r.spec, r.source_types)
-                root = _roots_for_flush(session, manager, tenant, mapper)[0]
+                got = roots_seen.get((id(manager), tenant))
+                if got is None:
+                    got = _roots_for_flush(session, manager, tenant, mapper)
+                    roots_seen[(id(manager), tenant)] = got
+                root = got[0]
                 new = _value(r.spec, root, normalised, tenant)
             setattr(obj, r.key, new)
             if not pending:
@@ -691,8 +697,14 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     scope = context._tenant.get()
     session = state.session
 
+    seen: dict[tuple[int, str], list[IndexRoot]] = {}
+
     def roots(ix: _TableIndex, tenant: str) -> list[IndexRoot]:
-        return _roots_for_flush(session, _manager_for(ix.spec, ix.source_types), tenant, mapper)
+        manager = _manager_for(ix.spec, ix.source_types)
+        got = seen.get((id(manager), tenant))
+        if got is None:
+            got = seen[(id(manager), tenant)] = _roots_for_flush(session, manager, tenant, mapper)
+        return got
 
     if isinstance(state.parameters, list):
         extra = [_index_row(indexes, row, scope, roots) for row in state.parameters]
@@ -747,6 +759,23 @@ def _refuse_inline(stmt: Any, indexes: list[_TableIndex]) -> None:
             )
 
 
+def _core_roots(conn: sa.Connection, manager: KeyManager, tenant: str) -> list[IndexRoot]:
+    if not manager.shares_sqlite_database(conn):
+        return manager.index_roots(tenant)
+    found, created = manager.index_roots_in(conn, tenant)
+    if created is not None:
+        # As in _roots_for_flush: the data key too, inside this transaction.
+        key_id = manager.ensure_key_in(conn, tenant)
+
+        def forget(_conn: Any) -> None:
+            manager.forget_index_roots(tenant)
+            if key_id is not None:
+                manager.forget_key(tenant, key_id)
+
+        event.listen(conn, "rollback", forget, once=True)
+    return found
+
+
 def _core_before_execute(
     conn: sa.Connection,
     clauseelement: Any,
@@ -762,22 +791,14 @@ def _core_before_execute(
     _refuse_inline(clauseelement, indexes)
     scope = context._tenant.get()
 
+    seen: dict[tuple[int, str], list[IndexRoot]] = {}
+
     def roots(ix: _TableIndex, tenant: str) -> list[IndexRoot]:
         manager = _manager_for(ix.spec, ix.source_types)
-        if not manager.shares_sqlite_database(conn):
-            return manager.index_roots(tenant)
-        found, created = manager.index_roots_in(conn, tenant)
-        if created is not None:
-            # As in _roots_for_flush: the data key too, inside this transaction.
-            key_id = manager.ensure_key_in(conn, tenant)
-
-            def forget(_conn: Any) -> None:
-                manager.forget_index_roots(tenant)
-                if key_id is not None:
-                    manager.forget_key(tenant, key_id)
-
-            event.listen(conn, "rollback", forget, once=True)
-        return found
+        got = seen.get((id(manager), tenant))
+        if got is None:
+            got = seen[(id(manager), tenant)] = _core_roots(conn, manager, tenant)
+        return got
 
     if multiparams:
         extra = [_index_row(indexes, dict(row), scope, roots) for row in multiparams]
