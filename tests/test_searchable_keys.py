@@ -237,3 +237,43 @@ def test_status_and_cli_with_index_roots(keys: carnet.KeyManager, db_url: str) -
     fresh.clear_cache()
     with pytest.raises(KeyDestroyed):
         fresh.index_roots("p1")
+
+
+def _root_race_worker(url: str, master: str, tenant: str, barrier: Any, out: Any) -> None:
+    engine = sa.create_engine(url)
+    km = carnet.KeyManager(engine, master_key=master)
+    barrier.wait()
+    try:
+        root = km.index_roots(tenant)[0]
+        out.put(f"{root.key_id.hex()}:{hashlib.sha256(root.secret).hexdigest()}")
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        out.put(f"error: {type(exc).__name__}: {exc}")
+    engine.dispose()
+
+
+def test_concurrent_first_index_root_creation_yields_one_root(
+    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    n = 5
+    for tenant in ("race-a", "race-b"):
+        barrier = ctx.Barrier(n)
+        out = ctx.Queue()
+        procs = [
+            ctx.Process(
+                target=_root_race_worker, args=(db_url, master_key_uri, tenant, barrier, out)
+            )
+            for _ in range(n)
+        ]
+        for p in procs:
+            p.start()
+        results = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        assert not [r for r in results if r.startswith("error")], results
+        recs = keys.list_keys(tenant)
+        assert [(r.kind, r.state) for r in recs] == [("index", "active")]
+        assert {r.split(":")[0] for r in results} == {recs[0].key_id.hex()}
+        assert len(set(results)) == 1  # every process derives from the same secret
