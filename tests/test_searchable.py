@@ -538,3 +538,33 @@ def test_reindex_resumes_after_a_crash_and_fills_missing_values(
     with Session(engine) as s:
         found = carnet.search(s, Patient.phone_bidx, phones[0], tenant="p1")
         assert sorted(p.id for p in found) == [ids[0], 100]
+
+
+def test_no_plaintext_or_key_in_logs_and_errors(
+    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="carnet")
+    planted_phone = "06 98 76 54 32"
+    (pid,) = _add(engine, Patient(practice_id="p1", last_name="PLANTED-NAME", phone=planted_phone))
+    keys.rotate_index_root("p1")
+    carnet.reindex(engine, Patient.phone_bidx, tenant="p1")
+    errors: list[BaseException] = []
+    with Session(engine) as s:
+        assert [p.id for p in carnet.search(s, Patient.phone_bidx, planted_phone, tenant="p1")] == [
+            pid
+        ]
+        for bad in ("PLANTED-NOT-A-PHONE", "06 12"):
+            try:
+                carnet.search(s, Patient.phone_bidx, bad, tenant="p1")
+            except InvalidPlaintext as exc:
+                errors.append(exc)
+        s.add(Patient(practice_id="p1", phone="PLANTED-NOT-A-PHONE"))
+        try:
+            s.commit()
+        except InvalidPlaintext as exc:
+            errors.append(exc)
+    assert len(errors) == 3
+    secrets = [r.secret.hex() for r in keys.index_roots("p1")]
+    text = caplog.text + "".join(f"{e}{e!r}" for e in errors)
+    for needle in ["PLANTED", planted_phone, planted_phone.replace(" ", ""), *secrets]:
+        assert needle not in text
