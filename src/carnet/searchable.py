@@ -133,12 +133,16 @@ class EncryptedString(EncryptedText):
             return dialect.type_descriptor(postgresql.BYTEA())
         return dialect.type_descriptor(sa.LargeBinary(self.width))
 
-    def encrypt(self, value: str, tenant: str) -> bytes:
-        if len(value) > self.length:
+    def plaintext(self, value: Any) -> Any:
+        """The text sealed for ``value``: checked against the length (no echo of the value)."""
+        if isinstance(value, str) and len(value) > self.length:
             raise InvalidPlaintext(
                 f"{self.field_label}: value longer than {self.length} characters"
             )
-        return super().encrypt(value, tenant)
+        return value
+
+    def encrypt(self, value: str, tenant: str) -> bytes:
+        return super().encrypt(self.plaintext(value), tenant)
 
     def copy(self, **kw: Any) -> EncryptedString:
         new = EncryptedString(
@@ -206,6 +210,10 @@ class EncryptedDate(EncryptedText):
         if dialect.name == "postgresql":
             return dialect.type_descriptor(postgresql.BYTEA())
         return dialect.type_descriptor(sa.LargeBinary(width))
+
+    def plaintext(self, value: Any) -> Any:
+        """The text sealed for ``value``: a date's ISO form (None stays None)."""
+        return None if value is None else _iso(value)
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
         if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
@@ -518,7 +526,10 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
                 elif pending:
                     v = None
                 else:
-                    # The other field of a compound index, not loaded: load it.
+                    # The other field of a compound index, not loaded: load it,
+                    # the row's tenant first, so that the value opens as it loads.
+                    if r.tenant is not None and r.tenant not in d:
+                        getattr(obj, r.tenant)
                     v = getattr(obj, src)
                 if isinstance(v, Sealed):
                     if tenant_changed:
