@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 import carnet
+from carnet.errors import ConfigurationError
 from carnet.keystore import utcnow
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "format.md"
@@ -79,6 +80,52 @@ def test_documented_upgrade(engine: sa.Engine, master_key_uri: str) -> None:
         conn.execute(
             km.table.insert().values(
                 key_id=os.urandom(16).hex(), tenant="p1", version=9, state="active", kind="index",
+                active_tenant="p1", master_key_uri=mk.uri, wrapped_key=b"x", created_at=now,
+                updated_at=now,
+            )
+        )  # fmt: skip
+    mk.close()
+    km.close()
+
+
+def test_create_schema_upgrades_and_an_old_table_fails_clearly(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    old_md = sa.MetaData()
+    old = _old_keys_table(old_md)
+    old_md.create_all(engine)
+    mk = carnet.open_master_key(master_key_uri)
+    now = utcnow()
+    ids = [os.urandom(16) for _ in range(2)]
+    with engine.begin() as conn:
+        for i, (tenant, state) in enumerate((("p1", "inactive"), ("p1", "active"))):
+            conn.execute(
+                old.insert().values(
+                    key_id=ids[i].hex(), tenant=tenant, version=i + 1, state=state,
+                    active_tenant=tenant if state == "active" else None, master_key_uri=mk.uri,
+                    wrapped_key=mk.wrap(os.urandom(32), {"tenant": tenant, "key_id": ids[i].hex()}),
+                    created_at=now, updated_at=now,
+                )
+            )  # fmt: skip
+    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    with pytest.raises(ConfigurationError, match="carnet init"):
+        km.encrypt(b"x", tenant="p1", label="l")
+    with pytest.raises(ConfigurationError, match="carnet init"):
+        km.index_roots("p1")
+    km.create_schema()
+    km.create_schema()  # a second run changes nothing
+    assert km.encrypt(b"x", tenant="p1", label="l")[1:17] == ids[1]
+    assert len(km.index_roots("p1")) == 1
+    assert sorted((r.kind, r.version, r.state) for r in km.list_keys("p1")) == [
+        ("data", 1, "inactive"),
+        ("data", 2, "active"),
+        ("index", 1, "active"),
+    ]
+    km.rotate("p1")
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(
+            km.table.insert().values(
+                key_id=os.urandom(16).hex(), tenant="p1", version=9, state="active", kind="data",
                 active_tenant="p1", master_key_uri=mk.uri, wrapped_key=b"x", created_at=now,
                 updated_at=now,
             )

@@ -39,6 +39,7 @@ from .keystore import (
     INDEX,
     RETIRED,
     KeyRecord,
+    add_key_kinds,
     keys_table,
     utcnow,
     wrap_context,
@@ -138,6 +139,7 @@ class KeyManager:
         self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._index_roots: TTLCache[list[IndexRoot]] = TTLCache(cache_size, cache_ttl)
+        self._kinds_checked = False
         self._sealers: dict[tuple[str, str], tuple[bytes, AESGCM, bytes, float]] = {}
         self._openers: dict[tuple[bytes, str, str], tuple[AESGCM, bytes, float]] = {}
         self._fast_hits = 0
@@ -168,8 +170,27 @@ class KeyManager:
         return f"<KeyManager {self.engine.url!r} master={self._master.uri} table={self.table.name}>"
 
     def create_schema(self) -> None:
-        """Create ``carnet_keys`` if it is missing."""
+        """Create ``carnet_keys`` if it is missing; upgrade one made before key kinds."""
         self.metadata.create_all(self.engine)
+        add_key_kinds(self.engine, self.table)
+        self._kinds_checked = True
+
+    def _require_kinds(self, conn: sa.Connection | None = None) -> None:
+        # Once per manager: a table made before key kinds fails with a clear
+        # error instead of the database's "no such column".
+        if self._kinds_checked:
+            return
+        insp = sa.inspect(conn if conn is not None else self.engine)
+        try:
+            cols = {c["name"] for c in insp.get_columns(self.table.name, schema=self.table.schema)}
+        except sa.exc.NoSuchTableError:
+            return  # create_schema() will make it with kinds
+        if "kind" not in cols:
+            raise ConfigurationError(
+                f"{self.table.name} was made before key kinds: run 'carnet init' (or "
+                "KeyManager.create_schema()) once to upgrade it, see docs/format.md"
+            )
+        self._kinds_checked = True
 
     # -- value level ---------------------------------------------------------------
 
@@ -272,6 +293,7 @@ class KeyManager:
         return dek
 
     def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
+        self._require_kinds()
         rec = self.get_key(key_id)
         if rec is None or rec.kind != DATA:
             # An index root key never decrypts a value, whatever a header names.
@@ -302,6 +324,7 @@ class KeyManager:
         transaction (SQLite, where a second connection would wait on the
         application's own write lock); otherwise in short transactions of their own.
         """
+        self._require_kinds(conn)
         for _attempt in range(5):
             if conn is None:
                 with self.engine.connect() as own:
@@ -626,6 +649,7 @@ class KeyManager:
         cached = self._index_roots.get(tenant)
         if cached is not None:
             return cached, None
+        self._require_kinds(conn)
         created: bytes | None = None
         for _attempt in range(5):
             if conn is None:
