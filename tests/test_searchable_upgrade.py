@@ -88,7 +88,7 @@ def test_documented_upgrade(engine: sa.Engine, master_key_uri: str) -> None:
     km.close()
 
 
-def test_create_schema_upgrades_and_an_old_table_fails_clearly(
+def test_an_old_table_serves_data_keys_until_create_schema_upgrades_it(
     engine: sa.Engine, master_key_uri: str
 ) -> None:
     old_md = sa.MetaData()
@@ -108,14 +108,20 @@ def test_create_schema_upgrades_and_an_old_table_fails_clearly(
                 )
             )  # fmt: skip
     km = carnet.KeyManager(engine, master_key=master_key_uri)
-    with pytest.raises(ConfigurationError, match="carnet init"):
-        km.encrypt(b"x", tenant="p1", label="l")
+    # Before the upgrade: data keys work as before, blind-index roots ask for it.
+    before = km.encrypt(b"x", tenant="p1", label="l")
+    assert before[1:17] == ids[1]
+    km.encrypt(b"y", tenant="p2", label="l")  # a new practice's first key, old shape
     with pytest.raises(ConfigurationError, match="carnet init"):
         km.index_roots("p1")
+    with pytest.raises(ConfigurationError, match="carnet init"):
+        km.rotate_index_root("p1")
     km.create_schema()
     km.create_schema()  # a second run changes nothing
     assert km.encrypt(b"x", tenant="p1", label="l")[1:17] == ids[1]
     assert len(km.index_roots("p1")) == 1
+    assert km.decrypt(before, tenant="p1", label="l") == b"x"
+    assert [(r.kind, r.version) for r in km.list_keys("p2")] == [("data", 1)]
     assert sorted((r.kind, r.version, r.state) for r in km.list_keys("p1")) == [
         ("data", 1, "inactive"),
         ("data", 2, "active"),

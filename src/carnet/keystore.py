@@ -35,7 +35,21 @@ INDEX = "index"
 KINDS = (DATA, INDEX)
 
 
-def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
+def keys_table(metadata: sa.MetaData, name: str = "carnet_keys", *, kinds: bool = True) -> sa.Table:
+    """The key table; ``kinds=False``: its shape before key kinds (read until upgraded)."""
+    if kinds:
+        per_kind: list[sa.schema.SchemaItem] = [
+            sa.Column("kind", sa.String(8), nullable=False, default=DATA, server_default=DATA),
+            sa.Column("active_tenant", sa.String(255), nullable=True),
+            sa.UniqueConstraint("tenant", "kind", "version", name=f"uq_{name}_tenant_kind_version"),
+            sa.UniqueConstraint("kind", "active_tenant", name=f"uq_{name}_kind_active"),
+            sa.CheckConstraint("kind IN ('data', 'index')", name=f"ck_{name}_kind"),
+        ]
+    else:
+        per_kind = [
+            sa.Column("active_tenant", sa.String(255), nullable=True, unique=True),
+            sa.UniqueConstraint("tenant", "version", name=f"uq_{name}_tenant_version"),
+        ]
     return sa.Table(
         name,
         metadata,
@@ -44,15 +58,11 @@ def keys_table(metadata: sa.MetaData, name: str = "carnet_keys") -> sa.Table:
         sa.Column("tenant", sa.String(255), nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("kind", sa.String(8), nullable=False, default=DATA, server_default=DATA),
-        sa.Column("active_tenant", sa.String(255), nullable=True),
         sa.Column("master_key_uri", sa.String(1024), nullable=False),
         sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.UniqueConstraint("tenant", "kind", "version", name=f"uq_{name}_tenant_kind_version"),
-        sa.UniqueConstraint("kind", "active_tenant", name=f"uq_{name}_kind_active"),
-        sa.CheckConstraint("kind IN ('data', 'index')", name=f"ck_{name}_kind"),
+        *per_kind,
         sa.CheckConstraint(
             "state IN ('active', 'inactive', 'retired', 'destroyed')", name=f"ck_{name}_state"
         ),

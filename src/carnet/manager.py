@@ -135,11 +135,11 @@ class KeyManager:
             mk = open_master_key(prev)
             self._masters.setdefault(mk.uri, mk)
         self.metadata = sa.MetaData()
-        self.table = keys_table(self.metadata, table_name)
+        self._kinds_table = keys_table(self.metadata, table_name)
+        self._table: sa.Table | None = None  # the shape found in the database, on first use
         self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._index_roots: TTLCache[list[IndexRoot]] = TTLCache(cache_size, cache_ttl)
-        self._kinds_checked = False
         self._sealers: dict[tuple[str, str], tuple[bytes, AESGCM, bytes, float]] = {}
         self._openers: dict[tuple[bytes, str, str], tuple[AESGCM, bytes, float]] = {}
         self._fast_hits = 0
@@ -167,30 +167,46 @@ class KeyManager:
         return self._keys.ttl
 
     def __repr__(self) -> str:
-        return f"<KeyManager {self.engine.url!r} master={self._master.uri} table={self.table.name}>"
+        return (
+            f"<KeyManager {self.engine.url!r} master={self._master.uri} "
+            f"table={self._kinds_table.name}>"
+        )
 
     def create_schema(self) -> None:
         """Create ``carnet_keys`` if it is missing; upgrade one made before key kinds."""
         self.metadata.create_all(self.engine)
-        add_key_kinds(self.engine, self.table)
-        self._kinds_checked = True
+        add_key_kinds(self.engine, self._kinds_table)
+        self._table = self._kinds_table
 
-    def _require_kinds(self, conn: sa.Connection | None = None) -> None:
-        # Once per manager: a table made before key kinds fails with a clear
-        # error instead of the database's "no such column".
-        if self._kinds_checked:
-            return
-        insp = sa.inspect(conn if conn is not None else self.engine)
-        try:
-            cols = {c["name"] for c in insp.get_columns(self.table.name, schema=self.table.schema)}
-        except sa.exc.NoSuchTableError:
-            return  # create_schema() will make it with kinds
-        if "kind" not in cols:
+    @property
+    def table(self) -> sa.Table:
+        """The key table, in the shape the database has.
+
+        A table made before key kinds keeps working for data keys until
+        :meth:`create_schema` (``carnet init``) upgrades it; blind-index roots
+        need the upgrade.
+        """
+        t = self._table
+        if t is None:
+            t = self._kinds_table
+            insp = sa.inspect(self.engine)
+            if insp.has_table(t.name, schema=t.schema) and "kind" not in {
+                c["name"] for c in insp.get_columns(t.name, schema=t.schema)
+            }:
+                t = keys_table(sa.MetaData(), t.name, kinds=False)
+            self._table = t
+        return t
+
+    def _is_data(self, t: sa.Table) -> sa.ColumnElement[bool]:
+        # Every key of a table made before key kinds is a data key.
+        return t.c.kind == DATA if "kind" in t.c else sa.true()
+
+    def _require_kinds(self) -> None:
+        if "kind" not in self.table.c:
             raise ConfigurationError(
                 f"{self.table.name} was made before key kinds: run 'carnet init' (or "
                 "KeyManager.create_schema()) once to upgrade it, see docs/format.md"
             )
-        self._kinds_checked = True
 
     # -- value level ---------------------------------------------------------------
 
@@ -293,7 +309,6 @@ class KeyManager:
         return dek
 
     def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
-        self._require_kinds()
         rec = self.get_key(key_id)
         if rec is None or rec.kind != DATA:
             # An index root key never decrypts a value, whatever a header names.
@@ -305,7 +320,7 @@ class KeyManager:
     ) -> tuple[sa.Row[Any] | None, set[str]]:
         row = conn.execute(
             sa.select(self.table).where(
-                self.table.c.active_tenant == tenant, self.table.c.kind == DATA
+                self.table.c.active_tenant == tenant, self._is_data(self.table)
             )
         ).first()
         states: set[str] = set()
@@ -324,7 +339,6 @@ class KeyManager:
         transaction (SQLite, where a second connection would wait on the
         application's own write lock); otherwise in short transactions of their own.
         """
-        self._require_kinds(conn)
         for _attempt in range(5):
             if conn is None:
                 with self.engine.connect() as own:
@@ -357,7 +371,7 @@ class KeyManager:
         now = utcnow()
         version = conn.execute(
             sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
-                t.c.tenant == tenant, t.c.kind == kind
+                t.c.tenant == tenant, t.c.kind == kind if "kind" in t.c else sa.true()
             )
         ).scalar_one()
         conn.execute(
@@ -366,7 +380,7 @@ class KeyManager:
                 tenant=tenant,
                 version=version + 1,
                 state=ACTIVE,
-                kind=kind,
+                **({"kind": kind} if "kind" in t.c else {}),
                 active_tenant=tenant,
                 master_key_uri=self._master.uri,
                 wrapped_key=wrapped,
@@ -486,7 +500,7 @@ class KeyManager:
         with self.engine.begin() as conn:
             current = conn.execute(
                 sa.select(t.c.key_id)
-                .where(t.c.active_tenant == tenant, t.c.kind == DATA)
+                .where(t.c.active_tenant == tenant, self._is_data(t))
                 .with_for_update()
             ).first()
             if current is not None:
@@ -649,7 +663,7 @@ class KeyManager:
         cached = self._index_roots.get(tenant)
         if cached is not None:
             return cached, None
-        self._require_kinds(conn)
+        self._require_kinds()
         created: bytes | None = None
         for _attempt in range(5):
             if conn is None:
@@ -722,6 +736,7 @@ class KeyManager:
         retire the old root (:meth:`retire`).
         """
         tenant = _check_tenant(tenant)
+        self._require_kinds()
         key_id = os.urandom(envelope.KEY_ID_SIZE)
         wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
         self.master_wraps += 1
