@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from carnet import transforms as tr
@@ -39,6 +39,7 @@ def test_exact_is_identity(s: str) -> None:
         ("Ｄｕｐｏｎｔ", "dupont"),  # full-width letters (NFKD compatibility forms)
         ("Chloé", "Chloe\u0301"),  # precomposed and combining accent
         ("ÆSA", "æsa"),
+        ("\u0345", "\u0399"),  # a combining mark that casefolds to a letter, and its capital
     ],
 )
 def test_folded_meets(a: str, b: str) -> None:
@@ -52,6 +53,7 @@ def test_folded_keeps_distinct_names_apart() -> None:
 
 
 @given(st.text())
+@example("\u0345")  # found by this test: casefold must run before marks are dropped
 def test_folded_is_idempotent_and_case_blind(s: str) -> None:
     f = tr.folded(s)
     assert tr.folded(f) == f

@@ -141,8 +141,10 @@ class EncryptedString(EncryptedText):
             )
         return value
 
-    def encrypt(self, value: str, tenant: str) -> bytes:
-        return super().encrypt(self.plaintext(value), tenant)
+    # Extra arguments (a per-engine manager) pass through untouched: only
+    # the plaintext encoding is this type's own.
+    def encrypt(self, value: str, tenant: str, *args: Any, **kwargs: Any) -> bytes:
+        return super().encrypt(self.plaintext(value), tenant, *args, **kwargs)
 
     def copy(self, **kw: Any) -> EncryptedString:
         new = EncryptedString(
@@ -220,11 +222,13 @@ class EncryptedDate(EncryptedText):
             value = value.isoformat()  # Core: a date in, its ISO text sealed
         return super().process_bind_param(value, dialect)
 
-    def encrypt(self, value: Any, tenant: str) -> bytes:
-        return super().encrypt(_iso(value), tenant)
+    def encrypt(self, value: Any, tenant: str, *args: Any, **kwargs: Any) -> bytes:
+        return super().encrypt(_iso(value), tenant, *args, **kwargs)
 
-    def decrypt(self, blob: bytes, tenant: str) -> dt.date:  # type: ignore[override]
-        text = super().decrypt(blob, tenant)
+    def decrypt(  # type: ignore[override]
+        self, blob: bytes, tenant: str, *args: Any, **kwargs: Any
+    ) -> dt.date:
+        text = super().decrypt(blob, tenant, *args, **kwargs)
         try:
             if len(text) != _ISO_LEN:
                 raise ValueError

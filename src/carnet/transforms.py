@@ -71,19 +71,18 @@ _WS = re.compile(r"\s+")
 
 
 def _fold(value: str) -> str:
-    # NFKD splits "é" into "e" + U+0301 and maps compatibility forms ("ﬁ" ->
-    # "fi", full-width letters -> ASCII); dropping combining marks removes the
-    # accents; casefold is the Unicode caseless match ("ß" -> "ss"). Casefold
-    # can itself produce decomposable characters, so the decomposition runs
-    # again after it: the result is then a fixed point (folding it again
-    # changes nothing), which the tests check.
+    # casefold is the Unicode caseless match ("ß" -> "ss"; it also maps some
+    # combining marks to letters, e.g. U+0345 to "ι", so it runs first, while
+    # they are still there). NFKD then splits "é" into "e" + U+0301 and maps
+    # compatibility forms ("ﬁ" -> "fi", full-width letters -> ASCII);
+    # dropping combining marks removes the accents. Decomposition can expose
+    # letters casefold did not see, so the steps run again: the result is a
+    # fixed point (folding it again changes nothing), which the tests check.
     s = value
     for _ in range(2):
+        s = s.casefold()
         s = unicodedata.normalize("NFKD", s)
         s = "".join(c for c in s if not unicodedata.combining(c))
-        s = s.casefold()
-    s = unicodedata.normalize("NFKD", s)
-    s = "".join(c for c in s if not unicodedata.combining(c))
     return _WS.sub(" ", s).strip()
 
 
