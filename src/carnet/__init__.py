@@ -35,3 +35,14 @@ __all__ = [
     "open_master_key",
     "tenant_scope",
 ]
+
+# Searchable encrypted identifiers (docs/searchable.md).
+from . import transforms  # noqa: E402
+from .searchable import BlindIndex, EncryptedDate, EncryptedString, reindex, search  # noqa: E402
+from .searchable import install as _install_searchable  # noqa: E402
+
+_install_searchable()
+__all__ += ["BlindIndex", "EncryptedDate", "EncryptedString", "reindex", "search", "transforms"]
+from .planner import plan_bits, print_bits_plan  # noqa: E402
+
+__all__ += ["plan_bits", "print_bits_plan"]

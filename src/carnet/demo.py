@@ -1,9 +1,11 @@
 """``carnet demo``: a small practice database on SQLite, end to end.
 
 It needs nothing but the core package. It writes synthetic notes (see
-:mod:`carnet._synthetic`: invented patients, fictional phone numbers), then
-proves on the raw database file that no note text is in it, reads the notes
-back, rotates one practice's data key and crypto-shreds another's.
+:mod:`carnet._synthetic`: invented patients, fictional phone numbers) and the
+patients' names, birth dates and phone numbers, all encrypted, then proves on
+the raw database file that neither note text nor phone number is in it, reads
+the notes back, finds a patient by phone through a blind index, rotates one
+practice's data key and crypto-shreds another's.
 
 What it prints never includes a note's text, except one example clearly
 labelled as read back through carnet, and never more ciphertext than a short
@@ -23,10 +25,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from . import _synthetic
+from . import _synthetic, transforms
 from .errors import ConfigurationError, KeyDestroyed
 from .manager import KeyManager
+from .planner import plan_bits
 from .providers import create_master_key
+from .searchable import BlindIndex, EncryptedDate, EncryptedString, candidates, search
 from .types import EncryptedText, Sealed
 
 __all__ = ["PROBE_LENGTH", "distinctive_probes", "note_probes", "run_demo", "scan_files"]
@@ -106,9 +110,14 @@ def _database_files(db_path: Path) -> list[Path]:
 
 # -- schema --------------------------------------------------------------------------------
 
-def _models(keys: KeyManager) -> tuple[type[Any], type[Any], type[Any], sa.MetaData]:
+def _models(
+    keys: KeyManager, patients_per_practice: int
+) -> tuple[type[Any], type[Any], type[Any], sa.MetaData]:
     # Declared per run, with the manager passed explicitly rather than through
     # carnet.configure(): a library function must not change process-wide state.
+    # About two unrelated rows per phone lookup (docs/searchable.md, sizing).
+    phone_bits = plan_bits(max(1, patients_per_practice), false_positives=2).bits
+
     class Base(DeclarativeBase):
         pass
 
@@ -121,10 +130,17 @@ def _models(keys: KeyManager) -> tuple[type[Any], type[Any], type[Any], sa.MetaD
         __tablename__ = "patients"
         id: Mapped[int] = mapped_column(primary_key=True)
         practice_id: Mapped[str] = mapped_column(sa.ForeignKey("practices.id"), index=True)
-        first_name: Mapped[str] = mapped_column(sa.String(100))
-        last_name: Mapped[str] = mapped_column(sa.String(100))
-        birth_date: Mapped[dt.date]
-        phone: Mapped[str] = mapped_column(sa.String(32))
+        first_name: Mapped[str] = mapped_column(
+            EncryptedString(100, tenant="practice_id", manager=keys)
+        )
+        last_name: Mapped[str] = mapped_column(
+            EncryptedString(100, tenant="practice_id", manager=keys)
+        )
+        birth_date: Mapped[dt.date] = mapped_column(
+            EncryptedDate(tenant="practice_id", manager=keys)
+        )
+        phone: Mapped[str] = mapped_column(EncryptedString(32, tenant="practice_id", manager=keys))
+        phone_bidx = BlindIndex("phone", transform=transforms.phone_fr, bits=phone_bits)
 
     class Note(Base):
         __tablename__ = "notes"
@@ -186,7 +202,7 @@ def run_demo(directory: str | None = None, echo: Callable[[str], None] = print,
 def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
                  echo: Callable[[str], None], *, seed: int, practices: int, patients: int,
                  t_start: float, root: Path) -> dict[str, Any]:
-    Practice, Patient, Note, metadata = _models(keys)
+    Practice, Patient, Note, metadata = _models(keys, patients // max(1, practices))
     keys.create_schema()
     metadata.create_all(engine)
 
@@ -214,7 +230,8 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     n_notes = len(texts)
     echo(f"  wrote {len(tenants)} practices, {len(data.patients)} patients, {n_notes} notes "
          f"(synthetic French clinical notes) in {_fmt_s(insert_s)}")
-    echo(f"  data keys created: {keys.stats()['keys_created']} (one per practice)")
+    echo(f"  data keys created: {keys.stats()['keys_created']} (one per practice); patients' "
+         "names, birth dates and phone numbers encrypted too, phone numbers blind-indexed")
 
     # -- what a thief holding the file would see -----------------------------------------
     notes_t = _table(Note)
@@ -232,8 +249,8 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     echo(f"  scanned the raw bytes of {', '.join(p.name for p in files)} for "
          f"{PROBE_LENGTH}-byte phrases found in one note only, three per note:")
     echo(f"    {len(note_found)} of {n_notes} notes found in {DB_NAME}")
-    echo(f"    (for contrast, patients' phone numbers, kept in a plain column: "
-         f"{len(phone_found)} of {len(data.patients)} found)")
+    echo(f"    {len(phone_found)} of {len(data.patients)} patients' phone numbers found "
+         f"(encrypted, searchable only through the blind index)")
 
     # -- read back -----------------------------------------------------------------------
     keys.clear_cache()
@@ -255,6 +272,9 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
         shown = example.body if len(example.body) <= 90 else example.body[:90] + "…"
         echo(f"  example, read back through carnet (synthetic note #1, {example.practice_id}):")
         echo(f"    « {shown} »")
+
+    # -- find a patient by phone ---------------------------------------------------------
+    found = _find_by_phone(engine, Patient, data.patients, echo)
 
     # -- rotation ------------------------------------------------------------------------
     rotated = tenants[0]
@@ -298,7 +318,8 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     others = [t for t in tenants if t != shredded]
     others_ok = sum(_read_all(engine, Note, texts, practice=t) for t in others)
     others_total = sum(1 for t in tenant_of.values() if t != shredded)
-    echo(f"  destroyed {shredded}'s data keys ({destroyed_keys}): {unreadable} of "
+    echo(f"  destroyed {shredded}'s keys ({destroyed_keys}: data key, blind-index root): "
+         f"{unreadable} of "
          f"{len(shredded_ids)} of its notes now raise KeyDestroyed "
          f"(through the ORM too: {orm_error or 'no error!'}); "
          f"the other practices' {others_ok} of {others_total} notes still read")
@@ -329,6 +350,7 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
         "files_scanned": [str(p) for p in files],
         "notes_found_in_file": len(note_found),
         "phones_found_in_file": len(phone_found),
+        **found,
         "notes_found_final": len(final_found),
         "notes_total_final": len(texts),
         "notes_read_back": read_ok,
@@ -359,6 +381,31 @@ def _scan(db_path: Path, texts: Mapping[int, str],
     for p in patients:
         phone_probes.setdefault(p.phone.encode("ascii"), []).append(p.id)
     return scan_files(files, distinctive_probes(texts)), scan_files(files, phone_probes), files
+
+
+def _find_by_phone(engine: sa.Engine, patient_cls: Any,
+                   patients: Sequence[_synthetic.Patient],
+                   echo: Callable[[str], None]) -> dict[str, Any]:
+    """Look a patient up by phone, spelt differently from how it was written."""
+    target = patients[len(patients) // 2]
+    digits = target.phone.replace(" ", "")
+    typed = "+33 " + " ".join([digits[1]] + [digits[i:i + 2] for i in range(2, 10, 2)])
+    expected = sorted(p.id for p in patients if p.practice_id == target.practice_id
+                      and p.phone == target.phone)
+    with Session(engine) as session:
+        cond, _ = candidates(patient_cls.phone_bidx, typed, tenant=target.practice_id)
+        n_candidates = len(session.scalars(sa.select(patient_cls.id).where(cond)).all())
+        t0 = time.perf_counter()
+        hits = search(session, patient_cls.phone_bidx, typed, tenant=target.practice_id)
+        lookup_s = time.perf_counter() - t0
+        ids = sorted(p.id for p in hits)
+    bits = patient_cls.__table__.c.phone_bidx.type._spec.bits
+    echo(f"  searched {target.practice_id} for the synthetic number {typed!r} (stored as "
+         f"{target.phone!r}) through a {bits}-bit blind index: {n_candidates} candidate "
+         f"row(s), {len(ids)} exact match(es) (patient #{', #'.join(map(str, ids))}) "
+         f"in {_fmt_s(lookup_s)}")
+    return {"phone_lookup_ids": ids, "phone_lookup_expected": expected,
+            "phone_lookup_candidates": n_candidates, "phone_lookup_s": lookup_s}
 
 
 def _read_all(engine: sa.Engine, note_cls: Any, texts: Mapping[int, str],

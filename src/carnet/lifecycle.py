@@ -36,7 +36,7 @@ from .errors import (
     UnknownKey,
     UnknownTenant,
 )
-from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
+from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
 from .providers import create_master_key
 
@@ -316,13 +316,13 @@ def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
     ts = []
     for tenant in sorted(tenants):
         recs = sorted(tenants[tenant], key=lambda r: r.version)
-        active = [r for r in recs if r.state == ACTIVE]
+        active = [r for r in recs if r.state == ACTIVE and r.kind == DATA]
         ts.append(TenantStatus(
             tenant=tenant,
             active_version=active[0].version if active else None,
             master_key_uri=active[0].master_key_uri if active else None,
             keys=[{"key_id": r.key_id.hex(), "version": r.version, "state": r.state,
-                   "master_key_uri": r.master_key_uri} for r in recs],
+                   "kind": r.kind, "master_key_uri": r.master_key_uri} for r in recs],
         ))
     ok = check_master_key(km) if check_master else True
     cols = list(columns) if columns is not None else discover_columns(km)

@@ -37,14 +37,18 @@ from .errors import (
 )
 from .keystore import (
     ACTIVE,
+    DATA,
     DESTROYED,
     INACTIVE,
+    INDEX,
     RETIRED,
     KeyRecord,
+    add_key_kinds,
     keys_table,
     lock_conflict,
     make_practice_ids_exact,
     utcnow,
+    wrap_context,
 )
 from .providers.base import MasterKey, open_master_key
 
@@ -60,6 +64,22 @@ _RACE_ATTEMPTS = 8
 
 class _Raced(Exception):
     """A compare-and-set on the key table found the row changed since it was read."""
+
+
+class IndexRoot:
+    """An unwrapped blind-index root key, held only in the cache. Never printed."""
+
+    __slots__ = ("key_id", "version", "secret", "derived")
+
+    def __init__(self, key_id: bytes, version: int, secret: bytes) -> None:
+        self.key_id = key_id
+        self.version = version
+        self.secret = secret
+        # Per-index keys derived from this root (carnet.indexkeys), dropped with it.
+        self.derived: dict[tuple[str, str, str], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<IndexRoot {self.key_id.hex()} v{self.version}>"
 
 
 class _Dek:
@@ -138,9 +158,11 @@ class KeyManager:
             mk = open_master_key(prev)
             self._masters.setdefault(mk.uri, mk)
         self.metadata = sa.MetaData()
-        self.table = keys_table(self.metadata, table_name)
+        self._kinds_table = keys_table(self.metadata, table_name)
+        self._table: sa.Table | None = None  # the shape found in the database, on first use
         self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
+        self._index_roots: TTLCache[list[IndexRoot]] = TTLCache(cache_size, cache_ttl)
         self._sealers: dict[tuple[str, str], tuple[bytes, AESGCM, bytes, float]] = {}
         self._openers: dict[tuple[bytes, str, str], tuple[AESGCM, bytes, float]] = {}
         self._fast_hits = 0
@@ -205,7 +227,8 @@ class KeyManager:
 
     def __repr__(self) -> str:
         return (
-            f"<KeyManager {self._engine.url!r} master={self._master.uri} table={self.table.name}>"
+            f"<KeyManager {self._engine.url!r} master={self._master.uri} "
+            f"table={self._kinds_table.name}>"
         )
 
     def bind(self, engine: Any) -> KeyManager:
@@ -222,13 +245,46 @@ class KeyManager:
         return self
 
     def create_schema(self) -> list[str]:
-        """Create ``carnet_keys`` if it is missing; make its practice ids exact.
+        """Create ``carnet_keys`` if it is missing; upgrade one made before key kinds;
+        make its practice ids exact.
 
         Returns the columns of an existing table that were converted from a
         collation folding case or trailing spaces (MariaDB), usually none.
         """
         self.metadata.create_all(self.engine)
+        add_key_kinds(self.engine, self._kinds_table)
+        self._table = self._kinds_table
         return make_practice_ids_exact(self.engine, self.table)
+
+    @property
+    def table(self) -> sa.Table:
+        """The key table, in the shape the database has.
+
+        A table made before key kinds keeps working for data keys until
+        :meth:`create_schema` (``carnet init``) upgrades it; blind-index roots
+        need the upgrade.
+        """
+        t = self._table
+        if t is None:
+            t = self._kinds_table
+            insp = sa.inspect(self.engine)
+            if insp.has_table(t.name, schema=t.schema) and "kind" not in {
+                c["name"] for c in insp.get_columns(t.name, schema=t.schema)
+            }:
+                t = keys_table(sa.MetaData(), t.name, kinds=False)
+            self._table = t
+        return t
+
+    def _is_data(self, t: sa.Table) -> sa.ColumnElement[bool]:
+        # Every key of a table made before key kinds is a data key.
+        return t.c.kind == DATA if "kind" in t.c else sa.true()
+
+    def _require_kinds(self) -> None:
+        if "kind" not in self.table.c:
+            raise ConfigurationError(
+                f"{self.table.name} was made before key kinds: run 'carnet init' (or "
+                "KeyManager.create_schema()) once to upgrade it, see docs/format.md"
+            )
 
     # -- value level ---------------------------------------------------------------
 
@@ -321,23 +377,27 @@ class KeyManager:
             raise KeyDestroyed(rec.key_id, rec.tenant)
         if rec.state == RETIRED or rec.wrapped_key is None:
             raise KeyRetired(rec.key_id, rec.tenant)
-        ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
+        ctx = wrap_context(rec.tenant, rec.key_id, rec.kind)
         secret = _off_loop(self._master_for(rec.master_key_uri).unwrap, rec.wrapped_key, ctx)
         self.master_unwraps += 1
         dek = _Dek(rec.key_id, rec.tenant, secret)
-        self._keys.put(rec.key_id, dek)
+        if rec.kind == DATA:
+            # Only data keys are cached as such: an index root must never
+            # become the AES key of a value whose header names it.
+            self._keys.put(rec.key_id, dek)
         return dek
 
     def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
         rec = self.get_key(key_id)
-        if rec is None:
+        if rec is None or rec.kind != DATA:
+            # An index root key never decrypts a value, whatever a header names.
             raise UnknownKey(key_id)
         return self._unwrap(rec)
 
     def _tenant_rows(
-        self, conn: sa.Connection, tenant: str, *, lock: bool = False
+        self, conn: sa.Connection, tenant: str, *, lock: bool = False, kind: str | None = DATA
     ) -> list[KeyRecord]:
-        """Every key row of exactly ``tenant``, checked row by row.
+        """Every key row of exactly ``tenant`` (of ``kind``; None: all kinds), checked row by row.
 
         One statement, so the rows are one consistent snapshot. It also reads
         any row whose active marker names ``tenant``: such a row of another
@@ -358,12 +418,12 @@ class KeyManager:
                     "collation folds practice ids; run 'carnet init' to make them exact"
                 )
             rec.check()
-        return recs
+        return recs if kind is None else [r for r in recs if r.kind == kind]
 
     def _query_active(
         self, conn: sa.Connection, tenant: str
     ) -> tuple[KeyRecord | None, set[str]]:
-        """The tenant's active key record (if any) and the states of all its keys."""
+        """The tenant's active data key record (if any) and the states of all its data keys."""
         recs = self._tenant_rows(conn, tenant)
         active = [r for r in recs if r.state == ACTIVE]
         return (active[0] if active else None), {r.state for r in recs}
@@ -412,14 +472,15 @@ class KeyManager:
         key_id: bytes,
         wrapped: bytes,
         version: int | None = None,
+        kind: str = DATA,
     ) -> int:
-        """Insert a key version (default: the next one) as the active key; return the version."""
+        """Insert a key version of ``kind`` (default: the next one) as its active key."""
         t = self.table
         now = utcnow()
         if version is None:
             version = 1 + conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
-                    t.c.tenant == tenant
+                    t.c.tenant == tenant, t.c.kind == kind if "kind" in t.c else sa.true()
                 )
             ).scalar_one()
         conn.execute(
@@ -428,6 +489,7 @@ class KeyManager:
                 tenant=tenant,
                 version=version,
                 state=ACTIVE,
+                **({"kind": kind} if "kind" in t.c else {}),
                 active_tenant=tenant,
                 master_key_uri=self._master.uri,
                 wrapped_key=wrapped,
@@ -725,6 +787,7 @@ class KeyManager:
                 .values(state=RETIRED, wrapped_key=None, updated_at=utcnow())
             )
         self._keys.pop(key_id)
+        self._index_roots.pop(row.tenant)
         self._drop_fast_paths()
         log.info("carnet: retired data key %s of tenant %r", key_id.hex(), row.tenant)
         rec = self.get_key(key_id)
@@ -751,7 +814,8 @@ class KeyManager:
         self._forget_tenant(tenant)
 
         def one_pass(conn: sa.Connection) -> int:
-            recs = self._tenant_rows(conn, tenant, lock=True)
+            # Every kind: the practice's blind-index roots are shredded with its data keys.
+            recs = self._tenant_rows(conn, tenant, lock=True, kind=None)
             if not recs and n == 0:
                 raise UnknownTenant(tenant, ": nothing was destroyed (check the id)")
             if all(r.state == DESTROYED for r in recs):
@@ -789,6 +853,7 @@ class KeyManager:
     def _forget_tenant(self, tenant: str) -> None:
         self._drop_fast_paths()
         self._active.pop(tenant)
+        self._index_roots.pop(tenant)
         with self._keys._lock:
             for k in [k for k, (_, d) in self._keys._data.items() if d.tenant == tenant]:
                 del self._keys._data[k]
@@ -820,7 +885,7 @@ class KeyManager:
                 if rec.master_key_uri == new.uri:
                     already += 1
                     continue
-                ctx = {"tenant": rec.tenant, "key_id": rec.key_id.hex()}
+                ctx = wrap_context(rec.tenant, rec.key_id, rec.kind)
                 secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
                 self.master_unwraps += 1
                 updates.append((rec, new.wrap(secret, ctx)))
@@ -844,6 +909,136 @@ class KeyManager:
         return RewrapReport(
             rewrapped=done, already=already, skipped_destroyed=destroyed, master_key_uri=new.uri
         )
+
+    # -- blind-index root keys -------------------------------------------------------
+
+    # Kept in carnet_keys beside the data keys (kind 'index'), wrapped by the
+    # same master key, one active per tenant. Separate from the data key so a
+    # data-key rotation never forces re-indexing, and destroyed with it:
+    # destroy() shreds every row of the tenant whatever its kind.
+
+    def index_roots(self, tenant: str, *, create: bool = True) -> list[IndexRoot]:
+        """The tenant's usable index roots, active first, then inactive ones newest first.
+
+        Writes use the first; lookups try all, so rows keep being found while a
+        re-index after :meth:`rotate_index_root` runs. With ``create`` a tenant
+        without a root gets one; without it the list may be empty.
+        """
+        roots, _ = self.index_roots_in(None, _check_tenant(tenant), create=create)
+        return roots
+
+    def index_roots_in(
+        self, conn: sa.Connection | None, tenant: str, *, create: bool = True
+    ) -> tuple[list[IndexRoot], bytes | None]:
+        """:meth:`index_roots`, reading and creating inside ``conn``'s transaction if given.
+
+        Also returns the key id of a root this call created inside ``conn``
+        (the caller calls :meth:`forget_index_roots` if that transaction rolls
+        back), else None.
+        """
+        cached = self._index_roots.get(tenant)
+        if cached is not None:
+            return cached, None
+        self._require_kinds()
+        created: bytes | None = None
+        for _attempt in range(5):
+            if conn is None:
+                with self.engine.connect() as own:
+                    rows, states = self._query_index_roots(own, tenant)
+            else:
+                rows, states = self._query_index_roots(conn, tenant)
+            if rows and rows[0].state == ACTIVE:
+                roots = [self._unwrap_index_root(KeyRecord.from_row(r)) for r in rows]
+                self._index_roots.put(tenant, roots)
+                return roots, created
+            if states and states <= {DESTROYED}:
+                raise KeyDestroyed(None, tenant)
+            if not create:
+                return [self._unwrap_index_root(KeyRecord.from_row(r)) for r in rows], None
+            created = self._insert_index_root(tenant, conn)
+            if conn is None:
+                created = None
+        raise MasterKeyUnavailable(f"could not create or load an index root for tenant {tenant!r}")
+
+    def _query_index_roots(
+        self, conn: sa.Connection, tenant: str
+    ) -> tuple[list[sa.Row[Any]], set[str]]:
+        t = self.table
+        rows = list(
+            conn.execute(
+                sa.select(t)
+                .where(t.c.tenant == tenant, t.c.kind == INDEX, t.c.state.in_((ACTIVE, INACTIVE)))
+                # active first (its marker is set), then the newest inactive ones
+                .order_by(t.c.active_tenant.is_(None), t.c.version.desc())
+            )
+        )
+        states: set[str] = set()
+        if not rows or rows[0].state != ACTIVE:
+            states = set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars())
+        return rows, states
+
+    def _unwrap_index_root(self, rec: KeyRecord) -> IndexRoot:
+        if rec.wrapped_key is None:
+            raise KeyRetired(rec.key_id, rec.tenant)
+        ctx = wrap_context(rec.tenant, rec.key_id, INDEX)
+        secret = self._master_for(rec.master_key_uri).unwrap(rec.wrapped_key, ctx)
+        self.master_unwraps += 1
+        return IndexRoot(rec.key_id, rec.version, secret)
+
+    def _insert_index_root(self, tenant: str, conn: sa.Connection | None) -> bytes | None:
+        key_id = os.urandom(envelope.KEY_ID_SIZE)
+        wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
+        self.master_wraps += 1
+        try:
+            if conn is None:
+                with self.engine.begin() as own:
+                    self._insert_row(own, tenant, key_id, wrapped, kind=INDEX)
+            else:
+                with conn.begin_nested():
+                    self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
+        except sa.exc.IntegrityError:
+            return None  # another process created it first: the next read loads theirs
+        return key_id
+
+    def forget_index_roots(self, tenant: str) -> None:
+        """Drop a tenant's cached index roots (a creating transaction rolled back)."""
+        self._index_roots.pop(tenant)
+
+    def rotate_index_root(self, tenant: str) -> KeyRecord:
+        """Make a new active index root for ``tenant``; the previous one stays for lookups.
+
+        Index values written from now on use the new root; run
+        :func:`carnet.searchable.reindex` to recompute the existing ones, then
+        retire the old root (:meth:`retire`).
+        """
+        tenant = _check_tenant(tenant)
+        self._require_kinds()
+        key_id = os.urandom(envelope.KEY_ID_SIZE)
+        wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
+        self.master_wraps += 1
+        t = self.table
+        with self.engine.begin() as conn:
+            if set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars()) == {
+                DESTROYED
+            }:
+                raise KeyDestroyed(None, tenant)
+            current = conn.execute(
+                sa.select(t.c.key_id)
+                .where(t.c.active_tenant == tenant, t.c.kind == INDEX)
+                .with_for_update()
+            ).first()
+            if current is not None:
+                conn.execute(
+                    t.update()
+                    .where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
+                    .values(state=INACTIVE, active_tenant=None, updated_at=utcnow())
+                )
+            version = self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
+        self._index_roots.pop(tenant)
+        log.info("carnet: rotated index root of tenant %r to version %d", tenant, version)
+        rec = self.get_key(key_id)
+        assert rec is not None  # noqa: S101
+        return rec
 
     # -- observability -------------------------------------------------------------
 
@@ -870,6 +1065,7 @@ class KeyManager:
         """Forget every unwrapped DEK (the next use of each costs one master-key call)."""
         self._keys.clear()
         self._active.clear()
+        self._index_roots.clear()
         self._drop_fast_paths()
 
     def close(self) -> None:

@@ -320,6 +320,11 @@ def guard_write(
                 from_row = True
             for e in written:
                 v, where = _value(src, embedded, e.key)
+                raw = v
+                if v is not None and type(v) is not BoundText and not isinstance(v, str):
+                    # The type's own plaintext form (a date's ISO text); refuses what it
+                    # cannot store.
+                    v = e.type.plaintext(v)
                 _check_plain(e, v)
                 if v is None:
                     continue
@@ -362,9 +367,9 @@ def guard_write(
                         raise TenantMismatch(row_tenant, tenant)
                 # A plain str under a scope of its own practice is sealed for the
                 # scope by the type itself: nothing to rebind (the common Core case).
-                if not (tenant == scope and type(v) is str):
+                if v is not raw or not (tenant == scope and type(v) is str):
                     bound = _bind(v, tenant)
-                    if bound is not v:
+                    if bound is not raw:
                         if where is not None:
                             if not is_copy[i]:
                                 out_rows[i] = dict(out_rows[i])

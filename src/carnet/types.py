@@ -236,6 +236,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
 
     # Hot paths: per value, no property lookups beyond the two attributes below.
 
+    def plaintext(self, value: Any) -> Any:
+        """The text this type seals for ``value`` (subclasses: a date's ISO form)."""
+        return value
+
     def check_scope(self, tenant: str, manager: KeyManager | None = None) -> None:
         """In strict mode (``require_scope``), an application read needs a scope of ``tenant``."""
         if manager is None:
