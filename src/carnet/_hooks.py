@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.sql.dml import Insert, Update
 
-from . import context
+from . import context, guard
 from .errors import CarnetError
 from .types import EncryptedText
 
@@ -65,4 +65,5 @@ def install() -> None:
     if not _installed:
         event.listen(sa.Engine, "handle_error", _handle_error)
         event.listen(sa.Engine, "before_execute", _before_execute)
+        guard.install()  # refuse SQL that would compute on ciphertext (carnet.guard)
         _installed = True
