@@ -333,6 +333,20 @@ REFUSED: dict[str, Case] = {
             ["id", "text"], sa.select(notes.c.id + 100, notes.c.body)
         ),
     ),
+    "multi-row VALUES copies another row": (
+        "copy",
+        "orm",
+        lambda d: sa.insert(Note).values(
+            [
+                {"id": 7, "practice_id": "p1", "body": "x"},
+                {
+                    "id": 8,
+                    "practice_id": "p1",
+                    "body": sa.select(N2.body).where(N2.id == 1).scalar_subquery(),
+                },
+            ]
+        ),
+    ),
     "upsert copies the proposed value": ("copy", "orm", _upsert_copy),
     "copy into a plain column": (
         "copy",
@@ -518,6 +532,32 @@ def test_null_tests_count_distinct_rows_and_union_all(data: sa.Engine) -> None:
             sa.select(sa.select(comments.c.text).where(comments.c.id == 1).scalar_subquery())
         ).scalar_one()
     assert got == "un"
+
+
+def test_multi_row_values_and_upserts_with_values_still_work(data: sa.Engine) -> None:
+    dialect = data.dialect.name
+    if dialect in ("mysql", "mariadb"):
+        m = mysql.insert(Note).values(id=1, practice_id="p1", body="x")
+        upsert: Any = m.on_duplicate_key_update(body="alpha upserted")
+    else:
+        ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Note)
+        upsert = ins.values(id=1, practice_id="p1", body="x").on_conflict_do_update(
+            index_elements=["id"], set_={Note.body: "alpha upserted"}
+        )
+    with carnet.tenant_scope("p1"), Session(data) as s:
+        s.execute(
+            sa.insert(Note).values(
+                [
+                    {"id": 7, "practice_id": "p1", "body": "seven"},
+                    {"id": 8, "practice_id": "p1", "body": None},
+                ]
+            )
+        )
+        s.execute(upsert)
+        s.commit()
+    with Session(data) as s:
+        got = {n.id: n.body for n in s.scalars(sa.select(Note).where(Note.id.in_([1, 7, 8])))}
+    assert got == {1: "alpha upserted", 7: "seven", 8: None}
 
 
 def test_equality_between_encrypted_columns_compares_ciphertexts(data: sa.Engine) -> None:

@@ -214,19 +214,33 @@ def _refuse(how: str, el: Any) -> UnsupportedOperation:
 # encrypted element there is judged: computed once per class, because testing
 # every attribute's traversal kind on every statement would cost more than the
 # rest of the walk.
-_VALUES, _JOINS, _PLAIN = 0, 1, 2
+_VALUES, _MULTI_VALUES, _JOINS, _PLAIN = 0, 1, 2, 3
 _Plan = tuple[tuple[str, int], ...]
 _plans: dict[type, _Plan] = {}
+# SQLAlchemy 2.0's ON CONFLICT / ON DUPLICATE KEY clauses declare no traversal
+# internals: their parts, by attribute name.
+_UNDECLARED: _Plan = (
+    ("update_values_to_set", _VALUES),
+    ("update", _VALUES),
+    ("update_whereclause", _PLAIN),
+    ("inferred_target_elements", _PLAIN),
+    ("inferred_target_whereclause", _PLAIN),
+)
 
 
 def _plan(cls: type) -> _Plan:
     plan = _plans.get(cls)
     if plan is None:
-        steps = []
-        for name, kind in getattr(cls, "_traverse_internals", ()):
+        steps: list[tuple[str, int]] = []
+        internals = getattr(cls, "_traverse_internals", None)
+        if internals is None:
+            steps.extend(_UNDECLARED)
+        for name, kind in internals or ():
             if kind not in _ELEMENT_KINDS or name in _SKIP:
                 continue
-            if kind in _DML_VALUE_KINDS:
+            if kind is _IT.dp_dml_multi_values:
+                steps.append((name, _MULTI_VALUES))
+            elif kind in _DML_VALUE_KINDS:
                 steps.append((name, _VALUES))
             elif kind is _IT.dp_setup_join_tuple:
                 steps.append((name, _JOINS))
@@ -234,6 +248,19 @@ def _plan(cls: type) -> _Plan:
                 steps.append((name, _PLAIN))
         plan = _plans[cls] = tuple(steps)
     return plan
+
+
+def _written_values(value: Any) -> Iterator[Any]:
+    """The SQL elements written by SET / VALUES: a dict's values, or (target, value) pairs' values.
+
+    The targets (columns or names) are where values go, not operands.
+    """
+    if isinstance(value, dict):
+        items: Any = value.values()
+    else:
+        items = (pair[1] for pair in value)
+    for v in items:
+        yield from _elements_in(v)
 
 
 def _elements_in(value: Any) -> Iterator[Any]:
@@ -246,6 +273,9 @@ def _elements_in(value: Any) -> Iterator[Any]:
     elif isinstance(value, dict):  # DML values: keys are the target columns, not operands
         for v in value.values():
             yield from _elements_in(v)
+    elif hasattr(value, "__clause_element__"):
+        # An ORM attribute or entity left as given (multi-row VALUES keep them).
+        yield from _elements_in(value.__clause_element__())
 
 
 class _Walk:
@@ -397,10 +427,11 @@ class _Walk:
             value: Any = getattr(el, name, None)
             if not isinstance(value, sa.ClauseElement) and not value:
                 continue  # most attributes of most statements are empty
-            if mode == _VALUES:
+            if mode == _VALUES or mode == _MULTI_VALUES:
                 # The value written to a column: a bind parameter (sealed by
                 # the type) is fine, an encrypted expression is a copy.
-                for sub in _elements_in(value):
+                written = _written_values(value) if mode == _VALUES else _elements_in(value)
+                for sub in written:
                     self.element(sub, "copying by an INSERT / UPDATE value", False)
             elif mode == _JOINS:  # ORM select(...).join(target, onclause)
                 joins: Any = value  # tuples of (target, onclause, from, flags)
