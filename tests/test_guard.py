@@ -335,7 +335,7 @@ REFUSED: dict[str, Case] = {
     ),
     "multi-row VALUES copies another row": (
         "copy",
-        "orm",
+        "core",
         lambda d: sa.insert(Note).values(
             [
                 {"id": 7, "practice_id": "p1", "body": "x"},
@@ -347,7 +347,7 @@ REFUSED: dict[str, Case] = {
             ]
         ),
     ),
-    "upsert copies the proposed value": ("copy", "orm", _upsert_copy),
+    "upsert copies the proposed value": ("copy", "core", _upsert_copy),
     "copy into a plain column": (
         "copy",
         "orm",
