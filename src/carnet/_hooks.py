@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from . import guard
 from .errors import CarnetError
 
 _installed = False
@@ -37,4 +38,5 @@ def install() -> None:
     global _installed
     if not _installed:
         event.listen(sa.Engine, "handle_error", _handle_error)
+        guard.install()  # refuse SQL that would compute on ciphertext (carnet.guard)
         _installed = True

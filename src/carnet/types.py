@@ -94,6 +94,10 @@ def _legacy_read(hook: Any, tenant: str | None, label: str | None) -> None:
 
 
 def _is_column(other: Any) -> bool:
+    # ORM attributes (Note.body, aliased(Note).body) stand for their column.
+    clause_element = getattr(other, "__clause_element__", None)
+    if clause_element is not None and not isinstance(other, ColumnElement):
+        other = clause_element()
     return isinstance(other, ColumnElement) and not isinstance(other, BindParameter | Null)
 
 
@@ -363,14 +367,19 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             ):
                 # Column-to-column equality stays: SQLAlchemy itself compares
                 # column objects with == (result keymaps, cached statements).
+                # In SQL it compares stored ciphertexts; carnet.guard refuses
+                # it in a JOIN condition at execution.
                 return super().operate(op, *other, **kwargs)
-            raise UnsupportedOperation(
-                f"{getattr(op, '__name__', op)} on an encrypted column cannot work: each value is "
-                "ciphertext under a random nonce. Filter on other columns and compare in Python."
-            )
+            raise self._refuse(op)
 
         def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-            raise UnsupportedOperation(
-                f"{getattr(op, '__name__', op)} on an encrypted column cannot work: "
-                "values are ciphertext"
+            raise self._refuse(op)
+
+        def _refuse(self, op: Any) -> UnsupportedOperation:
+            # The operator and the field label only: never the operand (a value).
+            label = getattr(self.type, "field_label", None) or "?"
+            name = getattr(op, "__name__", None) or str(op)
+            return UnsupportedOperation(
+                f"{name} on encrypted column {label!r} cannot work: each value is ciphertext "
+                "under a random nonce. Filter on other columns and compare in Python."
             )

@@ -1,0 +1,527 @@
+"""Refuse SQL that would compute on ciphertext, before it reaches the database.
+
+Every encrypted value is AES-GCM output under a random nonce: ordering,
+grouping, de-duplicating, comparing, measuring or transforming it in SQL gives
+an answer about random bytes (a wrong result, returned silently), and copying
+it to another row breaks "a note belongs to its row's practice". The column
+type's comparator (:class:`carnet.types.EncryptedText.comparator_factory`)
+already refuses operators written on the column (``Note.body == "x"``), but
+much never passes through it: ``func.length(col)``, ``cast(col, …)``,
+``order_by(col)``, ``group_by(col)``, ``.distinct()``, ``over(partition_by=col)``,
+``literal("x") == col``, ``union(…)``, ``update().values(body=other.c.body)``.
+
+So an Engine-wide ``before_execute`` hook walks each statement once, before it
+is compiled, and raises :class:`~carnet.errors.UnsupportedOperation` when an
+encrypted expression (any SQL expression whose type is ``EncryptedText``:
+the column, an ORM attribute, a label, a column of an alias or subquery, a
+scalar subquery selecting it) stands anywhere but in an allowed place. The
+walk is default-deny: a construct it does not know refuses an encrypted
+operand. Allowed:
+
+- selecting it (columns clause, RETURNING), including from subqueries;
+- writing it with a value (a bind parameter, which the type seals) or NULL;
+- ``IS NULL`` / ``IS NOT NULL``;
+- ``count(col)``;
+- ``DISTINCT`` over rows that also select the primary key of the column's table
+  (the rows are then distinct anyway: nothing is decided by ciphertext);
+- ``UNION ALL`` (``UNION``, ``INTERSECT`` and ``EXCEPT`` compare rows: refused);
+- ``=`` / ``!=`` between two encrypted columns outside a JOIN condition:
+  SQLAlchemy builds such expressions itself, and in SQL they compare stored
+  ciphertexts byte for byte, true only for a verbatim copy of a value;
+- ``type_coerce(col, SomeRawType)``: the explicit way to say "these are the
+  stored bytes" (carnet's batch engine compares-and-sets raw values with it).
+
+Raw SQL text (``text()``, ``literal_column()``, ``exec_driver_sql``) is opaque
+to the walk and is not checked.
+
+Statements that passed are remembered (weakly, by object) so a statement
+executed again is not walked again; the work is per statement, never per row.
+Messages name the construct and the column's field label, never a value.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.sql import elements, functions, operators, selectable
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.lambdas import LambdaElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+from .errors import UnsupportedOperation
+from .types import EncryptedText
+
+__all__ = ["check_statement", "install"]
+
+_IT = InternalTraversal
+# Traversal kinds whose values may hold SQL elements. Every other kind (names,
+# flags, types, options, hints, annotations) carries no SQL expression.
+_ELEMENT_KINDS = frozenset(
+    {
+        _IT.dp_clauseelement,
+        _IT.dp_clauseelement_list,
+        _IT.dp_clauseelement_tuple,
+        _IT.dp_clauseelement_tuples,
+        _IT.dp_fromclause_ordered_set,
+        _IT.dp_setup_join_tuple,
+        _IT.dp_memoized_select_entities,
+        _IT.dp_dml_values,
+        _IT.dp_dml_ordered_values,
+        _IT.dp_dml_multi_values,
+        _IT.dp_string_clauseelement_dict,
+        _IT.dp_has_cache_key,
+        _IT.dp_has_cache_key_list,
+        _IT.dp_has_cache_key_tuples,
+        _IT.dp_multi,
+        _IT.dp_multi_list,
+    }
+)
+_DML_VALUE_KINDS = frozenset(
+    {_IT.dp_dml_values, _IT.dp_dml_ordered_values, _IT.dp_dml_multi_values}
+)
+
+# Where an encrypted expression sits in a statement or FROM element, by
+# attribute: None means "just reading or listing it", a string names the SQL
+# construct that would compute on it. An attribute not listed here names
+# itself and refuses (default-deny).
+_POSITIONS: dict[str, str | None] = {
+    "_raw_columns": None,
+    "_returning": None,
+    "_return_defaults_columns": None,
+    "_supplemental_returning": None,
+    "_memoized_select_entities": None,
+    "_from_obj": None,
+    "_extra_froms": None,
+    "_independent_ctes": None,
+    "selects": None,
+    "select": None,
+    "table": None,
+    "element": None,
+    "left": None,
+    "right": None,
+    "_cte_alias": None,
+    "_restates": None,
+    "_post_values_clause": None,  # ON CONFLICT / ON DUPLICATE KEY: judged by its own parts
+    "column_args": None,  # text(...).columns(Note.body): the columns a text query returns
+    "_column_args": None,  # values(column(...), ...): column definitions
+    "_where_criteria": "WHERE",
+    "_having_criteria": "HAVING",
+    "_order_by_clauses": "ORDER BY",
+    "_group_by_clauses": "GROUP BY",
+    "_distinct_on": "DISTINCT ON",
+    "_limit_clause": "LIMIT",
+    "_offset_clause": "OFFSET",
+    "_fetch_clause": "FETCH",
+    "onclause": "a JOIN condition",
+    "inferred_target_elements": "an ON CONFLICT target",
+    "inferred_target_whereclause": "an ON CONFLICT target",
+    "update_whereclause": "an ON CONFLICT ... WHERE",
+}
+# Attributes that name FROM objects or row locks only: nothing is computed.
+_SKIP = frozenset({"_correlate", "_correlate_except", "_for_update_arg"})
+
+_ORDERING = frozenset(
+    {operators.asc_op, operators.desc_op, operators.nulls_first_op, operators.nulls_last_op}
+)
+_NULL_TESTS = frozenset({operators.is_, operators.is_not})
+_EQUALITY = frozenset({operators.eq, operators.ne})
+_OPERATOR_NAMES: dict[Any, str] = {
+    operators.eq: "=",
+    operators.ne: "!=",
+    operators.lt: "<",
+    operators.le: "<=",
+    operators.gt: ">",
+    operators.ge: ">=",
+    operators.like_op: "LIKE",
+    operators.not_like_op: "NOT LIKE",
+    operators.ilike_op: "ILIKE",
+    operators.not_ilike_op: "NOT ILIKE",
+    operators.in_op: "IN",
+    operators.not_in_op: "NOT IN",
+    operators.between_op: "BETWEEN",
+    operators.not_between_op: "NOT BETWEEN",
+    operators.concat_op: "||",
+    operators.add: "+ / ||",
+    operators.collate: "COLLATE",
+    operators.is_distinct_from: "IS DISTINCT FROM",
+    operators.is_not_distinct_from: "IS NOT DISTINCT FROM",
+    operators.distinct_op: "DISTINCT",
+    operators.exists: "EXISTS",
+}
+# Wrappers that add no computation: an encrypted element inside one is judged
+# by where the wrapper itself stands.
+_TRANSPARENT: tuple[type[Any], ...] = tuple(
+    t
+    for t in (
+        elements.Label,
+        elements.Grouping,
+        elements._label_reference,
+    )
+    if t is not None
+)
+# Plain lists of expressions (OrderByList and ElementList exist from SQLAlchemy 2.1).
+_LIST_TYPES: tuple[type[Any], ...] = tuple(
+    t
+    for t in (
+        elements.ClauseList,
+        elements.ExpressionClauseList,
+        getattr(elements, "OrderByList", None),
+        getattr(elements, "ElementList", None),
+    )
+    if t is not None
+)
+# WITHIN GROUP (ORDER BY ...); SQLAlchemy 2.1 generalises it as AggregateOrderBy.
+_AGGREGATE_ORDER_BY: type = getattr(elements, "AggregateOrderBy", elements.WithinGroup)
+
+
+def _op_name(op: Any) -> str:
+    name = _OPERATOR_NAMES.get(op)
+    if name is None:
+        name = getattr(op, "__name__", None) or str(op)
+        name = name.rstrip("_")
+    return f"the {name} operator"
+
+
+def _is_encrypted(el: Any) -> bool:
+    # Bind parameters of the type are values on their way in (sealed by the
+    # type), not stored ciphertext.
+    return isinstance(getattr(el, "type", None), EncryptedText) and not isinstance(
+        el, elements.BindParameter
+    )
+
+
+def _refuse(how: str, el: Any) -> UnsupportedOperation:
+    label = el.type.field_label or "?"
+    if how.startswith("copy"):
+        return UnsupportedOperation(
+            f"{how} would copy the ciphertext of encrypted column {label!r} to another row or "
+            "column; a value is sealed for its own row's practice and field. Read it, then "
+            "write the text as a value."
+        )
+    return UnsupportedOperation(
+        f"{how} on encrypted column {label!r} would run on ciphertext (each value is sealed "
+        "under a random nonce), so the database cannot answer it; refused before execution. "
+        "Select the column and sort, group, compare or transform the decrypted text in Python."
+    )
+
+
+# Per class, the traversal attributes that can hold SQL elements, with how an
+# encrypted element there is judged: computed once per class, because testing
+# every attribute's traversal kind on every statement would cost more than the
+# rest of the walk.
+_VALUES, _MULTI_VALUES, _JOINS, _PLAIN = 0, 1, 2, 3
+_Plan = tuple[tuple[str, int], ...]
+_plans: dict[type, _Plan] = {}
+# SQLAlchemy 2.0's ON CONFLICT / ON DUPLICATE KEY clauses declare no traversal
+# internals: their parts, by attribute name.
+_UNDECLARED: _Plan = (
+    ("update_values_to_set", _VALUES),
+    ("update", _VALUES),
+    ("update_whereclause", _PLAIN),
+    ("inferred_target_elements", _PLAIN),
+    ("inferred_target_whereclause", _PLAIN),
+)
+
+
+def _plan(cls: type) -> _Plan:
+    plan = _plans.get(cls)
+    if plan is None:
+        steps: list[tuple[str, int]] = []
+        internals = getattr(cls, "_traverse_internals", None)
+        if internals is None:
+            steps.extend(_UNDECLARED)
+        for name, kind in internals or ():
+            if kind not in _ELEMENT_KINDS or name in _SKIP:
+                continue
+            if kind is _IT.dp_dml_multi_values:
+                steps.append((name, _MULTI_VALUES))
+            elif kind in _DML_VALUE_KINDS:
+                steps.append((name, _VALUES))
+            elif kind is _IT.dp_setup_join_tuple:
+                steps.append((name, _JOINS))
+            else:
+                steps.append((name, _PLAIN))
+        plan = _plans[cls] = tuple(steps)
+    return plan
+
+
+def _written_values(value: Any) -> Iterator[Any]:
+    """The SQL elements written by SET / VALUES: a dict's values, or (target, value) pairs' values.
+
+    The targets (columns or names) are where values go, not operands.
+    """
+    if isinstance(value, dict):
+        items: Any = value.values()
+    else:
+        items = (pair[1] for pair in value)
+    for v in items:
+        yield from _elements_in(v)
+
+
+def _elements_in(value: Any) -> Iterator[Any]:
+    """The SQL elements in one traversal attribute (nested lists, tuples, dict values)."""
+    if isinstance(value, sa.ClauseElement):
+        yield value
+    elif isinstance(value, list | tuple | set | frozenset):
+        for v in value:
+            yield from _elements_in(v)
+    elif isinstance(value, dict):  # DML values: keys are the target columns, not operands
+        for v in value.values():
+            yield from _elements_in(v)
+    elif hasattr(value, "__clause_element__"):
+        # An ORM attribute or entity left as given (multi-row VALUES keep them).
+        yield from _elements_in(value.__clause_element__())
+
+
+class _Walk:
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()  # FROM objects already walked, by id
+
+    def element(self, el: Any, how: str | None, on: bool) -> None:
+        if isinstance(el, elements.ColumnElement):
+            self.column_element(el, how, on)
+        elif isinstance(el, _LIST_TYPES):
+            # A bare list (function arguments, GROUP BY items, IN values): its
+            # parent decides what is computed on its members.
+            for sub in el.clauses:
+                self.element(sub, how, on)
+        elif isinstance(el, LambdaElement):
+            self.element(el._resolved, None, False)
+        elif isinstance(el, (elements.TextClause, sa.TableClause)):
+            return  # raw SQL (opaque) / a table: its columns are definitions, not uses
+        elif isinstance(el, sa.FromClause):
+            if id(el) in self.seen:
+                return
+            self.seen.add(id(el))
+            self.attributes(el)
+        elif isinstance(el, sa.ClauseElement):
+            self.statement(el)
+
+    # -- expressions ------------------------------------------------------------
+
+    def column_element(self, el: Any, how: str | None, on: bool) -> None:
+        if how is not None and _is_encrypted(el):
+            raise _refuse(how, el)
+        if isinstance(el, elements.ColumnClause):
+            table = el.table
+            if table is not None and not isinstance(table, sa.TableClause):
+                self.element(table, None, False)  # a column of a subquery / alias / CTE
+            return
+        if isinstance(
+            el, (elements.BindParameter, elements.Null, elements._textual_label_reference)
+        ):
+            return
+        child: str | None
+        if isinstance(el, elements.TypeCoerce):
+            if not _is_encrypted(el):
+                return  # an explicit type_coerce() to a raw type: the caller handles bytes
+            child = how
+        elif isinstance(el, _TRANSPARENT):
+            child = how
+        elif isinstance(el, elements.BinaryExpression):
+            child = self.binary_operand_position(el, on)
+        elif isinstance(el, selectable.Exists):
+            child = None
+        elif isinstance(el, elements.UnaryExpression):
+            if el.modifier in _ORDERING:
+                child = "ORDER BY"
+            elif el.operator is operators.distinct_op:
+                child = "DISTINCT"
+            else:
+                child = _op_name(el.operator or el.modifier)
+        elif isinstance(el, functions.FunctionElement):
+            if isinstance(el, functions.count) and len(el.clauses.clauses) <= 1:
+                child = None  # count(col) counts non-NULL values: no ciphertext is read
+            else:
+                child = f"the SQL function {el.name}()"
+        elif isinstance(el, elements.Cast):
+            child = "CAST"
+        elif isinstance(el, elements.Tuple):
+            child = "a tuple"
+        elif isinstance(el, elements.BooleanClauseList):
+            child = "AND / OR"
+        elif isinstance(el, _LIST_TYPES):
+            child = how  # a bare list: its parent (function, IN, ORDER BY ...) decides
+        elif isinstance(el, elements.Case):
+            child = "CASE"
+        elif isinstance(el, elements.Over):
+            self.positioned(
+                el,
+                on,
+                {
+                    "element": how,
+                    "partition_by": "a window PARTITION BY",
+                    "order_by": "a window ORDER BY",
+                },
+                "a window frame",
+            )
+            return
+        elif isinstance(el, _AGGREGATE_ORDER_BY):
+            self.positioned(el, on, {"element": how}, "an aggregate ORDER BY")
+            return
+        elif isinstance(el, elements.FunctionFilter):
+            self.positioned(el, on, {"func": how}, "a FILTER clause")
+            return
+        elif isinstance(el, selectable.ScalarSelect):
+            self.element(el.element, None, False)
+            return
+        else:
+            child = f"an SQL {type(el).__name__} expression"
+        for name, _mode in _plan(type(el)):
+            value = getattr(el, name, None)
+            if isinstance(value, sa.ClauseElement):
+                self.element(value, child, on)
+            elif value:
+                for sub in _elements_in(value):
+                    self.element(sub, child, on)
+
+    def binary_operand_position(self, el: Any, on: bool) -> str | None:
+        op = el.operator
+        left, right = el.left, el.right
+        if op in _NULL_TESTS and (
+            isinstance(right, elements.Null) or isinstance(left, elements.Null)
+        ):
+            return None
+        if (
+            op in _EQUALITY
+            and not on
+            and isinstance(left, elements.ColumnClause)
+            and isinstance(right, elements.ColumnClause)
+            and _is_encrypted(left)
+            and _is_encrypted(right)
+        ):
+            # Ciphertext against ciphertext: equal only for a verbatim copy.
+            return None
+        return _op_name(op) + (" in a JOIN condition" if on else "")
+
+    def positioned(self, el: Any, on: bool, where: dict[str, str | None], other: str) -> None:
+        for name, _mode in _plan(type(el)):
+            how = where.get(name, other)
+            for sub in _elements_in(getattr(el, name, None)):
+                self.element(sub, how, on)
+
+    # -- statements and FROM objects ---------------------------------------------
+
+    def statement(self, el: Any) -> None:
+        if isinstance(el, sa.Select):
+            self.check_distinct(el)
+        elif isinstance(el, sa.CompoundSelect):
+            self.check_compound(el)
+        elif isinstance(el, Insert) and el.select is not None:
+            for col in el.select.selected_columns:
+                if _is_encrypted(col):
+                    raise _refuse("copying by INSERT ... FROM SELECT", col)
+        self.attributes(el)
+
+    def attributes(self, el: Any) -> None:
+        # A statement or FROM object starts afresh: a subquery inside a JOIN
+        # condition has its own WHERE, judged as any other.
+        for name, mode in _plan(type(el)):
+            value: Any = getattr(el, name, None)
+            if not isinstance(value, sa.ClauseElement) and not value:
+                continue  # most attributes of most statements are empty
+            if mode == _VALUES or mode == _MULTI_VALUES:
+                # The value written to a column: a bind parameter (sealed by
+                # the type) is fine, an encrypted expression is a copy.
+                written = _written_values(value) if mode == _VALUES else _elements_in(value)
+                for sub in written:
+                    self.element(sub, "copying by an INSERT / UPDATE value", False)
+            elif mode == _JOINS:  # ORM select(...).join(target, onclause)
+                joins: Any = value  # tuples of (target, onclause, from, flags)
+                for target, onclause, from_, _flags in joins:
+                    for sub in _elements_in((target, from_)):
+                        self.element(sub, None, False)
+                    if onclause is not None and not isinstance(onclause, sa.ClauseElement):
+                        # An ORM attribute as the ON clause: a relationship's
+                        # join condition, or a column that would be the condition.
+                        onclause = getattr(onclause, "__clause_element__", lambda: None)()
+                    for sub in _elements_in(onclause):
+                        self.element(sub, "a JOIN condition", True)
+            else:
+                how = _POSITIONS.get(name, name)
+                if name in ("_order_by_clauses", "_group_by_clauses"):
+                    self.check_label_references(el, value, how or name)
+                sub_on = name == "onclause"
+                for sub in _elements_in(value):
+                    self.element(sub, how, sub_on)
+
+    def check_distinct(self, el: sa.Select[Any]) -> None:
+        if not el._distinct or el._distinct_on:
+            return
+        cols = list(el.selected_columns)
+        present = {hash(c) for c in cols}
+        for col in cols:
+            if not _is_encrypted(col):
+                continue
+            base = col
+            while isinstance(base, _TRANSPARENT):
+                base = base.element
+            table = getattr(base, "table", None)
+            pk = list(getattr(table, "primary_key", ()) or ())
+            # Annotated (ORM) columns hash as the column they annotate.
+            if not pk or any(hash(c) not in present for c in pk):
+                raise _refuse("DISTINCT (without the primary key of its table)", col)
+
+    def check_compound(self, el: sa.CompoundSelect[Any]) -> None:
+        if el.keyword is selectable._CompoundSelectKeyword.UNION_ALL:
+            return
+        for sel in el.selects:
+            for col in sel.selected_columns:
+                if _is_encrypted(col):
+                    raise _refuse(el.keyword.value, col)
+
+    def check_label_references(self, el: Any, clauses: Any, how: str) -> None:
+        # order_by("body") / group_by("b") name a selected column by string.
+        refs = [c for c in clauses if isinstance(c, elements._textual_label_reference)]
+        if not refs:
+            return
+        selected = el.selected_columns
+        for ref in refs:
+            col = selected.get(ref.element)
+            if col is not None and _is_encrypted(col):
+                raise _refuse(how, col)
+
+
+# Statements that passed, by object. A statement object is immutable once
+# built (generative methods return copies), so its verdict never changes.
+_passed: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def check_statement(statement: Any) -> None:
+    """Raise UnsupportedOperation if ``statement`` would make the database compute on ciphertext."""
+    if isinstance(statement, LambdaElement):
+        statement = statement._resolved  # lambda_stmt(): the ORM's lazy loads use them
+    cacheable = isinstance(statement, Executable) and not isinstance(
+        statement, elements.ColumnElement
+    )
+    if cacheable and statement in _passed:
+        return
+    if isinstance(statement, sa.schema.ExecutableDDLElement):
+        return
+    _Walk().element(statement, None, False)
+    if cacheable:
+        _passed.add(statement)
+
+
+def _before_execute(conn: sa.Connection, clauseelement: Any, *_args: Any) -> None:
+    check_statement(clauseelement)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Check every statement every Engine executes (ORM sessions execute through them)."""
+    global _installed
+    if not _installed:
+        # insert=True: run before carnet's other hooks, so a refused INSERT
+        # creates no data key first.
+        event.listen(sa.Engine, "before_execute", _before_execute, insert=True)
+        _installed = True
