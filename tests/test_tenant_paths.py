@@ -400,3 +400,14 @@ def test_leaving_a_scope_in_another_context_is_safe() -> None:
     assert ctx.run(carnet.current_tenant) == "A"
     scope.__exit__(None, None, None)  # here, not in ctx: no ValueError from ContextVar
     assert carnet.current_tenant() is None
+
+
+def test_a_literal_of_another_type_in_values_is_sealed_not_stored_in_clear(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    with carnet.tenant_scope("A"), engine.begin() as conn:
+        conn.execute(notes.insert().values(id=1, practice_id="A", body=sa.literal("en clair?")))
+        conn.execute(notes.insert().values(id=2, practice_id="A", body=sa.literal("x")))
+        conn.execute(notes.update().where(notes.c.id == 2).values(body=sa.literal("mis à jour")))
+    assert stored(engine, master_key_uri, 1) == ("A", "en clair?", None)
+    assert stored(engine, master_key_uri, 2) == ("A", "mis à jour", None)

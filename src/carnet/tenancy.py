@@ -367,9 +367,11 @@ def guard_write(
                         raise TenantMismatch(row_tenant, tenant)
                 # A plain str under a scope of its own practice is sealed for the
                 # scope by the type itself: nothing to rebind (the common Core case).
-                if v is not raw or not (tenant == scope and type(v) is str):
+                # A value in the statement itself is always rebound: it may be a
+                # literal() of another type, which would be sent as it is.
+                if where is None or v is not raw or not (tenant == scope and type(v) is str):
                     bound = _bind(v, tenant)
-                    if bound is not raw:
+                    if bound is not raw or where is None:
                         if where is not None:
                             if not is_copy[i]:
                                 out_rows[i] = dict(out_rows[i])
