@@ -518,6 +518,8 @@ class KeyManager:
         """
         self._writable("create a first data key", tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
+        started = time.monotonic()
+        failure: ConfigurationError | None = None
         try:
             if conn is None:
                 with self.engine.begin() as own:
@@ -530,12 +532,12 @@ class KeyManager:
             # unique constraints decided; the caller reloads theirs.
             return None
         except sa.exc.OperationalError as exc:
-            if "locked" in str(exc.orig):
-                raise ConfigurationError(
-                    "SQLite is locked by an open write transaction: create the tenant's key "
-                    "before writing (keys.ensure_key(tenant)) or commit first"
-                ) from None
-            raise
+            if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
+                raise
+            failure = _sqlite_busy(conn, tenant, time.monotonic() - started)
+        if failure is not None:
+            # Raised outside the except block: no driver error chained to it.
+            raise failure
         self.keys_created += 1
         self._keys.put(key_id, _Dek(key_id, tenant, secret))
         return key_id
@@ -1084,6 +1086,36 @@ class KeyManager:
             await self._key_async.dispose()
             self._key_async = None
         self.close()
+
+
+def _sqlite_busy(conn: sa.Connection | None, tenant: str, waited: float) -> ConfigurationError:
+    """Why SQLite refused the write lock for a practice's first key, and what to change.
+
+    SQLite waits for another connection's write (up to its busy timeout) unless
+    this transaction already read the database: a reader cannot wait for a
+    writer (the two would deadlock), so SQLite refuses at once.
+    """
+    timeout_ms = None
+    if conn is not None:
+        try:
+            timeout_ms = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        except sa.exc.DBAPIError:  # pragma: no cover - the pragma always answers
+            timeout_ms = None
+    timeout = (timeout_ms or 0) / 1000
+    if conn is not None and waited < max(0.5 * timeout, 0.05):
+        return ConfigurationError(
+            f"SQLite refused the write lock for practice {tenant!r}'s first key at once: this "
+            "transaction had already read the database and another connection is writing, "
+            "and SQLite cannot make a reader wait for a writer. Create the practice's key "
+            "before the transaction (keys.ensure_key(practice)), or start the transaction "
+            "with BEGIN IMMEDIATE; nothing was written"
+        )
+    return ConfigurationError(
+        f"another connection held SQLite's write lock for {waited:.1f} s, past the busy "
+        f"timeout{f' ({timeout:g} s)' if timeout else ''}, while practice {tenant!r}'s first "
+        "key was being created: nothing was written. Retry, or raise the timeout "
+        "(connect_args={'timeout': seconds})"
+    )
 
 
 def _engine_from_url(url: str) -> sa.Engine | AsyncEngine:
