@@ -313,18 +313,18 @@ def test_upgrade_creates_missing_tables_and_adds_missing_columns_idempotently(
     def later_release(keys_table_name: str = "carnet_keys") -> sa.MetaData:
         md = carnet_metadata(keys_table_name)
         md.tables[keys_table_name].append_column(
-            sa.Column("kind", sa.String(16), nullable=False, default="data")
+            sa.Column("origin", sa.String(16), nullable=False, default="data")
         )
         return md
 
     monkeypatch.setattr(carnet_alembic, "carnet_metadata", later_release)
     assert _upgrade(engine) == [
         "create table carnet_jobs",
-        "add column carnet_keys.kind",
+        "add column carnet_keys.origin",
         "create table carnet_migrations",
     ]
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT kind FROM carnet_keys")).scalars().all() == ["data"]
+        assert conn.execute(sa.text("SELECT origin FROM carnet_keys")).scalars().all() == ["data"]
     assert _upgrade(engine) == []
 
 
@@ -339,11 +339,11 @@ def test_a_not_null_column_without_constant_default_is_refused_before_any_change
 
     def bad_release(keys_table_name: str = "carnet_keys") -> sa.MetaData:
         md = carnet_metadata(keys_table_name)
-        md.tables[keys_table_name].append_column(sa.Column("kind", sa.String(16), nullable=False))
+        md.tables[keys_table_name].append_column(sa.Column("origin", sa.String(16), nullable=False))
         return md
 
     monkeypatch.setattr(carnet_alembic, "carnet_metadata", bad_release)
-    with pytest.raises(carnet.errors.ConfigurationError, match="carnet_keys.kind"):
+    with pytest.raises(carnet.errors.ConfigurationError, match="carnet_keys.origin"):
         _upgrade(engine)
     # Refused while planning: not even the missing tables were created.
     assert "carnet_jobs" not in sa.inspect(engine).get_table_names()
