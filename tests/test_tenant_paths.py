@@ -411,3 +411,21 @@ def test_a_literal_of_another_type_in_values_is_sealed_not_stored_in_clear(
         conn.execute(notes.update().where(notes.c.id == 2).values(body=sa.literal("mis à jour")))
     assert stored(engine, master_key_uri, 1) == ("A", "en clair?", None)
     assert stored(engine, master_key_uri, 2) == ("A", "mis à jour", None)
+
+
+def test_multi_row_values_bind_each_row_to_its_own_practice(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            notes.insert().values(
+                [
+                    {"id": 1, "practice_id": "A", "body": "de A"},
+                    {"id": 2, "practice_id": "B", "body": "de B"},
+                ]
+            )
+        )
+    assert stored(engine, master_key_uri, 1) == ("A", "de A", None)
+    assert stored(engine, master_key_uri, 2) == ("B", "de B", None)
+    with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
+        conn.execute(notes.insert().values([{"id": 3, "practice_id": "B", "body": "PLANTED"}]))

@@ -158,11 +158,6 @@ _MISSING = object()
 
 def _embedded(stmt: Insert | Update) -> dict[str, Any]:
     """Values written into the statement itself (``.values(...)``), by column key."""
-    if stmt._multi_values:
-        raise UnsupportedOperation(
-            "a multi-row INSERT ... VALUES with an encrypted column: pass the rows as "
-            "parameters instead (conn.execute(insert(table), [dict, ...]))"
-        )
     out: dict[str, Any] = {}
     items: Sequence[tuple[Any, Any]] = ()
     if stmt._values:
@@ -258,6 +253,10 @@ def guard_write(
                 "ciphertext between rows: read, then insert the values"
             )
         return stmt, multiparams, params
+    if isinstance(stmt, Insert):
+        _refuse_upsert_of_encrypted(stmt, spec)
+        if stmt._multi_values:
+            return _guard_multi_values(conn, stmt, spec), multiparams, params
     single = not multiparams
     rows: list[dict[str, Any]] = [params] if single else multiparams
     embedded = _embedded(stmt)
@@ -505,6 +504,43 @@ def _guard_parent_move(
                     "practice: move those rows to a parent of the new practice first (the ORM "
                     "re-seals them), then change the practice"
                 )
+
+
+def _guard_multi_values(conn: sa.Connection, stmt: Insert, spec: _Spec) -> Insert:
+    """A multi-row INSERT ... VALUES: each row checked and bound like a parameter set."""
+    rows: list[dict[str, Any]] = []
+    for group in stmt._multi_values:
+        for r in group:
+            if not isinstance(r, Mapping):
+                raise UnsupportedOperation(
+                    "a multi-row INSERT ... VALUES given by position, with an encrypted column: "
+                    "give each row as a dict"
+                )
+            rows.append({(k if isinstance(k, str) else k.key): v for k, v in r.items()})
+    plain = stmt._generate()
+    plain._multi_values = ()
+    _, bound, _ = guard_write(conn, plain, spec, rows, {})
+    columns = stmt.table.c
+    out = stmt._generate()
+    out._multi_values = ([{columns[k]: v for k, v in row.items()} for row in bound],)  # type: ignore[assignment]
+    return out
+
+
+def _refuse_upsert_of_encrypted(stmt: Insert, spec: _Spec) -> None:
+    # ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE overwrite whichever row
+    # conflicts, of whatever practice: a value set there cannot be bound to it.
+    post = getattr(stmt, "_post_values_clause", None)
+    if post is None:
+        return
+    sets = getattr(post, "update_values_to_set", None) or getattr(post, "update", None) or {}
+    names = {k if isinstance(k, str) else getattr(k, "key", None) for k in sets}
+    hit = [e.key for e in spec.encs if e.key in names]
+    if hit:
+        raise UnsupportedOperation(
+            f"an upsert that updates encrypted column(s) {', '.join(hit)} on conflict: the "
+            "conflicting row may belong to another practice, so the value cannot be sealed "
+            "for it. Read the row, then INSERT or UPDATE it"
+        )
 
 
 def _before_execute(
