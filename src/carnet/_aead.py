@@ -1,8 +1,11 @@
 """Primitive layer: AES-256-GCM from ``cryptography``, nothing home-made.
 
-This is the hazardous floor: callers pass the nonce. Only the envelope layer
-(:mod:`carnet.envelope`) calls it on the normal path, always with a fresh
-random 96-bit nonce; tests call it directly to replay Wycheproof vectors.
+The only module of carnet that imports ``AESGCM``. This is the hazardous
+floor: callers pass the nonce. The envelope (values, :mod:`carnet.envelope`)
+and the local master keys (wraps, :mod:`carnet.providers._local`) build their
+ciphers here with :func:`cipher` and always draw a fresh random 96-bit nonce;
+the Wycheproof vectors run against :func:`encrypt` / :func:`decrypt`, which use
+the same :func:`cipher`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
+
+
+# What a cipher's decrypt raises when the tag does not match: callers turn it
+# into their own error (InvalidCiphertext, MasterKeyMismatch).
+AuthenticationFailed = InvalidTag
 
 
 class AeadError(Exception):

@@ -24,10 +24,9 @@ import base64
 import binascii
 import os
 import struct
+from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from ._aead import AuthenticationFailed, cipher
 from .errors import InvalidCiphertext
 
 VERSION = 1
@@ -62,24 +61,76 @@ def key_id_of(blob: bytes) -> bytes:
     return bytes(blob[1 : 1 + KEY_ID_SIZE])
 
 
-def _seal_with_nonce(
-    cipher: AESGCM, key_id: bytes, nonce: bytes, plaintext: bytes, aad: bytes
-) -> bytes:
-    # Seam for known-answer tests; the public path always draws a fresh nonce.
-    return b"".join((VERSION_BYTE, key_id, nonce, cipher.encrypt(nonce, plaintext, aad)))
+def short_key_id(blob: bytes) -> str:
+    """The first hex digits of a value's key id, for display ('?' when too short)."""
+    return blob[1 : 1 + KEY_ID_SIZE].hex()[:12] if len(blob) > 1 + KEY_ID_SIZE else "?"
 
 
-def seal(cipher: AESGCM, key_id: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    """Encrypt ``plaintext`` under a data key with a fresh random nonce."""
-    return _seal_with_nonce(cipher, key_id, os.urandom(NONCE_SIZE), plaintext, aad)
+def text_head(value: str, n: int) -> str:
+    """The first ``n`` base64 characters after the text prefix (a scan's cheap peek)."""
+    return value[len(TEXT_PREFIX) : len(TEXT_PREFIX) + n]
 
 
-def open_(cipher: AESGCM, blob: bytes, aad: bytes) -> bytes:
-    """Decrypt a v1 value whose framing was checked by :func:`key_id_of`."""
-    try:
-        return cipher.decrypt(blob[1 + KEY_ID_SIZE : HEADER_SIZE], blob[HEADER_SIZE:], aad)
-    except InvalidTag:
-        raise InvalidCiphertext() from None
+class Sealer:
+    """Seals values for one data key, field label and practice: the product's hot path.
+
+    Built once per (practice, label) by the KeyManager and kept until the data
+    key's cache entry expires (``expires``, a ``time.monotonic()`` deadline).
+    Every :meth:`seal` draws a fresh random nonce; :meth:`_seal_with_nonce` is
+    the seam the known-answer tests use.
+    """
+
+    __slots__ = ("_prefix", "_encrypt", "_aad", "expires")
+
+    def __init__(
+        self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
+    ) -> None:
+        aead = key if hasattr(key, "encrypt") else cipher(key)
+        self._prefix = VERSION_BYTE + key_id
+        self._encrypt = aead.encrypt
+        self._aad = associated_data(key_id, label, tenant)
+        self.expires = expires
+
+    def seal(self, plaintext: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return self._prefix + nonce + self._encrypt(nonce, plaintext, self._aad)
+
+    def _seal_with_nonce(self, plaintext: bytes, nonce: bytes) -> bytes:
+        return self._prefix + nonce + self._encrypt(nonce, plaintext, self._aad)
+
+    def __repr__(self) -> str:
+        return f"<carnet.envelope.Sealer key={self._prefix[1:].hex()[:12]}…>"
+
+
+class Opener:
+    """Opens values of one data key sealed for one field label and practice."""
+
+    __slots__ = ("_decrypt", "_aad", "expires", "label", "tenant")
+
+    def __init__(
+        self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
+    ) -> None:
+        aead = key if hasattr(key, "decrypt") else cipher(key)
+        self._decrypt = aead.decrypt
+        self._aad = associated_data(key_id, label, tenant)
+        self.expires = expires
+        self.label = label
+        self.tenant = tenant
+
+    def open(self, blob: bytes) -> bytes:
+        """Decrypt a value whose framing :func:`key_id_of` checked."""
+        try:
+            return self._decrypt(blob[1 + KEY_ID_SIZE : HEADER_SIZE], blob[HEADER_SIZE:], self._aad)
+        except AuthenticationFailed:
+            raise InvalidCiphertext(label=self.label, tenant=self.tenant) from None
+
+    def __repr__(self) -> str:
+        return f"<carnet.envelope.Opener label={self.label!r} tenant={self.tenant!r}>"
+
+
+def is_v1(blob: bytes) -> bool:
+    """Whether ``blob`` is framed as a v1 value (long enough, version byte 1)."""
+    return len(blob) >= MIN_SIZE and blob[0] == VERSION
 
 
 def to_text(blob: bytes) -> str:

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import envelope
+from . import _aead, envelope
 from .cache import TTLCache
 from .errors import (
     ConfigurationError,
-    InvalidCiphertext,
     KeyDestroyed,
     KeyRetired,
     KeyStoreInconsistent,
@@ -90,7 +87,7 @@ class _Dek:
     def __init__(self, key_id: bytes, tenant: str, secret: bytes) -> None:
         self.key_id = key_id
         self.tenant = tenant
-        self.cipher = AESGCM(secret)
+        self.cipher = _aead.cipher(secret)
 
     def __repr__(self) -> str:
         return f"<DEK {self.key_id.hex()} tenant={self.tenant!r}>"
@@ -163,8 +160,8 @@ class KeyManager:
         self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
         self._index_roots: TTLCache[list[IndexRoot]] = TTLCache(cache_size, cache_ttl)
-        self._sealers: dict[tuple[str, str], tuple[bytes, AESGCM, bytes, float]] = {}
-        self._openers: dict[tuple[bytes, str, str], tuple[AESGCM, bytes, float]] = {}
+        self._sealers: dict[tuple[str, str], envelope.Sealer] = {}
+        self._openers: dict[tuple[bytes, str, str], envelope.Opener] = {}
         self._fast_hits = 0
         self._lock = threading.Lock()
         self.master_wraps = 0
@@ -295,20 +292,18 @@ class KeyManager:
     def encrypt(self, plaintext: bytes, *, tenant: str, label: str) -> bytes:
         """Seal ``plaintext`` under the tenant's active DEK (created on first use)."""
         sealer = self._sealers.get((tenant, label))
-        if sealer is None or sealer[3] <= time.monotonic():
+        if sealer is None or sealer.expires <= time.monotonic():
             sealer = self._sealer(tenant, label)
         else:
             self._fast_hits += 1
-        nonce = os.urandom(envelope.NONCE_SIZE)
-        return sealer[0] + nonce + sealer[1].encrypt(nonce, plaintext, sealer[2])
+        return sealer.seal(plaintext)
 
-    def _sealer(self, tenant: str, label: str) -> tuple[bytes, AESGCM, bytes, float]:
+    def _sealer(self, tenant: str, label: str) -> envelope.Sealer:
         dek = self._active.get(tenant)
         if dek is None:
             dek = self._active_dek(_check_tenant(tenant))
         expires = self._active.expiry(tenant) or time.monotonic()
-        aad = envelope.associated_data(dek.key_id, label, tenant)
-        sealer = (envelope.VERSION_BYTE + dek.key_id, dek.cipher, aad, expires)
+        sealer = envelope.Sealer(dek.cipher, dek.key_id, label, tenant, expires)
         if len(self._sealers) > _FAST_PATH_MAX:
             self._sealers.clear()
         self._sealers[(tenant, label)] = sealer
@@ -316,23 +311,18 @@ class KeyManager:
 
     def decrypt(self, blob: bytes, *, tenant: str, label: str) -> bytes:
         """Open a value sealed for ``tenant`` and ``label``; raise a carnet error otherwise."""
-        if len(blob) < envelope.MIN_SIZE or blob[0] != envelope.VERSION:
-            envelope.key_id_of(blob)  # raises the precise InvalidCiphertext
-        key_id = blob[1:17]
+        key_id = envelope.key_id_of(blob)
         opener = self._openers.get((key_id, label, tenant))
-        if opener is None or opener[2] <= time.monotonic():
+        if opener is None or opener.expires <= time.monotonic():
             opener = self._opener(key_id, tenant, label)
         else:
             self._fast_hits += 1
-        try:
-            plaintext = opener[0].decrypt(blob[17:29], blob[29:], opener[1])
-        except InvalidTag:
-            raise InvalidCiphertext(label=label, tenant=tenant) from None
+        plaintext = opener.open(blob)
         if self.decrypt_hook is not None:
             self.decrypt_hook(tenant, label, 1)
         return plaintext
 
-    def _opener(self, key_id: bytes, tenant: str, label: str) -> tuple[AESGCM, bytes, float]:
+    def _opener(self, key_id: bytes, tenant: str, label: str) -> envelope.Opener:
         dek = self._keys.get(key_id)
         if dek is None:
             dek = self._dek_for(key_id, _check_tenant(tenant))
@@ -341,7 +331,7 @@ class KeyManager:
             # wrong scope. The key's tenant is metadata, so naming it leaks nothing.
             raise TenantMismatch(tenant, dek.tenant)
         expires = self._keys.expiry(key_id) or time.monotonic()
-        opener = (dek.cipher, envelope.associated_data(key_id, label, tenant), expires)
+        opener = envelope.Opener(dek.cipher, key_id, label, tenant, expires)
         if len(self._openers) > _FAST_PATH_MAX:
             self._openers.clear()
         self._openers[(key_id, label, tenant)] = opener

@@ -77,7 +77,7 @@ class Sealed:
         return self._type.decrypt(self.data, tenant, manager)
 
     def __repr__(self) -> str:
-        kid = self.data[1:17].hex()[:12] if len(self.data) > 17 else "?"
+        kid = envelope.short_key_id(self.data)
         return f"<carnet.Sealed {len(self.data)} bytes key={kid}… field={self._type.field_label!r}>"
 
     __str__ = __repr__

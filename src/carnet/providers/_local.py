@@ -14,9 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from .._aead import AuthenticationFailed, cipher
 from ..errors import MasterKeyMismatch
 from .base import MasterKey, context_aad
 
@@ -31,7 +29,7 @@ class LocalMasterKey(MasterKey):
         if len(secret) != SECRET_SIZE:
             raise ValueError("master key secret must be 32 bytes")
         self._uri = uri
-        self._aead = AESGCM(secret)
+        self._aead = cipher(secret)
 
     @property
     def uri(self) -> str:
@@ -46,7 +44,7 @@ class LocalMasterKey(MasterKey):
             raise MasterKeyMismatch(f"wrapped key is not in a format {self.scheme}:// can open")
         try:
             return self._aead.decrypt(wrapped[1:13], wrapped[13:], context_aad(context))
-        except InvalidTag:
+        except AuthenticationFailed:
             raise MasterKeyMismatch(
                 f"wrapped key does not open under master key {self.uri} "
                 "(another master key, another tenant's key, or tampered)"
