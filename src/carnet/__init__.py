@@ -3,12 +3,9 @@
 import logging as _logging
 
 from . import audit, errors
-from ._hooks import install as _install_hooks
 from .context import bind_manager, configure, current_tenant, get_manager, tenant_scope
 from .manager import KeyManager
-from .orm import install as _install_orm
 from .providers import MasterKey, create_master_key, open_master_key
-from .tenancy import install as _install_tenancy
 from .types import EncryptedText, Sealed
 
 __version__ = "0.1.0"
@@ -16,9 +13,8 @@ __version__ = "0.1.0"
 # A library logs; the application decides where to: no output unless configured.
 _logging.getLogger("carnet").addHandler(_logging.NullHandler())
 
-_install_hooks()
-_install_orm()
-_install_tenancy()
+# Nothing is attached to SQLAlchemy at import: carnet._hooks.install() runs
+# when a KeyManager is made, configured or bound.
 
 __all__ = [
     "audit",
@@ -39,9 +35,7 @@ __all__ = [
 # Searchable encrypted identifiers (docs/searchable.md).
 from . import transforms  # noqa: E402
 from .searchable import BlindIndex, EncryptedDate, EncryptedString, reindex, search  # noqa: E402
-from .searchable import install as _install_searchable  # noqa: E402
 
-_install_searchable()
 __all__ += ["BlindIndex", "EncryptedDate", "EncryptedString", "reindex", "search", "transforms"]
 from .planner import plan_bits, print_bits_plan  # noqa: E402
 

@@ -35,8 +35,29 @@ def _handle_error(ctx: Any) -> BaseException | None:
 
 
 def install() -> None:
+    """Attach carnet's SQLAlchemy listeners; idempotent, and never at import.
+
+    Called when a :class:`~carnet.KeyManager` is made or configured, or a
+    manager is bound to an engine: an application that imports carnet without
+    using it keeps SQLAlchemy untouched. Mappers configured before that are
+    set up here too.
+    """
     global _installed
-    if not _installed:
-        event.listen(sa.Engine, "handle_error", _handle_error)
-        guard.install()  # refuse SQL that would compute on ciphertext (carnet.guard)
-        _installed = True
+    if _installed:
+        return
+    from . import orm, searchable, tenancy
+
+    event.listen(sa.Engine, "handle_error", _handle_error)
+    guard.install()  # refuse SQL that would compute on ciphertext (carnet.guard)
+    orm.install()
+    tenancy.install()  # the write guard of the tenant invariant
+    searchable.install()
+    _installed = True
+    # Models mapped and configured before carnet was: set them up now.
+    from sqlalchemy.orm import mapperlib
+
+    for registry in list(mapperlib._mapper_registries):
+        for mapper in list(registry.mappers):
+            if mapper.configured:
+                orm._setup(mapper, mapper.class_)
+                searchable._setup(mapper, mapper.class_)

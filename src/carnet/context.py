@@ -39,6 +39,9 @@ def bind_manager(bind: Any, manager: KeyManager | None) -> None:
     if manager is None:
         _bound.pop(dialect, None)
     else:
+        from ._hooks import install
+
+        install()
         _bound[dialect] = manager
 
 
@@ -60,6 +63,10 @@ def configure(manager: KeyManager | None, *, require_scope: bool | None = None) 
     practice it leaves.
     """
     global _default_manager
+    if manager is not None:
+        from ._hooks import install
+
+        install()
     if manager is not None and require_scope is not None:
         manager.require_scope = require_scope
     _default_manager = manager

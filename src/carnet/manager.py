@@ -136,6 +136,9 @@ class KeyManager:
         require_scope: bool = False,
         read_only: bool = False,
     ) -> None:
+        from ._hooks import install
+
+        install()  # carnet's SQLAlchemy listeners, from the first manager on
         if isinstance(bind, str):
             bind = _engine_from_url(bind)
         self.async_engine: AsyncEngine | None = None

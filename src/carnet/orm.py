@@ -118,7 +118,13 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
         d[key] = typ.decrypt(v.data, tenant, manager)
 
 
+_seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+
+
 def _setup(mapper: Mapper[Any], class_: type) -> None:
+    if mapper in _seen:
+        return  # set up already (configured before carnet was installed, then again)
+    _seen.add(mapper)
     specs: list[Spec] = []
     groups: dict[str, _Group] = {}
     for prop in mapper.column_attrs:

@@ -433,7 +433,13 @@ _orm: weakref.WeakKeyDictionary[Mapper[Any], list[_Resolved]] = weakref.WeakKeyD
 _dates: weakref.WeakKeyDictionary[Mapper[Any], list[str]] = weakref.WeakKeyDictionary()
 
 
+_seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+
+
 def _setup(mapper: Mapper[Any], class_: type) -> None:
+    if mapper in _seen:
+        return  # set up already (see carnet._hooks.install)
+    _seen.add(mapper)
     found: list[_Resolved] = []
     dates: list[str] = []
     for prop in mapper.column_attrs:

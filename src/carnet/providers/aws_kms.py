@@ -25,6 +25,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -75,15 +76,22 @@ _BACKOFF_CAP = 2.0
 _jitter = random.SystemRandom()
 
 
+# True while carnet itself calls KMS: the filter below judges only those records.
+_in_carnet_call: ContextVar[bool] = ContextVar("carnet_kms_call", default=False)
+
+
 class _RedactPlaintext(logging.Filter):
-    """Drop botocore debug records that carry KMS request or response bodies.
+    """Drop botocore debug records of carnet's KMS calls that carry request or response bodies.
 
     At DEBUG level botocore logs whole request parameters and response bodies,
     which for Encrypt and Decrypt hold the data key in base64. The threat
-    model counts logs as leak paths, so such records never get out.
+    model counts logs as leak paths, so such records never get out. Records
+    of the application's own AWS calls pass untouched.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not _in_carnet_call.get():
+            return True
         try:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a record we cannot render is not worth the risk
@@ -92,11 +100,17 @@ class _RedactPlaintext(logging.Filter):
 
 
 _FILTER = _RedactPlaintext()
-for _name in ("botocore.endpoint", "botocore.parsers", "botocore.hooks", "botocore.httpsession",
-              "botocore.awsrequest", "botocore.retryhandler", "botocore.regions"):
-    _logger = logging.getLogger(_name)
-    if _FILTER not in _logger.filters:
-        _logger.addFilter(_FILTER)
+_BOTOCORE_LOGGERS = ("botocore.endpoint", "botocore.parsers", "botocore.hooks",
+                     "botocore.httpsession", "botocore.awsrequest", "botocore.retryhandler",
+                     "botocore.regions")
+
+
+def _install_log_filter() -> None:
+    # When the first KMS master key is opened, not when this module is imported.
+    for name in _BOTOCORE_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
 
 
 def _import_boto() -> tuple[Any, Any, Any]:
@@ -179,6 +193,7 @@ class AwsKmsMasterKey(MasterKey):
     def __init__(self, key_id: str, *, region: str | None = None,
                  settings: Mapping[str, float] | None = None) -> None:
         session_mod, config_mod, exc_mod = _import_boto()
+        _install_log_filter()
         self._exc = exc_mod
         self._key_id = key_id
         self._explicit_region = region if _ARN.fullmatch(key_id) is None else None
@@ -293,6 +308,7 @@ class AwsKmsMasterKey(MasterKey):
         attempt = 0
         while True:
             attempt += 1
+            token = _in_carnet_call.set(True)
             try:
                 return fn()
             except self._exc.ClientError as exc:
@@ -307,6 +323,8 @@ class AwsKmsMasterKey(MasterKey):
                 raise MasterKeyUnavailable(
                     f"AWS KMS {operation} with {self.uri} failed: {type(exc).__name__}"
                 ) from None
+            finally:
+                _in_carnet_call.reset(token)
             # Full jitter keeps a fleet of clients from retrying in lockstep.
             pause = _jitter.uniform(0, min(_BACKOFF_CAP, delay * 2 ** (attempt - 1)))
             if attempt >= attempts or time.monotonic() + pause >= deadline:
