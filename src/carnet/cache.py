@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
@@ -68,6 +68,14 @@ class TTLCache(Generic[V]):
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+
+    def drop_where(self, predicate: Callable[[V], bool]) -> int:
+        """Drop every entry whose value satisfies ``predicate``; return how many."""
+        with self._lock:
+            doomed = [k for k, (_, v) in self._data.items() if predicate(v)]
+            for k in doomed:
+                del self._data[k]
+        return len(doomed)
 
     def __len__(self) -> int:
         return len(self._data)

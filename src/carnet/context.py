@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 _default_manager: KeyManager | None = None
 _tenant: ContextVar[str | None] = ContextVar("carnet_tenant", default=None)
+# The scope's context variable itself, for carnet's hot paths (``SCOPE.get``
+# costs no extra call); everyone else uses current_tenant() / tenant_scope().
+SCOPE = _tenant
 # Managers bound to an engine, by the engine's Dialect: a type's bind and
 # result processors see only the dialect, and every Engine has its own.
 _bound: weakref.WeakKeyDictionary[Any, KeyManager] = weakref.WeakKeyDictionary()
@@ -103,6 +106,17 @@ def tenant_scope(tenant: str) -> Iterator[str]:
             # application's own exception with ContextVar's.
             before = token.old_value
             _tenant.set(None if before is Token.MISSING else before)
+
+
+@contextmanager
+def without_scope() -> Iterator[None]:
+    """Run a block with no tenant scope: carnet's own reads of stored values,
+    which come back Sealed and are opened under the practice they belong to."""
+    token = _tenant.set(None)
+    try:
+        yield
+    finally:
+        _tenant.reset(token)
 
 
 def current_tenant() -> str | None:

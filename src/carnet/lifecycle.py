@@ -267,7 +267,7 @@ def check_master_key(km: KeyManager) -> bool:
         if rec.wrapped_key is None or rec.master_key_uri in seen:
             continue
         seen.add(rec.master_key_uri)
-        km._unwrap(rec)
+        km.check_unwrap(rec)
     return True
 
 

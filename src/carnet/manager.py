@@ -380,6 +380,11 @@ class KeyManager:
             self._keys.put(rec.key_id, dek)
         return dek
 
+    def check_unwrap(self, rec: KeyRecord) -> None:
+        """Unwrap ``rec``'s data key under its master key (raises the carnet error if
+        it does not open), caching it as a read would."""
+        self._unwrap(rec)
+
     def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
         rec = self.get_key(key_id)
         if rec is None or rec.kind != DATA:
@@ -849,9 +854,7 @@ class KeyManager:
         self._drop_fast_paths()
         self._active.pop(tenant)
         self._index_roots.pop(tenant)
-        with self._keys._lock:
-            for k in [k for k, (_, d) in self._keys._data.items() if d.tenant == tenant]:
-                del self._keys._data[k]
+        self._keys.drop_where(lambda dek: dek.tenant == tenant)
 
     def rewrap(
         self,

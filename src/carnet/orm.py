@@ -31,7 +31,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
-from .context import _tenant
+from .context import SCOPE as _tenant
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
 from .tenancy import register_dependent as _register_dependent
 from .types import BoundText, EncryptedText, Sealed

@@ -509,7 +509,7 @@ def _roots_for_flush(
 
 
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    scope = context._tenant.get()
+    scope = context.current_tenant()
     dated: list[tuple[InstanceState[Any], str]] = []
     # One root lookup per practice and flush, not per row.
     roots_seen: dict[tuple[int, str], list[IndexRoot]] = {}
@@ -715,7 +715,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     _refuse_inline(state.statement, indexes)
     if not state.parameters:
         return None
-    scope = context._tenant.get()
+    scope = context.current_tenant()
     session = state.session
 
     seen: dict[tuple[int, str], list[IndexRoot]] = {}
@@ -810,7 +810,7 @@ def _core_before_execute(
     if not indexes:
         return clauseelement, multiparams, params
     _refuse_inline(clauseelement, indexes)
-    scope = context._tenant.get()
+    scope = context.current_tenant()
 
     seen: dict[tuple[int, str], list[IndexRoot]] = {}
 

@@ -261,7 +261,7 @@ def guard_write(
     rows: list[dict[str, Any]] = [params] if single else multiparams
     embedded = _embedded(stmt)
     is_update = isinstance(stmt, Update)
-    scope = context._tenant.get()
+    scope = context.current_tenant()
     first = rows[0] if rows else {}
 
     # Rows are copied only when a value in them is rebound: the caller's dicts stay as given.
@@ -442,13 +442,10 @@ def _parent_practices(
     wanted = {fk for fk in fks if fk is not None and not isinstance(fk, ClauseElement)}
     if not wanted:
         return {}
-    token = context._tenant.set(None)
-    try:
+    with context.without_scope():
         rows = conn.execute(
             sa.select(parent_pk, parent_tenant).where(parent_pk.in_(sorted(wanted, key=repr)))
         ).all()
-    finally:
-        context._tenant.reset(token)
     return {pk: practice for pk, practice in rows}
 
 

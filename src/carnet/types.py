@@ -19,7 +19,8 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
 from . import envelope
-from .context import _tenant, get_manager, manager_for
+from .context import SCOPE as _tenant
+from .context import get_manager, manager_for
 from .errors import (
     CarnetError,
     ConfigurationError,
