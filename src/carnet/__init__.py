@@ -15,6 +15,9 @@ _logging.getLogger("carnet").addHandler(_logging.NullHandler())
 
 # Nothing is attached to SQLAlchemy at import: carnet._hooks.install() runs
 # when a KeyManager is made, configured or bound.
+from . import _hooks, context  # noqa: E402
+
+context.on_first_use(_hooks.install)
 
 __all__ = [
     "audit",

@@ -9,7 +9,7 @@ when a value is written or read.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,23 @@ SCOPE = _tenant
 _bound: weakref.WeakKeyDictionary[Any, KeyManager] = weakref.WeakKeyDictionary()
 
 
+# What carnet attaches to SQLAlchemy when first used (set by the package,
+# carnet._hooks.install): this low layer calls up into it without importing it.
+_activators: list[Callable[[], None]] = []
+
+
+def on_first_use(fn: Callable[[], None]) -> None:
+    """Register ``fn`` to run (once per process, idempotently) when carnet is first used."""
+    if fn not in _activators:
+        _activators.append(fn)
+
+
+def activate() -> None:
+    """Attach carnet's hooks: called when a KeyManager is made, configured or bound."""
+    for fn in _activators:
+        fn()
+
+
 def bind_manager(bind: Any, manager: KeyManager | None) -> None:
     """Make ``manager`` the one for statements run on ``bind`` (an Engine or AsyncEngine).
 
@@ -42,9 +59,7 @@ def bind_manager(bind: Any, manager: KeyManager | None) -> None:
     if manager is None:
         _bound.pop(dialect, None)
     else:
-        from ._hooks import install
-
-        install()
+        activate()
         _bound[dialect] = manager
 
 
@@ -67,9 +82,7 @@ def configure(manager: KeyManager | None, *, require_scope: bool | None = None) 
     """
     global _default_manager
     if manager is not None:
-        from ._hooks import install
-
-        install()
+        activate()
     if manager is not None and require_scope is not None:
         manager.require_scope = require_scope
     _default_manager = manager

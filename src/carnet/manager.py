@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _aead, envelope
 from .cache import TTLCache
+from .context import activate, bind_manager
 from .errors import (
     ConfigurationError,
     KeyDestroyed,
@@ -136,9 +137,7 @@ class KeyManager:
         require_scope: bool = False,
         read_only: bool = False,
     ) -> None:
-        from ._hooks import install
-
-        install()  # carnet's SQLAlchemy listeners, from the first manager on
+        activate()  # carnet's SQLAlchemy listeners, from the first manager on
         if isinstance(bind, str):
             bind = _engine_from_url(bind)
         self.async_engine: AsyncEngine | None = None
@@ -239,8 +238,6 @@ class KeyManager:
         session bind) a statement runs on; :func:`carnet.configure` remains
         the default for engines not bound. Returns ``self``.
         """
-        from .context import bind_manager
-
         bind_manager(engine, self)
         return self
 
