@@ -191,6 +191,20 @@ def _value(row: Mapping[str, Any], embedded: Mapping[str, Any], key: str) -> tup
     return v, None
 
 
+def _all_plain_in_scope(
+    rows: Sequence[Mapping[str, Any]], tenant_key: str, keys: Sequence[str], scope: str
+) -> bool:
+    """Whether every row names ``scope`` as its practice and holds only str or None values."""
+    for row in rows:
+        if row.get(tenant_key) != scope:
+            return False
+        for k in keys:
+            v = row.get(k)
+            if v is not None and type(v) is not str:
+                return False
+    return True
+
+
 def _written(
     encs: Sequence[_Enc], row: Mapping[str, Any], embedded: Mapping[str, Any]
 ) -> list[_Enc]:
@@ -299,6 +313,25 @@ def guard_write(
         group_pins: list[str | None] = []
         managers = {e.key: e.type.manager_for(conn.dialect) for e in written}
         parent = encs[0].parent
+        if (
+            scope is not None
+            and rows
+            and not partial
+            and parent is None
+            and tenant_key is not None
+            and tenant_key in first
+            and not embedded
+            and _all_plain_in_scope(rows, tenant_key, [e.key for e in written], scope)
+        ):
+            # The common Core case: every row names the scope's practice and holds
+            # plain text, which the type seals for the scope as it is.
+            for manager in managers.values():
+                mark = (id(manager), scope)
+                if mark not in seen_tenants:
+                    seen_tenants.add(mark)
+                    if not manager.has_cached_active_key(scope):
+                        need_keys[mark] = (manager, scope)
+            continue
         parents: dict[Any, Any] = {}
         if parent is not None and tenant_in_stmt:
             assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
