@@ -74,7 +74,7 @@ def _migrate(db_url: str, mk: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "carnet.migrate.cli", "run", "--database-url", db_url,
          "--master-key", mk, "--table", "consultations", "--column", "comment",
-         "--tenant", "patients.practice_id", "--batch-size", "20", "--pause", "0.02"],
+         "--tenant", "patients.practice_id", "--batch-size", "20", "--pause", "0.05"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -103,7 +103,7 @@ def test_sigkill_three_times_and_resume_with_concurrent_writers(
             while job_progress(engine, JOB)["scanned"] < target:
                 assert proc.poll() is None, proc.communicate()
                 assert time.monotonic() < deadline, "migration made no progress"
-                time.sleep(0.01)
+                time.sleep(0.005)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             assert proc.returncode == -signal.SIGKILL
