@@ -459,9 +459,8 @@ def test_upgrade_gives_a_key_table_from_before_key_kinds_its_kinds(
     # A key table made before key kinds, with a data key in it: the Alembic
     # upgrade adds the kind column AND makes the constraints per kind, so a
     # practice's first index root no longer collides with its active data key.
-    from test_searchable_upgrade import _old_keys_table
-
     from carnet.keystore import utcnow
+    from test_searchable_upgrade import _old_keys_table
 
     old_md = sa.MetaData()
     old = _old_keys_table(old_md)
