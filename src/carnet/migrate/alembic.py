@@ -70,9 +70,43 @@ def binary_type() -> sa.types.TypeEngine[Any]:
             .with_variant(mysql.LONGBLOB(), "mysql", "mariadb"))
 
 
-def add_encrypted_column(table: str, column: str, *, op: Any = None) -> None:
-    """Expand: add a nullable binary column to receive the ciphertext."""
-    _ops(op).add_column(table, sa.Column(column, binary_type(), nullable=True))
+def add_encrypted_column(
+    table: str, column: str, type_: EncryptedText | None = None, *, op: Any = None
+) -> None:
+    """Expand: add a nullable binary column to receive the ciphertext.
+
+    ``type_``: the carnet type the application declares for it, when not
+    ``EncryptedText()``: ``carnet.EncryptedString(n)`` (an inline
+    ``VARBINARY(45 + 4n)`` on MariaDB) or ``carnet.EncryptedDate()``.
+    """
+    _ops(op).add_column(table, sa.Column(column, _storage(type_), nullable=True))
+
+
+def _storage(type_: EncryptedText | None) -> sa.types.TypeEngine[Any]:
+    if type_ is None:
+        return binary_type()
+    if not isinstance(type_, EncryptedText):
+        raise ConfigurationError(
+            "type_ must be a carnet type (EncryptedString(n), EncryptedDate())"
+        )
+    # The column the type's load_dialect_impl gives on each backend, as plain
+    # SQLAlchemy types: Alembic's batch mode (SQLite) compares types by name.
+    from ..searchable import EncryptedDate, EncryptedString, ciphertext_width
+
+    width: int | None = None
+    if isinstance(type_, EncryptedString):
+        width = type_.width
+    elif isinstance(type_, EncryptedDate):
+        width = ciphertext_width(10, type_.storage)
+    if type_.storage == "text":
+        return sa.Text() if width is None else sa.String(width)
+    if width is None:
+        return binary_type()
+    return (
+        sa.LargeBinary(width)
+        .with_variant(postgresql.BYTEA(), "postgresql")
+        .with_variant(mysql.VARBINARY(width), "mysql", "mariadb")
+    )
 
 
 def require_strict(table: str, column: str, *, op: Any = None) -> None:
@@ -85,8 +119,20 @@ def require_strict(table: str, column: str, *, op: Any = None) -> None:
         )
 
 
-def contract(table: str, *, legacy: str, new: str, rename: bool = True, op: Any = None) -> None:
-    """Contract: drop the legacy plaintext column, then (by default) rename the new one to it."""
+def contract(
+    table: str,
+    *,
+    legacy: str,
+    new: str,
+    rename: bool = True,
+    type_: EncryptedText | None = None,
+    op: Any = None,
+) -> None:
+    """Contract: drop the legacy plaintext column, then (by default) rename the new one to it.
+
+    ``type_``: the type given to :func:`add_encrypted_column`, if any (a
+    rename on MariaDB restates the column's type).
+    """
     o = _ops(op)
     require_strict(table, new, op=o)
     # batch_alter_table: ALTERs on PostgreSQL and MariaDB, a table copy on
@@ -95,7 +141,7 @@ def contract(table: str, *, legacy: str, new: str, rename: bool = True, op: Any 
         b.drop_column(legacy)
     if rename:
         with o.batch_alter_table(table) as b:
-            b.alter_column(new, new_column_name=legacy, existing_type=binary_type(),
+            b.alter_column(new, new_column_name=legacy, existing_type=_storage(type_),
                            existing_nullable=True)
         bind = o.get_bind()
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):

@@ -135,5 +135,7 @@ def classify(keys: KeyManager, target: Target, row: ScannedRow) -> str:
         return NULL
     if row.tenant is None:
         return NO_TENANT
+    if not isinstance(row.source, str):
+        return PLAINTEXT  # a DATE column: never ciphertext
     kind = classify_text(keys, row.source, row.tenant, target.label)
     return LEGACY_SEALED if kind == SEALED else kind
