@@ -445,3 +445,76 @@ def test_identifier_migration_killed_and_resumed(
             assert p.birth_date_enc == expected[pid][3]
             got = carnet.search(s, Migrating.birth_date_bidx, p.birth_date_enc, tenant=practice)
             assert pid in {q.id for q in got}
+
+
+def documented_identifier_commands() -> list[str]:
+    text = (ROOT / "docs" / "migration.md").read_text(encoding="utf-8")
+    block = text.split("<!-- identifiers:start -->")[1].split("<!-- identifiers:end -->")[0]
+    return [line[2:] for line in block.splitlines() if line.startswith("$ ")]
+
+
+def test_documented_identifier_commands_run(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/migration.md's identifier commands, as written, on each backend."""
+    import re
+    import shlex
+
+    from alembic import command
+    from alembic.config import Config
+    from legacy_practice import generate
+
+    monkeypatch.chdir(ROOT)
+    env = {"PWD": str(tmp_path)}
+    for line in documented_identifier_commands():
+        cmd, _, comment = line.partition("#")
+        m = re.search(r"exits (\d+)", comment)
+        expected = int(m.group(1)) if m else 0
+        words = shlex.split(cmd)
+        if words[0] == "export":
+            name, _, value = words[1].partition("=")
+            env[name] = db_url if name == "CARNET_DATABASE_URL" else value.replace(
+                "$PWD", env["PWD"])  # fmt: skip
+            continue
+        words = [w.replace("$CARNET_MASTER_KEY", env.get("CARNET_MASTER_KEY", "")) for w in words]
+        if words[0] == "alembic":
+            assert words[1:3] == ["-c", "examples/legacy_practice/alembic.ini"]
+            assert words[3] == "upgrade"
+            monkeypatch.setenv("CARNET_DATABASE_URL", db_url)
+            command.upgrade(Config(str(ROOT / words[2])), words[4])
+            continue
+        if words[0] == "python":
+            group, args = generate.main, words[2:]
+        else:
+            assert words[0] == "carnet"
+            group, args = carnet_cli, words[1:]
+        res = CliRunner().invoke(group, args, env=env, catch_exceptions=False)
+        assert res.exit_code == expected, f"{line}\n{res.output}"
+
+    engine = sa.create_engine(db_url)
+    km = carnet.KeyManager(engine, master_key=env["CARNET_MASTER_KEY"])
+    carnet.configure(km)
+    try:
+        Patient = legacy_app.patient_model("encrypted")  # noqa: N806 - a class
+        cols = {c["name"] for c in sa.inspect(engine).get_columns("patients")}
+        assert {"phone", "birth_date", "phone_bidx"} <= cols
+        assert not any(c.endswith("_enc") for c in cols)
+        with Session(engine) as s:
+            patients = s.scalars(sa.select(Patient)).all()
+            assert len(patients) == 40
+            for p in patients:
+                assert isinstance(p.birth_date, dt.date) and p.last_name
+                got = legacy_app.find_patients(
+                    s, Patient, "birth_date_bidx", p.birth_date.isoformat(), str(p.practice_id)
+                )
+                assert p.id in {q.id for q in got}
+        with engine.connect() as conn:
+            states = conn.execute(sa.text("SELECT column_name, state FROM carnet_migrations")).all()
+        assert sorted(states) == [
+            ("birth_date", "strict"), ("first_name", "strict"), ("last_name", "strict"),
+            ("phone", "strict"),
+        ]  # fmt: skip
+    finally:
+        carnet.configure(None)
+        km.close()
+        engine.dispose()
