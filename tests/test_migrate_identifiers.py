@@ -518,3 +518,62 @@ def test_documented_identifier_commands_run(
         carnet.configure(None)
         km.close()
         engine.dispose()
+
+
+def test_expand_into_a_text_column_and_values_that_would_not_fit(
+    engine: sa.Engine, db_url: str, master_key_uri: str, keys: Any
+) -> None:
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    from carnet.migrate.alembic import add_encrypted_column
+
+    md = sa.MetaData()
+    people = sa.Table(
+        "people", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(20)),
+        sa.Column("phone", sa.String(20)),
+    )  # fmt: skip
+    md.create_all(engine)
+    phones = {i: f"01 99 00 {i:02d} {i:02d}" for i in range(1, 8)}
+    with engine.begin() as conn:
+        conn.execute(people.insert(), [{"id": i, "practice_id": "p1", "phone": v}
+                                       for i, v in phones.items()])  # fmt: skip
+        ops = Operations(MigrationContext.configure(conn))
+        add_encrypted_column(
+            "people", "phone_txt", carnet.EncryptedString(20, storage="text"), op=ops
+        )
+        # Too narrow for any sealed phone: 79 characters, a 14-byte phone needs 87.
+        add_encrypted_column(
+            "people", "phone_tiny", carnet.EncryptedString(2, storage="text"), op=ops
+        )
+
+    def cmd(*args: str) -> Any:
+        return migrate(db_url, master_key_uri, *args, "--table", "people", "--column", "phone",
+                       "--tenant", "practice_id", "--json")  # fmt: skip
+
+    res = cmd("run", "--into", "phone_txt")
+    assert res.exit_code == 0, res.output
+    res = cmd("finish", "--into", "phone_txt")
+    assert res.exit_code == 0, res.output
+    sealed = sa.Table(
+        "people", sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("phone_txt", carnet.EncryptedString(20, storage="text", label="people.phone")),
+    )  # fmt: skip
+    with engine.connect() as conn, carnet.tenant_scope("p1"):
+        got = dict(conn.execute(sa.select(sealed.c.id, sealed.c.phone_txt)).all())
+    assert got == phones
+    with engine.connect() as conn:
+        raw = conn.execute(sa.text("SELECT phone_txt FROM people")).scalars().all()
+    assert all(v.startswith("carnet:") for v in raw)
+
+    plan = json.loads(cmd("plan", "--into", "phone_tiny").stdout)
+    assert plan["ciphertext_too_long"] == 7
+    res = cmd("run", "--into", "phone_tiny")
+    assert res.exit_code == 3
+    out = json.loads(res.stdout)
+    assert sorted(out["problems"]["too_long"]) == [[i] for i in phones]
+    for v in phones.values():
+        assert v not in res.output and v.replace(" ", "") not in res.output

@@ -40,7 +40,9 @@ def text_form_length(plaintext_bytes: int) -> int:
 
 def _stored_length(target: Target, row: sc.ScannedRow, in_place: bool) -> int:
     size = len(target.plaintext_of(row.source).encode("utf-8"))
-    return text_form_length(size) if in_place else size + _OVERHEAD
+    if in_place or sc.is_text_column(target.table.c[target.column]):
+        return text_form_length(size)
+    return size + _OVERHEAD
 
 
 def backend_of(engine: sa.Engine) -> str:
@@ -113,6 +115,7 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
     # a bounded binary column such as EncryptedString's VARBINARY on MariaDB).
     length = getattr(target.table.c[target.column].type, "length", None)
     in_place = target.mode == IN_PLACE
+    text_into = sc.is_text_column(target.table.c[target.column])
     for batch in sc.scan(engine, target, batch_size):
         for row in batch:
             kind = sc.classify(keys, target, row)
@@ -154,7 +157,7 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
     if too_long:
         p.warnings.append(
             f"{too_long} value(s) would not fit column {target.column} ({length} "
-            f"{'characters' if in_place else 'bytes'}) once encrypted: widen it first"
+            f"{'characters' if in_place or text_into else 'bytes'}) once encrypted: widen it first"
             + (", or use expand/contract" if in_place else "")
         )
     if p.indexes:

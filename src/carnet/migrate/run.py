@@ -67,6 +67,9 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
     # text form in place, bytes in a new VARBINARY(n) column (EncryptedString
     # on MariaDB); None when unbounded.
     limit = getattr(target.table.c[target.column].type, "length", None)
+    # Expand into a text column (EncryptedString(n, storage="text")): the
+    # prefixed text form, as the application's type stores it.
+    text_into = not in_place and sc.is_text_column(target.table.c[target.column])
 
     def left(kind: str, pk: tuple[Any, ...]) -> RowLeft:
         problems.setdefault(kind, {})[pk] = None
@@ -100,19 +103,22 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
             return None
         if tenant is None:
             raise left(sc.NO_TENANT, row.pk)
+        stored: bytes | str
         if not isinstance(source, str):
             # A DATE: sealed as the ISO text EncryptedDate reads back.
-            sealed = seal(target.plaintext_of(source), tenant)
+            stored = seal(target.plaintext_of(source), tenant)
         else:
             kind = sc.classify_text(keys, source, tenant, label)
             if kind == sc.SEALED:
-                return envelope.from_text(source)
+                return source if text_into else envelope.from_text(source)
             if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
                 raise left(sc.PREFIXED_INVALID, row.pk)
-            sealed = seal(source, tenant)
-        if limit is not None and len(sealed) > limit:
+            stored = seal(source, tenant)
+        if text_into:
+            stored = envelope.to_text(stored)
+        if limit is not None and len(stored) > limit:
             raise left(TOO_LONG, row.pk)
-        return sealed
+        return stored
 
     return transform
 
