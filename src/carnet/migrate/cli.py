@@ -51,7 +51,8 @@ def _target_options(f: F) -> F:
                           "per step, in order."),
         click.option("--pk", multiple=True, help="Primary-key column(s), if not reflected."),
         click.option("--into", default=None,
-                     help="Expand/contract: the new binary column to fill (default: in place)."),
+                     help="Expand/contract: the new column to fill, binary or text (default: "
+                          "in place). Needed for a DATE column."),
         click.option("--label", default=None,
                      help="Field label bound into each value (default: TABLE.COLUMN of the "
                           "legacy column)."),
