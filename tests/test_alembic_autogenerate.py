@@ -313,7 +313,7 @@ def test_upgrade_creates_missing_tables_and_adds_missing_columns_idempotently(
     def later_release(keys_table_name: str = "carnet_keys") -> sa.MetaData:
         md = carnet_metadata(keys_table_name)
         md.tables[keys_table_name].append_column(
-            sa.Column("origin", sa.String(16), nullable=False, default="local")
+            sa.Column("origin", sa.String(16), nullable=False, default="data")
         )
         return md
 
@@ -324,9 +324,7 @@ def test_upgrade_creates_missing_tables_and_adds_missing_columns_idempotently(
         "create table carnet_migrations",
     ]
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT origin FROM carnet_keys")).scalars().all() == [
-            "local"
-        ]
+        assert conn.execute(sa.text("SELECT origin FROM carnet_keys")).scalars().all() == ["data"]
     assert _upgrade(engine) == []
 
 
@@ -341,9 +339,7 @@ def test_a_not_null_column_without_constant_default_is_refused_before_any_change
 
     def bad_release(keys_table_name: str = "carnet_keys") -> sa.MetaData:
         md = carnet_metadata(keys_table_name)
-        md.tables[keys_table_name].append_column(
-            sa.Column("origin", sa.String(16), nullable=False)
-        )
+        md.tables[keys_table_name].append_column(sa.Column("origin", sa.String(16), nullable=False))
         return md
 
     monkeypatch.setattr(carnet_alembic, "carnet_metadata", bad_release)
