@@ -55,9 +55,8 @@ from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeDecorator
 
 from . import context, envelope, indexkeys
-from .batch import BatchReport, BatchRow, run_batches
+from .batch import BatchReport, BatchRow, raw_type, run_batches
 from .errors import (
-    CarnetError,
     ConfigurationError,
     InvalidCiphertext,
     InvalidPlaintext,
@@ -1113,6 +1112,21 @@ def index_tenants(engine: sa.Engine, attr: Any) -> list[str]:
         return sorted({str(t) for t in got})
 
 
+def _open_stored(typ: Any, raw: Any, tenant: str, km: KeyManager) -> Any:
+    """A source column's plaintext from its stored value (authenticated; no value in errors)."""
+    if raw is None or not isinstance(typ, EncryptedText):
+        return raw  # NULL, or a source kept in clear
+    if isinstance(raw, str):
+        if not envelope.looks_like_text_ciphertext(raw):
+            if typ.mixed_read:
+                return raw  # legacy plaintext of a column still being migrated in place
+            raise InvalidCiphertext("stored value is not carnet ciphertext", label=typ.field_label)
+        blob = envelope.from_text(raw)
+    else:
+        blob = bytes(raw)
+    return typ.decrypt(blob, tenant, km)
+
+
 def reindex(
     engine: sa.Engine,
     attr: Any,
@@ -1139,33 +1153,36 @@ def reindex(
     if not isinstance(table, sa.Table):
         raise ConfigurationError(f"{r.key}: not a table column")
     km = manager if manager is not None else _manager_for(r.spec, r.source_types)
-    sources = {f"src{i}": mapper.column_attrs[s].columns[0] for i, s in enumerate(r.sources)}
+    cols = [mapper.column_attrs[s].columns[0] for s in r.sources]
+    # Read as stored and opened here with ``km``: the run depends on no
+    # process-wide manager or scope (a CLI or a migration passes its own).
+    sources = {
+        f"src{i}": sa.type_coerce(c, raw_type(c, engine.dialect)) for i, c in enumerate(cols)
+    }
     root = km.index_roots(tenant)[0]
     spec = r.spec
 
     def transform(row: BatchRow) -> Any | None:
-        values = [row.extra[f"src{i}"] for i in range(len(r.sources))]
-        if any(isinstance(v, Sealed) for v in values):
-            raise CarnetError("source value did not open")
+        values = [
+            _open_stored(c.type, row.extra[f"src{i}"], tenant, km) for i, c in enumerate(cols)
+        ]
         normalised = _normalise(spec, values)
         if normalised is None:
             return None
         return _value(spec, root, normalised, tenant)
 
-    # The scope opens the source columns as they are read.
-    with context.tenant_scope(tenant):
-        return run_batches(
-            engine,
-            table,
-            str(r.column.key),
-            transform,
-            job=_job_name(spec.field_label, tenant),
-            extra_columns=sources,
-            where=_tenant_eq(r.tenant_column, tenant),
-            batch_size=batch_size,
-            worker=worker,
-            restart=restart,
-        )
+    return run_batches(
+        engine,
+        table,
+        str(r.column.key),
+        transform,
+        job=_job_name(spec.field_label, tenant),
+        extra_columns=sources,
+        where=_tenant_eq(r.tenant_column, tenant),
+        batch_size=batch_size,
+        worker=worker,
+        restart=restart,
+    )
 
 
 # -- installation ---------------------------------------------------------------------

@@ -190,7 +190,7 @@ def reindex_cmd(
     the batch engine: compare-and-set writes, progress in carnet_jobs (job
     bidx:LABEL:PRACTICE), a killed run resumes where it stopped.
     """
-    from . import context, searchable
+    from . import searchable
     from .cli import EXIT_FAILED_ROWS, _emit, _parse_worker
 
     if bool(tenants) == all_tenants:
@@ -198,31 +198,25 @@ def reindex_cmd(
     worker = _parse_worker(worker_spec) or (0, 1)
     sys.path.insert(0, os.path.abspath(app_dir))
     attrs = [(spec, import_index(spec)) for spec in indexes]
-    cfg = _config()
-    km = cfg.manager()
-    # The model's encrypted columns open the source values with this manager.
-    context.configure(km)
-    try:
-        results: list[dict[str, Any]] = []
-        for spec, attr in attrs:
-            names = list(tenants) if tenants else searchable.index_tenants(km.engine, attr)
-            for tenant in names:
+    km = _config().manager()
+    results: list[dict[str, Any]] = []
+    for spec, attr in attrs:
+        names = list(tenants) if tenants else searchable.index_tenants(km.engine, attr)
+        for tenant in names:
+            if tenants:
+                lifecycle.require_tenant(km, tenant)
+            try:
+                rep = searchable.reindex(
+                    km.engine, attr, tenant=tenant, batch_size=batch_size, worker=worker,
+                    restart=restart, manager=km,
+                )  # fmt: skip
+            except KeyDestroyed:
                 if tenants:
-                    lifecycle.require_tenant(km, tenant)
-                try:
-                    rep = searchable.reindex(
-                        km.engine, attr, tenant=tenant, batch_size=batch_size, worker=worker,
-                        restart=restart, manager=km,
-                    )  # fmt: skip
-                except KeyDestroyed:
-                    if tenants:
-                        raise
-                    # --all-tenants: a crypto-shredded practice has nothing left to index.
-                    results.append({"index": spec, "tenant": tenant, "destroyed": True})
-                    continue
-                results.append({"index": spec, "tenant": tenant, **rep.as_dict()})
-    finally:
-        context.configure(None)
+                    raise
+                # --all-tenants: a crypto-shredded practice has nothing left to index.
+                results.append({"index": spec, "tenant": tenant, "destroyed": True})
+                continue
+            results.append({"index": spec, "tenant": tenant, **rep.as_dict()})
     failed = sum(len(r.get("failed", [])) for r in results)
 
     def text() -> None:

@@ -287,19 +287,9 @@ def _backfill_lines(backfills: list[run_mod.IndexBackfill]) -> list[str]:
     return lines
 
 
-def _index_check(keys: KeyManager, engine: sa.Engine,
-                 attrs: list[tuple[str, Any]]) -> dict[str, int]:
+def _index_check(engine: sa.Engine, attrs: list[tuple[str, Any]]) -> dict[str, int]:
     """Rows lacking each index value (0 everywhere: the indexes are complete)."""
-    if not attrs:
-        return {}
-    from .. import context
-
-    previous = context._default_manager
-    context.configure(keys)
-    try:
-        return {spec: run_mod.missing_index_values(engine, attr) for spec, attr in attrs}
-    finally:
-        context.configure(previous)
+    return {spec: run_mod.missing_index_values(engine, attr) for spec, attr in attrs}
 
 
 def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
@@ -325,7 +315,7 @@ def verify_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple
         assert keys is not None  # noqa: S101
         target = _target(engine, kw)
         v = run_mod.verify(keys, engine, target)
-        missing = _index_check(keys, engine, attrs)
+        missing = _index_check(engine, attrs)
     data = v.as_dict()
     lines = _verification_lines(target, v)
     if attrs:
@@ -347,7 +337,7 @@ def finish_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101
         target = _target(engine, kw)
-        missing = _index_check(keys, engine, attrs)
+        missing = _index_check(engine, attrs)
         if any(missing.values()):
             # Not strict while lookups would miss rows: the contract step would
             # then drop the clear column the search fallback still reads.

@@ -242,25 +242,19 @@ def backfill_index(keys: KeyManager, engine: sa.Engine, attr: Any, *, name: str 
     One :func:`carnet.searchable.reindex` per practice with rows: the batch
     engine, compare-and-set, progress in ``carnet_jobs`` (a killed run
     resumes). Rows whose sources are still NULL (not migrated yet) are left
-    for a later run; a crypto-shredded practice is skipped. The model's
-    encrypted columns open their values with ``keys``.
+    for a later run; a crypto-shredded practice is skipped. The sealed
+    sources are opened with ``keys``.
     """
-    from .. import context
     from ..errors import KeyDestroyed
     from ..searchable import index_tenants, reindex
 
     out = IndexBackfill(name or str(attr))
-    previous = context._default_manager
-    context.configure(keys)
-    try:
-        for tenant in index_tenants(engine, attr):
-            try:
-                out.reports[tenant] = reindex(engine, attr, tenant=tenant, batch_size=batch_size,
-                                              restart=restart, manager=keys)
-            except KeyDestroyed:
-                out.destroyed.append(tenant)
-    finally:
-        context.configure(previous)
+    for tenant in index_tenants(engine, attr):
+        try:
+            out.reports[tenant] = reindex(engine, attr, tenant=tenant, batch_size=batch_size,
+                                          restart=restart, manager=keys)
+        except KeyDestroyed:
+            out.destroyed.append(tenant)
     out.missing = missing_index_values(engine, attr, skip=out.destroyed)
     return out
 
