@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import sys
 from typing import Any
@@ -117,9 +118,7 @@ def _with_index_flag(rotate: click.Command) -> None:
             _config().manager(), None if all_ else list(tenants), create=create
         )
         if kwargs["as_json"]:
-            from .cli import _emit
-
-            _emit(True, rows, lambda: None)
+            click.echo(json.dumps(rows, indent=2, default=str, sort_keys=True))
             return None
         for r in rows:
             prev = r["previous_key_id"]
@@ -141,6 +140,18 @@ def _with_index_flag(rotate: click.Command) -> None:
 
 
 # -- carnet reindex ----------------------------------------------------------------------
+
+
+def _worker(value: str | None) -> tuple[int, int]:
+    if value is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected I/N, e.g. 0/4", param_hint="--worker") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter("need 0 <= I < N", param_hint="--worker")
+    return i, n
 
 
 @click.command("reindex")
@@ -191,11 +202,11 @@ def reindex_cmd(
     bidx:LABEL:PRACTICE), a killed run resumes where it stopped.
     """
     from . import searchable
-    from .cli import EXIT_FAILED_ROWS, _emit, _parse_worker
+    from .cli import EXIT_FAILED_ROWS
 
     if bool(tenants) == all_tenants:
         raise click.UsageError("give --tenant T (repeatable) or --all-tenants")
-    worker = _parse_worker(worker_spec) or (0, 1)
+    worker = _worker(worker_spec)
     sys.path.insert(0, os.path.abspath(app_dir))
     attrs = [(spec, import_index(spec)) for spec in indexes]
     km = _config().manager()
@@ -232,7 +243,10 @@ def reindex_cmd(
                 + (f", resumed after {r['resumed_from']}" if r["resumed_from"] else "")
             )
 
-    _emit(as_json, results, text)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str, sort_keys=True))
+    else:
+        text()
     if failed:
         ctx.exit(EXIT_FAILED_ROWS)
 
