@@ -94,6 +94,8 @@ def rotate_index_roots(
 
 def _with_index_flag(rotate: click.Command) -> None:
     """Give ``carnet keys rotate`` an ``--index`` flag: the same practices, their index roots."""
+    if any(p.name == "index" for p in rotate.params):
+        return  # registered already
     original = rotate.callback
     assert original is not None  # noqa: S101 - a command always has one
     rotate.params.append(
