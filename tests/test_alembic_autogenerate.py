@@ -447,3 +447,124 @@ def test_the_applications_own_hooks_are_called_for_everything_else() -> None:
     assert ctx.imports == {"import carnet"}
     assert opts["render_item"]("type", sa.Enum("a"), ctx) == "mine()"
     assert opts["render_item"]("type", sa.Integer(), ctx) is False
+
+
+def test_upgrade_gives_a_key_table_from_before_key_kinds_its_kinds(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    # A key table made before key kinds, with a data key in it: the Alembic
+    # upgrade adds the kind column AND makes the constraints per kind, so a
+    # practice's first index root no longer collides with its active data key.
+    from carnet.keystore import utcnow
+    from test_searchable_upgrade import _old_keys_table
+
+    old_md = sa.MetaData()
+    old = _old_keys_table(old_md)
+    old_md.create_all(engine)
+    mk = carnet.open_master_key(master_key_uri)
+    key_id = os.urandom(16)
+    now = utcnow()
+    with engine.begin() as conn:
+        conn.execute(
+            old.insert().values(
+                key_id=key_id.hex(), tenant="p1", version=1, state="active", active_tenant="p1",
+                master_key_uri=mk.uri,
+                wrapped_key=mk.wrap(os.urandom(32), {"tenant": "p1", "key_id": key_id.hex()}),
+                created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+    mk.close()
+    applied = _upgrade(engine)
+    assert "add key kinds to carnet_keys (kind column, constraints per kind)" in applied
+    assert not any(a == "add column carnet_keys.kind" for a in applied)
+    assert _plan(engine) == []
+    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        blob = km.encrypt(b"kept", tenant="p1", label="l")
+        assert blob[1:17] == key_id  # the existing key is still the active data key
+        assert len(km.index_roots("p1")) == 1
+        km.rotate_index_root("p1")
+        km.rotate("p1")
+        assert sorted((r.kind, r.version, r.state) for r in km.list_keys("p1")) == [
+            ("data", 1, "inactive"), ("data", 2, "active"),
+            ("index", 1, "inactive"), ("index", 2, "active"),
+        ]  # fmt: skip
+    finally:
+        km.close()
+
+
+SEARCHABLE_MODELS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+import datetime as dt
+
+import carnet
+from carnet import transforms
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice_id: Mapped[str] = mapped_column(sa.String(64))
+    last_name: Mapped[str] = mapped_column(carnet.EncryptedString(100, tenant="practice_id"))
+    phone: Mapped[str | None] = mapped_column(
+        carnet.EncryptedString(32, tenant="practice_id", storage="text", label="patients.tel")
+    )
+    birth_date: Mapped[dt.date | None] = mapped_column(carnet.EncryptedDate(tenant="practice_id"))
+    phone_bidx = carnet.BlindIndex("phone", transform=transforms.phone_fr, bits=10)
+    birth_bidx = carnet.BlindIndex("birth_date", transform=transforms.date_iso, bits=6)
+"""
+
+
+def test_autogenerate_renders_the_searchable_types_and_the_application_works(
+    db_url: str, master_key_uri: str, tmp_path: Path, manager_cleanup: list[carnet.KeyManager]
+) -> None:
+    project = Project(tmp_path / "project", db_url)
+    (project.root / "models.py").write_text(SEARCHABLE_MODELS)
+    script = project.autogenerate("patients")
+    body = "\n".join(function_body(script, "upgrade"))
+    assert "import carnet\n" in script.read_text()
+    assert "carnet.EncryptedString(100, tenant='practice_id')" in body
+    assert (
+        "carnet.EncryptedString(32, tenant='practice_id', label='patients.tel', storage='text')"
+        in body
+    )
+    assert "carnet.EncryptedDate(tenant='practice_id')" in body
+    assert "sa.Column('phone_bidx', sa.BigInteger(), nullable=True)" in body
+    assert "ix_patients_phone_bidx" in body and "carnet.searchable" not in body
+    project.run("upgrade", "head")
+    # The database now has what the models declare: a second autogenerate is empty.
+    again = project.autogenerate("again")
+    assert function_body(again, "upgrade") == ["pass"]
+
+    models = load_models(project.root)
+    engine = sa.create_engine(db_url)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    manager_cleanup.append(keys)
+    carnet.configure(keys)
+    import datetime as dt
+
+    with Session(engine) as s:
+        s.add(models.Patient(id=1, practice_id="p1", last_name="Dupont", phone="06 39 98 00 01",
+                             birth_date=dt.date(1961, 4, 2)))
+        s.commit()
+    with Session(engine) as s:
+        (found,) = carnet.search(s, models.Patient.phone_bidx, "0639980001", tenant="p1")
+        assert (found.last_name, found.birth_date) == ("Dupont", dt.date(1961, 4, 2))
+    engine.dispose()
+
+
+def test_render_type_of_the_searchable_types() -> None:
+    render = carnet_alembic.render_type
+    assert render(carnet.EncryptedString(20)) == "carnet.EncryptedString(20)"
+    assert render(carnet.EncryptedDate(tenant="p", storage="text")) == (
+        "carnet.EncryptedDate(tenant='p', storage='text')"
+    )
+    made = eval(render(carnet.EncryptedString(7, "p", label="x.y")), {"carnet": carnet})  # noqa: S307
+    assert (made.length, made.tenant, made.label) == (7, "p", "x.y")
+    made = eval(render(carnet.EncryptedDate("p")), {"carnet": carnet})  # noqa: S307
+    assert isinstance(made, carnet.EncryptedDate) and made.tenant == "p"

@@ -592,5 +592,15 @@ def _register_migrate() -> None:
 _register_migrate()
 
 
+def _register_searchable() -> None:
+    # `carnet reindex` and `carnet keys rotate --index` (src/carnet/searchable_cli.py).
+    from .searchable_cli import register
+
+    register(cli)
+
+
+_register_searchable()
+
+
 def main() -> None:
     cli(prog_name="carnet")

@@ -238,41 +238,46 @@ def add_key_kinds(engine: sa.Engine, table: sa.Table) -> bool:
     rebuilt and its rows copied, in one transaction. Run with no writer.
     """
     with engine.begin() as conn:
-        insp = sa.inspect(conn)
-        if not insp.has_table(table.name, schema=table.schema):
-            return False
-        if "kind" in {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}:
-            return False
-        q = conn.dialect.identifier_preparer
-        tname = q.format_table(table)
-        if conn.dialect.name == "sqlite":
-            old = q.quote(f"{table.name}_before_kinds")
-            conn.exec_driver_sql(f"ALTER TABLE {tname} RENAME TO {old}")
-            table.create(conn)
-            cols = ", ".join(q.quote(c.name) for c in table.c if c.name != "kind")
-            conn.exec_driver_sql(
-                f"INSERT INTO {tname} ({cols}) SELECT {cols} FROM {old}"  # noqa: S608 - quoted names
-            )
-            conn.exec_driver_sql(f"DROP TABLE {old}")
-            return True
-        drop = "DROP INDEX" if conn.dialect.name in ("mysql", "mariadb") else "DROP CONSTRAINT"
-        for uc in insp.get_unique_constraints(table.name, schema=table.schema):
-            if sorted(uc["column_names"]) in (["active_tenant"], ["tenant", "version"]):
-                conn.exec_driver_sql(f"ALTER TABLE {tname} {drop} {q.quote(str(uc['name']))}")
+        return add_key_kinds_in(conn, table)
+
+
+def add_key_kinds_in(conn: sa.Connection, table: sa.Table) -> bool:
+    """:func:`add_key_kinds` inside ``conn``'s transaction (an Alembic migration's)."""
+    insp = sa.inspect(conn)
+    if not insp.has_table(table.name, schema=table.schema):
+        return False
+    if "kind" in {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}:
+        return False
+    q = conn.dialect.identifier_preparer
+    tname = q.format_table(table)
+    if conn.dialect.name == "sqlite":
+        old = q.quote(f"{table.name}_before_kinds")
+        conn.exec_driver_sql(f"ALTER TABLE {tname} RENAME TO {old}")
+        table.create(conn)
+        cols = ", ".join(q.quote(c.name) for c in table.c if c.name != "kind")
         conn.exec_driver_sql(
-            f"ALTER TABLE {tname} ADD COLUMN kind VARCHAR(8) DEFAULT 'data' NOT NULL"
+            f"INSERT INTO {tname} ({cols}) SELECT {cols} FROM {old}"  # noqa: S608 - quoted names
         )
-        n = table.name
-        conn.exec_driver_sql(
-            f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'uq_{n}_kind_active')} "
-            "UNIQUE (kind, active_tenant)"
-        )
-        conn.exec_driver_sql(
-            f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'uq_{n}_tenant_kind_version')} "
-            "UNIQUE (tenant, kind, version)"
-        )
-        conn.exec_driver_sql(
-            f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'ck_{n}_kind')} "
-            "CHECK (kind IN ('data', 'index'))"
-        )
+        conn.exec_driver_sql(f"DROP TABLE {old}")
+        return True
+    drop = "DROP INDEX" if conn.dialect.name in ("mysql", "mariadb") else "DROP CONSTRAINT"
+    for uc in insp.get_unique_constraints(table.name, schema=table.schema):
+        if sorted(uc["column_names"]) in (["active_tenant"], ["tenant", "version"]):
+            conn.exec_driver_sql(f"ALTER TABLE {tname} {drop} {q.quote(str(uc['name']))}")
+    conn.exec_driver_sql(
+        f"ALTER TABLE {tname} ADD COLUMN kind VARCHAR(8) DEFAULT 'data' NOT NULL"
+    )
+    n = table.name
+    conn.exec_driver_sql(
+        f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'uq_{n}_kind_active')} "
+        "UNIQUE (kind, active_tenant)"
+    )
+    conn.exec_driver_sql(
+        f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'uq_{n}_tenant_kind_version')} "
+        "UNIQUE (tenant, kind, version)"
+    )
+    conn.exec_driver_sql(
+        f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'ck_{n}_kind')} "
+        "CHECK (kind IN ('data', 'index'))"
+    )
     return True

@@ -55,9 +55,8 @@ from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeDecorator
 
 from . import context, envelope, indexkeys
-from .batch import BatchReport, BatchRow, run_batches
+from .batch import BatchReport, BatchRow, raw_type, run_batches
 from .errors import (
-    CarnetError,
     ConfigurationError,
     InvalidCiphertext,
     InvalidPlaintext,
@@ -427,6 +426,10 @@ class _Resolved:
     column: sa.ColumnElement[Any]
     tenant_column: sa.ColumnElement[Any] | None
     statements: dict[int, sa.Select[Any]] = dataclasses.field(default_factory=dict)
+
+    def column_attr(self, mapper: Mapper[Any]) -> Any:
+        """The index's mapped attribute (``Patient.phone_bidx``)."""
+        return getattr(mapper.class_, self.key)
 
 
 _orm: weakref.WeakKeyDictionary[Mapper[Any], list[_Resolved]] = weakref.WeakKeyDictionary()
@@ -912,8 +915,32 @@ def candidates(
     assert r.tenant_column is not None  # noqa: S101 - checked by _lookup
     col = r.column
     cond = col == found[0] if len(found) == 1 else col.in_(found)
-    same_tenant: sa.ColumnElement[bool] = r.tenant_column == sa.literal(tenant)
+    same_tenant = _tenant_eq(r.tenant_column, tenant)
     return sa.and_(same_tenant, cond), normalised
+
+
+def _tenant_value(col: sa.ColumnElement[Any], tenant: str) -> Any:
+    """The practice id as the tenant column stores it.
+
+    Practice ids are strings to carnet (``str(1) == "1"``, the text bound into
+    keys), but a legacy schema may keep them in an INTEGER column, which
+    PostgreSQL refuses to compare with text.
+    """
+    try:
+        integer = col.type.python_type is int
+    except NotImplementedError:
+        integer = False
+    if integer:
+        # Only the canonical spelling: "01" is another practice than "1".
+        return int(tenant) if tenant.lstrip("-").isdigit() and str(int(tenant)) == tenant else None
+    return tenant
+
+
+def _tenant_eq(col: sa.ColumnElement[Any], tenant: str) -> sa.ColumnElement[bool]:
+    value = _tenant_value(col, tenant)
+    if value is None:
+        return sa.false()  # no row of an integer column holds this practice id
+    return col == sa.bindparam(None, value, type_=col.type)
 
 
 def _statement(r: _Resolved, mapper: Mapper[Any], n: int) -> sa.Select[Any]:
@@ -939,6 +966,7 @@ def search(
     tenant: str | None = None,
     where: Sequence[sa.ColumnElement[bool]] = (),
     manager: KeyManager | None = None,
+    legacy: Sequence[Any] | None = None,
 ) -> list[Any]:
     """The rows of ``attr``'s model whose indexed field(s) equal ``value`` after normalisation.
 
@@ -950,13 +978,25 @@ def search(
     whose normalised value differs (hash collisions) are dropped, so the
     result is exact. A value the transform refuses raises
     :class:`~carnet.errors.InvalidPlaintext` (or, lenient index, finds nothing).
+
+    ``legacy``: while ``carnet migrate`` moves a clear column into the
+    encrypted one (expand/contract), the legacy attribute(s) holding the clear
+    values, one per source (``legacy=[Patient.phone_legacy]``). Rows of the
+    practice with no index value yet are then also read and compared by
+    their normalised value: the encrypted field if it is set, else the
+    legacy one. Such a lookup reads every not-yet-indexed row of the
+    practice, a cost that falls to nothing as the migration progresses;
+    drop ``legacy`` once it is finished (docs/migration.md).
     """
     mapper, r = _resolve(attr)
+    if legacy is not None:
+        return _search_migrating(session, mapper, r, value, tenant, where, manager, legacy)
     tenant, found, normalised = _lookup(r, mapper, value, tenant, manager)
     if normalised is None:
         return []
+    assert r.tenant_column is not None  # noqa: S101 - checked by _lookup
     params: dict[str, Any] = {f"carnet_v{i}": v for i, v in enumerate(found)}
-    params["carnet_tenant"] = tenant
+    params["carnet_tenant"] = _tenant_value(r.tenant_column, tenant)
     stmt = _statement(r, mapper, len(found))
     if where:
         stmt = stmt.where(*where)
@@ -974,6 +1014,76 @@ def search(
     return out
 
 
+def _legacy_columns(mapper: Mapper[Any], r: _Resolved, legacy: Sequence[Any]) -> list[Any]:
+    if len(legacy) != len(r.sources):
+        raise ConfigurationError(
+            f"{r.key}: legacy= takes one attribute per source ({', '.join(r.sources)})"
+        )
+    cols = []
+    for a in legacy:
+        if not isinstance(a, InstrumentedAttribute) or a.parent.mapper is not mapper:
+            raise ConfigurationError(
+                f"{r.key}: legacy= takes attributes of {mapper.class_.__name__} (the clear columns)"
+            )
+        cols.append(a)
+    return cols
+
+
+def _search_migrating(
+    session: Session,
+    mapper: Mapper[Any],
+    r: _Resolved,
+    value: Any,
+    tenant: str | None,
+    where: Sequence[sa.ColumnElement[bool]],
+    manager: KeyManager | None,
+    legacy: Sequence[Any],
+) -> list[Any]:
+    """search() during a migration: indexed rows by the index, the others by their values."""
+    cols = _legacy_columns(mapper, r, legacy)
+    tenant = tenant if tenant is not None else context.current_tenant()
+    if tenant is None:
+        raise TenantRequired("search: no tenant; pass tenant= or use carnet.tenant_scope(...)")
+    if r.tenant_column is None:
+        raise ConfigurationError(f"{r.key}: a lookup needs the row's tenant column")
+    values = tuple(value) if len(r.sources) > 1 else (value,)
+    if len(values) != len(r.sources):
+        raise ConfigurationError(
+            f"{r.key} is a compound index over {r.sources}: pass a tuple of {len(r.sources)}"
+        )
+    normalised = _normalise(r.spec, values)
+    if normalised is None:
+        return []
+    km = manager if manager is not None else _manager_for(r.spec, r.source_types)
+    roots = km.index_roots(tenant, create=False)
+    out: list[Any] = []
+    seen: set[int] = set()
+    if roots:
+        # Rows already indexed (migrated, or written since): the usual lookup.
+        out = search(session, r.column_attr(mapper), value, tenant=tenant, where=where, manager=km)
+        seen = {id(o) for o in out}
+    # Rows not indexed yet: every one of the practice, compared in Python (the
+    # clear legacy column may spell the value any way: "06 12..." or "0612...").
+    stmt = sa.select(mapper.class_).where(
+        _tenant_eq(r.tenant_column, tenant), r.column.is_(None), *where
+    )
+    for obj in session.scalars(stmt):
+        if id(obj) in seen:
+            continue
+        vals = []
+        for src, leg in zip(r.sources, cols, strict=True):
+            v = getattr(obj, src)
+            if isinstance(v, Sealed):
+                raise ConfigurationError(f"search: {r.key}'s fields did not open")
+            vals.append(v if v is not None else getattr(obj, leg.key))
+        try:
+            if _normalise(r.spec, vals) == normalised:
+                out.append(obj)
+        except InvalidPlaintext:
+            continue  # a legacy value the transform refuses matches nothing
+    return out
+
+
 # -- re-indexing after an index root rotation -----------------------------------------
 
 
@@ -983,6 +1093,44 @@ def _job_name(label: str, tenant: str) -> str:
         return name
     # carnet_jobs.job holds 255 characters: a long practice id is hashed (ids are metadata).
     return f"bidx:{label[:100]}:{hashlib.sha256(name.encode()).hexdigest()}"
+
+
+def index_spec(
+    attr: Any,
+) -> tuple[sa.ColumnElement[Any], list[sa.ColumnElement[Any]], sa.ColumnElement[Any], bool]:
+    """(index column, source columns, tenant column, lenient) of a mapped blind index."""
+    mapper, r = _resolve(attr)
+    if r.tenant_column is None:
+        raise ConfigurationError(f"{r.key}: needs the row's tenant column")
+    sources: list[sa.ColumnElement[Any]] = [mapper.column_attrs[s].columns[0] for s in r.sources]
+    return r.column, sources, r.tenant_column, r.spec.lenient
+
+
+def index_tenants(engine: sa.Engine, attr: Any) -> list[str]:
+    """The practices with rows in ``attr``'s table (for a re-index or backfill of each)."""
+    _, r = _resolve(attr)
+    if r.tenant_column is None:
+        raise ConfigurationError(f"{r.key}: re-indexing needs the row's tenant column")
+    with engine.connect() as conn:
+        got = conn.execute(
+            sa.select(r.tenant_column).where(r.tenant_column.is_not(None)).distinct()
+        ).scalars()
+        return sorted({str(t) for t in got})
+
+
+def _open_stored(typ: Any, raw: Any, tenant: str, km: KeyManager) -> Any:
+    """A source column's plaintext from its stored value (authenticated; no value in errors)."""
+    if raw is None or not isinstance(typ, EncryptedText):
+        return raw  # NULL, or a source kept in clear
+    if isinstance(raw, str):
+        if not envelope.looks_like_text_ciphertext(raw):
+            if typ.mixed_read:
+                return raw  # legacy plaintext of a column still being migrated in place
+            raise InvalidCiphertext("stored value is not carnet ciphertext", label=typ.field_label)
+        blob = envelope.from_text(raw)
+    else:
+        blob = bytes(raw)
+    return typ.decrypt(blob, tenant, km)
 
 
 def reindex(
@@ -1011,33 +1159,36 @@ def reindex(
     if not isinstance(table, sa.Table):
         raise ConfigurationError(f"{r.key}: not a table column")
     km = manager if manager is not None else _manager_for(r.spec, r.source_types)
-    sources = {f"src{i}": mapper.column_attrs[s].columns[0] for i, s in enumerate(r.sources)}
+    cols = [mapper.column_attrs[s].columns[0] for s in r.sources]
+    # Read as stored and opened here with ``km``: the run depends on no
+    # process-wide manager or scope (a CLI or a migration passes its own).
+    sources = {
+        f"src{i}": sa.type_coerce(c, raw_type(c, engine.dialect)) for i, c in enumerate(cols)
+    }
     root = km.index_roots(tenant)[0]
     spec = r.spec
 
     def transform(row: BatchRow) -> Any | None:
-        values = [row.extra[f"src{i}"] for i in range(len(r.sources))]
-        if any(isinstance(v, Sealed) for v in values):
-            raise CarnetError("source value did not open")
+        values = [
+            _open_stored(c.type, row.extra[f"src{i}"], tenant, km) for i, c in enumerate(cols)
+        ]
         normalised = _normalise(spec, values)
         if normalised is None:
             return None
         return _value(spec, root, normalised, tenant)
 
-    # The scope opens the source columns as they are read.
-    with context.tenant_scope(tenant):
-        return run_batches(
-            engine,
-            table,
-            str(r.column.key),
-            transform,
-            job=_job_name(spec.field_label, tenant),
-            extra_columns=sources,
-            where=r.tenant_column == tenant,
-            batch_size=batch_size,
-            worker=worker,
-            restart=restart,
-        )
+    return run_batches(
+        engine,
+        table,
+        str(r.column.key),
+        transform,
+        job=_job_name(spec.field_label, tenant),
+        extra_columns=sources,
+        where=_tenant_eq(r.tenant_column, tenant),
+        batch_size=batch_size,
+        worker=worker,
+        restart=restart,
+    )
 
 
 # -- installation ---------------------------------------------------------------------

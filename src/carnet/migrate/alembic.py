@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
 from ..errors import ConfigurationError
+from ..keystore import add_key_kinds_in
 from ..schema import KEYS_TABLE, carnet_metadata, looks_like_carnet_table, table_names
 from ..types import EncryptedText
 from . import state
@@ -69,9 +70,43 @@ def binary_type() -> sa.types.TypeEngine[Any]:
             .with_variant(mysql.LONGBLOB(), "mysql", "mariadb"))
 
 
-def add_encrypted_column(table: str, column: str, *, op: Any = None) -> None:
-    """Expand: add a nullable binary column to receive the ciphertext."""
-    _ops(op).add_column(table, sa.Column(column, binary_type(), nullable=True))
+def add_encrypted_column(
+    table: str, column: str, type_: EncryptedText | None = None, *, op: Any = None
+) -> None:
+    """Expand: add a nullable binary column to receive the ciphertext.
+
+    ``type_``: the carnet type the application declares for it, when not
+    ``EncryptedText()``: ``carnet.EncryptedString(n)`` (an inline
+    ``VARBINARY(45 + 4n)`` on MariaDB) or ``carnet.EncryptedDate()``.
+    """
+    _ops(op).add_column(table, sa.Column(column, _storage(type_), nullable=True))
+
+
+def _storage(type_: EncryptedText | None) -> sa.types.TypeEngine[Any]:
+    if type_ is None:
+        return binary_type()
+    if not isinstance(type_, EncryptedText):
+        raise ConfigurationError(
+            "type_ must be a carnet type (EncryptedString(n), EncryptedDate())"
+        )
+    # The column the type's load_dialect_impl gives on each backend, as plain
+    # SQLAlchemy types: Alembic's batch mode (SQLite) compares types by name.
+    from ..searchable import EncryptedDate, EncryptedString, ciphertext_width
+
+    width: int | None = None
+    if isinstance(type_, EncryptedString):
+        width = type_.width
+    elif isinstance(type_, EncryptedDate):
+        width = ciphertext_width(10, type_.storage)
+    if type_.storage == "text":
+        return sa.Text() if width is None else sa.String(width)
+    if width is None:
+        return binary_type()
+    return (
+        sa.LargeBinary(width)
+        .with_variant(postgresql.BYTEA(), "postgresql")
+        .with_variant(mysql.VARBINARY(width), "mysql", "mariadb")
+    )
 
 
 def require_strict(table: str, column: str, *, op: Any = None) -> None:
@@ -84,8 +119,20 @@ def require_strict(table: str, column: str, *, op: Any = None) -> None:
         )
 
 
-def contract(table: str, *, legacy: str, new: str, rename: bool = True, op: Any = None) -> None:
-    """Contract: drop the legacy plaintext column, then (by default) rename the new one to it."""
+def contract(
+    table: str,
+    *,
+    legacy: str,
+    new: str,
+    rename: bool = True,
+    type_: EncryptedText | None = None,
+    op: Any = None,
+) -> None:
+    """Contract: drop the legacy plaintext column, then (by default) rename the new one to it.
+
+    ``type_``: the type given to :func:`add_encrypted_column`, if any (a
+    rename on MariaDB restates the column's type).
+    """
     o = _ops(op)
     require_strict(table, new, op=o)
     # batch_alter_table: ALTERs on PostgreSQL and MariaDB, a table copy on
@@ -94,7 +141,7 @@ def contract(table: str, *, legacy: str, new: str, rename: bool = True, op: Any 
         b.drop_column(legacy)
     if rename:
         with o.batch_alter_table(table) as b:
-            b.alter_column(new, new_column_name=legacy, existing_type=binary_type(),
+            b.alter_column(new, new_column_name=legacy, existing_type=_storage(type_),
                            existing_nullable=True)
         bind = o.get_bind()
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):
@@ -113,15 +160,25 @@ def render_type(type_: EncryptedText) -> str:
     data through the table it creates must seal as the application does);
     ``storage`` only when it is not the default. ``mixed_read`` and
     ``manager`` are runtime choices of the application, not schema.
+    ``EncryptedString(n)`` keeps its length (it sizes the column) and
+    ``EncryptedDate`` its name (it sizes the column and types the value).
     """
+    from ..searchable import EncryptedDate, EncryptedString
+
     args = []
+    name = "EncryptedText"
+    if isinstance(type_, EncryptedString):
+        name = "EncryptedString"
+        args.append(str(type_.length))
+    elif isinstance(type_, EncryptedDate):
+        name = "EncryptedDate"
     if type_.tenant is not None:
         args.append(f"tenant={type_.tenant!r}")
     if type_.label is not None:
         args.append(f"label={type_.label!r}")
     if type_.storage != "binary":
         args.append(f"storage={type_.storage!r}")
-    return f"carnet.EncryptedText({', '.join(args)})"
+    return f"carnet.{name}({', '.join(args)})"
 
 
 def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
@@ -133,7 +190,19 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
     if type_ == "type" and isinstance(obj, EncryptedText):
         autogen_context.imports.add("import carnet")
         return render_type(obj)
+    if type_ == "type" and _is_blind_index(obj):
+        # The database holds a plain BIGINT: the transform, bits and sources
+        # live in the application's model, which computes the values. A
+        # migration needs only the column (and its index, rendered as usual).
+        autogen_context.imports.add("import sqlalchemy as sa")
+        return "sa.BigInteger()"
     return False
+
+
+def _is_blind_index(obj: Any) -> bool:
+    from ..searchable import BlindIndexType
+
+    return isinstance(obj, BlindIndexType)
 
 
 _render_encrypted_text = render_item  # autogenerate_options' own argument shadows the name
@@ -243,6 +312,13 @@ def plan_carnet_tables(bind: sa.Engine | sa.Connection,
         live = {c["name"].lower(): c for c in insp.get_columns(table.name)}
         for col in table.columns:
             got = live.get(col.name.lower())
+            if got is None and table.name == keys_table and col.name == "kind":
+                # Not a plain ADD COLUMN: the one-active-key and version
+                # constraints become per kind too, or a practice's first index
+                # root would collide with its active data key.
+                steps.append(Step(f"add key kinds to {table.name} (kind column, constraints "
+                                  "per kind)", _key_kinds_step(table)))
+                continue
             if got is None:
                 steps.append(Step(f"add column {table.name}.{col.name}",
                                   _add_column_step(table.name, col)))
@@ -251,6 +327,15 @@ def plan_carnet_tables(bind: sa.Engine | sa.Connection,
             if step is not None:
                 steps.append(step)
     return steps
+
+
+def _key_kinds_step(table: sa.Table) -> Callable[[Any], None]:
+    def apply(op: Any) -> None:
+        # The store's own upgrade (carnet init runs the same), inside the
+        # migration's transaction.
+        add_key_kinds_in(op.get_bind(), table)
+
+    return apply
 
 
 def _create_table_step(table: sa.Table) -> Callable[[Any], None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from ..manager import KeyManager
 from . import plan as plan_mod
 from . import residue as residue_mod
 from . import run as run_mod
-from .target import EXPAND, Target, resolve
+from .target import DATE, EXPAND, Target, resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +51,8 @@ def _target_options(f: F) -> F:
                           "per step, in order."),
         click.option("--pk", multiple=True, help="Primary-key column(s), if not reflected."),
         click.option("--into", default=None,
-                     help="Expand/contract: the new binary column to fill (default: in place)."),
+                     help="Expand/contract: the new column to fill, binary or text (default: "
+                          "in place). Needed for a DATE column."),
         click.option("--label", default=None,
                      help="Field label bound into each value (default: TABLE.COLUMN of the "
                           "legacy column)."),
@@ -59,6 +61,26 @@ def _target_options(f: F) -> F:
     for o in reversed(opts):
         f = o(f)
     return _db_options(f)
+
+
+def _index_options(f: F) -> F:
+    f = click.option("--app-dir", default=".", show_default=True,
+                     type=click.Path(file_okay=False),
+                     help="Directory put first on the import path to find --index modules.")(f)
+    return click.option(
+        "--index", "indexes", multiple=True, metavar="MODULE:CLASS.ATTR",
+        help="A blind index over the new column, from the application's model (e.g. "
+             "myapp.models:Patient.phone_bidx; repeatable): run fills it after the ciphertext, "
+             "verify and finish check that no row lacks it.")(f)
+
+
+def _load_indexes(indexes: tuple[str, ...], app_dir: str) -> list[tuple[str, Any]]:
+    if not indexes:
+        return []
+    from ..searchable_cli import import_index
+
+    sys.path.insert(0, os.path.abspath(app_dir))
+    return [(spec, import_index(spec)) for spec in indexes]
 
 
 def _inherited(name: str, value: str | None, needed: bool = True) -> str | None:
@@ -191,11 +213,18 @@ def _worker(value: str) -> tuple[int, int]:
                    "or encrypt them as the plaintext they are (after inspecting them).")
 @click.option("--pause", type=float, default=0.0, help="Seconds to sleep between batches.")
 @click.option("--restart", is_flag=True, help="Forget saved progress and scan from the start.")
+@_index_options
 @_errors
 def run_cmd(database_url: str, master_key: str, as_json: bool, batch_size: int, worker: str,
-            prefixed: str, pause: float, restart: bool, **kw: Any) -> None:
+            prefixed: str, pause: float, restart: bool, indexes: tuple[str, ...], app_dir: str,
+            **kw: Any) -> None:
     """Seal every plaintext value, in batches; resumes after a crash."""
     w = _worker(worker)
+    attrs = _load_indexes(indexes, app_dir)
+    if attrs and w != (0, 1):
+        raise click.UsageError("--index runs with a single worker (0/1): the index backfill "
+                               "walks each practice; rerun without --index on the others")
+    backfills: list[run_mod.IndexBackfill] = []
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101
         target = _target(engine, kw)
@@ -214,6 +243,11 @@ def run_cmd(database_url: str, master_key: str, as_json: bool, batch_size: int, 
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
+        if result.complete:
+            # The index is computed from the sealed column: only once it is full.
+            backfills = [run_mod.backfill_index(keys, engine, attr, name=spec,
+                                                batch_size=batch_size, restart=restart)
+                         for spec, attr in attrs]
     r = result.report
     lines = [
         f"{target.name}: scanned {r.scanned}, encrypted {r.rewritten}, left as they were "
@@ -227,11 +261,35 @@ def run_cmd(database_url: str, master_key: str, as_json: bool, batch_size: int, 
     if result.problems.get("prefixed_invalid"):
         lines.append("decide: these values start with 'carnet:' but do not open; inspect them, "
                      "then rerun with --prefixed=encrypt")
-    if result.complete:
+    lines += _backfill_lines(backfills)
+    indexed = all(b.failed == 0 and b.missing == 0 for b in backfills)
+    if result.complete and indexed:
         lines.append(f"next: carnet migrate verify / finish --table {target.table.name} ...")
-    _emit(as_json, result.as_dict(), lines)
-    if not result.complete:
+    elif result.complete and attrs:
+        lines.append("blind indexes not complete: rerun `carnet migrate run` with the same "
+                     "options (it resumes)")
+    data = result.as_dict()
+    if attrs:
+        data["indexes"] = [b.as_dict() for b in backfills]
+    _emit(as_json, data, lines)
+    if not result.complete or not indexed:
         sys.exit(EXIT_INCOMPLETE)
+
+
+def _backfill_lines(backfills: list[run_mod.IndexBackfill]) -> list[str]:
+    lines = []
+    for b in backfills:
+        done = sum(r.rewritten for r in b.reports.values())
+        lines.append(f"{b.index}: {done} index value(s) written in {len(b.reports)} practice(s), "
+                     f"{b.failed} row(s) failed, {b.missing} row(s) still without an index value"
+                     + (f"; destroyed practices skipped: {', '.join(b.destroyed)}"
+                        if b.destroyed else ""))
+    return lines
+
+
+def _index_check(engine: sa.Engine, attrs: list[tuple[str, Any]]) -> dict[str, int]:
+    """Rows lacking each index value (0 everywhere: the indexes are complete)."""
+    return {spec: run_mod.missing_index_values(engine, attr) for spec, attr in attrs}
 
 
 def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
@@ -247,34 +305,62 @@ def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
 
 @migrate.command("verify")
 @_target_options
+@_index_options
 @_errors
-def verify_cmd(database_url: str, master_key: str, as_json: bool, **kw: Any) -> None:
+def verify_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple[str, ...],
+               app_dir: str, **kw: Any) -> None:
     """Read back and open every value (authenticated decryption, not a prefix check)."""
+    attrs = _load_indexes(indexes, app_dir)
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101
         target = _target(engine, kw)
         v = run_mod.verify(keys, engine, target)
-    _emit(as_json, v.as_dict(), _verification_lines(target, v))
-    if not v.clean:
+        missing = _index_check(engine, attrs)
+    data = v.as_dict()
+    lines = _verification_lines(target, v)
+    if attrs:
+        data["indexes_missing"] = missing
+        lines += [f"{spec}: {n} row(s) without an index value" for spec, n in missing.items()]
+    _emit(as_json, data, lines)
+    if not v.clean or any(missing.values()):
         sys.exit(EXIT_INCOMPLETE)
 
 
 @migrate.command("finish")
 @_target_options
+@_index_options
 @_errors
-def finish_cmd(database_url: str, master_key: str, as_json: bool, **kw: Any) -> None:
+def finish_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple[str, ...],
+               app_dir: str, **kw: Any) -> None:
     """Verify that no plaintext remains, then record the column as strict."""
+    attrs = _load_indexes(indexes, app_dir)
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101
         target = _target(engine, kw)
-        v = run_mod.finish(keys, engine, target)
+        missing = _index_check(engine, attrs)
+        if any(missing.values()):
+            # Not strict while lookups would miss rows: the contract step would
+            # then drop the clear column the search fallback still reads.
+            v = run_mod.verify(keys, engine, target)
+        else:
+            v = run_mod.finish(keys, engine, target)
     lines = _verification_lines(target, v)
     data = v.as_dict()
+    if attrs:
+        data["indexes_missing"] = missing
+        lines += [f"{spec}: {n} row(s) without an index value" for spec, n in missing.items()]
+    if any(missing.values()):
+        lines.append("not finished: some rows lack their blind index value; run `carnet migrate "
+                     "run ... --index ...` again")
+        _emit(as_json, data, lines)
+        sys.exit(EXIT_INCOMPLETE)
     if v.clean:
         col = target.column
         if target.mode == EXPAND:
+            typ = ("EncryptedDate" if target.plaintext == DATE
+                   else "EncryptedText (or EncryptedString(n))")
             advice = (f"{target.name} is strict. Point the application at {col} only "
-                      f"(EncryptedText(storage='binary', label={target.label!r})), then run the "
+                      f"({typ} with label={target.label!r}), then run the "
                       f"contract migration that drops {target.source}.")
         else:
             advice = (f"{target.name} is strict. Remove mixed_read=True from its "

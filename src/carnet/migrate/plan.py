@@ -38,6 +38,13 @@ def text_form_length(plaintext_bytes: int) -> int:
     return len("carnet:") + 4 * math.ceil((plaintext_bytes + _OVERHEAD) / 3)
 
 
+def _stored_length(target: Target, row: sc.ScannedRow, in_place: bool) -> int:
+    size = len(target.plaintext_of(row.source).encode("utf-8"))
+    if in_place or sc.is_text_column(target.table.c[target.column]):
+        return text_form_length(size)
+    return size + _OVERHEAD
+
+
 def backend_of(engine: sa.Engine) -> str:
     name = engine.dialect.name
     return "mariadb" if name in ("mysql", "mariadb") else name
@@ -104,9 +111,11 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
     per: dict[str, Counter[str]] = defaultdict(Counter)
     samples: dict[str, list[list[Any]]] = defaultdict(list)
     too_long = 0
-    length = None
-    if target.mode == IN_PLACE:
-        length = getattr(target.table.c[target.source].type, "length", None)
+    # Width of the column receiving ciphertext (characters in place, bytes in
+    # a bounded binary column such as EncryptedString's VARBINARY on MariaDB).
+    length = getattr(target.table.c[target.column].type, "length", None)
+    in_place = target.mode == IN_PLACE
+    text_into = sc.is_text_column(target.table.c[target.column])
     for batch in sc.scan(engine, target, batch_size):
         for row in batch:
             kind = sc.classify(keys, target, row)
@@ -114,7 +123,7 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
             if kind in (sc.PREFIXED_INVALID, sc.NO_TENANT) and len(samples[kind]) < SAMPLE:
                 samples[kind].append(list(row.pk))
             if length is not None and kind == sc.PLAINTEXT and \
-                    text_form_length(len(row.value.encode("utf-8"))) > length:
+                    _stored_length(target, row, in_place) > length:
                 too_long += 1
                 if len(samples["too_long"]) < SAMPLE:
                     samples["too_long"].append(list(row.pk))
@@ -147,8 +156,9 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
         )
     if too_long:
         p.warnings.append(
-            f"{too_long} value(s) would not fit column {target.source} ({length} characters) once "
-            "encrypted: widen it to TEXT first, or use expand/contract"
+            f"{too_long} value(s) would not fit column {target.column} ({length} "
+            f"{'characters' if in_place or text_into else 'bytes'}) once encrypted: widen it first"
+            + (", or use expand/contract" if in_place else "")
         )
     if p.indexes:
         p.warnings.append(

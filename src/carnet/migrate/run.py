@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -63,7 +63,13 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
                problems: dict[str, dict[tuple[Any, ...], None]]) -> Callable[[BatchRow], Any]:
     label = target.label
     in_place = target.mode == IN_PLACE
-    limit = getattr(target.table.c[target.source].type, "length", None) if in_place else None
+    # The stored width of the column receiving ciphertext: characters of the
+    # text form in place, bytes in a new VARBINARY(n) column (EncryptedString
+    # on MariaDB); None when unbounded.
+    limit = getattr(target.table.c[target.column].type, "length", None)
+    # Expand into a text column (EncryptedString(n, storage="text")): the
+    # prefixed text form, as the application's type stores it.
+    text_into = not in_place and sc.is_text_column(target.table.c[target.column])
 
     def left(kind: str, pk: tuple[Any, ...]) -> RowLeft:
         problems.setdefault(kind, {})[pk] = None
@@ -85,10 +91,10 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
                 return None
             if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
                 raise left(sc.PREFIXED_INVALID, row.pk)
-            sealed = envelope.to_text(seal(value, tenant))
-            if limit is not None and len(sealed) > limit:
+            text = envelope.to_text(seal(value, tenant))
+            if limit is not None and len(text) > limit:
                 raise left(TOO_LONG, row.pk)
-            return sealed
+            return text
         # Expand/contract: row.value is the new binary column, the legacy text in extra.
         if row.value is not None:
             return None
@@ -97,12 +103,22 @@ def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
             return None
         if tenant is None:
             raise left(sc.NO_TENANT, row.pk)
-        kind = sc.classify_text(keys, source, tenant, label)
-        if kind == sc.SEALED:
-            return envelope.from_text(source)
-        if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
-            raise left(sc.PREFIXED_INVALID, row.pk)
-        return seal(source, tenant)
+        stored: bytes | str
+        if not isinstance(source, str):
+            # A DATE: sealed as the ISO text EncryptedDate reads back.
+            stored = seal(target.plaintext_of(source), tenant)
+        else:
+            kind = sc.classify_text(keys, source, tenant, label)
+            if kind == sc.SEALED:
+                return source if text_into else envelope.from_text(source)
+            if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
+                raise left(sc.PREFIXED_INVALID, row.pk)
+            stored = seal(source, tenant)
+        if text_into:
+            stored = envelope.to_text(stored)
+        if limit is not None and len(stored) > limit:
+            raise left(TOO_LONG, row.pk)
+        return stored
 
     return transform
 
@@ -196,3 +212,66 @@ def finish(keys: KeyManager, engine: sa.Engine, target: Target,
     if v.clean:
         state.record(engine, target.describe(), state.STRICT, rows=v.totals[sc.SEALED])
     return v
+
+
+# -- blind indexes of a migrated identifier column --------------------------------------
+
+
+@dataclass
+class IndexBackfill:
+    """The re-index of one blind index, practice by practice, after the ciphertext backfill."""
+
+    index: str
+    reports: dict[str, BatchReport] = field(default_factory=dict)
+    destroyed: list[str] = field(default_factory=list)
+    missing: int = 0  # rows whose sources are set but whose index is still NULL
+
+    @property
+    def failed(self) -> int:
+        return sum(len(r.failed) for r in self.reports.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "missing": self.missing, "destroyed": self.destroyed,
+                "tenants": {t: r.as_dict() for t, r in self.reports.items()}}
+
+
+def backfill_index(keys: KeyManager, engine: sa.Engine, attr: Any, *, name: str | None = None,
+                   batch_size: int = 500, restart: bool = False) -> IndexBackfill:
+    """Fill the blind index ``attr`` (a mapped ``BlindIndex`` attribute) for every practice.
+
+    One :func:`carnet.searchable.reindex` per practice with rows: the batch
+    engine, compare-and-set, progress in ``carnet_jobs`` (a killed run
+    resumes). Rows whose sources are still NULL (not migrated yet) are left
+    for a later run; a crypto-shredded practice is skipped. The sealed
+    sources are opened with ``keys``.
+    """
+    from ..errors import KeyDestroyed
+    from ..searchable import index_tenants, reindex
+
+    out = IndexBackfill(name or str(attr))
+    for tenant in index_tenants(engine, attr):
+        try:
+            out.reports[tenant] = reindex(engine, attr, tenant=tenant, batch_size=batch_size,
+                                          restart=restart, manager=keys)
+        except KeyDestroyed:
+            out.destroyed.append(tenant)
+    out.missing = missing_index_values(engine, attr, skip=out.destroyed)
+    return out
+
+
+def missing_index_values(engine: sa.Engine, attr: Any, skip: Sequence[str] = ()) -> int:
+    """Rows whose indexed fields are all set but whose index value is NULL.
+
+    A lenient index leaves NULL for values its transform refuses: not counted.
+    """
+    from ..searchable import index_spec
+
+    column, sources, tenant_column, lenient = index_spec(attr)
+    if lenient:
+        return 0
+    cond = [column.is_(None), *(s.is_not(None) for s in sources)]
+    if skip:
+        cond.append(sa.cast(tenant_column, sa.String).not_in(list(skip)))
+    with engine.connect() as conn:
+        return int(conn.execute(
+            sa.select(sa.func.count()).select_from(column.table).where(*cond)).scalar_one())

@@ -96,6 +96,14 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
         yield batch
 
 
+def is_text_column(col: sa.ColumnElement[Any]) -> bool:
+    """True when a column stores text (carnet's prefixed form), not bytes."""
+    try:
+        return col.type.python_type is str
+    except NotImplementedError:
+        return False
+
+
 def opens(keys: KeyManager, blob: bytes, tenant: str, label: str) -> str:
     """SEALED, SHREDDED or PREFIXED_INVALID for a candidate ciphertext."""
     try:
@@ -130,10 +138,15 @@ def classify(keys: KeyManager, target: Target, row: ScannedRow) -> str:
     if row.value is not None:
         if row.tenant is None:
             return NO_TENANT
+        if isinstance(row.value, str):  # a text-storage column: the prefixed form
+            return classify_text(keys, row.value, row.tenant, target.label) \
+                if envelope.looks_like_text_ciphertext(row.value) else PREFIXED_INVALID
         return opens(keys, bytes(row.value), row.tenant, target.label)
     if row.source is None:
         return NULL
     if row.tenant is None:
         return NO_TENANT
+    if not isinstance(row.source, str):
+        return PLAINTEXT  # a DATE column: never ciphertext
     kind = classify_text(keys, row.source, row.tenant, target.label)
     return LEGACY_SEALED if kind == SEALED else kind

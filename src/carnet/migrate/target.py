@@ -28,6 +28,8 @@ from ..errors import ConfigurationError
 
 IN_PLACE = "in-place"
 EXPAND = "expand"
+TEXT = "text"
+DATE = "date"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,15 @@ class Target:
     tenant: TenantPath
     label: str
     metadata: sa.MetaData = field(repr=False)
+    # What the legacy column holds: TEXT (sealed as its UTF-8) or DATE (sealed
+    # as its ISO text, as EncryptedDate seals a date).
+    plaintext: str = TEXT
+
+    def plaintext_of(self, value: Any) -> str:
+        """The text sealed for a legacy value: the string itself, or a date's ``YYYY-MM-DD``."""
+        if self.plaintext == DATE:
+            return str(value.isoformat())
+        return str(value)
 
     @property
     def mode(self) -> str:
@@ -87,7 +98,7 @@ class Target:
         return {
             "table": self.table.name, "column": self.column, "source": self.source,
             "mode": self.mode, "primary_key": list(self.pk), "tenant": str(self.tenant),
-            "label": self.label,
+            "label": self.label, "plaintext": self.plaintext,
         }
 
     # -- SQL pieces for the batch engine and the read-only scans --------------------
@@ -239,6 +250,7 @@ def resolve(
                     raise ConfigurationError(f"table {tn!r} has no column {cn!r}")
     if t_col not in md.tables[t_table].c:
         raise ConfigurationError(f"table {t_table!r} has no column {t_col!r}")
+    plaintext = _plaintext_kind(t.c[column], into)
     pk_cols = tuple(pk) or tuple(c.name for c in t.primary_key.columns)
     if not pk_cols:
         raise ConfigurationError(f"table {table!r} has no primary key: name one with --pk")
@@ -248,5 +260,25 @@ def resolve(
     return Target(
         table=t, column=into or column, source=column, pk=pk_cols,
         tenant=TenantPath(t_table, t_col, steps), label=label or f"{table}.{column}",
-        metadata=md,
+        metadata=md, plaintext=plaintext,
     )
+
+
+def _plaintext_kind(col: sa.Column[Any], into: str | None) -> str:
+    """TEXT or DATE for the legacy column; refuse what carnet cannot seal as its types do."""
+    typ = col.type
+    where = f"{col.table.name}.{col.name}"
+    if isinstance(typ, sa.DateTime):
+        raise ConfigurationError(
+            f"{where} is a date and time: its calendar date depends on a time zone. Convert it to "
+            "DATE (or to text in the form the application reads) before migrating it"
+        )
+    if isinstance(typ, sa.Date):
+        if into is None:
+            raise ConfigurationError(
+                f"{where} is a DATE column, which cannot hold ciphertext: migrate it into a new "
+                "column with --into (expand/contract), read by carnet.EncryptedDate"
+            )
+        return DATE
+    # Text; or a binary column already holding ciphertext (verify after a contract).
+    return TEXT

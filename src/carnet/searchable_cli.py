@@ -1,0 +1,262 @@
+"""Command-line side of blind indexes: ``carnet keys rotate --index`` and ``carnet reindex``.
+
+Kept out of :mod:`carnet.cli` and registered by it (:func:`register`), so the
+key-lifecycle shell stays one file of its own. Both commands run under the
+``carnet`` group and share its configuration (``--database-url``,
+``--master-key``) and its exit-code table (docs/cli.md): 0 ok; 1 rows failed;
+2 usage or configuration error; 3 master key; 4 database; 7 unknown practice;
+8 destroyed practice.
+
+``carnet reindex`` needs the index's declaration (sources, transform, bits,
+label), which lives in the application's model, not in the database: it is
+named as ``module:Class.attribute`` and imported, as uvicorn imports an
+application.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import lifecycle
+from .errors import ConfigurationError, KeyDestroyed
+from .keystore import ACTIVE, INDEX
+
+__all__ = ["import_index", "register"]
+
+
+def import_index(spec: str) -> Any:
+    """``package.module:Class.attribute`` -> the mapped blind-index attribute."""
+    module_name, sep, path = spec.partition(":")
+    if not sep or not module_name or not path:
+        raise click.BadParameter(
+            f"{spec!r}: expected MODULE:CLASS.ATTRIBUTE, e.g. myapp.models:Patient.phone_bidx",
+            param_hint="--index",
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--index {spec}: cannot import {module_name!r} ({exc})") from None
+    for part in path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"--index {spec}: {part!r} not found") from None
+    return obj
+
+
+def _config() -> Any:
+    from .cli import Config
+
+    cfg = click.get_current_context().find_object(Config)
+    if cfg is None:  # pragma: no cover - registered under carnet's group only
+        raise click.UsageError("run as `carnet reindex`")
+    return cfg
+
+
+# -- carnet keys rotate --index ---------------------------------------------------------
+
+
+def _active_root(km: Any, tenant: str) -> str | None:
+    for r in km.list_keys(tenant):
+        if r.kind == INDEX and r.state == ACTIVE:
+            return str(r.key_id.hex())
+    return None
+
+
+def rotate_index_roots(
+    km: Any, tenants: list[str] | None, *, create: bool = False
+) -> list[dict[str, Any]]:
+    """A new active index root per practice (every practice with one when ``tenants`` is None).
+
+    A named practice with no key of any kind is refused (a mistyped id) unless
+    ``create``; a destroyed one raises :class:`~carnet.errors.KeyDestroyed`.
+    """
+    if tenants is None:
+        tenants = [t for t in km.tenants() if _active_root(km, t) is not None]
+    elif not create:
+        for t in tenants:
+            lifecycle.require_tenant(km, t)
+    out = []
+    for t in tenants:
+        previous = _active_root(km, t)
+        rec = km.rotate_index_root(t).as_dict()
+        rec["previous_key_id"] = previous
+        out.append(rec)
+    return out
+
+
+def _with_index_flag(rotate: click.Command) -> None:
+    """Give ``carnet keys rotate`` an ``--index`` flag: the same practices, their index roots."""
+    if any(p.name == "index" for p in rotate.params):
+        return  # registered already
+    original = rotate.callback
+    assert original is not None  # noqa: S101 - a command always has one
+    rotate.params.append(
+        click.Option(
+            ["--index"],
+            is_flag=True,
+            help="Rotate the practices' blind-index root keys instead of their data keys "
+            "(then run `carnet reindex`, then retire the old root).",
+        )
+    )
+
+    @functools.wraps(original)
+    def callback(*args: Any, index: bool = False, **kwargs: Any) -> Any:
+        if not index:
+            return original(*args, **kwargs)
+        tenants, all_, create = kwargs["tenants"], kwargs["all_"], kwargs["create"]
+        if bool(tenants) == all_:
+            raise click.UsageError("give --tenant T (repeatable) or --all")
+        if create and all_:
+            raise click.UsageError("--create needs --tenant T: --all only rotates existing roots")
+        rows = rotate_index_roots(
+            _config().manager(), None if all_ else list(tenants), create=create
+        )
+        if kwargs["as_json"]:
+            click.echo(json.dumps(rows, indent=2, default=str, sort_keys=True))
+            return None
+        for r in rows:
+            prev = r["previous_key_id"]
+            click.echo(
+                f"{r['tenant']}: index root now v{r['version']} ({r['key_id']})"
+                + (f"; the previous root {prev} still serves lookups" if prev else "")
+            )
+        if rows:
+            click.echo(
+                "next: once the key cache time-to-live has passed, run `carnet reindex --index "
+                "MODULE:CLASS.ATTR --tenant T` for each blind index of these practices, then "
+                "`carnet keys retire <previous root>`"
+            )
+        return None
+
+    rotate.callback = callback
+    if rotate.help:
+        rotate.help += "\n\nWith --index: the blind-index root keys (docs/searchable.md)."
+
+
+# -- carnet reindex ----------------------------------------------------------------------
+
+
+def _worker(value: str | None) -> tuple[int, int]:
+    if value is None:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected I/N, e.g. 0/4", param_hint="--worker") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter("need 0 <= I < N", param_hint="--worker")
+    return i, n
+
+
+@click.command("reindex")
+@click.option(
+    "--index",
+    "indexes",
+    multiple=True,
+    required=True,
+    metavar="MODULE:CLASS.ATTR",
+    help="A blind index of the application's model, e.g. myapp.models:Patient.phone_bidx "
+    "(repeatable).",
+)
+@click.option("--tenant", "tenants", multiple=True, metavar="T", help="Practice (repeatable).")
+@click.option("--all-tenants", is_flag=True, help="Every practice with rows in the index's table.")
+@click.option(
+    "--app-dir",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory put first on the import path to find MODULE.",
+)
+@click.option("--batch", "batch_size", type=click.IntRange(1), default=500, show_default=True)
+@click.option(
+    "--worker",
+    "worker_spec",
+    metavar="I/N",
+    help="Run only worker I of N (one per machine; the database coordinates).",
+)
+@click.option("--restart", is_flag=True, help="Ignore recorded progress and start over.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def reindex_cmd(
+    ctx: click.Context,
+    indexes: tuple[str, ...],
+    tenants: tuple[str, ...],
+    all_tenants: bool,
+    app_dir: str,
+    batch_size: int,
+    worker_spec: str | None,
+    restart: bool,
+    as_json: bool,
+) -> None:
+    """Recompute blind-index values under each practice's active root; fill missing ones.
+
+    Run after `carnet keys rotate --index` (and the key cache time-to-live),
+    or after `carnet migrate` filled an encrypted identifier column. Through
+    the batch engine: compare-and-set writes, progress in carnet_jobs (job
+    bidx:LABEL:PRACTICE), a killed run resumes where it stopped.
+    """
+    from . import searchable
+    from .cli import EXIT_FAILED_ROWS
+
+    if bool(tenants) == all_tenants:
+        raise click.UsageError("give --tenant T (repeatable) or --all-tenants")
+    worker = _worker(worker_spec)
+    sys.path.insert(0, os.path.abspath(app_dir))
+    attrs = [(spec, import_index(spec)) for spec in indexes]
+    km = _config().manager()
+    results: list[dict[str, Any]] = []
+    for spec, attr in attrs:
+        names = list(tenants) if tenants else searchable.index_tenants(km.engine, attr)
+        for tenant in names:
+            if tenants:
+                lifecycle.require_tenant(km, tenant)
+            try:
+                rep = searchable.reindex(
+                    km.engine, attr, tenant=tenant, batch_size=batch_size, worker=worker,
+                    restart=restart, manager=km,
+                )  # fmt: skip
+            except KeyDestroyed:
+                if tenants:
+                    raise
+                # --all-tenants: a crypto-shredded practice has nothing left to index.
+                results.append({"index": spec, "tenant": tenant, "destroyed": True})
+                continue
+            results.append({"index": spec, "tenant": tenant, **rep.as_dict()})
+    failed = sum(len(r.get("failed", [])) for r in results)
+
+    def text() -> None:
+        for r in results:
+            if r.get("destroyed"):
+                click.echo(f"{r['index']} {r['tenant']}: destroyed, nothing to index")
+                continue
+            click.echo(
+                f"{r['index']} {r['tenant']}: {r['scanned']} scanned, {r['rewritten']} indexed, "
+                f"{r['skipped']} already current, {r['conflicts']} written concurrently by the "
+                f"application, {len(r['failed'])} failed"
+                + (f" (primary keys: {r['failed'][:20]})" if r["failed"] else "")
+                + (f", resumed after {r['resumed_from']}" if r["resumed_from"] else "")
+            )
+
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str, sort_keys=True))
+    else:
+        text()
+    if failed:
+        ctx.exit(EXIT_FAILED_ROWS)
+
+
+def register(cli: click.Group) -> None:
+    """Add ``reindex`` to ``cli`` and ``--index`` to its ``keys rotate``."""
+    cli.add_command(reindex_cmd, "reindex")
+    keys = cli.commands.get("keys")
+    rotate = keys.commands.get("rotate") if isinstance(keys, click.Group) else None
+    if rotate is not None:
+        _with_index_flag(rotate)
