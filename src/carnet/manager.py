@@ -52,6 +52,7 @@ from .providers.base import MasterKey, open_master_key
 
 log = logging.getLogger("carnet")
 _FAST_PATH_MAX = 100_000
+_KEY_ID = envelope.KEY_ID
 
 DecryptHook = Callable[[str, str, int], None]
 _T = TypeVar("_T")
@@ -311,10 +312,9 @@ class KeyManager:
 
     def decrypt(self, blob: bytes, *, tenant: str, label: str) -> bytes:
         """Open a value sealed for ``tenant`` and ``label``; raise a carnet error otherwise."""
-        key_id = envelope.key_id_of(blob)
-        opener = self._openers.get((key_id, label, tenant))
+        opener = self._openers.get((blob[_KEY_ID], label, tenant))
         if opener is None or opener.expires <= time.monotonic():
-            opener = self._opener(key_id, tenant, label)
+            opener = self._opener(envelope.key_id_of(blob), tenant, label)
         else:
             self._fast_hits += 1
         plaintext = opener.open(blob)
