@@ -8,8 +8,9 @@
 - ``strict``: ``EncryptedText(storage="text")`` after ``carnet migrate
   finish``: a value that is not valid ciphertext raises, never returned.
 
-The tenant is the patient's practice, two tables away, so reads and writes
-run inside ``carnet.tenant_scope`` (Core).
+The tenant is the patient's practice, on the parent row: the ORM model
+declares ``EncryptedText(tenant="patient.practice_id")`` and reads and writes
+need no scope and no practice column on consultations.
 
 The patients' names, birth dates and phone numbers move to sealed columns
 with blind indexes through expand/contract: :func:`patient_model` gives the
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import carnet
 from carnet import transforms
@@ -50,6 +51,7 @@ def consultations(phase: str) -> sa.Table:
 
 
 def practice_of(conn: sa.Connection, table: sa.Table, consultation_id: int) -> str:
+    """The practice of a consultation, through its patient (Core; kept for scripts)."""
     patients = table.metadata.tables["patients"]
     pid = conn.execute(
         sa.select(patients.c.practice_id)
@@ -59,22 +61,77 @@ def practice_of(conn: sa.Connection, table: sa.Table, consultation_id: int) -> s
     return str(pid)
 
 
+def consultation_model(phase: str, storage: str = "text") -> type[Any]:
+    """The ``consultations`` ORM class of a phase, its practice on the patient.
+
+    ``EncryptedText(tenant="patient.practice_id")``: the practice is read from
+    the patient row (a many-to-one), so no practice column is copied onto
+    consultations. Reads open under the patient's practice, writes seal for
+    it, and a consultation moved to a patient of another practice is re-sealed.
+    """
+
+    class Base(DeclarativeBase):
+        pass
+
+    class PatientRow(Base):
+        __tablename__ = "patients"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        practice_id: Mapped[int] = mapped_column(sa.Integer)
+
+    comment_type: Any
+    if phase == "legacy":
+        comment_type = sa.Text()
+    elif phase == "mixed":
+        comment_type = carnet.EncryptedText(
+            tenant="patient.practice_id", storage="text", mixed_read=True
+        )
+    elif phase == "strict":
+        comment_type = carnet.EncryptedText(
+            tenant="patient.practice_id", storage=storage  # type: ignore[arg-type]
+        )
+    else:
+        raise ValueError(phase)
+
+    class Consultation(Base):
+        __tablename__ = "consultations"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        patient_id: Mapped[int] = mapped_column(sa.ForeignKey("patients.id"))
+        patient: Mapped[PatientRow] = relationship(PatientRow)
+        comment: Mapped[str | None] = mapped_column(comment_type)
+
+    return Consultation
+
+
+_MODELS: dict[tuple[str, str], type[Any]] = {}
+
+
+def _model(table: sa.Table) -> type[Any]:
+    """The ORM class matching a Core table of one phase (its comment column's type)."""
+    typ = table.c.comment.type
+    if not isinstance(typ, carnet.EncryptedText):
+        key = ("legacy", "text")
+    else:
+        key = ("mixed" if typ.mixed_read else "strict", typ.storage)
+    if key not in _MODELS:
+        _MODELS[key] = consultation_model(*key)
+    return _MODELS[key]
+
+
 def read_comment(engine: sa.Engine, table: sa.Table, consultation_id: int) -> str | None:
-    with engine.connect() as conn:
-        tenant = practice_of(conn, table, consultation_id)
-        with carnet.tenant_scope(tenant):
-            value: str | None = conn.execute(
-                sa.select(table.c.comment).where(table.c.id == consultation_id)
-            ).scalar_one()
-    return value
+    """A consultation's comment, through the ORM: opened under its patient's practice."""
+    with Session(engine) as session:
+        consultation = session.get(_model(table), consultation_id)
+        return None if consultation is None else consultation.comment
 
 
 def write_comment(engine: sa.Engine, table: sa.Table, consultation_id: int, text: str) -> None:
-    with engine.begin() as conn:
-        tenant = practice_of(conn, table, consultation_id)
-        with carnet.tenant_scope(tenant):
-            conn.execute(table.update().where(table.c.id == consultation_id)
-                         .values(comment=text))
+    """Replace a consultation's comment, sealed for its patient's practice."""
+    with Session(engine) as session:
+        consultation = session.get(_model(table), consultation_id)
+        if consultation is None:
+            raise LookupError(f"no consultation {consultation_id}")
+        consultation.comment = text
+        session.commit()
 
 
 # -- patients' identifiers: names, phone numbers, birth dates ------------------------------
