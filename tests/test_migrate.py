@@ -248,3 +248,34 @@ def test_no_plaintext_in_any_output(
     text = "\n".join(outputs)
     assert "CANARI" not in text and "7731" not in text
     assert "prefixed_invalid" in text
+
+
+def test_a_table_without_a_declared_primary_key_migrates_through_finish_with_pk(
+    engine: sa.Engine, keys: carnet.KeyManager, db_url: str, master_key_uri: str
+) -> None:
+    # A legacy table with no PRIMARY KEY, only a unique id: --pk names it, and
+    # plan, run, verify and finish all page by it.
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "CREATE TABLE notes_nopk (id INTEGER NOT NULL UNIQUE, practice_id VARCHAR(20), "
+            "comment TEXT)"
+        ))
+        conn.execute(
+            sa.text("INSERT INTO notes_nopk (id, practice_id, comment) VALUES (:i, :p, :c)"),
+            [{"i": i, "p": f"p{i % 2}", "c": f"note sans clé {i}"} for i in range(1, 41)],
+        )
+    target = ["--table", "notes_nopk", "--column", "comment", "--tenant",
+              "notes_nopk.practice_id", "--pk", "id"]
+    res = cli(db_url, master_key_uri, "run", *target, "--batch-size", "7", "--json")
+    assert res.exit_code == 0, res.output
+    res = cli(db_url, master_key_uri, "finish", *target, "--json")
+    assert res.exit_code == 0, res.output
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, practice_id, comment FROM notes_nopk")).all()
+    assert len(rows) == 40
+    for i, practice, value in rows:
+        assert value.startswith(envelope.TEXT_PREFIX)
+        blob = envelope.from_text(value)
+        assert keys.decrypt(blob, tenant=practice, label="notes_nopk.comment").decode() == (
+            f"note sans clé {i}"
+        )

@@ -112,7 +112,11 @@ def _column(table: sa.Table, column: str) -> sa.Column[Any]:
         raise ConfigurationError(f"table {table.name!r} has no column {column!r}") from None
 
 
-def _pk_columns(table: sa.Table) -> list[sa.Column[Any]]:
+def _pk_columns(table: sa.Table, names: Sequence[str] = ()) -> list[sa.Column[Any]]:
+    """The columns to page and write back by: ``names`` when given (a table
+    without a declared primary key), else the declared primary key."""
+    if names:
+        return [_column(table, n) for n in names]
     pk = list(table.primary_key.columns)
     if not pk:
         raise ConfigurationError(
@@ -158,10 +162,10 @@ class _Plan:
     def __init__(self, engine: sa.Engine, table: sa.Table, column: str,
                  extra_columns: Mapping[str, sa.ColumnElement[Any]] | None,
                  join: Callable[[sa.Select[Any]], sa.Select[Any]] | None,
-                 where: sa.ColumnElement[bool] | None) -> None:
+                 where: sa.ColumnElement[bool] | None, pk: Sequence[str] = ()) -> None:
         self.table = table
         self.col = _column(table, column)
-        self.pk = _pk_columns(table)
+        self.pk = _pk_columns(table, pk)
         self.dialect = engine.dialect
         self.raw = raw_type(self.col, engine.dialect)
         self.extra_names = list(extra_columns or {})
@@ -290,9 +294,10 @@ def iter_rows(
     join: Callable[[sa.Select[Any]], sa.Select[Any]] | None = None,
     where: sa.ColumnElement[bool] | None = None,
     batch_size: int = 1000,
+    pk: Sequence[str] = (),
 ) -> Any:
     """Yield every row as a :class:`BatchRow`, read-only, a batch at a time (flat memory)."""
-    plan = _Plan(engine, resolve_table(engine, table), column, extra_columns, join, where)
+    plan = _Plan(engine, resolve_table(engine, table), column, extra_columns, join, where, pk)
     last: tuple[Any, ...] | None = None
     while True:
         with engine.connect() as conn:
@@ -387,8 +392,12 @@ def run_batches(
     worker: tuple[int, int] = (0, 1),
     progress: Callable[[int], None] | None = None,
     restart: bool = False,
+    pk: Sequence[str] = (),
 ) -> BatchReport:
     """Rewrite ``column`` of ``table`` row by row with ``transform``, resumably.
+
+    ``pk``: the columns to page by, for a table without a declared primary
+    key (they must identify rows uniquely); default: the primary key.
 
     ``transform`` gets a :class:`BatchRow` with the RAW stored value and
     returns the new raw value, or None to leave the row. A
@@ -407,7 +416,7 @@ def run_batches(
         raise ConfigurationError(f"bad worker {index}/{count}: need 0 <= index < count")
     started = time.monotonic()
     tbl = resolve_table(engine, table)
-    plan = _Plan(engine, tbl, column, extra_columns, join, where)
+    plan = _Plan(engine, tbl, column, extra_columns, join, where, pk)
     t = _jobs.ensure_jobs_table(engine)
 
     state = _load_worker(engine, job, index)

@@ -159,6 +159,7 @@ def run_migration(
         engine, target.table, target.column, _transform(keys, target, prefixed, problems),
         job=target.job, extra_columns=extra, join=target.join_or_none(),
         batch_size=batch_size, worker=worker, progress=on_batch, restart=restart,
+        pk=target.pk,
     )
     return RunResult(report, {k: [list(pk) for pk in v] for k, v in problems.items()})
 
