@@ -429,3 +429,18 @@ def test_multi_row_values_bind_each_row_to_its_own_practice(
     assert stored(engine, master_key_uri, 2) == ("B", "de B", None)
     with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
         conn.execute(notes.insert().values([{"id": 3, "practice_id": "B", "body": "PLANTED"}]))
+
+
+def test_null_notes_need_no_key_even_for_a_destroyed_practice(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # Found by the model test: a row whose notes are NULL asks for no key.
+    _seed(engine, 1, "A")
+    keys.destroy("A")
+    with carnet.tenant_scope("A"), engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": 2, "practice_id": "A", "body": None}])
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": 3, "practice_id": "A", "body": None}])
+    with Session(engine) as s:
+        s.add(Note(id=4, practice_id="A", body=None))
+        s.commit()

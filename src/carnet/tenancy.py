@@ -193,16 +193,21 @@ def _value(row: Mapping[str, Any], embedded: Mapping[str, Any], key: str) -> tup
 
 def _all_plain_in_scope(
     rows: Sequence[Mapping[str, Any]], tenant_key: str, keys: Sequence[str], scope: str
-) -> bool:
-    """Whether every row names ``scope`` as its practice and holds only str or None values."""
+) -> bool | None:
+    """Whether every row names ``scope`` as its practice and holds only str or None values:
+    None when not, else whether any value is a str (a key is needed)."""
+    any_text = False
     for row in rows:
         if row.get(tenant_key) != scope:
-            return False
+            return None
         for k in keys:
             v = row.get(k)
-            if v is not None and type(v) is not str:
-                return False
-    return True
+            if v is None:
+                continue
+            if type(v) is not str:
+                return None
+            any_text = True
+    return any_text
 
 
 def _written(
@@ -321,11 +326,13 @@ def guard_write(
             and tenant_key is not None
             and tenant_key in first
             and not embedded
-            and _all_plain_in_scope(rows, tenant_key, [e.key for e in written], scope)
+            and (plain := _all_plain_in_scope(rows, tenant_key, [e.key for e in written], scope))
+            is not None
         ):
             # The common Core case: every row names the scope's practice and holds
-            # plain text, which the type seals for the scope as it is.
-            for manager in managers.values():
+            # plain text, which the type seals for the scope as it is. NULLs need
+            # no key (a destroyed practice may still store them).
+            for manager in managers.values() if plain else ():
                 mark = (id(manager), scope)
                 if mark not in seen_tenants:
                     seen_tenants.add(mark)
