@@ -293,7 +293,9 @@ def _master_keys(
             except (MasterKeyMismatch, MasterKeyUnavailable, CarnetError) as exc:
                 failures.append(f"{rec.key_id.hex()} ({rec.tenant}): {type(exc).__name__}")
     total = sum(len(r) for r in by_uri.values())
-    scope = "every data key" if all_keys else f"a sample of {tried} of {total} data keys"
+    scope = (
+        f"all {total} data keys" if tried == total else f"a sample of {tried} of {total} data keys"
+    )
     unconfigured = {u: len(r) for u, r in by_uri.items() if u not in configured}
     if unconfigured:
         which = ", ".join(f"{n} under {u}" for u, n in sorted(unconfigured.items()))
@@ -327,7 +329,7 @@ def _master_keys(
                 "master_key",
                 OK,
                 f"{master} opens; {scope} unwrap"
-                + ("" if all_keys or tried == total else " (--all for every key)"),
+                + ("" if tried == total else " (--all for every key)"),
                 details={"tried": tried, "total": total},
             )
         )
@@ -431,7 +433,8 @@ def _columns(km: KeyManager, declared: Sequence[DeclaredColumn] | None) -> list[
                     "encrypted_columns",
                     WARN,
                     f"{t}.{c}: {st.plaintext} of {st.rows} rows still plaintext",
-                    fix=f"carnet migrate --table {t} --column {c} ... (docs/migration.md)",
+                    fix=f"carnet migrate run --table {t} --column {c} --tenant ... "
+                    "(docs/migration.md)",
                     details=detail,
                 )
             )
@@ -510,11 +513,16 @@ def _app_engines(obj: Any) -> list[Check]:
         else:
             checks.append(Check("app_engine", OK, f"{where}: echo is not 'debug'"))
         if eng.dialect.name == "sqlite":
+            # Through the application's engine, so its connect hooks apply; with
+            # its echo off meanwhile, so this check logs nothing on stdout.
+            echo, eng.echo = eng.echo, False
             try:
                 with eng.connect() as conn:
                     sd = int(conn.exec_driver_sql("PRAGMA secure_delete").scalar() or 0)
             except sa.exc.SQLAlchemyError:
                 continue
+            finally:
+                eng.echo = echo
             if sd:
                 checks.append(Check("app_engine", OK, f"{where}: secure_delete on"))
             else:
