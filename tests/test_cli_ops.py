@@ -313,6 +313,8 @@ def test_verify_tenant_column_on_a_parent_table(db_url: str, master_key_uri: str
         sa.Column("comment", sa.LargeBinary),
     )
     md.create_all(engine)
+    for t in ("p0", "p1"):
+        km.ensure_key(t)  # before the transaction: SQLite has one writer
     with engine.begin() as conn:
         conn.execute(
             patients.insert(), [{"id": 1, "practice_id": "p0"}, {"id": 2, "practice_id": "p1"}]
