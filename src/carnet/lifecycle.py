@@ -13,6 +13,7 @@ import binascii
 import datetime as dt
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -180,8 +181,10 @@ def open_manager(
     previous_master_keys: Iterable[str] = (),
     *,
     cache_ttl: float = 300.0,
+    lock_notice: Callable[[str], None] | None = None,
 ) -> KeyManager:
-    engine = make_engine(database_url) if isinstance(database_url, str) else database_url
+    engine = (make_engine(database_url, lock_notice=lock_notice)
+              if isinstance(database_url, str) else database_url)
     return KeyManager(engine, master_key=master_key,
                       previous_master_keys=tuple(previous_master_keys), cache_ttl=cache_ttl)
 
@@ -968,7 +971,12 @@ class WorkerSpec:
 
 
 def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any]:
-    km = open_manager(spec.database_url, spec.master_key, spec.previous_master_keys)
+    def notice(message: str) -> None:
+        # A worker process has no terminal of its own: stderr is the parent's.
+        print(f"carnet: worker {index}/{count}: {message}", file=sys.stderr, flush=True)
+
+    km = open_manager(spec.database_url, spec.master_key, spec.previous_master_keys,
+                      lock_notice=notice)
     try:
         rep = reencrypt(km, spec.table, spec.column, tenant=spec.tenant, label=spec.label,
                         old_label=spec.old_label, batch_size=spec.batch_size,
