@@ -152,6 +152,10 @@ def test_status_without_master_key_and_its_wording(setup: tuple[str, str], tmp_p
     assert "(not checked" in r.stdout and "(ok" not in r.stdout
     r = _cli(setup, "status", "--table", "notes", "--column", "body")
     assert "(ok" in r.stdout
+    # A shredded practice's rows are not "to re-encrypt": they never can be.
+    assert _cli(setup, "keys", "destroy", "--tenant", "p2", "--yes").returncode == 0
+    r = _cli(setup, "status", "--table", "notes", "--column", "body")
+    assert "0 not on the active key, 30 under destroyed keys" in r.stdout
     # Keys by practice then version, whatever their random ids.
     assert _cli(setup, "keys", "rotate", "--tenant", "p0").returncode == 0
     engine = sa.create_engine(url)

@@ -425,6 +425,7 @@ def status(ctx: click.Context, cfg: Config, tables: tuple[str, ...], columns: tu
                 continue
             click.echo(f"{c.table}.{c.column}: {_n(c.rows, 'row')}, {c.nulls:,} NULL, "
                        f"{c.plaintext:,} plaintext, {c.not_on_active:,} not on the active key"
+                       + (f", {c.destroyed:,} under destroyed keys" if c.destroyed else "")
                        + (f", {c.unknown_key:,} unknown key" if c.unknown_key else "")
                        + (f", {c.unreadable_framing:,} not carnet" if c.unreadable_framing
                           else ""))

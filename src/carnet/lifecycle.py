@@ -341,7 +341,10 @@ class ColumnStatus:
     unknown_key: int = 0
     # key id (hex) -> {"tenant", "version", "state", "rows"}, in practice and version order
     by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # under a live older key: what `reencrypt` moves
     not_on_active: int = 0
+    # under a destroyed or retired key: unreadable for good, nothing to move
+    destroyed: int = 0
 
 
 @dataclass
@@ -413,7 +416,9 @@ def column_status(km: KeyManager, table: str, column: str, keys: _Keys | None = 
     for rec, n in sorted(known, key=lambda rn: (rn[0].tenant, rn[0].version)):
         st.by_key[rec.key_id.hex()] = {"tenant": rec.tenant, "version": rec.version,
                                 "state": rec.state, "rows": n}
-        if rec.state != ACTIVE:
+        if rec.state in (DESTROYED, RETIRED):
+            st.destroyed += n
+        elif rec.state != ACTIVE:
             st.not_on_active += n
     return st
 
