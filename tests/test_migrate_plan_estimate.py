@@ -34,7 +34,7 @@ def _comments(url: str) -> dict[int, str | None]:
 
 def test_plan_estimate_within_twice_the_run(db_url: str, master_key_uri: str) -> None:
     engine = sa.create_engine(db_url)
-    generate.populate(engine, seed=7, practices_n=10, patients_n=2000, consultations_n=30000)
+    generate.populate(engine, seed=7, practices_n=10, patients_n=2000, consultations_n=60000)
     engine.dispose()
     before = _comments(db_url)
     r = run_cli(["migrate", "plan", *TARGET, "--json"], db_url=db_url, master_key=master_key_uri)
