@@ -24,7 +24,6 @@ from ..manager import KeyManager
 from . import plan as plan_mod
 from . import residue as residue_mod
 from . import run as run_mod
-from . import scan as scan_mod
 from .target import EXPAND, Target, resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -159,6 +158,7 @@ def _measured_rate(engine: sa.Engine, target: Target,
 
     from .. import envelope
     from ..providers._local import LocalMasterKey
+    from . import scan as scan_mod
 
     class _Throwaway(LocalMasterKey):
         scheme = "trial"
