@@ -175,11 +175,11 @@ def _measured_rate(engine: sa.Engine, target: Target,
     trial_keys.create_schema()
     t = target.table
     in_place = target.mode != EXPAND
-    # The batch engine's own statements (compare-and-set, or PostgreSQL's bulk form).
-    writes = _BatchPlan(engine, t, target.column, None, target.join_or_none(), None)
     timed = 0
     started = time.monotonic()
     try:
+        # The batch engine's own statements (compare-and-set, or PostgreSQL's bulk form).
+        writes = _BatchPlan(engine, t, target.column, None, target.join_or_none(), None)
         for batch in scan_mod.scan(engine, target, batch_size):
             todo = [r for r in batch if r.tenant is not None and isinstance(r.source, str)
                     and not envelope.looks_like_text_ciphertext(r.source)]
@@ -211,7 +211,9 @@ def _measured_rate(engine: sa.Engine, target: Target,
             timed += len(todo)
             if timed >= TRIAL_ROWS or time.monotonic() - started >= TRIAL_SECONDS:
                 break
-    except sa.exc.SQLAlchemyError:
+    except (sa.exc.SQLAlchemyError, CarnetError):
+        # Nothing timed (no UPDATE privilege, a table the batch engine cannot
+        # page): the estimate falls back to the default rate, and says so.
         return None
     finally:
         trial_keys.close()
