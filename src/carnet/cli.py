@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -106,16 +106,37 @@ class Config:
             raise click.UsageError("no master key: pass --master-key or set CARNET_MASTER_KEY")
         return self.master_key
 
-    def manager(self) -> KeyManager:
+    def engine(self) -> sa.Engine:
+        return lifecycle.make_engine(self.need_url(), lock_notice=_lock_notice)
+
+    def manager(self, *, open_master: bool = True) -> KeyManager:
+        """The key manager; without ``open_master`` the master keys are not opened
+        (nor needed): anything that would unwrap a key is refused."""
         if self._km is None:
-            engine = lifecycle.make_engine(self.need_url())
+            engine = self.engine()
+            if not open_master:
+                self._km = KeyManager(engine,
+                                      master_key=lifecycle.UncheckedMasterKey(self.master_key),
+                                      cache_ttl=self.cache_ttl)
+                return self._km
             try:
                 self._km = KeyManager(engine, master_key=self.need_master(),
                                       previous_master_keys=self.previous,
                                       cache_ttl=self.cache_ttl)
             except ConfigurationError as exc:
+                hint = lifecycle.wrapping_master_keys_hint(engine)
+                engine.dispose()
+                if hint:
+                    # Creating a new master key (the provider's suggestion) would
+                    # leave every existing data key unopenable.
+                    raise MasterKeyUnavailable(f"{lifecycle.strip_create_hint(str(exc))}; "
+                                               f"{hint}") from None
                 raise MasterKeyUnavailable(str(exc)) from None
         return self._km
+
+
+def _lock_notice(message: str) -> None:
+    click.echo(f"carnet: {message}", err=True)
 
 
 def _emit(as_json: bool, data: Any, text: Callable[[], None]) -> None:
@@ -129,16 +150,29 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
 
-class Progress:
-    """A progress bar with rate and ETA on a terminal; a plain line every few seconds otherwise."""
+def _duration(seconds: float) -> str:
+    seconds = max(int(seconds + 0.5), 0)
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
-    def __init__(self, label: str, total: int | None, quiet: bool = False) -> None:
+
+class Progress:
+    """Position, rate and ETA: a bar on a terminal, a plain line every two seconds otherwise.
+
+    ``set`` takes a position summed over workers (from ``carnet_jobs``), so
+    several processes show as one job; ``finish`` brings it to its end.
+    """
+
+    def __init__(self, label: str, total: int | None, quiet: bool = False,
+                 unit: str = "rows") -> None:
         self.label = label
         self.total = total
+        self.unit = unit
         self.done = 0
         self.quiet = quiet
         self.start = time.monotonic()
-        self._last_line = 0.0
+        self._last_line = self.start
         self._bar: Any = None
         if not quiet and sys.stderr.isatty():
             self._bar = click.progressbar(
@@ -149,24 +183,55 @@ class Progress:
 
     def _rate(self) -> str:
         dt = max(time.monotonic() - self.start, 1e-6)
-        return f"{self.done / dt:,.0f} rows/s"
+        return f"{self.done / dt:,.0f} {self.unit}/s"
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        text = f"{self.label}: {self.done:,}"
+        if self.total:
+            text += f"/{self.total:,} {self.unit} ({min(100 * self.done / self.total, 100):.0f} %)"
+        else:
+            text += f" {self.unit}"
+        text += f", {self._rate()}"
+        if self.total and 0 < self.done < self.total:
+            eta = elapsed * (self.total - self.done) / self.done
+            text += f", ETA {_duration(eta)}"
+        return text
 
     def update(self, n: int) -> None:
         self.set(self.done + n)
 
     def set(self, done: int) -> None:
+        if self.total is not None and done > self.total:
+            self.total = done  # rows inserted since the count
         step = done - self.done
         self.done = done
         if self.quiet:
             return
         if self._bar is not None:
+            if self.total is not None and self._bar.length != self.total:
+                self._bar.length = self.total
             self._bar.update(max(step, 0), None)
             return
         now = time.monotonic()
         if now - self._last_line >= 2.0:
             self._last_line = now
-            of = f"/{self.total}" if self.total is not None else ""
-            click.echo(f"{self.label}: {self.done}{of} rows, {self._rate()}", err=True)
+            click.echo(self.line(), err=True)
+
+    def finish(self, done: int | None = None) -> None:
+        """The work is over: show the final position (100 % when it all ran)."""
+        if done is not None:
+            self.set(done)
+        if self.total is not None and self.done < self.total:
+            # Fewer rows than counted (deleted meanwhile, or left to other workers):
+            # the work is complete all the same.
+            self.total = self.done
+            if self._bar is not None:
+                self._bar.length = max(self.done, 1)
+                self._bar.update(0, None)
+        if not self.quiet and self._bar is None:
+            click.echo(self.line() + f" in {_duration(time.monotonic() - self.start)}", err=True)
+        self.close()
 
     def close(self) -> None:
         if self._bar is not None:
@@ -277,40 +342,73 @@ def master_new(uri: str, as_json: bool) -> None:
 def master_rotate(cfg: Config, to: str, batch_size: int, as_json: bool) -> None:
     """Rewrap every data key under a new master key; no data row is touched. Resumable."""
     km = cfg.manager()
-    total = lifecycle.count_keys(km)
-    bar = Progress("rewrap", total, quiet=as_json)
+    before = lifecycle.master_keys_in_use(km)
+    bar = Progress("rewrap", lifecycle.count_keys(km), quiet=as_json, unit="keys")
     try:
         rep = lifecycle.rotate_master(km, to, batch_size=batch_size, progress=bar.update)
+        bar.finish()
     except ConfigurationError as exc:
         raise MasterKeyUnavailable(str(exc)) from None
     finally:
         bar.close()
+    erased = lifecycle.erased_keys(km)
+    old = sorted(u for u in before if u != rep.master_key_uri)
     data = {"rewrapped": rep.rewrapped, "already": rep.already,
-            "skipped_destroyed": rep.skipped_destroyed, "master_key_uri": rep.master_key_uri}
-    _emit(as_json, data, lambda: click.echo(
-        f"rewrapped {rep.rewrapped} data key(s) under {rep.master_key_uri} "
-        f"({rep.already} already there, {rep.skipped_destroyed} destroyed). "
-        f"Set CARNET_MASTER_KEY={rep.master_key_uri}; the old master key is no longer needed."))
+            "retired": erased["retired"], "destroyed": erased["destroyed"],
+            "skipped_destroyed": rep.skipped_destroyed, "master_key_uri": rep.master_key_uri,
+            "previous_master_key_uris": old,
+            "previous_master_keys": lifecycle.OLD_MASTER_RULE if old else None}
+
+    def text() -> None:
+        click.echo(
+            f"rewrapped {rep.rewrapped} data key(s) under {rep.master_key_uri} "
+            f"({rep.already} already under it; {erased['retired']} retired and "
+            f"{erased['destroyed']} destroyed key(s) hold no key material to rewrap).")
+        click.echo(f"Set CARNET_MASTER_KEY={rep.master_key_uri}.")
+        for uri in old:
+            click.echo(f"Previous master key {uri}: {lifecycle.OLD_MASTER_RULE}")
+
+    _emit(as_json, data, text)
 
 
 # -- status ---------------------------------------------------------------------------------
 
 
+def _n(count: int, what: str) -> str:
+    """``1 row``, ``2 rows``: a count with its noun."""
+    return f"{count:,} {what}" + ("" if count == 1 else "s")
+
+
+def app_option(f: F) -> F:
+    return click.option(
+        "--app", "app", metavar="MODULE:ATTR",
+        help="The application's SQLAlchemy MetaData or declarative Base (module:attribute): "
+             "its encrypted columns are checked even when they have no rows yet.")(f)
+
+
 @cli.command()
 @column_options
-@click.option("--no-master-check", is_flag=True, help="Do not unwrap a DEK to test the master key.")
+@click.option("--no-master-check", is_flag=True,
+              help="Do not open the master key (nor need it): no data key is unwrapped.")
+@app_option
 @json_option
 @pass_config
 @click.pass_context
 def status(ctx: click.Context, cfg: Config, tables: tuple[str, ...], columns: tuple[str, ...],
-           no_master_check: bool, as_json: bool) -> None:
+           no_master_check: bool, app: str | None, as_json: bool) -> None:
     """Keys per practice and, per encrypted column, rows by key version."""
+    from . import doctor
+
     pairs = _pairs(ctx, tables, columns)
-    rep = lifecycle.status(cfg.manager(), pairs, check_master=not no_master_check)
+    declared = doctor.declared_columns(doctor.load_app(app)) if app else []
+    rep = lifecycle.status(cfg.manager(open_master=not no_master_check), pairs,
+                           check_master=not no_master_check,
+                           declared=[(d.table, d.column) for d in declared])
 
     def text() -> None:
         click.echo(f"database:   {rep.database}")
-        checked = "ok" if rep.master_key_ok else "unchecked"
+        checked = {True: "ok: its data keys unwrap", None: "not checked (--no-master-check)",
+                   False: "failed"}[rep.master_key_ok]
         click.echo(f"master key: {rep.master_key_uri} ({checked})")
         click.echo(f"practices:  {len(rep.tenants)}")
         for t in rep.tenants:
@@ -322,16 +420,21 @@ def status(ctx: click.Context, cfg: Config, tables: tuple[str, ...], columns: tu
                        + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
                        + (f"; master {t.master_key_uri}" if t.master_key_uri else ""))
         for c in rep.columns:
-            click.echo(f"{c.table}.{c.column}: {c.rows} rows, {c.nulls} NULL, "
-                       f"{c.plaintext} plaintext, {c.not_on_active} not on the active key"
-                       + (f", {c.unknown_key} unknown key" if c.unknown_key else "")
-                       + (f", {c.unreadable_framing} not carnet" if c.unreadable_framing else ""))
+            if c.found_by == "declared" and c.rows == 0:
+                click.echo(f"{c.table}.{c.column}: no rows yet (declared by the application)")
+                continue
+            click.echo(f"{c.table}.{c.column}: {_n(c.rows, 'row')}, {c.nulls:,} NULL, "
+                       f"{c.plaintext:,} plaintext, {c.not_on_active:,} not on the active key"
+                       + (f", {c.destroyed:,} under destroyed keys" if c.destroyed else "")
+                       + (f", {c.unknown_key:,} unknown key" if c.unknown_key else "")
+                       + (f", {c.unreadable_framing:,} not carnet" if c.unreadable_framing
+                          else ""))
             for kid, info in c.by_key.items():
                 click.echo(f"  {info['tenant']} v{info['version']} ({info['state']}, {kid}): "
-                           f"{info['rows']} rows")
+                           f"{_n(info['rows'], 'row')}")
         for j in rep.jobs:
             click.echo(f"job {j['job']} worker {j['worker']}: "
-                       f"{'done' if j['done'] else 'unfinished'}, {j['scanned']} scanned")
+                       f"{'done' if j['done'] else 'unfinished'}, {j['scanned']:,} scanned")
 
     _emit(as_json, rep.as_dict(), text)
 
@@ -353,9 +456,17 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
     rows = lifecycle.list_keys(cfg.manager(), tenant)
 
     def text() -> None:
-        for r in rows:
-            click.echo(f"{r['key_id']}  {r['tenant']}  v{r['version']}  {r['state']}  "
-                       f"{r['master_key_uri']}")
+        if not rows:
+            click.echo("no data keys" + (f" for practice {tenant!r}" if tenant is not None
+                                         else ""))
+            return
+        head = ("KEY ID", "PRACTICE", "VERSION", "STATE", "MASTER KEY")
+        table = [(r["key_id"], r["tenant"], f"v{r['version']}", r["state"],
+                  r["master_key_uri"]) for r in rows]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
+        for line in (head, *table):
+            click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths,
+                                                                  strict=True)).rstrip())
 
     _emit(as_json, rows, text)
 
@@ -508,23 +619,48 @@ def reencrypt(ctx: click.Context, cfg: Config, table: str, column: str, tenant: 
                 previous_master_keys=cfg.previous, table=table, column=column, tenant=tenant,
                 label=label, old_label=old_label, batch_size=batch_size, job=job_name,
                 restart=restart)
+            # Position summed over every worker's row in carnet_jobs.
             rep = lifecycle.reencrypt_parallel(spec, workers, poll=lambda p: bar.set(p["scanned"]))
         else:
             rep = lifecycle.reencrypt(km, table, column, tenant=tenant, label=label,
                                       old_label=old_label, batch_size=batch_size,
                                       worker=worker or (0, 1), job=job_name, restart=restart,
                                       progress=bar.update)
+        bar.finish()
     finally:
         bar.close()
     data = rep.as_dict()
-    _emit(as_json, data, lambda: click.echo(
-        f"{table}.{column}: {rep.scanned} scanned, {rep.rewritten} re-encrypted, "
-        f"{rep.skipped} already current, {rep.conflicts} written concurrently by the application, "
-        f"{len(rep.failed)} failed" + (f" (primary keys: {[list(p) for p in rep.failed[:20]]})"
-                                        if rep.failed else "")
-        + f" in {rep.elapsed:.1f}s"))
+
+    def text() -> None:
+        left = [(rep.destroyed, "under destroyed or retired keys (unreadable, left)"),
+                (rep.nulls, "NULL"),
+                (rep.plaintext, "plaintext (carnet migrate's work)"),
+                (rep.other_practice, "of other practices")]
+        click.echo(
+            f"{table}.{column}: {rep.scanned:,} scanned, {rep.rewritten:,} re-encrypted, "
+            f"{rep.already_current:,} already current"
+            + "".join(f", {n:,} {what}" for n, what in left if n)
+            + f", {rep.conflicts:,} written concurrently by the application, "
+            f"{len(rep.failed):,} failed in {rep.elapsed:.1f}s")
+        if rep.failed:
+            click.echo(_pk_lines(rep.failed, "failed"))
+
+    _emit(as_json, data, text)
     if rep.failed:
         ctx.exit(EXIT_FAILED_ROWS)
+
+
+PK_SHOWN = 20  # primary keys printed; --json lists them all
+
+
+def _pk_lines(pks: Sequence[Sequence[Any]], what: str) -> str:
+    shown = ", ".join(str(list(p)) for p in pks[:PK_SHOWN])
+    more = (f" (first {PK_SHOWN} of {len(pks):,}; every one with --json)"
+            if len(pks) > PK_SHOWN else "")
+    return f"  {what} primary keys{more}: {shown}"
+
+
+PRACTICES_SHOWN = 50
 
 
 @cli.command()
@@ -533,7 +669,9 @@ def reencrypt(ctx: click.Context, cfg: Config, table: str, column: str, tenant: 
 @click.option("--label", metavar="L", help="Field label (default table.column).")
 @click.option("--allow-plaintext", is_flag=True, help="Do not count legacy plaintext as failures.")
 @click.option("--tenant-column", metavar="COL",
-              help="Column of the row's practice: also catch values copied between practices.")
+              help="Column of the row's practice (practice_id, or parent.practice_id on a "
+                   "table reached through foreign keys, as for carnet migrate --tenant): also "
+                   "catch values copied between practices.")
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=1000, show_default=True)
 @json_option
 @pass_config
@@ -541,7 +679,11 @@ def reencrypt(ctx: click.Context, cfg: Config, table: str, column: str, tenant: 
 def verify(ctx: click.Context, cfg: Config, table: str, column: str, label: str | None,
            allow_plaintext: bool, tenant_column: str | None, batch_size: int,
            as_json: bool) -> None:
-    """Decrypt every value; report failing rows by primary key, never their content."""
+    """Decrypt every value; report failing rows by primary key, never their content.
+
+    Rows of a crypto-shredded practice are reported as destroyed, not as
+    failures: the exit code is 1 only for rows that should open and do not.
+    """
     km = cfg.manager()
     lifecycle.require_encrypted(km, table, column)
     bar = Progress("verify", lifecycle.estimate_rows(km.engine, table), quiet=as_json)
@@ -549,20 +691,74 @@ def verify(ctx: click.Context, cfg: Config, table: str, column: str, label: str 
         rep = lifecycle.verify(km, table, column, label=label, allow_plaintext=allow_plaintext,
                                batch_size=batch_size, tenant_column=tenant_column,
                                progress=bar.update)
+        bar.finish()
     finally:
         bar.close()
 
     def text() -> None:
-        click.echo(f"{table}.{column}: {rep.rows} rows, {rep.ok} ok, {rep.nulls} NULL, "
-                   f"{rep.plaintext} plaintext, {rep.failed} failed")
+        click.echo(f"{table}.{column}: {_n(rep.rows, 'row')}, {rep.ok:,} ok, "
+                   f"{rep.nulls:,} NULL, {rep.plaintext:,} plaintext, "
+                   f"{rep.destroyed:,} destroyed (crypto-shredded practices), "
+                   f"{rep.failed:,} failed")
         for reason, n in sorted(rep.reasons.items()):
-            click.echo(f"  {reason}: {n}")
-        for pk in rep.failed_pks:
-            click.echo(f"  failed: {pk}")
+            click.echo(f"  {reason}: {n:,}")
+        # Practices with destroyed or failing rows first: those are what to read.
+        notable = sorted(rep.practices.items(),
+                         key=lambda kv: (-(kv[1]["failed"] + kv[1]["destroyed"]), kv[0]))
+        if notable:
+            click.echo("by practice (ok / destroyed / failed):")
+        for practice, c in notable[:PRACTICES_SHOWN]:
+            click.echo(f"  {practice or '(unknown key)'}: {c['ok']:,} / {c['destroyed']:,} / "
+                       f"{c['failed']:,}")
+        if len(notable) > PRACTICES_SHOWN:
+            click.echo(f"  … {len(notable) - PRACTICES_SHOWN:,} more practices with --json")
+        if rep.failed_pks:
+            click.echo(_pk_lines(rep.failed_pks, "failed"))
 
     _emit(as_json, rep.as_dict(), text)
     if rep.failed:
         ctx.exit(EXIT_FAILED_ROWS)
+
+
+# -- doctor -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--all", "all_keys", is_flag=True,
+              help="Unwrap every data key (default: a sample per master key; each unwrap is "
+                   "a KMS or HSM call).")
+@app_option
+@json_option
+@pass_config
+@click.pass_context
+def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None,
+           as_json: bool) -> None:
+    """Check the deployment in order and say what to fix; read-only.
+
+    Database and driver, carnet's tables, the master keys (a sample of data
+    keys unwrapped, or --all), encrypted columns and plaintext left in them,
+    the SQLite journal; with --app, the declared encrypted columns and the
+    application's engine settings. Exit code: the first failing check's.
+    """
+    from . import doctor as _doctor
+
+    rep = _doctor.run(cfg.database_url, cfg.master_key, cfg.previous, all_keys=all_keys,
+                      app=app)
+
+    def text() -> None:
+        mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+        for c in rep.checks:
+            click.echo(f"[{mark[c.status]}] {c.name}: {c.message}")
+            if c.fix and c.status != "ok":
+                click.echo(f"       fix: {c.fix}")
+        if rep.stopped_after:
+            click.echo(f"stopped after {rep.stopped_after}: the next checks need it")
+        fails = sum(c.status == "fail" for c in rep.checks)
+        warns = sum(c.status == "warn" for c in rep.checks)
+        click.echo(f"{_n(fails, 'problem')}, {_n(warns, 'warning')}")
+
+    _emit(as_json, rep.as_dict(), text)
+    ctx.exit(rep.exit_code)
 
 
 # -- demo / migrate -----------------------------------------------------------------------------

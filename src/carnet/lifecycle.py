@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +33,9 @@ from .errors import (
     InvalidCiphertext,
     KeyDestroyed,
     KeyInUse,
+    KeyRetired,
     KeyUsageUnknown,
+    MasterKeyUnavailable,
     TenantMismatch,
     TenantRequired,
     UnknownKey,
@@ -38,7 +43,7 @@ from .errors import (
 )
 from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
-from .providers import create_master_key
+from .providers import MasterKey, create_master_key
 
 Progress = Callable[[int], None]
 
@@ -49,8 +54,16 @@ PLAINTEXT = "plaintext"
 # -- opening ----------------------------------------------------------------------------
 
 
-def make_engine(url: str) -> sa.Engine:
-    """An engine with time-outs suited to batch work next to a live application."""
+SQLITE_LOCK_TIMEOUT = 30.0  # seconds the CLI waits for another connection's SQLite lock
+
+
+def make_engine(url: str, *,
+                lock_notice: Callable[[str], None] | None = None) -> sa.Engine:
+    """An engine with time-outs suited to batch work next to a live application.
+
+    ``lock_notice`` is told (on SQLite) when a statement waits for another
+    connection's lock, and when it gets it, so a wait is never silent.
+    """
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
@@ -61,16 +74,105 @@ def make_engine(url: str) -> sa.Engine:
     if backend == "sqlite":
         # SQLite has one writer: wait for the application's write to finish
         # instead of failing the batch at once.
-        connect_args["timeout"] = 30
+        connect_args["timeout"] = SQLITE_LOCK_TIMEOUT
     elif backend in ("postgresql", "mysql", "mariadb"):
         connect_args["connect_timeout"] = 10
     try:
-        return sa.create_engine(parsed, connect_args=connect_args)
+        engine = sa.create_engine(parsed, connect_args=connect_args)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise ConfigurationError(f"bad database URL: {exc}") from None
     except ImportError as exc:
         raise ConfigurationError(
-            f"the database driver for {backend} is not installed ({exc.name})") from None
+            f"the database driver for {backend} is not installed ({exc.name}); "
+            f"{_driver_hint(backend)}") from None
+    if backend == "sqlite" and lock_notice is not None:
+        _SqliteLockWatch(engine, lock_notice)
+    return engine
+
+
+def _driver_hint(backend: str) -> str:
+    extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(backend)
+    return f"install carnet[{extra}]" if extra else "install its DB-API driver"
+
+
+class _SqliteLockWatch:
+    """Tells when a statement waits for another connection's SQLite lock.
+
+    SQLite's busy handler sleeps inside the statement without a sign. A
+    progress handler runs while the statement computes, never while it
+    sleeps: a statement running for a second with no progress is waiting
+    for a lock, not working.
+    """
+
+    AFTER = 1.0  # seconds without progress before the first notice
+    EVERY = 5.0  # then one notice per this many seconds
+
+    def __init__(self, engine: sa.Engine, notice: Callable[[str], None]) -> None:
+        self.notice = notice
+        self._lock = threading.Lock()
+        self._inflight: dict[int, list[Any]] = {}
+        self._thread: threading.Thread | None = None
+        sa.event.listen(engine, "connect", self._connect)
+        sa.event.listen(engine, "before_cursor_execute", self._before)
+        sa.event.listen(engine, "after_cursor_execute", self._after)
+        sa.event.listen(engine, "handle_error", self._error)
+
+    def _connect(self, dbapi_conn: Any, record: Any) -> None:
+        progress = record.info.setdefault("carnet_progress", [time.monotonic()])
+
+        def tick() -> int:
+            progress[0] = time.monotonic()
+            return 0
+
+        dbapi_conn.set_progress_handler(tick, 1000)
+
+    def _before(self, conn: sa.Connection, cursor: Any, statement: str, params: Any,
+                context: Any, executemany: bool) -> None:
+        now = time.monotonic()
+        progress = conn.connection.info.get("carnet_progress", [now])
+        progress[0] = now
+        # [start, progress, last notice or None]; one watcher thread per engine
+        # looks at every statement in flight (a thread per statement would cost
+        # more than the batch work).
+        with self._lock:
+            self._inflight[id(conn)] = [now, progress, None]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, daemon=True,
+                                                name="carnet-sqlite-lock-watch")
+                self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                waiting = []
+                for st in self._inflight.values():
+                    start, progress, last = st
+                    if now - progress[0] < self.AFTER or now - start < self.AFTER:
+                        continue  # computing, or too short to mention
+                    if last is None or now - last >= self.EVERY:
+                        st[2] = now
+                        waiting.append(now - start)
+            for waited in waiting:
+                self.notice(
+                    f"waiting for a lock on the SQLite database held by another connection "
+                    f"({waited:.0f}s so far; a statement gives up after {SQLITE_LOCK_TIMEOUT:g}s)")
+
+    def _done(self, conn: sa.Connection | None) -> None:
+        if conn is None:
+            return
+        with self._lock:
+            st = self._inflight.pop(id(conn), None)
+        if st is not None and st[2] is not None:
+            self.notice(f"got the SQLite lock after {time.monotonic() - st[0]:.1f}s")
+
+    def _after(self, conn: sa.Connection, cursor: Any, statement: str, params: Any,
+               context: Any, executemany: bool) -> None:
+        self._done(conn)
+
+    def _error(self, ctx: sa.engine.ExceptionContext) -> None:
+        self._done(ctx.connection)
 
 
 def open_manager(
@@ -79,8 +181,10 @@ def open_manager(
     previous_master_keys: Iterable[str] = (),
     *,
     cache_ttl: float = 300.0,
+    lock_notice: Callable[[str], None] | None = None,
 ) -> KeyManager:
-    engine = make_engine(database_url) if isinstance(database_url, str) else database_url
+    engine = (make_engine(database_url, lock_notice=lock_notice)
+              if isinstance(database_url, str) else database_url)
     return KeyManager(engine, master_key=master_key,
                       previous_master_keys=tuple(previous_master_keys), cache_ttl=cache_ttl)
 
@@ -227,14 +331,20 @@ def discover_columns(km: KeyManager) -> list[tuple[str, str]]:
 class ColumnStatus:
     table: str
     column: str
+    # "data": carnet values found in it; "declared": an EncryptedText column
+    # of the application (--app), found whether or not it has rows
+    found_by: str = "data"
     rows: int = 0
     nulls: int = 0
     plaintext: int = 0
     unreadable_framing: int = 0
     unknown_key: int = 0
-    # "tenant/vN (state)" -> rows, keyed by key id for exactness
+    # key id (hex) -> {"tenant", "version", "state", "rows"}, in practice and version order
     by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # under a live older key: what `reencrypt` moves
     not_on_active: int = 0
+    # under a destroyed or retired key: unreadable for good, nothing to move
+    destroyed: int = 0
 
 
 @dataclass
@@ -249,7 +359,8 @@ class TenantStatus:
 class StatusReport:
     database: str
     master_key_uri: str
-    master_key_ok: bool
+    # True: one key per master key in use unwrapped; None: not checked
+    master_key_ok: bool | None
     tenants: list[TenantStatus]
     columns: list[ColumnStatus]
     jobs: list[dict[str, Any]]
@@ -294,21 +405,56 @@ def column_status(km: KeyManager, table: str, column: str, keys: _Keys | None = 
             counts[envelope.key_id_of(blob)] += 1
         if progress is not None and st.rows % batch_size == 0:
             progress(batch_size)
-    for kid, n in sorted(counts.items(), key=lambda kv: kv[0]):
+    known: list[tuple[KeyRecord, int]] = []
+    for kid, n in counts.items():
         rec = keys.get(kid)
         if rec is None:
             st.unknown_key += n
-            continue
-        st.by_key[kid.hex()] = {"tenant": rec.tenant, "version": rec.version,
+        else:
+            known.append((rec, n))
+    # By practice, then version: the order an operator reads a rotation in.
+    for rec, n in sorted(known, key=lambda rn: (rn[0].tenant, rn[0].version)):
+        st.by_key[rec.key_id.hex()] = {"tenant": rec.tenant, "version": rec.version,
                                 "state": rec.state, "rows": n}
-        if rec.state != ACTIVE:
+        if rec.state in (DESTROYED, RETIRED):
+            st.destroyed += n
+        elif rec.state != ACTIVE:
             st.not_on_active += n
     return st
 
 
+class UncheckedMasterKey(MasterKey):
+    """Stands in for the master key when it is not to be opened
+    (``status --no-master-check``): every unwrap is refused."""
+
+    scheme = "unchecked"
+
+    def __init__(self, uri: str | None) -> None:
+        self._uri = uri or "(none configured)"
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def wrap(self, dek: bytes, context: Any) -> bytes:
+        raise MasterKeyUnavailable("the master key was not opened (--no-master-check)")
+
+    def unwrap(self, wrapped: bytes, context: Any) -> bytes:
+        raise MasterKeyUnavailable("the master key was not opened (--no-master-check)")
+
+    @classmethod
+    def from_uri(cls, uri: str) -> MasterKey:
+        return cls(uri)
+
+
 def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
-           check_master: bool = True) -> StatusReport:
-    """Keys per practice, and per encrypted column the rows by key version."""
+           check_master: bool = True,
+           declared: Sequence[tuple[str, str]] = ()) -> StatusReport:
+    """Keys per practice, and per encrypted column the rows by key version.
+
+    ``declared``: encrypted columns the application declares; reported even
+    when they have no rows yet (discovery by content cannot see those).
+    """
     km.create_schema()
     tenants: dict[str, list[KeyRecord]] = {}
     for rec in km.iter_keys():
@@ -324,10 +470,19 @@ def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
             keys=[{"key_id": r.key_id.hex(), "version": r.version, "state": r.state,
                    "kind": r.kind, "master_key_uri": r.master_key_uri} for r in recs],
         ))
-    ok = check_master_key(km) if check_master else True
+    ok = check_master_key(km) if check_master else None
     cols = list(columns) if columns is not None else discover_columns(km)
+    found_by = dict.fromkeys(cols, "data")
+    for tc in declared:
+        if tc not in found_by:
+            cols.append(tc)
+            found_by[tc] = "declared"
     keys = _Keys(km)
-    col_st = [column_status(km, t, c, keys) for t, c in cols]
+    col_st = []
+    for t, c in cols:
+        cs = column_status(km, t, c, keys)
+        cs.found_by = found_by[(t, c)]
+        col_st.append(cs)
     jobs_rows: list[dict[str, Any]] = []
     if sa.inspect(km.engine).has_table(_jobs.JOBS_TABLE):
         with km.engine.connect() as conn:
@@ -344,8 +499,28 @@ def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
 # -- keys -------------------------------------------------------------------------------
 
 
+def iso_utc(value: Any) -> str | None:
+    """ISO 8601 with a UTC offset. SQLite hands back naive datetimes (it stores
+    no zone); carnet writes them in UTC, so a naive value is UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return str(value.astimezone(dt.timezone.utc).isoformat())
+
+
+def key_dict(rec: KeyRecord) -> dict[str, Any]:
+    """A key row for reports: no material, timestamps in ISO 8601 with their offset."""
+    d = dict(rec.as_dict())
+    d["created_at"] = iso_utc(rec.created_at)
+    d["updated_at"] = iso_utc(rec.updated_at)
+    return d
+
+
 def list_keys(km: KeyManager, tenant: str | None = None) -> list[dict[str, Any]]:
-    return [r.as_dict() for r in km.list_keys(tenant)]
+    return [key_dict(r) for r in km.list_keys(tenant)]
 
 
 def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None, *,
@@ -358,7 +533,7 @@ def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None, *,
     if tenants is None:
         tenants = [t for t in km.tenants()
                    if any(r.state == ACTIVE for r in km.list_keys(t))]
-    return [km.rotate(t, create=create).as_dict() for t in tenants]
+    return [key_dict(km.rotate(t, create=create)) for t in tenants]
 
 
 def require_tenant(km: KeyManager, tenant: str) -> list[KeyRecord]:
@@ -371,7 +546,7 @@ def require_tenant(km: KeyManager, tenant: str) -> list[KeyRecord]:
 
 def reenable_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
     """Let a destroyed practice be written again, under a new key."""
-    return {"tenant": tenant, "key": km.reenable(tenant).as_dict()}
+    return {"tenant": tenant, "key": key_dict(km.reenable(tenant))}
 
 
 @dataclass
@@ -559,7 +734,7 @@ def retire_key(km: KeyManager, key_id: bytes,
             f"could not read {where}; grant read access (or name the encrypted columns with "
             "--table/--column), or --force to retire without knowing")
     done = km.retire(key_id)
-    return {"key": done.as_dict(),
+    return {"key": key_dict(done),
             "rows_under_key": usage.total if usage else 0,
             "rows_made_unreadable": usage.total if usage else 0,
             "columns_scanned": usage.columns_scanned if usage else 0,
@@ -581,6 +756,62 @@ def rotate_master(km: KeyManager, to: str, *, batch_size: int = 200,
     return km.rewrap(to, batch_size=batch_size, progress=progress)
 
 
+# One rule for a master key that no data key uses any more, said the same way
+# by the CLI and the docs (cli.md, operations.md).
+OLD_MASTER_RULE = (
+    "keep it until no backup you may restore predates this rotation (restoring such a "
+    "backup needs it, as --previous-master-key); then delete it")
+
+
+def master_keys_in_use(km: KeyManager) -> dict[str, int]:
+    """Master key URI -> live (wrapped) data keys under it."""
+    out: Counter[str] = Counter()
+    for rec in km.iter_keys():
+        if rec.wrapped_key is not None:
+            out[rec.master_key_uri] += 1
+    return dict(out)
+
+
+def erased_keys(km: KeyManager) -> dict[str, int]:
+    """Keys whose material is erased, by state: nothing to rewrap or unwrap."""
+    out = {"retired": 0, "destroyed": 0}
+    for rec in km.iter_keys():
+        if rec.wrapped_key is None or rec.state in (RETIRED, DESTROYED):
+            out["destroyed" if rec.state == DESTROYED else "retired"] += 1
+    return out
+
+
+def wrapping_master_keys_hint(engine: sa.Engine) -> str | None:
+    """Which master keys wrap the data keys already stored, when some are; else None.
+
+    Read without any master key, to name the one to restore when the
+    configured one cannot be opened.
+    """
+    try:
+        if not sa.inspect(engine).has_table("carnet_keys"):
+            return None
+        t = sa.table("carnet_keys", sa.column("master_key_uri"), sa.column("wrapped_key"))
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.master_key_uri, sa.func.count())
+                .where(t.c.wrapped_key.is_not(None)).group_by(t.c.master_key_uri)
+            ).all()
+    except sa.exc.SQLAlchemyError:
+        return None  # the database error, if any, is reported by what runs next
+    if not rows:
+        return None
+    which = ", ".join(f"{n} under {uri}" for uri, n in sorted(rows))
+    return (f"this database already holds data keys ({which}): restore that master key "
+            "from its backup and point CARNET_MASTER_KEY (or --previous-master-key) at it; "
+            "a new master key cannot open them")
+
+
+def strip_create_hint(message: str) -> str:
+    """A provider's error without its "(create one: carnet master new …)" advice."""
+    head, sep, _ = message.partition(" (create one:")
+    return head if sep else message
+
+
 def count_keys(km: KeyManager) -> int:
     with km.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(km.table)).scalar_one())
@@ -590,25 +821,37 @@ def count_keys(km: KeyManager) -> int:
 
 
 def reencrypt_transform(km: KeyManager, table: str, column: str, *, tenant: str | None = None,
-                        label: str | None = None,
-                        old_label: str | None = None) -> Callable[[BatchRow], Any | None]:
-    """The transform moving one value to its tenant's active DEK and current label."""
+                        label: str | None = None, old_label: str | None = None,
+                        counts: Counter[str] | None = None) -> Callable[[BatchRow], Any | None]:
+    """The transform moving one value to its tenant's active DEK and current label.
+
+    ``counts`` receives why each row was left alone (``nulls``, ``plaintext``,
+    ``destroyed``, ``other_practice``), so a report does not call a shredded
+    row or a NULL "already current".
+    """
+    left: Counter[str] = counts if counts is not None else Counter()
     new_label = _label(table, column, label)
     labels = [old_label, new_label] if old_label else [new_label]
     keys = _Keys(km)
 
     def transform(row: BatchRow) -> Any | None:
         blob = blob_of(row.value)
-        if blob is None or isinstance(blob, str):
-            return None  # NULL, or legacy plaintext: that is migrate's work
+        if blob is None:
+            left["nulls"] += 1
+            return None
+        if isinstance(blob, str):
+            left["plaintext"] += 1  # legacy plaintext: that is migrate's work
+            return None
         kid = envelope.key_id_of(blob)
         rec = keys.get(kid)
         if rec is None:
             raise UnknownKey(kid)
         if tenant is not None and rec.tenant != tenant:
+            left["other_practice"] += 1
             return None
         if rec.state in (DESTROYED, RETIRED):
-            return None  # can never be read again: nothing to move
+            left["destroyed"] += 1  # can never be read again: nothing to move
+            return None
         on_active = kid == keys.active(rec.tenant)
         if on_active and old_label is None:
             return None
@@ -632,20 +875,89 @@ def reencrypt_job_name(table: str, column: str, tenant: str | None = None) -> st
     return f"reencrypt:{table}.{column}" + (f":{tenant}" if tenant else "")
 
 
+_LEFT = ("nulls", "plaintext", "destroyed", "other_practice")
+
+
+@dataclass
+class ReencryptReport(BatchReport):
+    """A batch report that tells apart the rows ``reencrypt`` leaves alone.
+
+    ``skipped`` (the batch engine's count) is every row not rewritten;
+    ``already_current`` is the part of it already on the active key and label.
+    A batch retried after a lock wait is counted again.
+    """
+
+    nulls: int = 0
+    plaintext: int = 0
+    destroyed: int = 0
+    other_practice: int = 0
+
+    @property
+    def already_current(self) -> int:
+        return max(self.skipped - sum(int(getattr(self, k)) for k in _LEFT), 0)
+
+    def add(self, other: dict[str, Any]) -> None:
+        self.scanned += other["scanned"]
+        self.rewritten += other["rewritten"]
+        self.skipped += other["skipped"]
+        self.conflicts += other["conflicts"]
+        self.failed.extend(tuple(pk) for pk in other["failed"])
+        for k in _LEFT:
+            setattr(self, k, getattr(self, k) + other.get(k, 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = super().as_dict()
+        d.update({k: getattr(self, k) for k in _LEFT})
+        d["already_current"] = self.already_current
+        return d
+
+
+def fresh_pass_if_finished(engine: sa.Engine, job: str, workers: int, *,
+                           any_count: bool = False) -> bool:
+    """Forget a finished job run with another worker count, so a new pass starts.
+
+    A finished job has nothing to resume, so its worker count binds nothing;
+    only an unfinished one must be resumed the way it was started. With
+    ``any_count`` (one coordinating process, ``--workers N``) a finished job is
+    forgotten whatever its count, so progress starts from zero and the new
+    pass cuts ranges over today's rows.
+    """
+    if not sa.inspect(engine).has_table(_jobs.JOBS_TABLE):
+        return False
+    t = _jobs.JOBS
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.c.workers, t.c.done).where(t.c.job == job)).all()
+    if rows and all(r.done for r in rows) and (
+            any_count or any(r.workers != workers for r in rows)):
+        _jobs.reset_job(engine, job)
+        return True
+    return False
+
+
 def reencrypt(
     km: KeyManager, table: str, column: str, *,
     tenant: str | None = None, label: str | None = None, old_label: str | None = None,
     batch_size: int = 500, worker: tuple[int, int] = (0, 1), job: str | None = None,
     restart: bool = False, progress: Progress | None = None,
-) -> BatchReport:
+) -> ReencryptReport:
     """Move every value of ``table.column`` to its practice's active DEK (and label)."""
     require_encrypted(km, table, column)
-    return run_batches(
+    job = job or reencrypt_job_name(table, column, tenant)
+    if not restart:
+        fresh_pass_if_finished(km.engine, job, worker[1])
+    counts: Counter[str] = Counter()
+    rep = run_batches(
         km.engine, table, column,
-        reencrypt_transform(km, table, column, tenant=tenant, label=label, old_label=old_label),
-        job=job or reencrypt_job_name(table, column, tenant), batch_size=batch_size,
+        reencrypt_transform(km, table, column, tenant=tenant, label=label, old_label=old_label,
+                            counts=counts),
+        job=job, batch_size=batch_size,
         worker=worker, progress=progress, restart=restart,
     )
+    out = ReencryptReport(job=rep.job)
+    out.add({**rep.as_dict(), **counts})
+    out.resumed_from = rep.resumed_from
+    out.elapsed = rep.elapsed
+    return out
 
 
 @dataclass
@@ -664,7 +976,12 @@ class WorkerSpec:
 
 
 def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any]:
-    km = open_manager(spec.database_url, spec.master_key, spec.previous_master_keys)
+    def notice(message: str) -> None:
+        # A worker process has no terminal of its own: stderr is the parent's.
+        print(f"carnet: worker {index}/{count}: {message}", file=sys.stderr, flush=True)
+
+    km = open_manager(spec.database_url, spec.master_key, spec.previous_master_keys,
+                      lock_notice=notice)
     try:
         rep = reencrypt(km, spec.table, spec.column, tenant=spec.tenant, label=spec.label,
                         old_label=spec.old_label, batch_size=spec.batch_size,
@@ -676,7 +993,7 @@ def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any
 
 
 def reencrypt_parallel(spec: WorkerSpec, workers: int,
-                       poll: Callable[[dict[str, Any]], None] | None = None) -> BatchReport:
+                       poll: Callable[[dict[str, Any]], None] | None = None) -> ReencryptReport:
     """Run ``workers`` local processes on disjoint key ranges of one job; sum their reports.
 
     ``poll`` is called about twice a second with the job's summed progress
@@ -687,6 +1004,8 @@ def reencrypt_parallel(spec: WorkerSpec, workers: int,
     try:
         if spec.restart:
             _jobs.reset_job(engine, spec.job)
+        else:
+            fresh_pass_if_finished(engine, spec.job, workers, any_count=True)
         # Create the job's ranges once, before the workers race to.
         _jobs.ensure_jobs_table(engine)
         ctx = multiprocessing.get_context("spawn")
@@ -698,15 +1017,13 @@ def reencrypt_parallel(spec: WorkerSpec, workers: int,
                     poll(_jobs.job_progress(engine, spec.job))
                 time.sleep(0.5)
             results = [f.result() for f in futs]
+            if poll is not None:
+                poll(_jobs.job_progress(engine, spec.job))
     finally:
         engine.dispose()
-    total = BatchReport(job=spec.job)
+    total = ReencryptReport(job=spec.job)
     for r in results:
-        total.scanned += r["scanned"]
-        total.rewritten += r["rewritten"]
-        total.skipped += r["skipped"]
-        total.conflicts += r["conflicts"]
-        total.failed.extend(tuple(pk) for pk in r["failed"])
+        total.add(r)
     total.elapsed = time.monotonic() - started
     return total
 
@@ -728,28 +1045,60 @@ def estimate_rows(engine: sa.Engine, table: str) -> int:
 
 @dataclass
 class VerifyReport:
+    """What ``verify`` found. Rows under a destroyed key (a crypto-shredded
+    practice) are the erasure working, counted as ``destroyed``, not as failures."""
+
     table: str
     column: str
     rows: int = 0
     ok: int = 0
     nulls: int = 0
     plaintext: int = 0
+    destroyed: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    # practice -> {"ok", "destroyed", "failed"}; "" when the practice is unknown
+    # (a value under a key carnet does not have, with no practice column)
+    practices: dict[str, dict[str, int]] = field(default_factory=dict)
     failed_pks: list[list[Any]] = field(default_factory=list)
+    tenant_column: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         return asdict(self)
 
+    def _count(self, practice: str | None, what: str) -> None:
+        p = self.practices.setdefault(practice or "", {"ok": 0, "destroyed": 0, "failed": 0})
+        p[what] += 1
+
 
 _REASONS: list[tuple[type[CarnetError], str]] = [
-    (KeyDestroyed, "destroyed_key"),  # also KeyRetired
+    (KeyRetired, "retired_key"),
+    (KeyDestroyed, "destroyed_key"),
     (UnknownKey, "unknown_key"),
     (InvalidCiphertext, "tampered_or_foreign"),
     (TenantMismatch, "other_practice"),
 ]
+
+
+def _tenant_source(
+    km: KeyManager, table: str, column: str, tenant_column: str,
+) -> tuple[sa.Table, sa.ColumnElement[Any], Callable[[sa.Select[Any]], sa.Select[Any]] | None]:
+    """The table, the row's practice column and the join reaching it.
+
+    ``practice_id`` is a column of the table itself; ``patients.practice_id``
+    a column of a parent table reached through foreign keys, resolved exactly
+    as ``carnet migrate --tenant`` resolves it.
+    """
+    if "." not in tenant_column:
+        check_column(km.engine, table, tenant_column)
+        tbl = resolve_table(km.engine, table)
+        return tbl, tbl.c[tenant_column], None
+    from .migrate.target import resolve
+
+    target = resolve(km.engine, table, column, tenant=tenant_column)
+    return target.table, target.tenant_column(), target.join_or_none()
 
 
 def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
@@ -761,25 +1110,34 @@ def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
     Without ``tenant_column`` each value is opened as its key's practice, which
     proves it authentic but not that it sits in a row of that practice; with it,
     each value must open as its own row's practice, as the application reads it.
+    ``tenant_column`` is a column of the table, or ``parent.column`` of a table
+    reached through foreign keys (``patients.practice_id``).
     """
     check_column(km.engine, table, column)
-    if tenant_column is not None:
-        check_column(km.engine, table, tenant_column)
     lab = _label(table, column, label)
     keys = _Keys(km)
-    rep = VerifyReport(table=table, column=column)
+    rep = VerifyReport(table=table, column=column, tenant_column=tenant_column)
     pending = 0
-    # One reflected Table for both the scan and the extra column, so the
-    # SELECT names a single FROM.
-    tbl = resolve_table(km.engine, table)
-    extra = {"tenant": tbl.c[tenant_column]} if tenant_column is not None else None
-    for row in iter_rows(km.engine, tbl, column, batch_size=batch_size, extra_columns=extra):
+    # One Table for the scan, the join and the extra column, so the SELECT
+    # names a single FROM.
+    join = None
+    extra = None
+    if tenant_column is not None:
+        tbl, tcol, join = _tenant_source(km, table, column, tenant_column)
+        extra = {"tenant": tcol}
+    else:
+        tbl = resolve_table(km.engine, table)
+    for row in iter_rows(km.engine, tbl, column, batch_size=batch_size, extra_columns=extra,
+                         join=join):
         rep.rows += 1
         pending += 1
         if progress is not None and pending >= batch_size:
             progress(pending)
             pending = 0
         reason: str | None = None
+        practice: str | None = None
+        if tenant_column is not None and row.extra["tenant"] is not None:
+            practice = str(row.extra["tenant"])
         try:
             blob = blob_of(row.value)
             if blob is None:
@@ -796,17 +1154,27 @@ def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
                 if rec is None:
                     raise UnknownKey(kid)
                 tenant = rec.tenant
+                if practice is None:
+                    practice = rec.tenant
                 if tenant_column is not None:
-                    row_tenant = row.extra["tenant"]
-                    if row_tenant is None:
+                    if row.extra["tenant"] is None:
                         raise TenantRequired("row has no practice")
-                    tenant = str(row_tenant)
+                    tenant = practice
                 km.decrypt(blob, tenant=tenant, label=lab)
                 rep.ok += 1
+                rep._count(practice, "ok")
                 continue
+        except KeyRetired:
+            reason = "retired_key"
+        except KeyDestroyed:
+            # The practice was crypto-shredded: unreadable by design, not a failure.
+            rep.destroyed += 1
+            rep._count(practice, "destroyed")
+            continue
         except CarnetError as exc:
             reason = next((name for cls, name in _REASONS if isinstance(exc, cls)), "error")
         rep.failed += 1
+        rep._count(practice, "failed")
         rep.reasons[reason] = rep.reasons.get(reason, 0) + 1
         rep.failed_pks.append(list(row.pk))
     if progress is not None and pending:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 
+from ..batch import _Plan as _BatchPlan
 from ..errors import CarnetError, describe_db_error
 from ..manager import KeyManager
 from . import plan as plan_mod
@@ -157,10 +158,123 @@ def migrate() -> None:
     """Encrypt an existing plaintext column: plan, run, verify, finish, compact."""
 
 
+# Rows `plan` seals and writes, then rolls back, to time this database: enough
+# for a steady figure on a busy machine, stopped early after TRIAL_SECONDS.
+TRIAL_ROWS = 5000
+TRIAL_SECONDS = 2.0
+
+
+def _measured_rate(engine: sa.Engine, target: Target,
+                   batch_size: int = 500) -> tuple[float, int] | None:
+    """Rows per second of `migrate run` here, and the rows timed (up to TRIAL_ROWS).
+
+    The same work as `run` (scan with the practice's join, seal, one
+    compare-and-set UPDATE per row, a transaction per batch), under a
+    throwaway key and rolled back, so nothing is kept. A default figure
+    can be off tenfold between backends and machines; this one is this
+    database's, today. None when nothing can be timed (no plaintext row,
+    or no UPDATE privilege).
+    """
+    import os
+    import time
+
+    from .. import envelope
+    from ..providers._local import LocalMasterKey
+    from . import scan as scan_mod
+
+    class _Throwaway(LocalMasterKey):
+        scheme = "trial"
+
+        @classmethod
+        def from_uri(cls, uri: str) -> LocalMasterKey:
+            raise NotImplementedError
+
+    # Sealed by a real manager (the same code path as `run`) whose keys live in
+    # an in-memory database under a throwaway master key: nothing reaches
+    # carnet_keys, and the trial's ciphertexts never open anywhere.
+    scratch = sa.create_engine("sqlite://")
+    trial_keys = KeyManager(scratch, master_key=_Throwaway("trial://plan", os.urandom(32)))
+    trial_keys.create_schema()
+    t = target.table
+    in_place = target.mode != EXPAND
+    timed = 0
+    started = time.monotonic()
+    try:
+        # The batch engine's own statements (compare-and-set, or PostgreSQL's bulk form).
+        writes = _BatchPlan(engine, t, target.column, None, target.join_or_none(), None)
+        for batch in scan_mod.scan(engine, target, batch_size):
+            todo = [r for r in batch if r.tenant is not None and isinstance(r.source, str)
+                    and not envelope.looks_like_text_ciphertext(r.source)]
+            todo = todo[:TRIAL_ROWS - timed]
+            params = []
+            for r in todo:
+                tenant = str(r.tenant)
+                scan_mod.classify_text(trial_keys, r.source, tenant, target.label)
+                blob = trial_keys.encrypt(r.source.encode("utf-8"), tenant=tenant,
+                                          label=target.label)
+                p = {f"carnet_pk{i}": v for i, v in enumerate(r.pk)}
+                p["carnet_new"] = envelope.to_text(blob) if in_place else blob
+                if in_place:
+                    p["carnet_old"] = r.source
+                params.append(p)
+            if params:
+                with engine.connect() as conn:
+                    trans = conn.begin()
+                    try:
+                        if not in_place:
+                            conn.execute(writes.cas_null, params)
+                        elif writes.bulk:
+                            writes.bulk_execute(conn, params)
+                        else:
+                            conn.execute(writes.cas, params)
+                    finally:
+                        trans.rollback()
+                _sqlite_commit_cost(engine, sum(len(str(p["carnet_new"])) for p in params))
+            timed += len(todo)
+            if timed >= TRIAL_ROWS or time.monotonic() - started >= TRIAL_SECONDS:
+                break
+    except (sa.exc.SQLAlchemyError, CarnetError):
+        # Nothing timed (no UPDATE privilege, a table the batch engine cannot
+        # page): the estimate falls back to the default rate, and says so.
+        return None
+    finally:
+        trial_keys.close()
+        scratch.dispose()
+    elapsed = time.monotonic() - started
+    return (timed / elapsed, timed) if timed and elapsed > 0 else None
+
+
+def _sqlite_commit_cost(engine: sa.Engine, nbytes: int) -> None:
+    """Spend what committing a batch of ``nbytes`` would on this SQLite file.
+
+    A rolled-back trial skips the commit, which on SQLite is most of a
+    batch's cost: the journal and the database file synced to disk (twice in
+    rollback-journal mode, once in WAL). Done on a scratch file beside the
+    database, deleted at once.
+    """
+    import os
+    import tempfile
+
+    if engine.dialect.name != "sqlite":
+        return
+    path = engine.url.database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    with engine.connect() as conn:
+        wal = str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal"
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryFile(dir=directory) as fh:
+        for _ in range(1 if wal else 2):
+            fh.write(os.urandom(max(nbytes, 1)))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 @migrate.command("plan")
 @_target_options
 @click.option("--rate", type=float, default=None,
-              help="Rows per second to base the estimate on (default: measured figure).")
+              help="Rows per second to base the estimate on (default: measured here, on a "
+                   "sample written and rolled back).")
 @_errors
 def plan_cmd(database_url: str, master_key: str, as_json: bool, rate: float | None,
              **kw: Any) -> None:
@@ -168,24 +282,35 @@ def plan_cmd(database_url: str, master_key: str, as_json: bool, rate: float | No
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101 - master_key is required
         target = _target(engine, kw)
-        p = plan_mod.build_plan(keys, engine, target, rate=rate)
+        measured = _measured_rate(engine, target) if rate is None else None
+        p = plan_mod.build_plan(keys, engine, target,
+                                rate=rate if measured is None else measured[0])
+        if measured is not None:
+            p.rate_source = (f"measured on this database: {measured[1]} rows sealed, "
+                             "written, rolled back")
     tot = p.totals
-    lines = [
-        f"{target.name}: {target.mode}, tenant {target.tenant}, label {target.label!r}",
-        f"  to encrypt           {p.to_encrypt}",
-        f"  already encrypted    {tot['sealed']}",
-        f"  NULL                 {tot['null']}",
-        f"  look encrypted, do not open   {tot['prefixed_invalid']}",
-        f"  no tenant            {tot['no_tenant']}",
-    ]
+    rows = [("to encrypt", p.to_encrypt), ("already encrypted", tot["sealed"]),
+            ("NULL", tot["null"]), ("look encrypted, do not open", tot["prefixed_invalid"]),
+            ("no tenant", tot["no_tenant"])]
     if tot.get("shredded"):
-        lines.append(f"  crypto-shredded      {tot['shredded']}")
-    lines.append(f"  estimate             {_duration(p.estimate_seconds)} "
-                 f"(at {p.rate:.0f} rows/s, {p.rate_source})")
-    lines.append("per tenant (to encrypt / encrypted / NULL / look encrypted / no tenant):")
-    for t, c in p.per_tenant.items():
-        lines.append(f"  {t}: {c['plaintext'] + c['legacy_sealed']} / {c['sealed']} / "
-                     f"{c['null']} / {c['prefixed_invalid']} / {c['no_tenant']}")
+        rows.append(("crypto-shredded", tot["shredded"]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{target.name}: {target.mode}, tenant {target.tenant}, label {target.label!r}"]
+    lines += [f"  {name:<{width}}  {n:>9,}" for name, n in rows]
+    lines.append(f"  {'estimate':<{width}}  {_duration(p.estimate_seconds):>9} "
+                 f"(at {p.rate:,.0f} rows/s, {p.rate_source})")
+    heads = ("to encrypt", "encrypted", "NULL", "look encrypted", "no tenant")
+    table = [(t, c["plaintext"] + c["legacy_sealed"], c["sealed"], c["null"],
+              c["prefixed_invalid"], c["no_tenant"]) for t, c in p.per_tenant.items()]
+    tw = max([len("tenant")] + [len(str(r[0])) for r in table])
+    cw = [max(len(h), *(len(f"{r[i + 1]:,}") for r in table)) if table else len(h)
+          for i, h in enumerate(heads)]
+    lines.append("per tenant:")
+    lines.append(f"  {'tenant':<{tw}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, cw,
+                                                                                  strict=True)))
+    for r in table:
+        lines.append(f"  {str(r[0]):<{tw}}  " + "  ".join(
+            f"{v:>{w},}" for v, w in zip(r[1:], cw, strict=True)))
     for kind, pks in p.samples.items():
         lines.append(f"{kind}: primary keys {', '.join(json.dumps(k) for k in pks)}")
     lines += [f"warning: {w}" for w in p.warnings]

@@ -20,6 +20,23 @@ from ._local import SECRET_SIZE, LocalMasterKey
 HEADER = "carnet-master-key-v1:"
 T = TypeVar("T")
 
+# What a backend's exception means for the operator, and the fix (docs/providers.md,
+# "keyring://"). Only the class name is known to be safe to show.
+_WHY = {
+    "NoKeyringError": "no keyring backend is available to this process (on a server: run a "
+    "Secret Service, e.g. gnome-keyring-daemon under dbus-run-session, or use another "
+    "master key)",
+    "KeyringLocked": "the keyring is locked: unlock it (log in to the desktop session, or "
+    "gnome-keyring-daemon --unlock on a server)",
+    "InitError": "the keyring backend failed to start (no D-Bus session bus: "
+    "DBUS_SESSION_BUS_ADDRESS unset?)",
+    "SecretServiceNotAvailableException": "no Secret Service on the session bus "
+    "(start gnome-keyring-daemon or KWallet in this session)",
+    "PromptDismissedException": "the unlock prompt was dismissed",
+    "LockedException": "the keyring collection is locked: unlock it",
+    "PasswordSetError": "the keyring refused to store the entry (locked or read-only)",
+}
+
 
 def _names(uri: str) -> tuple[str, str]:
     parts = urlsplit(uri)
@@ -42,7 +59,11 @@ def _backend_call(fn: Callable[[Any], T]) -> T:
         # SecretServiceNotAvailableException when no session bus is set). Whatever it
         # is, the master key cannot be had; the type name says why, and no message of
         # the backend is echoed (it may name the entry).
-        raise MasterKeyUnavailable(f"OS keyring unavailable: {type(exc).__name__}") from None
+        name = type(exc).__name__
+        why = _WHY.get(name)
+        raise MasterKeyUnavailable(
+            f"OS keyring unavailable: {name}" + (f": {why}" if why else "")
+        ) from None
 
 
 class KeyringMasterKey(LocalMasterKey):
