@@ -289,7 +289,7 @@ def _master_keys(
         for rec in sample:
             tried += 1
             try:
-                km._unwrap(rec)
+                km.check_unwrap(rec)
             except (MasterKeyMismatch, MasterKeyUnavailable, CarnetError) as exc:
                 failures.append(f"{rec.key_id.hex()} ({rec.tenant}): {type(exc).__name__}")
     total = sum(len(r) for r in by_uri.values())
