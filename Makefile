@@ -53,6 +53,7 @@ check: lint typecheck
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(VENV)/.stamp-dev
 	$(BIN)/mypy src/carnet
@@ -71,7 +72,10 @@ $(SA20)/.stamp: pyproject.toml
 
 test-sqlalchemy-2.0: $(SA20)/.stamp
 	$(SA20)/bin/python -c 'import sqlalchemy, sys; v = sqlalchemy.__version__; print("SQLAlchemy", v); sys.exit(not v.startswith("2.0."))'
-	$(SA20)/bin/pytest -q tests/test_types.py tests/test_manager.py tests/test_no_leaks.py tests/test_audit.py tests/test_envelope.py
+	$(SA20)/bin/pytest -q tests/test_types.py tests/test_manager.py tests/test_no_leaks.py \
+		tests/test_audit.py tests/test_envelope.py tests/test_tenant_paths.py \
+		tests/test_tenant_model.py tests/test_guard.py tests/test_parent_practice.py \
+		tests/test_several_databases.py
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python -m bench

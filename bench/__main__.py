@@ -42,8 +42,9 @@ are generated; edit the prose outside them.
 
 def discover() -> list[str]:
     here = str(Path(__file__).resolve().parent)
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([here])
-                  if m.name.startswith("bench_"))
+    return sorted(
+        m.name[len("bench_") :] for m in pkgutil.iter_modules([here]) if m.name.startswith("bench_")
+    )
 
 
 def fmt(v: Any) -> str:
@@ -68,8 +69,14 @@ def fmt_ratio(v: Any) -> str:
 
 
 def cells(r: Row) -> list[str]:
-    return [str(r.get("name", "")), fmt(r.get("baseline")), fmt(r.get("value")),
-            fmt_ratio(r.get("ratio")), str(r.get("unit", "")), str(r.get("notes", ""))]
+    return [
+        str(r.get("name", "")),
+        fmt(r.get("baseline")),
+        fmt(r.get("value")),
+        fmt_ratio(r.get("ratio")),
+        str(r.get("unit", "")),
+        str(r.get("notes", "")),
+    ]
 
 
 def print_table(module: str, rows: list[Row]) -> None:
@@ -77,13 +84,19 @@ def print_table(module: str, rows: list[Row]) -> None:
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS) - 1)]
     print(f"\n== {module} ==")
     for line in table:
-        print("  ".join(c.rjust(w) if 0 < i < 4 else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(line, widths, strict=False)))
-              + "  " + line[-1])
+        print(
+            "  ".join(
+                c.rjust(w) if 0 < i < 4 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=False))
+            )
+            + "  "
+            + line[-1]
+        )
 
 
-def markdown_section(module: str, rows: list[Row], info: dict[str, str], seconds: float,
-                     error: str | None) -> str:
+def markdown_section(
+    module: str, rows: list[Row], info: dict[str, str], seconds: float, error: str | None
+) -> str:
     lines = [f"<!-- bench:{module}:begin -->", f"### {module}", ""]
     lines.append(
         f"Measured {info['date']} in {seconds:.0f} s on {info['cpu']} ({info['cores']} cores), "
@@ -110,7 +123,7 @@ def write_sections(doc: Path, sections: dict[str, str]) -> None:
         begin, end = f"<!-- bench:{module}:begin -->", f"<!-- bench:{module}:end -->"
         i, j = text.find(begin), text.find(end)
         if i != -1 and j > i:
-            text = text[:i] + body + text[j + len(end):]
+            text = text[:i] + body + text[j + len(end) :]
         else:
             text = text.rstrip("\n") + "\n\n" + body + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +133,12 @@ def write_sections(doc: Path, sections: dict[str, str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     available = discover()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("modules", nargs="*", metavar="MODULE",
-                        help=f"modules to run (default: all of {', '.join(available)})")
+    parser.add_argument(
+        "modules",
+        nargs="*",
+        metavar="MODULE",
+        help=f"modules to run (default: all of {', '.join(available)})",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave the doc alone")
     parser.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="document to update")
     args = parser.parse_args(argv)

@@ -57,6 +57,7 @@ def _note_of_about(size: int) -> str:
 
 # -- seal + open ---------------------------------------------------------------------------
 
+
 def bench_seal_open(keys: carnet.KeyManager) -> list[Row]:
     text = _note_of_about(600)
     plaintext = text.encode("utf-8")
@@ -98,22 +99,35 @@ def bench_seal_open(keys: carnet.KeyManager) -> list[Row]:
         for _ in range(n):
             dec(blob, tenant=tenant, label=LABEL)
 
-    m = interleaved_medians({
-        "bare_both": (None, bare_both), "carnet_both": (None, carnet_both),
-        "bare_enc": (None, bare_enc), "carnet_enc": (None, carnet_enc),
-        "bare_dec": (None, bare_dec), "carnet_dec": (None, carnet_dec),
-    }, repeats(7))
+    m = interleaved_medians(
+        {
+            "bare_both": (None, bare_both),
+            "carnet_both": (None, carnet_both),
+            "bare_enc": (None, bare_enc),
+            "carnet_enc": (None, carnet_enc),
+            "bare_dec": (None, bare_dec),
+            "carnet_dec": (None, carnet_dec),
+        },
+        repeats(7),
+    )
     us = {k: v / n * 1e6 for k, v in m.items()}
     size = f"{len(plaintext)}-byte note, warm cache"
     return [
-        row("seal+open, KeyManager vs bare AESGCM", us["bare_both"], us["carnet_both"], "µs/op",
-            size, target=2.0),
+        row(
+            "seal+open, KeyManager vs bare AESGCM",
+            us["bare_both"],
+            us["carnet_both"],
+            "µs/op",
+            size,
+            target=2.0,
+        ),
         row("  seal only (encrypt)", us["bare_enc"], us["carnet_enc"], "µs/op", size),
         row("  open only (decrypt)", us["bare_dec"], us["carnet_dec"], "µs/op", size),
     ]
 
 
 # -- schema ---------------------------------------------------------------------------------
+
 
 class _Models:
     """Three ORM models and two Core tables, identical but for the note column's type."""
@@ -135,8 +149,12 @@ class _Models:
 
         def model(name: str, body: Any) -> type[Any]:
             attrs: dict[str, Any] = {"__tablename__": name, **columns(body)}
-            attrs["__annotations__"] = {"id": Mapped[int], "practice_id": Mapped[str],
-                                        "patient_id": Mapped[int], "body": Mapped[Any]}
+            attrs["__annotations__"] = {
+                "id": Mapped[int],
+                "practice_id": Mapped[str],
+                "patient_id": Mapped[int],
+                "body": Mapped[Any],
+            }
             return type(name, (Base,), attrs)
 
         utils_key = "bench-passphrase-not-a-secret"  # noqa: S105 - throwaway benchmark key
@@ -150,13 +168,16 @@ class _Models:
         self.metadata = Base.metadata
 
 
-def _orm_insert(engine: sa.Engine, cls: type[Any],
-                data: list[_synthetic.Note]) -> Callable[[], None]:
+def _orm_insert(
+    engine: sa.Engine, cls: type[Any], data: list[_synthetic.Note]
+) -> Callable[[], None]:
     def body() -> None:
         with Session(engine) as session:
-            session.add_all(cls(practice_id=n.practice_id, patient_id=n.patient_id, body=n.text)
-                            for n in data)
+            session.add_all(
+                cls(practice_id=n.practice_id, patient_id=n.patient_id, body=n.text) for n in data
+            )
             session.commit()
+
     return body
 
 
@@ -167,6 +188,7 @@ def _orm_select(engine: sa.Engine, cls: type[Any], expect: int) -> Callable[[], 
             total = sum(len(n.body) for n in notes)
         if len(notes) != expect or not total:
             raise RuntimeError(f"{cls.__name__}: read {len(notes)} rows, expected {expect}")
+
     return body
 
 
@@ -174,24 +196,29 @@ def _delete_all(engine: sa.Engine, table: sa.Table) -> Callable[[], None]:
     def setup() -> None:
         with engine.begin() as conn:
             conn.execute(table.delete())
+
     return setup
 
 
-def _core_insert(engine: sa.Engine, table: sa.Table, tenant: str,
-                 params: list[dict[str, Any]]) -> Callable[[], None]:
+def _core_insert(
+    engine: sa.Engine, table: sa.Table, tenant: str, params: list[dict[str, Any]]
+) -> Callable[[], None]:
     def body() -> None:
         with carnet.tenant_scope(tenant), engine.begin() as conn:
             conn.execute(table.insert(), params)
+
     return body
 
 
-def _core_select(engine: sa.Engine, table: sa.Table, tenant: str,
-                 expect: int) -> Callable[[], None]:
+def _core_select(
+    engine: sa.Engine, table: sa.Table, tenant: str, expect: int
+) -> Callable[[], None]:
     def body() -> None:
         with carnet.tenant_scope(tenant), engine.connect() as conn:
             rows = conn.execute(sa.select(table)).all()
         if len(rows) != expect or not isinstance(rows[0].body, str):
             raise RuntimeError(f"{table.name}: read {len(rows)} rows, expected {expect}")
+
     return body
 
 
@@ -229,44 +256,90 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
     what = f"{n:,} notes (mean {mean_len} B), {len(tenants)} practices, {label}"
 
     # ORM insert: each repeat empties the table first (untimed) and inserts the same rows.
-    ins = interleaved_medians({
-        name: (_delete_all(engine, cls.__table__), _orm_insert(engine, cls, data))
-        for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
-    }, reps)
+    ins = interleaved_medians(
+        {
+            name: (_delete_all(engine, cls.__table__), _orm_insert(engine, cls, data))
+            for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
+        },
+        reps,
+    )
     # ORM select: the tables now hold the rows of the last insert.
-    sel = interleaved_medians({
-        name: (None, _orm_select(engine, cls, n))
-        for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
-    }, reps)
+    sel = interleaved_medians(
+        {
+            name: (None, _orm_select(engine, cls, n))
+            for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
+        },
+        reps,
+    )
     ms = 1e3
     rows += [
-        row(f"ORM insert, EncryptedText vs Text [{label}]", ins["plain"] * ms, ins["carnet"] * ms,
-            "ms", what, target=1.15),
-        row(f"ORM select, EncryptedText vs Text [{label}]", sel["plain"] * ms, sel["carnet"] * ms,
-            "ms", what, target=1.15),
-        row(f"ORM insert, EncryptedText vs sqlalchemy-utils [{label}]", ins["utils"] * ms,
-            ins["carnet"] * ms, "ms", "StringEncryptedType(Unicode, AesGcmEngine)"),
-        row(f"ORM select, EncryptedText vs sqlalchemy-utils [{label}]", sel["utils"] * ms,
-            sel["carnet"] * ms, "ms", "StringEncryptedType(Unicode, AesGcmEngine)", target=0.5),
+        row(
+            f"ORM insert, EncryptedText vs Text [{label}]",
+            ins["plain"] * ms,
+            ins["carnet"] * ms,
+            "ms",
+            what,
+            target=1.15,
+        ),
+        row(
+            f"ORM select, EncryptedText vs Text [{label}]",
+            sel["plain"] * ms,
+            sel["carnet"] * ms,
+            "ms",
+            what,
+            target=1.15,
+        ),
+        row(
+            f"ORM insert, EncryptedText vs sqlalchemy-utils [{label}]",
+            ins["utils"] * ms,
+            ins["carnet"] * ms,
+            "ms",
+            "StringEncryptedType(Unicode, AesGcmEngine)",
+        ),
+        row(
+            f"ORM select, EncryptedText vs sqlalchemy-utils [{label}]",
+            sel["utils"] * ms,
+            sel["carnet"] * ms,
+            "ms",
+            "StringEncryptedType(Unicode, AesGcmEngine)",
+            target=0.5,
+        ),
     ]
 
     # Core: one practice's rows in one tenant_scope, one executemany.
     tenant = tenants[0]
     params = [{"practice_id": tenant, "patient_id": d.patient_id, "body": d.text} for d in data]
-    core_ins = interleaved_medians({
-        name: (_delete_all(engine, table), _core_insert(engine, table, tenant, params))
-        for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
-    }, reps)
-    core_sel = interleaved_medians({
-        name: (None, _core_select(engine, table, tenant, n))
-        for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
-    }, reps)
+    core_ins = interleaved_medians(
+        {
+            name: (_delete_all(engine, table), _core_insert(engine, table, tenant, params))
+            for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
+        },
+        reps,
+    )
+    core_sel = interleaved_medians(
+        {
+            name: (None, _core_select(engine, table, tenant, n))
+            for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
+        },
+        reps,
+    )
     core_what = f"{n:,} rows of one practice in tenant_scope, {label}"
     rows += [
-        row(f"Core executemany insert, EncryptedText vs Text [{label}]", core_ins["plain"] * ms,
-            core_ins["carnet"] * ms, "ms", core_what),
-        row(f"Core select, EncryptedText vs Text [{label}]", core_sel["plain"] * ms,
-            core_sel["carnet"] * ms, "ms", core_what, target=1.8),
+        row(
+            f"Core executemany insert, EncryptedText vs Text [{label}]",
+            core_ins["plain"] * ms,
+            core_ins["carnet"] * ms,
+            "ms",
+            core_what,
+        ),
+        row(
+            f"Core select, EncryptedText vs Text [{label}]",
+            core_sel["plain"] * ms,
+            core_sel["carnet"] * ms,
+            "ms",
+            core_what,
+            target=1.8,
+        ),
     ]
 
     # Master-key calls: cold cache, then warm.
@@ -276,19 +349,37 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
     cold = keys.stats()["master_unwraps"]
     _orm_select(engine, m.carnet, n)()
     warm = keys.stats()["master_unwraps"] - cold
-    rows.append(row(f"master-key unwraps reading {n:,} notes of {len(tenants)} practices "
-                    f"[{label}]", float(cold), float(warm), "unwraps",
-                    f"baseline = cold cache (expect {len(tenants)}, one per practice), "
-                    "value = warm cache (expect 0)"))
+    rows.append(
+        row(
+            f"master-key unwraps reading {n:,} notes of {len(tenants)} practices [{label}]",
+            float(cold),
+            float(warm),
+            "unwraps",
+            f"baseline = cold cache (expect {len(tenants)}, one per practice), "
+            "value = warm cache (expect 0)",
+        )
+    )
 
     # Peak Python heap of one ORM select (tracemalloc slows code: measured apart from timings).
-    peak = {name: _peak_kib(_orm_select(engine, cls, n))
-            for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))}
+    peak = {
+        name: _peak_kib(_orm_select(engine, cls, n))
+        for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
+    }
     rows += [
-        row(f"ORM select peak memory, EncryptedText vs Text [{label}]", peak["plain"] / 1024,
-            peak["carnet"] / 1024, "MiB", "tracemalloc peak"),
-        row(f"ORM select peak memory, EncryptedText vs sqlalchemy-utils [{label}]",
-            peak["utils"] / 1024, peak["carnet"] / 1024, "MiB", "tracemalloc peak"),
+        row(
+            f"ORM select peak memory, EncryptedText vs Text [{label}]",
+            peak["plain"] / 1024,
+            peak["carnet"] / 1024,
+            "MiB",
+            "tracemalloc peak",
+        ),
+        row(
+            f"ORM select peak memory, EncryptedText vs sqlalchemy-utils [{label}]",
+            peak["utils"] / 1024,
+            peak["carnet"] / 1024,
+            "MiB",
+            "tracemalloc peak",
+        ),
     ]
     return rows
 
@@ -307,8 +398,9 @@ def run() -> list[Row]:
                 keys.close()
                 keys.engine.dispose()
             (d / "sqlite").mkdir()
-            rows += bench_database(f"sqlite:///{d / 'sqlite' / 'bench.db'}", "SQLite file",
-                                   d / "sqlite")
+            rows += bench_database(
+                f"sqlite:///{d / 'sqlite' / 'bench.db'}", "SQLite file", d / "sqlite"
+            )
             with postgres_database() as pg_url:
                 if pg_url is not None:
                     (d / "pg").mkdir()

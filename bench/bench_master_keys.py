@@ -32,8 +32,10 @@ import carnet
 from bench.common import Row, master_key_uri, row, scale, temp_dir, timed
 
 PRACTICES = 50
-SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so",
-                   "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+)
 HSM_PIN = "bench-pin-0000"
 CTX = {"tenant": "bench", "key_id": "00" * 16}
 
@@ -65,10 +67,20 @@ def moto_kms() -> Iterator[str | None]:
         yield None
         return
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_KMS", "AWS_ACCESS_KEY_ID",
-                                             "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL_KMS",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_REGION",
+        )
+    }
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -80,8 +92,9 @@ def moto_kms() -> Iterator[str | None]:
                     raise
                 time.sleep(0.05)
         fake = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-        os.environ.update(AWS_ENDPOINT_URL_KMS=f"http://127.0.0.1:{port}", AWS_REGION="eu-west-3",
-                          **fake)
+        os.environ.update(
+            AWS_ENDPOINT_URL_KMS=f"http://127.0.0.1:{port}", AWS_REGION="eu-west-3", **fake
+        )
         client = boto3.client("kms", region_name="eu-west-3")
         yield client.create_key()["KeyMetadata"]["Arn"]
     finally:
@@ -111,8 +124,11 @@ def softhsm(directory: Path) -> Iterator[str | None]:
     conf.write_text(f"directories.tokendir = {directory / 'tokens'}\nlog.level = ERROR\n")
     os.environ["SOFTHSM2_CONF"] = str(conf)
     os.environ["CARNET_PKCS11_PIN"] = HSM_PIN
-    subprocess.run([util, "--init-token", "--free", "--label", "bench", "--so-pin", "0000",
-                    "--pin", HSM_PIN], check=True, capture_output=True)
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", "bench", "--so-pin", "0000", "--pin", HSM_PIN],
+        check=True,
+        capture_output=True,
+    )
     uri = f"pkcs11://bench/master?module={module}"
     carnet.create_master_key(uri).close()
     yield uri
@@ -135,8 +151,10 @@ def _fill(engine: sa.Engine, n: int) -> None:
     per = max(1, n // PRACTICES)
     with Session(engine) as s:
         for p in practices:
-            s.add_all(Note(practice_id=p, body=f"consultation {i} of {p}: BP 130/85, review 3 mo")
-                      for i in range(per))
+            s.add_all(
+                Note(practice_id=p, body=f"consultation {i} of {p}: BP 130/85, review 3 mo")
+                for i in range(per)
+            )
             s.flush()
         s.commit()
 
@@ -146,8 +164,9 @@ def _read_all(engine: sa.Engine) -> int:
         return sum(1 for n in s.scalars(sa.select(Note)) if n.body is not None)
 
 
-def _read_rows(engine: sa.Engine, keys: carnet.KeyManager, label: str, n: int,
-               baseline_cold: float | None) -> tuple[list[Row], float]:
+def _read_rows(
+    engine: sa.Engine, keys: carnet.KeyManager, label: str, n: int, baseline_cold: float | None
+) -> tuple[list[Row], float]:
     carnet.configure(keys)
     _read_all(engine)  # page cache and statement cache warm for every provider alike
     colds, warms = [], []
@@ -162,14 +181,31 @@ def _read_rows(engine: sa.Engine, keys: carnet.KeyManager, label: str, n: int,
     cold, warm = statistics.median(colds), statistics.median(warms)
     what = f"{n:,} notes of {PRACTICES} practices, ORM, SQLite file"
     rows = [
-        row(f"master-key calls reading {what} [{label}]", float(cold_calls), float(warm_calls),
-            "calls", "baseline = cold DEK cache (one unwrap per practice), value = warm cache"),
-        row(f"read {what}, cold vs warm cache [{label}]", warm, cold, "s",
-            f"{cold_calls} master-key calls in the cold read; medians of 3"),
+        row(
+            f"master-key calls reading {what} [{label}]",
+            float(cold_calls),
+            float(warm_calls),
+            "calls",
+            "baseline = cold DEK cache (one unwrap per practice), value = warm cache",
+        ),
+        row(
+            f"read {what}, cold vs warm cache [{label}]",
+            warm,
+            cold,
+            "s",
+            f"{cold_calls} master-key calls in the cold read; medians of 3",
+        ),
     ]
     if baseline_cold is not None:
-        rows.append(row(f"read {what}, cold cache, {label} vs file master key", baseline_cold,
-                        cold, "s", "whole cold read, master-key calls included; medians of 3"))
+        rows.append(
+            row(
+                f"read {what}, cold cache, {label} vs file master key",
+                baseline_cold,
+                cold,
+                "s",
+                "whole cold read, master-key calls included; medians of 3",
+            )
+        )
     return rows, cold
 
 
@@ -230,14 +266,29 @@ def run() -> list[Row]:
         us = 1e6
         for label, uri in (("AWS KMS (moto, loopback)", kms_uri), ("HSM (SoftHSM2)", hsm_uri)):
             if uri is None:
-                rows.append(row(f"one wrap / unwrap [{label}]", None, None, "µs",
-                                "back-end not available here"))
+                rows.append(
+                    row(
+                        f"one wrap / unwrap [{label}]",
+                        None,
+                        None,
+                        "µs",
+                        "back-end not available here",
+                    )
+                )
                 continue
             w, u = _call_latency(uri)
-            rows.append(row(f"one wrap (DEK under master key) [{label}] vs file", fw * us, w * us,
-                            "µs", "median of 200"))
-            rows.append(row(f"one unwrap [{label}] vs file", fu * us, u * us, "µs",
-                            "median of 200"))
+            rows.append(
+                row(
+                    f"one wrap (DEK under master key) [{label}] vs file",
+                    fw * us,
+                    w * us,
+                    "µs",
+                    "median of 200",
+                )
+            )
+            rows.append(
+                row(f"one unwrap [{label}] vs file", fu * us, u * us, "µs", "median of 200")
+            )
 
         # Reads: the same notes, rewrapped from provider to provider.
         engine = _sqlite_engine(d / "notes.db")
@@ -268,7 +319,14 @@ def run() -> list[Row]:
             if uri is None:
                 continue
             secs, calls = _rewrap_time(d, uri, n_keys, f"rewrap-{label.split()[0].lower()}")
-            rows.append(row(f"rewrap {n_keys:,} DEKs, file → {label} vs file → file", base, secs,
-                            "s", f"{calls:,} master-key calls ({n_keys / secs:,.0f} DEKs/s); "
-                            f"file → file made {base_calls:,}"))
+            rows.append(
+                row(
+                    f"rewrap {n_keys:,} DEKs, file → {label} vs file → file",
+                    base,
+                    secs,
+                    "s",
+                    f"{calls:,} master-key calls ({n_keys / secs:,.0f} DEKs/s); "
+                    f"file → file made {base_calls:,}",
+                )
+            )
     return rows

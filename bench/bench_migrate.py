@@ -69,16 +69,25 @@ def run() -> list[Row]:
         if url is None:
             return [row("migrate (PostgreSQL)", None, None, "rows/s", "PostgreSQL unreachable")]
         engine = sa.create_engine(url)
-        populate(engine, seed=1, practices_n=50, patients_n=max(10, n // 20),
-                 consultations_n=n, lookalike=False)
+        populate(
+            engine,
+            seed=1,
+            practices_n=50,
+            patients_n=max(10, n // 20),
+            consultations_n=n,
+            lookalike=False,
+        )
         with engine.begin() as conn:
             conn.execute(sa.text("CREATE TABLE consultations_copy AS SELECT * FROM consultations"))
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text("VACUUM ANALYZE"))
             t0 = time.perf_counter()
-            plain = conn.execute(sa.text(
-                "UPDATE consultations_copy SET comment = 'carnet:' || comment "
-                "WHERE comment IS NOT NULL")).rowcount
+            plain = conn.execute(
+                sa.text(
+                    "UPDATE consultations_copy SET comment = 'carnet:' || comment "
+                    "WHERE comment IS NOT NULL"
+                )
+            ).rowcount
             t_plain = time.perf_counter() - t0
 
         idle = Writer(engine, n)
@@ -104,16 +113,31 @@ def run() -> list[Row]:
     rate_plain, rate_mig = plain / t_plain, sealed / t_mig
     where = f"{n} notes, PostgreSQL, batch 500, 1 worker"
     return [
-        row("migrate run: rows sealed per second", rate_plain, rate_mig, "rows/s",
+        row(
+            "migrate run: rows sealed per second",
+            rate_plain,
+            rate_mig,
+            "rows/s",
             f"{where}; baseline: one plain UPDATE of the same rows in a copy "
             f"({t_plain:.1f} s); migration {t_mig:.1f} s incl. key creation, "
-            f"{result.report.conflicts} concurrent writes kept", lower_is_better=False),
-        row("app write latency during migration, p50", _pct(idle.latencies, 50),
-            _pct(busy.latencies, 50), "ms",
+            f"{result.report.conflicts} concurrent writes kept",
+            lower_is_better=False,
+        ),
+        row(
+            "app write latency during migration, p50",
+            _pct(idle.latencies, 50),
+            _pct(busy.latencies, 50),
+            "ms",
             f"UPDATE of one row of the same table every 10 ms; baseline idle "
-            f"({len(idle.latencies)} writes), value during the run ({len(busy.latencies)})"),
-        row("app write latency during migration, p99", _pct(idle.latencies, 99),
-            _pct(busy.latencies, 99), "ms", "same writes, 99th percentile"),
+            f"({len(idle.latencies)} writes), value during the run ({len(busy.latencies)})",
+        ),
+        row(
+            "app write latency during migration, p99",
+            _pct(idle.latencies, 99),
+            _pct(busy.latencies, 99),
+            "ms",
+            "same writes, 99th percentile",
+        ),
     ]
 
 

@@ -62,14 +62,24 @@ def _drop_db(url: str) -> None:
 
 def _fill(engine: sa.Engine, km: carnet.KeyManager, start: int, n: int) -> None:
     md = sa.MetaData()
-    t = sa.Table("notes", md, sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-                 sa.Column("practice_id", sa.String(64)), sa.Column("body", sa.LargeBinary))
+    t = sa.Table(
+        "notes",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("body", sa.LargeBinary),
+    )
     md.create_all(engine)
     text = b"x" * 400  # a typical consultation note
     for lo in range(start, start + n, 10_000):
-        rows = [{"id": i, "practice_id": TENANTS[i % len(TENANTS)],
-                 "body": km.encrypt(text, tenant=TENANTS[i % len(TENANTS)], label="notes.body")}
-                for i in range(lo, min(lo + 10_000, start + n))]
+        rows = [
+            {
+                "id": i,
+                "practice_id": TENANTS[i % len(TENANTS)],
+                "body": km.encrypt(text, tenant=TENANTS[i % len(TENANTS)], label="notes.body"),
+            }
+            for i in range(lo, min(lo + 10_000, start + n))
+        ]
         with engine.begin() as c:
             c.execute(t.insert(), rows)
 
@@ -87,8 +97,9 @@ def _plain_update(engine: sa.Engine) -> float:
     t0 = time.perf_counter()
     with engine.connect() as c:
         while True:
-            rows = c.execute(sa.select(t.c.id, t.c.body).where(t.c.id > last)
-                             .order_by(t.c.id).limit(BATCH)).all()
+            rows = c.execute(
+                sa.select(t.c.id, t.c.body).where(t.c.id > last).order_by(t.c.id).limit(BATCH)
+            ).all()
             c.commit()
             if not rows:
                 break
@@ -100,8 +111,12 @@ def _plain_update(engine: sa.Engine) -> float:
 
 
 def _rss_run(url: str, mk: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _WORKER, url, mk, str(BATCH)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _WORKER, url, mk, str(BATCH)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return int(json.loads(out)["maxrss_kb"])
 
 
@@ -123,31 +138,50 @@ def run() -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         rep = lifecycle.reencrypt(km, "notes", "body", batch_size=BATCH)
         rate = rep.rewritten / (time.perf_counter() - t0)
-        out.append({"name": f"reencrypt throughput, {ROWS} notes, 1 worker",
-                    "baseline": round(base), "value": round(rate),
-                    "ratio": round(rate / base, 3), "unit": "rows/s",
-                    "notes": "baseline: plain UPDATE by pk in the same 500-row keyset batches; "
-                             "target ratio >= 0.5"})
+        out.append(
+            {
+                "name": f"reencrypt throughput, {ROWS} notes, 1 worker",
+                "baseline": round(base),
+                "value": round(rate),
+                "ratio": round(rate / base, 3),
+                "unit": "rows/s",
+                "notes": "baseline: plain UPDATE by pk in the same 500-row keyset batches; "
+                "target ratio >= 0.5",
+            }
+        )
         lifecycle.rotate_keys(km)
-        spec = lifecycle.WorkerSpec(url, mk, (), "notes", "body", None, None, None, BATCH,
-                                    "bench2", True)
+        spec = lifecycle.WorkerSpec(
+            url, mk, (), "notes", "body", None, None, None, BATCH, "bench2", True
+        )
         t0 = time.perf_counter()
         rep2 = lifecycle.reencrypt_parallel(spec, 2)
         rate2 = rep2.rewritten / (time.perf_counter() - t0)
-        out.append({"name": f"reencrypt throughput, {ROWS} notes, 2 workers",
-                    "baseline": round(base), "value": round(rate2),
-                    "ratio": round(rate2 / base, 3), "unit": "rows/s",
-                    "notes": "2 processes on disjoint key ranges, 2-core machine, includes "
-                             "process start-up"})
+        out.append(
+            {
+                "name": f"reencrypt throughput, {ROWS} notes, 2 workers",
+                "baseline": round(base),
+                "value": round(rate2),
+                "ratio": round(rate2 / base, 3),
+                "unit": "rows/s",
+                "notes": "2 processes on disjoint key ranges, 2-core machine, includes "
+                "process start-up",
+            }
+        )
         lifecycle.rotate_keys(km)
         rss_small = _rss_run(url, mk)
         _fill(engine, km, ROWS, BIG - ROWS)
         lifecycle.rotate_keys(km)
         rss_big = _rss_run(url, mk)
-        out.append({"name": f"reencrypt worker peak RSS, {BIG} vs {ROWS} rows",
-                    "baseline": rss_small, "value": rss_big,
-                    "ratio": round(rss_big / rss_small, 3), "unit": "KiB",
-                    "notes": "VmHWM of the worker process; target ratio <= 1.2"})
+        out.append(
+            {
+                "name": f"reencrypt worker peak RSS, {BIG} vs {ROWS} rows",
+                "baseline": rss_small,
+                "value": rss_big,
+                "ratio": round(rss_big / rss_small, 3),
+                "unit": "KiB",
+                "notes": "VmHWM of the worker process; target ratio <= 1.2",
+            }
+        )
         with engine.begin() as c:
             c.execute(sa.text("DELETE FROM carnet_keys"))
         km.clear_cache()
@@ -160,10 +194,17 @@ def run() -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         rw = lifecycle.rotate_master(km, mk2)
         secs = time.perf_counter() - t0
-        out.append({"name": f"master rotate, {PRACTICES} practices' DEKs", "baseline": None,
-                    "value": round(secs, 2), "ratio": None, "unit": "s",
-                    "notes": f"{rw.rewrapped} rewrapped ({rw.rewrapped / secs:.0f} keys/s, "
-                             f"file master key); creating them took {create:.1f}s"})
+        out.append(
+            {
+                "name": f"master rotate, {PRACTICES} practices' DEKs",
+                "baseline": None,
+                "value": round(secs, 2),
+                "ratio": None,
+                "unit": "s",
+                "notes": f"{rw.rewrapped} rewrapped ({rw.rewrapped / secs:.0f} keys/s, "
+                f"file master key); creating them took {create:.1f}s",
+            }
+        )
         km.close()
         engine.dispose()
     finally:

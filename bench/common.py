@@ -25,8 +25,16 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 
 
-def row(name: str, baseline: float | None, value: float | None, unit: str, notes: str = "",
-        *, target: float | None = None, lower_is_better: bool = True) -> Row:
+def row(
+    name: str,
+    baseline: float | None,
+    value: float | None,
+    unit: str,
+    notes: str = "",
+    *,
+    target: float | None = None,
+    lower_is_better: bool = True,
+) -> Row:
     """A result row; ``ratio`` is value / baseline. With ``target``, notes say whether it is met."""
     ratio = value / baseline if value is not None and baseline else None
     if target is not None and ratio is not None:
@@ -34,8 +42,14 @@ def row(name: str, baseline: float | None, value: float | None, unit: str, notes
         sign = "≤" if lower_is_better else "≥"
         verdict = f"target {sign} {target:g}×: {'met' if met else 'MISSED'}"
         notes = f"{verdict}; {notes}" if notes else verdict
-    return {"name": name, "baseline": baseline, "value": value, "ratio": ratio, "unit": unit,
-            "notes": notes}
+    return {
+        "name": name,
+        "baseline": baseline,
+        "value": value,
+        "ratio": ratio,
+        "unit": unit,
+        "notes": notes,
+    }
 
 
 def scale(n: int) -> int:
@@ -79,8 +93,9 @@ def timed(fn: Callable[[], object]) -> float:
             gc.enable()
 
 
-def interleaved_medians(cases: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]],
-                        n: int) -> dict[str, float]:
+def interleaved_medians(
+    cases: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]], n: int
+) -> dict[str, float]:
     """Median seconds of each case's body over ``n`` rounds.
 
     Cases run in turn within each round, so that drift (CPU frequency, page
@@ -154,8 +169,9 @@ def postgres_database() -> Iterator[str | None]:
     if os.environ.get("CARNET_BENCH_POSTGRESQL", "1") == "0":
         yield None
         return
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                             connect_args={"connect_timeout": 3})
+    admin = sa.create_engine(
+        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+    )
     name = "carnet_bench_" + secrets.token_hex(4)
     try:
         with admin.connect() as conn:

@@ -78,7 +78,7 @@ def _new_name() -> str:
 def _checked_name(url: URL) -> str:
     name = url.database or ""
     # Names are interpolated into DDL, so only accept what _new_name produces.
-    if not (name.startswith(NAME_PREFIX) and name[len(NAME_PREFIX):].isalnum()):
+    if not (name.startswith(NAME_PREFIX) and name[len(NAME_PREFIX) :].isalnum()):
         raise ValueError(f"refusing to drop a database not made by make_database: {name!r}")
     return name
 
@@ -114,8 +114,8 @@ def make_database(kind: str, directory: str | Path | None = None) -> str:
     none). The caller owns the database and drops it with :func:`drop_database`.
     """
     if kind == "sqlite":
-        base = Path(directory) if directory is not None else Path(
-            tempfile.mkdtemp(prefix=NAME_PREFIX)
+        base = (
+            Path(directory) if directory is not None else Path(tempfile.mkdtemp(prefix=NAME_PREFIX))
         )
         path = (base / f"{_new_name()}.db").resolve()
         return f"sqlite:///{path}"
@@ -161,13 +161,17 @@ def drop_database(url: str | URL) -> None:
             else:
                 # MariaDB has no FORCE: a leaked connection holding a metadata
                 # lock would make DROP wait forever, so end those first.
-                ids = conn.execute(
-                    sa.text(
-                        "SELECT id FROM information_schema.processlist "
-                        "WHERE db = :db AND id <> CONNECTION_ID()"
-                    ),
-                    {"db": name},
-                ).scalars().all()
+                ids = (
+                    conn.execute(
+                        sa.text(
+                            "SELECT id FROM information_schema.processlist "
+                            "WHERE db = :db AND id <> CONNECTION_ID()"
+                        ),
+                        {"db": name},
+                    )
+                    .scalars()
+                    .all()
+                )
                 for conn_id in ids:
                     try:
                         conn.execute(sa.text(f"KILL {int(conn_id)}"))

@@ -60,7 +60,8 @@ class MotoServer:
     def start(self) -> MotoServer:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_for_port(self.port)
@@ -83,8 +84,11 @@ class MotoServer:
         import boto3
 
         return boto3.client(
-            "kms", endpoint_url=self.url, region_name=REGION,
-            aws_access_key_id="testing", aws_secret_access_key="testing",
+            "kms",
+            endpoint_url=self.url,
+            region_name=REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
         )
 
 
@@ -164,8 +168,13 @@ class FaultProxy:
                 data = resp.read()
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
-                    if k.lower() not in ("content-length", "connection", "transfer-encoding",
-                                         "date", "server"):
+                    if k.lower() not in (
+                        "content-length",
+                        "connection",
+                        "transfer-encoding",
+                        "date",
+                        "server",
+                    ):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -243,8 +252,9 @@ def kms_env(moto_kms: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 @pytest.fixture
-def kms_proxy(moto_kms: MotoServer, monkeypatch: pytest.MonkeyPatch,
-              tmp_path: Path) -> Iterator[FaultProxy]:
+def kms_proxy(
+    moto_kms: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[FaultProxy]:
     """AWS settings point boto3 at a :class:`FaultProxy` in front of moto."""
     proxy = FaultProxy(upstream_port=moto_kms.port).start()
     _aws_env(monkeypatch, tmp_path, proxy.url)

@@ -18,7 +18,8 @@ SECRET = "PLANTED-SECRET-7f3a"
 def notes_table(metadata: sa.MetaData, name: str = "notes") -> sa.Table:
     """The application's view: EncryptedText columns keyed by the row's practice."""
     return sa.Table(
-        name, metadata,
+        name,
+        metadata,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("practice_id", sa.String(64), nullable=False),
         sa.Column("body", carnet.EncryptedText(tenant="practice_id")),
@@ -26,24 +27,39 @@ def notes_table(metadata: sa.MetaData, name: str = "notes") -> sa.Table:
     )
 
 
-def fill_notes(engine: sa.Engine, km: carnet.KeyManager, n: int,
-               tenants: Sequence[str] = ("p0", "p1", "p2"), *, start: int = 0,
-               name: str = "notes") -> None:
+def fill_notes(
+    engine: sa.Engine,
+    km: carnet.KeyManager,
+    n: int,
+    tenants: Sequence[str] = ("p0", "p1", "p2"),
+    *,
+    start: int = 0,
+    name: str = "notes",
+) -> None:
     """Create the table and insert ``n`` notes sealed by ``km`` (raw inserts: fast)."""
     md = sa.MetaData()
     notes_table(md, name)
     md.create_all(engine)
-    raw = sa.table(name, sa.column("id"), sa.column("practice_id"),
-                   sa.column("body", sa.LargeBinary), sa.column("summary", sa.Text))
+    raw = sa.table(
+        name,
+        sa.column("id"),
+        sa.column("practice_id"),
+        sa.column("body", sa.LargeBinary),
+        sa.column("summary", sa.Text),
+    )
     rows = []
     for i in range(start, start + n):
         t = tenants[i % len(tenants)]
-        rows.append({
-            "id": i, "practice_id": t,
-            "body": km.encrypt(f"{SECRET} body {i}".encode(), tenant=t, label=f"{name}.body"),
-            "summary": envelope.to_text(
-                km.encrypt(f"{SECRET} summary {i}".encode(), tenant=t, label=f"{name}.summary")),
-        })
+        rows.append(
+            {
+                "id": i,
+                "practice_id": t,
+                "body": km.encrypt(f"{SECRET} body {i}".encode(), tenant=t, label=f"{name}.body"),
+                "summary": envelope.to_text(
+                    km.encrypt(f"{SECRET} summary {i}".encode(), tenant=t, label=f"{name}.summary")
+                ),
+            }
+        )
         if len(rows) == 1000:
             with engine.begin() as conn:
                 conn.execute(raw.insert(), rows)
@@ -53,11 +69,20 @@ def fill_notes(engine: sa.Engine, km: carnet.KeyManager, n: int,
             conn.execute(raw.insert(), rows)
 
 
-def read_notes(engine: sa.Engine, km: carnet.KeyManager, column: str = "body",
-               label: str | None = None, name: str = "notes") -> dict[int, tuple[str, bytes]]:
+def read_notes(
+    engine: sa.Engine,
+    km: carnet.KeyManager,
+    column: str = "body",
+    label: str | None = None,
+    name: str = "notes",
+) -> dict[int, tuple[str, bytes]]:
     """{id: (plaintext, key id)} decrypting every row with its practice's key."""
-    raw = sa.table(name, sa.column("id"), sa.column("practice_id"),
-                   sa.column(column, sa.LargeBinary if column == "body" else sa.Text))
+    raw = sa.table(
+        name,
+        sa.column("id"),
+        sa.column("practice_id"),
+        sa.column(column, sa.LargeBinary if column == "body" else sa.Text),
+    )
     out = {}
     with engine.connect() as conn:
         for id_, t, v in conn.execute(sa.select(raw.c.id, raw.c.practice_id, raw.c[column])):
@@ -71,20 +96,37 @@ def active_key_ids(km: carnet.KeyManager) -> set[bytes]:
     return {r.key_id for r in km.list_keys() if r.state == "active"}
 
 
-def run_cli(args: Sequence[str], *, db_url: str, master_key: str | None = None,
-            extra_env: dict[str, str] | None = None, timeout: float = 120,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str],
+    *,
+    db_url: str,
+    master_key: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 120,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m carnet`` as a real subprocess."""
     env = dict(os.environ)
     env["CARNET_DATABASE_URL"] = db_url
     if master_key is not None:
         env["CARNET_MASTER_KEY"] = master_key
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "carnet", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, input=input)
+    return subprocess.run(
+        [sys.executable, "-m", "carnet", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
 
 
 def popen_cli(args: Sequence[str], *, db_url: str, master_key: str) -> subprocess.Popen[str]:
     env = dict(os.environ, CARNET_DATABASE_URL=db_url, CARNET_MASTER_KEY=master_key)
-    return subprocess.Popen([sys.executable, "-m", "carnet", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "carnet", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

@@ -130,9 +130,11 @@ def start(root: Path) -> SecretService:
 
     with open(root / "dbus-daemon.log", "wb") as log:
         bus = subprocess.Popen(
-            ["dbus-daemon", "--nofork", "--nosyslog", "--print-address=1",
-             f"--config-file={conf}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env,
+            ["dbus-daemon", "--nofork", "--nosyslog", "--print-address=1", f"--config-file={conf}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
         )
     # From here on any failure, including a daemon that cannot be executed,
     # must stop what was started: an orphaned bus would outlive the test run.
@@ -152,7 +154,10 @@ def start(root: Path) -> SecretService:
             # creates that keyring when it does not exist yet.
             daemon = subprocess.Popen(
                 ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
-                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         assert daemon.stdin is not None
         try:
@@ -180,8 +185,10 @@ def _wait_ready(service: SecretService) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     try:
         while time.monotonic() < deadline:
-            for name, proc in (("dbus-daemon", service.bus),
-                               ("gnome-keyring-daemon", service.daemon)):
+            for name, proc in (
+                ("dbus-daemon", service.bus),
+                ("gnome-keyring-daemon", service.daemon),
+            ):
                 if proc.poll() is not None:
                     raise SecretServiceUnavailable(
                         f"{name} exited with status {proc.returncode}\n{service.logs()}"

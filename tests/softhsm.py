@@ -73,7 +73,8 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     os.environ["SOFTHSM2_CONF"] = str(conf)
     subprocess.run(
         [util, "--init-token", "--free", "--label", TOKEN, "--so-pin", SO_PIN, "--pin", USER_PIN],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     os.environ["CARNET_PKCS11_PIN"] = USER_PIN
     yield SoftHsm(module=module, token=TOKEN, pin=USER_PIN, tokendir=tokendir)

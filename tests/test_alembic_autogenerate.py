@@ -549,8 +549,15 @@ def test_autogenerate_renders_the_searchable_types_and_the_application_works(
     import datetime as dt
 
     with Session(engine) as s:
-        s.add(models.Patient(id=1, practice_id="p1", last_name="Dupont", phone="06 39 98 00 01",
-                             birth_date=dt.date(1961, 4, 2)))
+        s.add(
+            models.Patient(
+                id=1,
+                practice_id="p1",
+                last_name="Dupont",
+                phone="06 39 98 00 01",
+                birth_date=dt.date(1961, 4, 2),
+            )
+        )
         s.commit()
     with Session(engine) as s:
         (found,) = carnet.search(s, models.Patient.phone_bidx, "0639980001", tenant="p1")

@@ -16,14 +16,22 @@ from carnet.jobs import job_progress
 
 def _composite(engine: sa.Engine, n: int = 700) -> sa.Table:
     md = sa.MetaData()
-    t = sa.Table("docs", md,
-                 sa.Column("site", sa.String(20), primary_key=True),
-                 sa.Column("num", sa.Integer, primary_key=True, autoincrement=False),
-                 sa.Column("v", sa.LargeBinary, nullable=True))
+    t = sa.Table(
+        "docs",
+        md,
+        sa.Column("site", sa.String(20), primary_key=True),
+        sa.Column("num", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("v", sa.LargeBinary, nullable=True),
+    )
     md.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(t.insert(), [{"site": f"s{i % 7}", "num": i,
-                                   "v": None if i % 10 == 0 else b"v%d" % i} for i in range(n)])
+        conn.execute(
+            t.insert(),
+            [
+                {"site": f"s{i % 7}", "num": i, "v": None if i % 10 == 0 else b"v%d" % i}
+                for i in range(n)
+            ],
+        )
     return t
 
 
@@ -36,8 +44,10 @@ def _suffix(row: BatchRow) -> bytes | None:
 
 def _values(engine: sa.Engine, t: sa.Table) -> dict[Any, Any]:
     with engine.connect() as conn:
-        return {tuple(r[:-1]): (bytes(r[-1]) if r[-1] is not None else None)
-                for r in conn.execute(sa.select(*t.primary_key.columns, t.c.v))}
+        return {
+            tuple(r[:-1]): (bytes(r[-1]) if r[-1] is not None else None)
+            for r in conn.execute(sa.select(*t.primary_key.columns, t.c.v))
+        }
 
 
 def test_composite_pk_rewrites_every_row_once_and_reruns_idempotently(engine: sa.Engine) -> None:
@@ -54,8 +64,7 @@ def test_composite_pk_rewrites_every_row_once_and_reruns_idempotently(engine: sa
 
 def test_string_uuid_pk_with_three_workers_covers_each_row_once(engine: sa.Engine) -> None:
     md = sa.MetaData()
-    t = sa.Table("u", md, sa.Column("id", sa.String(36), primary_key=True),
-                 sa.Column("v", sa.Text))
+    t = sa.Table("u", md, sa.Column("id", sa.String(36), primary_key=True), sa.Column("v", sa.Text))
     md.create_all(engine)
     ids = [str(uuid.uuid4()) for _ in range(500)]
     with engine.begin() as conn:
@@ -78,8 +87,10 @@ def test_string_uuid_pk_with_three_workers_covers_each_row_once(engine: sa.Engin
 
 def test_more_workers_than_rows(engine: sa.Engine) -> None:
     _composite(engine, n=3)
-    got = sum(run_batches(engine, "docs", "v", _suffix, job="w", worker=(w, 5)).rewritten
-              for w in range(5))
+    got = sum(
+        run_batches(engine, "docs", "v", _suffix, job="w", worker=(w, 5)).rewritten
+        for w in range(5)
+    )
     assert got == 3
 
 
@@ -122,17 +133,28 @@ def test_concurrent_write_wins_and_counts_as_conflict(engine: sa.Engine) -> None
 
 def test_extra_columns_join_where_and_failures(engine: sa.Engine) -> None:
     md = sa.MetaData()
-    pats = sa.Table("patients", md,
-                    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-                    sa.Column("practice_id", sa.String(10)))
-    notes = sa.Table("n", md, sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-                     sa.Column("patient_id", sa.Integer), sa.Column("v", sa.Text))
+    pats = sa.Table(
+        "patients",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(10)),
+    )
+    notes = sa.Table(
+        "n",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("patient_id", sa.Integer),
+        sa.Column("v", sa.Text),
+    )
     md.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(pats.insert(), [{"id": i + 1, "practice_id": f"p{(i + 1) % 2}"}
-                                     for i in range(10)])
-        conn.execute(notes.insert(), [{"id": i + 1, "patient_id": i % 10 + 1, "v": f"n{i}"}
-                                      for i in range(100)])
+        conn.execute(
+            pats.insert(), [{"id": i + 1, "practice_id": f"p{(i + 1) % 2}"} for i in range(10)]
+        )
+        conn.execute(
+            notes.insert(),
+            [{"id": i + 1, "patient_id": i % 10 + 1, "v": f"n{i}"} for i in range(100)],
+        )
 
     def tr(row: BatchRow) -> str:
         if row.pk == (43,):
@@ -140,7 +162,12 @@ def test_extra_columns_join_where_and_failures(engine: sa.Engine) -> None:
         return f"{row.extra['tenant']}:{row.value}"
 
     rep = run_batches(
-        engine, notes, "v", tr, job="x", batch_size=16,
+        engine,
+        notes,
+        "v",
+        tr,
+        job="x",
+        batch_size=16,
         extra_columns={"tenant": pats.c.practice_id},
         join=lambda q: q.join(pats, notes.c.patient_id == pats.c.id),
         where=notes.c.id <= 90,
@@ -151,7 +178,8 @@ def test_extra_columns_join_where_and_failures(engine: sa.Engine) -> None:
     # row 14 belongs to patient 4 of practice p0
     assert v[14] == "p0:n13" and v[43] == "n42" and v[96] == "n95"
     assert [r.pk for r in iter_rows(engine, notes, "v", batch_size=7)] == [
-        (i,) for i in range(1, 101)]
+        (i,) for i in range(1, 101)
+    ]
 
 
 def test_bad_input_is_a_configuration_error(engine: sa.Engine) -> None:

@@ -27,8 +27,9 @@ def setup(db_url: str, master_key_uri: str) -> tuple[str, str]:
 
 def _run(setup: tuple[str, str], *args: str, input: str | None = None):  # type: ignore[no-untyped-def]
     url, mk = setup
-    res = CliRunner().invoke(cli, list(args), env={"CARNET_DATABASE_URL": url,
-                                                   "CARNET_MASTER_KEY": mk}, input=input)
+    res = CliRunner().invoke(
+        cli, list(args), env={"CARNET_DATABASE_URL": url, "CARNET_MASTER_KEY": mk}, input=input
+    )
     assert SECRET not in res.output
     return res
 
@@ -39,8 +40,10 @@ def test_inprocess_lifecycle_and_exit_codes(setup: tuple[str, str], tmp_path: Pa
     r = _run(setup, "status", "--json")
     assert r.exit_code == 0, r.output
     st = json.loads(r.stdout)
-    assert {(c["table"], c["column"]) for c in st["columns"]} == {("notes", "body"),
-                                                                   ("notes", "summary")}
+    assert {(c["table"], c["column"]) for c in st["columns"]} == {
+        ("notes", "body"),
+        ("notes", "summary"),
+    }
     r = _run(setup, "keys", "list", "--json")
     old = [k["key_id"] for k in json.loads(r.stdout) if k["tenant"] == "p0"][0]
     assert _run(setup, "keys", "rotate", "--all").exit_code == 0
@@ -81,8 +84,9 @@ def test_bad_input_one_line_errors(setup: tuple[str, str], tmp_path: Path) -> No
     carnet.create_master_key(other).close()
     cases.append((["status"], {"CARNET_MASTER_KEY": other}, 3))
     for args, env, code in cases:
-        res = CliRunner().invoke(cli, args, env={"CARNET_DATABASE_URL": url,
-                                                 "CARNET_MASTER_KEY": mk, **env})
+        res = CliRunner().invoke(
+            cli, args, env={"CARNET_DATABASE_URL": url, "CARNET_MASTER_KEY": mk, **env}
+        )
         assert res.exit_code == code, (args, env, res.output)
         assert "Traceback" not in res.output
         assert res.output.strip().count("\n") == 0, res.output
@@ -91,10 +95,23 @@ def test_bad_input_one_line_errors(setup: tuple[str, str], tmp_path: Path) -> No
 
 def test_subprocess_reencrypt_verify_status(setup: tuple[str, str]) -> None:
     url, mk = setup
-    assert run_cli(["keys", "rotate", "--tenant", "p1"], db_url=url,
-                   master_key=mk).returncode == 0
-    r = run_cli(["reencrypt", "--table", "notes", "--column", "body", "--workers", "2",
-                 "--batch", "7", "--json"], db_url=url, master_key=mk)
+    assert run_cli(["keys", "rotate", "--tenant", "p1"], db_url=url, master_key=mk).returncode == 0
+    r = run_cli(
+        [
+            "reencrypt",
+            "--table",
+            "notes",
+            "--column",
+            "body",
+            "--workers",
+            "2",
+            "--batch",
+            "7",
+            "--json",
+        ],
+        db_url=url,
+        master_key=mk,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["rewritten"] == 20
     r = run_cli(["status", "--table", "notes", "--column", "body"], db_url=url, master_key=mk)

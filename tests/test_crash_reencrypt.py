@@ -28,8 +28,9 @@ WRITERS = 4
 HERE = Path(__file__).parent
 
 
-def _kill_after(proc: subprocess.Popen[str], engine: sa.Engine, job: str, scanned: int,
-                deadline: float = 60) -> bool:
+def _kill_after(
+    proc: subprocess.Popen[str], engine: sa.Engine, job: str, scanned: int, deadline: float = 60
+) -> bool:
     """SIGKILL ``proc`` once the job has committed ``scanned`` rows; False if it ended first."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -48,10 +49,12 @@ def _kill_after(proc: subprocess.Popen[str], engine: sa.Engine, job: str, scanne
 
 
 @pytest.mark.slow
-def test_reencrypt_killed_twice_with_live_writers(db_url: str, master_key_uri: str,
-                                                  tmp_path: Path) -> None:
-    engine = sa.create_engine(db_url, connect_args={"timeout": 30}
-                              if db_url.startswith("sqlite") else {})
+def test_reencrypt_killed_twice_with_live_writers(
+    db_url: str, master_key_uri: str, tmp_path: Path
+) -> None:
+    engine = sa.create_engine(
+        db_url, connect_args={"timeout": 30} if db_url.startswith("sqlite") else {}
+    )
     km = carnet.KeyManager(engine, master_key=master_key_uri)
     km.create_schema()
     fill_notes(engine, km, NROWS)
@@ -60,9 +63,21 @@ def test_reencrypt_killed_twice_with_live_writers(db_url: str, master_key_uri: s
     ledger_files = [tmp_path / f"ledger{i}.tsv" for i in range(WRITERS)]
     stop = tmp_path / "stop"
     writers = [
-        subprocess.Popen([sys.executable, str(HERE / "writer_proc.py"), db_url, master_key_uri,
-                          str(ledger_files[i]), str(i), str(WRITERS), str(NROWS), str(stop)],
-                         cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE)})
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "writer_proc.py"),
+                db_url,
+                master_key_uri,
+                str(ledger_files[i]),
+                str(i),
+                str(WRITERS),
+                str(NROWS),
+                str(stop),
+            ],
+            cwd=HERE,
+            env={**os.environ, "PYTHONPATH": str(HERE)},
+        )
         for i in range(WRITERS)
     ]
     job = "reencrypt:notes.body"
@@ -113,8 +128,9 @@ def test_reencrypt_killed_twice_with_live_writers(db_url: str, master_key_uri: s
 
 
 @pytest.mark.slow
-def test_master_rotate_killed_midway_then_rerun(db_url: str, master_key_uri: str,
-                                                tmp_path: Path) -> None:
+def test_master_rotate_killed_midway_then_rerun(
+    db_url: str, master_key_uri: str, tmp_path: Path
+) -> None:
     engine = sa.create_engine(db_url)
     km = carnet.KeyManager(engine, master_key=master_key_uri)
     km.create_schema()
@@ -128,8 +144,9 @@ def test_master_rotate_killed_midway_then_rerun(db_url: str, master_key_uri: str
     end = time.monotonic() + 60
     while True:
         with engine.connect() as conn:
-            moved = conn.execute(sa.select(sa.func.count()).select_from(t)
-                                 .where(t.c.master_key_uri == new_uri)).scalar_one()
+            moved = conn.execute(
+                sa.select(sa.func.count()).select_from(t).where(t.c.master_key_uri == new_uri)
+            ).scalar_one()
         if moved >= 40 or proc.poll() is not None or time.monotonic() > end:
             break
         time.sleep(0.01)
@@ -137,8 +154,11 @@ def test_master_rotate_killed_midway_then_rerun(db_url: str, master_key_uri: str
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with engine.connect() as conn:
-        uris = dict(conn.execute(sa.select(t.c.master_key_uri, sa.func.count())
-                                 .group_by(t.c.master_key_uri)).all())
+        uris = dict(
+            conn.execute(
+                sa.select(t.c.master_key_uri, sa.func.count()).group_by(t.c.master_key_uri)
+            ).all()
+        )
     assert uris.get(new_uri, 0) >= 40 and uris.get(master_key_uri, 0) > 0
 
     again = run_cli([*args, "--json"], db_url=db_url, master_key=master_key_uri)
@@ -146,7 +166,7 @@ def test_master_rotate_killed_midway_then_rerun(db_url: str, master_key_uri: str
     out = json.loads(again.stdout)
     assert out["already"] >= 40 and out["rewrapped"] + out["already"] == 150
     # The old master key is gone: everything still reads with the new one alone.
-    Path(master_key_uri[len("file://"):]).unlink()
+    Path(master_key_uri[len("file://") :]).unlink()
     km.close()
     fresh = carnet.KeyManager(engine, master_key=new_uri)
     assert {r.master_key_uri for r in fresh.list_keys()} == {new_uri}

@@ -21,8 +21,13 @@ PATIENTS = 150
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[str]]:
     lines: list[str] = []
-    figures = run_demo(str(tmp_path_factory.mktemp("demo")), echo=lines.append,
-                       seed=SEED, practices=PRACTICES, patients=PATIENTS)
+    figures = run_demo(
+        str(tmp_path_factory.mktemp("demo")),
+        echo=lines.append,
+        seed=SEED,
+        practices=PRACTICES,
+        patients=PATIENTS,
+    )
     return figures, lines
 
 
@@ -68,7 +73,8 @@ def test_database_file_holds_no_note_text(demo: tuple[dict[str, Any], list[str]]
 
 
 def test_scan_finds_a_planted_canary(
-    demo: tuple[dict[str, Any], list[str]], tmp_path: Path,
+    demo: tuple[dict[str, Any], list[str]],
+    tmp_path: Path,
 ) -> None:
     figures, _ = demo
     copy = tmp_path / "clinic-copy.db"

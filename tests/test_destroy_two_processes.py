@@ -34,22 +34,28 @@ while True:
 """
 
 
-def test_destroy_propagates_to_another_process(db_url: str, master_key_uri: str,
-                                               tmp_path: Path) -> None:
+def test_destroy_propagates_to_another_process(
+    db_url: str, master_key_uri: str, tmp_path: Path
+) -> None:
     engine = sa.create_engine(db_url)
     km = carnet.KeyManager(engine, master_key=master_key_uri)
     km.create_schema()
     fill_notes(engine, km, 9)
     script = tmp_path / "reader.py"
     script.write_text(READER)
-    reader = subprocess.Popen([sys.executable, str(script), db_url, master_key_uri],
-                              stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    reader = subprocess.Popen(
+        [sys.executable, str(script), db_url, master_key_uri],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         assert reader.stdout is not None
         assert reader.stdout.readline().startswith("ok")  # it holds the DEK in its cache
         t0 = time.time()
-        r = run_cli(["keys", "destroy", "--tenant", "p1", "--yes"], db_url=db_url,
-                    master_key=master_key_uri)
+        r = run_cli(
+            ["keys", "destroy", "--tenant", "p1", "--yes"], db_url=db_url, master_key=master_key_uri
+        )
         assert r.returncode == 0, r.stderr
         t1 = time.time()
         out, _ = reader.communicate(timeout=30)

@@ -60,9 +60,7 @@ def test_database_is_fresh_and_empty(db_url: str, engine: sa.Engine) -> None:
     assert sa.inspect(engine).get_table_names() == []
 
 
-def test_databases_are_isolated(
-    engine: sa.Engine, fresh_db_url_factory: Callable[[], str]
-) -> None:
+def test_databases_are_isolated(engine: sa.Engine, fresh_db_url_factory: Callable[[], str]) -> None:
     other_url = fresh_db_url_factory()
     assert other_url != str(engine.url)
     table = sa.Table("notes", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
@@ -133,7 +131,7 @@ def test_drop_refuses_foreign_database() -> None:
 
 def test_master_key_uri(master_key_uri: str) -> None:
     assert master_key_uri.startswith("file:///")
-    path = Path(master_key_uri[len("file://"):])
+    path = Path(master_key_uri[len("file://") :])
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     from carnet.providers import open_master_key
 

@@ -53,15 +53,29 @@ def app(engine: sa.Engine, kms_proxy: FaultProxy, kms_key_arns: tuple[str, str])
     Base.metadata.create_all(engine)
     carnet.configure(keys)
     with Session(engine) as s:
-        s.add_all([Note(practice_id=p, body=f"note {i} for {p}")
-                   for p in ("cached-1", "cached-2", "cold") for i in range(4)])
+        s.add_all(
+            [
+                Note(practice_id=p, body=f"note {i} for {p}")
+                for p in ("cached-1", "cached-2", "cold")
+                for i in range(4)
+            ]
+        )
         s.commit()
     # "cold" has a DEK in the table but not in this process's cache, as when
     # another application server created it.
     keys.clear_cache()
     with Session(engine) as s:
-        assert len([n.body for n in s.scalars(
-            sa.select(Note).where(Note.practice_id.in_(["cached-1", "cached-2"])))]) == 8
+        assert (
+            len(
+                [
+                    n.body
+                    for n in s.scalars(
+                        sa.select(Note).where(Note.practice_id.in_(["cached-1", "cached-2"]))
+                    )
+                ]
+            )
+            == 8
+        )
     yield keys
     carnet.configure(None)
     keys.close()
@@ -69,8 +83,12 @@ def app(engine: sa.Engine, kms_proxy: FaultProxy, kms_key_arns: tuple[str, str])
 
 @pytest.mark.parametrize("practice", ["cold", "brand-new"])
 def test_write_needing_the_master_key_fails_cleanly(
-        app: carnet.KeyManager, engine: sa.Engine, kms_proxy: FaultProxy,
-        caplog: pytest.LogCaptureFixture, practice: str) -> None:
+    app: carnet.KeyManager,
+    engine: sa.Engine,
+    kms_proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+    practice: str,
+) -> None:
     caplog.set_level(logging.DEBUG)
     notes_before, keys_before = count(engine, "notes"), count(engine, "carnet_keys")
     kms_proxy.stop()
@@ -93,19 +111,28 @@ def test_write_needing_the_master_key_fails_cleanly(
 
 
 def test_cached_practices_keep_working_during_the_outage(
-        app: carnet.KeyManager, engine: sa.Engine, kms_proxy: FaultProxy) -> None:
+    app: carnet.KeyManager, engine: sa.Engine, kms_proxy: FaultProxy
+) -> None:
     kms_proxy.stop()
     calls_before = app.stats()["master_calls"]
     with Session(engine) as s:
-        bodies = {n.id: n.body for n in s.scalars(
-            sa.select(Note).where(Note.practice_id.in_(["cached-1", "cached-2"])))}
+        bodies = {
+            n.id: n.body
+            for n in s.scalars(
+                sa.select(Note).where(Note.practice_id.in_(["cached-1", "cached-2"]))
+            )
+        }
         assert len(bodies) == 8
         assert all(b is not None and b.startswith("note ") for b in bodies.values())
         s.add(Note(practice_id="cached-2", body="added during the outage"))
         s.commit()
     with Session(engine) as s:
-        bodies_2 = [n.body for n in s.scalars(
-            sa.select(Note).where(Note.practice_id == "cached-2").order_by(Note.id))]
+        bodies_2 = [
+            n.body
+            for n in s.scalars(
+                sa.select(Note).where(Note.practice_id == "cached-2").order_by(Note.id)
+            )
+        ]
         assert bodies_2[-1] == "added during the outage"
     assert app.stats()["master_calls"] == calls_before
     # The cold practice is unreadable for now, with the right error.
@@ -114,7 +141,8 @@ def test_cached_practices_keep_working_during_the_outage(
 
 
 def test_service_resumes_when_kms_returns(
-        app: carnet.KeyManager, engine: sa.Engine, kms_proxy: FaultProxy) -> None:
+    app: carnet.KeyManager, engine: sa.Engine, kms_proxy: FaultProxy
+) -> None:
     kms_proxy.stop()
     with Session(engine) as s:
         s.add(Note(practice_id="cold", body=SECRET))

@@ -37,8 +37,9 @@ def test_walkthrough_is_documented() -> None:
     assert any(c.startswith("carnet migrate compact") for c in cmds)
 
 
-def test_documented_walkthrough_runs(db_url: str, tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_documented_walkthrough_runs(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from carnet.cli import cli
 
     monkeypatch.chdir(ROOT)
@@ -52,20 +53,27 @@ def test_documented_walkthrough_runs(db_url: str, tmp_path: Path,
         if words[0] == "export":
             name, _, value = words[1].partition("=")
             # The database is the backend under test, not the document's SQLite file.
-            env[name] = db_url if name == "CARNET_DATABASE_URL" else \
-                os.path.expandvars(value.replace("$PWD", env["PWD"]))
+            env[name] = (
+                db_url
+                if name == "CARNET_DATABASE_URL"
+                else os.path.expandvars(value.replace("$PWD", env["PWD"]))
+            )
             continue
-        words = [w.replace("$PWD", env["PWD"]).replace("$CARNET_MASTER_KEY",
-                                                       env.get("CARNET_MASTER_KEY", ""))
-                 for w in words]
+        words = [
+            w.replace("$PWD", env["PWD"]).replace(
+                "$CARNET_MASTER_KEY", env.get("CARNET_MASTER_KEY", "")
+            )
+            for w in words
+        ]
         if words[0] == "python":
             assert words[1] == "examples/legacy_practice/generate.py"
             group, args = generate.main, words[2:]
         else:
             assert words[0] == "carnet"
             group, args = cli, words[1:]
-        res = CliRunner().invoke(group, [*args, "--json"] if "migrate" in args else args,
-                                 env=env, catch_exceptions=False)
+        res = CliRunner().invoke(
+            group, [*args, "--json"] if "migrate" in args else args, env=env, catch_exceptions=False
+        )
         assert res.exit_code == expected, f"{line}\n{res.output}"
         outputs[" ".join(args[:2])] = res.stdout
 
@@ -79,8 +87,11 @@ def test_documented_walkthrough_runs(db_url: str, tmp_path: Path,
     engine = sa.create_engine(db_url)
     try:
         with engine.connect() as conn:
-            values = conn.execute(sa.text("SELECT comment FROM consultations "
-                                          "WHERE comment IS NOT NULL")).scalars().all()
+            values = (
+                conn.execute(sa.text("SELECT comment FROM consultations WHERE comment IS NOT NULL"))
+                .scalars()
+                .all()
+            )
             state = conn.execute(sa.text("SELECT state FROM carnet_migrations")).scalar_one()
     finally:
         engine.dispose()

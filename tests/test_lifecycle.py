@@ -21,8 +21,9 @@ def km(engine: sa.Engine, master_key_uri: str) -> carnet.KeyManager:
     return m
 
 
-def test_status_discovers_columns_and_counts_by_key(km: carnet.KeyManager,
-                                                    engine: sa.Engine) -> None:
+def test_status_discovers_columns_and_counts_by_key(
+    km: carnet.KeyManager, engine: sa.Engine
+) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE notes SET summary = 'legacy' WHERE id = 5"))
         conn.execute(sa.text("UPDATE notes SET body = NULL WHERE id = 6"))
@@ -62,22 +63,31 @@ def test_reencrypt_one_tenant_and_renamed_label(km: carnet.KeyManager, engine: s
     km.rotate("p1")
     rep = lifecycle.reencrypt(km, "notes", "body", tenant="p1")
     assert rep.rewritten == 40
-    rep = lifecycle.reencrypt(km, "notes", "body", label="notes.comment",
-                              old_label="notes.body", job="rename")
+    rep = lifecycle.reencrypt(
+        km, "notes", "body", label="notes.comment", old_label="notes.body", job="rename"
+    )
     assert rep.rewritten == 120
     assert lifecycle.verify(km, "notes", "body", label="notes.comment").ok == 120
     assert lifecycle.verify(km, "notes", "body").failed == 120
 
 
-def test_verify_reports_pks_of_tampered_foreign_and_destroyed(km: carnet.KeyManager,
-                                                              engine: sa.Engine) -> None:
+def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
+    km: carnet.KeyManager, engine: sa.Engine
+) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:
         b6 = bytes(conn.execute(sa.select(raw.c.body).where(raw.c.id == 6)).scalar_one())
         conn.execute(raw.update().where(raw.c.id == 6).values(body=b6[:-1] + bytes([b6[-1] ^ 1])))
         # A value from another column (summary label) pasted into body.
-        conn.execute(raw.update().where(raw.c.id == 9).values(body=envelope.from_text(
-            conn.execute(sa.text("SELECT summary FROM notes WHERE id = 9")).scalar_one())))
+        conn.execute(
+            raw.update()
+            .where(raw.c.id == 9)
+            .values(
+                body=envelope.from_text(
+                    conn.execute(sa.text("SELECT summary FROM notes WHERE id = 9")).scalar_one()
+                )
+            )
+        )
     lifecycle.destroy_tenant(km, "p1")
     rep = lifecycle.verify(km, "notes", "body")
     # Shredded rows are their own category: the erasure working, not a failure.
@@ -88,23 +98,24 @@ def test_verify_reports_pks_of_tampered_foreign_and_destroyed(km: carnet.KeyMana
     assert SECRET not in repr(rep.as_dict())
 
 
-def test_master_rotation_then_old_key_deleted(km: carnet.KeyManager, engine: sa.Engine,
-                                              tmp_path: Path, master_key_uri: str) -> None:
+def test_master_rotation_then_old_key_deleted(
+    km: carnet.KeyManager, engine: sa.Engine, tmp_path: Path, master_key_uri: str
+) -> None:
     new_uri = "file://" + str(tmp_path / "m2.key")
     lifecycle.new_master(new_uri)
     rep = lifecycle.rotate_master(km, new_uri, batch_size=2)
     assert rep.rewrapped == 3
     assert lifecycle.rotate_master(km, new_uri).already == 3
     km.close()
-    Path(master_key_uri[len("file://"):]).unlink()
+    Path(master_key_uri[len("file://") :]).unlink()
     fresh = carnet.KeyManager(engine, master_key=new_uri)
     assert len(read_notes(engine, fresh)) == 120
     assert lifecycle.status(fresh).master_key_ok
 
 
-
 def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
-        km: carnet.KeyManager, engine: sa.Engine) -> None:
+    km: carnet.KeyManager, engine: sa.Engine
+) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:  # row 1 is p1's, row 2 is p2's: paste p1's note into p2's row
         b1 = conn.execute(sa.select(raw.c.body).where(raw.c.id == 1)).scalar_one()

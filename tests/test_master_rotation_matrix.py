@@ -73,12 +73,12 @@ class Masters:
 
     def destroy(self, uri: str) -> None:
         if uri.startswith("file://"):
-            os.unlink(uri[len("file://"):])
+            os.unlink(uri[len("file://") :])
         elif uri.startswith("keyring://"):
-            service, name = uri[len("keyring://"):].split("/", 1)
+            service, name = uri[len("keyring://") :].split("/", 1)
             keyring.delete_password(service, name)
         elif uri.startswith("aws-kms://"):
-            arn = uri[len("aws-kms://"):]
+            arn = uri[len("aws-kms://") :]
             client = self.kms.client()
             client.schedule_key_deletion(KeyId=arn.rsplit("/", 1)[1], PendingWindowInDays=7)
         elif uri.startswith("pkcs11://"):
@@ -86,8 +86,9 @@ class Masters:
             from pkcs11 import ObjectClass
 
             label = uri.split("/")[3].split("?")[0]
-            session = pkcs11.lib(self.hsm.module).get_token(token_label=self.hsm.token).open(
-                rw=True)
+            session = (
+                pkcs11.lib(self.hsm.module).get_token(token_label=self.hsm.token).open(rw=True)
+            )
             try:
                 session.get_key(object_class=ObjectClass.SECRET_KEY, label=label).destroy()
             finally:
@@ -95,16 +96,20 @@ class Masters:
 
 
 @pytest.fixture
-def masters(tmp_path: Path, kms_env: MotoServer, softhsm: SoftHsm, hsm_pin: str,
-            file_keyring: None) -> Masters:
+def masters(
+    tmp_path: Path, kms_env: MotoServer, softhsm: SoftHsm, hsm_pin: str, file_keyring: None
+) -> Masters:
     return Masters(tmp_path, kms_env, softhsm)
 
 
 def write_notes(engine: sa.Engine, keys: carnet.KeyManager, tag: str) -> dict[int, str | None]:
     carnet.configure(keys)
     with Session(engine) as s:
-        notes = [Note(practice_id=p, body=f"{tag} note {i} of {p}: stable angina, review in 3 mo")
-                 for p in PRACTICES for i in range(3)]
+        notes = [
+            Note(practice_id=p, body=f"{tag} note {i} of {p}: stable angina, review in 3 mo")
+            for p in PRACTICES
+            for i in range(3)
+        ]
         s.add_all(notes)
         s.commit()
         return {n.id: n.body for n in notes}
@@ -181,7 +186,8 @@ def test_rewrap_is_idempotent_and_resumable(engine: sa.Engine, masters: Masters)
 
 
 def test_a_manager_without_the_old_key_refuses_unrewrapped_deks(
-        engine: sa.Engine, masters: Masters) -> None:
+    engine: sa.Engine, masters: Masters
+) -> None:
     source, target = masters.make("pkcs11"), masters.make("aws-kms")
     keys = carnet.KeyManager(engine, master_key=source)
     keys.create_schema()
@@ -191,10 +197,11 @@ def test_a_manager_without_the_old_key_refuses_unrewrapped_deks(
     stranger = carnet.KeyManager(engine, master_key=target)
     try:
         carnet.configure(stranger)
-        with Session(engine) as s, pytest.raises(carnet.errors.MasterKeyUnavailable,
-                                                 match="previous_master_keys"):
+        with (
+            Session(engine) as s,
+            pytest.raises(carnet.errors.MasterKeyUnavailable, match="previous_master_keys"),
+        ):
             [n.body for n in s.scalars(sa.select(Note))]
     finally:
         carnet.configure(None)
         stranger.close()
-

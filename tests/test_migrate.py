@@ -103,18 +103,27 @@ def test_plan_counts_per_practice_and_reports_the_lookalike(
 
 def test_tenant_resolution_paths(legacy: sa.Engine, keys: carnet.KeyManager) -> None:
     discovered = resolve(legacy, "consultations", "comment", tenant="patients.practice_id")
-    spelled = resolve(legacy, "consultations", "comment", tenant="patients.practice_id",
-                      via=["consultations.patient_id=patients.id"])
+    spelled = resolve(
+        legacy,
+        "consultations",
+        "comment",
+        tenant="patients.practice_id",
+        via=["consultations.patient_id=patients.id"],
+    )
     assert discovered.tenant == spelled.tenant
-    assert str(discovered.tenant) == \
-        "patients.practice_id via consultations.patient_id=patients.id"
+    assert str(discovered.tenant) == "patients.practice_id via consultations.patient_id=patients.id"
     with pytest.raises(ConfigurationError, match="no foreign-key path"):
         resolve(legacy, "practices", "name", tenant="patients.practice_id")
     with pytest.raises(ConfigurationError, match="no column"):
         resolve(legacy, "consultations", "comment", tenant="patients.nope")
     with pytest.raises(ConfigurationError, match="do not chain|lead from"):
-        resolve(legacy, "consultations", "comment", tenant="practices.id",
-                via=["consultations.patient_id=patients.id", "practices.id=patients.id"])
+        resolve(
+            legacy,
+            "consultations",
+            "comment",
+            tenant="practices.id",
+            via=["consultations.patient_id=patients.id", "practices.id=patients.id"],
+        )
     # three levels: the practice's own id, two joins up
     deep = resolve(legacy, "consultations", "comment", tenant="practices.id")
     assert len(deep.tenant.steps) == 2
@@ -127,19 +136,28 @@ def test_ambiguous_path_and_orphans_are_reported(
 ) -> None:
     md = sa.MetaData()
     sa.Table("practices", md, sa.Column("id", sa.Integer, primary_key=True))
-    sa.Table("letters", md, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("sender_id", sa.Integer, sa.ForeignKey("practices.id")),
-             sa.Column("owner_id", sa.Integer, sa.ForeignKey("practices.id"), nullable=True),
-             sa.Column("body", sa.Text))
+    sa.Table(
+        "letters",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("sender_id", sa.Integer, sa.ForeignKey("practices.id")),
+        sa.Column("owner_id", sa.Integer, sa.ForeignKey("practices.id"), nullable=True),
+        sa.Column("body", sa.Text),
+    )
     md.create_all(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO practices (id) VALUES (1)"))
-        conn.execute(sa.text("INSERT INTO letters (id, sender_id, owner_id, body) VALUES "
-                             "(1, 1, 1, 'Cher confrère'), (2, 1, NULL, 'orpheline')"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO letters (id, sender_id, owner_id, body) VALUES "
+                "(1, 1, 1, 'Cher confrère'), (2, 1, NULL, 'orpheline')"
+            )
+        )
     with pytest.raises(ConfigurationError, match="several foreign-key paths"):
         resolve(engine, "letters", "body", tenant="practices.id")
-    t = resolve(engine, "letters", "body", tenant="practices.id",
-                via=["letters.owner_id=practices.id"])
+    t = resolve(
+        engine, "letters", "body", tenant="practices.id", via=["letters.owner_id=practices.id"]
+    )
     p = build_plan(keys, engine, t)
     assert p.totals["no_tenant"] == 1 and p.samples["no_tenant"] == [[2]]
     r = run_migration(keys, engine, t)
@@ -177,8 +195,9 @@ def test_mixed_read_during_migration_then_strict(
     # After finish, a plaintext slipped in by a forgotten writer is an error, never returned,
     # and so is a value that merely carries the prefix.
     with legacy.begin() as conn:
-        conn.execute(sa.text("UPDATE consultations SET comment = 'Patiente anxieuse' "
-                             "WHERE id = 12"))
+        conn.execute(
+            sa.text("UPDATE consultations SET comment = 'Patiente anxieuse' WHERE id = 12")
+        )
         conn.execute(sa.text("UPDATE consultations SET comment = 'carnet:AAAA' WHERE id = 13"))
     for cid in (12, 13):
         with pytest.raises(InvalidCiphertext) as ei:
@@ -191,7 +210,10 @@ def test_mixed_read_during_migration_then_strict(
 
 
 def test_expand_contract_with_alembic(
-    legacy: sa.Engine, keys: carnet.KeyManager, db_url: str, master_key_uri: str,
+    legacy: sa.Engine,
+    keys: carnet.KeyManager,
+    db_url: str,
+    master_key_uri: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from alembic import command
@@ -216,11 +238,19 @@ def test_expand_contract_with_alembic(
     legacy.dispose()
 
     md = sa.MetaData()
-    sa.Table("patients", md, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("practice_id", sa.Integer))
-    t = sa.Table("consultations", md, sa.Column("id", sa.Integer, primary_key=True),
-                 sa.Column("patient_id", sa.Integer, sa.ForeignKey("patients.id")),
-                 sa.Column("comment", carnet.EncryptedText()))
+    sa.Table(
+        "patients",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("practice_id", sa.Integer),
+    )
+    t = sa.Table(
+        "consultations",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("patient_id", sa.Integer, sa.ForeignKey("patients.id")),
+        sa.Column("comment", carnet.EncryptedText()),
+    )
     cols = {c["name"] for c in sa.inspect(legacy).get_columns("consultations")}
     assert "comment_enc" not in cols and "comment" in cols
     for cid in (1, 2, 3, 50, 299):
@@ -236,13 +266,20 @@ def test_no_plaintext_in_any_output(
     canary = "CANARI-SORTIE-7731 dépression sévère"
     with legacy.begin() as conn:
         conn.execute(sa.text("UPDATE consultations SET comment = :c WHERE id = 5"), {"c": canary})
-        conn.execute(sa.text("UPDATE consultations SET comment = :c WHERE id = 6"),
-                     {"c": "carnet:" + canary})
+        conn.execute(
+            sa.text("UPDATE consultations SET comment = :c WHERE id = 6"), {"c": "carnet:" + canary}
+        )
     outputs = []
-    for args in (["plan", *TARGET], ["plan", *TARGET, "--json"], ["run", *TARGET],
-                 ["verify", *TARGET], ["finish", *TARGET, "--json"],
-                 ["run", *TARGET, "--prefixed", "encrypt", "--json"], ["verify", *TARGET],
-                 ["compact", "--table", "consultations", "--json"]):
+    for args in (
+        ["plan", *TARGET],
+        ["plan", *TARGET, "--json"],
+        ["run", *TARGET],
+        ["verify", *TARGET],
+        ["finish", *TARGET, "--json"],
+        ["run", *TARGET, "--prefixed", "encrypt", "--json"],
+        ["verify", *TARGET],
+        ["compact", "--table", "consultations", "--json"],
+    ):
         res = cli(db_url, master_key_uri, *args)
         outputs.append(res.output)
     text = "\n".join(outputs)
@@ -256,16 +293,26 @@ def test_a_table_without_a_declared_primary_key_migrates_through_finish_with_pk(
     # A legacy table with no PRIMARY KEY, only a unique id: --pk names it, and
     # plan, run, verify and finish all page by it.
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            "CREATE TABLE notes_nopk (id INTEGER NOT NULL UNIQUE, practice_id VARCHAR(20), "
-            "comment TEXT)"
-        ))
+        conn.execute(
+            sa.text(
+                "CREATE TABLE notes_nopk (id INTEGER NOT NULL UNIQUE, practice_id VARCHAR(20), "
+                "comment TEXT)"
+            )
+        )
         conn.execute(
             sa.text("INSERT INTO notes_nopk (id, practice_id, comment) VALUES (:i, :p, :c)"),
             [{"i": i, "p": f"p{i % 2}", "c": f"note sans clé {i}"} for i in range(1, 41)],
         )
-    target = ["--table", "notes_nopk", "--column", "comment", "--tenant",
-              "notes_nopk.practice_id", "--pk", "id"]
+    target = [
+        "--table",
+        "notes_nopk",
+        "--column",
+        "comment",
+        "--tenant",
+        "notes_nopk.practice_id",
+        "--pk",
+        "id",
+    ]
     res = cli(db_url, master_key_uri, "run", *target, "--batch-size", "7", "--json")
     assert res.exit_code == 0, res.output
     res = cli(db_url, master_key_uri, "finish", *target, "--json")

@@ -65,17 +65,38 @@ with open(ledger, "a", encoding="utf-8") as out:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), str(ROOT / "src"),
-                                         env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(EXAMPLES), str(ROOT / "src"), env.get("PYTHONPATH", "")]
+    )
     return env
 
 
 def _migrate(db_url: str, mk: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "carnet.migrate.cli", "run", "--database-url", db_url,
-         "--master-key", mk, "--table", "consultations", "--column", "comment",
-         "--tenant", "patients.practice_id", "--batch-size", "20", "--pause", "0.05"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "carnet.migrate.cli",
+            "run",
+            "--database-url",
+            db_url,
+            "--master-key",
+            mk,
+            "--table",
+            "consultations",
+            "--column",
+            "comment",
+            "--tenant",
+            "patients.practice_id",
+            "--batch-size",
+            "20",
+            "--pause",
+            "0.05",
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -91,9 +112,23 @@ def test_sigkill_three_times_and_resume_with_concurrent_writers(
         keys.ensure_key(t)  # first writes must not race to create keys
 
     ledger, stop = tmp_path / "ledger.tsv", tmp_path / "stop"
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, db_url, master_key_uri,
-                                 str(ledger), str(stop), str(i), str(N)], env=_env())
-               for i in (0, 1)]
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                db_url,
+                master_key_uri,
+                str(ledger),
+                str(stop),
+                str(i),
+                str(N),
+            ],
+            env=_env(),
+        )
+        for i in (0, 1)
+    ]
     kills = 0
     try:
         for kills in range(1, 4):
@@ -131,8 +166,11 @@ def test_sigkill_three_times_and_resume_with_concurrent_writers(
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                sa.text("SELECT c.id, c.comment, p.practice_id FROM consultations c "
-                        "JOIN patients p ON p.id = c.patient_id ORDER BY c.id")).all()
+                sa.text(
+                    "SELECT c.id, c.comment, p.practice_id FROM consultations c "
+                    "JOIN patients p ON p.id = c.patient_id ORDER BY c.id"
+                )
+            ).all()
             assert len(rows) == N
             for cid, raw, practice in rows:
                 if expected[cid] is None:
@@ -140,8 +178,9 @@ def test_sigkill_three_times_and_resume_with_concurrent_writers(
                     continue
                 assert raw.startswith("carnet:")
                 with carnet.tenant_scope(str(practice)):
-                    value = conn.execute(sa.select(strict.c.comment)
-                                         .where(strict.c.id == cid)).scalar_one()
+                    value = conn.execute(
+                        sa.select(strict.c.comment).where(strict.c.id == cid)
+                    ).scalar_one()
                 assert value == expected[cid], cid
     finally:
         carnet.configure(None)

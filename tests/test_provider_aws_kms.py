@@ -33,8 +33,7 @@ def test_round_trip_by_arn(kms_env: MotoServer, kms_key_arns: tuple[str, str]) -
     assert key.unwrap(wrapped, CTX) == DEK
 
 
-def test_round_trip_by_alias_and_key_id(kms_env: MotoServer,
-                                        kms_key_arns: tuple[str, str]) -> None:
+def test_round_trip_by_alias_and_key_id(kms_env: MotoServer, kms_key_arns: tuple[str, str]) -> None:
     by_alias = open_master_key("aws-kms://alias/carnet-test-b")
     key_id = kms_key_arns[1].rsplit("/", 1)[1]
     by_id = open_master_key(f"aws-kms://{key_id}")
@@ -49,8 +48,9 @@ def test_each_wrap_is_fresh(kms_env: MotoServer, kms_key_arns: tuple[str, str]) 
     assert key.wrap(DEK, CTX) != key.wrap(DEK, CTX)
 
 
-def test_uri_is_canonical_and_holds_no_settings(kms_env: MotoServer,
-                                                kms_key_arns: tuple[str, str]) -> None:
+def test_uri_is_canonical_and_holds_no_settings(
+    kms_env: MotoServer, kms_key_arns: tuple[str, str]
+) -> None:
     arn = kms_key_arns[0]
     key = open_master_key(f"aws-kms://{arn}?read_timeout=1.5&max_attempts=2")
     assert key.uri == f"aws-kms://{arn}"
@@ -61,8 +61,9 @@ def test_uri_is_canonical_and_holds_no_settings(kms_env: MotoServer,
     assert repr(key) == f"<AwsKmsMasterKey aws-kms://{arn}>"
 
 
-def test_settings_from_environment(kms_env: MotoServer, kms_key_arns: tuple[str, str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_from_environment(
+    kms_env: MotoServer, kms_key_arns: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CARNET_KMS_READ_TIMEOUT", "0.75")
     monkeypatch.setenv("CARNET_KMS_MAX_ATTEMPTS", "7")
     key = open_master_key(f"aws-kms://{kms_key_arns[0]}?max_attempts=3")
@@ -70,21 +71,24 @@ def test_settings_from_environment(kms_env: MotoServer, kms_key_arns: tuple[str,
     assert key.settings["max_attempts"] == 3  # the URI wins over the environment
 
 
-@pytest.mark.parametrize("other", [
-    {"tenant": "practice-2", "key_id": CTX["key_id"]},
-    {"tenant": CTX["tenant"], "key_id": "ff" * 16},
-    {"tenant": CTX["tenant"], "key_id": CTX["key_id"], "extra": "x"},
-])
-def test_context_is_bound(kms_env: MotoServer, kms_key_arns: tuple[str, str],
-                          other: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"tenant": "practice-2", "key_id": CTX["key_id"]},
+        {"tenant": CTX["tenant"], "key_id": "ff" * 16},
+        {"tenant": CTX["tenant"], "key_id": CTX["key_id"], "extra": "x"},
+    ],
+)
+def test_context_is_bound(
+    kms_env: MotoServer, kms_key_arns: tuple[str, str], other: dict[str, str]
+) -> None:
     key = open_master_key(f"aws-kms://{kms_key_arns[0]}")
     wrapped = key.wrap(DEK, CTX)
     with pytest.raises(MasterKeyMismatch):
         key.unwrap(wrapped, other)
 
 
-def test_wrap_from_another_master_key(kms_env: MotoServer,
-                                      kms_key_arns: tuple[str, str]) -> None:
+def test_wrap_from_another_master_key(kms_env: MotoServer, kms_key_arns: tuple[str, str]) -> None:
     first = open_master_key(f"aws-kms://{kms_key_arns[0]}")
     second = open_master_key(f"aws-kms://{kms_key_arns[1]}")
     with pytest.raises(MasterKeyMismatch):
@@ -108,19 +112,22 @@ def test_tampered_blob(kms_env: MotoServer, kms_key_arns: tuple[str, str]) -> No
             key.unwrap(cut, CTX)
 
 
-@pytest.mark.parametrize("uri", [
-    "aws-kms://",
-    "aws-kms://not-a-key",
-    "aws-kms://alias/",
-    "aws-kms://arn:aws:kms:eu-west-3:123:key/abc",
-    "aws-kms://alias/x?colour=blue",
-    "aws-kms://alias/x?read_timeout=-1",
-    "aws-kms://alias/x?read_timeout=soon",
-    "aws-kms://alias/x?max_attempts=2.5",
-    "aws-kms://alias/x?region=narnia",
-    "aws-kms://arn:aws:kms:eu-west-3:111122223333:alias/x?region=us-east-1",
-    "aws-kms://alias/x#frag",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "aws-kms://",
+        "aws-kms://not-a-key",
+        "aws-kms://alias/",
+        "aws-kms://arn:aws:kms:eu-west-3:123:key/abc",
+        "aws-kms://alias/x?colour=blue",
+        "aws-kms://alias/x?read_timeout=-1",
+        "aws-kms://alias/x?read_timeout=soon",
+        "aws-kms://alias/x?max_attempts=2.5",
+        "aws-kms://alias/x?region=narnia",
+        "aws-kms://arn:aws:kms:eu-west-3:111122223333:alias/x?region=us-east-1",
+        "aws-kms://alias/x#frag",
+    ],
+)
 def test_bad_uris_fail_at_construction(kms_env: MotoServer, uri: str) -> None:
     with pytest.raises(ConfigurationError):
         open_master_key(uri)
@@ -133,8 +140,9 @@ def test_credentials_in_uri_are_refused_and_not_echoed(kms_env: MotoServer) -> N
     assert secret not in str(info.value) and secret not in repr(info.value)
 
 
-def test_no_region_fails_at_construction(kms_env: MotoServer,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_region_fails_at_construction(
+    kms_env: MotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_REGION")
     with pytest.raises(ConfigurationError, match="region"):
         open_master_key("aws-kms://alias/carnet-test-b")
@@ -148,8 +156,9 @@ def test_unknown_key_is_a_clear_error(kms_env: MotoServer) -> None:
         key.wrap(DEK, CTX)
 
 
-def test_no_credentials(kms_env: MotoServer, kms_key_arns: tuple[str, str],
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_credentials(
+    kms_env: MotoServer, kms_key_arns: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     key = open_master_key(f"aws-kms://{kms_key_arns[0]}")
@@ -166,23 +175,31 @@ def test_missing_extra_names_the_install_command() -> None:
         "try:\n    open_master_key('aws-kms://alias/x')\n"
         "except MissingDependency as exc:\n    print(exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": SRC}, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        check=True,
+    ).stdout
     assert "pip install 'carnet[aws]'" in out
     assert "boto3" in out
 
 
-def test_no_key_material_in_errors_or_logs(kms_env: MotoServer, kms_key_arns: tuple[str, str],
-                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_no_key_material_in_errors_or_logs(
+    kms_env: MotoServer, kms_key_arns: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     key = open_master_key(f"aws-kms://{kms_key_arns[0]}")
     other = open_master_key(f"aws-kms://{kms_key_arns[1]}")
     wrapped = key.wrap(DEK, CTX)
     assert key.unwrap(wrapped, CTX) == DEK
     errors: list[Exception] = []
-    for attempt in (lambda: other.unwrap(wrapped, CTX),
-                    lambda: key.unwrap(wrapped, {**CTX, "tenant": "x"}),
-                    lambda: key.unwrap(wrapped[:-3], CTX)):
+    for attempt in (
+        lambda: other.unwrap(wrapped, CTX),
+        lambda: key.unwrap(wrapped, {**CTX, "tenant": "x"}),
+        lambda: key.unwrap(wrapped[:-3], CTX),
+    ):
         with pytest.raises(MasterKeyMismatch) as info:
             attempt()
         errors.append(info.value)

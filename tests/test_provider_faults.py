@@ -33,8 +33,10 @@ def kms_uri(arn: str, options: str = FAST) -> str:
 
 # --- AWS KMS ---------------------------------------------------------------
 
+
 def test_endpoint_down_is_unavailable_within_bounded_time(
-        kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]) -> None:
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     wrapped = key.wrap(DEK, CTX)
     kms_proxy.stop()
@@ -46,7 +48,8 @@ def test_endpoint_down_is_unavailable_within_bounded_time(
 
 
 def test_connection_dropped_is_retried_a_bounded_number_of_times(
-        kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]) -> None:
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     kms_proxy.fault = lambda n, target: ("drop",)
     with pytest.raises(MasterKeyUnavailable):
@@ -66,8 +69,9 @@ def test_read_timeout_is_bounded(kms_proxy: FaultProxy, kms_key_arns: tuple[str,
 
 
 def test_total_timeout_caps_retries(kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]) -> None:
-    key = open_master_key(kms_uri(
-        kms_key_arns[0], "read_timeout=0.4&max_attempts=50&backoff=0.01&total_timeout=1"))
+    key = open_master_key(
+        kms_uri(kms_key_arns[0], "read_timeout=0.4&max_attempts=50&backoff=0.01&total_timeout=1")
+    )
     kms_proxy.fault = lambda n, target: ("hang", 2)
     started = time.monotonic()
     with pytest.raises(MasterKeyUnavailable):
@@ -76,15 +80,18 @@ def test_total_timeout_caps_retries(kms_proxy: FaultProxy, kms_key_arns: tuple[s
     assert kms_proxy.count("Encrypt") <= 4
 
 
-@pytest.mark.parametrize("status,error", [
-    (500, "KMSInternalException"),
-    (503, "ServiceUnavailableException"),
-    (400, "ThrottlingException"),
-    (429, "TooManyRequestsException"),
-])
-def test_transient_errors_succeed_after_retry(kms_proxy: FaultProxy,
-                                              kms_key_arns: tuple[str, str],
-                                              status: int, error: str) -> None:
+@pytest.mark.parametrize(
+    "status,error",
+    [
+        (500, "KMSInternalException"),
+        (503, "ServiceUnavailableException"),
+        (400, "ThrottlingException"),
+        (429, "TooManyRequestsException"),
+    ],
+)
+def test_transient_errors_succeed_after_retry(
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str], status: int, error: str
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     # Fail two calls out of every three.
     kms_proxy.fault = lambda n, target: None if n % 3 == 0 else ("status", status, error)
@@ -102,8 +109,7 @@ def test_persistent_5xx_gives_up(kms_proxy: FaultProxy, kms_key_arns: tuple[str,
     assert kms_proxy.count("Encrypt") == 4
 
 
-def test_access_denied_is_not_retried(kms_proxy: FaultProxy,
-                                      kms_key_arns: tuple[str, str]) -> None:
+def test_access_denied_is_not_retried(kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     kms_proxy.fault = lambda n, target: ("status", 400, "AccessDeniedException")
     with pytest.raises(MasterKeyUnavailable, match="AccessDenied"):
@@ -112,21 +118,24 @@ def test_access_denied_is_not_retried(kms_proxy: FaultProxy,
 
 
 def test_decrypt_denied_on_own_key_is_a_permission_error(
-        kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]) -> None:
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     wrapped = key.wrap(DEK, CTX)
     kms_proxy.requests.clear()
     # As with an IAM policy that grants kms:Encrypt but not kms:Decrypt.
     kms_proxy.fault = lambda n, target: (
-        ("status", 400, "AccessDeniedException") if target.endswith(".Decrypt") else None)
+        ("status", 400, "AccessDeniedException") if target.endswith(".Decrypt") else None
+    )
     with pytest.raises(MasterKeyUnavailable, match="kms:Decrypt"):
         key.unwrap(wrapped, CTX)
     assert kms_proxy.count("Decrypt") == 2  # the unwrap, then one probe; no retries
 
 
 @pytest.mark.parametrize("error", ["InvalidCiphertextException", "IncorrectKeyException"])
-def test_mismatch_is_not_retried(kms_proxy: FaultProxy, kms_key_arns: tuple[str, str],
-                                 error: str) -> None:
+def test_mismatch_is_not_retried(
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str], error: str
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     wrapped = key.wrap(DEK, CTX)
     kms_proxy.fault = lambda n, target: ("status", 400, error)
@@ -136,8 +145,9 @@ def test_mismatch_is_not_retried(kms_proxy: FaultProxy, kms_key_arns: tuple[str,
 
 
 @pytest.mark.parametrize("error", ["DisabledException", "KMSInvalidStateException"])
-def test_disabled_or_pending_deletion_key(kms_proxy: FaultProxy, kms_key_arns: tuple[str, str],
-                                          error: str) -> None:
+def test_disabled_or_pending_deletion_key(
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str], error: str
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     wrapped = key.wrap(DEK, CTX)
     kms_proxy.fault = lambda n, target: ("status", 400, error)
@@ -146,8 +156,9 @@ def test_disabled_or_pending_deletion_key(kms_proxy: FaultProxy, kms_key_arns: t
     assert kms_proxy.count("Decrypt") == 1
 
 
-def test_recovers_when_the_endpoint_returns(kms_proxy: FaultProxy,
-                                            kms_key_arns: tuple[str, str]) -> None:
+def test_recovers_when_the_endpoint_returns(
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str]
+) -> None:
     key = open_master_key(kms_uri(kms_key_arns[0]))
     wrapped = key.wrap(DEK, CTX)
     kms_proxy.fault = lambda n, target: ("drop",)
@@ -157,9 +168,9 @@ def test_recovers_when_the_endpoint_returns(kms_proxy: FaultProxy,
     assert key.unwrap(wrapped, CTX) == DEK
 
 
-def test_no_key_material_in_unavailable_errors(kms_proxy: FaultProxy,
-                                               kms_key_arns: tuple[str, str],
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_no_key_material_in_unavailable_errors(
+    kms_proxy: FaultProxy, kms_key_arns: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("DEBUG")
     key = open_master_key(kms_uri(kms_key_arns[0]))
     kms_proxy.fault = lambda n, target: ("status", 503, "ServiceUnavailableException")
@@ -173,6 +184,7 @@ def test_no_key_material_in_unavailable_errors(kms_proxy: FaultProxy,
 
 
 # --- PKCS#11 -----------------------------------------------------------------
+
 
 def _token_dirs(softhsm: SoftHsm) -> list[str]:
     return [p.name for p in softhsm.tokendir.iterdir()]
@@ -199,8 +211,9 @@ def test_token_goes_away_and_comes_back(softhsm: SoftHsm, hsm_master: str, hsm_p
     assert key.unwrap(key.wrap(DEK, CTX), CTX) == DEK
 
 
-def test_library_reinitialised_under_a_live_provider(softhsm: SoftHsm, hsm_master: str,
-                                                     hsm_pin: str) -> None:
+def test_library_reinitialised_under_a_live_provider(
+    softhsm: SoftHsm, hsm_master: str, hsm_pin: str
+) -> None:
     import pkcs11
 
     key = open_master_key(hsm_master)
@@ -211,8 +224,9 @@ def test_library_reinitialised_under_a_live_provider(softhsm: SoftHsm, hsm_maste
     assert key.unwrap(wrapped, CTX) == DEK
 
 
-def test_waiting_for_the_session_is_bounded(softhsm: SoftHsm, hsm_master: str,
-                                            hsm_pin: str) -> None:
+def test_waiting_for_the_session_is_bounded(
+    softhsm: SoftHsm, hsm_master: str, hsm_pin: str
+) -> None:
     from carnet.providers import pkcs11 as provider
 
     key = open_master_key(hsm_master + "&lock_timeout=0.2")

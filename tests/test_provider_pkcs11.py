@@ -48,8 +48,9 @@ def test_fresh_iv_per_wrap(hsm_master: str, hsm_pin: str) -> None:
     assert len(ivs) == 50
 
 
-def test_uri_is_canonical_without_pin_source_or_settings(softhsm: SoftHsm, hsm_master: str,
-                                                         hsm_pin: str) -> None:
+def test_uri_is_canonical_without_pin_source_or_settings(
+    softhsm: SoftHsm, hsm_master: str, hsm_pin: str
+) -> None:
     key = open_master_key(hsm_master + "&pin-source=env:CARNET_PKCS11_PIN&lock_timeout=3")
     assert key.uri == hsm_master
     assert key.settings["lock_timeout"] == 3
@@ -60,10 +61,13 @@ def test_uri_is_canonical_without_pin_source_or_settings(softhsm: SoftHsm, hsm_m
     assert open_master_key(made.uri).unwrap(made.wrap(DEK, CTX), CTX) == DEK
 
 
-@pytest.mark.parametrize("other", [
-    {"tenant": "practice-2", "key_id": CTX["key_id"]},
-    {"tenant": CTX["tenant"], "key_id": "ff" * 16},
-])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"tenant": "practice-2", "key_id": CTX["key_id"]},
+        {"tenant": CTX["tenant"], "key_id": "ff" * 16},
+    ],
+)
 def test_context_is_bound(hsm_master: str, hsm_pin: str, other: dict[str, str]) -> None:
     key = open_master_key(hsm_master)
     with pytest.raises(MasterKeyMismatch):
@@ -124,8 +128,13 @@ def test_extractable_key_is_refused(softhsm: SoftHsm, hsm_pin: str, hsm_master: 
     lib = pkcs11.lib(softhsm.module)
     session = lib.get_token(token_label=softhsm.token).open(rw=True)
     try:
-        session.generate_key(KeyType.AES, 256, label="leaky", store=True,
-                             template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
+        session.generate_key(
+            KeyType.AES,
+            256,
+            label="leaky",
+            store=True,
+            template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False},
+        )
     finally:
         session.close()
     with pytest.raises(ConfigurationError, match="extractable"):
@@ -137,20 +146,24 @@ def test_create_refuses_to_overwrite(hsm_master: str, hsm_pin: str) -> None:
         create_master_key(hsm_master)
 
 
-@pytest.mark.parametrize("uri", [
-    "pkcs11://",
-    "pkcs11://token-only",
-    "pkcs11://tok/",
-    "pkcs11://tok/a/b?module=/usr/lib/softhsm/libsofthsm2.so",
-    "pkcs11://tok/key",
-    "pkcs11://tok/key?module=relative.so",
-    "pkcs11://tok/key?module=/nonexistent/lib.so",
-    "pkcs11://tok/key?module=/usr/lib/softhsm/libsofthsm2.so&colour=blue",
-    "pkcs11://tok/key?module=/usr/lib/softhsm/libsofthsm2.so&pin-source=stdin",
-    "pkcs11://tok/key?module=/usr/lib/softhsm/libsofthsm2.so&lock_timeout=0",
-])
-def test_bad_uris(softhsm: SoftHsm, hsm_pin: str, uri: str,
-                  monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "pkcs11://",
+        "pkcs11://token-only",
+        "pkcs11://tok/",
+        "pkcs11://tok/a/b?module=/usr/lib/softhsm/libsofthsm2.so",
+        "pkcs11://tok/key",
+        "pkcs11://tok/key?module=relative.so",
+        "pkcs11://tok/key?module=/nonexistent/lib.so",
+        "pkcs11://tok/key?module=/usr/lib/softhsm/libsofthsm2.so&colour=blue",
+        "pkcs11://tok/key?module=/usr/lib/softhsm/libsofthsm2.so&pin-source=stdin",
+        "pkcs11://tok/key?module=/usr/lib/softhsm/libsofthsm2.so&lock_timeout=0",
+    ],
+)
+def test_bad_uris(
+    softhsm: SoftHsm, hsm_pin: str, uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CARNET_PKCS11_MODULE", raising=False)
     with pytest.raises(ConfigurationError):
         open_master_key(uri)
@@ -176,8 +189,9 @@ def test_missing_pin(hsm_master: str, monkeypatch: pytest.MonkeyPatch) -> None:
         open_master_key(hsm_master)
 
 
-def test_pin_sources(softhsm: SoftHsm, hsm_master: str, tmp_path: Path,
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pin_sources(
+    softhsm: SoftHsm, hsm_master: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CARNET_PKCS11_PIN")
     monkeypatch.setenv("HSM_PIN_FOR_TEST", softhsm.pin)
     key = open_master_key(hsm_master + "&pin-source=env:HSM_PIN_FOR_TEST")
@@ -192,8 +206,13 @@ def test_pin_sources(softhsm: SoftHsm, hsm_master: str, tmp_path: Path,
 
 def _fresh_process(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     # Login state is per process, so a wrong PIN only shows in a new one.
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": SRC, **env}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC, **env},
+        timeout=60,
+    )
 
 
 def test_wrong_pin_in_a_fresh_process(softhsm: SoftHsm, hsm_master: str) -> None:
@@ -208,8 +227,9 @@ def test_wrong_pin_in_a_fresh_process(softhsm: SoftHsm, hsm_master: str) -> None
         "except ConfigurationError as exc:\n"
         "    print(type(exc).__name__, exc, repr(exc))\n"
     )
-    result = _fresh_process(code, {"CARNET_PKCS11_PIN": wrong,
-                                   "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+    result = _fresh_process(
+        code, {"CARNET_PKCS11_PIN": wrong, "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]}
+    )
     assert "rejected the PIN" in result.stdout
     assert wrong not in result.stdout + result.stderr
     assert softhsm.pin not in result.stdout + result.stderr
@@ -230,8 +250,9 @@ def test_missing_extra_names_the_install_command(softhsm: SoftHsm) -> None:
     assert "python-pkcs11" in out
 
 
-def test_threads_share_the_session_safely(hsm_master: str, second_master: str,
-                                          hsm_pin: str) -> None:
+def test_threads_share_the_session_safely(
+    hsm_master: str, second_master: str, hsm_pin: str
+) -> None:
     keys = [open_master_key(hsm_master), open_master_key(second_master)]
     failures: list[BaseException] = []
 
@@ -253,16 +274,22 @@ def test_threads_share_the_session_safely(hsm_master: str, second_master: str,
     assert not failures
 
 
-def test_no_pin_or_key_material_in_errors_or_logs(softhsm: SoftHsm, hsm_master: str,
-                                                  second_master: str, hsm_pin: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_no_pin_or_key_material_in_errors_or_logs(
+    softhsm: SoftHsm,
+    hsm_master: str,
+    second_master: str,
+    hsm_pin: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     key, other = open_master_key(hsm_master), open_master_key(second_master)
     wrapped = key.wrap(DEK, CTX)
     errors: list[Exception] = []
-    for attempt in (lambda: other.unwrap(wrapped, CTX),
-                    lambda: key.unwrap(wrapped, {**CTX, "tenant": "x"}),
-                    lambda: key.unwrap(wrapped[:-3], CTX)):
+    for attempt in (
+        lambda: other.unwrap(wrapped, CTX),
+        lambda: key.unwrap(wrapped, {**CTX, "tenant": "x"}),
+        lambda: key.unwrap(wrapped[:-3], CTX),
+    ):
         with pytest.raises(MasterKeyMismatch) as info:
             attempt()
         errors.append(info.value)

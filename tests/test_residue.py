@@ -38,8 +38,10 @@ def _plant(engine: sa.Engine) -> list[bytes]:
             if i >= 5:
                 noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(4000))
                 text = noise[:2000] + f" {canary} " + noise[2000:]
-            conn.execute(sa.text("UPDATE consultations SET comment = :t WHERE id = :i"),
-                         {"t": text, "i": cid})
+            conn.execute(
+                sa.text("UPDATE consultations SET comment = :t WHERE id = :i"),
+                {"t": text, "i": cid},
+            )
     return canaries
 
 
@@ -70,9 +72,12 @@ def _named(report: ResidueReport, word: str) -> bool:
 
 def _pg_files(conn: sa.Connection) -> list[Path]:
     ddir = Path(conn.execute(sa.text("SELECT current_setting('data_directory')")).scalar_one())
-    rels = conn.execute(sa.text(
-        "SELECT pg_relation_filepath(c.oid), pg_relation_filepath(c.reltoastrelid) "
-        "FROM pg_class c WHERE c.oid = 'consultations'::regclass")).one()
+    rels = conn.execute(
+        sa.text(
+            "SELECT pg_relation_filepath(c.oid), pg_relation_filepath(c.reltoastrelid) "
+            "FROM pg_class c WHERE c.oid = 'consultations'::regclass"
+        )
+    ).one()
     return [ddir / r for r in rels if r]
 
 
@@ -136,8 +141,9 @@ def test_canaries_gone_from_what_carnet_cleaned(
         if after_plain:
             assert _named(report, "heap and TOAST")
         report = compact(engine, "consultations", full=True)
-        assert any(i.where.startswith("table consultations") and i.status == CLEANED
-                   for i in report.items)
+        assert any(
+            i.where.startswith("table consultations") and i.status == CLEANED for i in report.items
+        )
         assert any("ACCESS EXCLUSIVE" in w for w in report.warnings)
         files, after = _pg_scan(engine, canaries)
         assert after == {}

@@ -88,8 +88,9 @@ def test_a_transaction_that_read_first_fails_at_once_with_an_accurate_error(
     assert ei.value.__context__ is None and ei.value.__cause__ is None
 
 
-def test_waiting_past_the_busy_timeout_says_so(db_kind: str, db_url: str, tmp_path: Path,
-                                               master_key_uri: str) -> None:
+def test_waiting_past_the_busy_timeout_says_so(
+    db_kind: str, db_url: str, tmp_path: Path, master_key_uri: str
+) -> None:
     engine = sa.create_engine(db_url, connect_args={"timeout": 0.5})
     try:
         with configured_keys(engine, master_key_uri):

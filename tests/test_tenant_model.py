@@ -456,8 +456,11 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
 
         # -- the practice on a parent row ------------------------------------------------
 
-        @rule(patient=st.sampled_from(PATIENTS), text=texts,
-              how=st.sampled_from(["orm", "core", "core_own_scope", "core_other_scope"]))
+        @rule(
+            patient=st.sampled_from(PATIENTS),
+            text=texts,
+            how=st.sampled_from(["orm", "core", "core_own_scope", "core_other_scope"]),
+        )
         def consult_add(self, patient: int, text: str | None, how: str) -> None:
             cid = self._id()
             practice = self.patients[patient]
@@ -470,8 +473,7 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                         s.add(MConsult(**row))
                         s.commit()
                     return
-                scoped = {"core": None, "core_own_scope": practice,
-                          "core_other_scope": other}[how]
+                scoped = {"core": None, "core_own_scope": practice, "core_other_scope": other}[how]
                 with engine.begin() as conn:
                     if scoped is None:
                         conn.execute(consults.insert(), row)
@@ -491,13 +493,15 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
 
         def _live_consults(self) -> list[int]:
             return sorted(
-                c for c, (p, _) in self.consults.items()
-                if self.patients[p] not in self.destroyed
+                c for c, (p, _) in self.consults.items() if self.patients[p] not in self.destroyed
             )
 
         @precondition(lambda self: self._live_consults())
-        @rule(data=st.data(), patient=st.sampled_from(PATIENTS),
-              how=st.sampled_from(["foreign_key", "relationship", "load_only"]))
+        @rule(
+            data=st.data(),
+            patient=st.sampled_from(PATIENTS),
+            how=st.sampled_from(["foreign_key", "relationship", "load_only"]),
+        )
         def consult_move(self, data: st.DataObject, patient: int, how: str) -> None:
             cid = data.draw(st.sampled_from(self._live_consults()))
             _, text = self.consults[cid]
@@ -506,8 +510,11 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             def move() -> None:
                 with Session(engine) as s:
                     if how == "load_only":
-                        c = s.scalars(sa.select(MConsult).options(load_only(MConsult.id))
-                                      .where(MConsult.id == cid)).one()
+                        c = s.scalars(
+                            sa.select(MConsult)
+                            .options(load_only(MConsult.id))
+                            .where(MConsult.id == cid)
+                        ).one()
                     else:
                         c = s.get(MConsult, cid)  # type: ignore[assignment]
                     assert c is not None
@@ -548,8 +555,11 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                         s.commit()
                 else:
                     with engine.begin() as conn:
-                        conn.execute(MPatient.__table__.update()
-                                     .where(MPatient.id == patient).values(practice_id=new))
+                        conn.execute(
+                            MPatient.__table__.update()
+                            .where(MPatient.id == patient)
+                            .values(practice_id=new)
+                        )
 
             held = any(p == patient and t is not None for p, t in self.consults.values())
             if held and new != self.patients[patient]:

@@ -31,8 +31,12 @@ from carnet import transforms
 
 def consultations(phase: str) -> sa.Table:
     md = sa.MetaData()
-    sa.Table("patients", md, sa.Column("id", sa.Integer, primary_key=True),
-             sa.Column("practice_id", sa.Integer))
+    sa.Table(
+        "patients",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("practice_id", sa.Integer),
+    )
     comment_type: Any
     if phase == "legacy":
         comment_type = sa.Text()
@@ -43,7 +47,8 @@ def consultations(phase: str) -> sa.Table:
     else:
         raise ValueError(phase)
     return sa.Table(
-        "consultations", md,
+        "consultations",
+        md,
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
         sa.Column("patient_id", sa.Integer, sa.ForeignKey("patients.id")),
         sa.Column("comment", comment_type),
@@ -87,7 +92,8 @@ def consultation_model(phase: str, storage: str = "text") -> type[Any]:
         )
     elif phase == "strict":
         comment_type = carnet.EncryptedText(
-            tenant="patient.practice_id", storage=storage  # type: ignore[arg-type]
+            tenant="patient.practice_id",
+            storage=storage,  # type: ignore[arg-type]
         )
     else:
         raise ValueError(phase)
@@ -158,6 +164,7 @@ BIRTH_BITS = 6
 
 def patient_model(phase: str) -> type[Any]:
     """The ``patients`` ORM class of a phase (a new declarative base per call)."""
+
     class Base(DeclarativeBase):
         pass
 
@@ -173,20 +180,36 @@ def patient_model(phase: str) -> type[Any]:
             birth_date: Mapped[Any] = mapped_column(sa.Date)
             phone: Mapped[str | None] = mapped_column(sa.String(20))
             last_name_enc: Mapped[str | None] = mapped_column(
-                carnet.EncryptedString(100, tenant=tenant, label="patients.last_name"))
+                carnet.EncryptedString(100, tenant=tenant, label="patients.last_name")
+            )
             first_name_enc: Mapped[str | None] = mapped_column(
-                carnet.EncryptedString(100, tenant=tenant, label="patients.first_name"))
+                carnet.EncryptedString(100, tenant=tenant, label="patients.first_name")
+            )
             birth_date_enc: Mapped[Any] = mapped_column(
-                carnet.EncryptedDate(tenant=tenant, label="patients.birth_date"))
+                carnet.EncryptedDate(tenant=tenant, label="patients.birth_date")
+            )
             phone_enc: Mapped[str | None] = mapped_column(
-                carnet.EncryptedString(20, tenant=tenant, label="patients.phone"))
-            phone_bidx = carnet.BlindIndex("phone_enc", transform=transforms.phone_fr,
-                                           bits=PHONE_BITS, label="patients.phone_bidx")
-            name_bidx = carnet.BlindIndex("first_name_enc", "last_name_enc",
-                                          transform=transforms.initial_lastname, bits=NAME_BITS,
-                                          label="patients.name_bidx")
-            birth_date_bidx = carnet.BlindIndex("birth_date_enc", transform=transforms.date_iso,
-                                                bits=BIRTH_BITS, label="patients.birth_date_bidx")
+                carnet.EncryptedString(20, tenant=tenant, label="patients.phone")
+            )
+            phone_bidx = carnet.BlindIndex(
+                "phone_enc",
+                transform=transforms.phone_fr,
+                bits=PHONE_BITS,
+                label="patients.phone_bidx",
+            )
+            name_bidx = carnet.BlindIndex(
+                "first_name_enc",
+                "last_name_enc",
+                transform=transforms.initial_lastname,
+                bits=NAME_BITS,
+                label="patients.name_bidx",
+            )
+            birth_date_bidx = carnet.BlindIndex(
+                "birth_date_enc",
+                transform=transforms.date_iso,
+                bits=BIRTH_BITS,
+                label="patients.birth_date_bidx",
+            )
 
         return MigratingPatient
     if phase == "encrypted":
@@ -196,20 +219,33 @@ def patient_model(phase: str) -> type[Any]:
             id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
             practice_id: Mapped[int] = mapped_column(sa.Integer)
             last_name: Mapped[str | None] = mapped_column(
-                carnet.EncryptedString(100, tenant=tenant, label="patients.last_name"))
+                carnet.EncryptedString(100, tenant=tenant, label="patients.last_name")
+            )
             first_name: Mapped[str | None] = mapped_column(
-                carnet.EncryptedString(100, tenant=tenant, label="patients.first_name"))
+                carnet.EncryptedString(100, tenant=tenant, label="patients.first_name")
+            )
             birth_date: Mapped[Any] = mapped_column(
-                carnet.EncryptedDate(tenant=tenant, label="patients.birth_date"))
+                carnet.EncryptedDate(tenant=tenant, label="patients.birth_date")
+            )
             phone: Mapped[str | None] = mapped_column(
-                carnet.EncryptedString(20, tenant=tenant, label="patients.phone"))
-            phone_bidx = carnet.BlindIndex("phone", transform=transforms.phone_fr,
-                                           bits=PHONE_BITS, label="patients.phone_bidx")
-            name_bidx = carnet.BlindIndex("first_name", "last_name",
-                                          transform=transforms.initial_lastname, bits=NAME_BITS,
-                                          label="patients.name_bidx")
-            birth_date_bidx = carnet.BlindIndex("birth_date", transform=transforms.date_iso,
-                                                bits=BIRTH_BITS, label="patients.birth_date_bidx")
+                carnet.EncryptedString(20, tenant=tenant, label="patients.phone")
+            )
+            phone_bidx = carnet.BlindIndex(
+                "phone", transform=transforms.phone_fr, bits=PHONE_BITS, label="patients.phone_bidx"
+            )
+            name_bidx = carnet.BlindIndex(
+                "first_name",
+                "last_name",
+                transform=transforms.initial_lastname,
+                bits=NAME_BITS,
+                label="patients.name_bidx",
+            )
+            birth_date_bidx = carnet.BlindIndex(
+                "birth_date",
+                transform=transforms.date_iso,
+                bits=BIRTH_BITS,
+                label="patients.birth_date_bidx",
+            )
 
         return Patient
     raise ValueError(phase)
@@ -228,8 +264,9 @@ MIGRATING_INDEXES = {
 }
 
 
-def find_patients(session: Any, model: type[Any], index: str, value: Any,
-                  practice: str) -> list[Any]:
+def find_patients(
+    session: Any, model: type[Any], index: str, value: Any, practice: str
+) -> list[Any]:
     """Patients of ``practice`` whose indexed field(s) match ``value``, in either phase.
 
     While migrating, rows not indexed yet are compared on their clear legacy
@@ -238,18 +275,24 @@ def find_patients(session: Any, model: type[Any], index: str, value: Any,
     attr = getattr(model, index)
     if model.__name__ == "MigratingPatient":
         legacy_cols, _sealed = MIGRATING_INDEXES[index]
-        return carnet.search(session, attr, value, tenant=practice,
-                             legacy=[getattr(model, c) for c in legacy_cols])
+        return carnet.search(
+            session, attr, value, tenant=practice, legacy=[getattr(model, c) for c in legacy_cols]
+        )
     return carnet.search(session, attr, value, tenant=practice)
 
 
 def identifiers(obj: Any) -> tuple[Any, Any, Any, Any]:
     """(last name, first name, birth date, phone) of a patient in either phase."""
     if type(obj).__name__ == "MigratingPatient":
+
         def pick(sealed: str, clear: str) -> Any:
             v = getattr(obj, sealed)
             return v if v is not None else getattr(obj, clear)
 
-        return (pick("last_name_enc", "last_name"), pick("first_name_enc", "first_name"),
-                pick("birth_date_enc", "birth_date"), pick("phone_enc", "phone"))
+        return (
+            pick("last_name_enc", "last_name"),
+            pick("first_name_enc", "first_name"),
+            pick("birth_date_enc", "birth_date"),
+            pick("phone_enc", "phone"),
+        )
     return obj.last_name, obj.first_name, obj.birth_date, obj.phone

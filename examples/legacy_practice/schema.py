@@ -12,14 +12,16 @@ import sqlalchemy as sa
 metadata = sa.MetaData()
 
 practices = sa.Table(
-    "practices", metadata,
+    "practices",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("city", sa.String(100), nullable=False),
 )
 
 patients = sa.Table(
-    "patients", metadata,
+    "patients",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("practice_id", sa.Integer, sa.ForeignKey("practices.id"), nullable=False),
     sa.Column("last_name", sa.String(100), nullable=False),
@@ -29,7 +31,8 @@ patients = sa.Table(
 )
 
 consultations = sa.Table(
-    "consultations", metadata,
+    "consultations",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("patient_id", sa.Integer, sa.ForeignKey("patients.id"), nullable=False),
     sa.Column("happened_at", sa.DateTime, nullable=False),

@@ -75,8 +75,11 @@ class BatchReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "job": self.job, "scanned": self.scanned, "rewritten": self.rewritten,
-            "skipped": self.skipped, "conflicts": self.conflicts,
+            "job": self.job,
+            "scanned": self.scanned,
+            "rewritten": self.rewritten,
+            "skipped": self.skipped,
+            "conflicts": self.conflicts,
             "failed": [list(pk) for pk in self.failed],
             "resumed_from": list(self.resumed_from) if self.resumed_from is not None else None,
             "elapsed": round(self.elapsed, 3),
@@ -159,10 +162,16 @@ def _after(cols: Sequence[sa.ColumnElement[Any]], vals: Sequence[Any]) -> sa.Col
 class _Plan:
     """The statements of one (table, column), built once."""
 
-    def __init__(self, engine: sa.Engine, table: sa.Table, column: str,
-                 extra_columns: Mapping[str, sa.ColumnElement[Any]] | None,
-                 join: Callable[[sa.Select[Any]], sa.Select[Any]] | None,
-                 where: sa.ColumnElement[bool] | None, pk: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        table: sa.Table,
+        column: str,
+        extra_columns: Mapping[str, sa.ColumnElement[Any]] | None,
+        join: Callable[[sa.Select[Any]], sa.Select[Any]] | None,
+        where: sa.ColumnElement[bool] | None,
+        pk: Sequence[str] = (),
+    ) -> None:
         self.table = table
         self.col = _column(table, column)
         self.pk = _pk_columns(table, pk)
@@ -186,8 +195,9 @@ class _Plan:
         else:
             same = raw_col == old
         self.cas = table.update().where(*pk_match, same).values({self.col.name: new})
-        self.cas_null = table.update().where(*pk_match, self.col.is_(None)).values(
-            {self.col.name: new})
+        self.cas_null = (
+            table.update().where(*pk_match, self.col.is_(None)).values({self.col.name: new})
+        )
         self.npk = n
         # What the run is doing, for an error that must name rows but no values.
         self.doing: tuple[str, tuple[Any, ...] | None] = ("reading the rows", None)
@@ -202,8 +212,9 @@ class _Plan:
             cname = q.quote(self.col.name)
             arrays = ", ".join(f"%(carnet_pk{i})b" for i in range(n))
             names = ", ".join(f"k{i}" for i in range(n))
-            match = " AND ".join(f"{tname}.{q.quote(c.name)} = carnet_v.k{i}"
-                                 for i, c in enumerate(self.pk))
+            match = " AND ".join(
+                f"{tname}.{q.quote(c.name)} = carnet_v.k{i}" for i, c in enumerate(self.pk)
+            )
             # unnest() of one array per field: the statement text is the same
             # for every batch, so the server prepares it once. Sent through
             # psycopg with binary parameters: text-format bytea arrays cost
@@ -227,20 +238,31 @@ class _Plan:
             # SQLAlchemy would (so a deadlock is retried like any other), with
             # no parameters: they hold the old values, legacy notes in a migration.
             raise sa.exc.DBAPIError.instance(
-                self.bulk_sql, None, exc, self.dialect.loaded_dbapi.Error,
-                hide_parameters=True, dialect=self.dialect) from None
+                self.bulk_sql,
+                None,
+                exc,
+                self.dialect.loaded_dbapi.Error,
+                hide_parameters=True,
+                dialect=self.dialect,
+            ) from None
         finally:
             cur.close()
 
     def bulk_params(self, updates: list[dict[str, Any]]) -> dict[str, Any]:
-        params: dict[str, Any] = {f"carnet_pk{i}": [u[f"carnet_pk{i}"] for u in updates]
-                                  for i in range(self.npk)}
+        params: dict[str, Any] = {
+            f"carnet_pk{i}": [u[f"carnet_pk{i}"] for u in updates] for i in range(self.npk)
+        }
         params["carnet_old"] = [u["carnet_old"] for u in updates]
         params["carnet_new"] = [u["carnet_new"] for u in updates]
         return params
 
-    def select(self, lower: Sequence[Any] | None, upper: Sequence[Any] | None,
-               last: Sequence[Any] | None, limit: int) -> sa.Select[Any]:
+    def select(
+        self,
+        lower: Sequence[Any] | None,
+        upper: Sequence[Any] | None,
+        last: Sequence[Any] | None,
+        limit: int,
+    ) -> sa.Select[Any]:
         q = sa.select(*self.pk, self.raw_col, *self.extra_exprs).select_from(self.table)
         if self.join is not None:
             q = self.join(q)
@@ -370,9 +392,20 @@ def _load_worker(engine: sa.Engine, job: str, index: int) -> sa.Row[Any] | None:
 def _reset_worker(engine: sa.Engine, job: str, index: int) -> None:
     t = _jobs.JOBS
     with engine.begin() as conn:
-        conn.execute(t.update().where(t.c.job == job, t.c.worker == index).values(
-            last_pk=None, done=False, scanned=0, rewritten=0, skipped=0, conflicts=0, failed=0,
-            updated_at=utcnow()))
+        conn.execute(
+            t.update()
+            .where(t.c.job == job, t.c.worker == index)
+            .values(
+                last_pk=None,
+                done=False,
+                scanned=0,
+                rewritten=0,
+                skipped=0,
+                conflicts=0,
+                failed=0,
+                updated_at=utcnow(),
+            )
+        )
 
 
 # -- the engine -------------------------------------------------------------------------
@@ -420,8 +453,9 @@ def run_batches(
     t = _jobs.ensure_jobs_table(engine)
 
     state = _load_worker(engine, job, index)
-    if state is not None and (state.workers != count or state.table_name != tbl.name
-                              or state.column_name != column):
+    if state is not None and (
+        state.workers != count or state.table_name != tbl.name or state.column_name != column
+    ):
         if not restart:
             raise ConfigurationError(
                 f"job {job!r} was started on {state.table_name}.{state.column_name} with "
@@ -454,8 +488,9 @@ def run_batches(
             failure: DatabaseError | None = None
             for attempt in range(_RETRIES):
                 try:
-                    n, last_seen = _one_batch(conn, plan, t, job, index, lower, upper, last,
-                                              batch_size, transform, report)
+                    n, last_seen = _one_batch(
+                        conn, plan, t, job, index, lower, upper, last, batch_size, transform, report
+                    )
                     break
                 except sa.exc.DBAPIError as exc:
                     if conn.in_transaction():
@@ -463,7 +498,7 @@ def run_batches(
                     if not _transient(exc) or attempt == _RETRIES - 1:
                         failure = _failure(exc, plan)
                         break
-                    time.sleep(min(2.0, 0.02 * 2 ** attempt) * (0.5 + random.random()))  # noqa: S311
+                    time.sleep(min(2.0, 0.02 * 2**attempt) * (0.5 + random.random()))  # noqa: S311
             if failure is not None:
                 # Raised outside the except block: the driver's error, its
                 # message and SQLAlchemy's parameters (legacy notes during a
@@ -492,7 +527,9 @@ def _failure(exc: sa.exc.DBAPIError, plan: _Plan) -> DatabaseError:
     where = f"{plan.table.name}.{plan.col.name}"
     return DatabaseError(
         f"{where}: database error while {doing} {rows}: {describe_db_error(exc)}",
-        table=plan.table.name, column=plan.col.name, pks=pks or (),
+        table=plan.table.name,
+        column=plan.col.name,
+        pks=pks or (),
         code=db_error_code(exc),
     )
 
@@ -500,14 +537,25 @@ def _failure(exc: sa.exc.DBAPIError, plan: _Plan) -> DatabaseError:
 def _finish(engine: sa.Engine, job: str, index: int) -> None:
     t = _jobs.JOBS
     with engine.begin() as conn:
-        conn.execute(t.update().where(t.c.job == job, t.c.worker == index)
-                     .values(done=True, updated_at=utcnow()))
+        conn.execute(
+            t.update()
+            .where(t.c.job == job, t.c.worker == index)
+            .values(done=True, updated_at=utcnow())
+        )
 
 
 def _one_batch(
-    conn: sa.Connection, plan: _Plan, t: sa.Table, job: str, index: int,
-    lower: tuple[Any, ...] | None, upper: tuple[Any, ...] | None, last: tuple[Any, ...] | None,
-    batch_size: int, transform: Callable[[BatchRow], Any | None], report: BatchReport,
+    conn: sa.Connection,
+    plan: _Plan,
+    t: sa.Table,
+    job: str,
+    index: int,
+    lower: tuple[Any, ...] | None,
+    upper: tuple[Any, ...] | None,
+    last: tuple[Any, ...] | None,
+    batch_size: int,
+    transform: Callable[[BatchRow], Any | None],
+    report: BatchReport,
 ) -> tuple[int, tuple[Any, ...] | None]:
     # Plain read, ended at once: no row or gap locks held while transforming.
     start = last if last is not None else lower
@@ -550,15 +598,19 @@ def _one_batch(
         if updates_null:
             written += conn.execute(plan.cas_null, updates_null).rowcount
         conflicts = len(updates) + len(updates_null) - written
-        conn.execute(t.update().where(t.c.job == job, t.c.worker == index).values(
-            last_pk=_jobs.encode_pk(last_seen),
-            scanned=t.c.scanned + len(rows),
-            rewritten=t.c.rewritten + written,
-            skipped=t.c.skipped + skipped,
-            conflicts=t.c.conflicts + conflicts,
-            failed=t.c.failed + len(failed),
-            updated_at=utcnow(),
-        ))
+        conn.execute(
+            t.update()
+            .where(t.c.job == job, t.c.worker == index)
+            .values(
+                last_pk=_jobs.encode_pk(last_seen),
+                scanned=t.c.scanned + len(rows),
+                rewritten=t.c.rewritten + written,
+                skipped=t.c.skipped + skipped,
+                conflicts=t.c.conflicts + conflicts,
+                failed=t.c.failed + len(failed),
+                updated_at=utcnow(),
+            )
+        )
     # Counted only once committed, so a retried batch is not counted twice.
     report.scanned += len(rows)
     report.rewritten += written

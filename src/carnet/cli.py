@@ -88,8 +88,13 @@ class CarnetGroup(click.Group):
 
 
 class Config:
-    def __init__(self, database_url: str | None, master_key: str | None,
-                 previous: tuple[str, ...], cache_ttl: float) -> None:
+    def __init__(
+        self,
+        database_url: str | None,
+        master_key: str | None,
+        previous: tuple[str, ...],
+        cache_ttl: float,
+    ) -> None:
         self.database_url = database_url
         self.master_key = master_key
         self.previous = previous
@@ -115,22 +120,28 @@ class Config:
         if self._km is None:
             engine = self.engine()
             if not open_master:
-                self._km = KeyManager(engine,
-                                      master_key=lifecycle.UncheckedMasterKey(self.master_key),
-                                      cache_ttl=self.cache_ttl)
+                self._km = KeyManager(
+                    engine,
+                    master_key=lifecycle.UncheckedMasterKey(self.master_key),
+                    cache_ttl=self.cache_ttl,
+                )
                 return self._km
             try:
-                self._km = KeyManager(engine, master_key=self.need_master(),
-                                      previous_master_keys=self.previous,
-                                      cache_ttl=self.cache_ttl)
+                self._km = KeyManager(
+                    engine,
+                    master_key=self.need_master(),
+                    previous_master_keys=self.previous,
+                    cache_ttl=self.cache_ttl,
+                )
             except ConfigurationError as exc:
                 hint = lifecycle.wrapping_master_keys_hint(engine)
                 engine.dispose()
                 if hint:
                     # Creating a new master key (the provider's suggestion) would
                     # leave every existing data key unopenable.
-                    raise MasterKeyUnavailable(f"{lifecycle.strip_create_hint(str(exc))}; "
-                                               f"{hint}") from None
+                    raise MasterKeyUnavailable(
+                        f"{lifecycle.strip_create_hint(str(exc))}; {hint}"
+                    ) from None
                 raise MasterKeyUnavailable(str(exc)) from None
         return self._km
 
@@ -164,8 +175,9 @@ class Progress:
     several processes show as one job; ``finish`` brings it to its end.
     """
 
-    def __init__(self, label: str, total: int | None, quiet: bool = False,
-                 unit: str = "rows") -> None:
+    def __init__(
+        self, label: str, total: int | None, quiet: bool = False, unit: str = "rows"
+    ) -> None:
         self.label = label
         self.total = total
         self.unit = unit
@@ -176,8 +188,12 @@ class Progress:
         self._bar: Any = None
         if not quiet and sys.stderr.isatty():
             self._bar = click.progressbar(
-                length=total or 0, label=label, file=sys.stderr, show_eta=True,
-                show_pos=True, item_show_func=lambda _: self._rate(),
+                length=total or 0,
+                label=label,
+                file=sys.stderr,
+                show_eta=True,
+                show_pos=True,
+                item_show_func=lambda _: self._rate(),
             )
             self._bar.__enter__()
 
@@ -240,20 +256,42 @@ class Progress:
 
 
 @click.group(cls=CarnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--database-url", envvar="CARNET_DATABASE_URL", metavar="URL",
-              help="SQLAlchemy URL of the database holding carnet_keys [CARNET_DATABASE_URL].")
-@click.option("--master-key", envvar="CARNET_MASTER_KEY", metavar="URI",
-              help="Master key URI: file://, keyring://, aws-kms://, pkcs11:// "
-                   "[CARNET_MASTER_KEY].")
-@click.option("--previous-master-key", "previous", multiple=True, metavar="URI",
-              help="A former master key that still wraps some DEKs (repeatable) "
-                   "[CARNET_PREVIOUS_MASTER_KEYS, comma-separated].")
-@click.option("--cache-ttl", type=float, default=300.0, show_default=True,
-              help="Seconds an unwrapped DEK stays cached.")
+@click.option(
+    "--database-url",
+    envvar="CARNET_DATABASE_URL",
+    metavar="URL",
+    help="SQLAlchemy URL of the database holding carnet_keys [CARNET_DATABASE_URL].",
+)
+@click.option(
+    "--master-key",
+    envvar="CARNET_MASTER_KEY",
+    metavar="URI",
+    help="Master key URI: file://, keyring://, aws-kms://, pkcs11:// [CARNET_MASTER_KEY].",
+)
+@click.option(
+    "--previous-master-key",
+    "previous",
+    multiple=True,
+    metavar="URI",
+    help="A former master key that still wraps some DEKs (repeatable) "
+    "[CARNET_PREVIOUS_MASTER_KEYS, comma-separated].",
+)
+@click.option(
+    "--cache-ttl",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds an unwrapped DEK stays cached.",
+)
 @click.version_option(package_name="carnet")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, master_key: str | None,
-        previous: tuple[str, ...], cache_ttl: float) -> None:
+def cli(
+    ctx: click.Context,
+    database_url: str | None,
+    master_key: str | None,
+    previous: tuple[str, ...],
+    cache_ttl: float,
+) -> None:
     """Field-level encryption of medical notes: keys, rotation, re-encryption, verification."""
     prev = previous or lifecycle.env_previous_master_keys()
     ctx.obj = Config(database_url, master_key, prev, cache_ttl)
@@ -281,8 +319,9 @@ def _confirm(ctx: click.Context, yes: bool, prompt: str, expected: str | None = 
         _fail(ctx, EXIT_ABORTED, "aborted: nothing done")
 
 
-def _pairs(ctx: click.Context, tables: tuple[str, ...],
-           columns: tuple[str, ...]) -> list[tuple[str, str]] | None:
+def _pairs(
+    ctx: click.Context, tables: tuple[str, ...], columns: tuple[str, ...]
+) -> list[tuple[str, str]] | None:
     if not tables and not columns:
         return None
     if len(tables) != len(columns):
@@ -291,11 +330,20 @@ def _pairs(ctx: click.Context, tables: tuple[str, ...],
 
 
 def column_options(f: F) -> F:
-    f = click.option("--column", "columns", multiple=True, metavar="C",
-                     help="Encrypted column of the preceding --table (repeatable).")(f)
-    return click.option("--table", "tables", multiple=True, metavar="T",
-                        help="Table holding an encrypted column (repeatable; default: "
-                             "discover).")(f)
+    f = click.option(
+        "--column",
+        "columns",
+        multiple=True,
+        metavar="C",
+        help="Encrypted column of the preceding --table (repeatable).",
+    )(f)
+    return click.option(
+        "--table",
+        "tables",
+        multiple=True,
+        metavar="T",
+        help="Table holding an encrypted column (repeatable; default: discover).",
+    )(f)
 
 
 # -- init / master ------------------------------------------------------------------------
@@ -311,8 +359,10 @@ def init(cfg: Config, as_json: bool) -> None:
     def text() -> None:
         click.echo(f"created {', '.join(res['tables'])} in {res['database']}")
         if res["converted_to_exact_practice_ids"]:
-            click.echo(f"converted {res['tables'][0]} to exact practice ids "
-                       f"({', '.join(res['converted_to_exact_practice_ids'])})")
+            click.echo(
+                f"converted {res['tables'][0]} to exact practice ids "
+                f"({', '.join(res['converted_to_exact_practice_ids'])})"
+            )
 
     _emit(as_json, res, text)
 
@@ -353,17 +403,23 @@ def master_rotate(cfg: Config, to: str, batch_size: int, as_json: bool) -> None:
         bar.close()
     erased = lifecycle.erased_keys(km)
     old = sorted(u for u in before if u != rep.master_key_uri)
-    data = {"rewrapped": rep.rewrapped, "already": rep.already,
-            "retired": erased["retired"], "destroyed": erased["destroyed"],
-            "skipped_destroyed": rep.skipped_destroyed, "master_key_uri": rep.master_key_uri,
-            "previous_master_key_uris": old,
-            "previous_master_keys": lifecycle.OLD_MASTER_RULE if old else None}
+    data = {
+        "rewrapped": rep.rewrapped,
+        "already": rep.already,
+        "retired": erased["retired"],
+        "destroyed": erased["destroyed"],
+        "skipped_destroyed": rep.skipped_destroyed,
+        "master_key_uri": rep.master_key_uri,
+        "previous_master_key_uris": old,
+        "previous_master_keys": lifecycle.OLD_MASTER_RULE if old else None,
+    }
 
     def text() -> None:
         click.echo(
             f"rewrapped {rep.rewrapped} data key(s) under {rep.master_key_uri} "
             f"({rep.already} already under it; {erased['retired']} retired and "
-            f"{erased['destroyed']} destroyed key(s) hold no key material to rewrap).")
+            f"{erased['destroyed']} destroyed key(s) hold no key material to rewrap)."
+        )
         click.echo(f"Set CARNET_MASTER_KEY={rep.master_key_uri}.")
         for uri in old:
             click.echo(f"Previous master key {uri}: {lifecycle.OLD_MASTER_RULE}")
@@ -381,34 +437,53 @@ def _n(count: int, what: str) -> str:
 
 def app_option(f: F) -> F:
     return click.option(
-        "--app", "app", metavar="MODULE:ATTR",
+        "--app",
+        "app",
+        metavar="MODULE:ATTR",
         help="The application's SQLAlchemy MetaData or declarative Base (module:attribute): "
-             "its encrypted columns are checked even when they have no rows yet.")(f)
+        "its encrypted columns are checked even when they have no rows yet.",
+    )(f)
 
 
 @cli.command()
 @column_options
-@click.option("--no-master-check", is_flag=True,
-              help="Do not open the master key (nor need it): no data key is unwrapped.")
+@click.option(
+    "--no-master-check",
+    is_flag=True,
+    help="Do not open the master key (nor need it): no data key is unwrapped.",
+)
 @app_option
 @json_option
 @pass_config
 @click.pass_context
-def status(ctx: click.Context, cfg: Config, tables: tuple[str, ...], columns: tuple[str, ...],
-           no_master_check: bool, app: str | None, as_json: bool) -> None:
+def status(
+    ctx: click.Context,
+    cfg: Config,
+    tables: tuple[str, ...],
+    columns: tuple[str, ...],
+    no_master_check: bool,
+    app: str | None,
+    as_json: bool,
+) -> None:
     """Keys per practice and, per encrypted column, rows by key version."""
     from . import doctor
 
     pairs = _pairs(ctx, tables, columns)
     declared = doctor.declared_columns(doctor.load_app(app)) if app else []
-    rep = lifecycle.status(cfg.manager(open_master=not no_master_check), pairs,
-                           check_master=not no_master_check,
-                           declared=[(d.table, d.column) for d in declared])
+    rep = lifecycle.status(
+        cfg.manager(open_master=not no_master_check),
+        pairs,
+        check_master=not no_master_check,
+        declared=[(d.table, d.column) for d in declared],
+    )
 
     def text() -> None:
         click.echo(f"database:   {rep.database}")
-        checked = {True: "ok: its data keys unwrap", None: "not checked (--no-master-check)",
-                   False: "failed"}[rep.master_key_ok]
+        checked = {
+            True: "ok: its data keys unwrap",
+            None: "not checked (--no-master-check)",
+            False: "failed",
+        }[rep.master_key_ok]
         click.echo(f"master key: {rep.master_key_uri} ({checked})")
         click.echo(f"practices:  {len(rep.tenants)}")
         for t in rep.tenants:
@@ -416,25 +491,32 @@ def status(ctx: click.Context, cfg: Config, tables: tuple[str, ...], columns: tu
             for k in t.keys:
                 states[k["state"]] = states.get(k["state"], 0) + 1
             act = f"v{t.active_version}" if t.active_version is not None else "none"
-            click.echo(f"  {t.tenant}: active {act}; "
-                       + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-                       + (f"; master {t.master_key_uri}" if t.master_key_uri else ""))
+            click.echo(
+                f"  {t.tenant}: active {act}; "
+                + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+                + (f"; master {t.master_key_uri}" if t.master_key_uri else "")
+            )
         for c in rep.columns:
             if c.found_by == "declared" and c.rows == 0:
                 click.echo(f"{c.table}.{c.column}: no rows yet (declared by the application)")
                 continue
-            click.echo(f"{c.table}.{c.column}: {_n(c.rows, 'row')}, {c.nulls:,} NULL, "
-                       f"{c.plaintext:,} plaintext, {c.not_on_active:,} not on the active key"
-                       + (f", {c.destroyed:,} under destroyed keys" if c.destroyed else "")
-                       + (f", {c.unknown_key:,} unknown key" if c.unknown_key else "")
-                       + (f", {c.unreadable_framing:,} not carnet" if c.unreadable_framing
-                          else ""))
+            click.echo(
+                f"{c.table}.{c.column}: {_n(c.rows, 'row')}, {c.nulls:,} NULL, "
+                f"{c.plaintext:,} plaintext, {c.not_on_active:,} not on the active key"
+                + (f", {c.destroyed:,} under destroyed keys" if c.destroyed else "")
+                + (f", {c.unknown_key:,} unknown key" if c.unknown_key else "")
+                + (f", {c.unreadable_framing:,} not carnet" if c.unreadable_framing else "")
+            )
             for kid, info in c.by_key.items():
-                click.echo(f"  {info['tenant']} v{info['version']} ({info['state']}, {kid}): "
-                           f"{_n(info['rows'], 'row')}")
+                click.echo(
+                    f"  {info['tenant']} v{info['version']} ({info['state']}, {kid}): "
+                    f"{_n(info['rows'], 'row')}"
+                )
         for j in rep.jobs:
-            click.echo(f"job {j['job']} worker {j['worker']}: "
-                       f"{'done' if j['done'] else 'unfinished'}, {j['scanned']:,} scanned")
+            click.echo(
+                f"job {j['job']} worker {j['worker']}: "
+                f"{'done' if j['done'] else 'unfinished'}, {j['scanned']:,} scanned"
+            )
 
     _emit(as_json, rep.as_dict(), text)
 
@@ -457,16 +539,18 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
 
     def text() -> None:
         if not rows:
-            click.echo("no data keys" + (f" for practice {tenant!r}" if tenant is not None
-                                         else ""))
+            click.echo("no data keys" + (f" for practice {tenant!r}" if tenant is not None else ""))
             return
         head = ("KEY ID", "PRACTICE", "VERSION", "STATE", "MASTER KEY")
-        table = [(r["key_id"], r["tenant"], f"v{r['version']}", r["state"],
-                  r["master_key_uri"]) for r in rows]
+        table = [
+            (r["key_id"], r["tenant"], f"v{r['version']}", r["state"], r["master_key_uri"])
+            for r in rows
+        ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
         for line in (head, *table):
-            click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths,
-                                                                  strict=True)).rstrip())
+            click.echo(
+                "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+            )
 
     _emit(as_json, rows, text)
 
@@ -474,12 +558,14 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
 @keys.command("rotate")
 @click.option("--tenant", "tenants", multiple=True, metavar="T", help="Practice (repeatable).")
 @click.option("--all", "all_", is_flag=True, help="Every practice with an active key.")
-@click.option("--create", is_flag=True,
-              help="Create the first key of a --tenant that has none (else exit 7).")
+@click.option(
+    "--create", is_flag=True, help="Create the first key of a --tenant that has none (else exit 7)."
+)
 @json_option
 @pass_config
-def keys_rotate(cfg: Config, tenants: tuple[str, ...], all_: bool, create: bool,
-                as_json: bool) -> None:
+def keys_rotate(
+    cfg: Config, tenants: tuple[str, ...], all_: bool, create: bool, as_json: bool
+) -> None:
     """Make a new active data key; older ones stay readable until retired."""
     if bool(tenants) == all_:
         raise click.UsageError("give --tenant T (repeatable) or --all")
@@ -497,14 +583,23 @@ def keys_rotate(cfg: Config, tenants: tuple[str, ...], all_: bool, create: bool,
 @keys.command("retire")
 @click.argument("key_id", metavar="KEY")
 @column_options
-@click.option("--force", is_flag=True,
-              help="Retire even if rows still use the key (they become unreadable).")
+@click.option(
+    "--force", is_flag=True, help="Retire even if rows still use the key (they become unreadable)."
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @json_option
 @pass_config
 @click.pass_context
-def keys_retire(ctx: click.Context, cfg: Config, key_id: str, tables: tuple[str, ...],
-                columns: tuple[str, ...], force: bool, yes: bool, as_json: bool) -> None:
+def keys_retire(
+    ctx: click.Context,
+    cfg: Config,
+    key_id: str,
+    tables: tuple[str, ...],
+    columns: tuple[str, ...],
+    force: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Erase an inactive data key, refusing while any row still uses it.
 
     Without --table/--column it reads every row of every text or binary column
@@ -516,12 +611,21 @@ def keys_retire(ctx: click.Context, cfg: Config, key_id: str, tables: tuple[str,
     if force:
         _confirm(ctx, yes, f"Retire key {kid.hex()} even if rows use it (they become unreadable)?")
     res = lifecycle.retire_key(km, kid, pairs, force=force)
-    _emit(as_json, res, lambda: click.echo(
-        f"retired key {res['key']['key_id']} of {res['key']['tenant']} v{res['key']['version']} "
-        f"after reading {res['rows_scanned']} row(s) in {res['columns_scanned']} column(s)"
-        + (f"; {res['rows_made_unreadable']} row(s) made unreadable"
-           if res["rows_made_unreadable"] else "")
-        + (f"; not read: {', '.join(sorted(res['unreadable']))}" if res["unreadable"] else "")))
+    _emit(
+        as_json,
+        res,
+        lambda: click.echo(
+            f"retired key {res['key']['key_id']} of {res['key']['tenant']} "
+            f"v{res['key']['version']} "
+            f"after reading {res['rows_scanned']} row(s) in {res['columns_scanned']} column(s)"
+            + (
+                f"; {res['rows_made_unreadable']} row(s) made unreadable"
+                if res["rows_made_unreadable"]
+                else ""
+            )
+            + (f"; not read: {', '.join(sorted(res['unreadable']))}" if res["unreadable"] else "")
+        ),
+    )
 
 
 @keys.command("destroy")
@@ -534,13 +638,24 @@ def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_jso
     """Crypto-shred a practice: every value under its keys becomes unreadable forever."""
     km = cfg.manager()
     lifecycle.require_tenant(km, tenant)  # a typo fails before the prompt, not after
-    _confirm(ctx, yes, f"This makes every note of practice {tenant!r} unreadable forever.\n"
-                       f"Type the practice id to confirm", expected=tenant)
+    _confirm(
+        ctx,
+        yes,
+        f"This makes every note of practice {tenant!r} unreadable forever.\n"
+        f"Type the practice id to confirm",
+        expected=tenant,
+    )
     res = lifecycle.destroy_tenant(km, tenant)
-    _emit(as_json, res, lambda: click.echo(
-        f"{tenant} was already destroyed: nothing left to erase" if res["already_destroyed"]
-        else f"destroyed {res['keys_destroyed']} data key(s) of {tenant}; other processes stop "
-        f"decrypting within their cache time-to-live ({res['cache_ttl_seconds']:g}s here)"))
+    _emit(
+        as_json,
+        res,
+        lambda: click.echo(
+            f"{tenant} was already destroyed: nothing left to erase"
+            if res["already_destroyed"]
+            else f"destroyed {res['keys_destroyed']} data key(s) of {tenant}; other processes stop "
+            f"decrypting within their cache time-to-live ({res['cache_ttl_seconds']:g}s here)"
+        ),
+    )
 
 
 @keys.command("reenable")
@@ -549,8 +664,7 @@ def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_jso
 @json_option
 @pass_config
 @click.pass_context
-def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool,
-                  as_json: bool) -> None:
+def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_json: bool) -> None:
     """Let a destroyed practice be written again, under a new data key.
 
     Its notes sealed before the destruction stay unreadable.
@@ -558,13 +672,24 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool,
     km = cfg.manager()
     if any(r.state == "active" for r in lifecycle.require_tenant(km, tenant)):
         raise ConfigurationError(f"practice {tenant!r} has an active key: it is not destroyed")
-    _confirm(ctx, yes, f"Practice {tenant!r} was destroyed; new notes will be written for it "
-                       f"under a new key (its old notes stay unreadable).\n"
-                       f"Type the practice id to confirm", expected=tenant)
+    _confirm(
+        ctx,
+        yes,
+        f"Practice {tenant!r} was destroyed; new notes will be written for it "
+        f"under a new key (its old notes stay unreadable).\n"
+        f"Type the practice id to confirm",
+        expected=tenant,
+    )
     res = lifecycle.reenable_tenant(km, tenant)
-    _emit(as_json, res, lambda: click.echo(
-        f"re-enabled {tenant}: new active key v{res['key']['version']} ({res['key']['key_id']}); "
-        "values under its destroyed keys stay unreadable"))
+    _emit(
+        as_json,
+        res,
+        lambda: click.echo(
+            f"re-enabled {tenant}: new active key v{res['key']['version']} "
+            f"({res['key']['key_id']}); "
+            "values under its destroyed keys stay unreadable"
+        ),
+    )
 
 
 # -- reencrypt / verify -------------------------------------------------------------------------
@@ -587,22 +712,45 @@ def _parse_worker(value: str | None) -> tuple[int, int] | None:
 @click.option("--column", required=True, metavar="C")
 @click.option("--tenant", metavar="T", help="Only values of this practice.")
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=500, show_default=True)
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Local worker processes, each on a disjoint key range.")
-@click.option("--worker", "worker_spec", metavar="I/N",
-              help="Run only worker I of N (one per machine; the database coordinates).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Local worker processes, each on a disjoint key range.",
+)
+@click.option(
+    "--worker",
+    "worker_spec",
+    metavar="I/N",
+    help="Run only worker I of N (one per machine; the database coordinates).",
+)
 @click.option("--label", metavar="NEW", help="Field label to seal under (default table.column).")
-@click.option("--old-label", metavar="OLD",
-              help="Label some values were sealed under before a rename.")
-@click.option("--job", metavar="NAME",
-              help="Progress record name (default reencrypt:T.C[:tenant]).")
+@click.option(
+    "--old-label", metavar="OLD", help="Label some values were sealed under before a rename."
+)
+@click.option(
+    "--job", metavar="NAME", help="Progress record name (default reencrypt:T.C[:tenant])."
+)
 @click.option("--restart", is_flag=True, help="Ignore recorded progress and start over.")
 @json_option
 @pass_config
 @click.pass_context
-def reencrypt(ctx: click.Context, cfg: Config, table: str, column: str, tenant: str | None,
-              batch_size: int, workers: int, worker_spec: str | None, label: str | None,
-              old_label: str | None, job: str | None, restart: bool, as_json: bool) -> None:
+def reencrypt(
+    ctx: click.Context,
+    cfg: Config,
+    table: str,
+    column: str,
+    tenant: str | None,
+    batch_size: int,
+    workers: int,
+    worker_spec: str | None,
+    label: str | None,
+    old_label: str | None,
+    job: str | None,
+    restart: bool,
+    as_json: bool,
+) -> None:
     """Move every value to its practice's active data key (and current label). Resumable."""
     worker = _parse_worker(worker_spec)
     if worker is not None and workers != 1:
@@ -615,33 +763,53 @@ def reencrypt(ctx: click.Context, cfg: Config, table: str, column: str, tenant: 
     try:
         if workers > 1:
             spec = lifecycle.WorkerSpec(
-                database_url=cfg.need_url(), master_key=cfg.need_master(),
-                previous_master_keys=cfg.previous, table=table, column=column, tenant=tenant,
-                label=label, old_label=old_label, batch_size=batch_size, job=job_name,
-                restart=restart)
+                database_url=cfg.need_url(),
+                master_key=cfg.need_master(),
+                previous_master_keys=cfg.previous,
+                table=table,
+                column=column,
+                tenant=tenant,
+                label=label,
+                old_label=old_label,
+                batch_size=batch_size,
+                job=job_name,
+                restart=restart,
+            )
             # Position summed over every worker's row in carnet_jobs.
             rep = lifecycle.reencrypt_parallel(spec, workers, poll=lambda p: bar.set(p["scanned"]))
         else:
-            rep = lifecycle.reencrypt(km, table, column, tenant=tenant, label=label,
-                                      old_label=old_label, batch_size=batch_size,
-                                      worker=worker or (0, 1), job=job_name, restart=restart,
-                                      progress=bar.update)
+            rep = lifecycle.reencrypt(
+                km,
+                table,
+                column,
+                tenant=tenant,
+                label=label,
+                old_label=old_label,
+                batch_size=batch_size,
+                worker=worker or (0, 1),
+                job=job_name,
+                restart=restart,
+                progress=bar.update,
+            )
         bar.finish()
     finally:
         bar.close()
     data = rep.as_dict()
 
     def text() -> None:
-        left = [(rep.destroyed, "under destroyed or retired keys (unreadable, left)"),
-                (rep.nulls, "NULL"),
-                (rep.plaintext, "plaintext (carnet migrate's work)"),
-                (rep.other_practice, "of other practices")]
+        left = [
+            (rep.destroyed, "under destroyed or retired keys (unreadable, left)"),
+            (rep.nulls, "NULL"),
+            (rep.plaintext, "plaintext (carnet migrate's work)"),
+            (rep.other_practice, "of other practices"),
+        ]
         click.echo(
             f"{table}.{column}: {rep.scanned:,} scanned, {rep.rewritten:,} re-encrypted, "
             f"{rep.already_current:,} already current"
             + "".join(f", {n:,} {what}" for n, what in left if n)
             + f", {rep.conflicts:,} written concurrently by the application, "
-            f"{len(rep.failed):,} failed in {rep.elapsed:.1f}s")
+            f"{len(rep.failed):,} failed in {rep.elapsed:.1f}s"
+        )
         if rep.failed:
             click.echo(_pk_lines(rep.failed, "failed"))
 
@@ -655,8 +823,9 @@ PK_SHOWN = 20  # primary keys printed; --json lists them all
 
 def _pk_lines(pks: Sequence[Sequence[Any]], what: str) -> str:
     shown = ", ".join(str(list(p)) for p in pks[:PK_SHOWN])
-    more = (f" (first {PK_SHOWN} of {len(pks):,}; every one with --json)"
-            if len(pks) > PK_SHOWN else "")
+    more = (
+        f" (first {PK_SHOWN} of {len(pks):,}; every one with --json)" if len(pks) > PK_SHOWN else ""
+    )
     return f"  {what} primary keys{more}: {shown}"
 
 
@@ -668,17 +837,28 @@ PRACTICES_SHOWN = 50
 @click.option("--column", required=True, metavar="C")
 @click.option("--label", metavar="L", help="Field label (default table.column).")
 @click.option("--allow-plaintext", is_flag=True, help="Do not count legacy plaintext as failures.")
-@click.option("--tenant-column", metavar="COL",
-              help="Column of the row's practice (practice_id, or parent.practice_id on a "
-                   "table reached through foreign keys, as for carnet migrate --tenant): also "
-                   "catch values copied between practices.")
+@click.option(
+    "--tenant-column",
+    metavar="COL",
+    help="Column of the row's practice (practice_id, or parent.practice_id on a "
+    "table reached through foreign keys, as for carnet migrate --tenant): also "
+    "catch values copied between practices.",
+)
 @click.option("--batch", "batch_size", type=click.IntRange(1), default=1000, show_default=True)
 @json_option
 @pass_config
 @click.pass_context
-def verify(ctx: click.Context, cfg: Config, table: str, column: str, label: str | None,
-           allow_plaintext: bool, tenant_column: str | None, batch_size: int,
-           as_json: bool) -> None:
+def verify(
+    ctx: click.Context,
+    cfg: Config,
+    table: str,
+    column: str,
+    label: str | None,
+    allow_plaintext: bool,
+    tenant_column: str | None,
+    batch_size: int,
+    as_json: bool,
+) -> None:
     """Decrypt every value; report failing rows by primary key, never their content.
 
     Rows of a crypto-shredded practice are reported as destroyed, not as
@@ -688,28 +868,40 @@ def verify(ctx: click.Context, cfg: Config, table: str, column: str, label: str 
     lifecycle.require_encrypted(km, table, column)
     bar = Progress("verify", lifecycle.estimate_rows(km.engine, table), quiet=as_json)
     try:
-        rep = lifecycle.verify(km, table, column, label=label, allow_plaintext=allow_plaintext,
-                               batch_size=batch_size, tenant_column=tenant_column,
-                               progress=bar.update)
+        rep = lifecycle.verify(
+            km,
+            table,
+            column,
+            label=label,
+            allow_plaintext=allow_plaintext,
+            batch_size=batch_size,
+            tenant_column=tenant_column,
+            progress=bar.update,
+        )
         bar.finish()
     finally:
         bar.close()
 
     def text() -> None:
-        click.echo(f"{table}.{column}: {_n(rep.rows, 'row')}, {rep.ok:,} ok, "
-                   f"{rep.nulls:,} NULL, {rep.plaintext:,} plaintext, "
-                   f"{rep.destroyed:,} destroyed (crypto-shredded practices), "
-                   f"{rep.failed:,} failed")
+        click.echo(
+            f"{table}.{column}: {_n(rep.rows, 'row')}, {rep.ok:,} ok, "
+            f"{rep.nulls:,} NULL, {rep.plaintext:,} plaintext, "
+            f"{rep.destroyed:,} destroyed (crypto-shredded practices), "
+            f"{rep.failed:,} failed"
+        )
         for reason, n in sorted(rep.reasons.items()):
             click.echo(f"  {reason}: {n:,}")
         # Practices with destroyed or failing rows first: those are what to read.
-        notable = sorted(rep.practices.items(),
-                         key=lambda kv: (-(kv[1]["failed"] + kv[1]["destroyed"]), kv[0]))
+        notable = sorted(
+            rep.practices.items(), key=lambda kv: (-(kv[1]["failed"] + kv[1]["destroyed"]), kv[0])
+        )
         if notable:
             click.echo("by practice (ok / destroyed / failed):")
         for practice, c in notable[:PRACTICES_SHOWN]:
-            click.echo(f"  {practice or '(unknown key)'}: {c['ok']:,} / {c['destroyed']:,} / "
-                       f"{c['failed']:,}")
+            click.echo(
+                f"  {practice or '(unknown key)'}: {c['ok']:,} / {c['destroyed']:,} / "
+                f"{c['failed']:,}"
+            )
         if len(notable) > PRACTICES_SHOWN:
             click.echo(f"  … {len(notable) - PRACTICES_SHOWN:,} more practices with --json")
         if rep.failed_pks:
@@ -724,15 +916,18 @@ def verify(ctx: click.Context, cfg: Config, table: str, column: str, label: str 
 
 
 @cli.command()
-@click.option("--all", "all_keys", is_flag=True,
-              help="Unwrap every data key (default: a sample per master key; each unwrap is "
-                   "a KMS or HSM call).")
+@click.option(
+    "--all",
+    "all_keys",
+    is_flag=True,
+    help="Unwrap every data key (default: a sample per master key; each unwrap is "
+    "a KMS or HSM call).",
+)
 @app_option
 @json_option
 @pass_config
 @click.pass_context
-def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None,
-           as_json: bool) -> None:
+def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None, as_json: bool) -> None:
     """Check the deployment in order and say what to fix; read-only.
 
     Database and driver, carnet's tables, the master keys (a sample of data
@@ -742,8 +937,7 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None,
     """
     from . import doctor as _doctor
 
-    rep = _doctor.run(cfg.database_url, cfg.master_key, cfg.previous, all_keys=all_keys,
-                      app=app)
+    rep = _doctor.run(cfg.database_url, cfg.master_key, cfg.previous, all_keys=all_keys, app=app)
 
     def text() -> None:
         mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
@@ -765,8 +959,13 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None,
 
 
 @cli.command()
-@click.option("--dir", "path", type=click.Path(file_okay=False), default=None,
-              help="Keep the demo database and key here (default: a temporary directory).")
+@click.option(
+    "--dir",
+    "path",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the demo database and key here (default: a temporary directory).",
+)
 def demo(path: str | None) -> None:
     """Run a self-contained demonstration on SQLite."""
     from .demo import run_demo

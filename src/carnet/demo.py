@@ -44,6 +44,7 @@ PROBE_LENGTH = 40
 
 # -- raw-file scanning ---------------------------------------------------------------------
 
+
 def note_probes(text: str, length: int = PROBE_LENGTH, step: int = 16) -> list[bytes]:
     """Every ``length``-byte UTF-8 slice of ``text`` starting at a multiple of ``step``."""
     raw = text.encode("utf-8")
@@ -53,8 +54,9 @@ def note_probes(text: str, length: int = PROBE_LENGTH, step: int = 16) -> list[b
     return list(dict.fromkeys(raw[p : p + length] for p in starts))
 
 
-def distinctive_probes(texts: Mapping[int, str], per_text: int = 3,
-                       length: int = PROBE_LENGTH) -> dict[bytes, list[int]]:
+def distinctive_probes(
+    texts: Mapping[int, str], per_text: int = 3, length: int = PROBE_LENGTH
+) -> dict[bytes, list[int]]:
     """Up to ``per_text`` slices of each text that no other text contains, spread along it.
 
     Unique slices keep the count honest: a template sentence shared by many
@@ -78,8 +80,9 @@ def distinctive_probes(texts: Mapping[int, str], per_text: int = 3,
     return out
 
 
-def scan_files(paths: Iterable[str | os.PathLike[str]],
-               probes: Mapping[bytes, Sequence[int]]) -> set[int]:
+def scan_files(
+    paths: Iterable[str | os.PathLike[str]], probes: Mapping[bytes, Sequence[int]]
+) -> set[int]:
     """Ids of the items whose probes occur in any of the files' raw bytes.
 
     ``probes`` maps each probe to the ids of the items it belongs to. Every
@@ -109,6 +112,7 @@ def _database_files(db_path: Path) -> list[Path]:
 
 
 # -- schema --------------------------------------------------------------------------------
+
 
 def _models(
     keys: KeyManager, patients_per_practice: int
@@ -156,6 +160,7 @@ def _models(
 
 # -- the demo ------------------------------------------------------------------------------
 
+
 def _prepare_directory(directory: str | None) -> Path:
     if directory is None:
         return Path(tempfile.mkdtemp(prefix="carnet-demo-"))
@@ -173,8 +178,14 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def run_demo(directory: str | None = None, echo: Callable[[str], None] = print,
-             *, seed: int = 2026, practices: int = 5, patients: int = 1000) -> dict[str, Any]:
+def run_demo(
+    directory: str | None = None,
+    echo: Callable[[str], None] = print,
+    *,
+    seed: int = 2026,
+    practices: int = 5,
+    patients: int = 1000,
+) -> dict[str, Any]:
     """Build a small practice database in ``directory`` and walk through carnet's guarantees.
 
     ``directory`` defaults to a new temporary directory (printed). Returns the
@@ -192,16 +203,34 @@ def run_demo(directory: str | None = None, echo: Callable[[str], None] = print,
     engine = sa.create_engine(f"sqlite:///{db_path}")
     keys = KeyManager(engine, master_key=key_uri)
     try:
-        return _walkthrough(engine, keys, db_path, echo, seed=seed, practices=practices,
-                            patients=patients, t_start=t_start, root=root)
+        return _walkthrough(
+            engine,
+            keys,
+            db_path,
+            echo,
+            seed=seed,
+            practices=practices,
+            patients=patients,
+            t_start=t_start,
+            root=root,
+        )
     finally:
         keys.close()
         engine.dispose()
 
 
-def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
-                 echo: Callable[[str], None], *, seed: int, practices: int, patients: int,
-                 t_start: float, root: Path) -> dict[str, Any]:
+def _walkthrough(
+    engine: sa.Engine,
+    keys: KeyManager,
+    db_path: Path,
+    echo: Callable[[str], None],
+    *,
+    seed: int,
+    practices: int,
+    patients: int,
+    t_start: float,
+    root: Path,
+) -> dict[str, Any]:
     Practice, Patient, Note, metadata = _models(keys, patients // max(1, practices))
     keys.create_schema()
     metadata.create_all(engine)
@@ -216,22 +245,38 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     with Session(engine) as session:
         session.add_all(Practice(id=p.id, name=p.name) for p in data.practices)
         session.add_all(
-            Patient(id=p.id, practice_id=p.practice_id, first_name=p.first_name,
-                    last_name=p.last_name, birth_date=p.birth_date, phone=p.phone)
+            Patient(
+                id=p.id,
+                practice_id=p.practice_id,
+                first_name=p.first_name,
+                last_name=p.last_name,
+                birth_date=p.birth_date,
+                phone=p.phone,
+            )
             for p in data.patients
         )
         session.add_all(
-            Note(id=i + 1, practice_id=n.practice_id, patient_id=n.patient_id,
-                 written_at=n.written_at, author=n.author, body=n.text)
+            Note(
+                id=i + 1,
+                practice_id=n.practice_id,
+                patient_id=n.patient_id,
+                written_at=n.written_at,
+                author=n.author,
+                body=n.text,
+            )
             for i, n in enumerate(data.notes)
         )
         session.commit()
     insert_s = time.perf_counter() - t0
     n_notes = len(texts)
-    echo(f"  wrote {len(tenants)} practices, {len(data.patients)} patients, {n_notes} notes "
-         f"(synthetic French clinical notes) in {_fmt_s(insert_s)}")
-    echo(f"  data keys created: {keys.stats()['keys_created']} (one per practice); patients' "
-         "names, birth dates and phone numbers encrypted too, phone numbers blind-indexed")
+    echo(
+        f"  wrote {len(tenants)} practices, {len(data.patients)} patients, {n_notes} notes "
+        f"(synthetic French clinical notes) in {_fmt_s(insert_s)}"
+    )
+    echo(
+        f"  data keys created: {keys.stats()['keys_created']} (one per practice); patients' "
+        "names, birth dates and phone numbers encrypted too, phone numbers blind-indexed"
+    )
 
     # -- what a thief holding the file would see -----------------------------------------
     notes_t = _table(Note)
@@ -241,16 +286,22 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
         ).one()
     sealed = sample.body
     assert isinstance(sealed, Sealed)  # noqa: S101 - read without a tenant: never plaintext
-    echo(f"  note #{sample.id} as stored: {sealed.data[:12].hex()}… "
-         f"({len(sealed.data)} bytes: version, key id, nonce, AES-GCM ciphertext + tag)")
+    echo(
+        f"  note #{sample.id} as stored: {sealed.data[:12].hex()}… "
+        f"({len(sealed.data)} bytes: version, key id, nonce, AES-GCM ciphertext + tag)"
+    )
 
     engine.dispose()  # close every connection so the file on disk is complete
     note_found, phone_found, files = _scan(db_path, texts, data.patients)
-    echo(f"  scanned the raw bytes of {', '.join(p.name for p in files)} for "
-         f"{PROBE_LENGTH}-byte phrases found in one note only, three per note:")
+    echo(
+        f"  scanned the raw bytes of {', '.join(p.name for p in files)} for "
+        f"{PROBE_LENGTH}-byte phrases found in one note only, three per note:"
+    )
     echo(f"    {len(note_found)} of {n_notes} notes found in {DB_NAME}")
-    echo(f"    {len(phone_found)} of {len(data.patients)} patients' phone numbers found "
-         f"(encrypted, searchable only through the blind index)")
+    echo(
+        f"    {len(phone_found)} of {len(data.patients)} patients' phone numbers found "
+        f"(encrypted, searchable only through the blind index)"
+    )
 
     # -- read back -----------------------------------------------------------------------
     keys.clear_cache()
@@ -263,9 +314,11 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     _read_all(engine, Note, texts)
     read_warm_s = time.perf_counter() - t0
     warm_unwraps = keys.stats()["master_unwraps"] - cold_unwraps
-    echo(f"  read back {read_ok} of {n_notes} notes through the ORM, each equal to what was "
-         f"written: cold cache {_fmt_s(read_cold_s)} ({cold_unwraps} master-key unwraps), "
-         f"warm {_fmt_s(read_warm_s)} ({warm_unwraps} unwraps)")
+    echo(
+        f"  read back {read_ok} of {n_notes} notes through the ORM, each equal to what was "
+        f"written: cold cache {_fmt_s(read_cold_s)} ({cold_unwraps} master-key unwraps), "
+        f"warm {_fmt_s(read_warm_s)} ({warm_unwraps} unwraps)"
+    )
     with Session(engine) as session:
         example = session.get(Note, 1)
         assert example is not None and example.body is not None  # noqa: S101
@@ -286,16 +339,26 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     new_text = _synthetic.generate(seed + 1, practices=1, patients=1).notes[0].text
     with Session(engine) as session:
         first_patient = next(p for p in data.patients if p.practice_id == rotated)
-        session.add(Note(id=new_id, practice_id=rotated, patient_id=first_patient.id,
-                         written_at=dt.date(2026, 3, 2), author="Dr Demo", body=new_text))
+        session.add(
+            Note(
+                id=new_id,
+                practice_id=rotated,
+                patient_id=first_patient.id,
+                written_at=dt.date(2026, 3, 2),
+                author="Dr Demo",
+                body=new_text,
+            )
+        )
         session.commit()
     texts[new_id] = new_text
     tenant_of[new_id] = rotated
     old_version = _version_of(engine, keys, Note, rotated_ids[0])
     new_version = _version_of(engine, keys, Note, new_id)
-    echo(f"  rotated {rotated}'s data key: version {max(before)} -> {new_rec.version}; "
-         f"its {old_ok} earlier notes still read (sealed under version {old_version}), "
-         f"a new note is sealed under version {new_version}")
+    echo(
+        f"  rotated {rotated}'s data key: version {max(before)} -> {new_rec.version}; "
+        f"its {old_ok} earlier notes still read (sealed under version {old_version}), "
+        f"a new note is sealed under version {new_version}"
+    )
 
     # -- crypto-shredding ----------------------------------------------------------------
     shredded = tenants[1] if len(tenants) > 1 else tenants[0]
@@ -318,11 +381,13 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     others = [t for t in tenants if t != shredded]
     others_ok = sum(_read_all(engine, Note, texts, practice=t) for t in others)
     others_total = sum(1 for t in tenant_of.values() if t != shredded)
-    echo(f"  destroyed {shredded}'s keys ({destroyed_keys}: data key, blind-index root): "
-         f"{unreadable} of "
-         f"{len(shredded_ids)} of its notes now raise KeyDestroyed "
-         f"(through the ORM too: {orm_error or 'no error!'}); "
-         f"the other practices' {others_ok} of {others_total} notes still read")
+    echo(
+        f"  destroyed {shredded}'s keys ({destroyed_keys}: data key, blind-index root): "
+        f"{unreadable} of "
+        f"{len(shredded_ids)} of its notes now raise KeyDestroyed "
+        f"(through the ORM too: {orm_error or 'no error!'}); "
+        f"the other practices' {others_ok} of {others_total} notes still read"
+    )
 
     # -- last look at the file, after every write ------------------------------------------
     engine.dispose()
@@ -330,15 +395,24 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
     stats = keys.stats()
     total_s = time.perf_counter() - t_start
     versions = {r.tenant: (r.version, r.state) for r in keys.list_keys()}
-    echo(f"  final scan after rotation and shredding: {len(final_found)} of {len(texts)} notes "
-         f"found in {DB_NAME}")
+    echo(
+        f"  final scan after rotation and shredding: {len(final_found)} of {len(texts)} notes "
+        f"found in {DB_NAME}"
+    )
     echo("summary:")
     echo(f"  practices {len(tenants)}, patients {len(data.patients)}, notes {len(texts)}")
-    echo("  key versions: " + ", ".join(
-        f"{t} v{max(r.version for r in keys.list_keys(t))}"
-        + (" (destroyed)" if t == shredded else "") for t in tenants))
-    echo(f"  master-key calls: {stats['master_unwraps']} unwraps, {stats['master_wraps']} wraps "
-         f"(grow with practices and rotations, not with notes)")
+    echo(
+        "  key versions: "
+        + ", ".join(
+            f"{t} v{max(r.version for r in keys.list_keys(t))}"
+            + (" (destroyed)" if t == shredded else "")
+            for t in tenants
+        )
+    )
+    echo(
+        f"  master-key calls: {stats['master_unwraps']} unwraps, {stats['master_wraps']} wraps "
+        f"(grow with practices and rotations, not with notes)"
+    )
     echo(f"  total time {_fmt_s(total_s)}; files left in {root}")
 
     return {
@@ -369,13 +443,18 @@ def _walkthrough(engine: sa.Engine, keys: KeyManager, db_path: Path,
         "other_notes_readable": others_ok,
         "key_versions": versions,
         "stats": stats,
-        "timings": {"insert_s": insert_s, "read_cold_s": read_cold_s,
-                    "read_warm_s": read_warm_s, "total_s": total_s},
+        "timings": {
+            "insert_s": insert_s,
+            "read_cold_s": read_cold_s,
+            "read_warm_s": read_warm_s,
+            "total_s": total_s,
+        },
     }
 
 
-def _scan(db_path: Path, texts: Mapping[int, str],
-          patients: Sequence[_synthetic.Patient]) -> tuple[set[int], set[int], list[Path]]:
+def _scan(
+    db_path: Path, texts: Mapping[int, str], patients: Sequence[_synthetic.Patient]
+) -> tuple[set[int], set[int], list[Path]]:
     files = _database_files(db_path)
     phone_probes: dict[bytes, list[int]] = {}
     for p in patients:
@@ -383,15 +462,19 @@ def _scan(db_path: Path, texts: Mapping[int, str],
     return scan_files(files, distinctive_probes(texts)), scan_files(files, phone_probes), files
 
 
-def _find_by_phone(engine: sa.Engine, patient_cls: Any,
-                   patients: Sequence[_synthetic.Patient],
-                   echo: Callable[[str], None]) -> dict[str, Any]:
+def _find_by_phone(
+    engine: sa.Engine,
+    patient_cls: Any,
+    patients: Sequence[_synthetic.Patient],
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     """Look a patient up by phone, spelt differently from how it was written."""
     target = patients[len(patients) // 2]
     digits = target.phone.replace(" ", "")
-    typed = "+33 " + " ".join([digits[1]] + [digits[i:i + 2] for i in range(2, 10, 2)])
-    expected = sorted(p.id for p in patients if p.practice_id == target.practice_id
-                      and p.phone == target.phone)
+    typed = "+33 " + " ".join([digits[1]] + [digits[i : i + 2] for i in range(2, 10, 2)])
+    expected = sorted(
+        p.id for p in patients if p.practice_id == target.practice_id and p.phone == target.phone
+    )
     with Session(engine) as session:
         cond, _ = candidates(patient_cls.phone_bidx, typed, tenant=target.practice_id)
         n_candidates = len(session.scalars(sa.select(patient_cls.id).where(cond)).all())
@@ -400,16 +483,23 @@ def _find_by_phone(engine: sa.Engine, patient_cls: Any,
         lookup_s = time.perf_counter() - t0
         ids = sorted(p.id for p in hits)
     bits = patient_cls.__table__.c.phone_bidx.type._spec.bits
-    echo(f"  searched {target.practice_id} for the synthetic number {typed!r} (stored as "
-         f"{target.phone!r}) through a {bits}-bit blind index: {n_candidates} candidate "
-         f"row(s), {len(ids)} exact match(es) (patient #{', #'.join(map(str, ids))}) "
-         f"in {_fmt_s(lookup_s)}")
-    return {"phone_lookup_ids": ids, "phone_lookup_expected": expected,
-            "phone_lookup_candidates": n_candidates, "phone_lookup_s": lookup_s}
+    echo(
+        f"  searched {target.practice_id} for the synthetic number {typed!r} (stored as "
+        f"{target.phone!r}) through a {bits}-bit blind index: {n_candidates} candidate "
+        f"row(s), {len(ids)} exact match(es) (patient #{', #'.join(map(str, ids))}) "
+        f"in {_fmt_s(lookup_s)}"
+    )
+    return {
+        "phone_lookup_ids": ids,
+        "phone_lookup_expected": expected,
+        "phone_lookup_candidates": n_candidates,
+        "phone_lookup_s": lookup_s,
+    }
 
 
-def _read_all(engine: sa.Engine, note_cls: Any, texts: Mapping[int, str],
-              practice: str | None = None) -> int:
+def _read_all(
+    engine: sa.Engine, note_cls: Any, texts: Mapping[int, str], practice: str | None = None
+) -> int:
     """Notes read through the ORM that equal what was written."""
     q = sa.select(note_cls)
     if practice is not None:

@@ -213,8 +213,11 @@ def _text_is_safe(orig: BaseException, code: str | None) -> bool:
             return type(orig).__name__ in ("OperationalError", "InterfaceError")
         return code.startswith(_PG_CONNECTION_CLASSES)
     if module.startswith(("pymysql", "MySQLdb", "mariadb")):
-        return code is not None and code.isdigit() and (
-            1040 <= int(code) <= 1049 or 2000 <= int(code) <= 2999)
+        return (
+            code is not None
+            and code.isdigit()
+            and (1040 <= int(code) <= 1049 or 2000 <= int(code) <= 2999)
+        )
     if module.startswith("sqlite3"):
         # Messages of the SQLite library name files, tables and columns; only
         # pysqlite's own messages (no error name) quote stored text.

@@ -119,14 +119,33 @@ def decode_pk(s: str | None) -> tuple[Any, ...] | None:
     return None if s is None else tuple(_dec(v) for v in json.loads(s))
 
 
-def new_row(job: str, worker: int, workers: int, table_name: str, column_name: str,
-            lower: Sequence[Any] | None, upper: Sequence[Any] | None) -> dict[str, Any]:
+def new_row(
+    job: str,
+    worker: int,
+    workers: int,
+    table_name: str,
+    column_name: str,
+    lower: Sequence[Any] | None,
+    upper: Sequence[Any] | None,
+) -> dict[str, Any]:
     now = utcnow()
     return {
-        "job": job, "worker": worker, "workers": workers, "table_name": table_name,
-        "column_name": column_name, "lower_pk": encode_pk(lower), "upper_pk": encode_pk(upper),
-        "last_pk": None, "done": False, "scanned": 0, "rewritten": 0, "skipped": 0,
-        "conflicts": 0, "failed": 0, "created_at": now, "updated_at": now,
+        "job": job,
+        "worker": worker,
+        "workers": workers,
+        "table_name": table_name,
+        "column_name": column_name,
+        "lower_pk": encode_pk(lower),
+        "upper_pk": encode_pk(upper),
+        "last_pk": None,
+        "done": False,
+        "scanned": 0,
+        "rewritten": 0,
+        "skipped": 0,
+        "conflicts": 0,
+        "failed": 0,
+        "created_at": now,
+        "updated_at": now,
     }
 
 
@@ -134,8 +153,15 @@ def job_progress(engine: sa.Engine, job: str) -> dict[str, Any]:
     """Summed counters of every worker of ``job`` (for progress bars and status)."""
     t = JOBS
     if not sa.inspect(engine).has_table(JOBS_TABLE):
-        return {"workers": 0, "done": 0, "scanned": 0, "rewritten": 0, "skipped": 0,
-                "conflicts": 0, "failed": 0}
+        return {
+            "workers": 0,
+            "done": 0,
+            "scanned": 0,
+            "rewritten": 0,
+            "skipped": 0,
+            "conflicts": 0,
+            "failed": 0,
+        }
     with engine.connect() as conn:
         rows = conn.execute(sa.select(t).where(t.c.job == job)).all()
     out: dict[str, Any] = {"workers": len(rows), "done": sum(1 for r in rows if r.done)}

@@ -264,9 +264,7 @@ def add_key_kinds_in(conn: sa.Connection, table: sa.Table) -> bool:
     for uc in insp.get_unique_constraints(table.name, schema=table.schema):
         if sorted(uc["column_names"]) in (["active_tenant"], ["tenant", "version"]):
             conn.exec_driver_sql(f"ALTER TABLE {tname} {drop} {q.quote(str(uc['name']))}")
-    conn.exec_driver_sql(
-        f"ALTER TABLE {tname} ADD COLUMN kind VARCHAR(8) DEFAULT 'data' NOT NULL"
-    )
+    conn.exec_driver_sql(f"ALTER TABLE {tname} ADD COLUMN kind VARCHAR(8) DEFAULT 'data' NOT NULL")
     n = table.name
     conn.exec_driver_sql(
         f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'uq_{n}_kind_active')} "

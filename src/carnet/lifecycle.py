@@ -57,8 +57,7 @@ PLAINTEXT = "plaintext"
 SQLITE_LOCK_TIMEOUT = 30.0  # seconds the CLI waits for another connection's SQLite lock
 
 
-def make_engine(url: str, *,
-                lock_notice: Callable[[str], None] | None = None) -> sa.Engine:
+def make_engine(url: str, *, lock_notice: Callable[[str], None] | None = None) -> sa.Engine:
     """An engine with time-outs suited to batch work next to a live application.
 
     ``lock_notice`` is told (on SQLite) when a statement waits for another
@@ -68,7 +67,8 @@ def make_engine(url: str, *,
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise ConfigurationError(
-            "bad database URL (expected e.g. postgresql+psycopg://...)") from None
+            "bad database URL (expected e.g. postgresql+psycopg://...)"
+        ) from None
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}
     if backend == "sqlite":
@@ -84,7 +84,8 @@ def make_engine(url: str, *,
     except ImportError as exc:
         raise ConfigurationError(
             f"the database driver for {backend} is not installed ({exc.name}); "
-            f"{_driver_hint(backend)}") from None
+            f"{_driver_hint(backend)}"
+        ) from None
     if backend == "sqlite" and lock_notice is not None:
         _SqliteLockWatch(engine, lock_notice)
     return engine
@@ -126,8 +127,15 @@ class _SqliteLockWatch:
 
         dbapi_conn.set_progress_handler(tick, 1000)
 
-    def _before(self, conn: sa.Connection, cursor: Any, statement: str, params: Any,
-                context: Any, executemany: bool) -> None:
+    def _before(
+        self,
+        conn: sa.Connection,
+        cursor: Any,
+        statement: str,
+        params: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
         now = time.monotonic()
         progress = conn.connection.info.get("carnet_progress", [now])
         progress[0] = now
@@ -137,8 +145,9 @@ class _SqliteLockWatch:
         with self._lock:
             self._inflight[id(conn)] = [now, progress, None]
             if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, daemon=True,
-                                                name="carnet-sqlite-lock-watch")
+                self._thread = threading.Thread(
+                    target=self._watch, daemon=True, name="carnet-sqlite-lock-watch"
+                )
                 self._thread.start()
 
     def _watch(self) -> None:
@@ -157,7 +166,8 @@ class _SqliteLockWatch:
             for waited in waiting:
                 self.notice(
                     f"waiting for a lock on the SQLite database held by another connection "
-                    f"({waited:.0f}s so far; a statement gives up after {SQLITE_LOCK_TIMEOUT:g}s)")
+                    f"({waited:.0f}s so far; a statement gives up after {SQLITE_LOCK_TIMEOUT:g}s)"
+                )
 
     def _done(self, conn: sa.Connection | None) -> None:
         if conn is None:
@@ -167,8 +177,15 @@ class _SqliteLockWatch:
         if st is not None and st[2] is not None:
             self.notice(f"got the SQLite lock after {time.monotonic() - st[0]:.1f}s")
 
-    def _after(self, conn: sa.Connection, cursor: Any, statement: str, params: Any,
-               context: Any, executemany: bool) -> None:
+    def _after(
+        self,
+        conn: sa.Connection,
+        cursor: Any,
+        statement: str,
+        params: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
         self._done(conn)
 
     def _error(self, ctx: sa.engine.ExceptionContext) -> None:
@@ -183,18 +200,28 @@ def open_manager(
     cache_ttl: float = 300.0,
     lock_notice: Callable[[str], None] | None = None,
 ) -> KeyManager:
-    engine = (make_engine(database_url, lock_notice=lock_notice)
-              if isinstance(database_url, str) else database_url)
-    return KeyManager(engine, master_key=master_key,
-                      previous_master_keys=tuple(previous_master_keys), cache_ttl=cache_ttl)
+    engine = (
+        make_engine(database_url, lock_notice=lock_notice)
+        if isinstance(database_url, str)
+        else database_url
+    )
+    return KeyManager(
+        engine,
+        master_key=master_key,
+        previous_master_keys=tuple(previous_master_keys),
+        cache_ttl=cache_ttl,
+    )
 
 
 def init(km: KeyManager) -> dict[str, Any]:
     """Create ``carnet_keys`` and ``carnet_jobs`` when missing; make practice ids exact."""
     converted = km.create_schema()
     _jobs.ensure_jobs_table(km.engine)
-    return {"tables": [km.table.name, _jobs.JOBS_TABLE], "database": _safe_url(km.engine),
-            "converted_to_exact_practice_ids": converted}
+    return {
+        "tables": [km.table.name, _jobs.JOBS_TABLE],
+        "database": _safe_url(km.engine),
+        "converted_to_exact_practice_ids": converted,
+    }
 
 
 def new_master(uri: str) -> dict[str, Any]:
@@ -281,9 +308,11 @@ def is_encrypted_column(km: KeyManager, tbl: sa.Table, column: str, sample: int 
     """True if some of the first non-NULL values carry carnet blobs (or the column is empty)."""
     col = sa.type_coerce(tbl.c[column], raw_type(tbl.c[column], km.engine.dialect))
     with km.engine.connect() as conn:
-        values = conn.execute(
-            sa.select(col).where(tbl.c[column].is_not(None)).limit(sample)
-        ).scalars().all()
+        values = (
+            conn.execute(sa.select(col).where(tbl.c[column].is_not(None)).limit(sample))
+            .scalars()
+            .all()
+        )
     if not values:
         return True
     return any(_carnet_value(km, v) for v in values)
@@ -293,7 +322,8 @@ def require_encrypted(km: KeyManager, table: str, column: str) -> sa.Table:
     tbl = check_column(km.engine, table, column)
     if not is_encrypted_column(km, tbl, column):
         raise ConfigurationError(
-            f"{table}.{column} holds no carnet values: not an encrypted column")
+            f"{table}.{column} holds no carnet values: not an encrypted column"
+        )
     return tbl
 
 
@@ -317,8 +347,9 @@ def discover_columns(km: KeyManager) -> list[tuple[str, str]]:
                 continue
             c = sa.type_coerce(col, col.type)
             with km.engine.connect() as conn:
-                values = conn.execute(
-                    sa.select(c).where(col.is_not(None)).limit(50)).scalars().all()
+                values = (
+                    conn.execute(sa.select(c).where(col.is_not(None)).limit(50)).scalars().all()
+                )
             if any(_carnet_value(km, v) for v in values):
                 found.append((name, col.name))
     return found
@@ -382,8 +413,14 @@ def check_master_key(km: KeyManager) -> bool:
     return True
 
 
-def column_status(km: KeyManager, table: str, column: str, keys: _Keys | None = None,
-                  batch_size: int = 2000, progress: Progress | None = None) -> ColumnStatus:
+def column_status(
+    km: KeyManager,
+    table: str,
+    column: str,
+    keys: _Keys | None = None,
+    batch_size: int = 2000,
+    progress: Progress | None = None,
+) -> ColumnStatus:
     check_column(km.engine, table, column)
     keys = keys or _Keys(km)
     st = ColumnStatus(table=table, column=column)
@@ -414,8 +451,12 @@ def column_status(km: KeyManager, table: str, column: str, keys: _Keys | None = 
             known.append((rec, n))
     # By practice, then version: the order an operator reads a rotation in.
     for rec, n in sorted(known, key=lambda rn: (rn[0].tenant, rn[0].version)):
-        st.by_key[rec.key_id.hex()] = {"tenant": rec.tenant, "version": rec.version,
-                                "state": rec.state, "rows": n}
+        st.by_key[rec.key_id.hex()] = {
+            "tenant": rec.tenant,
+            "version": rec.version,
+            "state": rec.state,
+            "rows": n,
+        }
         if rec.state in (DESTROYED, RETIRED):
             st.destroyed += n
         elif rec.state != ACTIVE:
@@ -447,9 +488,12 @@ class UncheckedMasterKey(MasterKey):
         return cls(uri)
 
 
-def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
-           check_master: bool = True,
-           declared: Sequence[tuple[str, str]] = ()) -> StatusReport:
+def status(
+    km: KeyManager,
+    columns: Sequence[tuple[str, str]] | None = None,
+    check_master: bool = True,
+    declared: Sequence[tuple[str, str]] = (),
+) -> StatusReport:
     """Keys per practice, and per encrypted column the rows by key version.
 
     ``declared``: encrypted columns the application declares; reported even
@@ -463,13 +507,23 @@ def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
     for tenant in sorted(tenants):
         recs = sorted(tenants[tenant], key=lambda r: r.version)
         active = [r for r in recs if r.state == ACTIVE and r.kind == DATA]
-        ts.append(TenantStatus(
-            tenant=tenant,
-            active_version=active[0].version if active else None,
-            master_key_uri=active[0].master_key_uri if active else None,
-            keys=[{"key_id": r.key_id.hex(), "version": r.version, "state": r.state,
-                   "kind": r.kind, "master_key_uri": r.master_key_uri} for r in recs],
-        ))
+        ts.append(
+            TenantStatus(
+                tenant=tenant,
+                active_version=active[0].version if active else None,
+                master_key_uri=active[0].master_key_uri if active else None,
+                keys=[
+                    {
+                        "key_id": r.key_id.hex(),
+                        "version": r.version,
+                        "state": r.state,
+                        "kind": r.kind,
+                        "master_key_uri": r.master_key_uri,
+                    }
+                    for r in recs
+                ],
+            )
+        )
     ok = check_master_key(km) if check_master else None
     cols = list(columns) if columns is not None else discover_columns(km)
     found_by = dict.fromkeys(cols, "data")
@@ -486,14 +540,29 @@ def status(km: KeyManager, columns: Sequence[tuple[str, str]] | None = None,
     jobs_rows: list[dict[str, Any]] = []
     if sa.inspect(km.engine).has_table(_jobs.JOBS_TABLE):
         with km.engine.connect() as conn:
-            for r in conn.execute(sa.select(_jobs.JOBS).order_by(_jobs.JOBS.c.job,
-                                                                 _jobs.JOBS.c.worker)):
-                jobs_rows.append({"job": r.job, "worker": f"{r.worker}/{r.workers}",
-                                  "table": r.table_name, "column": r.column_name,
-                                  "done": bool(r.done), "scanned": int(r.scanned),
-                                  "rewritten": int(r.rewritten), "failed": int(r.failed)})
-    return StatusReport(database=_safe_url(km.engine), master_key_uri=km.master_key.uri,
-                        master_key_ok=ok, tenants=ts, columns=col_st, jobs=jobs_rows)
+            for r in conn.execute(
+                sa.select(_jobs.JOBS).order_by(_jobs.JOBS.c.job, _jobs.JOBS.c.worker)
+            ):
+                jobs_rows.append(
+                    {
+                        "job": r.job,
+                        "worker": f"{r.worker}/{r.workers}",
+                        "table": r.table_name,
+                        "column": r.column_name,
+                        "done": bool(r.done),
+                        "scanned": int(r.scanned),
+                        "rewritten": int(r.rewritten),
+                        "failed": int(r.failed),
+                    }
+                )
+    return StatusReport(
+        database=_safe_url(km.engine),
+        master_key_uri=km.master_key.uri,
+        master_key_ok=ok,
+        tenants=ts,
+        columns=col_st,
+        jobs=jobs_rows,
+    )
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -523,16 +592,16 @@ def list_keys(km: KeyManager, tenant: str | None = None) -> list[dict[str, Any]]
     return [key_dict(r) for r in km.list_keys(tenant)]
 
 
-def rotate_keys(km: KeyManager, tenants: Sequence[str] | None = None, *,
-                create: bool = False) -> list[dict[str, Any]]:
+def rotate_keys(
+    km: KeyManager, tenants: Sequence[str] | None = None, *, create: bool = False
+) -> list[dict[str, Any]]:
     """New active DEK for each tenant (all live tenants when ``tenants`` is None).
 
     A named practice with no key is refused (:class:`UnknownTenant`) unless
     ``create``; a destroyed one is refused (:class:`KeyDestroyed`).
     """
     if tenants is None:
-        tenants = [t for t in km.tenants()
-                   if any(r.state == ACTIVE for r in km.list_keys(t))]
+        tenants = [t for t in km.tenants() if any(r.state == ACTIVE for r in km.list_keys(t))]
     return [key_dict(km.rotate(t, create=create)) for t in tenants]
 
 
@@ -565,8 +634,16 @@ class KeyUsage:
 
 # Reflected types that cannot hold carnet ciphertext; every other column is
 # read, and what decides is the value's Python type (str or bytes).
-_NOT_TEXT = (sa.types.Integer, sa.types.Numeric, sa.types.Boolean, sa.types.Date,
-             sa.types.DateTime, sa.types.Time, sa.types.Interval, sa.types.JSON)
+_NOT_TEXT = (
+    sa.types.Integer,
+    sa.types.Numeric,
+    sa.types.Boolean,
+    sa.types.Date,
+    sa.types.DateTime,
+    sa.types.Time,
+    sa.types.Interval,
+    sa.types.JSON,
+)
 _B64_HEAD = 24  # base64 characters holding the first 18 bytes: version and key id
 _PREFIX_BYTES = envelope.TEXT_PREFIX.encode("ascii")
 
@@ -584,7 +661,7 @@ def _frame_head(value: Any) -> bytes | None:
     if isinstance(value, str):
         if not value.startswith(envelope.TEXT_PREFIX):
             return None
-        head = value[len(envelope.TEXT_PREFIX):len(envelope.TEXT_PREFIX) + _B64_HEAD]
+        head = value[len(envelope.TEXT_PREFIX) : len(envelope.TEXT_PREFIX) + _B64_HEAD]
         try:
             return base64.b64decode(head, validate=True)
         except (binascii.Error, ValueError):
@@ -596,8 +673,12 @@ def _frame_head(value: Any) -> bytes | None:
 
 def _under_key(value: Any, key_id: bytes) -> bool:
     head = _frame_head(value)
-    return (head is not None and len(head) > envelope.KEY_ID_SIZE
-            and head[0] == envelope.VERSION and head[1:1 + envelope.KEY_ID_SIZE] == key_id)
+    return (
+        head is not None
+        and len(head) > envelope.KEY_ID_SIZE
+        and head[0] == envelope.VERSION
+        and head[1 : 1 + envelope.KEY_ID_SIZE] == key_id
+    )
 
 
 def _why(exc: BaseException) -> str:
@@ -618,8 +699,11 @@ def _all_tables(km: KeyManager) -> list[tuple[str | None, str]]:
     schemas: list[str | None] = [None]
     if km.engine.dialect.name == "postgresql":
         default = insp.default_schema_name
-        schemas += [s for s in insp.get_schema_names()
-                    if s != default and s != "information_schema" and not s.startswith("pg_")]
+        schemas += [
+            s
+            for s in insp.get_schema_names()
+            if s != default and s != "information_schema" and not s.startswith("pg_")
+        ]
     out: list[tuple[str | None, str]] = []
     for schema in schemas:
         for name in sorted(insp.get_table_names(schema=schema)):
@@ -634,8 +718,14 @@ def _candidate_columns(km: KeyManager, schema: str | None, name: str) -> list[st
     return [c["name"] for c in cols if not isinstance(c["type"], _NOT_TEXT)]
 
 
-def _scan(km: KeyManager, schema: str | None, name: str, columns: Sequence[str],
-          key_id: bytes, usage: KeyUsage) -> None:
+def _scan(
+    km: KeyManager,
+    schema: str | None,
+    name: str,
+    columns: Sequence[str],
+    key_id: bytes,
+    usage: KeyUsage,
+) -> None:
     """Read every row of ``columns`` (raw driver values, no primary key needed)."""
     where = f"{schema}.{name}" if schema else name
     tbl = sa.table(name, *(sa.column(c) for c in columns), schema=schema)
@@ -644,7 +734,8 @@ def _scan(km: KeyManager, schema: str | None, name: str, columns: Sequence[str],
     try:
         with km.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=2000).execute(
-                sa.select(*(tbl.c[c] for c in columns)))
+                sa.select(*(tbl.c[c] for c in columns))
+            )
             for row in result:
                 rows += 1
                 for c, v in zip(columns, row, strict=True):
@@ -665,8 +756,9 @@ def _scan(km: KeyManager, schema: str | None, name: str, columns: Sequence[str],
             usage.rows[f"{where}.{c}"] = n
 
 
-def key_usage(km: KeyManager, key_id: bytes,
-              columns: Sequence[tuple[str, str]] | None = None) -> KeyUsage:
+def key_usage(
+    km: KeyManager, key_id: bytes, columns: Sequence[tuple[str, str]] | None = None
+) -> KeyUsage:
     """Rows sealed under ``key_id``, by reading every row of every candidate column.
 
     Without ``columns``: every column of every table that is not clearly
@@ -706,9 +798,12 @@ def parse_key_id(text: str) -> bytes:
     return kid
 
 
-def retire_key(km: KeyManager, key_id: bytes,
-               columns: Sequence[tuple[str, str]] | None = None,
-               force: bool = False) -> dict[str, Any]:
+def retire_key(
+    km: KeyManager,
+    key_id: bytes,
+    columns: Sequence[tuple[str, str]] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Erase an inactive key version once a full scan finds no row using it (or with ``force``).
 
     Refuses (:class:`KeyUsageUnknown`) when some table or column could not be
@@ -719,38 +814,48 @@ def retire_key(km: KeyManager, key_id: bytes,
         raise UnknownKey(key_id)
     if rec.state == ACTIVE:
         raise ConfigurationError(
-            f"key {key_id.hex()} is the active key of tenant {rec.tenant!r}: rotate first")
+            f"key {key_id.hex()} is the active key of tenant {rec.tenant!r}: rotate first"
+        )
     usage = key_usage(km, key_id, columns) if rec.state not in (RETIRED, DESTROYED) else None
     if usage is not None and usage.total and not force:
         where = ", ".join(f"{n} row(s) in {tc}" for tc, n in sorted(usage.rows.items()))
         raise KeyInUse(
             f"key {key_id.hex()} (tenant {rec.tenant!r}, v{rec.version}) is still used by "
             f"{usage.total} row(s): {where}; run carnet reencrypt first, or --force to make "
-            "them unreadable")
+            "them unreadable"
+        )
     if usage is not None and usage.unreadable and not force:
         where = ", ".join(f"{w} ({why})" for w, why in sorted(usage.unreadable.items()))
         raise KeyUsageUnknown(
             f"key {key_id.hex()} (tenant {rec.tenant!r}, v{rec.version}) may still be used: "
             f"could not read {where}; grant read access (or name the encrypted columns with "
-            "--table/--column), or --force to retire without knowing")
+            "--table/--column), or --force to retire without knowing"
+        )
     done = km.retire(key_id)
-    return {"key": key_dict(done),
-            "rows_under_key": usage.total if usage else 0,
-            "rows_made_unreadable": usage.total if usage else 0,
-            "columns_scanned": usage.columns_scanned if usage else 0,
-            "rows_scanned": usage.rows_scanned if usage else 0,
-            "unreadable": dict(usage.unreadable) if usage else {}}
+    return {
+        "key": key_dict(done),
+        "rows_under_key": usage.total if usage else 0,
+        "rows_made_unreadable": usage.total if usage else 0,
+        "columns_scanned": usage.columns_scanned if usage else 0,
+        "rows_scanned": usage.rows_scanned if usage else 0,
+        "unreadable": dict(usage.unreadable) if usage else {},
+    }
 
 
 def destroy_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
     """Crypto-shred a practice; :class:`UnknownTenant` if it has no key at all."""
     n = km.destroy(tenant)
-    return {"tenant": tenant, "keys_destroyed": n, "already_destroyed": n == 0,
-            "cache_ttl_seconds": km.cache_ttl}
+    return {
+        "tenant": tenant,
+        "keys_destroyed": n,
+        "already_destroyed": n == 0,
+        "cache_ttl_seconds": km.cache_ttl,
+    }
 
 
-def rotate_master(km: KeyManager, to: str, *, batch_size: int = 200,
-                  progress: Progress | None = None) -> RewrapReport:
+def rotate_master(
+    km: KeyManager, to: str, *, batch_size: int = 200, progress: Progress | None = None
+) -> RewrapReport:
     """Rewrap every DEK under master key ``to``; no data row is read or written."""
     km.create_schema()
     return km.rewrap(to, batch_size=batch_size, progress=progress)
@@ -760,7 +865,8 @@ def rotate_master(km: KeyManager, to: str, *, batch_size: int = 200,
 # by the CLI and the docs (cli.md, operations.md).
 OLD_MASTER_RULE = (
     "keep it until no backup you may restore predates this rotation (restoring such a "
-    "backup needs it, as --previous-master-key); then delete it")
+    "backup needs it, as --previous-master-key); then delete it"
+)
 
 
 def master_keys_in_use(km: KeyManager) -> dict[str, int]:
@@ -794,16 +900,19 @@ def wrapping_master_keys_hint(engine: sa.Engine) -> str | None:
         with engine.connect() as conn:
             rows = conn.execute(
                 sa.select(t.c.master_key_uri, sa.func.count())
-                .where(t.c.wrapped_key.is_not(None)).group_by(t.c.master_key_uri)
+                .where(t.c.wrapped_key.is_not(None))
+                .group_by(t.c.master_key_uri)
             ).all()
     except sa.exc.SQLAlchemyError:
         return None  # the database error, if any, is reported by what runs next
     if not rows:
         return None
     which = ", ".join(f"{n} under {uri}" for uri, n in sorted(rows))
-    return (f"this database already holds data keys ({which}): restore that master key "
-            "from its backup and point CARNET_MASTER_KEY (or --previous-master-key) at it; "
-            "a new master key cannot open them")
+    return (
+        f"this database already holds data keys ({which}): restore that master key "
+        "from its backup and point CARNET_MASTER_KEY (or --previous-master-key) at it; "
+        "a new master key cannot open them"
+    )
 
 
 def strip_create_hint(message: str) -> str:
@@ -820,9 +929,16 @@ def count_keys(km: KeyManager) -> int:
 # -- reencrypt --------------------------------------------------------------------------
 
 
-def reencrypt_transform(km: KeyManager, table: str, column: str, *, tenant: str | None = None,
-                        label: str | None = None, old_label: str | None = None,
-                        counts: Counter[str] | None = None) -> Callable[[BatchRow], Any | None]:
+def reencrypt_transform(
+    km: KeyManager,
+    table: str,
+    column: str,
+    *,
+    tenant: str | None = None,
+    label: str | None = None,
+    old_label: str | None = None,
+    counts: Counter[str] | None = None,
+) -> Callable[[BatchRow], Any | None]:
     """The transform moving one value to its tenant's active DEK and current label.
 
     ``counts`` receives why each row was left alone (``nulls``, ``plaintext``,
@@ -912,8 +1028,9 @@ class ReencryptReport(BatchReport):
         return d
 
 
-def fresh_pass_if_finished(engine: sa.Engine, job: str, workers: int, *,
-                           any_count: bool = False) -> bool:
+def fresh_pass_if_finished(
+    engine: sa.Engine, job: str, workers: int, *, any_count: bool = False
+) -> bool:
     """Forget a finished job run with another worker count, so a new pass starts.
 
     A finished job has nothing to resume, so its worker count binds nothing;
@@ -927,18 +1044,29 @@ def fresh_pass_if_finished(engine: sa.Engine, job: str, workers: int, *,
     t = _jobs.JOBS
     with engine.connect() as conn:
         rows = conn.execute(sa.select(t.c.workers, t.c.done).where(t.c.job == job)).all()
-    if rows and all(r.done for r in rows) and (
-            any_count or any(r.workers != workers for r in rows)):
+    if (
+        rows
+        and all(r.done for r in rows)
+        and (any_count or any(r.workers != workers for r in rows))
+    ):
         _jobs.reset_job(engine, job)
         return True
     return False
 
 
 def reencrypt(
-    km: KeyManager, table: str, column: str, *,
-    tenant: str | None = None, label: str | None = None, old_label: str | None = None,
-    batch_size: int = 500, worker: tuple[int, int] = (0, 1), job: str | None = None,
-    restart: bool = False, progress: Progress | None = None,
+    km: KeyManager,
+    table: str,
+    column: str,
+    *,
+    tenant: str | None = None,
+    label: str | None = None,
+    old_label: str | None = None,
+    batch_size: int = 500,
+    worker: tuple[int, int] = (0, 1),
+    job: str | None = None,
+    restart: bool = False,
+    progress: Progress | None = None,
 ) -> ReencryptReport:
     """Move every value of ``table.column`` to its practice's active DEK (and label)."""
     require_encrypted(km, table, column)
@@ -947,11 +1075,17 @@ def reencrypt(
         fresh_pass_if_finished(km.engine, job, worker[1])
     counts: Counter[str] = Counter()
     rep = run_batches(
-        km.engine, table, column,
-        reencrypt_transform(km, table, column, tenant=tenant, label=label, old_label=old_label,
-                            counts=counts),
-        job=job, batch_size=batch_size,
-        worker=worker, progress=progress, restart=restart,
+        km.engine,
+        table,
+        column,
+        reencrypt_transform(
+            km, table, column, tenant=tenant, label=label, old_label=old_label, counts=counts
+        ),
+        job=job,
+        batch_size=batch_size,
+        worker=worker,
+        progress=progress,
+        restart=restart,
     )
     out = ReencryptReport(job=rep.job)
     out.add({**rep.as_dict(), **counts})
@@ -980,20 +1114,31 @@ def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any
         # A worker process has no terminal of its own: stderr is the parent's.
         print(f"carnet: worker {index}/{count}: {message}", file=sys.stderr, flush=True)
 
-    km = open_manager(spec.database_url, spec.master_key, spec.previous_master_keys,
-                      lock_notice=notice)
+    km = open_manager(
+        spec.database_url, spec.master_key, spec.previous_master_keys, lock_notice=notice
+    )
     try:
-        rep = reencrypt(km, spec.table, spec.column, tenant=spec.tenant, label=spec.label,
-                        old_label=spec.old_label, batch_size=spec.batch_size,
-                        worker=(index, count), job=spec.job, restart=spec.restart)
+        rep = reencrypt(
+            km,
+            spec.table,
+            spec.column,
+            tenant=spec.tenant,
+            label=spec.label,
+            old_label=spec.old_label,
+            batch_size=spec.batch_size,
+            worker=(index, count),
+            job=spec.job,
+            restart=spec.restart,
+        )
         return rep.as_dict()
     finally:
         km.close()
         km.engine.dispose()
 
 
-def reencrypt_parallel(spec: WorkerSpec, workers: int,
-                       poll: Callable[[dict[str, Any]], None] | None = None) -> ReencryptReport:
+def reencrypt_parallel(
+    spec: WorkerSpec, workers: int, poll: Callable[[dict[str, Any]], None] | None = None
+) -> ReencryptReport:
     """Run ``workers`` local processes on disjoint key ranges of one job; sum their reports.
 
     ``poll`` is called about twice a second with the job's summed progress
@@ -1010,8 +1155,10 @@ def reencrypt_parallel(spec: WorkerSpec, workers: int,
         _jobs.ensure_jobs_table(engine)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futs = [pool.submit(_reencrypt_worker, _no_restart(spec), i, workers)
-                    for i in range(workers)]
+            futs = [
+                pool.submit(_reencrypt_worker, _no_restart(spec), i, workers)
+                for i in range(workers)
+            ]
             while not all(f.done() for f in futs):
                 if poll is not None:
                     poll(_jobs.job_progress(engine, spec.job))
@@ -1083,7 +1230,10 @@ _REASONS: list[tuple[type[CarnetError], str]] = [
 
 
 def _tenant_source(
-    km: KeyManager, table: str, column: str, tenant_column: str,
+    km: KeyManager,
+    table: str,
+    column: str,
+    tenant_column: str,
 ) -> tuple[sa.Table, sa.ColumnElement[Any], Callable[[sa.Select[Any]], sa.Select[Any]] | None]:
     """The table, the row's practice column and the join reaching it.
 
@@ -1101,10 +1251,17 @@ def _tenant_source(
     return target.table, target.tenant_column(), target.join_or_none()
 
 
-def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
-           allow_plaintext: bool = False, batch_size: int = 1000,
-           tenant_column: str | None = None,
-           progress: Progress | None = None) -> VerifyReport:
+def verify(
+    km: KeyManager,
+    table: str,
+    column: str,
+    *,
+    label: str | None = None,
+    allow_plaintext: bool = False,
+    batch_size: int = 1000,
+    tenant_column: str | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
     """Decrypt every value; count failures by reason and list their primary keys.
 
     Without ``tenant_column`` each value is opened as its key's practice, which
@@ -1127,8 +1284,9 @@ def verify(km: KeyManager, table: str, column: str, *, label: str | None = None,
         extra = {"tenant": tcol}
     else:
         tbl = resolve_table(km.engine, table)
-    for row in iter_rows(km.engine, tbl, column, batch_size=batch_size, extra_columns=extra,
-                         join=join):
+    for row in iter_rows(
+        km.engine, tbl, column, batch_size=batch_size, extra_columns=extra, join=join
+    ):
         rep.rows += 1
         pending += 1
         if progress is not None and pending >= batch_size:

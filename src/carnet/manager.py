@@ -202,9 +202,7 @@ class KeyManager:
             if self._key_async is None:
                 from sqlalchemy.ext.asyncio import create_async_engine
 
-                self._key_async = create_async_engine(
-                    self._engine.url, pool_size=2, max_overflow=8
-                )
+                self._key_async = create_async_engine(self._engine.url, pool_size=2, max_overflow=8)
             return self._key_async.sync_engine
         if self._twin is None:
             self._twin = sa.create_engine(_sync_url(self._engine.url))
@@ -415,9 +413,7 @@ class KeyManager:
             rec.check()
         return recs if kind is None else [r for r in recs if r.kind == kind]
 
-    def _query_active(
-        self, conn: sa.Connection, tenant: str
-    ) -> tuple[KeyRecord | None, set[str]]:
+    def _query_active(self, conn: sa.Connection, tenant: str) -> tuple[KeyRecord | None, set[str]]:
         """The tenant's active data key record (if any) and the states of all its data keys."""
         recs = self._tenant_rows(conn, tenant)
         active = [r for r in recs if r.state == ACTIVE]
@@ -473,11 +469,14 @@ class KeyManager:
         t = self.table
         now = utcnow()
         if version is None:
-            version = 1 + conn.execute(
-                sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
-                    t.c.tenant == tenant, t.c.kind == kind if "kind" in t.c else sa.true()
-                )
-            ).scalar_one()
+            version = (
+                1
+                + conn.execute(
+                    sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
+                        t.c.tenant == tenant, t.c.kind == kind if "kind" in t.c else sa.true()
+                    )
+                ).scalar_one()
+            )
         conn.execute(
             t.insert().values(
                 key_id=key_id.hex(),

@@ -570,7 +570,9 @@ def _refuse_upsert_of_encrypted(stmt: Insert, spec: _Spec) -> None:
     if post is None:
         return
     sets = getattr(post, "update_values_to_set", None) or getattr(post, "update", None) or {}
-    names = {k if isinstance(k, str) else getattr(k, "key", None) for k in sets}
+    # A dict (SQLAlchemy 2.1, MySQL) or a list of (column, value) pairs (2.0).
+    keys = sets.keys() if isinstance(sets, Mapping) else [pair[0] for pair in sets]
+    names = {k if isinstance(k, str) else getattr(k, "key", None) for k in keys}
     hit = [e.key for e in spec.encs if e.key in names]
     if hit:
         raise UnsupportedOperation(

@@ -65,9 +65,11 @@ def _ops(op: Any) -> Any:
 
 def binary_type() -> sa.types.TypeEngine[Any]:
     """The column type EncryptedText(storage='binary') uses on each backend."""
-    return (sa.LargeBinary()
-            .with_variant(postgresql.BYTEA(), "postgresql")
-            .with_variant(mysql.LONGBLOB(), "mysql", "mariadb"))
+    return (
+        sa.LargeBinary()
+        .with_variant(postgresql.BYTEA(), "postgresql")
+        .with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+    )
 
 
 def add_encrypted_column(
@@ -141,13 +143,17 @@ def contract(
         b.drop_column(legacy)
     if rename:
         with o.batch_alter_table(table) as b:
-            b.alter_column(new, new_column_name=legacy, existing_type=_storage(type_),
-                           existing_nullable=True)
+            b.alter_column(
+                new, new_column_name=legacy, existing_type=_storage(type_), existing_nullable=True
+            )
         bind = o.get_bind()
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):
             t = state.MIGRATIONS
-            bind.execute(t.update().where(t.c.table_name == table, t.c.column_name == new)
-                         .values(column_name=legacy, source_column=legacy, mode="contracted"))
+            bind.execute(
+                t.update()
+                .where(t.c.table_name == table, t.c.column_name == new)
+                .values(column_name=legacy, source_column=legacy, mode="contracted")
+            )
 
 
 # -- autogenerate: how an EncryptedText column is written into a migration -------------
@@ -295,8 +301,7 @@ class Step:
     apply: Callable[[Any], None]
 
 
-def plan_carnet_tables(bind: sa.Engine | sa.Connection,
-                       keys_table: str = KEYS_TABLE) -> list[Step]:
+def plan_carnet_tables(bind: sa.Engine | sa.Connection, keys_table: str = KEYS_TABLE) -> list[Step]:
     """What the live database lacks of carnet's current tables, in order; empty when up to date.
 
     Compared: missing tables, missing columns, and the collation of string
@@ -316,12 +321,17 @@ def plan_carnet_tables(bind: sa.Engine | sa.Connection,
                 # Not a plain ADD COLUMN: the one-active-key and version
                 # constraints become per kind too, or a practice's first index
                 # root would collide with its active data key.
-                steps.append(Step(f"add key kinds to {table.name} (kind column, constraints "
-                                  "per kind)", _key_kinds_step(table)))
+                steps.append(
+                    Step(
+                        f"add key kinds to {table.name} (kind column, constraints per kind)",
+                        _key_kinds_step(table),
+                    )
+                )
                 continue
             if got is None:
-                steps.append(Step(f"add column {table.name}.{col.name}",
-                                  _add_column_step(table.name, col)))
+                steps.append(
+                    Step(f"add column {table.name}.{col.name}", _add_column_step(table.name, col))
+                )
                 continue
             step = _collation_step(dialect, table.name, col, got)
             if step is not None:
@@ -376,8 +386,9 @@ def _collation_of(type_: sa.types.TypeEngine[Any], dialect: sa.Dialect) -> str |
     return getattr(type_.dialect_impl(dialect), "collation", None)
 
 
-def _collation_step(dialect: sa.Dialect, table_name: str, col: sa.Column[Any],
-                    live: Any) -> Step | None:
+def _collation_step(
+    dialect: sa.Dialect, table_name: str, col: sa.Column[Any], live: Any
+) -> Step | None:
     """The hook where a change of a string column's collation is planned.
 
     carnet declares a collation where exact comparison matters (tenant ids
@@ -397,8 +408,13 @@ def _collation_step(dialect: sa.Dialect, table_name: str, col: sa.Column[Any],
     nullable = bool(live.get("nullable", col.nullable))
 
     def apply(op: Any) -> None:
-        op.alter_column(table_name, col.name, type_=declared, existing_type=live["type"],
-                        existing_nullable=nullable)
+        op.alter_column(
+            table_name,
+            col.name,
+            type_=declared,
+            existing_type=live["type"],
+            existing_nullable=nullable,
+        )
 
     return Step(f"set collation of {table_name}.{col.name} to {want}", apply)
 

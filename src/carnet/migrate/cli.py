@@ -33,30 +33,46 @@ EXIT_INCOMPLETE = 3
 
 
 def _db_options(f: F) -> F:
-    f = click.option("--database-url", envvar="CARNET_DATABASE_URL",
-                     help="SQLAlchemy URL of the application's database [CARNET_DATABASE_URL].")(f)
+    f = click.option(
+        "--database-url",
+        envvar="CARNET_DATABASE_URL",
+        help="SQLAlchemy URL of the application's database [CARNET_DATABASE_URL].",
+    )(f)
     return f
 
 
 def _target_options(f: F) -> F:
     opts = [
-        click.option("--master-key", envvar="CARNET_MASTER_KEY",
-                     help="Master key URI [CARNET_MASTER_KEY]."),
+        click.option(
+            "--master-key", envvar="CARNET_MASTER_KEY", help="Master key URI [CARNET_MASTER_KEY]."
+        ),
         click.option("--table", required=True, help="Table holding the plaintext column."),
         click.option("--column", required=True, help="The plaintext (legacy) column."),
-        click.option("--tenant", required=True,
-                     help="Tenant column: COLUMN of the row, or PARENT_TABLE.COLUMN reached "
-                          "through foreign keys (discovered, or given with --via)."),
-        click.option("--via", multiple=True, metavar="CHILD.COL=PARENT.COL",
-                     help="One join step from the table towards the tenant's table; repeat "
-                          "per step, in order."),
+        click.option(
+            "--tenant",
+            required=True,
+            help="Tenant column: COLUMN of the row, or PARENT_TABLE.COLUMN reached "
+            "through foreign keys (discovered, or given with --via).",
+        ),
+        click.option(
+            "--via",
+            multiple=True,
+            metavar="CHILD.COL=PARENT.COL",
+            help="One join step from the table towards the tenant's table; repeat "
+            "per step, in order.",
+        ),
         click.option("--pk", multiple=True, help="Primary-key column(s), if not reflected."),
-        click.option("--into", default=None,
-                     help="Expand/contract: the new column to fill, binary or text (default: "
-                          "in place). Needed for a DATE column."),
-        click.option("--label", default=None,
-                     help="Field label bound into each value (default: TABLE.COLUMN of the "
-                          "legacy column)."),
+        click.option(
+            "--into",
+            default=None,
+            help="Expand/contract: the new column to fill, binary or text (default: "
+            "in place). Needed for a DATE column.",
+        ),
+        click.option(
+            "--label",
+            default=None,
+            help="Field label bound into each value (default: TABLE.COLUMN of the legacy column).",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
     ]
     for o in reversed(opts):
@@ -65,14 +81,22 @@ def _target_options(f: F) -> F:
 
 
 def _index_options(f: F) -> F:
-    f = click.option("--app-dir", default=".", show_default=True,
-                     type=click.Path(file_okay=False),
-                     help="Directory put first on the import path to find --index modules.")(f)
+    f = click.option(
+        "--app-dir",
+        default=".",
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="Directory put first on the import path to find --index modules.",
+    )(f)
     return click.option(
-        "--index", "indexes", multiple=True, metavar="MODULE:CLASS.ATTR",
+        "--index",
+        "indexes",
+        multiple=True,
+        metavar="MODULE:CLASS.ATTR",
         help="A blind index over the new column, from the application's model (e.g. "
-             "myapp.models:Patient.phone_bidx; repeatable): run fills it after the ciphertext, "
-             "verify and finish check that no row lacks it.")(f)
+        "myapp.models:Patient.phone_bidx; repeatable): run fills it after the ciphertext, "
+        "verify and finish check that no row lacks it.",
+    )(f)
 
 
 def _load_indexes(indexes: tuple[str, ...], app_dir: str) -> list[tuple[str, Any]]:
@@ -98,8 +122,9 @@ def _inherited(name: str, value: str | None, needed: bool = True) -> str | None:
 
 
 @contextmanager
-def _open(database_url: str | None, master_key: str | None,
-          needs_key: bool = True) -> Iterator[tuple[sa.Engine, KeyManager | None]]:
+def _open(
+    database_url: str | None, master_key: str | None, needs_key: bool = True
+) -> Iterator[tuple[sa.Engine, KeyManager | None]]:
     database_url = _inherited("database_url", database_url)
     assert database_url is not None  # noqa: S101 - _inherited raised otherwise
     master_key = _inherited("master_key", master_key, needs_key)
@@ -129,12 +154,21 @@ def _errors(f: F) -> F:
             # the driver's text, which may quote a stored value: see
             # describe_db_error.
             raise click.ClickException(f"database error: {describe_db_error(exc)}") from None
+
     return wrapper  # type: ignore[return-value]
 
 
 def _target(engine: sa.Engine, kw: dict[str, Any]) -> Target:
-    return resolve(engine, kw["table"], kw["column"], tenant=kw["tenant"], via=kw["via"],
-                   pk=kw["pk"], into=kw["into"], label=kw["label"])
+    return resolve(
+        engine,
+        kw["table"],
+        kw["column"],
+        tenant=kw["tenant"],
+        via=kw["via"],
+        pk=kw["pk"],
+        into=kw["into"],
+        label=kw["label"],
+    )
 
 
 def _emit(as_json: bool, data: dict[str, Any], lines: list[str]) -> None:
@@ -164,8 +198,9 @@ TRIAL_ROWS = 5000
 TRIAL_SECONDS = 2.0
 
 
-def _measured_rate(engine: sa.Engine, target: Target,
-                   batch_size: int = 500) -> tuple[float, int] | None:
+def _measured_rate(
+    engine: sa.Engine, target: Target, batch_size: int = 500
+) -> tuple[float, int] | None:
     """Rows per second of `migrate run` here, and the rows timed (up to TRIAL_ROWS).
 
     The same work as `run` (scan with the practice's join, seal, one
@@ -203,15 +238,21 @@ def _measured_rate(engine: sa.Engine, target: Target,
         # The batch engine's own statements (compare-and-set, or PostgreSQL's bulk form).
         writes = _BatchPlan(engine, t, target.column, None, target.join_or_none(), None)
         for batch in scan_mod.scan(engine, target, batch_size):
-            todo = [r for r in batch if r.tenant is not None and isinstance(r.source, str)
-                    and not envelope.looks_like_text_ciphertext(r.source)]
-            todo = todo[:TRIAL_ROWS - timed]
+            todo = [
+                r
+                for r in batch
+                if r.tenant is not None
+                and isinstance(r.source, str)
+                and not envelope.looks_like_text_ciphertext(r.source)
+            ]
+            todo = todo[: TRIAL_ROWS - timed]
             params = []
             for r in todo:
                 tenant = str(r.tenant)
                 scan_mod.classify_text(trial_keys, r.source, tenant, target.label)
-                blob = trial_keys.encrypt(r.source.encode("utf-8"), tenant=tenant,
-                                          label=target.label)
+                blob = trial_keys.encrypt(
+                    r.source.encode("utf-8"), tenant=tenant, label=target.label
+                )
                 p = {f"carnet_pk{i}": v for i, v in enumerate(r.pk)}
                 p["carnet_new"] = envelope.to_text(blob) if in_place else blob
                 if in_place:
@@ -272,45 +313,72 @@ def _sqlite_commit_cost(engine: sa.Engine, nbytes: int) -> None:
 
 @migrate.command("plan")
 @_target_options
-@click.option("--rate", type=float, default=None,
-              help="Rows per second to base the estimate on (default: measured here, on a "
-                   "sample written and rolled back).")
+@click.option(
+    "--rate",
+    type=float,
+    default=None,
+    help="Rows per second to base the estimate on (default: measured here, on a "
+    "sample written and rolled back).",
+)
 @_errors
-def plan_cmd(database_url: str, master_key: str, as_json: bool, rate: float | None,
-             **kw: Any) -> None:
+def plan_cmd(
+    database_url: str, master_key: str, as_json: bool, rate: float | None, **kw: Any
+) -> None:
     """Count what a run would do, per tenant; write nothing."""
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101 - master_key is required
         target = _target(engine, kw)
         measured = _measured_rate(engine, target) if rate is None else None
-        p = plan_mod.build_plan(keys, engine, target,
-                                rate=rate if measured is None else measured[0])
+        p = plan_mod.build_plan(
+            keys, engine, target, rate=rate if measured is None else measured[0]
+        )
         if measured is not None:
-            p.rate_source = (f"measured on this database: {measured[1]} rows sealed, "
-                             "written, rolled back")
+            p.rate_source = (
+                f"measured on this database: {measured[1]} rows sealed, written, rolled back"
+            )
     tot = p.totals
-    rows = [("to encrypt", p.to_encrypt), ("already encrypted", tot["sealed"]),
-            ("NULL", tot["null"]), ("look encrypted, do not open", tot["prefixed_invalid"]),
-            ("no tenant", tot["no_tenant"])]
+    rows = [
+        ("to encrypt", p.to_encrypt),
+        ("already encrypted", tot["sealed"]),
+        ("NULL", tot["null"]),
+        ("look encrypted, do not open", tot["prefixed_invalid"]),
+        ("no tenant", tot["no_tenant"]),
+    ]
     if tot.get("shredded"):
         rows.append(("crypto-shredded", tot["shredded"]))
     width = max(len(name) for name, _ in rows)
     lines = [f"{target.name}: {target.mode}, tenant {target.tenant}, label {target.label!r}"]
     lines += [f"  {name:<{width}}  {n:>9,}" for name, n in rows]
-    lines.append(f"  {'estimate':<{width}}  {_duration(p.estimate_seconds):>9} "
-                 f"(at {p.rate:,.0f} rows/s, {p.rate_source})")
+    lines.append(
+        f"  {'estimate':<{width}}  {_duration(p.estimate_seconds):>9} "
+        f"(at {p.rate:,.0f} rows/s, {p.rate_source})"
+    )
     heads = ("to encrypt", "encrypted", "NULL", "look encrypted", "no tenant")
-    table = [(t, c["plaintext"] + c["legacy_sealed"], c["sealed"], c["null"],
-              c["prefixed_invalid"], c["no_tenant"]) for t, c in p.per_tenant.items()]
+    table = [
+        (
+            t,
+            c["plaintext"] + c["legacy_sealed"],
+            c["sealed"],
+            c["null"],
+            c["prefixed_invalid"],
+            c["no_tenant"],
+        )
+        for t, c in p.per_tenant.items()
+    ]
     tw = max([len("tenant")] + [len(str(r[0])) for r in table])
-    cw = [max(len(h), *(len(f"{r[i + 1]:,}") for r in table)) if table else len(h)
-          for i, h in enumerate(heads)]
+    cw = [
+        max(len(h), *(len(f"{r[i + 1]:,}") for r in table)) if table else len(h)
+        for i, h in enumerate(heads)
+    ]
     lines.append("per tenant:")
-    lines.append(f"  {'tenant':<{tw}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, cw,
-                                                                                  strict=True)))
+    lines.append(
+        f"  {'tenant':<{tw}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, cw, strict=True))
+    )
     for r in table:
-        lines.append(f"  {str(r[0]):<{tw}}  " + "  ".join(
-            f"{v:>{w},}" for v, w in zip(r[1:], cw, strict=True)))
+        lines.append(
+            f"  {str(r[0]):<{tw}}  "
+            + "  ".join(f"{v:>{w},}" for v, w in zip(r[1:], cw, strict=True))
+        )
     for kind, pks in p.samples.items():
         lines.append(f"{kind}: primary keys {', '.join(json.dumps(k) for k in pks)}")
     lines += [f"warning: {w}" for w in p.warnings]
@@ -330,25 +398,45 @@ def _worker(value: str) -> tuple[int, int]:
 @migrate.command("run")
 @_target_options
 @click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option("--worker", default="0/1", show_default=True,
-              help="I/N: this process takes the I-th of N primary-key ranges.")
-@click.option("--prefixed", type=click.Choice(["report", "encrypt"]), default="report",
-              show_default=True,
-              help="Values that start with 'carnet:' but do not open: leave and report them, "
-                   "or encrypt them as the plaintext they are (after inspecting them).")
+@click.option(
+    "--worker",
+    default="0/1",
+    show_default=True,
+    help="I/N: this process takes the I-th of N primary-key ranges.",
+)
+@click.option(
+    "--prefixed",
+    type=click.Choice(["report", "encrypt"]),
+    default="report",
+    show_default=True,
+    help="Values that start with 'carnet:' but do not open: leave and report them, "
+    "or encrypt them as the plaintext they are (after inspecting them).",
+)
 @click.option("--pause", type=float, default=0.0, help="Seconds to sleep between batches.")
 @click.option("--restart", is_flag=True, help="Forget saved progress and scan from the start.")
 @_index_options
 @_errors
-def run_cmd(database_url: str, master_key: str, as_json: bool, batch_size: int, worker: str,
-            prefixed: str, pause: float, restart: bool, indexes: tuple[str, ...], app_dir: str,
-            **kw: Any) -> None:
+def run_cmd(
+    database_url: str,
+    master_key: str,
+    as_json: bool,
+    batch_size: int,
+    worker: str,
+    prefixed: str,
+    pause: float,
+    restart: bool,
+    indexes: tuple[str, ...],
+    app_dir: str,
+    **kw: Any,
+) -> None:
     """Seal every plaintext value, in batches; resumes after a crash."""
     w = _worker(worker)
     attrs = _load_indexes(indexes, app_dir)
     if attrs and w != (0, 1):
-        raise click.UsageError("--index runs with a single worker (0/1): the index backfill "
-                               "walks each practice; rerun without --index on the others")
+        raise click.UsageError(
+            "--index runs with a single worker (0/1): the index backfill "
+            "walks each practice; rerun without --index on the others"
+        )
     backfills: list[run_mod.IndexBackfill] = []
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101
@@ -357,42 +445,61 @@ def run_cmd(database_url: str, master_key: str, as_json: bool, batch_size: int, 
         if sys.stderr.isatty() and not as_json:
             with engine.connect() as conn:
                 total = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar()
-            bar = click.progressbar(length=int(total or 0) // w[1] or 1,
-                                    label=f"encrypting {target.name}", file=sys.stderr)
+            bar = click.progressbar(
+                length=int(total or 0) // w[1] or 1,
+                label=f"encrypting {target.name}",
+                file=sys.stderr,
+            )
             bar.__enter__()
         try:
-            result = run_mod.run_migration(keys, engine, target, batch_size=batch_size, worker=w,
-                                 prefixed=prefixed,  # type: ignore[arg-type]
-                                 restart=restart, pause=pause,
-                                 progress=bar.update if bar is not None else None)
+            result = run_mod.run_migration(
+                keys,
+                engine,
+                target,
+                batch_size=batch_size,
+                worker=w,
+                prefixed=prefixed,  # type: ignore[arg-type]
+                restart=restart,
+                pause=pause,
+                progress=bar.update if bar is not None else None,
+            )
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)
         if result.complete:
             # The index is computed from the sealed column: only once it is full.
-            backfills = [run_mod.backfill_index(keys, engine, attr, name=spec,
-                                                batch_size=batch_size, restart=restart)
-                         for spec, attr in attrs]
+            backfills = [
+                run_mod.backfill_index(
+                    keys, engine, attr, name=spec, batch_size=batch_size, restart=restart
+                )
+                for spec, attr in attrs
+            ]
     r = result.report
     lines = [
         f"{target.name}: scanned {r.scanned}, encrypted {r.rewritten}, left as they were "
         f"{r.skipped}, concurrent writes kept {r.conflicts}, not done {len(r.failed)} "
-        f"({r.elapsed:.1f} s" + (f", resumed after {list(r.resumed_from)}" if r.resumed_from
-                                 else "") + ")",
+        f"({r.elapsed:.1f} s"
+        + (f", resumed after {list(r.resumed_from)}" if r.resumed_from else "")
+        + ")",
     ]
     for kind, pks in result.problems.items():
-        lines.append(f"{kind}: {len(pks)} row(s), primary keys "
-                     f"{', '.join(json.dumps(k) for k in pks[:20])}")
+        lines.append(
+            f"{kind}: {len(pks)} row(s), primary keys {', '.join(json.dumps(k) for k in pks[:20])}"
+        )
     if result.problems.get("prefixed_invalid"):
-        lines.append("decide: these values start with 'carnet:' but do not open; inspect them, "
-                     "then rerun with --prefixed=encrypt")
+        lines.append(
+            "decide: these values start with 'carnet:' but do not open; inspect them, "
+            "then rerun with --prefixed=encrypt"
+        )
     lines += _backfill_lines(backfills)
     indexed = all(b.failed == 0 and b.missing == 0 for b in backfills)
     if result.complete and indexed:
         lines.append(f"next: carnet migrate verify / finish --table {target.table.name} ...")
     elif result.complete and attrs:
-        lines.append("blind indexes not complete: rerun `carnet migrate run` with the same "
-                     "options (it resumes)")
+        lines.append(
+            "blind indexes not complete: rerun `carnet migrate run` with the same "
+            "options (it resumes)"
+        )
     data = result.as_dict()
     if attrs:
         data["indexes"] = [b.as_dict() for b in backfills]
@@ -405,10 +512,11 @@ def _backfill_lines(backfills: list[run_mod.IndexBackfill]) -> list[str]:
     lines = []
     for b in backfills:
         done = sum(r.rewritten for r in b.reports.values())
-        lines.append(f"{b.index}: {done} index value(s) written in {len(b.reports)} practice(s), "
-                     f"{b.failed} row(s) failed, {b.missing} row(s) still without an index value"
-                     + (f"; destroyed practices skipped: {', '.join(b.destroyed)}"
-                        if b.destroyed else ""))
+        lines.append(
+            f"{b.index}: {done} index value(s) written in {len(b.reports)} practice(s), "
+            f"{b.failed} row(s) failed, {b.missing} row(s) still without an index value"
+            + (f"; destroyed practices skipped: {', '.join(b.destroyed)}" if b.destroyed else "")
+        )
     return lines
 
 
@@ -419,10 +527,12 @@ def _index_check(engine: sa.Engine, attrs: list[tuple[str, Any]]) -> dict[str, i
 
 def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
     t = v.totals
-    lines = [f"{target.name}: {t['sealed']} open, {t['null']} NULL, {t['plaintext']} plaintext, "
-             f"{t['prefixed_invalid']} do not open, {t['no_tenant']} no tenant"
-             + (f", {t['shredded']} crypto-shredded" if t["shredded"] else "")
-             + (f", {t['legacy_sealed']} not copied yet" if t["legacy_sealed"] else "")]
+    lines = [
+        f"{target.name}: {t['sealed']} open, {t['null']} NULL, {t['plaintext']} plaintext, "
+        f"{t['prefixed_invalid']} do not open, {t['no_tenant']} no tenant"
+        + (f", {t['shredded']} crypto-shredded" if t["shredded"] else "")
+        + (f", {t['legacy_sealed']} not copied yet" if t["legacy_sealed"] else "")
+    ]
     for kind, pks in v.samples.items():
         lines.append(f"{kind}: primary keys {', '.join(json.dumps(k) for k in pks)}")
     return lines
@@ -432,8 +542,14 @@ def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
 @_target_options
 @_index_options
 @_errors
-def verify_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple[str, ...],
-               app_dir: str, **kw: Any) -> None:
+def verify_cmd(
+    database_url: str,
+    master_key: str,
+    as_json: bool,
+    indexes: tuple[str, ...],
+    app_dir: str,
+    **kw: Any,
+) -> None:
     """Read back and open every value (authenticated decryption, not a prefix check)."""
     attrs = _load_indexes(indexes, app_dir)
     with _open(database_url, master_key) as (engine, keys):
@@ -455,8 +571,14 @@ def verify_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple
 @_target_options
 @_index_options
 @_errors
-def finish_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple[str, ...],
-               app_dir: str, **kw: Any) -> None:
+def finish_cmd(
+    database_url: str,
+    master_key: str,
+    as_json: bool,
+    indexes: tuple[str, ...],
+    app_dir: str,
+    **kw: Any,
+) -> None:
     """Verify that no plaintext remains, then record the column as strict."""
     attrs = _load_indexes(indexes, app_dir)
     with _open(database_url, master_key) as (engine, keys):
@@ -475,27 +597,38 @@ def finish_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple
         data["indexes_missing"] = missing
         lines += [f"{spec}: {n} row(s) without an index value" for spec, n in missing.items()]
     if any(missing.values()):
-        lines.append("not finished: some rows lack their blind index value; run `carnet migrate "
-                     "run ... --index ...` again")
+        lines.append(
+            "not finished: some rows lack their blind index value; run `carnet migrate "
+            "run ... --index ...` again"
+        )
         _emit(as_json, data, lines)
         sys.exit(EXIT_INCOMPLETE)
     if v.clean:
         col = target.column
         if target.mode == EXPAND:
-            typ = ("EncryptedDate" if target.plaintext == DATE
-                   else "EncryptedText (or EncryptedString(n))")
-            advice = (f"{target.name} is strict. Point the application at {col} only "
-                      f"({typ} with label={target.label!r}), then run the "
-                      f"contract migration that drops {target.source}.")
+            typ = (
+                "EncryptedDate"
+                if target.plaintext == DATE
+                else "EncryptedText (or EncryptedString(n))"
+            )
+            advice = (
+                f"{target.name} is strict. Point the application at {col} only "
+                f"({typ} with label={target.label!r}), then run the "
+                f"contract migration that drops {target.source}."
+            )
         else:
-            advice = (f"{target.name} is strict. Remove mixed_read=True from its "
-                      f"EncryptedText(storage='text') and redeploy: from then on a value that "
-                      "is not valid ciphertext raises InvalidCiphertext and is never returned.")
+            advice = (
+                f"{target.name} is strict. Remove mixed_read=True from its "
+                f"EncryptedText(storage='text') and redeploy: from then on a value that "
+                "is not valid ciphertext raises InvalidCiphertext and is never returned."
+            )
         lines += [advice, "next: carnet migrate compact, then follow its residue report"]
         data["advice"] = advice
     else:
-        lines.append("not finished: some values do not open; run `carnet migrate run` again "
-                     "and see `plan` for rows that need a decision")
+        lines.append(
+            "not finished: some values do not open; run `carnet migrate run` again "
+            "and see `plan` for rows that need a decision"
+        )
     _emit(as_json, data, lines)
     if not v.clean:
         sys.exit(EXIT_INCOMPLETE)
@@ -505,18 +638,30 @@ def finish_cmd(database_url: str, master_key: str, as_json: bool, indexes: tuple
 @_db_options
 @click.option("--table", required=True)
 @click.option("--column", multiple=True, help="Migrated column(s), to check for indexes.")
-@click.option("--vacuum-full", is_flag=True,
-              help="PostgreSQL: rewrite the table (ACCESS EXCLUSIVE lock for the whole run).")
+@click.option(
+    "--vacuum-full",
+    is_flag=True,
+    help="PostgreSQL: rewrite the table (ACCESS EXCLUSIVE lock for the whole run).",
+)
 @click.option("--yes", is_flag=True, help="Do not ask before VACUUM FULL.")
 @click.option("--json", "as_json", is_flag=True)
 @_errors
-def compact_cmd(database_url: str | None, table: str, column: tuple[str, ...], vacuum_full: bool,
-                yes: bool, as_json: bool) -> None:
+def compact_cmd(
+    database_url: str | None,
+    table: str,
+    column: tuple[str, ...],
+    vacuum_full: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
     """Compact the table after a migration and report where plaintext may remain."""
     url = _inherited("database_url", database_url) or ""
     if vacuum_full and not yes and sa.make_url(url).get_backend_name() == "postgresql":
-        click.confirm(f"VACUUM FULL locks {table} against all reads and writes until it ends. "
-                      "Go on?", abort=True, err=True)
+        click.confirm(
+            f"VACUUM FULL locks {table} against all reads and writes until it ends. Go on?",
+            abort=True,
+            err=True,
+        )
     with _open(database_url, None, needs_key=False) as (engine, _):
         rep = residue_mod.compact(engine, table, full=vacuum_full, columns=column)
     lines = [f"{rep.backend}: {'; '.join(rep.actions)}", "cleaned:"]

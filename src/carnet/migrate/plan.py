@@ -83,13 +83,19 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "target": self.target, "totals": self.totals, "per_tenant": self.per_tenant,
-            "to_encrypt": self.to_encrypt, "samples": self.samples,
-            "ciphertext_too_long": self.too_long, "column_length": self.column_length,
+            "target": self.target,
+            "totals": self.totals,
+            "per_tenant": self.per_tenant,
+            "to_encrypt": self.to_encrypt,
+            "samples": self.samples,
+            "ciphertext_too_long": self.too_long,
+            "column_length": self.column_length,
             "indexes_on_column": self.indexes,
             "estimate_seconds": round(self.estimate_seconds, 1),
-            "rate_rows_per_second": self.rate, "rate_source": self.rate_source,
-            "scan_seconds": round(self.scan_seconds, 3), "needs_decision": self.needs_decision,
+            "rate_rows_per_second": self.rate,
+            "rate_source": self.rate_source,
+            "scan_seconds": round(self.scan_seconds, 3),
+            "needs_decision": self.needs_decision,
             "warnings": self.warnings,
         }
 
@@ -105,8 +111,14 @@ def column_indexes(engine: sa.Engine, target: Target) -> list[str]:
     return out
 
 
-def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_size: int = 1000,
-         rate: float | None = None) -> Plan:
+def build_plan(
+    keys: KeyManager,
+    engine: sa.Engine,
+    target: Target,
+    *,
+    batch_size: int = 1000,
+    rate: float | None = None,
+) -> Plan:
     started = time.monotonic()
     per: dict[str, Counter[str]] = defaultdict(Counter)
     samples: dict[str, list[list[Any]]] = defaultdict(list)
@@ -122,8 +134,11 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
             per[row.tenant if row.tenant is not None else "(none)"][kind] += 1
             if kind in (sc.PREFIXED_INVALID, sc.NO_TENANT) and len(samples[kind]) < SAMPLE:
                 samples[kind].append(list(row.pk))
-            if length is not None and kind == sc.PLAINTEXT and \
-                    _stored_length(target, row, in_place) > length:
+            if (
+                length is not None
+                and kind == sc.PLAINTEXT
+                and _stored_length(target, row, in_place) > length
+            ):
                 too_long += 1
                 if len(samples["too_long"]) < SAMPLE:
                     samples["too_long"].append(list(row.pk))
@@ -139,8 +154,12 @@ def build_plan(keys: KeyManager, engine: sa.Engine, target: Target, *, batch_siz
         target=target.describe(),
         per_tenant={t: {k: c.get(k, 0) for k in sc.KINDS} for t, c in sorted(per.items())},
         totals={k: totals.get(k, 0) for k in sc.KINDS},
-        samples=dict(samples), too_long=too_long, column_length=length,
-        indexes=column_indexes(engine, target), rate=rate, rate_source=source,
+        samples=dict(samples),
+        too_long=too_long,
+        column_length=length,
+        indexes=column_indexes(engine, target),
+        rate=rate,
+        rate_source=source,
         scan_seconds=time.monotonic() - started,
     )
     if p.needs_decision:

@@ -59,8 +59,12 @@ class RunResult:
         return d
 
 
-def _transform(keys: KeyManager, target: Target, prefixed: Prefixed,
-               problems: dict[str, dict[tuple[Any, ...], None]]) -> Callable[[BatchRow], Any]:
+def _transform(
+    keys: KeyManager,
+    target: Target,
+    prefixed: Prefixed,
+    problems: dict[str, dict[tuple[Any, ...], None]],
+) -> Callable[[BatchRow], Any]:
     label = target.label
     in_place = target.mode == IN_PLACE
     # The stored width of the column receiving ciphertext: characters of the
@@ -156,9 +160,17 @@ def run_migration(
             time.sleep(pause)
 
     report = run_batches(
-        engine, target.table, target.column, _transform(keys, target, prefixed, problems),
-        job=target.job, extra_columns=extra, join=target.join_or_none(),
-        batch_size=batch_size, worker=worker, progress=on_batch, restart=restart,
+        engine,
+        target.table,
+        target.column,
+        _transform(keys, target, prefixed, problems),
+        job=target.job,
+        extra_columns=extra,
+        join=target.join_or_none(),
+        batch_size=batch_size,
+        worker=worker,
+        progress=on_batch,
+        restart=restart,
         pk=target.pk,
     )
     return RunResult(report, {k: [list(pk) for pk in v] for k, v in problems.items()})
@@ -183,15 +195,19 @@ class Verification:
     @property
     def clean(self) -> bool:
         """Every non-NULL value opens (or was crypto-shredded): nothing else is stored."""
-        return all(self.totals.get(k, 0) == 0 for k in sc.KINDS
-                   if k not in (sc.SEALED, sc.NULL, sc.SHREDDED))
+        return all(
+            self.totals.get(k, 0) == 0
+            for k in sc.KINDS
+            if k not in (sc.SEALED, sc.NULL, sc.SHREDDED)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {"totals": self.totals, "samples": self.samples, "clean": self.clean}
 
 
-def verify(keys: KeyManager, engine: sa.Engine, target: Target,
-           batch_size: int = 1000) -> Verification:
+def verify(
+    keys: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
+) -> Verification:
     """Read every value back and open it with its row's tenant: authenticated, not by prefix."""
     counts: Counter[str] = Counter()
     samples: dict[str, list[list[Any]]] = {}
@@ -206,8 +222,9 @@ def verify(keys: KeyManager, engine: sa.Engine, target: Target,
     return Verification({k: counts.get(k, 0) for k in sc.KINDS}, samples)
 
 
-def finish(keys: KeyManager, engine: sa.Engine, target: Target,
-           batch_size: int = 1000) -> Verification:
+def finish(
+    keys: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
+) -> Verification:
     """Verify, then record the column as strict. Records nothing unless every value opens."""
     v = verify(keys, engine, target, batch_size)
     if v.clean:
@@ -232,12 +249,23 @@ class IndexBackfill:
         return sum(len(r.failed) for r in self.reports.values())
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "missing": self.missing, "destroyed": self.destroyed,
-                "tenants": {t: r.as_dict() for t, r in self.reports.items()}}
+        return {
+            "index": self.index,
+            "missing": self.missing,
+            "destroyed": self.destroyed,
+            "tenants": {t: r.as_dict() for t, r in self.reports.items()},
+        }
 
 
-def backfill_index(keys: KeyManager, engine: sa.Engine, attr: Any, *, name: str | None = None,
-                   batch_size: int = 500, restart: bool = False) -> IndexBackfill:
+def backfill_index(
+    keys: KeyManager,
+    engine: sa.Engine,
+    attr: Any,
+    *,
+    name: str | None = None,
+    batch_size: int = 500,
+    restart: bool = False,
+) -> IndexBackfill:
     """Fill the blind index ``attr`` (a mapped ``BlindIndex`` attribute) for every practice.
 
     One :func:`carnet.searchable.reindex` per practice with rows: the batch
@@ -252,8 +280,9 @@ def backfill_index(keys: KeyManager, engine: sa.Engine, attr: Any, *, name: str 
     out = IndexBackfill(name or str(attr))
     for tenant in index_tenants(engine, attr):
         try:
-            out.reports[tenant] = reindex(engine, attr, tenant=tenant, batch_size=batch_size,
-                                          restart=restart, manager=keys)
+            out.reports[tenant] = reindex(
+                engine, attr, tenant=tenant, batch_size=batch_size, restart=restart, manager=keys
+            )
         except KeyDestroyed:
             out.destroyed.append(tenant)
     out.missing = missing_index_values(engine, attr, skip=out.destroyed)
@@ -274,5 +303,8 @@ def missing_index_values(engine: sa.Engine, attr: Any, skip: Sequence[str] = ())
     if skip:
         cond.append(sa.cast(tenant_column, sa.String).not_in(list(skip)))
     with engine.connect() as conn:
-        return int(conn.execute(
-            sa.select(sa.func.count()).select_from(column.table).where(*cond)).scalar_one())
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).select_from(column.table).where(*cond)
+            ).scalar_one()
+        )

@@ -56,7 +56,9 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
     t = target.table
     pk_cols = [t.c[c] for c in target.pk]
     cols: list[sa.ColumnElement[Any]] = [
-        *pk_cols, target.tenant_column().label("carnet_tenant"), t.c[target.column],
+        *pk_cols,
+        target.tenant_column().label("carnet_tenant"),
+        t.c[target.column],
     ]
     if target.mode != IN_PLACE:
         cols.append(t.c[target.source])
@@ -65,8 +67,11 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
     while True:
         q = base
         if last is not None:
-            q = q.where(sa.tuple_(*pk_cols) > sa.tuple_(*last)) if len(pk_cols) > 1 \
+            q = (
+                q.where(sa.tuple_(*pk_cols) > sa.tuple_(*last))
+                if len(pk_cols) > 1
                 else q.where(pk_cols[0] > last[0])
+            )
         q = q.order_by(*pk_cols).limit(batch_size)
         failure: DatabaseError | None = None
         try:
@@ -77,8 +82,11 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
             failure = DatabaseError(
                 f"{target.name}: database error while reading the rows {after}: "
                 f"{describe_db_error(exc)}",
-                table=t.name, column=target.source, pks=(last,) if last is not None else (),
-                code=db_error_code(exc))
+                table=t.name,
+                column=target.source,
+                pks=(last,) if last is not None else (),
+                code=db_error_code(exc),
+            )
         if failure is not None:
             # Outside the except block: the driver's message may quote a
             # stored value (SQLite's undecodable text), and must not ride
@@ -88,8 +96,12 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
             return
         n = len(pk_cols)
         batch = [
-            ScannedRow(tuple(r[:n]), tenant_str(r[n]), r[n + 1],
-                       r[n + 2] if target.mode != IN_PLACE else r[n + 1])
+            ScannedRow(
+                tuple(r[:n]),
+                tenant_str(r[n]),
+                r[n + 1],
+                r[n + 2] if target.mode != IN_PLACE else r[n + 1],
+            )
             for r in rows
         ]
         last = batch[-1].pk
@@ -139,8 +151,11 @@ def classify(keys: KeyManager, target: Target, row: ScannedRow) -> str:
         if row.tenant is None:
             return NO_TENANT
         if isinstance(row.value, str):  # a text-storage column: the prefixed form
-            return classify_text(keys, row.value, row.tenant, target.label) \
-                if envelope.looks_like_text_ciphertext(row.value) else PREFIXED_INVALID
+            return (
+                classify_text(keys, row.value, row.tenant, target.label)
+                if envelope.looks_like_text_ciphertext(row.value)
+                else PREFIXED_INVALID
+            )
         return opens(keys, bytes(row.value), row.tenant, target.label)
     if row.source is None:
         return NULL

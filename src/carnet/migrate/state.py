@@ -49,8 +49,9 @@ def get(bind: sa.Engine | sa.Connection, table: str, column: str) -> dict[str, A
         if not sa.inspect(conn).has_table(MIGRATIONS.name):
             return None
         t = MIGRATIONS
-        row = conn.execute(sa.select(t).where(t.c.table_name == table,
-                                              t.c.column_name == column)).first()
+        row = conn.execute(
+            sa.select(t).where(t.c.table_name == table, t.c.column_name == column)
+        ).first()
         return dict(row._mapping) if row is not None else None
     finally:
         if conn_ctx is not None:
@@ -62,20 +63,34 @@ def record(engine: sa.Engine, desc: dict[str, Any], state: str, rows: int | None
     t = MIGRATIONS
     now = utcnow()
     values = {
-        "source_column": desc["source"], "mode": desc["mode"], "label": desc["label"],
-        "tenant": desc["tenant"], "state": state, "rows_sealed": rows,
+        "source_column": desc["source"],
+        "mode": desc["mode"],
+        "label": desc["label"],
+        "tenant": desc["tenant"],
+        "state": state,
+        "rows_sealed": rows,
         "finished_at": now if state == STRICT else None,
     }
     with engine.begin() as conn:
-        n = conn.execute(t.update().where(
-            t.c.table_name == desc["table"], t.c.column_name == desc["column"]
-        ).values(values)).rowcount
+        n = conn.execute(
+            t.update()
+            .where(t.c.table_name == desc["table"], t.c.column_name == desc["column"])
+            .values(values)
+        ).rowcount
         if n == 0:
             try:
-                conn.execute(t.insert().values(table_name=desc["table"],
-                                               column_name=desc["column"], started_at=now,
-                                               **values))
+                conn.execute(
+                    t.insert().values(
+                        table_name=desc["table"],
+                        column_name=desc["column"],
+                        started_at=now,
+                        **values,
+                    )
+                )
             except sa.exc.IntegrityError:
                 # Another worker inserted it between our UPDATE and INSERT.
-                conn.execute(t.update().where(t.c.table_name == desc["table"],
-                                              t.c.column_name == desc["column"]).values(values))
+                conn.execute(
+                    t.update()
+                    .where(t.c.table_name == desc["table"], t.c.column_name == desc["column"])
+                    .values(values)
+                )

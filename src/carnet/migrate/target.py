@@ -96,9 +96,14 @@ class Target:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "table": self.table.name, "column": self.column, "source": self.source,
-            "mode": self.mode, "primary_key": list(self.pk), "tenant": str(self.tenant),
-            "label": self.label, "plaintext": self.plaintext,
+            "table": self.table.name,
+            "column": self.column,
+            "source": self.source,
+            "mode": self.mode,
+            "primary_key": list(self.pk),
+            "tenant": str(self.tenant),
+            "label": self.label,
+            "plaintext": self.plaintext,
         }
 
     # -- SQL pieces for the batch engine and the read-only scans --------------------
@@ -122,8 +127,9 @@ class Target:
         """Add the tenant's join path to a SELECT over the migrated table."""
         prev: sa.FromClause = self.table
         for step, alias in self._aliases:
-            sel = sel.join_from(prev, alias, prev.c[step.child_col] == alias.c[step.parent_col],
-                                isouter=True)
+            sel = sel.join_from(
+                prev, alias, prev.c[step.child_col] == alias.c[step.parent_col], isouter=True
+            )
             prev = alias
         return sel
 
@@ -258,9 +264,14 @@ def resolve(
         if c not in t.c:
             raise ConfigurationError(f"table {table!r} has no column {c!r}")
     return Target(
-        table=t, column=into or column, source=column, pk=pk_cols,
-        tenant=TenantPath(t_table, t_col, steps), label=label or f"{table}.{column}",
-        metadata=md, plaintext=plaintext,
+        table=t,
+        column=into or column,
+        source=column,
+        pk=pk_cols,
+        tenant=TenantPath(t_table, t_col, steps),
+        label=label or f"{table}.{column}",
+        metadata=md,
+        plaintext=plaintext,
     )
 
 

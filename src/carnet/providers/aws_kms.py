@@ -51,18 +51,35 @@ _ARN = re.compile(
 _BARE = re.compile(rf"{_KEY_UUID}|{_ALIAS}")
 
 # KMS error codes worth another attempt: throttling and service-side faults.
-_TRANSIENT_CODES = frozenset({
-    "ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
-    "KMSInternalException", "InternalFailure", "InternalError", "ServiceUnavailable",
-    "ServiceUnavailableException", "DependencyTimeoutException", "KeyUnavailableException",
-    "RequestTimeout", "RequestTimeoutException",
-})
+_TRANSIENT_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "KMSInternalException",
+        "InternalFailure",
+        "InternalError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "DependencyTimeoutException",
+        "KeyUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
 _MISMATCH_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
 _STATE_CODES = frozenset({"DisabledException", "KMSInvalidStateException"})
-_CONFIG_CODES = frozenset({
-    "NotFoundException", "InvalidKeyUsageException", "UnrecognizedClientException",
-    "InvalidSignatureException", "IncompleteSignature", "InvalidClientTokenId",
-})
+_CONFIG_CODES = frozenset(
+    {
+        "NotFoundException",
+        "InvalidKeyUsageException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+    }
+)
 
 # Operational settings: from the URI query, else the environment, else these.
 _SETTINGS: dict[str, tuple[str, float]] = {
@@ -100,9 +117,15 @@ class _RedactPlaintext(logging.Filter):
 
 
 _FILTER = _RedactPlaintext()
-_BOTOCORE_LOGGERS = ("botocore.endpoint", "botocore.parsers", "botocore.hooks",
-                     "botocore.httpsession", "botocore.awsrequest", "botocore.retryhandler",
-                     "botocore.regions")
+_BOTOCORE_LOGGERS = (
+    "botocore.endpoint",
+    "botocore.parsers",
+    "botocore.hooks",
+    "botocore.httpsession",
+    "botocore.awsrequest",
+    "botocore.retryhandler",
+    "botocore.regions",
+)
 
 
 def _install_log_filter() -> None:
@@ -131,7 +154,7 @@ def _parse(uri: str) -> tuple[str, str | None, dict[str, float]]:
     prefix = "aws-kms://"
     if not uri.lower().startswith(prefix):
         raise ConfigurationError("AWS KMS master key URI must start with aws-kms://")
-    rest = uri[len(prefix):]
+    rest = uri[len(prefix) :]
     key_id, _, query = rest.partition("?")
     if "@" in key_id or "#" in rest:
         # Credentials never belong in a URI that is stored next to every DEK;
@@ -190,8 +213,9 @@ class AwsKmsMasterKey(MasterKey):
 
     scheme = "aws-kms"
 
-    def __init__(self, key_id: str, *, region: str | None = None,
-                 settings: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, key_id: str, *, region: str | None = None, settings: Mapping[str, float] | None = None
+    ) -> None:
         session_mod, config_mod, exc_mod = _import_boto()
         _install_log_filter()
         self._exc = exc_mod
@@ -253,8 +277,9 @@ class AwsKmsMasterKey(MasterKey):
         try:
             response = self._call(
                 "Decrypt",
-                lambda: self._client.decrypt(CiphertextBlob=blob, KeyId=self._key_id,
-                                             EncryptionContext=ctx),
+                lambda: self._client.decrypt(
+                    CiphertextBlob=blob, KeyId=self._key_id, EncryptionContext=ctx
+                ),
                 unwrapping=True,
             )
         except _AccessDenied:
@@ -289,13 +314,23 @@ class AwsKmsMasterKey(MasterKey):
         """
         probe_context = {"carnet-probe": "access-check"}
         try:
-            sealed = self._call("Encrypt", lambda: self._client.encrypt(
-                KeyId=self._key_id, Plaintext=b"\0" * 32, EncryptionContext=probe_context))
+            sealed = self._call(
+                "Encrypt",
+                lambda: self._client.encrypt(
+                    KeyId=self._key_id, Plaintext=b"\0" * 32, EncryptionContext=probe_context
+                ),
+            )
             if fingerprint(sealed["KeyId"]) != expected:
                 return True
-            self._call("Decrypt", lambda: self._client.decrypt(
-                CiphertextBlob=sealed["CiphertextBlob"], KeyId=self._key_id,
-                EncryptionContext=probe_context), unwrapping=True)
+            self._call(
+                "Decrypt",
+                lambda: self._client.decrypt(
+                    CiphertextBlob=sealed["CiphertextBlob"],
+                    KeyId=self._key_id,
+                    EncryptionContext=probe_context,
+                ),
+                unwrapping=True,
+            )
         except (_AccessDenied, MasterKeyUnavailable):
             return False
         return True

@@ -79,15 +79,17 @@ class _Location:
 
     @property
     def uri(self) -> str:
-        return (f"pkcs11://{quote(self.token, safe='')}/{quote(self.key, safe='')}"
-                f"?module={quote(self.module, safe='/')}")
+        return (
+            f"pkcs11://{quote(self.token, safe='')}/{quote(self.key, safe='')}"
+            f"?module={quote(self.module, safe='/')}"
+        )
 
 
 def _parse(uri: str) -> _Location:
     prefix = "pkcs11://"
     if not uri.lower().startswith(prefix):
         raise ConfigurationError("PKCS#11 master key URI must start with pkcs11://")
-    rest, _, query = uri[len(prefix):].partition("?")
+    rest, _, query = uri[len(prefix) :].partition("?")
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
@@ -256,14 +258,21 @@ class Pkcs11MasterKey(MasterKey):
         with _locked(mod, loc.settings["lock_timeout"]):
             try:
                 session = mod.session(loc.token, loc.pin_source)
-                existing = list(session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
-                                                     Attribute.LABEL: loc.key}))
+                existing = list(
+                    session.get_objects(
+                        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: loc.key}
+                    )
+                )
                 if existing:
                     raise ConfigurationError(
                         f"token {loc.token!r} already holds a key labelled {loc.key!r}"
                     )
                 session.generate_key(
-                    KeyType.AES, KEY_BITS, label=loc.key, id=os.urandom(16), store=True,
+                    KeyType.AES,
+                    KEY_BITS,
+                    label=loc.key,
+                    id=os.urandom(16),
+                    store=True,
                     capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
                     template={
                         Attribute.TOKEN: True,
@@ -306,8 +315,9 @@ class Pkcs11MasterKey(MasterKey):
             "value_len": Attribute.VALUE_LEN,
             "key_type": Attribute.KEY_TYPE,
         }
-        return self._run("read attributes",
-                         lambda key: {name: key[attr] for name, attr in names.items()})
+        return self._run(
+            "read attributes", lambda key: {name: key[attr] for name, attr in names.items()}
+        )
 
     def wrap(self, dek: bytes, context: Mapping[str, str]) -> bytes:
         from pkcs11 import Mechanism
@@ -317,8 +327,12 @@ class Pkcs11MasterKey(MasterKey):
         # A fresh IV per wrap; host randomness because many HSMs refuse to
         # generate GCM IVs themselves through PKCS#11 2.40.
         iv = os.urandom(IV_SIZE)
-        sealed: bytes = self._run("wrap", lambda key: key.encrypt(
-            dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, TAG_SIZE * 8)))
+        sealed: bytes = self._run(
+            "wrap",
+            lambda key: key.encrypt(
+                dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, TAG_SIZE * 8)
+            ),
+        )
         return bytes([WRAP_VERSION]) + iv + sealed
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str]) -> bytes:
@@ -328,10 +342,16 @@ class Pkcs11MasterKey(MasterKey):
         aad = context_aad(_context(context))
         if len(wrapped) <= 1 + IV_SIZE + TAG_SIZE or wrapped[0] != WRAP_VERSION:
             raise MasterKeyMismatch(f"wrapped key is not in a format {self.scheme}:// can open")
-        iv, sealed = wrapped[1:1 + IV_SIZE], wrapped[1 + IV_SIZE:]
-        plain: bytes = self._run("unwrap", lambda key: key.decrypt(
-            sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(iv, aad, TAG_SIZE * 8)),
-            unwrapping=True)
+        iv, sealed = wrapped[1 : 1 + IV_SIZE], wrapped[1 + IV_SIZE :]
+        plain: bytes = self._run(
+            "unwrap",
+            lambda key: key.decrypt(
+                sealed,
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(iv, aad, TAG_SIZE * 8),
+            ),
+            unwrapping=True,
+        )
         return plain
 
     def close(self) -> None:
@@ -354,8 +374,14 @@ class Pkcs11MasterKey(MasterKey):
             self._key, self._key_session = key, session
         return self._key
 
-    def _run(self, operation: str, fn: Callable[[Any], T], *, opening: bool = False,
-             unwrapping: bool = False) -> T:
+    def _run(
+        self,
+        operation: str,
+        fn: Callable[[Any], T],
+        *,
+        opening: bool = False,
+        unwrapping: bool = False,
+    ) -> T:
         """Run ``fn(key)`` under the module lock, reopening stale sessions, bounded retries."""
         exc_mod = self._pkcs11.exceptions
         attempts = int(self._loc.settings["max_attempts"])
@@ -413,13 +439,25 @@ class Pkcs11MasterKey(MasterKey):
         """Drop handles after a failure. Caller holds the module lock."""
         self._key = None
         exc_mod = self._pkcs11.exceptions
-        if isinstance(exc, exc_mod.SessionHandleInvalid | exc_mod.SessionClosed
-                      | exc_mod.ObjectHandleInvalid | exc_mod.KeyHandleInvalid
-                      | exc_mod.UserNotLoggedIn):
+        if isinstance(
+            exc,
+            exc_mod.SessionHandleInvalid
+            | exc_mod.SessionClosed
+            | exc_mod.ObjectHandleInvalid
+            | exc_mod.KeyHandleInvalid
+            | exc_mod.UserNotLoggedIn,
+        ):
             self._module.drop(self._loc.token)
-        elif isinstance(exc, exc_mod.DeviceRemoved | exc_mod.DeviceError | exc_mod.TokenNotPresent
-                        | exc_mod.TokenNotRecognised | exc_mod.NoSuchToken | exc_mod.NoSuchKey
-                        | exc_mod.GeneralError):
+        elif isinstance(
+            exc,
+            exc_mod.DeviceRemoved
+            | exc_mod.DeviceError
+            | exc_mod.TokenNotPresent
+            | exc_mod.TokenNotRecognised
+            | exc_mod.NoSuchToken
+            | exc_mod.NoSuchKey
+            | exc_mod.GeneralError,
+        ):
             # The slot list is read at initialisation: a token that went away
             # and came back is only seen again after re-initialising.
             self._module.reset()
@@ -445,9 +483,20 @@ def _transient(pkcs11: Any, exc: Exception, *, opened: bool) -> bool:
     """Whether another attempt (on a fresh session) may succeed."""
     e = pkcs11.exceptions
     transient: tuple[type[Exception], ...] = (
-        e.SessionHandleInvalid, e.SessionClosed, e.ObjectHandleInvalid, e.KeyHandleInvalid,
-        e.DeviceRemoved, e.DeviceError, e.DeviceMemory, e.TokenNotPresent, e.TokenNotRecognised,
-        e.UserNotLoggedIn, e.GeneralError, e.FunctionFailed, e.SessionCount, e.HostMemory,
+        e.SessionHandleInvalid,
+        e.SessionClosed,
+        e.ObjectHandleInvalid,
+        e.KeyHandleInvalid,
+        e.DeviceRemoved,
+        e.DeviceError,
+        e.DeviceMemory,
+        e.TokenNotPresent,
+        e.TokenNotRecognised,
+        e.UserNotLoggedIn,
+        e.GeneralError,
+        e.FunctionFailed,
+        e.SessionCount,
+        e.HostMemory,
     )
     if opened:
         # The key was there when this provider was opened: now missing means
@@ -478,7 +527,8 @@ def _open_error(pkcs11: Any, loc: _Location, exc: Exception) -> CarnetError:
 
 
 def _context(context: Mapping[str, str]) -> Mapping[str, str]:
-    if not context or not all(isinstance(k, str) and isinstance(v, str)
-                              for k, v in context.items()):
+    if not context or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in context.items()
+    ):
         raise TypeError("wrap context must be a non-empty mapping of str to str")
     return context
