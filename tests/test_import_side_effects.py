@@ -69,3 +69,23 @@ def test_a_key_manager_installs_the_hooks_and_sets_up_models_mapped_before(
         """
     )
     assert out == "suivi True"
+
+
+def test_carnet_works_without_the_optional_asyncio_dependencies(tmp_path: object) -> None:
+    # The core install has no greenlet: `make demo` and plain applications must
+    # import carnet and use it without SQLAlchemy's asyncio extension.
+    out = _run(
+        f"""
+        import sys
+        sys.modules["greenlet"] = None  # as if not installed
+        import sqlalchemy as sa
+        import carnet
+        assert "sqlalchemy.ext.asyncio" not in sys.modules
+        carnet.create_master_key("file://{tmp_path}/mk2").close()
+        keys = carnet.KeyManager(sa.create_engine("sqlite://"), master_key="file://{tmp_path}/mk2")
+        keys.create_schema()
+        blob = keys.encrypt(b"suivi", tenant="p1", label="notes.body")
+        print(keys.decrypt(blob, tenant="p1", label="notes.body").decode())
+        """
+    )
+    assert out == "suivi"

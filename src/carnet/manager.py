@@ -14,10 +14,9 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _aead, envelope
 from .cache import TTLCache
@@ -49,6 +48,10 @@ from .keystore import (
     wrap_context,
 )
 from .providers.base import MasterKey, open_master_key
+
+if TYPE_CHECKING:
+    # Only for annotations: the asyncio extension needs greenlet, an optional extra.
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("carnet")
 _FAST_PATH_MAX = 100_000
