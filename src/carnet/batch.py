@@ -149,7 +149,9 @@ def _le(cols: Sequence[sa.ColumnElement[Any]], vals: Sequence[Any]) -> sa.Column
     return sa.or_(c < v, sa.and_(c == v, _le(cols[1:], vals[1:])))
 
 
-def _after(cols: Sequence[sa.ColumnElement[Any]], vals: Sequence[Any]) -> sa.ColumnElement[bool]:
+def after_key(cols: Sequence[sa.ColumnElement[Any]], vals: Sequence[Any]) -> sa.ColumnElement[bool]:
+    """Rows after the key ``vals`` in ``cols`` order: the one keyset predicate of carnet's
+    table walks (the batch engine's and the migration's scans)."""
     if len(cols) == 1:
         return _gt(cols, vals)
     # The redundant leading bound lets MariaDB and SQLite use a range scan on the index.
@@ -269,7 +271,7 @@ class _Plan:
         conds: list[sa.ColumnElement[bool]] = []
         start = last if last is not None else lower
         if start is not None:
-            conds.append(_after(self.pk, start))
+            conds.append(after_key(self.pk, start))
         if upper is not None:
             conds.append(_le(self.pk, upper))
         if self.where is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import envelope
+from ..batch import after_key
 from ..errors import CarnetError, DatabaseError, KeyDestroyed, db_error_code, describe_db_error
 from ..manager import KeyManager
 from .target import IN_PLACE, Target
@@ -67,11 +68,7 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
     while True:
         q = base
         if last is not None:
-            q = (
-                q.where(sa.tuple_(*pk_cols) > sa.tuple_(*last))
-                if len(pk_cols) > 1
-                else q.where(pk_cols[0] > last[0])
-            )
+            q = q.where(after_key(pk_cols, last))
         q = q.order_by(*pk_cols).limit(batch_size)
         failure: DatabaseError | None = None
         try:
