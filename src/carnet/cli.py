@@ -30,17 +30,19 @@ from .errors import (
     UnknownTenant,
     describe_db_error,
 )
-from .manager import KeyManager
 
-EXIT_OK = 0
-EXIT_FAILED_ROWS = 1
-EXIT_USAGE = 2
-EXIT_MASTER_KEY = 3
-EXIT_DATABASE = 4
-EXIT_IN_USE = 5
-EXIT_ABORTED = 6
-EXIT_UNKNOWN_TENANT = 7
-EXIT_DESTROYED = 8
+# The one exit-code table of every command (carnet.exitcodes), re-exported here.
+from .exitcodes import (  # noqa: E402
+    EXIT_ABORTED,
+    EXIT_DATABASE,
+    EXIT_DESTROYED,
+    EXIT_FAILED_ROWS,
+    EXIT_IN_USE,
+    EXIT_MASTER_KEY,
+    EXIT_UNKNOWN_TENANT,
+    EXIT_USAGE,
+)
+from .manager import KeyManager
 
 F = TypeVar("F", bound=Callable[..., Any])
 

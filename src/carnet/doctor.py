@@ -20,8 +20,8 @@ import sqlalchemy as sa
 
 from . import jobs as _jobs
 from . import lifecycle
-from .cli import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK, EXIT_USAGE
 from .errors import CarnetError, ConfigurationError, MasterKeyMismatch, MasterKeyUnavailable
+from .exitcodes import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK, EXIT_USAGE
 from .keystore import inexact_practice_columns, keys_table
 from .manager import KeyManager
 from .providers import open_master_key

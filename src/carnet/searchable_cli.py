@@ -204,7 +204,7 @@ def reindex_cmd(
     bidx:LABEL:PRACTICE), a killed run resumes where it stopped.
     """
     from . import searchable
-    from .cli import EXIT_FAILED_ROWS
+    from .exitcodes import EXIT_FAILED_ROWS
 
     if bool(tenants) == all_tenants:
         raise click.UsageError("give --tenant T (repeatable) or --all-tenants")
