@@ -47,7 +47,7 @@ test-fast: pytest
 # Many more examples of the model-based tests than CI runs, randomized.
 FUZZ_EXAMPLES ?= 300
 fuzz: $(VENV)/.stamp-dev
-	CARNET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -s -p no:cacheprovider --timeout=0 tests/test_tenant_model.py
+	CARNET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -s -p no:cacheprovider --timeout=0 tests/scenarios/test_tenant_model.py
 
 check: lint typecheck
 
@@ -72,10 +72,10 @@ $(SA20)/.stamp: pyproject.toml
 
 test-sqlalchemy-2.0: $(SA20)/.stamp
 	$(SA20)/bin/python -c 'import sqlalchemy, sys; v = sqlalchemy.__version__; print("SQLAlchemy", v); sys.exit(not v.startswith("2.0."))'
-	$(SA20)/bin/pytest -q tests/test_types.py tests/test_manager.py tests/test_no_leaks.py \
-		tests/test_audit.py tests/test_envelope.py tests/test_tenant_paths.py \
-		tests/test_tenant_model.py tests/test_guard.py tests/test_parent_practice.py \
-		tests/test_several_databases.py
+	$(SA20)/bin/pytest -q tests/unit/test_types.py tests/unit/test_manager.py \
+		tests/unit/test_audit.py tests/unit/test_envelope.py tests/unit/test_tenant_paths.py \
+		tests/unit/test_guard.py tests/unit/test_parent_practice.py tests/scenarios/test_no_leaks.py \
+		tests/scenarios/test_tenant_model.py tests/scenarios/test_several_databases.py
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python -m bench

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from dbutil import DatabaseUnavailable, drop_database, make_database, server_check
+from support.dbutil import DatabaseUnavailable, drop_database, make_database, server_check
 
 # Fixtures of the real components (moto's KMS server, SoftHSM2, a private
 # Secret Service), declared once here: each starts only when a test asks for it.
-pytest_plugins = ("kms_server", "softhsm", "secret_service")
+pytest_plugins = ("support.kms_server", "support.softhsm", "support.secret_service")
 
 _ALLOW_SKIP = os.environ.get("CARNET_TEST_ALLOW_SKIP") == "1"
 

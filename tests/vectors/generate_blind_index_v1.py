@@ -4,7 +4,7 @@ Run from the repository root: ``python tests/vectors/generate_blind_index_v1.py`
 Inputs are fixed (root key, label, index name, tenant, transform, raw value,
 bits); outputs are the HKDF info, the derived index key, the full HMAC and the
 truncated index value, computed with ``cryptography`` through
-``carnet.indexkeys``. ``tests/test_searchable_keys.py`` checks them through
+``carnet.indexkeys``. ``tests/unit/test_searchable_keys.py`` checks them through
 carnet and again with a from-scratch HKDF/HMAC (Python's ``hmac`` module)
 following docs/format.md, so a change made to code and generator together
 still fails.

@@ -1,0 +1,76 @@
+"""What the docs say about the CLI is what the CLI prints, said the same way everywhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from carnet import lifecycle
+from support.paths import ROOT
+
+DOCS = ROOT / "docs"
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("`", ""))
+
+
+def test_one_rule_for_the_previous_master_key() -> None:
+    # The CLI's sentence, and the same rule in the two runbooks.
+    rule = lifecycle.OLD_MASTER_RULE
+    assert "until no backup you may restore predates this rotation" in rule
+    for doc in ("cli.md", "operations.md"):
+        text = _flat((DOCS / doc).read_text(encoding="utf-8"))
+        assert "until no backup you may restore predates" in text, doc
+        assert "needs it, as --previous-master-key" in text, doc
+        assert "then delete it" in text, doc
+    for path in [*DOCS.glob("*.md"), ROOT / "README.md", *(ROOT / "src").rglob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        assert "no longer needed" not in text, path
+        assert "can be deleted" not in text, path
+
+
+def test_migration_figure_lives_in_performance_md_only() -> None:
+    migration = (DOCS / "migration.md").read_text(encoding="utf-8")
+    assert "performance.md#migrate" in migration
+    assert not re.search(r"\d[\d,]+ rows (sealed )?per second", migration)
+    perf = (DOCS / "performance.md").read_text(encoding="utf-8")
+    assert "migrate run: rows sealed per second" in perf
+
+
+def test_lock_notice_is_documented_as_printed() -> None:
+    text = _flat((DOCS / "cli.md").read_text(encoding="utf-8"))
+    assert "waiting for a lock on the SQLite database held by another connection" in text
+    assert f"a statement gives up after {lifecycle.SQLITE_LOCK_TIMEOUT:g}s" in text
+
+
+def test_shell_completion_as_documented() -> None:
+    text = (DOCS / "cli.md").read_text(encoding="utf-8")
+    assert "_CARNET_COMPLETE=bash_source carnet" in text
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "src"),
+        _CARNET_COMPLETE="bash_complete",
+        COMP_WORDS="carnet keys r",
+        COMP_CWORD="2",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "carnet"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.stdout.split() == ["plain,reenable", "plain,retire", "plain,rotate"]
+    env["_CARNET_COMPLETE"] = "bash_source"
+    r = subprocess.run(
+        [sys.executable, "-m", "carnet"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert "_carnet_completion" in r.stdout
+
+
+def test_every_command_is_documented() -> None:
+    # In cli.md, or in the guide of the feature that adds it (searchable.md, migration.md).
+    from carnet.cli import cli
+
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS.glob("*.md"))
+    for name in cli.commands:
+        assert f"`carnet {name}" in text or f"carnet {name} " in text, name

@@ -1,0 +1,1 @@
+"""Helpers of carnet's tests: databases, servers, models, CLI runners, paths."""
