@@ -25,8 +25,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from legacy_practice import generate  # noqa: E402
 
-from support.paths import ROOT
-
 
 def walkthrough() -> list[str]:
     text = (ROOT / "docs" / "migration.md").read_text(encoding="utf-8")

@@ -38,8 +38,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 from webapp import fastapi_app, flask_app  # noqa: E402
 from webapp.models import Note, create_tables  # noqa: E402
 
-from support.paths import ROOT
-
 SECRET = "PLANTED-webapp-violences-conjugales-58"
 LYON, NANTES = "cabinet-lyon-3", "cabinet-nantes-1"
 # The demonstration tokens of examples/webapp/common.py.

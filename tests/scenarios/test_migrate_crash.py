@@ -38,7 +38,6 @@ import os, random, sys, time
 import sqlalchemy as sa
 import carnet
 from legacy_practice import app
-from support.paths import ROOT
 url, mk, ledger, stop, me, n = sys.argv[1:7]
 me, n = int(me), int(n)
 engine = sa.create_engine(url)

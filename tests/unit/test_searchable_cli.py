@@ -31,7 +31,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import carnet
 from carnet import transforms
-from support.paths import ROOT
 
 
 class Base(DeclarativeBase):

@@ -12,29 +12,9 @@ import carnet
 from carnet.errors import ConfigurationError
 from carnet.keystore import utcnow
 from support.paths import ROOT
+from support.schemas import old_keys_table
 
 FORMAT_MD = ROOT / "docs" / "format.md"
-
-
-def _old_keys_table(md: sa.MetaData) -> sa.Table:
-    # carnet_keys as created before key kinds existed.
-    return sa.Table(
-        "carnet_keys",
-        md,
-        sa.Column("key_id", sa.String(32), primary_key=True),
-        sa.Column("tenant", sa.String(255), nullable=False),
-        sa.Column("version", sa.Integer, nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("active_tenant", sa.String(255), nullable=True, unique=True),
-        sa.Column("master_key_uri", sa.String(1024), nullable=False),
-        sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.UniqueConstraint("tenant", "version", name="uq_carnet_keys_tenant_version"),
-        sa.CheckConstraint(
-            "state IN ('active', 'inactive', 'retired', 'destroyed')", name="ck_carnet_keys_state"
-        ),
-    )
 
 
 def _statements(backend: str) -> list[str]:
@@ -47,7 +27,7 @@ def _statements(backend: str) -> list[str]:
 def test_documented_upgrade(engine: sa.Engine, master_key_uri: str) -> None:
     backend = "mariadb" if engine.dialect.name in ("mysql", "mariadb") else engine.dialect.name
     old_md = sa.MetaData()
-    old = _old_keys_table(old_md)
+    old = old_keys_table(old_md)
     old_md.create_all(engine)
     # A data key made the old way, through the provider, with the old wrap context.
     mk = carnet.open_master_key(master_key_uri)
@@ -92,7 +72,7 @@ def test_an_old_table_serves_data_keys_until_create_schema_upgrades_it(
     engine: sa.Engine, master_key_uri: str
 ) -> None:
     old_md = sa.MetaData()
-    old = _old_keys_table(old_md)
+    old = old_keys_table(old_md)
     old_md.create_all(engine)
     mk = carnet.open_master_key(master_key_uri)
     now = utcnow()

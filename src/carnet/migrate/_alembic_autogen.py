@@ -18,7 +18,7 @@ from alembic.autogenerate import comparators, renderers
 from alembic.operations import ops
 
 from ..schema import KEYS_TABLE
-from .alembic import CarnetObjects, plan_carnet_tables
+from .carnet_tables import CarnetObjects, plan_carnet_tables
 
 _lock = threading.Lock()
 _installed = False

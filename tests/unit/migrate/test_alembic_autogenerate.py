@@ -29,9 +29,10 @@ from sqlalchemy.orm import Session
 import carnet
 from carnet import jobs
 from carnet.migrate import alembic as carnet_alembic
-from carnet.migrate import state
+from carnet.migrate import carnet_tables, state
 from carnet.schema import carnet_metadata
 from support.paths import ROOT
+from support.schemas import old_keys_table
 
 SRC = ROOT / "src"
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))
@@ -42,7 +43,6 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import carnet
-from support.paths import ROOT
 
 
 class Base(DeclarativeBase):
@@ -319,7 +319,7 @@ def test_upgrade_creates_missing_tables_and_adds_missing_columns_idempotently(
         )
         return md
 
-    monkeypatch.setattr(carnet_alembic, "carnet_metadata", later_release)
+    monkeypatch.setattr(carnet_tables, "carnet_metadata", later_release)
     assert _upgrade(engine) == [
         "create table carnet_jobs",
         "add column carnet_keys.origin",
@@ -344,7 +344,7 @@ def test_a_not_null_column_without_constant_default_is_refused_before_any_change
         md.tables[keys_table_name].append_column(sa.Column("origin", sa.String(16), nullable=False))
         return md
 
-    monkeypatch.setattr(carnet_alembic, "carnet_metadata", bad_release)
+    monkeypatch.setattr(carnet_tables, "carnet_metadata", bad_release)
     with pytest.raises(carnet.errors.ConfigurationError, match="carnet_keys.origin"):
         _upgrade(engine)
     # Refused while planning: not even the missing tables were created.
@@ -376,7 +376,7 @@ def test_upgrade_converts_a_declared_collation(
         )
         return md
 
-    monkeypatch.setattr(carnet_alembic, "carnet_metadata", exact_tenant)
+    monkeypatch.setattr(carnet_tables, "carnet_metadata", exact_tenant)
     applied = _upgrade(engine)
     want = "C" if engine.dialect.name == "postgresql" else "utf8mb4_bin"
     assert f"set collation of carnet_keys.tenant to {want}" in applied
@@ -457,12 +457,10 @@ def test_upgrade_gives_a_key_table_from_before_key_kinds_its_kinds(
     # A key table made before key kinds, with a data key in it: the Alembic
     # upgrade adds the kind column AND makes the constraints per kind, so a
     # practice's first index root no longer collides with its active data key.
-    from test_searchable_upgrade import _old_keys_table
-
     from carnet.keystore import utcnow
 
     old_md = sa.MetaData()
-    old = _old_keys_table(old_md)
+    old = old_keys_table(old_md)
     old_md.create_all(engine)
     mk = carnet.open_master_key(master_key_uri)
     key_id = os.urandom(16)
