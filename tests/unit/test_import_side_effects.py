@@ -89,3 +89,21 @@ def test_carnet_works_without_the_optional_asyncio_dependencies(tmp_path: object
         """
     )
     assert out == "suivi"
+
+
+def test_import_carnet_loads_no_demo_code_cli_or_optional_dependency() -> None:
+    # Demo-only code (the synthetic data generator, the demo's probes), the CLI
+    # and the optional extras stay out of an application's process until asked for.
+    out = _run(
+        """
+        import sys
+        import carnet
+        loaded = sorted(sys.modules)
+        unwanted = ("carnet.demo", "carnet._synthetic", "carnet.cli", "carnet.doctor",
+                    "carnet.migrate", "carnet.lifecycle", "click", "boto3", "botocore",
+                    "pkcs11", "alembic", "keyring", "greenlet")
+        inside = tuple(u + "." for u in unwanted)
+        print(",".join(m for m in loaded if m in unwanted or m.startswith(inside)))
+        """
+    )
+    assert out == ""
