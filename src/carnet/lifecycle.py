@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from . import envelope
 from . import jobs as _jobs
+from . import verify as vf
 from .batch import BatchReport, BatchRow, iter_rows, raw_type, resolve_table, run_batches
 from .errors import (
     ConfigurationError,
@@ -1263,8 +1264,6 @@ def verify(
     The walk is :func:`carnet.verify.walk`, the one ``carnet migrate verify``
     reports too.
     """
-    from . import verify as vf
-
     check_column(km.engine, table, column, pk=pk)
     lab = _label(table, column, label)
 

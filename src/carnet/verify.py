@@ -160,7 +160,8 @@ def classify(
             blob = bytes(value)
         if by_key is not None:
             practice = by_key.of(blob)
-        assert practice is not None  # noqa: S101 - by row, checked above; by key, just set
+        if practice is None:  # by row, returned above already
+            return Outcome(FAILED, NO_PRACTICE)
         km.decrypt(blob, tenant=practice, label=label)
     except KeyRetired:
         return Outcome(FAILED, RETIRED_KEY, practice)
