@@ -26,18 +26,14 @@ import sqlalchemy as sa
 
 from . import envelope
 from . import jobs as _jobs
+from . import verify as vf
 from .batch import BatchReport, BatchRow, iter_rows, raw_type, resolve_table, run_batches
 from .errors import (
-    CarnetError,
     ConfigurationError,
     InvalidCiphertext,
-    KeyDestroyed,
     KeyInUse,
-    KeyRetired,
     KeyUsageUnknown,
     MasterKeyUnavailable,
-    TenantMismatch,
-    TenantRequired,
     UnknownKey,
     UnknownTenant,
 )
@@ -276,12 +272,16 @@ def _label(table: str, column: str, label: str | None) -> str:
     return label if label is not None else f"{table.rpartition('.')[2]}.{column}"
 
 
-def check_column(engine: sa.Engine, table: str, column: str) -> sa.Table:
-    """The reflected table, after checking the column exists and can hold carnet values."""
+def check_column(engine: sa.Engine, table: str, column: str, *, pk: Sequence[str] = ()) -> sa.Table:
+    """The reflected table, after checking the column exists and can hold carnet values.
+
+    ``pk``: the columns standing for the primary key of a table that declares none.
+    """
     tbl = resolve_table(engine, table)
-    if column not in tbl.c:
-        raise ConfigurationError(f"table {table!r} has no column {column!r}")
-    if not tbl.primary_key.columns:
+    for c in (column, *pk):
+        if c not in tbl.c:
+            raise ConfigurationError(f"table {table!r} has no column {c!r}")
+    if not pk and not tbl.primary_key.columns:
         raise ConfigurationError(f"table {table!r} has no primary key")
     try:
         py = raw_type(tbl.c[column], engine.dialect).python_type
@@ -1215,25 +1215,13 @@ class VerifyReport:
 
         return asdict(self)
 
-    def _count(self, practice: str | None, what: str) -> None:
-        p = self.practices.setdefault(practice or "", {"ok": 0, "destroyed": 0, "failed": 0})
-        p[what] += 1
-
-
-_REASONS: list[tuple[type[CarnetError], str]] = [
-    (KeyRetired, "retired_key"),
-    (KeyDestroyed, "destroyed_key"),
-    (UnknownKey, "unknown_key"),
-    (InvalidCiphertext, "tampered_or_foreign"),
-    (TenantMismatch, "other_practice"),
-]
-
 
 def _tenant_source(
     km: KeyManager,
     table: str,
     column: str,
     tenant_column: str,
+    pk: Sequence[str] = (),
 ) -> tuple[sa.Table, sa.ColumnElement[Any], Callable[[sa.Select[Any]], sa.Select[Any]] | None]:
     """The table, the row's practice column and the join reaching it.
 
@@ -1242,12 +1230,12 @@ def _tenant_source(
     as ``carnet migrate --tenant`` resolves it.
     """
     if "." not in tenant_column:
-        check_column(km.engine, table, tenant_column)
+        check_column(km.engine, table, tenant_column, pk=pk)
         tbl = resolve_table(km.engine, table)
         return tbl, tbl.c[tenant_column], None
     from .migrate.target import resolve
 
-    target = resolve(km.engine, table, column, tenant=tenant_column)
+    target = resolve(km.engine, table, column, tenant=tenant_column, pk=pk)
     return target.table, target.tenant_column(), target.join_or_none()
 
 
@@ -1261,82 +1249,69 @@ def verify(
     batch_size: int = 1000,
     tenant_column: str | None = None,
     progress: Progress | None = None,
+    pk: Sequence[str] = (),
 ) -> VerifyReport:
     """Decrypt every value; count failures by reason and list their primary keys.
 
     Without ``tenant_column`` each value is opened as its key's practice, which
     proves it authentic but not that it sits in a row of that practice; with it,
-    each value must open as its own row's practice, as the application reads it.
-    ``tenant_column`` is a column of the table, or ``parent.column`` of a table
-    reached through foreign keys (``patients.practice_id``).
+    each value must open as its own row's practice, as the application reads it,
+    and a row without a practice fails (``no_practice``). ``tenant_column`` is a
+    column of the table, or ``parent.column`` of a table reached through foreign
+    keys (``patients.practice_id``). ``pk`` names the columns to page by in a
+    table without a declared primary key.
+
+    The walk is :func:`carnet.verify.walk`, the one ``carnet migrate verify``
+    reports too.
     """
-    check_column(km.engine, table, column)
+    check_column(km.engine, table, column, pk=pk)
     lab = _label(table, column, label)
-    keys = _Keys(km)
-    rep = VerifyReport(table=table, column=column, tenant_column=tenant_column)
-    pending = 0
-    # One Table for the scan, the join and the extra column, so the SELECT
+
+    def fails(out: vf.Outcome) -> bool:
+        return out.kind == vf.FAILED or (out.kind == vf.PLAINTEXT and not allow_plaintext)
+
+    # One Table for the walk, the join and the practice column, so the SELECT
     # names a single FROM.
     join = None
-    extra = None
+    tcol = None
     if tenant_column is not None:
-        tbl, tcol, join = _tenant_source(km, table, column, tenant_column)
-        extra = {"tenant": tcol}
+        tbl, tcol, join = _tenant_source(km, table, column, tenant_column, pk)
     else:
         tbl = resolve_table(km.engine, table)
-    for row in iter_rows(
-        km.engine, tbl, column, batch_size=batch_size, extra_columns=extra, join=join
-    ):
-        rep.rows += 1
-        pending += 1
-        if progress is not None and pending >= batch_size:
-            progress(pending)
-            pending = 0
-        reason: str | None = None
-        practice: str | None = None
-        if tenant_column is not None and row.extra["tenant"] is not None:
-            practice = str(row.extra["tenant"])
-        try:
-            blob = blob_of(row.value)
-            if blob is None:
-                rep.nulls += 1
-                continue
-            if isinstance(blob, str):
-                rep.plaintext += 1
-                if allow_plaintext:
-                    continue
-                reason = "plaintext"
-            else:
-                kid = envelope.key_id_of(blob)
-                rec = keys.get(kid)
-                if rec is None:
-                    raise UnknownKey(kid)
-                tenant = rec.tenant
-                if practice is None:
-                    practice = rec.tenant
-                if tenant_column is not None:
-                    if row.extra["tenant"] is None:
-                        raise TenantRequired("row has no practice")
-                    tenant = practice
-                km.decrypt(blob, tenant=tenant, label=lab)
-                rep.ok += 1
-                rep._count(practice, "ok")
-                continue
-        except KeyRetired:
-            reason = "retired_key"
-        except KeyDestroyed:
-            # The practice was crypto-shredded: unreadable by design, not a failure.
-            rep.destroyed += 1
-            rep._count(practice, "destroyed")
-            continue
-        except CarnetError as exc:
-            reason = next((name for cls, name in _REASONS if isinstance(exc, cls)), "error")
-        rep.failed += 1
-        rep._count(practice, "failed")
-        rep.reasons[reason] = rep.reasons.get(reason, 0) + 1
-        rep.failed_pks.append(list(row.pk))
-    if progress is not None and pending:
-        progress(pending)
+    found = vf.walk(
+        km,
+        km.engine,
+        tbl,
+        column,
+        label=lab,
+        tenant=tcol,
+        join=join,
+        pk=pk,
+        batch_size=batch_size,
+        sample_as=lambda out: "failed" if fails(out) else None,
+        samples=None,
+        progress=progress,
+    )
+    rep = VerifyReport(table=table, column=column, tenant_column=tenant_column)
+    rep.rows = found.rows
+    rep.ok = found.total(vf.OK)
+    rep.nulls = found.total(vf.NULL)
+    rep.plaintext = found.total(vf.PLAINTEXT)
+    rep.destroyed = found.total(vf.DESTROYED)
+    for (kind, reason), n in found.counts.items():
+        if kind == vf.FAILED or (kind == vf.PLAINTEXT and not allow_plaintext):
+            rep.failed += n
+            name = reason or PLAINTEXT
+            rep.reasons[name] = rep.reasons.get(name, 0) + n
+    for practice, c in found.practices.items():
+        counts = {
+            "ok": c[vf.OK],
+            "destroyed": c[vf.DESTROYED],
+            "failed": c[vf.FAILED] + (0 if allow_plaintext else c[vf.PLAINTEXT]),
+        }
+        if any(counts.values()):
+            rep.practices[practice] = counts
+    rep.failed_pks = found.samples.get("failed", [])
     return rep
 
 
