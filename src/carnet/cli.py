@@ -762,10 +762,11 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None, as_
     if first is not None:
         # The same error contract as every command: one line on stderr, and
         # under --json the report carries the error object.
-        data["error"] = {"code": rep.exit_code, "kind": "CheckFailed", "message": first.message}
+        message = f"{first.name}: {first.message}"
+        data["error"] = {"code": rep.exit_code, "kind": "CheckFailed", "message": message}
     _emit(as_json, data, text)
     if first is not None:
-        click.echo(f"carnet: error: {first.name}: {first.message}", err=True)
+        click.echo(f"carnet: error: {message}", err=True)
     ctx.exit(rep.exit_code)
 
 
