@@ -185,6 +185,14 @@ class CarnetGroup(click.Group):
         except (SystemExit, click.exceptions.Exit):
             raise
         except BaseException as exc:  # noqa: BLE001 - the last-resort guard
+            no_args = getattr(click.exceptions, "NoArgsIsHelpError", None)
+            if no_args is not None and isinstance(exc, no_args):
+                # `carnet` or `carnet keys` alone: the help, as click shows it.
+                exc.show()
+                code = exc.exit_code
+                if standalone_mode:
+                    sys.exit(code)
+                return code
             if isinstance(exc, KeyboardInterrupt):
                 exc = click.Abort()
                 exc.__cause__ = KeyboardInterrupt()

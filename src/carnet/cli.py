@@ -1,10 +1,9 @@
 """The ``carnet`` command line: a thin shell over :mod:`carnet.lifecycle`.
 
-Exit codes (docs/cli.md): 0 ok; 1 rows failed (verify, reencrypt); 2 usage
-or configuration error; 3 master key unavailable or wrong; 4 database
-unreachable or database error; 5 refused, key still (or possibly) in use;
-6 aborted at a confirmation prompt; 7 unknown practice (it has no data key);
-8 refused, the practice was destroyed (``keys reenable`` first).
+Exit codes: the one table of :mod:`carnet.exitcodes` (docs/cli.md), applied
+to every command, ``carnet migrate`` and ``carnet reindex`` included, by
+:class:`carnet._cli.CarnetGroup`; errors, JSON, progress, engines and the
+shared options come from :mod:`carnet._cli`.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 Kept out of :mod:`carnet.cli` and registered by it (:func:`register`), so the
 key-lifecycle shell stays one file of its own. Both commands run under the
 ``carnet`` group and share its configuration (``--database-url``,
-``--master-key``) and its exit-code table (docs/cli.md): 0 ok; 1 rows failed;
-2 usage or configuration error; 3 master key; 4 database; 7 unknown practice;
-8 destroyed practice.
+``--master-key``) and its exit-code table (:mod:`carnet.exitcodes`,
+docs/cli.md).
 
 ``carnet reindex`` needs the index's declaration (sources, transform, bits,
 label), which lives in the application's model, not in the database: it is
