@@ -296,3 +296,17 @@ def test_migrate_not_complete_is_its_own_code(deployment: tuple[str, str]) -> No
     res = _invoke(["migrate", "verify", *MIGRATE_TARGET, "--json"], env)
     assert res.exit_code == 9, res.stdout + res.stderr
     assert json.loads(res.stdout)["totals"]["plaintext"] == 1
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgresql"])
+def test_the_engine_factory_hides_parameters(db_url: str) -> None:
+    """Every engine of the command line: a failed statement never prints its parameters."""
+    from carnet._cli import make_engine
+
+    engine = make_engine(db_url)
+    try:
+        with pytest.raises(sa.exc.DBAPIError) as ei, engine.connect() as conn:
+            conn.execute(sa.text("SELECT * FROM no_such_table WHERE x = :v"), {"v": SECRET})
+        assert SECRET not in str(ei.value)
+    finally:
+        engine.dispose()
