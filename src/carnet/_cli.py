@@ -403,6 +403,14 @@ class AliasOption(click.Option):
         finally:
             self.opts = opts
 
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.hidden_aliases]
+        try:
+            return super().get_error_hint(ctx)
+        finally:
+            self.opts = opts
+
 
 def database_url_option(help: str | None = None) -> Callable[[F], F]:
     return click.option(
@@ -440,6 +448,7 @@ def batch_size_option(default: int) -> Callable[[F], F]:
         cls=AliasOption,
         hidden_aliases=("--batch",),
         type=click.IntRange(1),
+        metavar="N",
         default=default,
         show_default=True,
         help="Rows (or keys) per transaction.",
