@@ -1,43 +1,48 @@
 """The ``carnet`` command line: a thin shell over :mod:`carnet.lifecycle`.
 
-Exit codes (docs/cli.md): 0 ok; 1 rows failed (verify, reencrypt); 2 usage
-or configuration error; 3 master key unavailable or wrong; 4 database
-unreachable or database error; 5 refused, key still (or possibly) in use;
-6 aborted at a confirmation prompt; 7 unknown practice (it has no data key);
-8 refused, the practice was destroyed (``keys reenable`` first).
+Exit codes: the one table of :mod:`carnet.exitcodes` (docs/cli.md), applied
+to every command, ``carnet migrate`` and ``carnet reindex`` included, by
+:class:`carnet._cli.CarnetGroup`; errors, JSON, progress, engines and the
+shared options come from :mod:`carnet._cli`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 import sqlalchemy as sa
 
+from . import _cli as _cli_mod
 from . import lifecycle
-from .errors import (
-    CarnetError,
-    ConfigurationError,
-    DatabaseError,
-    KeyDestroyed,
-    KeyInUse,
-    MasterKeyMismatch,
-    MasterKeyUnavailable,
-    UnknownTenant,
-    describe_db_error,
+from ._cli import (
+    CarnetGroup,
+    Progress,
+    batch_size_option,
+    confirm,
+    database_url_option,
+    emit,
+    json_option,
+    make_engine,
+    master_key_option,
+    open_manager,
+    parse_worker,
+    worker_option,
+    workers_option,
+    yes_option,
 )
+from .errors import ConfigurationError, MasterKeyUnavailable
 
 # The one exit-code table of every command (carnet.exitcodes), re-exported here.
-from .exitcodes import (  # noqa: E402
+from .exitcodes import (  # noqa: F401
     EXIT_ABORTED,
     EXIT_DATABASE,
     EXIT_DESTROYED,
     EXIT_FAILED_ROWS,
     EXIT_IN_USE,
+    EXIT_INCOMPLETE,
+    EXIT_INTERNAL,
     EXIT_MASTER_KEY,
     EXIT_UNKNOWN_TENANT,
     EXIT_USAGE,
@@ -45,48 +50,6 @@ from .exitcodes import (  # noqa: E402
 from .manager import KeyManager
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(ctx: click.Context, code: int, message: str) -> None:
-    click.echo(f"carnet: error: {message}", err=True)
-    ctx.exit(code)
-
-
-def _db_message(exc: sa.exc.SQLAlchemyError) -> str:
-    # Never SQLAlchemy's rendering, which appends the statement's parameters
-    # (a note, during a migration), nor the driver's text beyond what
-    # describe_db_error keeps: some driver messages quote a stored value.
-    orig = getattr(exc, "orig", None)
-    if orig is None:
-        return f"database error ({type(exc).__name__})"
-    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
-        return f"database unreachable or failing: {describe_db_error(exc)}"
-    return f"database error: {describe_db_error(exc)}"
-
-
-class CarnetGroup(click.Group):
-    """Turns carnet and database errors into one line and a documented exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KeyInUse as exc:
-            _fail(ctx, EXIT_IN_USE, str(exc))
-        except UnknownTenant as exc:
-            _fail(ctx, EXIT_UNKNOWN_TENANT, str(exc))
-        except KeyDestroyed as exc:
-            _fail(ctx, EXIT_DESTROYED, str(exc))
-        except DatabaseError as exc:
-            _fail(ctx, EXIT_DATABASE, str(exc))
-        except (MasterKeyUnavailable, MasterKeyMismatch) as exc:
-            _fail(ctx, EXIT_MASTER_KEY, str(exc))
-        except CarnetError as exc:
-            _fail(ctx, EXIT_USAGE, str(exc))
-        except sa.exc.NoSuchTableError as exc:
-            _fail(ctx, EXIT_USAGE, f"unknown table {str(exc)!r}")
-        except sa.exc.SQLAlchemyError as exc:
-            _fail(ctx, EXIT_DATABASE, _db_message(exc))
-        return None
 
 
 class Config:
@@ -105,16 +68,16 @@ class Config:
 
     def need_url(self) -> str:
         if not self.database_url:
-            raise click.UsageError("no database: pass --database-url or set CARNET_DATABASE_URL")
+            raise ConfigurationError(_cli_mod.NO_DATABASE)
         return self.database_url
 
     def need_master(self) -> str:
         if not self.master_key:
-            raise click.UsageError("no master key: pass --master-key or set CARNET_MASTER_KEY")
+            raise ConfigurationError(_cli_mod.NO_MASTER_KEY)
         return self.master_key
 
     def engine(self) -> sa.Engine:
-        return lifecycle.make_engine(self.need_url(), lock_notice=_lock_notice)
+        return make_engine(self.need_url())
 
     def manager(self, *, open_master: bool = True) -> KeyManager:
         """The key manager; without ``open_master`` the master keys are not opened
@@ -129,147 +92,19 @@ class Config:
                 )
                 return self._km
             try:
-                self._km = KeyManager(
-                    engine,
-                    master_key=self.need_master(),
-                    previous_master_keys=self.previous,
-                    cache_ttl=self.cache_ttl,
-                )
-            except ConfigurationError as exc:
-                hint = lifecycle.wrapping_master_keys_hint(engine)
+                self._km = open_manager(engine, self.need_master(), self.previous, self.cache_ttl)
+            except BaseException:
                 engine.dispose()
-                if hint:
-                    # Creating a new master key (the provider's suggestion) would
-                    # leave every existing data key unopenable.
-                    raise MasterKeyUnavailable(
-                        f"{lifecycle.strip_create_hint(str(exc))}; {hint}"
-                    ) from None
-                raise MasterKeyUnavailable(str(exc)) from None
+                raise
         return self._km
 
 
-def _lock_notice(message: str) -> None:
-    click.echo(f"carnet: {message}", err=True)
-
-
-def _emit(as_json: bool, data: Any, text: Callable[[], None]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str, sort_keys=True))
-    else:
-        text()
-
-
-def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(int(seconds + 0.5), 0)
-    h, rest = divmod(seconds, 3600)
-    m, sec = divmod(rest, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
-
-
-class Progress:
-    """Position, rate and ETA: a bar on a terminal, a plain line every two seconds otherwise.
-
-    ``set`` takes a position summed over workers (from ``carnet_jobs``), so
-    several processes show as one job; ``finish`` brings it to its end.
-    """
-
-    def __init__(
-        self, label: str, total: int | None, quiet: bool = False, unit: str = "rows"
-    ) -> None:
-        self.label = label
-        self.total = total
-        self.unit = unit
-        self.done = 0
-        self.quiet = quiet
-        self.start = time.monotonic()
-        self._last_line = self.start
-        self._bar: Any = None
-        if not quiet and sys.stderr.isatty():
-            self._bar = click.progressbar(
-                length=total or 0,
-                label=label,
-                file=sys.stderr,
-                show_eta=True,
-                show_pos=True,
-                item_show_func=lambda _: self._rate(),
-            )
-            self._bar.__enter__()
-
-    def _rate(self) -> str:
-        dt = max(time.monotonic() - self.start, 1e-6)
-        return f"{self.done / dt:,.0f} {self.unit}/s"
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.start
-        text = f"{self.label}: {self.done:,}"
-        if self.total:
-            text += f"/{self.total:,} {self.unit} ({min(100 * self.done / self.total, 100):.0f} %)"
-        else:
-            text += f" {self.unit}"
-        text += f", {self._rate()}"
-        if self.total and 0 < self.done < self.total:
-            eta = elapsed * (self.total - self.done) / self.done
-            text += f", ETA {_duration(eta)}"
-        return text
-
-    def update(self, n: int) -> None:
-        self.set(self.done + n)
-
-    def set(self, done: int) -> None:
-        if self.total is not None and done > self.total:
-            self.total = done  # rows inserted since the count
-        step = done - self.done
-        self.done = done
-        if self.quiet:
-            return
-        if self._bar is not None:
-            if self.total is not None and self._bar.length != self.total:
-                self._bar.length = self.total
-            self._bar.update(max(step, 0), None)
-            return
-        now = time.monotonic()
-        if now - self._last_line >= 2.0:
-            self._last_line = now
-            click.echo(self.line(), err=True)
-
-    def finish(self, done: int | None = None) -> None:
-        """The work is over: show the final position (100 % when it all ran)."""
-        if done is not None:
-            self.set(done)
-        if self.total is not None and self.done < self.total:
-            # Fewer rows than counted (deleted meanwhile, or left to other workers):
-            # the work is complete all the same.
-            self.total = self.done
-            if self._bar is not None:
-                self._bar.length = max(self.done, 1)
-                self._bar.update(0, None)
-        if not self.quiet and self._bar is None:
-            click.echo(self.line() + f" in {_duration(time.monotonic() - self.start)}", err=True)
-        self.close()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
+_emit = emit  # the one emitter (carnet._cli.emit); older name kept for callers
 
 
 @click.group(cls=CarnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--database-url",
-    envvar="CARNET_DATABASE_URL",
-    metavar="URL",
-    help="SQLAlchemy URL of the database holding carnet_keys [CARNET_DATABASE_URL].",
-)
-@click.option(
-    "--master-key",
-    envvar="CARNET_MASTER_KEY",
-    metavar="URI",
-    help="Master key URI: file://, keyring://, aws-kms://, pkcs11:// [CARNET_MASTER_KEY].",
-)
+@database_url_option("SQLAlchemy URL of the database holding carnet_keys [CARNET_DATABASE_URL].")
+@master_key_option()
 @click.option(
     "--previous-master-key",
     "previous",
@@ -308,17 +143,6 @@ def cli(
 
 
 pass_config = click.make_pass_decorator(Config)
-
-
-def _confirm(ctx: click.Context, yes: bool, prompt: str, expected: str | None = None) -> None:
-    if yes:
-        return
-    if expected is not None:
-        typed = click.prompt(prompt, default="", show_default=False, err=True)
-        if typed != expected:
-            _fail(ctx, EXIT_ABORTED, "confirmation did not match: nothing done")
-    elif not click.confirm(prompt, default=False, err=True):
-        _fail(ctx, EXIT_ABORTED, "aborted: nothing done")
 
 
 def _pairs(
@@ -383,12 +207,16 @@ def master_new(uri: str, as_json: bool) -> None:
         res = lifecycle.new_master(uri)
     except ConfigurationError as exc:
         raise MasterKeyUnavailable(str(exc)) from None
+    except OSError as exc:
+        # A missing directory, no write permission: the path is the operator's own.
+        reason = exc.strerror or type(exc).__name__
+        raise MasterKeyUnavailable(f"cannot create the master key {uri}: {reason}") from None
     _emit(as_json, res, lambda: click.echo(f"created master key {res['master_key_uri']}"))
 
 
 @master.command("rotate")
 @click.option("--to", "to", required=True, metavar="URI", help="The new master key.")
-@click.option("--batch", "batch_size", type=click.IntRange(1), default=200, show_default=True)
+@batch_size_option(200)
 @json_option
 @pass_config
 def master_rotate(cfg: Config, to: str, batch_size: int, as_json: bool) -> None:
@@ -588,7 +416,7 @@ def keys_rotate(
 @click.option(
     "--force", is_flag=True, help="Retire even if rows still use the key (they become unreadable)."
 )
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@yes_option()
 @json_option
 @pass_config
 @click.pass_context
@@ -611,7 +439,7 @@ def keys_retire(
     pairs = _pairs(ctx, tables, columns)
     km = cfg.manager()
     if force:
-        _confirm(ctx, yes, f"Retire key {kid.hex()} even if rows use it (they become unreadable)?")
+        confirm(yes, f"Retire key {kid.hex()} even if rows use it (they become unreadable)?")
     res = lifecycle.retire_key(km, kid, pairs, force=force)
     _emit(
         as_json,
@@ -632,7 +460,7 @@ def keys_retire(
 
 @keys.command("destroy")
 @click.option("--tenant", required=True, metavar="T", help="The practice to crypto-shred.")
-@click.option("--yes", is_flag=True, help="Do not ask for the practice id to be typed back.")
+@yes_option("Do not ask for the practice id to be typed back.")
 @json_option
 @pass_config
 @click.pass_context
@@ -640,8 +468,7 @@ def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_jso
     """Crypto-shred a practice: every value under its keys becomes unreadable forever."""
     km = cfg.manager()
     lifecycle.require_tenant(km, tenant)  # a typo fails before the prompt, not after
-    _confirm(
-        ctx,
+    confirm(
         yes,
         f"This makes every note of practice {tenant!r} unreadable forever.\n"
         f"Type the practice id to confirm",
@@ -662,7 +489,7 @@ def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_jso
 
 @keys.command("reenable")
 @click.option("--tenant", required=True, metavar="T", help="The destroyed practice.")
-@click.option("--yes", is_flag=True, help="Do not ask for the practice id to be typed back.")
+@yes_option("Do not ask for the practice id to be typed back.")
 @json_option
 @pass_config
 @click.pass_context
@@ -674,8 +501,7 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
     km = cfg.manager()
     if any(r.state == "active" for r in lifecycle.require_tenant(km, tenant)):
         raise ConfigurationError(f"practice {tenant!r} has an active key: it is not destroyed")
-    _confirm(
-        ctx,
+    confirm(
         yes,
         f"Practice {tenant!r} was destroyed; new notes will be written for it "
         f"under a new key (its old notes stay unreadable).\n"
@@ -697,36 +523,13 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
 # -- reencrypt / verify -------------------------------------------------------------------------
 
 
-def _parse_worker(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("expected I/N, e.g. 0/4", param_hint="--worker") from None
-    if n < 1 or not 0 <= i < n:
-        raise click.BadParameter("need 0 <= I < N", param_hint="--worker")
-    return i, n
-
-
 @cli.command()
 @click.option("--table", required=True, metavar="T")
 @click.option("--column", required=True, metavar="C")
 @click.option("--tenant", metavar="T", help="Only values of this practice.")
-@click.option("--batch", "batch_size", type=click.IntRange(1), default=500, show_default=True)
-@click.option(
-    "--workers",
-    type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Local worker processes, each on a disjoint key range.",
-)
-@click.option(
-    "--worker",
-    "worker_spec",
-    metavar="I/N",
-    help="Run only worker I of N (one per machine; the database coordinates).",
-)
+@batch_size_option(500)
+@workers_option
+@worker_option()
 @click.option("--label", metavar="NEW", help="Field label to seal under (default table.column).")
 @click.option(
     "--old-label", metavar="OLD", help="Label some values were sealed under before a rename."
@@ -754,7 +557,7 @@ def reencrypt(
     as_json: bool,
 ) -> None:
     """Move every value to its practice's active data key (and current label). Resumable."""
-    worker = _parse_worker(worker_spec)
+    worker = parse_worker(worker_spec)
     if worker is not None and workers != 1:
         raise click.UsageError("--workers and --worker exclude each other")
     km = cfg.manager()
@@ -846,7 +649,7 @@ PRACTICES_SHOWN = 50
     "table reached through foreign keys, as for carnet migrate --tenant): also "
     "catch values copied between practices.",
 )
-@click.option("--batch", "batch_size", type=click.IntRange(1), default=1000, show_default=True)
+@batch_size_option(1000)
 @json_option
 @pass_config
 @click.pass_context
@@ -953,7 +756,16 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None, as_
         warns = sum(c.status == "warn" for c in rep.checks)
         click.echo(f"{_n(fails, 'problem')}, {_n(warns, 'warning')}")
 
-    _emit(as_json, rep.as_dict(), text)
+    data = rep.as_dict()
+    first = next((c for c in rep.checks if c.status == "fail"), None)
+    if first is not None:
+        # The same error contract as every command: one line on stderr, and
+        # under --json the report carries the error object.
+        message = f"{first.name}: {first.message}"
+        data["error"] = {"code": rep.exit_code, "kind": "CheckFailed", "message": message}
+    _emit(as_json, data, text)
+    if first is not None:
+        click.echo(f"carnet: error: {message}", err=True)
     ctx.exit(rep.exit_code)
 
 
@@ -1000,4 +812,4 @@ _register_searchable()
 
 
 def main() -> None:
-    cli(prog_name="carnet")
+    cli.main(prog_name="carnet")

@@ -74,7 +74,9 @@ def make_engine(url: str, *, lock_notice: Callable[[str], None] | None = None) -
     elif backend in ("postgresql", "mysql", "mariadb"):
         connect_args["connect_timeout"] = 10
     try:
-        engine = sa.create_engine(parsed, connect_args=connect_args)
+        # hide_parameters: a failed statement must not print its parameters
+        # (a note it compared against, during a re-encryption or a migration).
+        engine = sa.create_engine(parsed, connect_args=connect_args, hide_parameters=True)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise ConfigurationError(f"bad database URL: {exc}") from None
     except ImportError as exc:

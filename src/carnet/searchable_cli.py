@@ -3,9 +3,8 @@
 Kept out of :mod:`carnet.cli` and registered by it (:func:`register`), so the
 key-lifecycle shell stays one file of its own. Both commands run under the
 ``carnet`` group and share its configuration (``--database-url``,
-``--master-key``) and its exit-code table (docs/cli.md): 0 ok; 1 rows failed;
-2 usage or configuration error; 3 master key; 4 database; 7 unknown practice;
-8 destroyed practice.
+``--master-key``) and its exit-code table (:mod:`carnet.exitcodes`,
+docs/cli.md).
 
 ``carnet reindex`` needs the index's declaration (sources, transform, bits,
 label), which lives in the application's model, not in the database: it is
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import sys
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import click
 
 from . import lifecycle
+from ._cli import batch_size_option, emit, emit_json, json_option, parse_worker, worker_option
 from .errors import ConfigurationError, KeyDestroyed
 from .keystore import ACTIVE, INDEX
 
@@ -120,7 +119,7 @@ def _with_index_flag(rotate: click.Command) -> None:
             _config().manager(), None if all_ else list(tenants), create=create
         )
         if kwargs["as_json"]:
-            click.echo(json.dumps(rows, indent=2, default=str, sort_keys=True))
+            emit_json(rows)
             return None
         for r in rows:
             prev = r["previous_key_id"]
@@ -145,15 +144,7 @@ def _with_index_flag(rotate: click.Command) -> None:
 
 
 def _worker(value: str | None) -> tuple[int, int]:
-    if value is None:
-        return 0, 1
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("expected I/N, e.g. 0/4", param_hint="--worker") from None
-    if n < 1 or not 0 <= i < n:
-        raise click.BadParameter("need 0 <= I < N", param_hint="--worker")
-    return i, n
+    return parse_worker(value) or (0, 1)
 
 
 @click.command("reindex")
@@ -175,15 +166,10 @@ def _worker(value: str | None) -> tuple[int, int]:
     type=click.Path(file_okay=False),
     help="Directory put first on the import path to find MODULE.",
 )
-@click.option("--batch", "batch_size", type=click.IntRange(1), default=500, show_default=True)
-@click.option(
-    "--worker",
-    "worker_spec",
-    metavar="I/N",
-    help="Run only worker I of N (one per machine; the database coordinates).",
-)
+@batch_size_option(500)
+@worker_option()
 @click.option("--restart", is_flag=True, help="Ignore recorded progress and start over.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def reindex_cmd(
     ctx: click.Context,
@@ -209,9 +195,9 @@ def reindex_cmd(
     if bool(tenants) == all_tenants:
         raise click.UsageError("give --tenant T (repeatable) or --all-tenants")
     worker = _worker(worker_spec)
+    km = _config().manager()  # the configuration first: no application code runs without it
     sys.path.insert(0, os.path.abspath(app_dir))
     attrs = [(spec, import_index(spec)) for spec in indexes]
-    km = _config().manager()
     results: list[dict[str, Any]] = []
     for spec, attr in attrs:
         names = list(tenants) if tenants else searchable.index_tenants(km.engine, attr)
@@ -245,10 +231,7 @@ def reindex_cmd(
                 + (f", resumed after {r['resumed_from']}" if r["resumed_from"] else "")
             )
 
-    if as_json:
-        click.echo(json.dumps(results, indent=2, default=str, sort_keys=True))
-    else:
-        text()
+    emit(as_json, results, text)
     if failed:
         ctx.exit(EXIT_FAILED_ROWS)
 

@@ -105,7 +105,7 @@ def test_subprocess_reencrypt_verify_status(setup: tuple[str, str]) -> None:
             "body",
             "--workers",
             "2",
-            "--batch",
+            "--batch-size",
             "7",
             "--json",
         ],

@@ -103,7 +103,7 @@ def test_reencrypt_finished_job_reruns_with_another_worker_count(setup: tuple[st
         "body",
         "--workers",
         "4",
-        "--batch",
+        "--batch-size",
         "7",
         "--json",
     )
@@ -118,7 +118,7 @@ def test_reencrypt_finished_job_reruns_with_another_worker_count(setup: tuple[st
             "notes",
             "--column",
             "body",
-            "--batch",
+            "--batch-size",
             "7",
             "--json",
             *args,
@@ -132,7 +132,16 @@ def test_reencrypt_finished_job_reruns_with_another_worker_count(setup: tuple[st
 def test_progress_with_workers_reaches_100_percent(setup: tuple[str, str]) -> None:
     assert _cli(setup, "keys", "rotate", "--all").returncode == 0
     r = _cli(
-        setup, "reencrypt", "--table", "notes", "--column", "body", "--workers", "2", "--batch", "5"
+        setup,
+        "reencrypt",
+        "--table",
+        "notes",
+        "--column",
+        "body",
+        "--workers",
+        "2",
+        "--batch-size",
+        "5",
     )
     assert r.returncode == 0, r.stderr
     last = r.stderr.strip().splitlines()[-1]

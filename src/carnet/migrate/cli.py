@@ -1,14 +1,13 @@
 """``carnet migrate``: encrypt a plaintext column of an existing database, online.
 
 Thin: every subcommand is one library call of :mod:`carnet.migrate`. Exit
-codes: 0 done; 1 error (bad configuration, database or key problem); 2 bad
-usage; 3 not complete: rows left (see the report), a decision needed, or
-``finish`` refused because some value does not open.
+codes: the table of every ``carnet`` command (:mod:`carnet.exitcodes`,
+docs/cli.md); 9 is "not complete yet": rows left (see the report), a
+decision needed, or ``finish`` refused because some value does not open.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -19,9 +18,26 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 
+from .._cli import (
+    NO_DATABASE,
+    NO_MASTER_KEY,
+    CarnetGroup,
+    Progress,
+    batch_size_option,
+    confirm,
+    database_url_option,
+    emit,
+    json_option,
+    make_engine,
+    master_key_option,
+    open_manager,
+    parse_worker,
+    worker_option,
+    yes_option,
+)
 from ..batch import _Plan as _BatchPlan
-from ..errors import CarnetError, describe_db_error
-from ..exitcodes import MIGRATE_INCOMPLETE
+from ..errors import CarnetError, ConfigurationError
+from ..exitcodes import EXIT_INCOMPLETE
 from ..manager import KeyManager
 from . import plan as plan_mod
 from . import residue as residue_mod
@@ -30,24 +46,16 @@ from .target import DATE, EXPAND, Target, resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Not complete yet (see carnet.exitcodes: it collides with the master-key code).
-EXIT_INCOMPLETE = MIGRATE_INCOMPLETE
-
 
 def _db_options(f: F) -> F:
-    f = click.option(
-        "--database-url",
-        envvar="CARNET_DATABASE_URL",
-        help="SQLAlchemy URL of the application's database [CARNET_DATABASE_URL].",
+    return database_url_option(
+        "SQLAlchemy URL of the application's database [CARNET_DATABASE_URL]."
     )(f)
-    return f
 
 
 def _target_options(f: F) -> F:
     opts = [
-        click.option(
-            "--master-key", envvar="CARNET_MASTER_KEY", help="Master key URI [CARNET_MASTER_KEY]."
-        ),
+        master_key_option(),
         click.option("--table", required=True, help="Table holding the plaintext column."),
         click.option("--column", required=True, help="The plaintext (legacy) column."),
         click.option(
@@ -75,7 +83,7 @@ def _target_options(f: F) -> F:
             default=None,
             help="Field label bound into each value (default: TABLE.COLUMN of the legacy column).",
         ),
-        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        json_option,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -118,8 +126,7 @@ def _inherited(name: str, value: str | None, needed: bool = True) -> str | None:
     root = ctx.find_root() if ctx is not None else None
     got = root.params.get(name) if root is not None and root is not ctx else None
     if not got and needed:
-        flag = "--" + name.replace("_", "-")
-        raise click.UsageError(f"missing {flag} (or CARNET_{name.upper()})")
+        raise ConfigurationError(NO_DATABASE if name == "database_url" else NO_MASTER_KEY)
     return got if isinstance(got, str) else None
 
 
@@ -128,13 +135,14 @@ def _open(
     database_url: str | None, master_key: str | None, needs_key: bool = True
 ) -> Iterator[tuple[sa.Engine, KeyManager | None]]:
     database_url = _inherited("database_url", database_url)
-    assert database_url is not None  # noqa: S101 - _inherited raised otherwise
     master_key = _inherited("master_key", master_key, needs_key)
-    # hide_parameters: a failed UPDATE must not print its parameters, which
-    # include the legacy note it compared against.
-    engine = sa.create_engine(database_url, hide_parameters=True)
-    keys = KeyManager(engine, master_key) if master_key else None
+    # The command line's one engine factory: hide_parameters (a failed UPDATE
+    # must not print the legacy note it compared against), a bad URL or a
+    # missing driver as a configuration error.
+    engine = make_engine(database_url)
+    keys: KeyManager | None = None
     try:
+        keys = open_manager(engine, master_key) if master_key else None
         if keys is not None:
             keys.create_schema()
         yield engine, keys
@@ -142,22 +150,6 @@ def _open(
         if keys is not None:
             keys.close()
         engine.dispose()
-
-
-def _errors(f: F) -> F:
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except CarnetError as exc:
-            raise click.ClickException(str(exc)) from None
-        except sa.exc.SQLAlchemyError as exc:
-            # Neither SQLAlchemy's rendering (the parameters: legacy notes) nor
-            # the driver's text, which may quote a stored value: see
-            # describe_db_error.
-            raise click.ClickException(f"database error: {describe_db_error(exc)}") from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _target(engine: sa.Engine, kw: dict[str, Any]) -> Target:
@@ -174,11 +166,7 @@ def _target(engine: sa.Engine, kw: dict[str, Any]) -> Target:
 
 
 def _emit(as_json: bool, data: dict[str, Any], lines: list[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    else:
-        for line in lines:
-            click.echo(line)
+    emit(as_json, data, lines)
 
 
 def _duration(seconds: float) -> str:
@@ -189,7 +177,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-@click.group("migrate")
+@click.group("migrate", cls=CarnetGroup)
 def migrate() -> None:
     """Encrypt an existing plaintext column: plan, run, verify, finish, compact."""
 
@@ -322,7 +310,6 @@ def _sqlite_commit_cost(engine: sa.Engine, nbytes: int) -> None:
     help="Rows per second to base the estimate on (default: measured here, on a "
     "sample written and rolled back).",
 )
-@_errors
 def plan_cmd(
     database_url: str, master_key: str, as_json: bool, rate: float | None, **kw: Any
 ) -> None:
@@ -386,26 +373,19 @@ def plan_cmd(
     lines += [f"warning: {w}" for w in p.warnings]
     _emit(as_json, p.as_dict(), lines)
     if p.blocking:
-        sys.exit(EXIT_INCOMPLETE)
+        click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 def _worker(value: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("use I/N, e.g. 0/4") from None
-    return i, n
+    parsed = parse_worker(value)
+    assert parsed is not None  # noqa: S101 - the option has a default
+    return parsed
 
 
 @migrate.command("run")
 @_target_options
-@click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option(
-    "--worker",
-    default="0/1",
-    show_default=True,
-    help="I/N: this process takes the I-th of N primary-key ranges.",
-)
+@batch_size_option(500)
+@worker_option("0/1")
 @click.option(
     "--prefixed",
     type=click.Choice(["report", "encrypt"]),
@@ -417,13 +397,12 @@ def _worker(value: str) -> tuple[int, int]:
 @click.option("--pause", type=float, default=0.0, help="Seconds to sleep between batches.")
 @click.option("--restart", is_flag=True, help="Forget saved progress and scan from the start.")
 @_index_options
-@_errors
 def run_cmd(
     database_url: str,
     master_key: str,
     as_json: bool,
     batch_size: int,
-    worker: str,
+    worker_spec: str,
     prefixed: str,
     pause: float,
     restart: bool,
@@ -432,7 +411,7 @@ def run_cmd(
     **kw: Any,
 ) -> None:
     """Seal every plaintext value, in batches; resumes after a crash."""
-    w = _worker(worker)
+    w = _worker(worker_spec)
     attrs = _load_indexes(indexes, app_dir)
     if attrs and w != (0, 1):
         raise click.UsageError(
@@ -443,16 +422,10 @@ def run_cmd(
     with _open(database_url, master_key) as (engine, keys):
         assert keys is not None  # noqa: S101
         target = _target(engine, kw)
-        bar = None
-        if sys.stderr.isatty() and not as_json:
-            with engine.connect() as conn:
-                total = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar()
-            bar = click.progressbar(
-                length=int(total or 0) // w[1] or 1,
-                label=f"encrypting {target.name}",
-                file=sys.stderr,
-            )
-            bar.__enter__()
+        # The one progress reporter of every command (carnet._cli.Progress).
+        with engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(target.table)).scalar()
+        bar = Progress(f"encrypting {target.name}", int(total or 0) // w[1] or 1, quiet=as_json)
         try:
             result = run_mod.run_migration(
                 keys,
@@ -463,11 +436,11 @@ def run_cmd(
                 prefixed=prefixed,  # type: ignore[arg-type]
                 restart=restart,
                 pause=pause,
-                progress=bar.update if bar is not None else None,
+                progress=bar.update,
             )
+            bar.finish()
         finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
+            bar.close()
         if result.complete:
             # The index is computed from the sealed column: only once it is full.
             backfills = [
@@ -507,7 +480,7 @@ def run_cmd(
         data["indexes"] = [b.as_dict() for b in backfills]
     _emit(as_json, data, lines)
     if not result.complete or not indexed:
-        sys.exit(EXIT_INCOMPLETE)
+        click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 def _backfill_lines(backfills: list[run_mod.IndexBackfill]) -> list[str]:
@@ -543,7 +516,6 @@ def _verification_lines(target: Target, v: run_mod.Verification) -> list[str]:
 @migrate.command("verify")
 @_target_options
 @_index_options
-@_errors
 def verify_cmd(
     database_url: str,
     master_key: str,
@@ -566,13 +538,12 @@ def verify_cmd(
         lines += [f"{spec}: {n} row(s) without an index value" for spec, n in missing.items()]
     _emit(as_json, data, lines)
     if not v.clean or any(missing.values()):
-        sys.exit(EXIT_INCOMPLETE)
+        click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 @migrate.command("finish")
 @_target_options
 @_index_options
-@_errors
 def finish_cmd(
     database_url: str,
     master_key: str,
@@ -604,7 +575,7 @@ def finish_cmd(
             "run ... --index ...` again"
         )
         _emit(as_json, data, lines)
-        sys.exit(EXIT_INCOMPLETE)
+        click.get_current_context().exit(EXIT_INCOMPLETE)
     if v.clean:
         col = target.column
         if target.mode == EXPAND:
@@ -633,7 +604,7 @@ def finish_cmd(
         )
     _emit(as_json, data, lines)
     if not v.clean:
-        sys.exit(EXIT_INCOMPLETE)
+        click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 @migrate.command("compact")
@@ -645,9 +616,8 @@ def finish_cmd(
     is_flag=True,
     help="PostgreSQL: rewrite the table (ACCESS EXCLUSIVE lock for the whole run).",
 )
-@click.option("--yes", is_flag=True, help="Do not ask before VACUUM FULL.")
-@click.option("--json", "as_json", is_flag=True)
-@_errors
+@yes_option("Do not ask before VACUUM FULL.")
+@json_option
 def compact_cmd(
     database_url: str | None,
     table: str,
@@ -657,14 +627,12 @@ def compact_cmd(
     as_json: bool,
 ) -> None:
     """Compact the table after a migration and report where plaintext may remain."""
-    url = _inherited("database_url", database_url) or ""
-    if vacuum_full and not yes and sa.make_url(url).get_backend_name() == "postgresql":
-        click.confirm(
-            f"VACUUM FULL locks {table} against all reads and writes until it ends. Go on?",
-            abort=True,
-            err=True,
-        )
     with _open(database_url, None, needs_key=False) as (engine, _):
+        if vacuum_full and engine.dialect.name == "postgresql":
+            confirm(
+                yes,
+                f"VACUUM FULL locks {table} against all reads and writes until it ends. Go on?",
+            )
         rep = residue_mod.compact(engine, table, full=vacuum_full, columns=column)
     lines = [f"{rep.backend}: {'; '.join(rep.actions)}", "cleaned:"]
     lines += [f"  {i.where}: {i.detail}" for i in rep.cleaned]

@@ -66,7 +66,7 @@ def test_plan_counts_per_practice_and_reports_the_lookalike(
 ) -> None:
     before = comments(legacy)
     res = cli(db_url, master_key_uri, "plan", *TARGET, "--json")
-    assert res.exit_code == 3, res.output  # a decision is needed
+    assert res.exit_code == 9, res.output  # not complete: a decision is needed
     plan = json.loads(res.stdout)
     nulls = sum(1 for v in before.values() if v is None)
     assert plan["totals"]["null"] == nulls
@@ -80,12 +80,12 @@ def test_plan_counts_per_practice_and_reports_the_lookalike(
 
     # run without a decision leaves the look-alike in place and says so
     res = cli(db_url, master_key_uri, "run", *TARGET, "--json")
-    assert res.exit_code == 3
+    assert res.exit_code == 9  # not complete
     out = json.loads(res.stdout)
     assert out["problems"] == {"prefixed_invalid": [[3]]}
     assert comments(legacy)[3] == before[3]
     res = cli(db_url, master_key_uri, "finish", *TARGET)
-    assert res.exit_code == 3
+    assert res.exit_code == 9  # not complete
     assert migration_state(legacy, "consultations", "comment")["state"] == "running"
 
     # the operator looked at row 3 and decided it is a note: seal it
@@ -204,7 +204,7 @@ def test_mixed_read_during_migration_then_strict(
             legacy_app.read_comment(legacy, strict, cid)
         assert "anxieuse" not in str(ei.value) and "AAAA" not in str(ei.value)
     res = cli(db_url, master_key_uri, "verify", *TARGET, "--json")
-    assert res.exit_code == 3
+    assert res.exit_code == 9  # not complete
     v = json.loads(res.stdout)
     assert v["totals"]["plaintext"] == 1 and v["totals"]["prefixed_invalid"] == 1
 
