@@ -28,10 +28,11 @@ from carnet.exitcodes import (
     EXIT_MASTER_KEY,
     EXIT_USAGE,
 )
-from lifecycleutil import SECRET, fill_notes, run_cli
+from support.lifecycleutil import SECRET, fill_notes, run_cli
+from support.paths import EXAMPLES
 
 TARGET = ["--table", "notes", "--column", "body"]
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
 INDEX = "legacy_practice.app:MigratingPatient.phone_bidx"  # a real blind index
 MIGRATE_TARGET = ["--table", "notes", "--column", "summary", "--tenant", "practice_id"]
 
