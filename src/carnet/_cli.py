@@ -46,6 +46,7 @@ from .exitcodes import (
     EXIT_UNKNOWN_TENANT,
     EXIT_USAGE,
 )
+from .manager import KeyManager
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -350,8 +351,6 @@ def open_manager(
     No master key: exit 2 (one line). A master key that does not open: exit 3,
     naming the master key that wraps the stored data keys when there are some.
     """
-    from .manager import KeyManager
-
     if not master_key:
         raise ConfigurationError(NO_MASTER_KEY)
     try:
@@ -487,3 +486,61 @@ def parse_worker(value: str | None) -> tuple[int, int] | None:
     if n < 1 or not 0 <= i < n:
         raise click.BadParameter("need 0 <= I < N", param_hint="--worker")
     return i, n
+
+
+class Config:
+    """The root group's options, shared by every command: database, master keys, cache."""
+
+    def __init__(
+        self,
+        database_url: str | None,
+        master_key: str | None,
+        previous: tuple[str, ...],
+        cache_ttl: float,
+    ) -> None:
+        self.database_url = database_url
+        self.master_key = master_key
+        self.previous = previous
+        self.cache_ttl = cache_ttl
+        self._manager: KeyManager | None = None
+
+    def need_url(self) -> str:
+        if not self.database_url:
+            raise ConfigurationError(NO_DATABASE)
+        return self.database_url
+
+    def need_master(self) -> str:
+        if not self.master_key:
+            raise ConfigurationError(NO_MASTER_KEY)
+        return self.master_key
+
+    def engine(self) -> sa.Engine:
+        return make_engine(self.need_url())
+
+    def manager(self, *, open_master: bool = True) -> KeyManager:
+        """The key manager; without ``open_master`` the master keys are not opened
+        (nor needed): anything that would unwrap a key is refused."""
+        if self._manager is None:
+            engine = self.engine()
+            if not open_master:
+                self._manager = KeyManager(
+                    engine,
+                    master_key=lifecycle.UncheckedMasterKey(self.master_key),
+                    cache_ttl=self.cache_ttl,
+                )
+                return self._manager
+            try:
+                self._manager = open_manager(
+                    engine, self.need_master(), self.previous, self.cache_ttl
+                )
+            except BaseException:
+                engine.dispose()
+                raise
+        return self._manager
+
+    def close(self) -> None:
+        """Close the key manager and its engine, if a command made them."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager.engine.dispose()
+            self._manager = None

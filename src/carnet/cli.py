@@ -12,21 +12,18 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
-import sqlalchemy as sa
 
-from . import _cli as _cli_mod
 from . import lifecycle
 from ._cli import (
     CarnetGroup,
+    Config,
     Progress,
     batch_size_option,
     confirm,
     database_url_option,
     emit,
     json_option,
-    make_engine,
     master_key_option,
-    open_manager,
     parse_worker,
     worker_option,
     workers_option,
@@ -47,56 +44,8 @@ from .exitcodes import (  # noqa: F401
     EXIT_UNKNOWN_TENANT,
     EXIT_USAGE,
 )
-from .manager import KeyManager
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Config:
-    def __init__(
-        self,
-        database_url: str | None,
-        master_key: str | None,
-        previous: tuple[str, ...],
-        cache_ttl: float,
-    ) -> None:
-        self.database_url = database_url
-        self.master_key = master_key
-        self.previous = previous
-        self.cache_ttl = cache_ttl
-        self._km: KeyManager | None = None
-
-    def need_url(self) -> str:
-        if not self.database_url:
-            raise ConfigurationError(_cli_mod.NO_DATABASE)
-        return self.database_url
-
-    def need_master(self) -> str:
-        if not self.master_key:
-            raise ConfigurationError(_cli_mod.NO_MASTER_KEY)
-        return self.master_key
-
-    def engine(self) -> sa.Engine:
-        return make_engine(self.need_url())
-
-    def manager(self, *, open_master: bool = True) -> KeyManager:
-        """The key manager; without ``open_master`` the master keys are not opened
-        (nor needed): anything that would unwrap a key is refused."""
-        if self._km is None:
-            engine = self.engine()
-            if not open_master:
-                self._km = KeyManager(
-                    engine,
-                    master_key=lifecycle.UncheckedMasterKey(self.master_key),
-                    cache_ttl=self.cache_ttl,
-                )
-                return self._km
-            try:
-                self._km = open_manager(engine, self.need_master(), self.previous, self.cache_ttl)
-            except BaseException:
-                engine.dispose()
-                raise
-        return self._km
 
 
 _emit = emit  # the one emitter (carnet._cli.emit); older name kept for callers
@@ -133,13 +82,7 @@ def cli(
     prev = previous or lifecycle.env_previous_master_keys()
     ctx.obj = Config(database_url, master_key, prev, cache_ttl)
 
-    def close() -> None:
-        km = ctx.obj._km
-        if km is not None:
-            km.close()
-            km.engine.dispose()
-
-    ctx.call_on_close(close)
+    ctx.call_on_close(ctx.obj.close)
 
 
 pass_config = click.make_pass_decorator(Config)

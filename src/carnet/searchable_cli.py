@@ -51,7 +51,7 @@ def import_index(spec: str) -> Any:
 
 
 def _config() -> Any:
-    from .cli import Config
+    from ._cli import Config
 
     cfg = click.get_current_context().find_object(Config)
     if cfg is None:  # pragma: no cover - registered under carnet's group only
