@@ -164,17 +164,17 @@ def master_new(uri: str, as_json: bool) -> None:
 @pass_config
 def master_rotate(cfg: Config, to: str, batch_size: int, as_json: bool) -> None:
     """Rewrap every data key under a new master key; no data row is touched. Resumable."""
-    km = cfg.manager()
-    before = lifecycle.master_keys_in_use(km)
-    bar = Progress("rewrap", lifecycle.count_keys(km), quiet=as_json, unit="keys")
+    manager = cfg.manager()
+    before = lifecycle.master_keys_in_use(manager)
+    bar = Progress("rewrap", lifecycle.count_keys(manager), quiet=as_json, unit="keys")
     try:
-        rep = lifecycle.rotate_master(km, to, batch_size=batch_size, progress=bar.update)
+        rep = lifecycle.rotate_master(manager, to, batch_size=batch_size, progress=bar.update)
         bar.finish()
     except ConfigurationError as exc:
         raise MasterKeyUnavailable(str(exc)) from None
     finally:
         bar.close()
-    erased = lifecycle.erased_keys(km)
+    erased = lifecycle.erased_keys(manager)
     old = sorted(u for u in before if u != rep.master_key_uri)
     data = {
         "rewrapped": rep.rewrapped,
@@ -380,10 +380,10 @@ def keys_retire(
     """
     kid = lifecycle.parse_key_id(key_id)
     pairs = _pairs(ctx, tables, columns)
-    km = cfg.manager()
+    manager = cfg.manager()
     if force:
         confirm(yes, f"Retire key {kid.hex()} even if rows use it (they become unreadable)?")
-    res = lifecycle.retire_key(km, kid, pairs, force=force)
+    res = lifecycle.retire_key(manager, kid, pairs, force=force)
     _emit(
         as_json,
         res,
@@ -409,15 +409,15 @@ def keys_retire(
 @click.pass_context
 def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_json: bool) -> None:
     """Crypto-shred a practice: every value under its keys becomes unreadable forever."""
-    km = cfg.manager()
-    lifecycle.require_tenant(km, tenant)  # a typo fails before the prompt, not after
+    manager = cfg.manager()
+    lifecycle.require_tenant(manager, tenant)  # a typo fails before the prompt, not after
     confirm(
         yes,
         f"This makes every note of practice {tenant!r} unreadable forever.\n"
         f"Type the practice id to confirm",
         expected=tenant,
     )
-    res = lifecycle.destroy_tenant(km, tenant)
+    res = lifecycle.destroy_tenant(manager, tenant)
     _emit(
         as_json,
         res,
@@ -441,8 +441,8 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
 
     Its notes sealed before the destruction stay unreadable.
     """
-    km = cfg.manager()
-    if any(r.state == "active" for r in lifecycle.require_tenant(km, tenant)):
+    manager = cfg.manager()
+    if any(r.state == "active" for r in lifecycle.require_tenant(manager, tenant)):
         raise ConfigurationError(f"practice {tenant!r} has an active key: it is not destroyed")
     confirm(
         yes,
@@ -451,7 +451,7 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
         f"Type the practice id to confirm",
         expected=tenant,
     )
-    res = lifecycle.reenable_tenant(km, tenant)
+    res = lifecycle.reenable_tenant(manager, tenant)
     _emit(
         as_json,
         res,
@@ -503,10 +503,10 @@ def reencrypt(
     worker = parse_worker(worker_spec)
     if worker is not None and workers != 1:
         raise click.UsageError("--workers and --worker exclude each other")
-    km = cfg.manager()
-    lifecycle.require_encrypted(km, table, column)
+    manager = cfg.manager()
+    lifecycle.require_encrypted(manager, table, column)
     job_name = job or lifecycle.reencrypt_job_name(table, column, tenant)
-    total = lifecycle.estimate_rows(km.engine, table)
+    total = lifecycle.estimate_rows(manager.engine, table)
     bar = Progress("reencrypt", total if worker is None else None, quiet=as_json)
     try:
         if workers > 1:
@@ -527,7 +527,7 @@ def reencrypt(
             rep = lifecycle.reencrypt_parallel(spec, workers, poll=lambda p: bar.set(p["scanned"]))
         else:
             rep = lifecycle.reencrypt(
-                km,
+                manager,
                 table,
                 column,
                 tenant=tenant,
@@ -612,12 +612,12 @@ def verify(
     Rows of a crypto-shredded practice are reported as destroyed, not as
     failures: the exit code is 1 only for rows that should open and do not.
     """
-    km = cfg.manager()
-    lifecycle.require_encrypted(km, table, column)
-    bar = Progress("verify", lifecycle.estimate_rows(km.engine, table), quiet=as_json)
+    manager = cfg.manager()
+    lifecycle.require_encrypted(manager, table, column)
+    bar = Progress("verify", lifecycle.estimate_rows(manager.engine, table), quiet=as_json)
     try:
         rep = lifecycle.verify(
-            km,
+            manager,
             table,
             column,
             label=label,

@@ -115,7 +115,7 @@ def _database_files(db_path: Path) -> list[Path]:
 
 
 def _models(
-    keys: KeyManager, patients_per_practice: int
+    manager: KeyManager, patients_per_practice: int
 ) -> tuple[type[Any], type[Any], type[Any], sa.MetaData]:
     # Declared per run, with the manager passed explicitly rather than through
     # carnet.configure(): a library function must not change process-wide state.
@@ -135,15 +135,17 @@ def _models(
         id: Mapped[int] = mapped_column(primary_key=True)
         practice_id: Mapped[str] = mapped_column(sa.ForeignKey("practices.id"), index=True)
         first_name: Mapped[str] = mapped_column(
-            EncryptedString(100, tenant="practice_id", manager=keys)
+            EncryptedString(100, tenant="practice_id", manager=manager)
         )
         last_name: Mapped[str] = mapped_column(
-            EncryptedString(100, tenant="practice_id", manager=keys)
+            EncryptedString(100, tenant="practice_id", manager=manager)
         )
         birth_date: Mapped[dt.date] = mapped_column(
-            EncryptedDate(tenant="practice_id", manager=keys)
+            EncryptedDate(tenant="practice_id", manager=manager)
         )
-        phone: Mapped[str] = mapped_column(EncryptedString(32, tenant="practice_id", manager=keys))
+        phone: Mapped[str] = mapped_column(
+            EncryptedString(32, tenant="practice_id", manager=manager)
+        )
         phone_bidx = BlindIndex("phone", transform=transforms.phone_fr, bits=phone_bits)
 
     class Note(Base):
@@ -153,7 +155,9 @@ def _models(
         patient_id: Mapped[int] = mapped_column(sa.ForeignKey("patients.id"), index=True)
         written_at: Mapped[dt.date]
         author: Mapped[str] = mapped_column(sa.String(100))
-        body: Mapped[str | None] = mapped_column(EncryptedText(tenant="practice_id", manager=keys))
+        body: Mapped[str | None] = mapped_column(
+            EncryptedText(tenant="practice_id", manager=manager)
+        )
 
     return Practice, Patient, Note, Base.metadata
 
@@ -201,11 +205,11 @@ def run_demo(
     echo(f"  master key: {root / KEY_NAME} (file master key, mode 600; outside the database)")
 
     engine = sa.create_engine(f"sqlite:///{db_path}")
-    keys = KeyManager(engine, master_key=key_uri)
+    manager = KeyManager(engine, master_key=key_uri)
     try:
         return _walkthrough(
             engine,
-            keys,
+            manager,
             db_path,
             echo,
             seed=seed,
@@ -215,13 +219,13 @@ def run_demo(
             root=root,
         )
     finally:
-        keys.close()
+        manager.close()
         engine.dispose()
 
 
 def _walkthrough(
     engine: sa.Engine,
-    keys: KeyManager,
+    manager: KeyManager,
     db_path: Path,
     echo: Callable[[str], None],
     *,
@@ -231,8 +235,8 @@ def _walkthrough(
     t_start: float,
     root: Path,
 ) -> dict[str, Any]:
-    Practice, Patient, Note, metadata = _models(keys, patients // max(1, practices))
-    keys.create_schema()
+    Practice, Patient, Note, metadata = _models(manager, patients // max(1, practices))
+    manager.create_schema()
     metadata.create_all(engine)
 
     data = _synthetic.generate(seed, practices=practices, patients=patients)
@@ -274,7 +278,7 @@ def _walkthrough(
         f"(synthetic French clinical notes) in {_fmt_s(insert_s)}"
     )
     echo(
-        f"  data keys created: {keys.stats()['keys_created']} (one per practice); patients' "
+        f"  data keys created: {manager.stats()['keys_created']} (one per practice); patients' "
         "names, birth dates and phone numbers encrypted too, phone numbers blind-indexed"
     )
 
@@ -304,16 +308,16 @@ def _walkthrough(
     )
 
     # -- read back -----------------------------------------------------------------------
-    keys.clear_cache()
-    keys.reset_stats()
+    manager.clear_cache()
+    manager.reset_stats()
     t0 = time.perf_counter()
     read_ok = _read_all(engine, Note, texts)
     read_cold_s = time.perf_counter() - t0
-    cold_unwraps = keys.stats()["master_unwraps"]
+    cold_unwraps = manager.stats()["master_unwraps"]
     t0 = time.perf_counter()
     _read_all(engine, Note, texts)
     read_warm_s = time.perf_counter() - t0
-    warm_unwraps = keys.stats()["master_unwraps"] - cold_unwraps
+    warm_unwraps = manager.stats()["master_unwraps"] - cold_unwraps
     echo(
         f"  read back {read_ok} of {n_notes} notes through the ORM, each equal to what was "
         f"written: cold cache {_fmt_s(read_cold_s)} ({cold_unwraps} master-key unwraps), "
@@ -331,8 +335,8 @@ def _walkthrough(
 
     # -- rotation ------------------------------------------------------------------------
     rotated = tenants[0]
-    before = [r.version for r in keys.list_keys(rotated)]
-    new_rec = keys.rotate(rotated)
+    before = [r.version for r in manager.list_keys(rotated)]
+    new_rec = manager.rotate(rotated)
     rotated_ids = [i for i, t in tenant_of.items() if t == rotated]
     old_ok = _read_all(engine, Note, texts, practice=rotated)
     new_id = n_notes + 1
@@ -352,8 +356,8 @@ def _walkthrough(
         session.commit()
     texts[new_id] = new_text
     tenant_of[new_id] = rotated
-    old_version = _version_of(engine, keys, Note, rotated_ids[0])
-    new_version = _version_of(engine, keys, Note, new_id)
+    old_version = _version_of(engine, manager, Note, rotated_ids[0])
+    new_version = _version_of(engine, manager, Note, new_id)
     echo(
         f"  rotated {rotated}'s data key: version {max(before)} -> {new_rec.version}; "
         f"its {old_ok} earlier notes still read (sealed under version {old_version}), "
@@ -362,7 +366,7 @@ def _walkthrough(
 
     # -- crypto-shredding ----------------------------------------------------------------
     shredded = tenants[1] if len(tenants) > 1 else tenants[0]
-    destroyed_keys = keys.destroy(shredded)
+    destroyed_keys = manager.destroy(shredded)
     shredded_ids = [i for i, t in tenant_of.items() if t == shredded]
     unreadable = 0
     with engine.connect() as conn:
@@ -392,9 +396,9 @@ def _walkthrough(
     # -- last look at the file, after every write ------------------------------------------
     engine.dispose()
     final_found, _, _ = _scan(db_path, texts, [])
-    stats = keys.stats()
+    stats = manager.stats()
     total_s = time.perf_counter() - t_start
-    versions = {r.tenant: (r.version, r.state) for r in keys.list_keys()}
+    versions = {r.tenant: (r.version, r.state) for r in manager.list_keys()}
     echo(
         f"  final scan after rotation and shredding: {len(final_found)} of {len(texts)} notes "
         f"found in {DB_NAME}"
@@ -404,7 +408,7 @@ def _walkthrough(
     echo(
         "  key versions: "
         + ", ".join(
-            f"{t} v{max(r.version for r in keys.list_keys(t))}"
+            f"{t} v{max(r.version for r in manager.list_keys(t))}"
             + (" (destroyed)" if t == shredded else "")
             for t in tenants
         )
@@ -516,9 +520,9 @@ def _table(note_cls: Any) -> sa.Table:
     return table
 
 
-def _version_of(engine: sa.Engine, keys: KeyManager, note_cls: Any, note_id: int) -> int:
+def _version_of(engine: sa.Engine, manager: KeyManager, note_cls: Any, note_id: int) -> int:
     t = _table(note_cls)
     with engine.connect() as conn:
         sealed = conn.execute(sa.select(t.c.body).where(t.c.id == note_id)).scalar_one()
-    rec = keys.get_key(keys.key_id_of(sealed.data))
+    rec = manager.get_key(manager.key_id_of(sealed.data))
     return rec.version if rec is not None else 0

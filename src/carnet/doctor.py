@@ -271,10 +271,10 @@ def _master_keys(
                     exit_code=EXIT_MASTER_KEY,
                 )
             ], None
-    km = KeyManager(engine, master_key=master, previous_master_keys=tuple(previous))
+    manager = KeyManager(engine, master_key=master, previous_master_keys=tuple(previous))
     checks: list[Check] = []
     by_uri: dict[str, list[Any]] = {}
-    for rec in km.iter_keys():
+    for rec in manager.iter_keys():
         if rec.wrapped_key is not None:
             by_uri.setdefault(rec.master_key_uri, []).append(rec)
     configured = [master, *previous]
@@ -289,7 +289,7 @@ def _master_keys(
         for rec in sample:
             tried += 1
             try:
-                km.check_unwrap(rec)
+                manager.check_unwrap(rec)
             except (MasterKeyMismatch, MasterKeyUnavailable, CarnetError) as exc:
                 failures.append(f"{rec.key_id.hex()} ({rec.tenant}): {type(exc).__name__}")
     total = sum(len(r) for r in by_uri.values())
@@ -354,13 +354,13 @@ def _master_keys(
                     details={"uri": uri, "keys": 0},
                 )
             )
-    return checks, km
+    return checks, manager
 
 
-def _columns(km: KeyManager, declared: Sequence[DeclaredColumn] | None) -> list[Check]:
+def _columns(manager: KeyManager, declared: Sequence[DeclaredColumn] | None) -> list[Check]:
     checks: list[Check] = []
-    found = lifecycle.discover_columns(km)
-    insp = sa.inspect(km.engine)
+    found = lifecycle.discover_columns(manager)
+    insp = sa.inspect(manager.engine)
     declared_pairs = [(d.table, d.column) for d in declared or ()]
     missing = []
     for t, c in declared_pairs:
@@ -415,9 +415,9 @@ def _columns(km: KeyManager, declared: Sequence[DeclaredColumn] | None) -> list[
             )
         )
         return checks
-    keys = lifecycle._Keys(km)
+    keys = lifecycle._Keys(manager)
     for t, c in cols:
-        st = lifecycle.column_status(km, t, c, keys)
+        st = lifecycle.column_status(manager, t, c, keys)
         detail = {
             "table": t,
             "column": c,
@@ -597,26 +597,26 @@ def run(
     if engine is None:
         rep.stopped_after = "database"
         return rep
-    km: KeyManager | None = None
+    manager: KeyManager | None = None
     try:
         tables = _tables(engine)
         add([tables])
         if tables.status == FAIL and tables.message.endswith("missing"):
             rep.stopped_after = "carnet_tables"
             return rep
-        checks, km = _master_keys(engine, master, previous, all_keys)
+        checks, manager = _master_keys(engine, master, previous, all_keys)
         add(checks)
-        if km is None:
+        if manager is None:
             rep.stopped_after = "master_key"
             return rep
-        add(_columns(km, declared))
+        add(_columns(manager, declared))
         journal = _journal(engine)
         if journal is not None:
             add([journal])
         if app_obj is not None:
             add(_app_engines(app_obj))
     finally:
-        if km is not None:
-            km.close()
+        if manager is not None:
+            manager.close()
         engine.dispose()
     return rep

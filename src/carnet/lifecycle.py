@@ -211,13 +211,13 @@ def open_manager(
     )
 
 
-def init(km: KeyManager) -> dict[str, Any]:
+def init(manager: KeyManager) -> dict[str, Any]:
     """Create ``carnet_keys`` and ``carnet_jobs`` when missing; make practice ids exact."""
-    converted = km.create_schema()
-    _jobs.ensure_jobs_table(km.engine)
+    converted = manager.create_schema()
+    _jobs.ensure_jobs_table(manager.engine)
     return {
-        "tables": [km.table.name, _jobs.JOBS_TABLE],
-        "database": _safe_url(km.engine),
+        "tables": [manager.table.name, _jobs.JOBS_TABLE],
+        "database": _safe_url(manager.engine),
         "converted_to_exact_practice_ids": converted,
     }
 
@@ -252,20 +252,20 @@ def blob_of(value: Any) -> bytes | str | None:
 class _Keys:
     """Key records by id and active key per tenant, loaded once per run (one row per key)."""
 
-    def __init__(self, km: KeyManager) -> None:
-        self.km = km
+    def __init__(self, manager: KeyManager) -> None:
+        self.manager = manager
         self._by_id: dict[bytes, KeyRecord | None] = {}
         self._active: dict[str, bytes] = {}
 
     def get(self, key_id: bytes) -> KeyRecord | None:
         if key_id not in self._by_id:
-            self._by_id[key_id] = self.km.get_key(key_id)
+            self._by_id[key_id] = self.manager.get_key(key_id)
         return self._by_id[key_id]
 
     def active(self, tenant: str) -> bytes:
         kid = self._active.get(tenant)
         if kid is None:
-            kid = self.km.ensure_key(tenant).key_id
+            kid = self.manager.ensure_key(tenant).key_id
             self._active[tenant] = kid
         return kid
 
@@ -294,7 +294,7 @@ def check_column(engine: sa.Engine, table: str, column: str, *, pk: Sequence[str
     return tbl
 
 
-def _carnet_value(km: KeyManager, value: Any) -> bool:
+def _carnet_value(manager: KeyManager, value: Any) -> bool:
     try:
         blob = blob_of(value)
     except InvalidCiphertext:
@@ -303,13 +303,13 @@ def _carnet_value(km: KeyManager, value: Any) -> bool:
         return False
     if len(blob) < envelope.MIN_SIZE or blob[0] != envelope.VERSION:
         return False
-    return km.get_key(envelope.key_id_of(blob)) is not None
+    return manager.get_key(envelope.key_id_of(blob)) is not None
 
 
-def is_encrypted_column(km: KeyManager, tbl: sa.Table, column: str, sample: int = 50) -> bool:
+def is_encrypted_column(manager: KeyManager, tbl: sa.Table, column: str, sample: int = 50) -> bool:
     """True if some of the first non-NULL values carry carnet blobs (or the column is empty)."""
-    col = sa.type_coerce(tbl.c[column], raw_type(tbl.c[column], km.engine.dialect))
-    with km.engine.connect() as conn:
+    col = sa.type_coerce(tbl.c[column], raw_type(tbl.c[column], manager.engine.dialect))
+    with manager.engine.connect() as conn:
         values = (
             conn.execute(sa.select(col).where(tbl.c[column].is_not(None)).limit(sample))
             .scalars()
@@ -317,27 +317,27 @@ def is_encrypted_column(km: KeyManager, tbl: sa.Table, column: str, sample: int 
         )
     if not values:
         return True
-    return any(_carnet_value(km, v) for v in values)
+    return any(_carnet_value(manager, v) for v in values)
 
 
-def require_encrypted(km: KeyManager, table: str, column: str) -> sa.Table:
-    tbl = check_column(km.engine, table, column)
-    if not is_encrypted_column(km, tbl, column):
+def require_encrypted(manager: KeyManager, table: str, column: str) -> sa.Table:
+    tbl = check_column(manager.engine, table, column)
+    if not is_encrypted_column(manager, tbl, column):
         raise ConfigurationError(
             f"{table}.{column} holds no carnet values: not an encrypted column"
         )
     return tbl
 
 
-def discover_columns(km: KeyManager) -> list[tuple[str, str]]:
+def discover_columns(manager: KeyManager) -> list[tuple[str, str]]:
     """Columns of every table whose stored values carry carnet ciphertext."""
-    insp = sa.inspect(km.engine)
+    insp = sa.inspect(manager.engine)
     found: list[tuple[str, str]] = []
-    skip = {km.table.name, _jobs.JOBS_TABLE}
+    skip = {manager.table.name, _jobs.JOBS_TABLE}
     for name in sorted(insp.get_table_names()):
         if name in skip:
             continue
-        tbl = sa.Table(name, sa.MetaData(), autoload_with=km.engine)
+        tbl = sa.Table(name, sa.MetaData(), autoload_with=manager.engine)
         if not tbl.primary_key.columns:
             continue
         for col in tbl.columns:
@@ -348,11 +348,11 @@ def discover_columns(km: KeyManager) -> list[tuple[str, str]]:
             if py not in (bytes, str) or col.primary_key:
                 continue
             c = sa.type_coerce(col, col.type)
-            with km.engine.connect() as conn:
+            with manager.engine.connect() as conn:
                 values = (
                     conn.execute(sa.select(c).where(col.is_not(None)).limit(50)).scalars().all()
                 )
-            if any(_carnet_value(km, v) for v in values):
+            if any(_carnet_value(manager, v) for v in values):
                 found.append((name, col.name))
     return found
 
@@ -404,30 +404,30 @@ class StatusReport:
         return asdict(self)
 
 
-def check_master_key(km: KeyManager) -> bool:
+def check_master_key(manager: KeyManager) -> bool:
     """Unwrap one live DEK per master key URI in use: proves the configured keys open them."""
     seen: set[str] = set()
-    for rec in km.iter_keys():
+    for rec in manager.iter_keys():
         if rec.wrapped_key is None or rec.master_key_uri in seen:
             continue
         seen.add(rec.master_key_uri)
-        km.check_unwrap(rec)
+        manager.check_unwrap(rec)
     return True
 
 
 def column_status(
-    km: KeyManager,
+    manager: KeyManager,
     table: str,
     column: str,
     keys: _Keys | None = None,
     batch_size: int = 2000,
     progress: Progress | None = None,
 ) -> ColumnStatus:
-    check_column(km.engine, table, column)
-    keys = keys or _Keys(km)
+    check_column(manager.engine, table, column)
+    keys = keys or _Keys(manager)
     st = ColumnStatus(table=table, column=column)
     counts: Counter[bytes] = Counter()
-    for row in iter_rows(km.engine, table, column, batch_size=batch_size):
+    for row in iter_rows(manager.engine, table, column, batch_size=batch_size):
         st.rows += 1
         try:
             blob = blob_of(row.value)
@@ -491,7 +491,7 @@ class UncheckedMasterKey(MasterKey):
 
 
 def status(
-    km: KeyManager,
+    manager: KeyManager,
     columns: Sequence[tuple[str, str]] | None = None,
     check_master: bool = True,
     declared: Sequence[tuple[str, str]] = (),
@@ -501,9 +501,9 @@ def status(
     ``declared``: encrypted columns the application declares; reported even
     when they have no rows yet (discovery by content cannot see those).
     """
-    km.create_schema()
+    manager.create_schema()
     tenants: dict[str, list[KeyRecord]] = {}
-    for rec in km.iter_keys():
+    for rec in manager.iter_keys():
         tenants.setdefault(rec.tenant, []).append(rec)
     ts = []
     for tenant in sorted(tenants):
@@ -526,22 +526,22 @@ def status(
                 ],
             )
         )
-    ok = check_master_key(km) if check_master else None
-    cols = list(columns) if columns is not None else discover_columns(km)
+    ok = check_master_key(manager) if check_master else None
+    cols = list(columns) if columns is not None else discover_columns(manager)
     found_by = dict.fromkeys(cols, "data")
     for tc in declared:
         if tc not in found_by:
             cols.append(tc)
             found_by[tc] = "declared"
-    keys = _Keys(km)
+    keys = _Keys(manager)
     col_st = []
     for t, c in cols:
-        cs = column_status(km, t, c, keys)
+        cs = column_status(manager, t, c, keys)
         cs.found_by = found_by[(t, c)]
         col_st.append(cs)
     jobs_rows: list[dict[str, Any]] = []
-    if sa.inspect(km.engine).has_table(_jobs.JOBS_TABLE):
-        with km.engine.connect() as conn:
+    if sa.inspect(manager.engine).has_table(_jobs.JOBS_TABLE):
+        with manager.engine.connect() as conn:
             for r in conn.execute(
                 sa.select(_jobs.JOBS).order_by(_jobs.JOBS.c.job, _jobs.JOBS.c.worker)
             ):
@@ -558,8 +558,8 @@ def status(
                     }
                 )
     return StatusReport(
-        database=_safe_url(km.engine),
-        master_key_uri=km.master_key.uri,
+        database=_safe_url(manager.engine),
+        master_key_uri=manager.master_key.uri,
         master_key_ok=ok,
         tenants=ts,
         columns=col_st,
@@ -590,12 +590,12 @@ def key_dict(rec: KeyRecord) -> dict[str, Any]:
     return d
 
 
-def list_keys(km: KeyManager, tenant: str | None = None) -> list[dict[str, Any]]:
-    return [key_dict(r) for r in km.list_keys(tenant)]
+def list_keys(manager: KeyManager, tenant: str | None = None) -> list[dict[str, Any]]:
+    return [key_dict(r) for r in manager.list_keys(tenant)]
 
 
 def rotate_keys(
-    km: KeyManager, tenants: Sequence[str] | None = None, *, create: bool = False
+    manager: KeyManager, tenants: Sequence[str] | None = None, *, create: bool = False
 ) -> list[dict[str, Any]]:
     """New active DEK for each tenant (all live tenants when ``tenants`` is None).
 
@@ -603,21 +603,23 @@ def rotate_keys(
     ``create``; a destroyed one is refused (:class:`KeyDestroyed`).
     """
     if tenants is None:
-        tenants = [t for t in km.tenants() if any(r.state == ACTIVE for r in km.list_keys(t))]
-    return [key_dict(km.rotate(t, create=create)) for t in tenants]
+        tenants = [
+            t for t in manager.tenants() if any(r.state == ACTIVE for r in manager.list_keys(t))
+        ]
+    return [key_dict(manager.rotate(t, create=create)) for t in tenants]
 
 
-def require_tenant(km: KeyManager, tenant: str) -> list[KeyRecord]:
+def require_tenant(manager: KeyManager, tenant: str) -> list[KeyRecord]:
     """The practice's keys; :class:`UnknownTenant` if it has none (a mistyped id)."""
-    recs = km.list_keys(tenant)
+    recs = manager.list_keys(tenant)
     if not recs:
         raise UnknownTenant(tenant, " (check the id)")
     return recs
 
 
-def reenable_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
+def reenable_tenant(manager: KeyManager, tenant: str) -> dict[str, Any]:
     """Let a destroyed practice be written again, under a new key."""
-    return {"tenant": tenant, "key": key_dict(km.reenable(tenant))}
+    return {"tenant": tenant, "key": key_dict(manager.reenable(tenant))}
 
 
 @dataclass
@@ -694,12 +696,12 @@ def _why(exc: BaseException) -> str:
     return type(orig).__name__ + (f" {code}" if code is not None else "")
 
 
-def _all_tables(km: KeyManager) -> list[tuple[str | None, str]]:
+def _all_tables(manager: KeyManager) -> list[tuple[str | None, str]]:
     """Every table that may hold carnet values: the default schema's, and on
     PostgreSQL every other non-system schema's."""
-    insp = sa.inspect(km.engine)
+    insp = sa.inspect(manager.engine)
     schemas: list[str | None] = [None]
-    if km.engine.dialect.name == "postgresql":
+    if manager.engine.dialect.name == "postgresql":
         default = insp.default_schema_name
         schemas += [
             s
@@ -709,19 +711,19 @@ def _all_tables(km: KeyManager) -> list[tuple[str | None, str]]:
     out: list[tuple[str | None, str]] = []
     for schema in schemas:
         for name in sorted(insp.get_table_names(schema=schema)):
-            if schema is None and name in (km.table.name, _jobs.JOBS_TABLE):
+            if schema is None and name in (manager.table.name, _jobs.JOBS_TABLE):
                 continue
             out.append((schema, name))
     return out
 
 
-def _candidate_columns(km: KeyManager, schema: str | None, name: str) -> list[str]:
-    cols = sa.inspect(km.engine).get_columns(name, schema=schema)
+def _candidate_columns(manager: KeyManager, schema: str | None, name: str) -> list[str]:
+    cols = sa.inspect(manager.engine).get_columns(name, schema=schema)
     return [c["name"] for c in cols if not isinstance(c["type"], _NOT_TEXT)]
 
 
 def _scan(
-    km: KeyManager,
+    manager: KeyManager,
     schema: str | None,
     name: str,
     columns: Sequence[str],
@@ -734,7 +736,7 @@ def _scan(
     counts = dict.fromkeys(columns, 0)
     rows = 0
     try:
-        with km.engine.connect() as conn:
+        with manager.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=2000).execute(
                 sa.select(*(tbl.c[c] for c in columns))
             )
@@ -747,7 +749,7 @@ def _scan(
         if len(columns) > 1:
             # Find which columns cannot be read, so the refusal names them.
             for c in columns:
-                _scan(km, schema, name, [c], key_id, usage)
+                _scan(manager, schema, name, [c], key_id, usage)
             return
         usage.unreadable[f"{where}.{columns[0]}"] = _why(exc)
         return
@@ -759,7 +761,7 @@ def _scan(
 
 
 def key_usage(
-    km: KeyManager, key_id: bytes, columns: Sequence[tuple[str, str]] | None = None
+    manager: KeyManager, key_id: bytes, columns: Sequence[tuple[str, str]] | None = None
 ) -> KeyUsage:
     """Rows sealed under ``key_id``, by reading every row of every candidate column.
 
@@ -770,20 +772,20 @@ def key_usage(
     usage = KeyUsage(key_id=key_id.hex(), rows={})
     if columns is not None:
         for table, column in columns:
-            tbl = resolve_table(km.engine, table)
+            tbl = resolve_table(manager.engine, table)
             if column not in tbl.c:
                 raise ConfigurationError(f"table {table!r} has no column {column!r}")
-            _scan(km, tbl.schema, tbl.name, [column], key_id, usage)
+            _scan(manager, tbl.schema, tbl.name, [column], key_id, usage)
         return usage
-    for schema, name in _all_tables(km):
+    for schema, name in _all_tables(manager):
         where = f"{schema}.{name}" if schema else name
         try:
-            cols = _candidate_columns(km, schema, name)
+            cols = _candidate_columns(manager, schema, name)
         except sa.exc.DBAPIError as exc:
             usage.unreadable[where] = _why(exc)
             continue
         if cols:
-            _scan(km, schema, name, cols, key_id, usage)
+            _scan(manager, schema, name, cols, key_id, usage)
     return usage
 
 
@@ -801,7 +803,7 @@ def parse_key_id(text: str) -> bytes:
 
 
 def retire_key(
-    km: KeyManager,
+    manager: KeyManager,
     key_id: bytes,
     columns: Sequence[tuple[str, str]] | None = None,
     force: bool = False,
@@ -811,14 +813,14 @@ def retire_key(
     Refuses (:class:`KeyUsageUnknown`) when some table or column could not be
     read: the key could be used there. ``force`` retires anyway.
     """
-    rec = km.get_key(key_id)
+    rec = manager.get_key(key_id)
     if rec is None:
         raise UnknownKey(key_id)
     if rec.state == ACTIVE:
         raise ConfigurationError(
             f"key {key_id.hex()} is the active key of tenant {rec.tenant!r}: rotate first"
         )
-    usage = key_usage(km, key_id, columns) if rec.state not in (RETIRED, DESTROYED) else None
+    usage = key_usage(manager, key_id, columns) if rec.state not in (RETIRED, DESTROYED) else None
     if usage is not None and usage.total and not force:
         where = ", ".join(f"{n} row(s) in {tc}" for tc, n in sorted(usage.rows.items()))
         raise KeyInUse(
@@ -833,7 +835,7 @@ def retire_key(
             f"could not read {where}; grant read access (or name the encrypted columns with "
             "--table/--column), or --force to retire without knowing"
         )
-    done = km.retire(key_id)
+    done = manager.retire(key_id)
     return {
         "key": key_dict(done),
         "rows_under_key": usage.total if usage else 0,
@@ -844,23 +846,23 @@ def retire_key(
     }
 
 
-def destroy_tenant(km: KeyManager, tenant: str) -> dict[str, Any]:
+def destroy_tenant(manager: KeyManager, tenant: str) -> dict[str, Any]:
     """Crypto-shred a practice; :class:`UnknownTenant` if it has no key at all."""
-    n = km.destroy(tenant)
+    n = manager.destroy(tenant)
     return {
         "tenant": tenant,
         "keys_destroyed": n,
         "already_destroyed": n == 0,
-        "cache_ttl_seconds": km.cache_ttl,
+        "cache_ttl_seconds": manager.cache_ttl,
     }
 
 
 def rotate_master(
-    km: KeyManager, to: str, *, batch_size: int = 200, progress: Progress | None = None
+    manager: KeyManager, to: str, *, batch_size: int = 200, progress: Progress | None = None
 ) -> RewrapReport:
     """Rewrap every DEK under master key ``to``; no data row is read or written."""
-    km.create_schema()
-    return km.rewrap(to, batch_size=batch_size, progress=progress)
+    manager.create_schema()
+    return manager.rewrap(to, batch_size=batch_size, progress=progress)
 
 
 # One rule for a master key that no data key uses any more, said the same way
@@ -871,19 +873,19 @@ OLD_MASTER_RULE = (
 )
 
 
-def master_keys_in_use(km: KeyManager) -> dict[str, int]:
+def master_keys_in_use(manager: KeyManager) -> dict[str, int]:
     """Master key URI -> live (wrapped) data keys under it."""
     out: Counter[str] = Counter()
-    for rec in km.iter_keys():
+    for rec in manager.iter_keys():
         if rec.wrapped_key is not None:
             out[rec.master_key_uri] += 1
     return dict(out)
 
 
-def erased_keys(km: KeyManager) -> dict[str, int]:
+def erased_keys(manager: KeyManager) -> dict[str, int]:
     """Keys whose material is erased, by state: nothing to rewrap or unwrap."""
     out = {"retired": 0, "destroyed": 0}
-    for rec in km.iter_keys():
+    for rec in manager.iter_keys():
         if rec.wrapped_key is None or rec.state in (RETIRED, DESTROYED):
             out["destroyed" if rec.state == DESTROYED else "retired"] += 1
     return out
@@ -923,16 +925,16 @@ def strip_create_hint(message: str) -> str:
     return head if sep else message
 
 
-def count_keys(km: KeyManager) -> int:
-    with km.engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(km.table)).scalar_one())
+def count_keys(manager: KeyManager) -> int:
+    with manager.engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(manager.table)).scalar_one())
 
 
 # -- reencrypt --------------------------------------------------------------------------
 
 
 def reencrypt_transform(
-    km: KeyManager,
+    manager: KeyManager,
     table: str,
     column: str,
     *,
@@ -950,7 +952,7 @@ def reencrypt_transform(
     left: Counter[str] = counts if counts is not None else Counter()
     new_label = _label(table, column, label)
     labels = [old_label, new_label] if old_label else [new_label]
-    keys = _Keys(km)
+    keys = _Keys(manager)
 
     def transform(row: BatchRow) -> Any | None:
         blob = blob_of(row.value)
@@ -975,7 +977,7 @@ def reencrypt_transform(
             return None
         for lab in labels:
             try:
-                plain = km.decrypt(blob, tenant=rec.tenant, label=lab)
+                plain = manager.decrypt(blob, tenant=rec.tenant, label=lab)
                 break
             except InvalidCiphertext:
                 continue
@@ -983,7 +985,7 @@ def reencrypt_transform(
             raise InvalidCiphertext(label=new_label, tenant=rec.tenant)
         if on_active and lab == new_label:
             return None
-        sealed = km.encrypt(plain, tenant=rec.tenant, label=new_label)
+        sealed = manager.encrypt(plain, tenant=rec.tenant, label=new_label)
         return envelope.to_text(sealed) if isinstance(row.value, str) else sealed
 
     return transform
@@ -1057,7 +1059,7 @@ def fresh_pass_if_finished(
 
 
 def reencrypt(
-    km: KeyManager,
+    manager: KeyManager,
     table: str,
     column: str,
     *,
@@ -1071,17 +1073,17 @@ def reencrypt(
     progress: Progress | None = None,
 ) -> ReencryptReport:
     """Move every value of ``table.column`` to its practice's active DEK (and label)."""
-    require_encrypted(km, table, column)
+    require_encrypted(manager, table, column)
     job = job or reencrypt_job_name(table, column, tenant)
     if not restart:
-        fresh_pass_if_finished(km.engine, job, worker[1])
+        fresh_pass_if_finished(manager.engine, job, worker[1])
     counts: Counter[str] = Counter()
     rep = run_batches(
-        km.engine,
+        manager.engine,
         table,
         column,
         reencrypt_transform(
-            km, table, column, tenant=tenant, label=label, old_label=old_label, counts=counts
+            manager, table, column, tenant=tenant, label=label, old_label=old_label, counts=counts
         ),
         job=job,
         batch_size=batch_size,
@@ -1116,12 +1118,12 @@ def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any
         # A worker process has no terminal of its own: stderr is the parent's.
         print(f"carnet: worker {index}/{count}: {message}", file=sys.stderr, flush=True)
 
-    km = open_manager(
+    manager = open_manager(
         spec.database_url, spec.master_key, spec.previous_master_keys, lock_notice=notice
     )
     try:
         rep = reencrypt(
-            km,
+            manager,
             spec.table,
             spec.column,
             tenant=spec.tenant,
@@ -1134,8 +1136,8 @@ def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any
         )
         return rep.as_dict()
     finally:
-        km.close()
-        km.engine.dispose()
+        manager.close()
+        manager.engine.dispose()
 
 
 def reencrypt_parallel(
@@ -1219,7 +1221,7 @@ class VerifyReport:
 
 
 def _tenant_source(
-    km: KeyManager,
+    manager: KeyManager,
     table: str,
     column: str,
     tenant_column: str,
@@ -1232,17 +1234,17 @@ def _tenant_source(
     as ``carnet migrate --tenant`` resolves it.
     """
     if "." not in tenant_column:
-        check_column(km.engine, table, tenant_column, pk=pk)
-        tbl = resolve_table(km.engine, table)
+        check_column(manager.engine, table, tenant_column, pk=pk)
+        tbl = resolve_table(manager.engine, table)
         return tbl, tbl.c[tenant_column], None
     from .migrate.target import resolve
 
-    target = resolve(km.engine, table, column, tenant=tenant_column, pk=pk)
+    target = resolve(manager.engine, table, column, tenant=tenant_column, pk=pk)
     return target.table, target.tenant_column(), target.join_or_none()
 
 
 def verify(
-    km: KeyManager,
+    manager: KeyManager,
     table: str,
     column: str,
     *,
@@ -1266,7 +1268,7 @@ def verify(
     The walk is :func:`carnet.verify.walk`, the one ``carnet migrate verify``
     reports too.
     """
-    check_column(km.engine, table, column, pk=pk)
+    check_column(manager.engine, table, column, pk=pk)
     lab = _label(table, column, label)
 
     def fails(out: vf.Outcome) -> bool:
@@ -1277,12 +1279,12 @@ def verify(
     join = None
     tcol = None
     if tenant_column is not None:
-        tbl, tcol, join = _tenant_source(km, table, column, tenant_column, pk)
+        tbl, tcol, join = _tenant_source(manager, table, column, tenant_column, pk)
     else:
-        tbl = resolve_table(km.engine, table)
+        tbl = resolve_table(manager.engine, table)
     found = vf.walk(
-        km,
-        km.engine,
+        manager,
+        manager.engine,
         tbl,
         column,
         label=lab,

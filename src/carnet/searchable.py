@@ -891,8 +891,9 @@ def _lookup(
             f"{r.key} is a compound index over {r.sources}: pass a tuple of {len(r.sources)}"
         )
     normalised = _normalise(r.spec, values)
-    km = manager if manager is not None else _manager_for(r.spec, r.source_types)
-    roots = km.index_roots(tenant, create=False) if normalised is not None else []
+    if manager is None:
+        manager = _manager_for(r.spec, r.source_types)
+    roots = manager.index_roots(tenant, create=False) if normalised is not None else []
     if normalised is None or not roots:
         return tenant, [], None
     return tenant, sorted({_value(r.spec, root, normalised, tenant) for root in roots}), normalised
@@ -1054,13 +1055,16 @@ def _search_migrating(
     normalised = _normalise(r.spec, values)
     if normalised is None:
         return []
-    km = manager if manager is not None else _manager_for(r.spec, r.source_types)
-    roots = km.index_roots(tenant, create=False)
+    if manager is None:
+        manager = _manager_for(r.spec, r.source_types)
+    roots = manager.index_roots(tenant, create=False)
     out: list[Any] = []
     seen: set[int] = set()
     if roots:
         # Rows already indexed (migrated, or written since): the usual lookup.
-        out = search(session, r.column_attr(mapper), value, tenant=tenant, where=where, manager=km)
+        out = search(
+            session, r.column_attr(mapper), value, tenant=tenant, where=where, manager=manager
+        )
         seen = {id(o) for o in out}
     # Rows not indexed yet: every one of the practice, compared in Python (the
     # clear legacy column may spell the value any way: "06 12..." or "0612...").
@@ -1118,7 +1122,7 @@ def index_tenants(engine: sa.Engine, attr: Any) -> list[str]:
         return sorted({str(t) for t in got})
 
 
-def _open_stored(typ: Any, raw: Any, tenant: str, km: KeyManager) -> Any:
+def _open_stored(typ: Any, raw: Any, tenant: str, manager: KeyManager) -> Any:
     """A source column's plaintext from its stored value (authenticated; no value in errors)."""
     if raw is None or not isinstance(typ, EncryptedText):
         return raw  # NULL, or a source kept in clear
@@ -1130,7 +1134,7 @@ def _open_stored(typ: Any, raw: Any, tenant: str, km: KeyManager) -> Any:
         blob = envelope.from_text(raw)
     else:
         blob = bytes(raw)
-    return typ.decrypt(blob, tenant, km)
+    return typ.decrypt(blob, tenant, manager)
 
 
 def reindex(
@@ -1158,19 +1162,20 @@ def reindex(
     table = r.column.table
     if not isinstance(table, sa.Table):
         raise ConfigurationError(f"{r.key}: not a table column")
-    km = manager if manager is not None else _manager_for(r.spec, r.source_types)
+    if manager is None:
+        manager = _manager_for(r.spec, r.source_types)
     cols = [mapper.column_attrs[s].columns[0] for s in r.sources]
-    # Read as stored and opened here with ``km``: the run depends on no
+    # Read as stored and opened here with ``manager``: the run depends on no
     # process-wide manager or scope (a CLI or a migration passes its own).
     sources = {
         f"src{i}": sa.type_coerce(c, raw_type(c, engine.dialect)) for i, c in enumerate(cols)
     }
-    root = km.index_roots(tenant)[0]
+    root = manager.index_roots(tenant)[0]
     spec = r.spec
 
     def transform(row: BatchRow) -> Any | None:
         values = [
-            _open_stored(c.type, row.extra[f"src{i}"], tenant, km) for i, c in enumerate(cols)
+            _open_stored(c.type, row.extra[f"src{i}"], tenant, manager) for i, c in enumerate(cols)
         ]
         normalised = _normalise(spec, values)
         if normalised is None:

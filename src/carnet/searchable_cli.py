@@ -62,15 +62,15 @@ def _config() -> Any:
 # -- carnet keys rotate --index ---------------------------------------------------------
 
 
-def _active_root(km: Any, tenant: str) -> str | None:
-    for r in km.list_keys(tenant):
+def _active_root(manager: Any, tenant: str) -> str | None:
+    for r in manager.list_keys(tenant):
         if r.kind == INDEX and r.state == ACTIVE:
             return str(r.key_id.hex())
     return None
 
 
 def rotate_index_roots(
-    km: Any, tenants: list[str] | None, *, create: bool = False
+    manager: Any, tenants: list[str] | None, *, create: bool = False
 ) -> list[dict[str, Any]]:
     """A new active index root per practice (every practice with one when ``tenants`` is None).
 
@@ -78,14 +78,14 @@ def rotate_index_roots(
     ``create``; a destroyed one raises :class:`~carnet.errors.KeyDestroyed`.
     """
     if tenants is None:
-        tenants = [t for t in km.tenants() if _active_root(km, t) is not None]
+        tenants = [t for t in manager.tenants() if _active_root(manager, t) is not None]
     elif not create:
         for t in tenants:
-            lifecycle.require_tenant(km, t)
+            lifecycle.require_tenant(manager, t)
     out = []
     for t in tenants:
-        previous = _active_root(km, t)
-        rec = km.rotate_index_root(t).as_dict()
+        previous = _active_root(manager, t)
+        rec = manager.rotate_index_root(t).as_dict()
         rec["previous_key_id"] = previous
         out.append(rec)
     return out
@@ -195,19 +195,19 @@ def reindex_cmd(
     if bool(tenants) == all_tenants:
         raise click.UsageError("give --tenant T (repeatable) or --all-tenants")
     worker = _worker(worker_spec)
-    km = _config().manager()  # the configuration first: no application code runs without it
+    manager = _config().manager()  # the configuration first: no application code runs without it
     sys.path.insert(0, os.path.abspath(app_dir))
     attrs = [(spec, import_index(spec)) for spec in indexes]
     results: list[dict[str, Any]] = []
     for spec, attr in attrs:
-        names = list(tenants) if tenants else searchable.index_tenants(km.engine, attr)
+        names = list(tenants) if tenants else searchable.index_tenants(manager.engine, attr)
         for tenant in names:
             if tenants:
-                lifecycle.require_tenant(km, tenant)
+                lifecycle.require_tenant(manager, tenant)
             try:
                 rep = searchable.reindex(
-                    km.engine, attr, tenant=tenant, batch_size=batch_size, worker=worker,
-                    restart=restart, manager=km,
+                    manager.engine, attr, tenant=tenant, batch_size=batch_size, worker=worker,
+                    restart=restart, manager=manager,
                 )  # fmt: skip
             except KeyDestroyed:
                 if tenants:

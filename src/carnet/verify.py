@@ -116,15 +116,15 @@ def practice_str(v: Any) -> str | None:
 class KeyPractices:
     """The practice of each key id, read once per key: a walk without a practice column."""
 
-    def __init__(self, km: KeyManager) -> None:
-        self.km = km
+    def __init__(self, manager: KeyManager) -> None:
+        self.manager = manager
         self._by_id: dict[bytes, str | None] = {}
 
     def of(self, blob: bytes) -> str:
         """The practice of ``blob``'s key; raises InvalidCiphertext or UnknownKey."""
         kid = envelope.key_id_of(blob)
         if kid not in self._by_id:
-            rec = self.km.get_key(kid)
+            rec = self.manager.get_key(kid)
             self._by_id[kid] = rec.tenant if rec is not None else None
         practice = self._by_id[kid]
         if practice is None:
@@ -133,7 +133,7 @@ class KeyPractices:
 
 
 def classify(
-    km: KeyManager,
+    manager: KeyManager,
     value: Any,
     *,
     label: str,
@@ -162,7 +162,7 @@ def classify(
             practice = by_key.of(blob)
         if practice is None:  # by row, returned above already
             return Outcome(FAILED, NO_PRACTICE)
-        km.decrypt(blob, tenant=practice, label=label)
+        manager.decrypt(blob, tenant=practice, label=label)
     except KeyRetired:
         return Outcome(FAILED, RETIRED_KEY, practice)
     except KeyDestroyed:
@@ -174,7 +174,7 @@ def classify(
 
 
 def classify_row(
-    km: KeyManager,
+    manager: KeyManager,
     row: Row,
     *,
     label: str,
@@ -184,21 +184,21 @@ def classify_row(
     """One row's outcome. ``expand``: ``row.value`` is the new column of an
     expand/contract migration and ``row.source`` the legacy one."""
     if not expand:
-        return classify(km, row.value, label=label, tenant=row.tenant, by_key=by_key)
+        return classify(manager, row.value, label=label, tenant=row.tenant, by_key=by_key)
     if row.value is not None:
         if row.tenant is None and by_key is None:
             return Outcome(FAILED, NO_PRACTICE)
         if isinstance(row.value, str) and not envelope.looks_like_text_ciphertext(row.value):
             # Nothing but ciphertext is ever written to the new column.
             return Outcome(FAILED, NOT_CIPHERTEXT, row.tenant)
-        return classify(km, row.value, label=label, tenant=row.tenant, by_key=by_key)
+        return classify(manager, row.value, label=label, tenant=row.tenant, by_key=by_key)
     if row.source is None:
         return Outcome(NULL, practice=row.tenant)
     if row.tenant is None and by_key is None:
         return Outcome(FAILED, NO_PRACTICE)
     if not isinstance(row.source, str):
         return Outcome(PLAINTEXT, practice=row.tenant)  # a DATE column: never ciphertext
-    out = classify(km, row.source, label=label, tenant=row.tenant, by_key=by_key)
+    out = classify(manager, row.source, label=label, tenant=row.tenant, by_key=by_key)
     if out.kind == OK:
         return Outcome(LEGACY_SEALED, practice=out.practice)
     return out
@@ -306,7 +306,7 @@ class Findings:
 
 
 def walk(
-    km: KeyManager,
+    manager: KeyManager,
     engine: sa.Engine,
     table: sa.Table,
     column: str,
@@ -331,7 +331,7 @@ def walk(
     kept (None: not kept), at most ``samples`` per name (None: all).
     ``progress`` is told the number of rows of each batch.
     """
-    by_key = KeyPractices(km) if tenant is None else None
+    by_key = KeyPractices(manager) if tenant is None else None
     found = Findings()
     for batch in rows(
         engine,
@@ -344,7 +344,7 @@ def walk(
         batch_size=batch_size,
     ):
         for row in batch:
-            out = classify_row(km, row, label=label, expand=source is not None, by_key=by_key)
+            out = classify_row(manager, row, label=label, expand=source is not None, by_key=by_key)
             found.rows += 1
             found.counts[out.kind, out.reason] += 1
             if out.kind != NULL:

@@ -140,15 +140,15 @@ def _open(
     # must not print the legacy note it compared against), a bad URL or a
     # missing driver as a configuration error.
     engine = make_engine(database_url)
-    keys: KeyManager | None = None
+    manager: KeyManager | None = None
     try:
-        keys = open_manager(engine, master_key) if master_key else None
-        if keys is not None:
-            keys.create_schema()
-        yield engine, keys
+        manager = open_manager(engine, master_key) if master_key else None
+        if manager is not None:
+            manager.create_schema()
+        yield engine, manager
     finally:
-        if keys is not None:
-            keys.close()
+        if manager is not None:
+            manager.close()
         engine.dispose()
 
 
@@ -314,12 +314,12 @@ def plan_cmd(
     database_url: str, master_key: str, as_json: bool, rate: float | None, **kw: Any
 ) -> None:
     """Count what a run would do, per tenant; write nothing."""
-    with _open(database_url, master_key) as (engine, keys):
-        assert keys is not None  # noqa: S101 - master_key is required
+    with _open(database_url, master_key) as (engine, manager):
+        assert manager is not None  # noqa: S101 - master_key is required
         target = _target(engine, kw)
         measured = _measured_rate(engine, target) if rate is None else None
         p = plan_mod.build_plan(
-            keys, engine, target, rate=rate if measured is None else measured[0]
+            manager, engine, target, rate=rate if measured is None else measured[0]
         )
         if measured is not None:
             p.rate_source = (
@@ -419,8 +419,8 @@ def run_cmd(
             "walks each practice; rerun without --index on the others"
         )
     backfills: list[run_mod.IndexBackfill] = []
-    with _open(database_url, master_key) as (engine, keys):
-        assert keys is not None  # noqa: S101
+    with _open(database_url, master_key) as (engine, manager):
+        assert manager is not None  # noqa: S101
         target = _target(engine, kw)
         # The one progress reporter of every command (carnet._cli.Progress).
         with engine.connect() as conn:
@@ -428,7 +428,7 @@ def run_cmd(
         bar = Progress(f"encrypting {target.name}", int(total or 0) // w[1] or 1, quiet=as_json)
         try:
             result = run_mod.run_migration(
-                keys,
+                manager,
                 engine,
                 target,
                 batch_size=batch_size,
@@ -445,7 +445,7 @@ def run_cmd(
             # The index is computed from the sealed column: only once it is full.
             backfills = [
                 run_mod.backfill_index(
-                    keys, engine, attr, name=spec, batch_size=batch_size, restart=restart
+                    manager, engine, attr, name=spec, batch_size=batch_size, restart=restart
                 )
                 for spec, attr in attrs
             ]
@@ -526,10 +526,10 @@ def verify_cmd(
 ) -> None:
     """Read back and open every value (authenticated decryption, not a prefix check)."""
     attrs = _load_indexes(indexes, app_dir)
-    with _open(database_url, master_key) as (engine, keys):
-        assert keys is not None  # noqa: S101
+    with _open(database_url, master_key) as (engine, manager):
+        assert manager is not None  # noqa: S101
         target = _target(engine, kw)
-        v = run_mod.verify(keys, engine, target)
+        v = run_mod.verify(manager, engine, target)
         missing = _index_check(engine, attrs)
     data = v.as_dict()
     lines = _verification_lines(target, v)
@@ -554,16 +554,16 @@ def finish_cmd(
 ) -> None:
     """Verify that no plaintext remains, then record the column as strict."""
     attrs = _load_indexes(indexes, app_dir)
-    with _open(database_url, master_key) as (engine, keys):
-        assert keys is not None  # noqa: S101
+    with _open(database_url, master_key) as (engine, manager):
+        assert manager is not None  # noqa: S101
         target = _target(engine, kw)
         missing = _index_check(engine, attrs)
         if any(missing.values()):
             # Not strict while lookups would miss rows: the contract step would
             # then drop the clear column the search fallback still reads.
-            v = run_mod.verify(keys, engine, target)
+            v = run_mod.verify(manager, engine, target)
         else:
-            v = run_mod.finish(keys, engine, target)
+            v = run_mod.finish(manager, engine, target)
     lines = _verification_lines(target, v)
     data = v.as_dict()
     if attrs:

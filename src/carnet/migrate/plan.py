@@ -112,7 +112,7 @@ def column_indexes(engine: sa.Engine, target: Target) -> list[str]:
 
 
 def build_plan(
-    keys: KeyManager,
+    manager: KeyManager,
     engine: sa.Engine,
     target: Target,
     *,
@@ -130,7 +130,7 @@ def build_plan(
     text_into = sc.is_text_column(target.table.c[target.column])
     for batch in sc.scan(engine, target, batch_size):
         for row in batch:
-            kind = sc.classify(keys, target, row)
+            kind = sc.classify(manager, target, row)
             per[row.tenant if row.tenant is not None else "(none)"][kind] += 1
             if kind in (sc.PREFIXED_INVALID, sc.NO_TENANT) and len(samples[kind]) < SAMPLE:
                 samples[kind].append(list(row.pk))

@@ -60,7 +60,7 @@ class RunResult:
 
 
 def _transform(
-    keys: KeyManager,
+    manager: KeyManager,
     target: Target,
     prefixed: Prefixed,
     problems: dict[str, dict[tuple[Any, ...], None]],
@@ -80,7 +80,7 @@ def _transform(
         return RowLeft(f"row {pk!r} left: {kind}")
 
     def seal(text: str, tenant: str) -> bytes:
-        return keys.encrypt(text.encode("utf-8"), tenant=tenant, label=label)
+        return manager.encrypt(text.encode("utf-8"), tenant=tenant, label=label)
 
     def transform(row: BatchRow) -> Any:
         tenant = sc.tenant_str(row.extra.get("tenant"))
@@ -90,7 +90,7 @@ def _transform(
                 return None
             if tenant is None:
                 raise left(sc.NO_TENANT, row.pk)
-            kind = sc.classify_text(keys, value, tenant, label)
+            kind = sc.classify_text(manager, value, tenant, label)
             if kind in (sc.SEALED, sc.SHREDDED):
                 return None
             if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
@@ -112,7 +112,7 @@ def _transform(
             # A DATE: sealed as the ISO text EncryptedDate reads back.
             stored = seal(target.plaintext_of(source), tenant)
         else:
-            kind = sc.classify_text(keys, source, tenant, label)
+            kind = sc.classify_text(manager, source, tenant, label)
             if kind == sc.SEALED:
                 return source if text_into else envelope.from_text(source)
             if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
@@ -128,7 +128,7 @@ def _transform(
 
 
 def run_migration(
-    keys: KeyManager,
+    manager: KeyManager,
     engine: sa.Engine,
     target: Target,
     *,
@@ -163,7 +163,7 @@ def run_migration(
         engine,
         target.table,
         target.column,
-        _transform(keys, target, prefixed, problems),
+        _transform(manager, target, prefixed, problems),
         job=target.job,
         extra_columns=extra,
         join=target.join_or_none(),
@@ -202,7 +202,7 @@ class Verification:
 
 
 def verify(
-    keys: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
+    manager: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
 ) -> Verification:
     """Read every value back and open it with its row's tenant: authenticated, not by prefix.
 
@@ -216,7 +216,7 @@ def verify(
         return None if kind in sc.CLEAN else kind
 
     found = vf.walk(
-        keys,
+        manager,
         engine,
         target.table,
         target.column,
@@ -236,10 +236,10 @@ def verify(
 
 
 def finish(
-    keys: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
+    manager: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
 ) -> Verification:
     """Verify, then record the column as strict. Records nothing unless every value opens."""
-    v = verify(keys, engine, target, batch_size)
+    v = verify(manager, engine, target, batch_size)
     if v.clean:
         state.record(engine, target.describe(), state.STRICT, rows=v.totals[sc.SEALED])
     return v
@@ -271,7 +271,7 @@ class IndexBackfill:
 
 
 def backfill_index(
-    keys: KeyManager,
+    manager: KeyManager,
     engine: sa.Engine,
     attr: Any,
     *,
@@ -285,7 +285,7 @@ def backfill_index(
     engine, compare-and-set, progress in ``carnet_jobs`` (a killed run
     resumes). Rows whose sources are still NULL (not migrated yet) are left
     for a later run; a crypto-shredded practice is skipped. The sealed
-    sources are opened with ``keys``.
+    sources are opened with ``manager``.
     """
     from ..errors import KeyDestroyed
     from ..searchable import index_tenants, reindex
@@ -294,7 +294,7 @@ def backfill_index(
     for tenant in index_tenants(engine, attr):
         try:
             out.reports[tenant] = reindex(
-                engine, attr, tenant=tenant, batch_size=batch_size, restart=restart, manager=keys
+                engine, attr, tenant=tenant, batch_size=batch_size, restart=restart, manager=manager
             )
         except KeyDestroyed:
             out.destroyed.append(tenant)

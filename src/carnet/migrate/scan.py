@@ -81,11 +81,13 @@ def is_text_column(col: sa.ColumnElement[Any]) -> bool:
         return False
 
 
-def classify_text(keys: KeyManager, value: str, tenant: str, label: str) -> str:
+def classify_text(manager: KeyManager, value: str, tenant: str, label: str) -> str:
     """PLAINTEXT, SEALED, SHREDDED or PREFIXED_INVALID for a text value of a row of ``tenant``."""
-    return kind_of(vf.classify(keys, value, label=label, tenant=tenant))
+    return kind_of(vf.classify(manager, value, label=label, tenant=tenant))
 
 
-def classify(keys: KeyManager, target: Target, row: ScannedRow) -> str:
+def classify(manager: KeyManager, target: Target, row: ScannedRow) -> str:
     """What one scanned row holds, in the migration's words."""
-    return kind_of(vf.classify_row(keys, row, label=target.label, expand=target.mode != IN_PLACE))
+    return kind_of(
+        vf.classify_row(manager, row, label=target.label, expand=target.mode != IN_PLACE)
+    )
