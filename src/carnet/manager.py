@@ -117,9 +117,11 @@ class KeyManager:
         self.store = KeyStore(self._engines.current, table_name)
         self.metadata = self.store.metadata
         self.cache = KeyCache(cache_size, cache_ttl)
-        # The fast-path dicts themselves (never replaced): one dict get per value.
+        # The fast-path dicts and the index-root cache themselves (never replaced):
+        # a value costs one lookup, as before the cache was a part of its own.
         self._sealers = self.cache.sealers
         self._openers = self.cache.openers
+        self._index_roots = self.cache.index_roots
         self._fast_hits = 0
         self.master_wraps = 0
         self.master_unwraps = 0
@@ -553,7 +555,7 @@ class KeyManager:
         (the caller calls :meth:`forget_index_roots` if that transaction rolls
         back), else None.
         """
-        cached = self.cache.index_roots.get(tenant)
+        cached = self._index_roots.get(tenant)
         if cached is not None:
             return cached, None
         self.store.require_kinds()
