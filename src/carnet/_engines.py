@@ -10,6 +10,7 @@ master-key call off the event loop.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -131,6 +132,17 @@ class KeyEngines:
         if self._twin is None:
             self._twin = sa.create_engine(sync_url(self.primary.url))
         return self._twin
+
+    def shares_sqlite_database(self, bind: sa.Engine | sa.Connection) -> bool:
+        """Whether ``bind`` is SQLite on the very database of the key table."""
+        if bind.dialect.name != "sqlite":
+            return False
+        # By database file, not URL text: sqlite+aiosqlite:///f and sqlite:///f
+        # are the same database, and so is the async engine's sync facade.
+        theirs, ours = bind.engine.url.database, self.primary.url.database
+        if not theirs or theirs == ":memory:" or not ours or ours == ":memory:":
+            return bind.engine is self.primary
+        return os.path.realpath(theirs) == os.path.realpath(ours)
 
     def close(self) -> None:
         if self._twin is not None:

@@ -361,15 +361,7 @@ class KeyManager:
 
         Then a key must be created on that connection (SQLite has one writer).
         """
-        if bind.dialect.name != "sqlite":
-            return False
-        # By database file, not URL text: sqlite+aiosqlite:///f and sqlite:///f
-        # are the same database, and so is the async engine's sync facade.
-        ours_engine = self._engines.primary
-        theirs, ours = bind.engine.url.database, ours_engine.url.database
-        if not theirs or theirs == ":memory:" or not ours or ours == ":memory:":
-            return bind.engine is ours_engine
-        return os.path.realpath(theirs) == os.path.realpath(ours)
+        return self._engines.shares_sqlite_database(bind)
 
     def ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
         """Load or create ``tenant``'s active key inside ``conn``'s open transaction.
