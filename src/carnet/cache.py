@@ -1,4 +1,6 @@
-"""A bounded LRU cache with a time-to-live, for unwrapped data keys.
+"""The caches of unwrapped keys: a bounded LRU cache with a time-to-live, and
+:class:`KeyCache`, which holds a key manager's data keys, index roots and the
+per-value fast paths built on them.
 
 Master-key calls then grow with the number of tenants, not rows. The
 time-to-live bounds how long a process keeps decrypting after another process
@@ -11,9 +13,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from . import _aead, envelope
 
 V = TypeVar("V")
+
+# Fast-path entries kept before the dicts are emptied and rebuilt on demand.
+FAST_PATH_MAX = 100_000
 
 
 class TTLCache(Generic[V]):
@@ -83,3 +90,117 @@ class TTLCache(Generic[V]):
     def __repr__(self) -> str:
         # Entries hold key material: show counts only.
         return f"<TTLCache {len(self._data)}/{self.maxsize} ttl={self.ttl}s>"
+
+
+class Dek:
+    """An unwrapped data key, held only in the cache. Never printed."""
+
+    __slots__ = ("key_id", "tenant", "cipher")
+
+    def __init__(self, key_id: bytes, tenant: str, secret: bytes) -> None:
+        self.key_id = key_id
+        self.tenant = tenant
+        self.cipher = _aead.cipher(secret)
+
+    def __repr__(self) -> str:
+        return f"<DEK {self.key_id.hex()} tenant={self.tenant!r}>"
+
+
+class IndexRoot:
+    """An unwrapped blind-index root key, held only in the cache. Never printed."""
+
+    __slots__ = ("key_id", "version", "secret", "derived")
+
+    def __init__(self, key_id: bytes, version: int, secret: bytes) -> None:
+        self.key_id = key_id
+        self.version = version
+        self.secret = secret
+        # Per-index keys derived from this root (carnet.indexkeys), dropped with it.
+        self.derived: dict[tuple[str, str, str], Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<IndexRoot {self.key_id.hex()} v{self.version}>"
+
+
+class KeyCache:
+    """A key manager's unwrapped keys and the fast paths built on them.
+
+    ``keys``: data keys by key id; ``active``: each practice's active data
+    key; ``index_roots``: each practice's usable index roots. ``sealers`` and
+    ``openers`` are the per-value fast paths, ``(practice, label)`` and
+    ``(key id, label, practice)`` to an envelope Sealer/Opener expiring with
+    the data key it holds: the manager looks them up directly (one dict get
+    per value) and stores them through :meth:`put_sealer`/:meth:`put_opener`.
+    The two dicts are never replaced, only emptied.
+    """
+
+    def __init__(self, maxsize: int, ttl: float) -> None:
+        self.keys: TTLCache[Dek] = TTLCache(maxsize, ttl)
+        self.active: TTLCache[Dek] = TTLCache(maxsize, ttl)
+        self.index_roots: TTLCache[list[IndexRoot]] = TTLCache(maxsize, ttl)
+        self.sealers: dict[tuple[str, str], envelope.Sealer] = {}
+        self.openers: dict[tuple[bytes, str, str], envelope.Opener] = {}
+
+    @property
+    def ttl(self) -> float:
+        return self.keys.ttl
+
+    def put_sealer(self, tenant: str, label: str, sealer: envelope.Sealer) -> None:
+        if len(self.sealers) > FAST_PATH_MAX:
+            self.sealers.clear()
+        self.sealers[(tenant, label)] = sealer
+
+    def put_opener(self, key_id: bytes, label: str, tenant: str, opener: envelope.Opener) -> None:
+        if len(self.openers) > FAST_PATH_MAX:
+            self.openers.clear()
+        self.openers[(key_id, label, tenant)] = opener
+
+    def put_active(self, dek: Dek) -> None:
+        """``dek`` is now its practice's active key (a rotation, a re-enable)."""
+        self.keys.put(dek.key_id, dek)
+        self.active.put(dek.tenant, dek)
+        self.drop_fast_paths()
+
+    def drop_fast_paths(self) -> None:
+        self.sealers.clear()
+        self.openers.clear()
+
+    def forget_key(self, tenant: str, key_id: bytes) -> None:
+        """Drop one data key, and the practice's active key (the key was never committed)."""
+        self.active.pop(tenant)
+        self.keys.pop(key_id)
+        self.drop_fast_paths()
+
+    def forget_retired(self, tenant: str, key_id: bytes) -> None:
+        """Drop one retired key and the practice's index roots (the key may have been one)."""
+        self.keys.pop(key_id)
+        self.index_roots.pop(tenant)
+        self.drop_fast_paths()
+
+    def forget_practice(self, tenant: str) -> None:
+        """Drop every key of ``tenant`` (destroyed)."""
+        self.drop_fast_paths()
+        self.active.pop(tenant)
+        self.index_roots.pop(tenant)
+        self.keys.drop_where(lambda dek: dek.tenant == tenant)
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.active.clear()
+        self.index_roots.clear()
+        self.drop_fast_paths()
+
+    def stats(self) -> dict[str, int]:
+        """Hits and misses of the data-key caches (fast-path hits are the manager's)."""
+        return {
+            "cache_hits": self.keys.hits + self.active.hits,
+            "cache_misses": self.keys.misses + self.active.misses,
+            "cached_keys": len(self.keys),
+        }
+
+    def reset_stats(self) -> None:
+        self.keys.hits = self.keys.misses = self.active.hits = self.active.misses = 0
+
+    def __repr__(self) -> str:
+        # Entries hold key material: show counts only.
+        return f"<KeyCache {len(self.keys)} keys, {len(self.active)} active, ttl={self.ttl}s>"

@@ -1,25 +1,28 @@
-"""KeyManager: key store + master key + cache, and the value-level encrypt/decrypt.
+"""KeyManager: master keys, data keys and the value-level encrypt/decrypt.
 
-Dependencies point one way: envelope format and providers below, the
-SQLAlchemy type and the batch engine above.
+It composes the key table's SQL (:class:`carnet.keystore.KeyStore`, wrapped
+bytes only) and the cache of unwrapped keys (:class:`carnet.cache.KeyCache`);
+what it owns itself is the master-key registry, wrapping and unwrapping, the
+key lifecycle's rules, the counters and the audit hook. Dependencies point
+one way: envelope format and providers below, the SQLAlchemy type and the
+batch engine above.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from . import _aead, envelope
-from .cache import TTLCache
+from . import envelope
+from ._engines import KeyEngines, log_debug_enabled, off_loop
+from .cache import Dek, IndexRoot, KeyCache
 from .context import activate, bind_manager
 from .errors import (
     ConfigurationError,
@@ -30,21 +33,16 @@ from .errors import (
     TenantMismatch,
     TenantRequired,
     UnknownKey,
-    UnknownTenant,
 )
 from .keystore import (
     ACTIVE,
     DATA,
     DESTROYED,
-    INACTIVE,
     INDEX,
     RETIRED,
     KeyRecord,
-    add_key_kinds,
-    keys_table,
-    lock_conflict,
-    make_practice_ids_exact,
-    utcnow,
+    KeyStore,
+    destroyed_error,
     wrap_context,
 )
 from .providers.base import MasterKey, open_master_key
@@ -53,49 +51,13 @@ if TYPE_CHECKING:
     # Only for annotations: the asyncio extension needs greenlet, an optional extra.
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+# carnet.manager.IndexRoot and log_debug_enabled stay importable from here.
+__all__ = ["DecryptHook", "IndexRoot", "KeyManager", "RewrapReport", "log_debug_enabled"]
+
 log = logging.getLogger("carnet")
-_FAST_PATH_MAX = 100_000
 _KEY_ID = envelope.KEY_ID
 
 DecryptHook = Callable[[str, str, int], None]
-_T = TypeVar("_T")
-
-# Tries of a key-table change that lost a race to another process before giving up.
-_RACE_ATTEMPTS = 8
-
-
-class _Raced(Exception):
-    """A compare-and-set on the key table found the row changed since it was read."""
-
-
-class IndexRoot:
-    """An unwrapped blind-index root key, held only in the cache. Never printed."""
-
-    __slots__ = ("key_id", "version", "secret", "derived")
-
-    def __init__(self, key_id: bytes, version: int, secret: bytes) -> None:
-        self.key_id = key_id
-        self.version = version
-        self.secret = secret
-        # Per-index keys derived from this root (carnet.indexkeys), dropped with it.
-        self.derived: dict[tuple[str, str, str], Any] = {}
-
-    def __repr__(self) -> str:
-        return f"<IndexRoot {self.key_id.hex()} v{self.version}>"
-
-
-class _Dek:
-    """An unwrapped data key, held only in the cache. Never printed."""
-
-    __slots__ = ("key_id", "tenant", "cipher")
-
-    def __init__(self, key_id: bytes, tenant: str, secret: bytes) -> None:
-        self.key_id = key_id
-        self.tenant = tenant
-        self.cipher = _aead.cipher(secret)
-
-    def __repr__(self) -> str:
-        return f"<DEK {self.key_id.hex()} tenant={self.tenant!r}>"
 
 
 @dataclass
@@ -127,6 +89,9 @@ class KeyManager:
     ``previous_master_keys`` still unwrap (during and after ``rewrap``);
     DEKs naming any other master key are refused, so a row planted in the
     key table cannot make carnet use a master key of an attacker's choosing.
+
+    ``store`` (the key table's SQL) and ``cache`` (the unwrapped keys) are
+    its parts; the methods below are the way to use them.
     """
 
     def __init__(
@@ -142,34 +107,22 @@ class KeyManager:
         read_only: bool = False,
     ) -> None:
         activate()  # carnet's SQLAlchemy listeners, from the first manager on
-        if isinstance(bind, str):
-            bind = _engine_from_url(bind)
-        self.async_engine: AsyncEngine | None = None
-        if _is_async_engine(bind):
-            # Key-table statements run through the async engine's sync facade
-            # inside SQLAlchemy's greenlets (an AsyncSession flush or load),
-            # and through a synchronous twin on the same database elsewhere
-            # (key management from ordinary code, a thread).
-            self.async_engine = bind  # type: ignore[assignment]
-            bind = bind.sync_engine  # type: ignore[union-attr]
-        self._engine: sa.Engine = bind  # type: ignore[assignment]
-        self._twin: sa.Engine | None = None
-        self._key_async: AsyncEngine | None = None
+        self._engines = KeyEngines(bind)
+        self.async_engine: AsyncEngine | None = self._engines.async_engine
         self._master = open_master_key(master_key)
         self._masters: dict[str, MasterKey] = {self._master.uri: self._master}
         for prev in previous_master_keys:
             mk = open_master_key(prev)
             self._masters.setdefault(mk.uri, mk)
-        self.metadata = sa.MetaData()
-        self._kinds_table = keys_table(self.metadata, table_name)
-        self._table: sa.Table | None = None  # the shape found in the database, on first use
-        self._keys: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
-        self._active: TTLCache[_Dek] = TTLCache(cache_size, cache_ttl)
-        self._index_roots: TTLCache[list[IndexRoot]] = TTLCache(cache_size, cache_ttl)
-        self._sealers: dict[tuple[str, str], envelope.Sealer] = {}
-        self._openers: dict[tuple[bytes, str, str], envelope.Opener] = {}
+        self.store = KeyStore(self._engines.current, table_name)
+        self.metadata = self.store.metadata
+        self.cache = KeyCache(cache_size, cache_ttl)
+        # The fast-path dicts and the index-root cache themselves (never replaced):
+        # a value costs one lookup, as before the cache was a part of its own.
+        self._sealers = self.cache.sealers
+        self._openers = self.cache.openers
+        self._index_roots = self.cache.index_roots
         self._fast_hits = 0
-        self._lock = threading.Lock()
         self.master_wraps = 0
         self.master_unwraps = 0
         self.keys_created = 0
@@ -180,7 +133,7 @@ class KeyManager:
         self.require_scope = require_scope
         # A read replica: reads keys, never writes the key table.
         self.read_only = read_only
-        if bind.echo == "debug" or log_debug_enabled():
+        if self._engines.primary.echo == "debug" or log_debug_enabled():
             warnings.warn(
                 "SQLAlchemy echo='debug' logs result rows: decrypted notes read through "
                 "tenant_scope would reach the log. Turn it off where real data is read.",
@@ -197,19 +150,7 @@ class KeyManager:
         (statements of an AsyncSession or AsyncConnection), else a synchronous
         engine on the same database (created on first use).
         """
-        if self.async_engine is None:
-            return self._engine
-        if _in_greenlet():
-            # A pool of its own: the application's tasks may hold every
-            # connection of theirs while their flushes wait for a first key.
-            if self._key_async is None:
-                from sqlalchemy.ext.asyncio import create_async_engine
-
-                self._key_async = create_async_engine(self._engine.url, pool_size=2, max_overflow=8)
-            return self._key_async.sync_engine
-        if self._twin is None:
-            self._twin = sa.create_engine(_sync_url(self._engine.url))
-        return self._twin
+        return self._engines.current()
 
     async def create_schema_async(self) -> list[str]:
         """:meth:`create_schema` for an async engine, awaited on the event loop."""
@@ -224,12 +165,12 @@ class KeyManager:
 
     @property
     def cache_ttl(self) -> float:
-        return self._keys.ttl
+        return self.cache.ttl
 
     def __repr__(self) -> str:
         return (
-            f"<KeyManager {self._engine.url!r} master={self._master.uri} "
-            f"table={self._kinds_table.name}>"
+            f"<KeyManager {self._engines.primary.url!r} master={self._master.uri} "
+            f"table={self.store.name}>"
         )
 
     def bind(self, engine: Any) -> KeyManager:
@@ -250,10 +191,7 @@ class KeyManager:
         Returns the columns of an existing table that were converted from a
         collation folding case or trailing spaces (MariaDB), usually none.
         """
-        self.metadata.create_all(self.engine)
-        add_key_kinds(self.engine, self._kinds_table)
-        self._table = self._kinds_table
-        return make_practice_ids_exact(self.engine, self.table)
+        return self.store.create_schema()
 
     @property
     def table(self) -> sa.Table:
@@ -263,27 +201,7 @@ class KeyManager:
         :meth:`create_schema` (``carnet init``) upgrades it; blind-index roots
         need the upgrade.
         """
-        t = self._table
-        if t is None:
-            t = self._kinds_table
-            insp = sa.inspect(self.engine)
-            if insp.has_table(t.name, schema=t.schema) and "kind" not in {
-                c["name"] for c in insp.get_columns(t.name, schema=t.schema)
-            }:
-                t = keys_table(sa.MetaData(), t.name, kinds=False)
-            self._table = t
-        return t
-
-    def _is_data(self, t: sa.Table) -> sa.ColumnElement[bool]:
-        # Every key of a table made before key kinds is a data key.
-        return t.c.kind == DATA if "kind" in t.c else sa.true()
-
-    def _require_kinds(self) -> None:
-        if "kind" not in self.table.c:
-            raise ConfigurationError(
-                f"{self.table.name} was made before key kinds: run 'carnet init' (or "
-                "KeyManager.create_schema()) once to upgrade it, see docs/format.md"
-            )
+        return self.store.table
 
     # -- value level ---------------------------------------------------------------
 
@@ -301,14 +219,13 @@ class KeyManager:
         return sealer.seal(plaintext)
 
     def _sealer(self, tenant: str, label: str) -> envelope.Sealer:
-        dek = self._active.get(tenant)
+        active = self.cache.active
+        dek = active.get(tenant)
         if dek is None:
             dek = self._active_dek(_check_tenant(tenant))
-        expires = self._active.expiry(tenant) or time.monotonic()
+        expires = active.expiry(tenant) or time.monotonic()
         sealer = envelope.Sealer(dek.cipher, dek.key_id, label, tenant, expires)
-        if len(self._sealers) > _FAST_PATH_MAX:
-            self._sealers.clear()
-        self._sealers[(tenant, label)] = sealer
+        self.cache.put_sealer(tenant, label, sealer)
         return sealer
 
     def decrypt(self, blob: bytes, *, tenant: str, label: str) -> bytes:
@@ -324,23 +241,18 @@ class KeyManager:
         return plaintext
 
     def _opener(self, key_id: bytes, tenant: str, label: str) -> envelope.Opener:
-        dek = self._keys.get(key_id)
+        keys = self.cache.keys
+        dek = keys.get(key_id)
         if dek is None:
             dek = self._dek_for(key_id, _check_tenant(tenant))
         if dek.tenant != tenant:
             # A value of another practice: copied into this row, or read under the
             # wrong scope. The key's tenant is metadata, so naming it leaks nothing.
             raise TenantMismatch(tenant, dek.tenant)
-        expires = self._keys.expiry(key_id) or time.monotonic()
+        expires = keys.expiry(key_id) or time.monotonic()
         opener = envelope.Opener(dek.cipher, key_id, label, tenant, expires)
-        if len(self._openers) > _FAST_PATH_MAX:
-            self._openers.clear()
-        self._openers[(key_id, label, tenant)] = opener
+        self.cache.put_opener(key_id, label, tenant, opener)
         return opener
-
-    def _drop_fast_paths(self) -> None:
-        self._sealers.clear()
-        self._openers.clear()
 
     def encrypt_text(self, text: str, *, tenant: str, label: str) -> bytes:
         return self.encrypt(text.encode("utf-8"), tenant=tenant, label=label)
@@ -351,7 +263,7 @@ class KeyManager:
     def key_id_of(self, blob: bytes) -> bytes:
         return envelope.key_id_of(blob)
 
-    # -- key lookup ----------------------------------------------------------------
+    # -- wrapping ------------------------------------------------------------------
 
     def _master_for(self, uri: str) -> MasterKey:
         mk = self._masters.get(uri)
@@ -362,67 +274,45 @@ class KeyManager:
             )
         return mk
 
-    def _unwrap(self, rec: KeyRecord) -> _Dek:
+    def _unwrap(self, rec: KeyRecord) -> Dek:
         rec.check()
         if rec.state == DESTROYED:
             raise KeyDestroyed(rec.key_id, rec.tenant)
         if rec.state == RETIRED or rec.wrapped_key is None:
             raise KeyRetired(rec.key_id, rec.tenant)
         ctx = wrap_context(rec.tenant, rec.key_id, rec.kind)
-        secret = _off_loop(self._master_for(rec.master_key_uri).unwrap, rec.wrapped_key, ctx)
+        secret = off_loop(self._master_for(rec.master_key_uri).unwrap, rec.wrapped_key, ctx)
         self.master_unwraps += 1
-        dek = _Dek(rec.key_id, rec.tenant, secret)
+        dek = Dek(rec.key_id, rec.tenant, secret)
         if rec.kind == DATA:
             # Only data keys are cached as such: an index root must never
             # become the AES key of a value whose header names it.
-            self._keys.put(rec.key_id, dek)
+            self.cache.keys.put(rec.key_id, dek)
         return dek
+
+    def _new_wrapped(self, tenant: str, kind: str = DATA) -> tuple[bytes, bytes, bytes]:
+        """A new key: its id, its secret, and the secret wrapped by the current master key."""
+        key_id = os.urandom(envelope.KEY_ID_SIZE)
+        secret = os.urandom(32)
+        wrapped = off_loop(self._master.wrap, secret, wrap_context(tenant, key_id, kind))
+        self.master_wraps += 1
+        return key_id, secret, wrapped
 
     def check_unwrap(self, rec: KeyRecord) -> None:
         """Unwrap ``rec``'s data key under its master key (raises the carnet error if
         it does not open), caching it as a read would."""
         self._unwrap(rec)
 
-    def _dek_for(self, key_id: bytes, tenant: str) -> _Dek:
+    # -- data keys -----------------------------------------------------------------
+
+    def _dek_for(self, key_id: bytes, tenant: str) -> Dek:
         rec = self.get_key(key_id)
         if rec is None or rec.kind != DATA:
             # An index root key never decrypts a value, whatever a header names.
             raise UnknownKey(key_id)
         return self._unwrap(rec)
 
-    def _tenant_rows(
-        self, conn: sa.Connection, tenant: str, *, lock: bool = False, kind: str | None = DATA
-    ) -> list[KeyRecord]:
-        """Every key row of exactly ``tenant`` (of ``kind``; None: all kinds), checked row by row.
-
-        One statement, so the rows are one consistent snapshot. It also reads
-        any row whose active marker names ``tenant``: such a row of another
-        practice would otherwise silently take the practice's place. The SQL
-        comparison is exact on a table made or converted by ``create_schema``;
-        Python compares again so that a table still folding ids (an old MariaDB
-        table) fails closed instead of handing out another practice's key.
-        """
-        t = self.table
-        q = sa.select(t).where(sa.or_(t.c.tenant == tenant, t.c.active_tenant == tenant))
-        if lock:
-            q = q.with_for_update()
-        recs = [KeyRecord.from_row(r) for r in conn.execute(q)]
-        for rec in recs:
-            if rec.tenant != tenant and rec.active_tenant != tenant:
-                raise KeyStoreInconsistent(
-                    f"the key table matched practice {rec.tenant!r} for {tenant!r}: its "
-                    "collation folds practice ids; run 'carnet init' to make them exact"
-                )
-            rec.check()
-        return recs if kind is None else [r for r in recs if r.kind == kind]
-
-    def _query_active(self, conn: sa.Connection, tenant: str) -> tuple[KeyRecord | None, set[str]]:
-        """The tenant's active data key record (if any) and the states of all its data keys."""
-        recs = self._tenant_rows(conn, tenant)
-        active = [r for r in recs if r.state == ACTIVE]
-        return (active[0] if active else None), {r.state for r in recs}
-
-    def _active_dek(self, tenant: str, conn: sa.Connection | None = None) -> _Dek:
+    def _active_dek(self, tenant: str, conn: sa.Connection | None = None) -> Dek:
         """The tenant's active key, created if it has none and never had one.
 
         A practice with a destroyed key and no active one stays destroyed
@@ -432,18 +322,14 @@ class KeyManager:
         lock); otherwise in short transactions of their own.
         """
         for _attempt in range(5):
-            if conn is None:
-                with self.engine.connect() as own:
-                    rec, states = self._query_active(own, tenant)
-            else:
-                rec, states = self._query_active(conn, tenant)
+            rec, states = self.store.active(conn, tenant)
             if rec is not None:
-                cached = self._keys.get(rec.key_id)
+                cached = self.cache.keys.get(rec.key_id)
                 dek = cached if cached is not None else self._unwrap(rec)
-                self._active.put(tenant, dek)
+                self.cache.active.put(tenant, dek)
                 return dek
             if DESTROYED in states:
-                raise self._destroyed(tenant)
+                raise destroyed_error(tenant)
             if states:
                 raise KeyStoreInconsistent(
                     f"practice {tenant!r} has keys but no active one: "
@@ -451,50 +337,6 @@ class KeyManager:
                 )
             self._insert_key(tenant, conn)
         raise MasterKeyUnavailable(f"could not create or load an active key for tenant {tenant!r}")
-
-    def _new_wrapped(self, tenant: str) -> tuple[bytes, bytes, bytes]:
-        key_id = os.urandom(envelope.KEY_ID_SIZE)
-        secret = os.urandom(32)
-        wrapped = _off_loop(self._master.wrap, secret, {"tenant": tenant, "key_id": key_id.hex()})
-        self.master_wraps += 1
-        return key_id, secret, wrapped
-
-    def _insert_row(
-        self,
-        conn: sa.Connection,
-        tenant: str,
-        key_id: bytes,
-        wrapped: bytes,
-        version: int | None = None,
-        kind: str = DATA,
-    ) -> int:
-        """Insert a key version of ``kind`` (default: the next one) as its active key."""
-        t = self.table
-        now = utcnow()
-        if version is None:
-            version = (
-                1
-                + conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.max(t.c.version), 0)).where(
-                        t.c.tenant == tenant, t.c.kind == kind if "kind" in t.c else sa.true()
-                    )
-                ).scalar_one()
-            )
-        conn.execute(
-            t.insert().values(
-                key_id=key_id.hex(),
-                tenant=tenant,
-                version=version,
-                state=ACTIVE,
-                **({"kind": kind} if "kind" in t.c else {}),
-                active_tenant=tenant,
-                master_key_uri=self._master.uri,
-                wrapped_key=wrapped,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        return int(version)
 
     def _writable(self, what: str, tenant: str | None = None) -> None:
         if self.read_only:
@@ -505,38 +347,13 @@ class KeyManager:
             )
 
     def _insert_key(self, tenant: str, conn: sa.Connection | None = None) -> bytes | None:
-        """Insert a tenant's first active key. Returns its id, or None when another process won.
-
-        A first key is always version 1, so the UNIQUE (tenant, version)
-        constraint lets a practice have a first key once, ever: if between our
-        read and this insert another process created the practice's key and
-        an operator destroyed it, the insert fails instead of bringing the
-        destroyed practice back, and the caller's re-read finds it destroyed.
-        """
+        """Insert a tenant's first active key. Returns its id, or None when another process won."""
         self._writable("create a first data key", tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
-        started = time.monotonic()
-        failure: ConfigurationError | None = None
-        try:
-            if conn is None:
-                with self.engine.begin() as own:
-                    self._insert_row(own, tenant, key_id, wrapped, version=1)
-            else:
-                with conn.begin_nested():
-                    self._insert_row(conn, tenant, key_id, wrapped, version=1)
-        except sa.exc.IntegrityError:
-            # Another process created the tenant's key first: the database's
-            # unique constraints decided; the caller reloads theirs.
+        if not self.store.insert_first(conn, tenant, key_id, wrapped, self._master.uri):
             return None
-        except sa.exc.OperationalError as exc:
-            if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
-                raise
-            failure = _sqlite_busy(conn, tenant, time.monotonic() - started)
-        if failure is not None:
-            # Raised outside the except block: no driver error chained to it.
-            raise failure
         self.keys_created += 1
-        self._keys.put(key_id, _Dek(key_id, tenant, secret))
+        self.cache.keys.put(key_id, Dek(key_id, tenant, secret))
         return key_id
 
     def shares_sqlite_database(self, bind: sa.Engine | sa.Connection) -> bool:
@@ -544,14 +361,7 @@ class KeyManager:
 
         Then a key must be created on that connection (SQLite has one writer).
         """
-        if bind.dialect.name != "sqlite":
-            return False
-        # By database file, not URL text: sqlite+aiosqlite:///f and sqlite:///f
-        # are the same database, and so is the async engine's sync facade.
-        theirs, ours = bind.engine.url.database, self._engine.url.database
-        if not theirs or theirs == ":memory:" or not ours or ours == ":memory:":
-            return bind.engine is self._engine
-        return os.path.realpath(theirs) == os.path.realpath(ours)
+        return self._engines.shares_sqlite_database(bind)
 
     def ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
         """Load or create ``tenant``'s active key inside ``conn``'s open transaction.
@@ -565,68 +375,36 @@ class KeyManager:
 
     def forget_key(self, tenant: str, key_id: bytes) -> None:
         """Drop a key from the caches (its creating transaction rolled back)."""
-        self._active.pop(tenant)
-        self._keys.pop(key_id)
-        self._drop_fast_paths()
+        self.cache.forget_key(tenant, key_id)
 
     def has_cached_active_key(self, tenant: str) -> bool:
-        return self._active.peek(tenant)
+        return self.cache.active.peek(tenant)
 
     def ensure_key(self, tenant: str) -> KeyRecord:
         """Make sure ``tenant`` has an active key (creating it) and return its record."""
         dek = self._active_dek(_check_tenant(tenant))
-        rec = self.get_key(dek.key_id)
-        assert rec is not None  # noqa: S101 - just loaded or created
-        return rec
+        return self._record(dek.key_id)
 
     # -- key lifecycle -------------------------------------------------------------
 
     def get_key(self, key_id: bytes) -> KeyRecord | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(self.table).where(self.table.c.key_id == key_id.hex())
-            ).first()
-        if row is None:
-            return None
-        rec = KeyRecord.from_row(row)
-        # The key id column may fold case on an old table: the id must be the one asked.
-        return rec if rec.key_id == key_id else None
+        return self.store.get(key_id)
+
+    def _record(self, key_id: bytes) -> KeyRecord:
+        rec = self.store.get(key_id)
+        assert rec is not None  # noqa: S101 - just loaded or written
+        return rec
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]:
-        q = sa.select(self.table).order_by(self.table.c.tenant, self.table.c.version)
-        if tenant is not None:
-            q = q.where(self.table.c.tenant == tenant)
-        with self.engine.connect() as conn:
-            recs = [KeyRecord.from_row(r) for r in conn.execute(q)]
-        # Exact in Python too: a table still folding ids must not list another practice's keys.
-        return recs if tenant is None else [r for r in recs if r.tenant == tenant]
-
-    def _key_batches(self, batch_size: int) -> Iterator[list[KeyRecord]]:
-        """Every key record in key-id order, a batch at a time (keyset paging, flat memory)."""
-        last = ""
-        t = self.table
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(t).where(t.c.key_id > last).order_by(t.c.key_id).limit(batch_size)
-                ).all()
-            if not rows:
-                return
-            yield [KeyRecord.from_row(r) for r in rows]
-            last = rows[-1].key_id
+        return self.store.list_keys(tenant)
 
     def iter_keys(self, batch_size: int = 1000) -> Iterator[KeyRecord]:
         """Every key record, in key-id order, a batch at a time (flat memory)."""
-        for batch in self._key_batches(batch_size):
+        for batch in self.store.batches(batch_size):
             yield from batch
 
     def tenants(self) -> list[str]:
-        with self.engine.connect() as conn:
-            return list(
-                conn.execute(
-                    sa.select(self.table.c.tenant).distinct().order_by(self.table.c.tenant)
-                ).scalars()
-            )
+        return self.store.tenants()
 
     def rotate(self, tenant: str, *, create: bool = False) -> KeyRecord:
         """Make a new active DEK for ``tenant``; earlier ones stay readable (state ``inactive``).
@@ -637,92 +415,17 @@ class KeyManager:
         """
         tenant = _check_tenant(tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
-        version = self._key_transaction(
-            tenant, lambda conn: self._rotate_in(conn, tenant, key_id, wrapped, create)
-        )
+        self._writable("change data keys", tenant)
+        version = self.store.rotate(tenant, key_id, wrapped, self._master.uri, create=create)
         self.keys_created += 1
-        dek = _Dek(key_id, tenant, secret)
-        self._keys.put(key_id, dek)
-        self._active.put(tenant, dek)
-        self._drop_fast_paths()
+        self.cache.put_active(Dek(key_id, tenant, secret))
         log.info(
             "carnet: rotated data key of tenant %r to version %d (%s)",
             tenant,
             version,
             key_id.hex(),
         )
-        rec = self.get_key(key_id)
-        assert rec is not None  # noqa: S101
-        return rec
-
-    def _key_transaction(self, tenant: str, work: Callable[[sa.Connection], _T]) -> _T:
-        """Run ``work`` in a transaction of its own, again if it lost a race.
-
-        Another rotation, first-key creation, re-enable or destroy may commit
-        between our read and our write (SQLite takes no row locks; PostgreSQL's
-        READ COMMITTED does not show rows inserted after the read began;
-        MariaDB's gap locks deadlock): the unique constraints, a compare-and-set
-        or the database's deadlock detection then reject ours, nothing of it is
-        written, and ``work`` reads and decides again.
-        """
-        self._writable("change data keys", tenant)
-        for attempt in range(_RACE_ATTEMPTS):
-            try:
-                with self.engine.begin() as conn:
-                    return work(conn)
-            except (sa.exc.IntegrityError, _Raced):
-                pass
-            except sa.exc.DBAPIError as exc:
-                if not lock_conflict(exc):
-                    raise
-            if attempt < _RACE_ATTEMPTS - 1:
-                # Jitter, so that two processes retrying do not collide again.
-                time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))  # noqa: S311
-        raise KeyStoreInconsistent(
-            f"the keys of tenant {tenant!r} kept changing concurrently: run again"
-        )
-
-    def _rotate_in(
-        self, conn: sa.Connection, tenant: str, key_id: bytes, wrapped: bytes, create: bool
-    ) -> int:
-        t = self.table
-        recs = self._tenant_rows(conn, tenant, lock=True)
-        active = [r for r in recs if r.state == ACTIVE]
-        if not recs:
-            if not create:
-                raise UnknownTenant(
-                    tenant,
-                    "; check the id, or pass create=True "
-                    "('carnet keys rotate --create') to create its first key",
-                )
-            return self._insert_row(conn, tenant, key_id, wrapped, version=1)
-        if not active and any(r.state == DESTROYED for r in recs):
-            raise self._destroyed(tenant)
-        now = utcnow()
-        for cur in active:
-            # Compare-and-set: the key must still be the active one we read, or
-            # a destroy may have run since and the new key would outlive it.
-            done = conn.execute(
-                t.update()
-                .where(
-                    t.c.key_id == cur.key_id.hex(),
-                    t.c.state == ACTIVE,
-                    t.c.active_tenant == tenant,
-                )
-                .values(state=INACTIVE, active_tenant=None, updated_at=now)
-            ).rowcount
-            if done != 1:
-                raise _Raced
-        return self._insert_row(conn, tenant, key_id, wrapped)
-
-    @staticmethod
-    def _destroyed(tenant: str) -> KeyDestroyed:
-        exc = KeyDestroyed(None, tenant)
-        exc.args = (
-            f"the data keys of tenant {tenant!r} were destroyed; it gets no new key unless "
-            f"re-enabled ('carnet keys reenable --tenant {tenant}')",
-        )
-        return exc
+        return self._record(key_id)
 
     def reenable(self, tenant: str) -> KeyRecord:
         """Give a destroyed practice a new active DEK, so that it can be written again.
@@ -732,66 +435,30 @@ class KeyManager:
         """
         tenant = _check_tenant(tenant)
         key_id, secret, wrapped = self._new_wrapped(tenant)
-
-        def work(conn: sa.Connection) -> int:
-            recs = self._tenant_rows(conn, tenant, lock=True)
-            if not recs:
-                raise UnknownTenant(tenant, ": there is nothing to re-enable")
-            if any(r.state == ACTIVE for r in recs):
-                raise ConfigurationError(
-                    f"practice {tenant!r} has an active key: it is not destroyed"
-                )
-            # The UNIQUE active marker makes a concurrent re-enable fail here;
-            # its retry then finds the practice active.
-            return self._insert_row(conn, tenant, key_id, wrapped)
-
-        version = self._key_transaction(tenant, work)
+        self._writable("change data keys", tenant)
+        version = self.store.reenable(tenant, key_id, wrapped, self._master.uri)
         self.keys_created += 1
-        dek = _Dek(key_id, tenant, secret)
-        self._keys.put(key_id, dek)
-        self._active.put(tenant, dek)
-        self._drop_fast_paths()
+        self.cache.put_active(Dek(key_id, tenant, secret))
         log.warning(
             "carnet: re-enabled tenant %r with a new data key, version %d (%s)",
             tenant,
             version,
             key_id.hex(),
         )
-        rec = self.get_key(key_id)
-        assert rec is not None  # noqa: S101
-        return rec
+        return self._record(key_id)
 
     def retire(self, key_id: bytes) -> KeyRecord:
         """Erase one inactive key version. Values still under it become unreadable.
 
         The CLI checks that no row uses the key first; this call does not scan tables.
         """
-        t = self.table
         self._writable("retire a data key")
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(t).where(t.c.key_id == key_id.hex()).with_for_update()
-            ).first()
-            if row is None:
-                raise UnknownKey(key_id)
-            if row.state == ACTIVE:
-                raise ConfigurationError(
-                    f"key {key_id.hex()} is the active key of tenant {row.tenant!r}: rotate first"
-                )
-            if row.state in (RETIRED, DESTROYED):
-                return KeyRecord.from_row(row)
-            conn.execute(
-                t.update()
-                .where(t.c.key_id == key_id.hex())
-                .values(state=RETIRED, wrapped_key=None, updated_at=utcnow())
-            )
-        self._keys.pop(key_id)
-        self._index_roots.pop(row.tenant)
-        self._drop_fast_paths()
-        log.info("carnet: retired data key %s of tenant %r", key_id.hex(), row.tenant)
-        rec = self.get_key(key_id)
-        assert rec is not None  # noqa: S101
-        return rec
+        before, changed = self.store.retire(key_id)
+        if not changed:
+            return before
+        self.cache.forget_retired(before.tenant, key_id)
+        log.info("carnet: retired data key %s of tenant %r", key_id.hex(), before.tenant)
+        return self._record(key_id)
 
     def destroy(self, tenant: str) -> int:
         """Crypto-shred ``tenant``: erase every wrapped DEK; rows stay, reads raise KeyDestroyed.
@@ -808,52 +475,11 @@ class KeyManager:
         """
         self._writable("destroy data keys", tenant)
         tenant = _check_tenant(tenant)
-        t = self.table
-        n = 0
-        self._forget_tenant(tenant)
-
-        def one_pass(conn: sa.Connection) -> int:
-            # Every kind: the practice's blind-index roots are shredded with its data keys.
-            recs = self._tenant_rows(conn, tenant, lock=True, kind=None)
-            if not recs and n == 0:
-                raise UnknownTenant(tenant, ": nothing was destroyed (check the id)")
-            if all(r.state == DESTROYED for r in recs):
-                return 0
-            # By practice, not by the ids just read: SQLite takes no row lock, so a
-            # rotation may commit between that read and this one atomic statement.
-            # The comparison is exact: _tenant_rows refused a table that folds ids.
-            return int(
-                conn.execute(
-                    t.update()
-                    .where(t.c.tenant == tenant, t.c.state != DESTROYED)
-                    .values(
-                        state=DESTROYED, wrapped_key=None, active_tenant=None, updated_at=utcnow()
-                    )
-                ).rowcount
-            )
-
-        # Repeat until a pass finds no live key: a rotation or first-key
-        # creation that read the practice before our first commit may commit
-        # its new key after our locking read. Anything starting after our
-        # commit sees a destroyed practice and refuses.
-        for _pass in range(10):
-            done = self._key_transaction(tenant, one_pass)
-            if not done:
-                break
-            n += done
-        else:
-            raise KeyStoreInconsistent(
-                f"new keys of tenant {tenant!r} kept appearing while destroying it: run again"
-            )
-        self._forget_tenant(tenant)
+        self.cache.forget_practice(tenant)
+        n = self.store.destroy(tenant)
+        self.cache.forget_practice(tenant)
         log.warning("carnet: destroyed %d data key(s) of tenant %r", n, tenant)
         return int(n)
-
-    def _forget_tenant(self, tenant: str) -> None:
-        self._drop_fast_paths()
-        self._active.pop(tenant)
-        self._index_roots.pop(tenant)
-        self._keys.drop_where(lambda dek: dek.tenant == tenant)
 
     def rewrap(
         self,
@@ -871,9 +497,8 @@ class KeyManager:
         self._writable("rewrap data keys")
         new = open_master_key(to)
         self._masters.setdefault(new.uri, new)
-        t = self.table
         done = already = destroyed = 0
-        for batch in self._key_batches(batch_size):
+        for batch in self.store.batches(batch_size):
             updates = []
             for rec in batch:
                 if rec.wrapped_key is None:
@@ -887,18 +512,7 @@ class KeyManager:
                 self.master_unwraps += 1
                 updates.append((rec, new.wrap(secret, ctx)))
                 self.master_wraps += 1
-            with self.engine.begin() as conn:
-                for rec, wrapped in updates:
-                    res = conn.execute(
-                        t.update()
-                        .where(
-                            t.c.key_id == rec.key_id.hex(),
-                            t.c.master_key_uri == rec.master_key_uri,
-                            t.c.wrapped_key.is_not(None),
-                        )
-                        .values(master_key_uri=new.uri, wrapped_key=wrapped, updated_at=utcnow())
-                    )
-                    done += res.rowcount
+            done += self.store.rewrap(updates, new.uri)
             if progress is not None:
                 progress(len(batch))
         self._master = new
@@ -936,43 +550,22 @@ class KeyManager:
         cached = self._index_roots.get(tenant)
         if cached is not None:
             return cached, None
-        self._require_kinds()
+        self.store.require_kinds()
         created: bytes | None = None
         for _attempt in range(5):
-            if conn is None:
-                with self.engine.connect() as own:
-                    rows, states = self._query_index_roots(own, tenant)
-            else:
-                rows, states = self._query_index_roots(conn, tenant)
-            if rows and rows[0].state == ACTIVE:
-                roots = [self._unwrap_index_root(KeyRecord.from_row(r)) for r in rows]
-                self._index_roots.put(tenant, roots)
+            recs, states = self.store.index_roots(conn, tenant)
+            if recs and recs[0].state == ACTIVE:
+                roots = [self._unwrap_index_root(rec) for rec in recs]
+                self.cache.index_roots.put(tenant, roots)
                 return roots, created
             if states and states <= {DESTROYED}:
                 raise KeyDestroyed(None, tenant)
             if not create:
-                return [self._unwrap_index_root(KeyRecord.from_row(r)) for r in rows], None
-            created = self._insert_index_root(tenant, conn)
-            if conn is None:
-                created = None
+                return [self._unwrap_index_root(rec) for rec in recs], None
+            key_id, _secret, wrapped = self._new_index_root(tenant)
+            inserted = self.store.insert_index_root(conn, tenant, key_id, wrapped, self._master.uri)
+            created = key_id if inserted and conn is not None else None
         raise MasterKeyUnavailable(f"could not create or load an index root for tenant {tenant!r}")
-
-    def _query_index_roots(
-        self, conn: sa.Connection, tenant: str
-    ) -> tuple[list[sa.Row[Any]], set[str]]:
-        t = self.table
-        rows = list(
-            conn.execute(
-                sa.select(t)
-                .where(t.c.tenant == tenant, t.c.kind == INDEX, t.c.state.in_((ACTIVE, INACTIVE)))
-                # active first (its marker is set), then the newest inactive ones
-                .order_by(t.c.active_tenant.is_(None), t.c.version.desc())
-            )
-        )
-        states: set[str] = set()
-        if not rows or rows[0].state != ACTIVE:
-            states = set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars())
-        return rows, states
 
     def _unwrap_index_root(self, rec: KeyRecord) -> IndexRoot:
         if rec.wrapped_key is None:
@@ -982,24 +575,16 @@ class KeyManager:
         self.master_unwraps += 1
         return IndexRoot(rec.key_id, rec.version, secret)
 
-    def _insert_index_root(self, tenant: str, conn: sa.Connection | None) -> bytes | None:
+    def _new_index_root(self, tenant: str) -> tuple[bytes, bytes, bytes]:
         key_id = os.urandom(envelope.KEY_ID_SIZE)
-        wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
+        secret = os.urandom(32)
+        wrapped = self._master.wrap(secret, wrap_context(tenant, key_id, INDEX))
         self.master_wraps += 1
-        try:
-            if conn is None:
-                with self.engine.begin() as own:
-                    self._insert_row(own, tenant, key_id, wrapped, kind=INDEX)
-            else:
-                with conn.begin_nested():
-                    self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
-        except sa.exc.IntegrityError:
-            return None  # another process created it first: the next read loads theirs
-        return key_id
+        return key_id, secret, wrapped
 
     def forget_index_roots(self, tenant: str) -> None:
         """Drop a tenant's cached index roots (a creating transaction rolled back)."""
-        self._index_roots.pop(tenant)
+        self.cache.index_roots.pop(tenant)
 
     def rotate_index_root(self, tenant: str) -> KeyRecord:
         """Make a new active index root for ``tenant``; the previous one stays for lookups.
@@ -1009,45 +594,25 @@ class KeyManager:
         retire the old root (:meth:`retire`).
         """
         tenant = _check_tenant(tenant)
-        self._require_kinds()
-        key_id = os.urandom(envelope.KEY_ID_SIZE)
-        wrapped = self._master.wrap(os.urandom(32), wrap_context(tenant, key_id, INDEX))
-        self.master_wraps += 1
-        t = self.table
-        with self.engine.begin() as conn:
-            if set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars()) == {
-                DESTROYED
-            }:
-                raise KeyDestroyed(None, tenant)
-            current = conn.execute(
-                sa.select(t.c.key_id)
-                .where(t.c.active_tenant == tenant, t.c.kind == INDEX)
-                .with_for_update()
-            ).first()
-            if current is not None:
-                conn.execute(
-                    t.update()
-                    .where(t.c.key_id == current.key_id, t.c.state == ACTIVE)
-                    .values(state=INACTIVE, active_tenant=None, updated_at=utcnow())
-                )
-            version = self._insert_row(conn, tenant, key_id, wrapped, kind=INDEX)
-        self._index_roots.pop(tenant)
+        self.store.require_kinds()
+        key_id, _secret, wrapped = self._new_index_root(tenant)
+        version = self.store.rotate_index_root(tenant, key_id, wrapped, self._master.uri)
+        self.cache.index_roots.pop(tenant)
         log.info("carnet: rotated index root of tenant %r to version %d", tenant, version)
-        rec = self.get_key(key_id)
-        assert rec is not None  # noqa: S101
-        return rec
+        return self._record(key_id)
 
     # -- observability -------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Counters: master-key calls and cache behaviour since creation (or reset)."""
+        cache = self.cache.stats()
         return {
             "master_unwraps": self.master_unwraps,
             "master_wraps": self.master_wraps,
             "master_calls": self.master_unwraps + self.master_wraps,
-            "cache_hits": self._keys.hits + self._active.hits + self._fast_hits,
-            "cache_misses": self._keys.misses + self._active.misses,
-            "cached_keys": len(self._keys),
+            "cache_hits": cache["cache_hits"] + self._fast_hits,
+            "cache_misses": cache["cache_misses"],
+            "cached_keys": cache["cached_keys"],
             "keys_created": self.keys_created,
             "legacy_plaintext_reads": self.legacy_plaintext_reads,
         }
@@ -1055,132 +620,20 @@ class KeyManager:
     def reset_stats(self) -> None:
         self.master_unwraps = self.master_wraps = self.keys_created = 0
         self.legacy_plaintext_reads = 0
-        self._keys.hits = self._keys.misses = self._active.hits = self._active.misses = 0
+        self.cache.reset_stats()
         self._fast_hits = 0
 
     def clear_cache(self) -> None:
         """Forget every unwrapped DEK (the next use of each costs one master-key call)."""
-        self._keys.clear()
-        self._active.clear()
-        self._index_roots.clear()
-        self._drop_fast_paths()
+        self.cache.clear()
 
     def close(self) -> None:
         self.clear_cache()
         for mk in self._masters.values():
             mk.close()
-        if self._twin is not None:
-            self._twin.dispose()
-        if self._key_async is not None:
-            # Its connections belong to an event loop: drop them without I/O.
-            self._key_async.sync_engine.dispose(close=False)
+        self._engines.close()
 
     async def aclose(self) -> None:
         """:meth:`close` for an async engine: also closes the key pool's connections."""
-        if self._key_async is not None:
-            await self._key_async.dispose()
-            self._key_async = None
+        await self._engines.aclose()
         self.close()
-
-
-def _sqlite_busy(conn: sa.Connection | None, tenant: str, waited: float) -> ConfigurationError:
-    """Why SQLite refused the write lock for a practice's first key, and what to change.
-
-    SQLite waits for another connection's write (up to its busy timeout) unless
-    this transaction already read the database: a reader cannot wait for a
-    writer (the two would deadlock), so SQLite refuses at once.
-    """
-    timeout_ms = None
-    if conn is not None:
-        try:
-            timeout_ms = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
-        except sa.exc.DBAPIError:  # pragma: no cover - the pragma always answers
-            timeout_ms = None
-    timeout = (timeout_ms or 0) / 1000
-    if conn is not None and waited < max(0.5 * timeout, 0.05):
-        return ConfigurationError(
-            f"SQLite refused the write lock for practice {tenant!r}'s first key at once: this "
-            "transaction had already read the database and another connection is writing, "
-            "and SQLite cannot make a reader wait for a writer. Create the practice's key "
-            "before the transaction (keys.ensure_key(practice)), or start the transaction "
-            "with BEGIN IMMEDIATE; nothing was written"
-        )
-    return ConfigurationError(
-        f"another connection held SQLite's write lock for {waited:.1f} s, past the busy "
-        f"timeout{f' ({timeout:g} s)' if timeout else ''}, while practice {tenant!r}'s first "
-        "key was being created: nothing was written. Retry, or raise the timeout "
-        "(connect_args={'timeout': seconds})"
-    )
-
-
-def _engine_from_url(url: str) -> sa.Engine | AsyncEngine:
-    try:
-        parsed = sa.engine.make_url(url)
-        if parsed.get_dialect().is_async:
-            from sqlalchemy.ext.asyncio import create_async_engine
-
-            return create_async_engine(parsed)
-        return sa.create_engine(parsed)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigurationError(f"bad database URL: {exc}") from None
-
-
-def _is_async_engine(bind: Any) -> bool:
-    return hasattr(bind, "sync_engine")
-
-
-# Async drivers and the synchronous driver of the same database, for the twin engine.
-_SYNC_DRIVERS = {
-    "aiosqlite": "pysqlite",
-    "asyncpg": "psycopg",
-    "psycopg_async": "psycopg",
-    "psycopg": "psycopg",
-    "aiomysql": "pymysql",
-    "asyncmy": "pymysql",
-}
-
-
-def _sync_url(url: sa.URL) -> sa.URL:
-    backend, driver = url.get_backend_name(), url.get_driver_name()
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-        raise ConfigurationError(
-            "an in-memory aiosqlite database cannot be shared with carnet's synchronous key "
-            "operations: use a database file"
-        )
-    sync = _SYNC_DRIVERS.get(driver)
-    if sync is None:
-        raise ConfigurationError(
-            f"no synchronous driver known for {backend}+{driver}: give KeyManager a "
-            "synchronous engine on the same database for key management"
-        )
-    return url.set(drivername=f"{backend}+{sync}")
-
-
-def _in_greenlet() -> bool:
-    try:
-        from sqlalchemy.util.concurrency import in_greenlet
-    except ImportError:  # pragma: no cover - SQLAlchemy without its asyncio extra
-        return False
-    try:
-        return bool(in_greenlet())
-    except ImportError:  # greenlet not installed: nothing async runs
-        return False
-
-
-def _off_loop(fn: Callable[..., _T], *args: Any) -> _T:
-    """Call a master-key provider (KMS, HSM: blocking I/O, retries with sleeps).
-
-    Inside SQLAlchemy's greenlets the event loop is waiting on us: run the call
-    in a worker thread and let the loop go on meanwhile.
-    """
-    if _in_greenlet():
-        import asyncio
-
-        from sqlalchemy.util import await_only
-
-        return await_only(asyncio.to_thread(fn, *args))
-    return fn(*args)
-
-
-def log_debug_enabled() -> bool:
-    return logging.getLogger("sqlalchemy.engine").isEnabledFor(logging.DEBUG)

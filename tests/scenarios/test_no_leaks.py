@@ -146,13 +146,23 @@ def test_tampered_read_and_reprs(
     _assert_clean(ei.value, logs)
     with engine.connect() as conn:
         sealed = conn.execute(sa.select(Note.__table__.c.body)).scalar_one()
-    dek = keys._keys.get(keys.ensure_key("p1").key_id)
+    dek = keys.cache.keys.get(keys.ensure_key("p1").key_id)
     rec = keys.list_keys()[0]
     master_secret = (
         open(keys.master_key.uri.removeprefix("file://")).read().split(":", 1)[1].strip()
     )
     assert rec.wrapped_key is not None
-    for obj in (keys, sealed, dek, rec, keys._keys, keys.master_key, Note.__table__.c.body.type):
+    for obj in (
+        keys,
+        sealed,
+        dek,
+        rec,
+        keys.cache,
+        keys.cache.keys,
+        keys.store,
+        keys.master_key,
+        Note.__table__.c.body.type,
+    ):
         text = repr(obj) + str(obj)
         assert SECRET not in text
         assert master_secret not in text

@@ -187,4 +187,4 @@ def test_nonces_are_fresh() -> None:
 def test_the_product_seals_through_the_envelope_sealer(keys: carnet.KeyManager) -> None:
     # The sealer the manager caches is the envelope's: vectors test what runs.
     keys.encrypt(b"x", tenant="sealer-check", label="notes.body")
-    assert all(type(s) is envelope.Sealer for s in keys._sealers.values())
+    assert all(type(s) is envelope.Sealer for s in keys.cache.sealers.values())

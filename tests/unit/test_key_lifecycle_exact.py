@@ -235,7 +235,7 @@ def test_first_key_creation_racing_a_destroy_does_not_bring_the_practice_back(
     km: carnet.KeyManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writer = _cold(km)
-    real = writer._query_active
+    real = writer.store.active
     stale = iter([True])
 
     def read_before_the_others(conn: sa.Connection, tenant: str):  # type: ignore[no-untyped-def]
@@ -247,7 +247,7 @@ def test_first_key_creation_racing_a_destroy_does_not_bring_the_practice_back(
             return None, set()
         return real(conn, tenant)
 
-    monkeypatch.setattr(writer, "_query_active", read_before_the_others)
+    monkeypatch.setattr(writer.store, "active", read_before_the_others)
     with pytest.raises(KeyDestroyed):
         writer.encrypt(f"{NOTE}".encode(), tenant="leaving", label="l")
     assert {r.state for r in km.list_keys("leaving")} == {"destroyed"}
