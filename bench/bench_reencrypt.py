@@ -34,8 +34,8 @@ _WORKER = """
 import json, sys
 from carnet import lifecycle
 url, mk = sys.argv[1:3]
-km = lifecycle.open_manager(url, mk)
-rep = lifecycle.reencrypt(km, "notes", "body", batch_size=int(sys.argv[3]), restart=True)
+keys = lifecycle.open_manager(url, mk)
+rep = lifecycle.reencrypt(keys, "notes", "body", batch_size=int(sys.argv[3]), restart=True)
 # VmHWM, not getrusage's ru_maxrss: Linux carries the forking parent's high-water
 # mark across fork+exec into ru_maxrss, which would report the bench's own size.
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -60,7 +60,7 @@ def _drop_db(url: str) -> None:
     eng.dispose()
 
 
-def _fill(engine: sa.Engine, km: carnet.KeyManager, start: int, n: int) -> None:
+def _fill(engine: sa.Engine, keys: carnet.KeyManager, start: int, n: int) -> None:
     md = sa.MetaData()
     t = sa.Table(
         "notes",
@@ -76,7 +76,7 @@ def _fill(engine: sa.Engine, km: carnet.KeyManager, start: int, n: int) -> None:
             {
                 "id": i,
                 "practice_id": TENANTS[i % len(TENANTS)],
-                "body": km.encrypt(text, tenant=TENANTS[i % len(TENANTS)], label="notes.body"),
+                "body": keys.encrypt(text, tenant=TENANTS[i % len(TENANTS)], label="notes.body"),
             }
             for i in range(lo, min(lo + 10_000, start + n))
         ]
@@ -128,15 +128,15 @@ def run() -> list[dict[str, Any]]:
     carnet.create_master_key(mk).close()
     try:
         engine = lifecycle.make_engine(url)
-        km = lifecycle.open_manager(engine, mk)
-        lifecycle.init(km)
-        _fill(engine, km, 0, ROWS)
+        keys = lifecycle.open_manager(engine, mk)
+        lifecycle.init(keys)
+        _fill(engine, keys, 0, ROWS)
         with engine.begin() as c:
             c.execute(sa.text("ANALYZE notes"))
         base = _plain_update(engine)
-        lifecycle.rotate_keys(km)
+        lifecycle.rotate_keys(keys)
         t0 = time.perf_counter()
-        rep = lifecycle.reencrypt(km, "notes", "body", batch_size=BATCH)
+        rep = lifecycle.reencrypt(keys, "notes", "body", batch_size=BATCH)
         rate = rep.rewritten / (time.perf_counter() - t0)
         out.append(
             {
@@ -149,7 +149,7 @@ def run() -> list[dict[str, Any]]:
                 "target ratio >= 0.5",
             }
         )
-        lifecycle.rotate_keys(km)
+        lifecycle.rotate_keys(keys)
         spec = lifecycle.WorkerSpec(
             url, mk, (), "notes", "body", None, None, None, BATCH, "bench2", True
         )
@@ -167,10 +167,10 @@ def run() -> list[dict[str, Any]]:
                 "process start-up",
             }
         )
-        lifecycle.rotate_keys(km)
+        lifecycle.rotate_keys(keys)
         rss_small = _rss_run(url, mk)
-        _fill(engine, km, ROWS, BIG - ROWS)
-        lifecycle.rotate_keys(km)
+        _fill(engine, keys, ROWS, BIG - ROWS)
+        lifecycle.rotate_keys(keys)
         rss_big = _rss_run(url, mk)
         out.append(
             {
@@ -184,15 +184,15 @@ def run() -> list[dict[str, Any]]:
         )
         with engine.begin() as c:
             c.execute(sa.text("DELETE FROM carnet_keys"))
-        km.clear_cache()
+        keys.clear_cache()
         t0 = time.perf_counter()
         for i in range(PRACTICES):
-            km.ensure_key(f"practice-{i}")
+            keys.ensure_key(f"practice-{i}")
         create = time.perf_counter() - t0
         mk2 = "file://" + os.path.join(tmp, "m2.key")
         carnet.create_master_key(mk2).close()
         t0 = time.perf_counter()
-        rw = lifecycle.rotate_master(km, mk2)
+        rw = lifecycle.rotate_master(keys, mk2)
         secs = time.perf_counter() - t0
         out.append(
             {
@@ -205,7 +205,7 @@ def run() -> list[dict[str, Any]]:
                 f"file master key); creating them took {create:.1f}s",
             }
         )
-        km.close()
+        keys.close()
         engine.dispose()
     finally:
         _drop_db(url)

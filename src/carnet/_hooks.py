@@ -59,5 +59,5 @@ def install() -> None:
     for registry in list(mapperlib._mapper_registries):
         for mapper in list(registry.mappers):
             if mapper.configured:
-                orm._setup(mapper, mapper.class_)
-                searchable._setup(mapper, mapper.class_)
+                orm.setup_mapper(mapper, mapper.class_)
+                searchable.setup_mapper(mapper, mapper.class_)

@@ -161,7 +161,7 @@ def after_key(cols: Sequence[sa.ColumnElement[Any]], vals: Sequence[Any]) -> sa.
 # -- reading ----------------------------------------------------------------------------
 
 
-class _Plan:
+class WritePlan:
     """The statements of one (table, column), built once."""
 
     def __init__(
@@ -321,7 +321,7 @@ def iter_rows(
     pk: Sequence[str] = (),
 ) -> Any:
     """Yield every row as a :class:`BatchRow`, read-only, a batch at a time (flat memory)."""
-    plan = _Plan(engine, resolve_table(engine, table), column, extra_columns, join, where, pk)
+    plan = WritePlan(engine, resolve_table(engine, table), column, extra_columns, join, where, pk)
     last: tuple[Any, ...] | None = None
     while True:
         with engine.connect() as conn:
@@ -340,7 +340,7 @@ def iter_rows(
 _EMPTY = "[]"  # lower == upper == _EMPTY marks a worker with nothing to do
 
 
-def _split_points(conn: sa.Connection, plan: _Plan, count: int) -> list[tuple[Any, ...] | None]:
+def _split_points(conn: sa.Connection, plan: WritePlan, count: int) -> list[tuple[Any, ...] | None]:
     """count-1 primary keys cutting the table into count ranges of similar size."""
     total = conn.execute(sa.select(sa.func.count()).select_from(plan.table)).scalar_one()
     points: list[tuple[Any, ...] | None] = []
@@ -355,7 +355,7 @@ def _split_points(conn: sa.Connection, plan: _Plan, count: int) -> list[tuple[An
     return points
 
 
-def _create_job(engine: sa.Engine, plan: _Plan, job: str, workers: int, column: str) -> None:
+def _create_job(engine: sa.Engine, plan: WritePlan, job: str, workers: int, column: str) -> None:
     t = _jobs.JOBS
     with engine.connect() as conn:
         points = _split_points(conn, plan, workers)
@@ -451,7 +451,7 @@ def run_batches(
         raise ConfigurationError(f"bad worker {index}/{count}: need 0 <= index < count")
     started = time.monotonic()
     tbl = resolve_table(engine, table)
-    plan = _Plan(engine, tbl, column, extra_columns, join, where, pk)
+    plan = WritePlan(engine, tbl, column, extra_columns, join, where, pk)
     t = _jobs.ensure_jobs_table(engine)
 
     state = _load_worker(engine, job, index)
@@ -518,7 +518,7 @@ def run_batches(
     return report
 
 
-def _failure(exc: sa.exc.DBAPIError, plan: _Plan) -> DatabaseError:
+def _failure(exc: sa.exc.DBAPIError, plan: WritePlan) -> DatabaseError:
     doing, pks = plan.doing
     if pks is None:
         rows = "from the start of the range"
@@ -548,7 +548,7 @@ def _finish(engine: sa.Engine, job: str, index: int) -> None:
 
 def _one_batch(
     conn: sa.Connection,
-    plan: _Plan,
+    plan: WritePlan,
     t: sa.Table,
     job: str,
     index: int,

@@ -486,7 +486,7 @@ def _find_by_phone(
         hits = search(session, patient_cls.phone_bidx, typed, tenant=target.practice_id)
         lookup_s = time.perf_counter() - t0
         ids = sorted(p.id for p in hits)
-    bits = patient_cls.__table__.c.phone_bidx.type._spec.bits
+    bits = patient_cls.__table__.c.phone_bidx.type.bits
     echo(
         f"  searched {target.practice_id} for the synthetic number {typed!r} (stored as "
         f"{target.phone!r}) through a {bits}-bit blind index: {n_candidates} candidate "

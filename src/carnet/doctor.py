@@ -183,7 +183,7 @@ def _database(url: str) -> tuple[Check, sa.Engine | None]:
     return Check(
         "database",
         OK,
-        f"{lifecycle._safe_url(engine)} reachable "
+        f"{lifecycle.safe_url(engine)} reachable "
         f"({engine.dialect.name}, driver {engine.dialect.driver})",
     ), engine
 
@@ -499,7 +499,7 @@ def _app_engines(obj: Any) -> list[Check]:
             )
         ]
     for eng in engines:
-        where = lifecycle._safe_url(eng)
+        where = lifecycle.safe_url(eng)
         if eng.echo == "debug":
             checks.append(
                 Check(

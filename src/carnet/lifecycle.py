@@ -217,7 +217,7 @@ def init(manager: KeyManager) -> dict[str, Any]:
     _jobs.ensure_jobs_table(manager.engine)
     return {
         "tables": [manager.table.name, _jobs.JOBS_TABLE],
-        "database": _safe_url(manager.engine),
+        "database": safe_url(manager.engine),
         "converted_to_exact_practice_ids": converted,
     }
 
@@ -231,7 +231,7 @@ def new_master(uri: str) -> dict[str, Any]:
         mk.close()
 
 
-def _safe_url(engine: sa.Engine) -> str:
+def safe_url(engine: sa.Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
@@ -558,7 +558,7 @@ def status(
                     }
                 )
     return StatusReport(
-        database=_safe_url(manager.engine),
+        database=safe_url(manager.engine),
         master_key_uri=manager.master_key.uri,
         master_key_ok=ok,
         tenants=ts,

@@ -121,7 +121,7 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
 _seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
-def _setup(mapper: Mapper[Any], class_: type) -> None:
+def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
     if mapper in _seen:
         return  # set up already (configured before carnet was installed, then again)
     _seen.add(mapper)
@@ -152,7 +152,7 @@ def _setup(mapper: Mapper[Any], class_: type) -> None:
                     )
                 tcol = tprop.columns[0]
                 # The Core write guard finds the practice by column key.
-                typ._tenant_column = tcol.key
+                typ.resolve_tenant(column=tcol.key)
                 same = groups.get(tkey)
                 if same is None:
                     same = groups[tkey] = _Group(tkey, tcol)  # type: ignore[arg-type]
@@ -217,7 +217,7 @@ def _parent_group(
         # Loaded with every row, so a value opens under its parent's practice
         # without a query of its own; never written.
         mapper.add_property(hidden, sa.orm.column_property(expr))
-    typ._tenant_path = (str(local.key), remote, parent_tenant)
+    typ.resolve_tenant(path=(str(local.key), remote, parent_tenant))
     _register_dependent(remote, parent_tenant, local, typ)
     group = groups.get(fk_prop.key)
     if group is None:
@@ -414,5 +414,5 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    event.listen(Mapper, "mapper_configured", _setup)
+    event.listen(Mapper, "mapper_configured", setup_mapper)
     _installed = True

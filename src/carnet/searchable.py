@@ -154,7 +154,7 @@ class EncryptedString(EncryptedText):
             mixed_read=self.mixed_read,
             manager=self._manager,
         )
-        _copy_attachment(self, new)
+        self.copy_attachment(new)
         return new
 
     def __repr__(self) -> str:
@@ -162,13 +162,6 @@ class EncryptedString(EncryptedText):
             f"EncryptedString({self.length}, tenant={self.tenant!r}, "
             f"label={self.field_label!r}, storage={self.storage!r})"
         )
-
-
-def _copy_attachment(old: EncryptedText, new: EncryptedText) -> None:
-    # What EncryptedText.copy keeps: the label learnt when attached to a table.
-    new._auto_label = old._auto_label
-    new._resolved_label = old._resolved_label
-    new._from_copy = True
 
 
 _ISO_LEN = 10  # YYYY-MM-DD
@@ -244,7 +237,7 @@ class EncryptedDate(EncryptedText):
             mixed_read=self.mixed_read,
             manager=self._manager,
         )
-        _copy_attachment(self, new)
+        self.copy_attachment(new)
         return new
 
     def __repr__(self) -> str:
@@ -295,6 +288,12 @@ class BlindIndexType(TypeDecorator[int], SchemaEventTarget):
         if spec is None:
             raise ConfigurationError("declare blind indexes with carnet.BlindIndex(...)")
         self._spec = spec
+
+    @property
+    def bits(self) -> int:
+        """How many bits of the keyed hash this index keeps (not ``spec``: that name would
+        enter SQLAlchemy's cache key)."""
+        return self._spec.bits
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
         parent._on_table_attach(self._set_table)
@@ -389,8 +388,8 @@ def _manager_for(spec: _Spec, source_types: Sequence[Any]) -> KeyManager:
     if spec.manager is not None:
         return spec.manager
     for typ in source_types:
-        if isinstance(typ, EncryptedText) and typ._manager is not None:
-            return typ._manager
+        if isinstance(typ, EncryptedText) and typ.own_manager is not None:
+            return typ.own_manager
     return context.get_manager()
 
 
@@ -439,7 +438,7 @@ _dates: weakref.WeakKeyDictionary[Mapper[Any], list[str]] = weakref.WeakKeyDicti
 _seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
-def _setup(mapper: Mapper[Any], class_: type) -> None:
+def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
     if mapper in _seen:
         return  # set up already (see carnet._hooks.install)
     _seen.add(mapper)
@@ -1205,7 +1204,7 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    event.listen(Mapper, "mapper_configured", _setup)
+    event.listen(Mapper, "mapper_configured", setup_mapper)
     event.listen(Session, "before_flush", _before_flush)
     event.listen(Session, "after_flush_postexec", _after_flush_postexec)
     event.listen(Session, "after_commit", _after_commit)

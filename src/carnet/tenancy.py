@@ -113,7 +113,7 @@ def _build_spec(table: Any) -> _Spec | None:
         return None
     if any(
         isinstance(c.type, EncryptedText)
-        and c.type._tenant_path is None
+        and c.type.tenant_path is None
         and "." in (c.type.tenant or "")
         for c in columns
     ):
@@ -129,8 +129,8 @@ def _build_spec(table: Any) -> _Spec | None:
             continue
         e = _Enc(col, typ)
         name = typ.tenant_column_name
-        if typ._tenant_path is not None:
-            fk_key, parent_pk, parent_tenant = typ._tenant_path
+        if typ.tenant_path is not None:
+            fk_key, parent_pk, parent_tenant = typ.tenant_path
             fk = columns.get(fk_key)
             if fk is not None:
                 e.tenant_key, e.tenant_column, e.parent = fk.key, fk, (parent_pk, parent_tenant)

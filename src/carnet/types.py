@@ -197,6 +197,31 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         return self._tenant_column if self._tenant_column is not None else self.tenant
 
     @property
+    def own_manager(self) -> KeyManager | None:
+        """The manager given to this column (``EncryptedText(manager=...)``), else None."""
+        return self._manager
+
+    @property
+    def tenant_path(self) -> tuple[str, Any, Any] | None:
+        """Set by the ORM for ``tenant="parent.column"``: (foreign key, parent key, practice)."""
+        return self._tenant_path
+
+    def resolve_tenant(
+        self, *, column: str | None = None, path: tuple[str, Any, Any] | None = None
+    ) -> None:
+        """Record where the row's practice is, as the ORM resolved it at mapper configuration."""
+        if column is not None:
+            self._tenant_column = column
+        if path is not None:
+            self._tenant_path = path
+
+    def copy_attachment(self, new: EncryptedText) -> None:
+        """Give ``new`` (a copy of this type) the label learnt when this one met its table."""
+        new._auto_label = self._auto_label
+        new._resolved_label = self._resolved_label
+        new._from_copy = True
+
+    @property
     def field_label(self) -> str | None:
         return self.label if self.label is not None else self._auto_label
 

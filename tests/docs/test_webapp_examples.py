@@ -77,15 +77,15 @@ class Client:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    create_tables(engine, km)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    create_tables(engine, keys)
     try:
-        yield km
+        yield keys
     finally:
         # create_app configures carnet for the whole process (strict mode, the
         # auditor): undo it so later tests start from carnet's defaults.
-        km.require_scope = False
-        km.decrypt_hook = None
+        keys.require_scope = False
+        keys.decrypt_hook = None
         carnet.configure(None)
 
 
@@ -385,14 +385,14 @@ def test_pandas_read_sql_snippet(engine: sa.Engine, master_key_uri: str, strict:
     from support.models import configured_keys
 
     lyon = [f"{SECRET} {i}" for i in range(5)]
-    with configured_keys(engine, master_key_uri) as km:
+    with configured_keys(engine, master_key_uri) as keys:
         with Session(engine) as s:
             s.add_all([QuickstartNote(practice_id=LYON, body=b) for b in lyon])
             # Another practice's rows in the same table: the snippet's filter
             # keeps them out of a read they would not open in.
             s.add(QuickstartNote(practice_id=NANTES, body="autre cabinet"))
             s.commit()
-        km.require_scope = strict
+        keys.require_scope = strict
         try:
             namespace: dict[str, Any] = {"Note": QuickstartNote, "engine": engine}
             exec(compile(pandas_snippet(), "quickstart.md", "exec"), namespace)  # noqa: S102
@@ -402,4 +402,4 @@ def test_pandas_read_sql_snippet(engine: sa.Engine, master_key_uri: str, strict:
             with carnet.tenant_scope(LYON):
                 assert [v.open(LYON) for v in sealed.sort_values("id")["body"]] == lyon
         finally:
-            km.require_scope = False
+            keys.require_scope = False

@@ -56,11 +56,11 @@ def test_reencrypt_killed_twice_with_live_writers(
     engine = sa.create_engine(
         db_url, connect_args={"timeout": 30} if db_url.startswith("sqlite") else {}
     )
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    fill_notes(engine, km, NROWS)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    fill_notes(engine, keys, NROWS)
     for t in ("p0", "p1", "p2"):
-        km.rotate(t)
+        keys.rotate(t)
     ledger_files = [tmp_path / f"ledger{i}.tsv" for i in range(WRITERS)]
     stop = tmp_path / "stop"
     writers = [
@@ -96,7 +96,7 @@ def test_reencrypt_killed_twice_with_live_writers(
                 # It finished before the kill (a loaded machine): give the next
                 # pass real work again and try once more.
                 for t in ("p0", "p1", "p2"):
-                    km.rotate(t)
+                    keys.rotate(t)
         done = run_cli(args, db_url=db_url, master_key=master_key_uri)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
@@ -115,8 +115,8 @@ def test_reencrypt_killed_twice_with_live_writers(
             i, v = line.split("\t", 1)
             last[int(i)] = v
     assert len(last) > 50  # the writers really wrote during the run
-    rows = read_notes(engine, km)
-    active = active_key_ids(km)
+    rows = read_notes(engine, keys)
+    active = active_key_ids(keys)
     assert len(rows) == NROWS
     for i, (plain, kid) in rows.items():
         assert kid in active, f"row {i} not on the active key"
@@ -124,7 +124,7 @@ def test_reencrypt_killed_twice_with_live_writers(
             assert plain == last[i], f"row {i} lost a concurrent write"
         else:
             assert plain.endswith(f"body {i}")
-    km.close()
+    keys.close()
     engine.dispose()
 
 
@@ -133,15 +133,15 @@ def test_master_rotate_killed_midway_then_rerun(
     db_url: str, master_key_uri: str, tmp_path: Path
 ) -> None:
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     tenants = [f"t{i:04d}" for i in range(150)]
-    fill_notes(engine, km, 300, tenants)
+    fill_notes(engine, keys, 300, tenants)
     new_uri = "file://" + str(tmp_path / "new.key")
     carnet.create_master_key(new_uri).close()
     args = ["master", "rotate", "--to", new_uri, "--batch", "1"]
     proc = popen_cli(args, db_url=db_url, master_key=master_key_uri)
-    t = km.table
+    t = keys.table
     end = time.monotonic() + 60
     while True:
         with engine.connect() as conn:
@@ -168,7 +168,7 @@ def test_master_rotate_killed_midway_then_rerun(
     assert out["already"] >= 40 and out["rewrapped"] + out["already"] == 150
     # The old master key is gone: everything still reads with the new one alone.
     Path(master_key_uri[len("file://") :]).unlink()
-    km.close()
+    keys.close()
     fresh = carnet.KeyManager(engine, master_key=new_uri)
     assert {r.master_key_uri for r in fresh.list_keys()} == {new_uri}
     rows = read_notes(engine, fresh)

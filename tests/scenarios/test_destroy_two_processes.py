@@ -20,12 +20,12 @@ import carnet
 from carnet import envelope
 from carnet.errors import KeyDestroyed
 url, mk = sys.argv[1:3]
-km = carnet.KeyManager(sa.create_engine(url), master_key=mk, cache_ttl=1.0)
-with km.engine.connect() as c:
+keys = carnet.KeyManager(sa.create_engine(url), master_key=mk, cache_ttl=1.0)
+with keys.engine.connect() as c:
     blob = bytes(c.execute(sa.text("SELECT body FROM notes WHERE id = 1")).scalar_one())
 while True:
     try:
-        km.decrypt(blob, tenant="p1", label="notes.body")
+        keys.decrypt(blob, tenant="p1", label="notes.body")
         print("ok", time.time(), flush=True)
     except KeyDestroyed:
         print("destroyed", time.time(), flush=True)
@@ -38,9 +38,9 @@ def test_destroy_propagates_to_another_process(
     db_url: str, master_key_uri: str, tmp_path: Path
 ) -> None:
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    fill_notes(engine, km, 9)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    fill_notes(engine, keys, 9)
     script = tmp_path / "reader.py"
     script.write_text(READER)
     reader = subprocess.Popen(
@@ -66,5 +66,5 @@ def test_destroy_propagates_to_another_process(
     # Stopped within the TTL (1 s) of the destroy committing, plus polling slack.
     assert float(last[1]) - t1 < 1.0 + 0.5
     assert float(last[1]) > t0
-    km.close()
+    keys.close()
     engine.dispose()

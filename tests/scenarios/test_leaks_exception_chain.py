@@ -51,8 +51,8 @@ def _holds_secret(exc: BaseException) -> list[str]:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as km:
-        yield km
+    with configured_keys(engine, master_key_uri) as keys:
+        yield keys
 
 
 def test_lone_surrogate_through_the_type(keys: carnet.KeyManager) -> None:
@@ -82,8 +82,8 @@ class _Failing(carnet.KeyManager):
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_foreign_error_while_sealing(engine: sa.Engine, master_key_uri: str) -> None:
-    km: Any = _Failing(engine, master_key=master_key_uri)
-    typ = carnet.EncryptedText(label="t.c", manager=km)
+    keys: Any = _Failing(engine, master_key=master_key_uri)
+    typ = carnet.EncryptedText(label="t.c", manager=keys)
     with carnet.tenant_scope("p1"), pytest.raises(CarnetError) as ei:
         typ.process_bind_param(SECRET, engine.dialect)
     assert "RuntimeError" in str(ei.value)

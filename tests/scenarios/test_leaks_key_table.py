@@ -20,25 +20,25 @@ WRAPPED = bytes(range(7, 7 + 48))
 
 
 def test_failed_key_insert_shows_no_wrapped_key(engine: sa.Engine, master_key_uri: str) -> None:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     row = {
         "key_id": "ab" * 16,
         "tenant": "p1",
         "version": 1,
         "state": "inactive",
         "active_tenant": None,
-        "master_key_uri": km.master_key.uri,
+        "master_key_uri": keys.master_key.uri,
         "wrapped_key": WRAPPED,
         "created_at": utcnow(),
         "updated_at": utcnow(),
     }
     with engine.begin() as conn:
-        conn.execute(km.table.insert(), row)
+        conn.execute(keys.table.insert(), row)
     with pytest.raises(sa.exc.IntegrityError) as ei, engine.begin() as conn:
-        conn.execute(km.table.insert(), row)  # same key id
+        conn.execute(keys.table.insert(), row)  # same key id
     text = "".join(traceback.format_exception(ei.value)) + repr(ei.value.params)
     for form in (repr(WRAPPED), WRAPPED.hex(), str(list(WRAPPED[:8]))[1:-1]):
         assert form not in text, form
     assert "INSERT INTO carnet_keys" in text
-    km.close()
+    keys.close()

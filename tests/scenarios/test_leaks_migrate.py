@@ -53,12 +53,12 @@ def _everything(exc: BaseException) -> str:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     try:
-        yield km
+        yield keys
     finally:
-        km.close()
+        keys.close()
 
 
 @pytest.fixture

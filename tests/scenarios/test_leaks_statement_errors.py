@@ -62,15 +62,15 @@ def _everything(exc: BaseException) -> str:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(engine)
-    carnet.configure(km)
+    carnet.configure(keys)
     try:
-        yield km
+        yield keys
     finally:
         carnet.configure(None)
-        km.close()
+        keys.close()
 
 
 @pytest.fixture

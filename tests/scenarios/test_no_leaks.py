@@ -32,8 +32,8 @@ def _everything(exc: BaseException) -> str:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as km:
-        yield km
+    with configured_keys(engine, master_key_uri) as keys:
+        yield keys
 
 
 @pytest.fixture
@@ -173,10 +173,10 @@ def test_echo_logs_hold_no_plaintext(
     engine: sa.Engine, master_key_uri: str, logs: pytest.LogCaptureFixture
 ) -> None:
     eng = sa.create_engine(engine.url, echo=True)
-    km = carnet.KeyManager(eng, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(eng, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(eng)
-    carnet.configure(km)
+    carnet.configure(keys)
     try:
         with Session(eng) as s:
             s.add(Note(practice_id="p1", body=SECRET))

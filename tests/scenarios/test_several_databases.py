@@ -28,11 +28,11 @@ def _master(tmp_path: Path, name: str) -> str:
 
 def _keyed(url: str, master: str) -> tuple[sa.Engine, carnet.KeyManager]:
     engine = sa.create_engine(url)
-    km = carnet.KeyManager(engine, master_key=master)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master)
+    keys.create_schema()
     Base.metadata.create_all(engine)
     core_metadata.create_all(engine)
-    return engine, km.bind(engine)
+    return engine, keys.bind(engine)
 
 
 def test_one_model_on_two_databases_uses_each_databases_keys(
@@ -68,9 +68,9 @@ def test_one_model_on_two_databases_uses_each_databases_keys(
             s.get(Note, 1)
     finally:
         carnet.configure(None)
-        for engine, km in ((e1, k1), (e2, k2)):
+        for engine, keys in ((e1, k1), (e2, k2)):
             carnet.bind_manager(engine, None)
-            km.close()
+            keys.close()
             engine.dispose()
 
 
@@ -93,7 +93,7 @@ def test_read_replica_reads_and_refuses_a_first_key(db_url: str, master_key_uri:
         with pytest.raises(ConfigurationError, match="read-only"):
             reader.rotate("cab")
     finally:
-        for engine, km in ((primary, keys), (replica, reader)):
+        for engine, manager in ((primary, keys), (replica, reader)):
             carnet.bind_manager(engine, None)
-            km.close()
+            manager.close()
             engine.dispose()

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as km:
-        yield km
+    with configured_keys(engine, master_key_uri) as keys:
+        yield keys
 
 
 def _hold_write_lock(path: str, seconds: float) -> threading.Thread:

@@ -130,13 +130,13 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                     [{"id": p, "practice_id": t} for p, t in self.patients.items()],
                 )
                 conn.execute(sa.text("DELETE FROM carnet_keys"))
-            self.km = carnet.KeyManager(engine, master_key=master_key_uri)
-            carnet.configure(self.km)
+            self.keys = carnet.KeyManager(engine, master_key=master_key_uri)
+            carnet.configure(self.keys)
 
         def teardown(self) -> None:
             carnet.configure(None)
-            if hasattr(self, "km"):
-                self.km.close()
+            if hasattr(self, "keys"):
+                self.keys.close()
             # The same check from a brand-new process: nothing cached anywhere.
             if self.model or self.consults:
                 path = Path(os.environ.get("TMPDIR", "/tmp")) / f"carnet-model-{os.getpid()}.json"
@@ -574,22 +574,22 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
         @precondition(lambda self: self.keyed - self.destroyed)
         @rule(data=st.data())
         def rotate(self, data: st.DataObject) -> None:
-            self.km.rotate(data.draw(st.sampled_from(sorted(self.keyed - self.destroyed))))
+            self.keys.rotate(data.draw(st.sampled_from(sorted(self.keyed - self.destroyed))))
 
         @precondition(lambda self: self.keyed - self.destroyed)
         @rule(data=st.data())
         def destroy(self, data: st.DataObject) -> None:
             practice = data.draw(st.sampled_from(sorted(self.keyed - self.destroyed)))
-            self.km.destroy(practice)
+            self.keys.destroy(practice)
             self.destroyed.add(practice)
 
         @rule()
         def clear_cache(self) -> None:
-            self.km.clear_cache()
+            self.keys.clear_cache()
 
         @invariant()
         def stored_rows_keep_the_invariant(self) -> None:
-            if not hasattr(self, "km"):
+            if not hasattr(self, "keys"):
                 return
             checks[0] += 1
             problems = mismatches(
@@ -601,9 +601,9 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
 
 
 def test_tenant_invariant_model(engine: sa.Engine, master_key_uri: str) -> None:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    keys.close()
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(Practice.__table__.insert(), [{"id": p} for p in PRACTICES])

@@ -27,7 +27,7 @@ SECRET = "PLANTED-violences-conjugales-41"
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as km:
+    with configured_keys(engine, master_key_uri) as keys:
         with Session(engine) as s:
             s.add_all(
                 [
@@ -36,11 +36,11 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
                 ]
             )
             s.commit()
-        carnet.configure(km, require_scope=True)
+        carnet.configure(keys, require_scope=True)
         try:
-            yield km
+            yield keys
         finally:
-            km.require_scope = False
+            keys.require_scope = False
 
 
 def _fastapi_app(engine: sa.Engine, dependency: str) -> object:

@@ -42,7 +42,7 @@ def mismatches(
     from carnet import envelope
     from carnet.errors import KeyDestroyed
 
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     problems: list[str] = []
     try:
         with engine.connect() as conn:
@@ -71,7 +71,7 @@ def mismatches(
                     continue
                 blob = envelope.from_text(raw) if storage == "text" else bytes(raw)
                 try:
-                    got = km.decrypt(blob, tenant=practice, label=label).decode("utf-8")
+                    got = keys.decrypt(blob, tenant=practice, label=label).decode("utf-8")
                 except KeyDestroyed:
                     if practice not in destroyed:
                         problems.append(f"row {nid}: {col} raises KeyDestroyed")
@@ -84,15 +84,15 @@ def mismatches(
                 elif got != want:
                     problems.append(f"row {nid}: {col} holds another text")
         if consults is not None and patients is not None:
-            problems += _consult_mismatches(engine, km, consults, patients, destroyed)
+            problems += _consult_mismatches(engine, keys, consults, patients, destroyed)
     finally:
-        km.close()
+        keys.close()
     return problems
 
 
 def _consult_mismatches(
     engine: sa.Engine,
-    km: object,
+    keys: object,
     consults: Consults,
     patients: Mapping[int, str],
     destroyed: set[str],
@@ -128,7 +128,7 @@ def _consult_mismatches(
                 problems.append(f"consult {cid}: NULL mismatch")
             continue
         try:
-            got = km.decrypt(  # type: ignore[attr-defined]
+            got = keys.decrypt(  # type: ignore[attr-defined]
                 bytes(r.comment), tenant=practice, label="mt_consults.comment"
             ).decode("utf-8")
         except KeyDestroyed:

@@ -29,14 +29,14 @@ def notes_table(metadata: sa.MetaData, name: str = "notes") -> sa.Table:
 
 def fill_notes(
     engine: sa.Engine,
-    km: carnet.KeyManager,
+    keys: carnet.KeyManager,
     n: int,
     tenants: Sequence[str] = ("p0", "p1", "p2"),
     *,
     start: int = 0,
     name: str = "notes",
 ) -> None:
-    """Create the table and insert ``n`` notes sealed by ``km`` (raw inserts: fast)."""
+    """Create the table and insert ``n`` notes sealed by ``keys`` (raw inserts: fast)."""
     md = sa.MetaData()
     notes_table(md, name)
     md.create_all(engine)
@@ -54,9 +54,11 @@ def fill_notes(
             {
                 "id": i,
                 "practice_id": t,
-                "body": km.encrypt(f"{SECRET} body {i}".encode(), tenant=t, label=f"{name}.body"),
+                "body": keys.encrypt(f"{SECRET} body {i}".encode(), tenant=t, label=f"{name}.body"),
                 "summary": envelope.to_text(
-                    km.encrypt(f"{SECRET} summary {i}".encode(), tenant=t, label=f"{name}.summary")
+                    keys.encrypt(
+                        f"{SECRET} summary {i}".encode(), tenant=t, label=f"{name}.summary"
+                    )
                 ),
             }
         )
@@ -71,7 +73,7 @@ def fill_notes(
 
 def read_notes(
     engine: sa.Engine,
-    km: carnet.KeyManager,
+    keys: carnet.KeyManager,
     column: str = "body",
     label: str | None = None,
     name: str = "notes",
@@ -87,13 +89,13 @@ def read_notes(
     with engine.connect() as conn:
         for id_, t, v in conn.execute(sa.select(raw.c.id, raw.c.practice_id, raw.c[column])):
             blob = envelope.from_text(v) if isinstance(v, str) else bytes(v)
-            pt = km.decrypt(blob, tenant=t, label=label or f"{name}.{column}").decode()
+            pt = keys.decrypt(blob, tenant=t, label=label or f"{name}.{column}").decode()
             out[id_] = (pt, envelope.key_id_of(blob))
     return out
 
 
-def active_key_ids(km: carnet.KeyManager) -> set[bytes]:
-    return {r.key_id for r in km.list_keys() if r.state == "active"}
+def active_key_ids(keys: carnet.KeyManager) -> set[bytes]:
+    return {r.key_id for r in keys.list_keys() if r.state == "active"}
 
 
 def run_cli(

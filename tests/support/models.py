@@ -37,12 +37,12 @@ comments = sa.Table(
 @contextmanager
 def configured_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
     """A KeyManager with its schema and these models' tables, as the default manager."""
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(engine)
     core_metadata.create_all(engine)
-    carnet.configure(km)
+    carnet.configure(keys)
     try:
-        yield km
+        yield keys
     finally:
         carnet.configure(None)

@@ -25,8 +25,8 @@ def main() -> None:
     idx, cnt, n = int(index), int(count), int(nrows)
     connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
     engine = sa.create_engine(url, connect_args=connect_args)
-    km = carnet.KeyManager(engine, master_key=master)
-    carnet.configure(km)
+    keys = carnet.KeyManager(engine, master_key=master)
+    carnet.configure(keys)
     notes = notes_table(sa.MetaData())
     mine = [i for i in range(n) if i % cnt == idx]
     rng = random.Random(idx)  # noqa: S311 - picks rows, not keys
@@ -46,7 +46,7 @@ def main() -> None:
             led.write(f"{i}\t{value}\n")
             led.flush()
             time.sleep(0.002)
-    km.close()
+    keys.close()
 
 
 if __name__ == "__main__":

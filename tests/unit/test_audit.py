@@ -19,14 +19,14 @@ SECRET = "PLANTED-audit-secret-31c"
 @pytest.fixture
 def keys(tmp_path: Path, master_key_uri: str) -> Iterator[carnet.KeyManager]:
     engine = sa.create_engine(f"sqlite:///{tmp_path}/a.db")
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(engine)
-    carnet.configure(km)
+    carnet.configure(keys)
     with Session(engine) as s:
         s.add_all([Note(practice_id=f"p{i % 2}", body=f"{SECRET} {i}") for i in range(30)])
         s.commit()
-    yield km
+    yield keys
     carnet.configure(None)
     engine.dispose()
 

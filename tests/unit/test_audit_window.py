@@ -147,30 +147,30 @@ def test_property_never_more_than_limit_in_any_window(
 
 @pytest.fixture
 def legacy(engine: sa.Engine, master_key_uri: str) -> Iterator[tuple[carnet.KeyManager, sa.Table]]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     t = sa.Table(
         "legacy_notes",
         sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-        sa.Column("note", carnet.EncryptedText(storage="text", mixed_read=True, manager=km)),
+        sa.Column("note", carnet.EncryptedText(storage="text", mixed_read=True, manager=keys)),
     )
     t.create(engine)
     raw = sa.table("legacy_notes", sa.column("id"), sa.column("note"))
     with engine.begin() as conn:
         conn.execute(raw.insert(), [{"id": i, "note": f"{SECRET} {i}"} for i in range(200)])
     try:
-        yield km, t
+        yield keys, t
     finally:
-        km.close()
+        keys.close()
 
 
 def test_legacy_reads_are_counted_and_charged(
     legacy: tuple[carnet.KeyManager, sa.Table], engine: sa.Engine
 ) -> None:
-    km, t = legacy
+    keys, t = legacy
     seen: list[AuditEvent] = []
-    auditor = Auditor(budget=DecryptBudget(limit=50, window=3600), sink=seen.append).install(km)
+    auditor = Auditor(budget=DecryptBudget(limit=50, window=3600), sink=seen.append).install(keys)
     got: list[str] = []
     with principal_scope("scraper"), carnet.tenant_scope("p1"), engine.connect() as conn:
         with pytest.raises(DecryptBudgetExceeded):
@@ -182,7 +182,7 @@ def test_legacy_reads_are_counted_and_charged(
         ("scraper", "p1", "legacy_notes.note", 50, 50)
     ]
     assert seen == events
-    assert km.legacy_plaintext_reads == 51  # the refused one was read, never returned
+    assert keys.legacy_plaintext_reads == 51  # the refused one was read, never returned
 
 
 def test_the_docs_example_runs(tmp_path: Path) -> None:

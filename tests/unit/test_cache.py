@@ -130,18 +130,18 @@ def test_key_cache_repr_shows_no_key_material() -> None:
 def test_the_manager_seals_through_the_cache_fast_path(
     engine: sa.Engine, master_key_uri: str
 ) -> None:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    blob = km.encrypt(b"note", tenant="p1", label="l")
-    assert set(km.cache.sealers) == {("p1", "l")}
-    assert km.decrypt(blob, tenant="p1", label="l") == b"note"
-    assert set(km.cache.openers) == {(km.key_id_of(blob), "l", "p1")}
-    hits = km.stats()["cache_hits"]
-    km.encrypt(b"again", tenant="p1", label="l")
-    assert km.stats()["cache_hits"] == hits + 1  # one fast-path hit, no key-cache lookup
-    km.cache.drop_fast_paths()
-    km.encrypt(b"rebuilt", tenant="p1", label="l")
-    assert set(km.cache.sealers) == {("p1", "l")}
-    km.destroy("p1")
-    assert km.cache.sealers == {} and km.cache.keys.get(km.key_id_of(blob)) is None
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    blob = keys.encrypt(b"note", tenant="p1", label="l")
+    assert set(keys.cache.sealers) == {("p1", "l")}
+    assert keys.decrypt(blob, tenant="p1", label="l") == b"note"
+    assert set(keys.cache.openers) == {(keys.key_id_of(blob), "l", "p1")}
+    hits = keys.stats()["cache_hits"]
+    keys.encrypt(b"again", tenant="p1", label="l")
+    assert keys.stats()["cache_hits"] == hits + 1  # one fast-path hit, no key-cache lookup
+    keys.cache.drop_fast_paths()
+    keys.encrypt(b"rebuilt", tenant="p1", label="l")
+    assert set(keys.cache.sealers) == {("p1", "l")}
+    keys.destroy("p1")
+    assert keys.cache.sealers == {} and keys.cache.keys.get(keys.key_id_of(blob)) is None
+    keys.close()

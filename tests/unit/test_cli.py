@@ -17,10 +17,10 @@ from support.lifecycleutil import SECRET, fill_notes, run_cli
 @pytest.fixture
 def setup(db_url: str, master_key_uri: str) -> tuple[str, str]:
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    fill_notes(engine, km, 60)
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    fill_notes(engine, keys, 60)
+    keys.close()
     engine.dispose()
     return db_url, master_key_uri
 

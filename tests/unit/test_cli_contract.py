@@ -100,10 +100,10 @@ def test_every_command_is_listed() -> None:
 def deployment(db_url: str, master_key_uri: str) -> tuple[str, str]:
     """carnet's tables and 30 sealed notes in a fresh database."""
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    fill_notes(engine, km, 30)
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    fill_notes(engine, keys, 30)
+    keys.close()
     engine.dispose()
     return db_url, master_key_uri
 

@@ -20,10 +20,10 @@ from support.lifecycleutil import SECRET, fill_notes, run_cli
 @pytest.fixture
 def setup(db_url: str, master_key_uri: str) -> tuple[str, str]:
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    fill_notes(engine, km, 90)
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    fill_notes(engine, keys, 90)
+    keys.close()
     engine.dispose()
     return db_url, master_key_uri
 
@@ -309,8 +309,8 @@ def test_sqlite_lock_wait_is_announced(setup: tuple[str, str]) -> None:
 
 def test_verify_tenant_column_on_a_parent_table(db_url: str, master_key_uri: str) -> None:
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     md = sa.MetaData()
     patients = sa.Table(
         "patients",
@@ -327,7 +327,7 @@ def test_verify_tenant_column_on_a_parent_table(db_url: str, master_key_uri: str
     )
     md.create_all(engine)
     for t in ("p0", "p1"):
-        km.ensure_key(t)  # before the transaction: SQLite has one writer
+        keys.ensure_key(t)  # before the transaction: SQLite has one writer
     with engine.begin() as conn:
         conn.execute(
             patients.insert(), [{"id": 1, "practice_id": "p0"}, {"id": 2, "practice_id": "p1"}]
@@ -338,7 +338,7 @@ def test_verify_tenant_column_on_a_parent_table(db_url: str, master_key_uri: str
                 {
                     "id": i,
                     "patient_id": 1 + i % 2,
-                    "comment": km.encrypt(
+                    "comment": keys.encrypt(
                         f"{SECRET} {i}".encode(), tenant=f"p{i % 2}", label="consults.comment"
                     ),
                 }
@@ -355,7 +355,7 @@ def test_verify_tenant_column_on_a_parent_table(db_url: str, master_key_uri: str
                 ).scalar_one()
             )
         )
-    km.close()
+    keys.close()
     engine.dispose()
     r = run_cli(
         [

@@ -33,10 +33,10 @@ def by_name(rep: dict[str, Any], name: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def deployed(db_url: str, master_key_uri: str) -> tuple[str, str]:
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    fill_notes(engine, km, 30)
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    fill_notes(engine, keys, 30)
+    keys.close()
     engine.dispose()
     assert run_cli(["init"], db_url=db_url, master_key=master_key_uri).returncode == 0
     return db_url, master_key_uri

@@ -34,12 +34,12 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager
     d = tmp_path_factory.mktemp("vectors")
     master = "file://" + str(d / "master.key")
     carnet.create_master_key(master).close()
-    km = carnet.KeyManager(sa.create_engine(f"sqlite:///{d / 'keys.db'}"), master_key=master)
-    km.create_schema()
+    keys = carnet.KeyManager(sa.create_engine(f"sqlite:///{d / 'keys.db'}"), master_key=master)
+    keys.create_schema()
     versions: dict[str, int] = {}
     seen: set[str] = set()
     now = utcnow()
-    with km.engine.begin() as conn:
+    with keys.engine.begin() as conn:
         for v in [*VECTORS, _SAMPLE]:
             if v["key_id"] in seen:
                 continue
@@ -48,22 +48,22 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager
             versions[v["tenant"]] = versions.get(v["tenant"], 0) + 1
             # Inactive keys still open what they sealed: several per practice.
             conn.execute(
-                km.table.insert().values(
+                keys.table.insert().values(
                     key_id=v["key_id"],
                     tenant=v["tenant"],
                     version=versions[v["tenant"]],
                     state="inactive",
                     active_tenant=None,
-                    master_key_uri=km.master_key.uri,
-                    wrapped_key=km.master_key.wrap(
+                    master_key_uri=keys.master_key.uri,
+                    wrapped_key=keys.master_key.wrap(
                         bytes.fromhex(v["dek"]), wrap_context(v["tenant"], key_id)
                     ),
                     created_at=now,
                     updated_at=now,
                 )
             )
-    yield km
-    km.close()
+    yield keys
+    keys.close()
 
 
 @pytest.mark.parametrize("v", VECTORS, ids=_vector_id)

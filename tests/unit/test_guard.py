@@ -32,8 +32,8 @@ SECRET = "PLANTED-SECRET-LITERAL"  # appears in statements; must never appear in
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as km:
-        yield km
+    with configured_keys(engine, master_key_uri) as keys:
+        yield keys
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def test_import_attaches_nothing_to_sqlalchemy_or_botocore() -> None:
         checks = [
             event.contains(sa.Engine, "before_execute", carnet.tenancy._before_execute),
             event.contains(sa.Engine, "handle_error", carnet._hooks._handle_error),
-            event.contains(Mapper, "mapper_configured", carnet.orm._setup),
+            event.contains(Mapper, "mapper_configured", carnet.orm.setup_mapper),
             bool(logging.getLogger("botocore.endpoint").filters),
         ]
         print(any(checks))

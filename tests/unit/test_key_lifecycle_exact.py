@@ -42,16 +42,16 @@ LOOKALIKES = [
 
 
 @pytest.fixture
-def km(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
     m = carnet.KeyManager(engine, master_key=master_key_uri)
     lifecycle.init(m)
     yield m
     m.close()
 
 
-def _cold(km: carnet.KeyManager) -> carnet.KeyManager:
+def _cold(keys: carnet.KeyManager) -> carnet.KeyManager:
     """A manager with an empty cache, as another process would have."""
-    return carnet.KeyManager(km.engine, master_key=km.master_key)
+    return carnet.KeyManager(keys.engine, master_key=keys.master_key)
 
 
 def _cli(db_url: str, master: str, *args: str, input: str | None = None) -> Result:
@@ -69,29 +69,29 @@ def _cli(db_url: str, master: str, *args: str, input: str | None = None) -> Resu
 
 
 def test_ids_differing_by_case_trailing_space_or_normalisation_get_their_own_keys(
-    km: carnet.KeyManager,
+    keys: carnet.KeyManager,
 ) -> None:
     assert NFC_CAFE != NFD_CAFE
     sealed = {
-        t: km.encrypt(f"{NOTE} of {t}".encode(), tenant=t, label="notes.body") for t in LOOKALIKES
+        t: keys.encrypt(f"{NOTE} of {t}".encode(), tenant=t, label="notes.body") for t in LOOKALIKES
     }
     key_ids = {t: envelope.key_id_of(b) for t, b in sealed.items()}
     assert len(set(key_ids.values())) == len(LOOKALIKES)
-    assert sorted(r.tenant for r in km.list_keys()) == sorted(LOOKALIKES)
+    assert sorted(r.tenant for r in keys.list_keys()) == sorted(LOOKALIKES)
     for t in LOOKALIKES:
-        assert [r.key_id for r in km.list_keys(t)] == [key_ids[t]]
+        assert [r.key_id for r in keys.list_keys(t)] == [key_ids[t]]
 
     # Destroying one of each pair leaves its look-alike readable, from a cold process too.
     for gone in ("cabinet-lyon", "lyon-3 ", NFD_CAFE, "acme"):
-        assert km.destroy(gone) == 1
-    cold = _cold(km)
+        assert keys.destroy(gone) == 1
+    cold = _cold(keys)
     for t, blob in sealed.items():
         if t in ("cabinet-lyon", "lyon-3 ", NFD_CAFE, "acme"):
             with pytest.raises(KeyDestroyed):
                 cold.decrypt(blob, tenant=t, label="notes.body")
         else:
             assert cold.decrypt(blob, tenant=t, label="notes.body") == f"{NOTE} of {t}".encode()
-    assert {r.tenant for r in km.list_keys() if r.state == "active"} == {
+    assert {r.tenant for r in keys.list_keys() if r.state == "active"} == {
         "Cabinet-Lyon",
         "lyon-3",
         "ACME",
@@ -132,15 +132,15 @@ def _distinct_pairs(draw: st.DrawFn) -> tuple[str, str]:
 )
 @given(pair=_distinct_pairs())
 def test_any_two_distinct_practice_ids_never_share_a_key(
-    km: carnet.KeyManager, pair: tuple[str, str]
+    keys: carnet.KeyManager, pair: tuple[str, str]
 ) -> None:
     a, b = pair
-    ka = km.ensure_key(a)
-    kb = km.ensure_key(b)
+    ka = keys.ensure_key(a)
+    kb = keys.ensure_key(b)
     assert ka.key_id != kb.key_id
     assert (ka.tenant, kb.tenant) == (a, b)
-    km.clear_cache()  # looked up again from the database, not the cache
-    assert km.ensure_key(a).key_id == ka.key_id and km.ensure_key(b).key_id == kb.key_id
+    keys.clear_cache()  # looked up again from the database, not the cache
+    assert keys.ensure_key(a).key_id == ka.key_id and keys.ensure_key(b).key_id == kb.key_id
 
 
 def _old_style_keys_table(md: sa.MetaData) -> sa.Table:
@@ -203,38 +203,38 @@ def test_init_converts_a_key_table_that_folds_practice_ids(
             "tenant": "utf8mb4_nopad_bin",
             "active_tenant": "utf8mb4_nopad_bin",
         }
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     for t, blob in sealed.items():  # the keys made before still work
-        assert km.decrypt(blob, tenant=t, label="l") == f"{NOTE} {t}".encode()
-    assert km.ensure_key("acme").key_id != km.ensure_key("ACME").key_id
-    assert km.ensure_key("lyon-3 ").key_id != km.ensure_key("lyon-3").key_id
-    km.ensure_key("cabinet-lyon")
-    assert km.destroy("cabinet-lyon") == 1
-    assert _cold(km).decrypt(sealed["Cabinet-Lyon"], tenant="Cabinet-Lyon", label="l")
+        assert keys.decrypt(blob, tenant=t, label="l") == f"{NOTE} {t}".encode()
+    assert keys.ensure_key("acme").key_id != keys.ensure_key("ACME").key_id
+    assert keys.ensure_key("lyon-3 ").key_id != keys.ensure_key("lyon-3").key_id
+    keys.ensure_key("cabinet-lyon")
+    assert keys.destroy("cabinet-lyon") == 1
+    assert _cold(keys).decrypt(sealed["Cabinet-Lyon"], tenant="Cabinet-Lyon", label="l")
     assert _cli(db_url, master_key_uri, "init").exit_code == 0  # idempotent
-    km.close()
+    keys.close()
 
 
 def test_key_row_whose_practice_and_active_marker_disagree_fails_closed(
-    km: carnet.KeyManager,
+    keys: carnet.KeyManager,
 ) -> None:
-    km.ensure_key("a")
-    t = km.table
-    with km.engine.begin() as conn:  # a's active row now claims to be b's active key
+    keys.ensure_key("a")
+    t = keys.table
+    with keys.engine.begin() as conn:  # a's active row now claims to be b's active key
         conn.execute(t.update().where(t.c.tenant == "a").values(active_tenant="b"))
     for tenant in ("b", "a"):
         with pytest.raises(KeyStoreInconsistent):
-            _cold(km).encrypt(b"x", tenant=tenant, label="l")
-    assert [r.tenant for r in km.list_keys()] == ["a"]  # nothing created for b
+            _cold(keys).encrypt(b"x", tenant=tenant, label="l")
+    assert [r.tenant for r in keys.list_keys()] == ["a"]  # nothing created for b
 
 
 # -- a destroyed practice stays destroyed --------------------------------------------------
 
 
 def test_first_key_creation_racing_a_destroy_does_not_bring_the_practice_back(
-    km: carnet.KeyManager, monkeypatch: pytest.MonkeyPatch
+    keys: carnet.KeyManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writer = _cold(km)
+    writer = _cold(keys)
     real = writer.store.active
     stale = iter([True])
 
@@ -242,68 +242,68 @@ def test_first_key_creation_racing_a_destroy_does_not_bring_the_practice_back(
         # The writer read "no key yet" just before another process created
         # the practice's key and an operator destroyed it.
         if next(stale, False):
-            km.encrypt(b"first", tenant=tenant, label="l")
-            km.destroy(tenant)
+            keys.encrypt(b"first", tenant=tenant, label="l")
+            keys.destroy(tenant)
             return None, set()
         return real(conn, tenant)
 
     monkeypatch.setattr(writer.store, "active", read_before_the_others)
     with pytest.raises(KeyDestroyed):
         writer.encrypt(f"{NOTE}".encode(), tenant="leaving", label="l")
-    assert {r.state for r in km.list_keys("leaving")} == {"destroyed"}
+    assert {r.state for r in keys.list_keys("leaving")} == {"destroyed"}
     with pytest.raises(KeyDestroyed):  # and any later write
-        _cold(km).encrypt(b"later", tenant="leaving", label="l")
+        _cold(keys).encrypt(b"later", tenant="leaving", label="l")
 
 
 def test_rotate_of_a_destroyed_practice_refuses_until_reenabled(
-    km: carnet.KeyManager, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    before = km.encrypt(NOTE.encode(), tenant="gone", label="l")
-    km.rotate("gone")
-    km.destroy("gone")
+    before = keys.encrypt(NOTE.encode(), tenant="gone", label="l")
+    keys.rotate("gone")
+    keys.destroy("gone")
     with pytest.raises(KeyDestroyed, match="reenable"):
-        km.rotate("gone")
+        keys.rotate("gone")
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "gone")
     assert r.exit_code == 8 and "reenable" in r.output
     with pytest.raises(KeyDestroyed, match="reenable"):
-        _cold(km).encrypt(b"new", tenant="gone", label="l")
-    assert {r.state for r in km.list_keys("gone")} == {"destroyed"}
+        _cold(keys).encrypt(b"new", tenant="gone", label="l")
+    assert {r.state for r in keys.list_keys("gone")} == {"destroyed"}
 
     r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "gone", input="gon\n")
     assert r.exit_code == 6
     r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "gone", input="gone\n")
     assert r.exit_code == 0 and "new active key v3" in r.output, r.output
-    writer = _cold(km)
+    writer = _cold(keys)
     after = writer.encrypt(b"after", tenant="gone", label="l")
     assert writer.decrypt(after, tenant="gone", label="l") == b"after"
     with pytest.raises(KeyDestroyed):  # re-enabling restores nothing
         writer.decrypt(before, tenant="gone", label="l")
     r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "gone", "--yes")
     assert r.exit_code == 2 and "not destroyed" in r.output
-    assert km.rotate("gone").version == 4
+    assert keys.rotate("gone").version == 4
 
 
-def test_reenable_in_the_library_gives_a_new_key(km: carnet.KeyManager) -> None:
+def test_reenable_in_the_library_gives_a_new_key(keys: carnet.KeyManager) -> None:
     with pytest.raises(UnknownTenant):
-        km.reenable("never-existed")
-    km.ensure_key("p")
-    km.destroy("p")
-    rec = km.reenable("p")
+        keys.reenable("never-existed")
+    keys.ensure_key("p")
+    keys.destroy("p")
+    rec = keys.reenable("p")
     assert (rec.version, rec.state, rec.tenant) == (2, "active", "p")
-    assert km.ensure_key("p").key_id == rec.key_id
+    assert keys.ensure_key("p").key_id == rec.key_id
 
 
 # -- a typo is not a successful erasure ---------------------------------------------------------
 
 
 def test_destroy_or_rotate_of_a_practice_with_no_key_is_an_error(
-    km: carnet.KeyManager, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    km.ensure_key("cabinet-lyon")
+    keys.ensure_key("cabinet-lyon")
     with pytest.raises(UnknownTenant):
-        km.destroy("cabinet-lyom")
+        keys.destroy("cabinet-lyom")
     with pytest.raises(UnknownTenant):
-        km.rotate("cabinet-lyom")
+        keys.rotate("cabinet-lyom")
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "cabinet-lyom", "--yes")
     assert r.exit_code == 7 and "cabinet-lyom" in r.output and "no data key" in r.output
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "cabinet-lyom")
@@ -312,15 +312,15 @@ def test_destroy_or_rotate_of_a_practice_with_no_key_is_an_error(
     assert r.exit_code == 7
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "cabinet-lyom")
     assert r.exit_code == 7 and "--create" in r.output
-    assert [r.tenant for r in km.list_keys()] == ["cabinet-lyon"]  # nothing created
-    assert km.list_keys("cabinet-lyon")[0].state == "active"  # nothing destroyed
+    assert [r.tenant for r in keys.list_keys()] == ["cabinet-lyon"]  # nothing created
+    assert keys.list_keys("cabinet-lyon")[0].state == "active"  # nothing destroyed
 
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--all", "--create")
     assert r.exit_code == 2
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "new-practice", "--create")
     assert r.exit_code == 0 and "new-practice: now v1" in r.output
-    assert km.rotate("other", create=True).version == 1
-    km.destroy("other")
+    assert keys.rotate("other", create=True).version == 1
+    keys.destroy("other")
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "other", "--yes")
     assert r.exit_code == 0 and "already destroyed" in r.output
 
@@ -328,7 +328,7 @@ def test_destroy_or_rotate_of_a_practice_with_no_key_is_an_error(
 # -- retire sees every place the key could be used ---------------------------------------------
 
 
-def _old_key_with_hidden_rows(km: carnet.KeyManager) -> bytes:
+def _old_key_with_hidden_rows(keys: carnet.KeyManager) -> bytes:
     """Rows under p1's first key in places a sample of PK tables misses; then rotate."""
     md = sa.MetaData()
     plain_first = sa.Table(
@@ -340,10 +340,10 @@ def _old_key_with_hidden_rows(km: carnet.KeyManager) -> bytes:
     no_pk = sa.Table(
         "no_pk", md, sa.Column("practice", sa.String(20)), sa.Column("blob", sa.LargeBinary)
     )
-    md.create_all(km.engine)
-    old = km.ensure_key("p1").key_id
-    seal = lambda: km.encrypt(NOTE.encode(), tenant="p1", label="x")  # noqa: E731
-    with km.engine.begin() as conn:
+    md.create_all(keys.engine)
+    old = keys.ensure_key("p1").key_id
+    seal = lambda: keys.encrypt(NOTE.encode(), tenant="p1", label="x")  # noqa: E731
+    with keys.engine.begin() as conn:
         conn.execute(
             plain_first.insert(), [{"id": i, "note": f"legacy text {i}"} for i in range(80)]
         )
@@ -352,24 +352,24 @@ def _old_key_with_hidden_rows(km: carnet.KeyManager) -> bytes:
             [{"id": 100 + i, "note": envelope.to_text(seal())} for i in range(3)],
         )
         conn.execute(no_pk.insert(), [{"practice": "p1", "blob": seal()} for _ in range(2)])
-    km.rotate("p1")
+    keys.rotate("p1")
     return old
 
 
 def test_retire_without_table_finds_rows_in_a_table_without_primary_key_or_behind_plaintext(
-    km: carnet.KeyManager, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    old = _old_key_with_hidden_rows(km)
+    old = _old_key_with_hidden_rows(keys)
     with pytest.raises(KeyInUse) as exc:
-        lifecycle.retire_key(km, old)
+        lifecycle.retire_key(keys, old)
     assert "5 row(s)" in str(exc.value)
     assert "3 row(s) in plain_first.note" in str(exc.value)
     assert "2 row(s) in no_pk.blob" in str(exc.value)
     r = _cli(db_url, master_key_uri, "keys", "retire", old.hex())
     assert r.exit_code == 5 and "no_pk.blob" in r.output and "plain_first.note" in r.output
-    assert km.get_key(old).state == "inactive"  # type: ignore[union-attr]
+    assert keys.get_key(old).state == "inactive"  # type: ignore[union-attr]
 
-    with km.engine.begin() as conn:  # once those rows are gone, it retires
+    with keys.engine.begin() as conn:  # once those rows are gone, it retires
         conn.execute(sa.text("DELETE FROM no_pk"))
         conn.execute(sa.text("DELETE FROM plain_first WHERE id >= 100"))
     r = _cli(db_url, master_key_uri, "keys", "retire", old.hex(), "--json")
@@ -420,9 +420,9 @@ def _unreadable_column(engine: sa.Engine, db_kind: str, db_url: str) -> Iterator
 
 
 def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
-    km: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, db_kind: str
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, db_kind: str
 ) -> None:
-    old = _old_key_with_hidden_rows(km)
+    old = _old_key_with_hidden_rows(keys)
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM no_pk"))
         conn.execute(sa.text("DELETE FROM plain_first WHERE id >= 100"))
@@ -432,7 +432,7 @@ def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
         r = _cli(url, master_key_uri, "keys", "retire", old.hex())
         assert r.exit_code == 5, r.output
         assert "could not read odd.txt" in r.output and "\n" not in r.output.strip()
-        assert km.get_key(old).state == "inactive"  # type: ignore[union-attr]
+        assert keys.get_key(old).state == "inactive"  # type: ignore[union-attr]
         limited = carnet.KeyManager(url, master_key=master_key_uri)
         with pytest.raises(KeyUsageUnknown, match="odd.txt"):
             lifecycle.retire_key(limited, old)
@@ -440,20 +440,20 @@ def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
         limited.engine.dispose()
         r = _cli(url, master_key_uri, "keys", "retire", old.hex(), "--force", "--yes")
         assert r.exit_code == 0 and "not read: odd.txt" in r.output, r.output
-        assert km.get_key(old).state == "retired"  # type: ignore[union-attr]
+        assert keys.get_key(old).state == "retired"  # type: ignore[union-attr]
     finally:
         for _ in gen:
             pass
 
 
 def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
-    km: carnet.KeyManager,
+    keys: carnet.KeyManager,
 ) -> None:
     """Whatever interleaving: once destroy returns, the practice has no live key, and
     every later write and rotation refuses."""
     for round_ in range(4):
         tenant = f"race-{round_}"
-        km.ensure_key(tenant)
+        keys.ensure_key(tenant)
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -463,7 +463,7 @@ def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
             errors: list[BaseException] = errors,
         ) -> None:
             # Another process: rotations and first writes, until it sees the destruction.
-            other = carnet.KeyManager(km.engine, master_key=km.master_key, cache_ttl=0.01)
+            other = carnet.KeyManager(keys.engine, master_key=keys.master_key, cache_ttl=0.01)
             try:
                 while not stop.is_set():
                     try:
@@ -479,11 +479,11 @@ def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
         workers = [threading.Thread(target=churn) for _ in range(2)]
         for w in workers:
             w.start()
-        km.destroy(tenant)
+        keys.destroy(tenant)
         stop.set()
         for w in workers:
             w.join(60)
         assert not errors, [type(e).__name__ for e in errors]
-        assert {r.state for r in km.list_keys(tenant)} == {"destroyed"}
+        assert {r.state for r in keys.list_keys(tenant)} == {"destroyed"}
         with pytest.raises(KeyDestroyed):
-            _cold(km).encrypt(b"later", tenant=tenant, label="l")
+            _cold(keys).encrypt(b"later", tenant=tenant, label="l")

@@ -14,7 +14,7 @@ from support.lifecycleutil import SECRET, active_key_ids, fill_notes, read_notes
 
 
 @pytest.fixture
-def km(engine: sa.Engine, master_key_uri: str) -> carnet.KeyManager:
+def keys(engine: sa.Engine, master_key_uri: str) -> carnet.KeyManager:
     m = carnet.KeyManager(engine, master_key=master_key_uri)
     lifecycle.init(m)
     fill_notes(engine, m, 120)
@@ -22,12 +22,12 @@ def km(engine: sa.Engine, master_key_uri: str) -> carnet.KeyManager:
 
 
 def test_status_discovers_columns_and_counts_by_key(
-    km: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE notes SET summary = 'legacy' WHERE id = 5"))
         conn.execute(sa.text("UPDATE notes SET body = NULL WHERE id = 6"))
-    rep = lifecycle.status(km)
+    rep = lifecycle.status(keys)
     assert rep.master_key_ok
     assert [t.tenant for t in rep.tenants] == ["p0", "p1", "p2"]
     assert all(t.active_version == 1 for t in rep.tenants)
@@ -38,41 +38,41 @@ def test_status_discovers_columns_and_counts_by_key(
     assert SECRET not in repr(rep.as_dict()) and "legacy" not in repr(rep.as_dict())
 
 
-def test_rotate_reencrypt_retire(km: carnet.KeyManager, engine: sa.Engine) -> None:
-    old = {r.key_id for r in km.list_keys()}
-    rotated = lifecycle.rotate_keys(km)
+def test_rotate_reencrypt_retire(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    old = {r.key_id for r in keys.list_keys()}
+    rotated = lifecycle.rotate_keys(keys)
     assert len(rotated) == 3
-    before = read_notes(engine, km)
+    before = read_notes(engine, keys)
     one_old = next(iter(old))
     with pytest.raises(KeyInUse) as exc:
-        lifecycle.retire_key(km, one_old)
+        lifecycle.retire_key(keys, one_old)
     assert "notes.body" in str(exc.value) and "notes.summary" in str(exc.value)
     for col in ("body", "summary"):
-        rep = lifecycle.reencrypt(km, "notes", col, batch_size=32)
+        rep = lifecycle.reencrypt(keys, "notes", col, batch_size=32)
         assert rep.rewritten == 120 and not rep.failed
-        assert lifecycle.reencrypt(km, "notes", col).rewritten == 0
-    after = read_notes(engine, km)
+        assert lifecycle.reencrypt(keys, "notes", col).rewritten == 0
+    after = read_notes(engine, keys)
     assert {i: p for i, (p, _) in after.items()} == {i: p for i, (p, _) in before.items()}
-    assert {k for _, k in after.values()} <= active_key_ids(km)
-    res = lifecycle.retire_key(km, one_old, [("notes", "body"), ("notes", "summary")])
+    assert {k for _, k in after.values()} <= active_key_ids(keys)
+    res = lifecycle.retire_key(keys, one_old, [("notes", "body"), ("notes", "summary")])
     assert res["key"]["state"] == "retired" and res["rows_made_unreadable"] == 0
-    assert lifecycle.verify(km, "notes", "body").failed == 0
+    assert lifecycle.verify(keys, "notes", "body").failed == 0
 
 
-def test_reencrypt_one_tenant_and_renamed_label(km: carnet.KeyManager, engine: sa.Engine) -> None:
-    km.rotate("p1")
-    rep = lifecycle.reencrypt(km, "notes", "body", tenant="p1")
+def test_reencrypt_one_tenant_and_renamed_label(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    keys.rotate("p1")
+    rep = lifecycle.reencrypt(keys, "notes", "body", tenant="p1")
     assert rep.rewritten == 40
     rep = lifecycle.reencrypt(
-        km, "notes", "body", label="notes.comment", old_label="notes.body", job="rename"
+        keys, "notes", "body", label="notes.comment", old_label="notes.body", job="rename"
     )
     assert rep.rewritten == 120
-    assert lifecycle.verify(km, "notes", "body", label="notes.comment").ok == 120
-    assert lifecycle.verify(km, "notes", "body").failed == 120
+    assert lifecycle.verify(keys, "notes", "body", label="notes.comment").ok == 120
+    assert lifecycle.verify(keys, "notes", "body").failed == 120
 
 
 def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
-    km: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:
@@ -88,8 +88,8 @@ def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
                 )
             )
         )
-    lifecycle.destroy_tenant(km, "p1")
-    rep = lifecycle.verify(km, "notes", "body")
+    lifecycle.destroy_tenant(keys, "p1")
+    rep = lifecycle.verify(keys, "notes", "body")
     # Shredded rows are their own category: the erasure working, not a failure.
     assert (rep.failed, rep.destroyed, rep.ok) == (2, 40, 78)
     assert rep.reasons == {"tampered_or_foreign": 2}
@@ -99,14 +99,14 @@ def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
 
 
 def test_master_rotation_then_old_key_deleted(
-    km: carnet.KeyManager, engine: sa.Engine, tmp_path: Path, master_key_uri: str
+    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path, master_key_uri: str
 ) -> None:
     new_uri = "file://" + str(tmp_path / "m2.key")
     lifecycle.new_master(new_uri)
-    rep = lifecycle.rotate_master(km, new_uri, batch_size=2)
+    rep = lifecycle.rotate_master(keys, new_uri, batch_size=2)
     assert rep.rewrapped == 3
-    assert lifecycle.rotate_master(km, new_uri).already == 3
-    km.close()
+    assert lifecycle.rotate_master(keys, new_uri).already == 3
+    keys.close()
     Path(master_key_uri[len("file://") :]).unlink()
     fresh = carnet.KeyManager(engine, master_key=new_uri)
     assert len(read_notes(engine, fresh)) == 120
@@ -114,14 +114,14 @@ def test_master_rotation_then_old_key_deleted(
 
 
 def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
-    km: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:  # row 1 is p1's, row 2 is p2's: paste p1's note into p2's row
         b1 = conn.execute(sa.select(raw.c.body).where(raw.c.id == 1)).scalar_one()
         conn.execute(raw.update().where(raw.c.id == 2).values(body=b1))
     # By its key alone the pasted value is authentic...
-    assert lifecycle.verify(km, "notes", "body").failed == 0
+    assert lifecycle.verify(keys, "notes", "body").failed == 0
     # ...but not in a row of p2.
-    rep = lifecycle.verify(km, "notes", "body", tenant_column="practice_id")
+    rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
     assert (rep.failed, rep.reasons, rep.failed_pks) == (1, {"other_practice": 1}, [[2]])

@@ -24,9 +24,9 @@ from carnet.keystore import utcnow
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> carnet.KeyManager:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    return km
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    return keys
 
 
 def test_first_key_is_created_lazily_once(keys: carnet.KeyManager) -> None:
@@ -87,10 +87,10 @@ def _race_worker(
     url: str, master: str, tenant: str, barrier: mp.synchronize.Barrier, out: mp.Queue
 ) -> None:  # type: ignore[name-defined]
     engine = sa.create_engine(url)
-    km = carnet.KeyManager(engine, master_key=master)
+    keys = carnet.KeyManager(engine, master_key=master)
     barrier.wait()
     try:
-        out.put(km.ensure_key(tenant).key_id.hex())
+        out.put(keys.ensure_key(tenant).key_id.hex())
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         out.put(f"error: {type(exc).__name__}: {exc}")
     engine.dispose()

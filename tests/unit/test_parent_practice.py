@@ -51,10 +51,10 @@ NOTE = "Patient anxieux, évoque des idées noires"
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(engine)
-    carnet.configure(km)
+    carnet.configure(keys)
     with Session(engine) as s:
         s.add_all(
             [
@@ -66,15 +66,15 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
         s.add(Consultation(id=10, patient_id=1, comment=NOTE))
         s.commit()
     try:
-        yield km
+        yield keys
     finally:
         carnet.configure(None)
-        km.close()
+        keys.close()
 
 
 def stored(engine: sa.Engine, master_key_uri: str, cid: int) -> tuple[str, str | None]:
     """(parent practice, comment) opened by a brand-new KeyManager under the parent's practice."""
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     try:
         with engine.connect() as conn:
             r = conn.execute(
@@ -87,13 +87,13 @@ def stored(engine: sa.Engine, master_key_uri: str, cid: int) -> tuple[str, str |
         text = (
             None
             if r.comment is None
-            else km.decrypt(
+            else keys.decrypt(
                 bytes(r.comment), tenant=r.practice_id, label="pp_consultations.comment"
             ).decode()
         )
         return r.practice_id, text
     finally:
-        km.close()
+        keys.close()
 
 
 def test_orm_writes_and_reads_under_the_parents_practice(

@@ -80,16 +80,16 @@ core_patients = sa.Table(
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(engine)
     core_md.create_all(engine)
-    carnet.configure(km)
+    carnet.configure(keys)
     try:
-        yield km
+        yield keys
     finally:
         carnet.configure(None)
-        km.close()
+        keys.close()
 
 
 def _raw(engine: sa.Engine, sql: str, **params: object) -> list[sa.Row[object]]:
@@ -361,9 +361,9 @@ def test_orm_bulk_insert_and_update(keys: carnet.KeyManager, engine: sa.Engine) 
 
 
 def _core_index(
-    km: carnet.KeyManager, tenant: str, label: str, name: str, norm: str, bits: int
+    keys: carnet.KeyManager, tenant: str, label: str, name: str, norm: str, bits: int
 ) -> int:
-    root = km.index_roots(tenant)[0]
+    root = keys.index_roots(tenant)[0]
     return indexkeys.index_value(root, norm, label=label, index=name, tenant=tenant, bits=bits)
 
 

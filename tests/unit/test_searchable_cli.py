@@ -59,9 +59,9 @@ def app(tmp_path: Path, engine: sa.Engine, master_key_uri: str) -> Any:
     import models  # type: ignore[import-not-found]
 
     models.Base.metadata.create_all(engine)
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    carnet.configure(km)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    carnet.configure(keys)
     with Session(engine) as s:
         s.add_all(
             models.Patient(id=i, practice_id="p1" if i % 3 else "p2", phone=phone(i))
@@ -70,7 +70,7 @@ def app(tmp_path: Path, engine: sa.Engine, master_key_uri: str) -> Any:
         s.commit()
     yield models
     carnet.configure(None)
-    km.close()
+    keys.close()
     sys.path.remove(str(tmp_path / "app"))
     sys.modules.pop("models", None)
 
@@ -94,8 +94,8 @@ def run(db_url: str, mk: str, cwd: Path, *args: str) -> subprocess.CompletedProc
 
 def all_found(engine: sa.Engine, mk: str, models: Any) -> bool:
     # A new manager each time: no cached roots from before the command.
-    km = carnet.KeyManager(engine, master_key=mk)
-    carnet.configure(km)
+    keys = carnet.KeyManager(engine, master_key=mk)
+    carnet.configure(keys)
     try:
         with Session(engine) as s:
             for i in range(1, 31):
@@ -106,17 +106,19 @@ def all_found(engine: sa.Engine, mk: str, models: Any) -> bool:
                     return False
         return True
     finally:
-        km.close()
+        keys.close()
 
 
 def roots(engine: sa.Engine, mk: str, tenant: str) -> list[tuple[int, str, str]]:
-    km = carnet.KeyManager(engine, master_key=mk)
+    keys = carnet.KeyManager(engine, master_key=mk)
     try:
         return sorted(
-            (r.version, r.state, r.key_id.hex()) for r in km.list_keys(tenant) if r.kind == "index"
+            (r.version, r.state, r.key_id.hex())
+            for r in keys.list_keys(tenant)
+            if r.kind == "index"
         )
     finally:
-        km.close()
+        keys.close()
 
 
 def test_rotate_reindex_retire(

@@ -89,10 +89,10 @@ def test_bits_out_of_range_are_refused(bits: Any) -> None:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    yield km
-    km.close()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    yield keys
+    keys.close()
 
 
 def test_index_root_is_created_once_wrapped_and_separate_from_the_data_key(
@@ -240,10 +240,10 @@ def test_status_and_cli_with_index_roots(keys: carnet.KeyManager, db_url: str) -
 
 def _root_race_worker(url: str, master: str, tenant: str, barrier: Any, out: Any) -> None:
     engine = sa.create_engine(url)
-    km = carnet.KeyManager(engine, master_key=master)
+    keys = carnet.KeyManager(engine, master_key=master)
     barrier.wait()
     try:
-        root = km.index_roots(tenant)[0]
+        root = keys.index_roots(tenant)[0]
         out.put(f"{root.key_id.hex()}:{hashlib.sha256(root.secret).hexdigest()}")
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         out.put(f"error: {type(exc).__name__}: {exc}")

@@ -42,30 +42,30 @@ def test_documented_upgrade(engine: sa.Engine, master_key_uri: str) -> None:
                 master_key_uri=mk.uri, wrapped_key=wrapped, created_at=now, updated_at=now,
             )
         )  # fmt: skip
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     with engine.begin() as conn:
         for stmt in _statements(backend):
             if stmt.startswith("-- here:"):
-                km.metadata.create_all(conn)
+                keys.metadata.create_all(conn)
                 stmt = stmt.split("\n", 1)[1]
             conn.exec_driver_sql(stmt)
-    blob = km.encrypt(b"kept", tenant="p1", label="l")
+    blob = keys.encrypt(b"kept", tenant="p1", label="l")
     assert blob[1:17] == key_id  # the existing key stayed the active data key
-    assert km.decrypt(blob, tenant="p1", label="l") == b"kept"
-    assert len(km.index_roots("p1")) == 1
-    assert {(r.kind, r.version) for r in km.list_keys("p1")} == {("data", 1), ("index", 1)}
-    km.rotate("p1")
-    km.rotate_index_root("p1")
+    assert keys.decrypt(blob, tenant="p1", label="l") == b"kept"
+    assert len(keys.index_roots("p1")) == 1
+    assert {(r.kind, r.version) for r in keys.list_keys("p1")} == {("data", 1), ("index", 1)}
+    keys.rotate("p1")
+    keys.rotate_index_root("p1")
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(
-            km.table.insert().values(
+            keys.table.insert().values(
                 key_id=os.urandom(16).hex(), tenant="p1", version=9, state="active", kind="index",
                 active_tenant="p1", master_key_uri=mk.uri, wrapped_key=b"x", created_at=now,
                 updated_at=now,
             )
         )  # fmt: skip
     mk.close()
-    km.close()
+    keys.close()
 
 
 def test_an_old_table_serves_data_keys_until_create_schema_upgrades_it(
@@ -87,34 +87,34 @@ def test_an_old_table_serves_data_keys_until_create_schema_upgrades_it(
                     created_at=now, updated_at=now,
                 )
             )  # fmt: skip
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     # Before the upgrade: data keys work as before, blind-index roots ask for it.
-    before = km.encrypt(b"x", tenant="p1", label="l")
+    before = keys.encrypt(b"x", tenant="p1", label="l")
     assert before[1:17] == ids[1]
-    km.encrypt(b"y", tenant="p2", label="l")  # a new practice's first key, old shape
+    keys.encrypt(b"y", tenant="p2", label="l")  # a new practice's first key, old shape
     with pytest.raises(ConfigurationError, match="carnet init"):
-        km.index_roots("p1")
+        keys.index_roots("p1")
     with pytest.raises(ConfigurationError, match="carnet init"):
-        km.rotate_index_root("p1")
-    km.create_schema()
-    km.create_schema()  # a second run changes nothing
-    assert km.encrypt(b"x", tenant="p1", label="l")[1:17] == ids[1]
-    assert len(km.index_roots("p1")) == 1
-    assert km.decrypt(before, tenant="p1", label="l") == b"x"
-    assert [(r.kind, r.version) for r in km.list_keys("p2")] == [("data", 1)]
-    assert sorted((r.kind, r.version, r.state) for r in km.list_keys("p1")) == [
+        keys.rotate_index_root("p1")
+    keys.create_schema()
+    keys.create_schema()  # a second run changes nothing
+    assert keys.encrypt(b"x", tenant="p1", label="l")[1:17] == ids[1]
+    assert len(keys.index_roots("p1")) == 1
+    assert keys.decrypt(before, tenant="p1", label="l") == b"x"
+    assert [(r.kind, r.version) for r in keys.list_keys("p2")] == [("data", 1)]
+    assert sorted((r.kind, r.version, r.state) for r in keys.list_keys("p1")) == [
         ("data", 1, "inactive"),
         ("data", 2, "active"),
         ("index", 1, "active"),
     ]
-    km.rotate("p1")
+    keys.rotate("p1")
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(
-            km.table.insert().values(
+            keys.table.insert().values(
                 key_id=os.urandom(16).hex(), tenant="p1", version=9, state="active", kind="data",
                 active_tenant="p1", master_key_uri=mk.uri, wrapped_key=b"x", created_at=now,
                 updated_at=now,
             )
         )  # fmt: skip
     mk.close()
-    km.close()
+    keys.close()

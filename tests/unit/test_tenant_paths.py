@@ -57,22 +57,22 @@ BODY, SUMMARY = "Patiente anxieuse, suivi dépression", "violences évoquées"
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(Practice.__table__.insert(), [{"id": "A"}, {"id": "B"}])
-    carnet.configure(km)
+    carnet.configure(keys)
     try:
-        yield km
+        yield keys
     finally:
         carnet.configure(None)
-        km.close()
+        keys.close()
 
 
 def stored(engine: sa.Engine, master_key_uri: str, nid: int) -> tuple[str, str | None, str | None]:
     """(practice, body, summary) of a row, opened by a brand-new KeyManager under its practice."""
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     try:
         with engine.connect() as conn:
             r = conn.execute(
@@ -81,18 +81,18 @@ def stored(engine: sa.Engine, master_key_uri: str, nid: int) -> tuple[str, str |
         body = (
             None
             if r.body is None
-            else km.decrypt(bytes(r.body), tenant=r.practice_id, label="tp_notes.body").decode()
+            else keys.decrypt(bytes(r.body), tenant=r.practice_id, label="tp_notes.body").decode()
         )
         summary = (
             None
             if r.summary is None
-            else km.decrypt(
+            else keys.decrypt(
                 envelope.from_text(r.summary), tenant=r.practice_id, label="tp_notes.summary"
             ).decode()
         )
         return r.practice_id, body, summary
     finally:
-        km.close()
+        keys.close()
 
 
 def _seed(engine: sa.Engine, nid: int = 1, practice: str = "A") -> None:

@@ -27,8 +27,8 @@ from support.paths import TESTS
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as km:
-        yield km
+    with configured_keys(engine, master_key_uri) as keys:
+        yield keys
 
 
 def _raw(engine: sa.Engine, table: str, column: str, pk: int) -> object:

@@ -42,12 +42,12 @@ class Case:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
     try:
-        yield km
+        yield keys
     finally:
-        km.close()
+        keys.close()
 
 
 def _tables(engine: sa.Engine) -> tuple[sa.Table, sa.Table]:
@@ -70,18 +70,18 @@ def _tables(engine: sa.Engine) -> tuple[sa.Table, sa.Table]:
     return patients, consults
 
 
-def _mixed_table(engine: sa.Engine, km: carnet.KeyManager) -> list[Case]:
+def _mixed_table(engine: sa.Engine, keys: carnet.KeyManager) -> list[Case]:
     """Patients 1..5 of practices p0, p1, p2 (shredded below), '' and NULL; one consult per case."""
     patients, consults = _tables(engine)
     for t in ("p0", "p1", "p2"):
-        km.ensure_key(t)  # before any transaction: SQLite has one writer
+        keys.ensure_key(t)  # before any transaction: SQLite has one writer
 
     def seal(tenant: str, i: int) -> str:
-        return envelope.to_text(km.encrypt(f"{SECRET} {i}".encode(), tenant=tenant, label=LABEL))
+        return envelope.to_text(keys.encrypt(f"{SECRET} {i}".encode(), tenant=tenant, label=LABEL))
 
-    retired_kid = km.ensure_key("p0").key_id
+    retired_kid = keys.ensure_key("p0").key_id
     under_retired = seal("p0", 0)
-    km.rotate("p0")  # p0 v2 seals everything else; v1 is retired below
+    keys.rotate("p0")  # p0 v2 seals everything else; v1 is retired below
     tampered = bytearray(envelope.from_text(seal("p0", 1)))
     tampered[-1] ^= 1
     unknown = envelope.VERSION_BYTE + os.urandom(envelope.KEY_ID_SIZE) + os.urandom(40)
@@ -123,8 +123,8 @@ def _mixed_table(engine: sa.Engine, km: carnet.KeyManager) -> list[Case]:
                 for i, c in enumerate(cases)
             ],
         )
-    km.retire(retired_kid)
-    km.destroy("p2")
+    keys.retire(retired_kid)
+    keys.destroy("p2")
     return cases
 
 
@@ -135,7 +135,7 @@ def test_both_front_ends_agree_on_every_count(
     keys.close()
     # A manager that never saw the keys before they were retired or destroyed,
     # as a verifying process would be.
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    reader = carnet.KeyManager(engine, master_key=master_key_uri)
     pks = {c: [] for c in ("migrate", "lifecycle")}
     expected_m: dict[str, int] = dict.fromkeys(
         ("plaintext", "sealed", "null", "prefixed_invalid", "no_tenant", "shredded"), 0
@@ -151,14 +151,14 @@ def test_both_front_ends_agree_on_every_count(
             pks["lifecycle"].append([100 + i])
 
     target = resolve(engine, "consults", "comment", tenant="patients.practice_id", pk=["id"])
-    v = migrate_verify(km, engine, target, batch_size=4)
+    v = migrate_verify(reader, engine, target, batch_size=4)
     assert v.totals == expected_m and not v.clean
     assert sorted(pk for s in v.samples.values() for pk in s) == pks["migrate"]
     assert set(v.samples) == {"plaintext", "prefixed_invalid", "no_tenant"}
 
     seen: list[int] = []
     rep = lifecycle.verify(
-        km,
+        reader,
         "consults",
         "comment",
         tenant_column="patients.practice_id",
@@ -189,7 +189,7 @@ def test_both_front_ends_agree_on_every_count(
 
     # With legacy plaintext allowed, only what does not open fails.
     allowed = lifecycle.verify(
-        km,
+        reader,
         "consults",
         "comment",
         tenant_column="patients.practice_id",
@@ -210,7 +210,7 @@ def test_both_front_ends_agree_on_every_count(
     assert json.loads(res.stdout)["totals"] == t
     for out in (res.output, repr(rep.as_dict()), repr(v.as_dict())):
         assert SECRET not in out and "anxieuse" not in out
-    km.close()
+    reader.close()
 
 
 def test_a_value_under_a_retired_key_fails_and_is_never_counted_shredded(
@@ -241,22 +241,22 @@ def test_a_value_under_a_retired_key_fails_and_is_never_counted_shredded(
         )
     keys.retire(old)
     keys.close()
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    reader = carnet.KeyManager(engine, master_key=master_key_uri)
     target = resolve(engine, "notes", "body", tenant="practice_id")
-    v = migrate_verify(km, engine, target)
+    v = migrate_verify(reader, engine, target)
     assert (v.totals["shredded"], v.totals["prefixed_invalid"], v.clean) == (0, 1, False)
     assert v.samples == {"prefixed_invalid": [[1]]}
-    assert build_plan(km, engine, target).needs_decision
+    assert build_plan(reader, engine, target).needs_decision
     # The backfill leaves it and says so, rather than skipping it in silence.
-    assert run_migration(km, engine, target).problems == {"prefixed_invalid": [[1]]}
-    rep = lifecycle.verify(km, "notes", "body", tenant_column="practice_id")
+    assert run_migration(reader, engine, target).problems == {"prefixed_invalid": [[1]]}
+    rep = lifecycle.verify(reader, "notes", "body", tenant_column="practice_id")
     assert (rep.failed, rep.reasons, rep.failed_pks, rep.destroyed) == (
         1,
         {"retired_key": 1},
         [[1]],
         0,
     )
-    km.close()
+    reader.close()
 
 
 def test_a_row_without_a_practice_fails_however_its_value_looks(

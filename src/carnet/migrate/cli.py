@@ -35,7 +35,7 @@ from .._cli import (
     worker_option,
     yes_option,
 )
-from ..batch import _Plan as _BatchPlan
+from ..batch import WritePlan
 from ..errors import CarnetError, ConfigurationError
 from ..exitcodes import EXIT_INCOMPLETE
 from ..manager import KeyManager
@@ -200,25 +200,17 @@ def _measured_rate(
     database's, today. None when nothing can be timed (no plaintext row,
     or no UPDATE privilege).
     """
-    import os
     import time
 
     from .. import envelope
-    from ..providers._local import LocalMasterKey
+    from ..providers import EphemeralMasterKey
     from . import scan as scan_mod
-
-    class _Throwaway(LocalMasterKey):
-        scheme = "trial"
-
-        @classmethod
-        def from_uri(cls, uri: str) -> LocalMasterKey:
-            raise NotImplementedError
 
     # Sealed by a real manager (the same code path as `run`) whose keys live in
     # an in-memory database under a throwaway master key: nothing reaches
     # carnet_keys, and the trial's ciphertexts never open anywhere.
     scratch = sa.create_engine("sqlite://")
-    trial_keys = KeyManager(scratch, master_key=_Throwaway("trial://plan", os.urandom(32)))
+    trial_keys = KeyManager(scratch, master_key=EphemeralMasterKey("ephemeral://plan"))
     trial_keys.create_schema()
     t = target.table
     in_place = target.mode != EXPAND
@@ -226,7 +218,7 @@ def _measured_rate(
     started = time.monotonic()
     try:
         # The batch engine's own statements (compare-and-set, or PostgreSQL's bulk form).
-        writes = _BatchPlan(engine, t, target.column, None, target.join_or_none(), None)
+        writes = WritePlan(engine, t, target.column, None, target.join_or_none(), None)
         for batch in scan_mod.scan(engine, target, batch_size):
             todo = [
                 r

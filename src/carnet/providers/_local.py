@@ -49,3 +49,20 @@ class LocalMasterKey(MasterKey):
                 f"wrapped key does not open under master key {self.uri} "
                 "(another master key, another tenant's key, or tampered)"
             ) from None
+
+
+class EphemeralMasterKey(LocalMasterKey):
+    """A random master key that lives only in this process and is never stored.
+
+    For trials whose ciphertexts must never open anywhere else (``carnet
+    migrate plan`` times real seals under one, in a throwaway database).
+    """
+
+    scheme = "ephemeral"
+
+    def __init__(self, name: str = "ephemeral://trial") -> None:
+        super().__init__(name, os.urandom(SECRET_SIZE))
+
+    @classmethod
+    def from_uri(cls, uri: str) -> MasterKey:
+        raise NotImplementedError("an ephemeral master key cannot be opened from a URI")

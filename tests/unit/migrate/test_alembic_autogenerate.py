@@ -133,9 +133,9 @@ def manager_cleanup() -> Iterator[list[carnet.KeyManager]]:
     made: list[carnet.KeyManager] = []
     yield made
     carnet.configure(None)
-    for km in made:
-        km.close()
-        km.engine.dispose()
+    for keys in made:
+        keys.close()
+        keys.engine.dispose()
 
 
 def test_autogenerate_then_upgrade_twice_then_the_application_works(
@@ -479,19 +479,19 @@ def test_upgrade_gives_a_key_table_from_before_key_kinds_its_kinds(
     assert "add key kinds to carnet_keys (kind column, constraints per kind)" in applied
     assert not any(a == "add column carnet_keys.kind" for a in applied)
     assert _plan(engine) == []
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
     try:
-        blob = km.encrypt(b"kept", tenant="p1", label="l")
+        blob = keys.encrypt(b"kept", tenant="p1", label="l")
         assert blob[1:17] == key_id  # the existing key is still the active data key
-        assert len(km.index_roots("p1")) == 1
-        km.rotate_index_root("p1")
-        km.rotate("p1")
-        assert sorted((r.kind, r.version, r.state) for r in km.list_keys("p1")) == [
+        assert len(keys.index_roots("p1")) == 1
+        keys.rotate_index_root("p1")
+        keys.rotate("p1")
+        assert sorted((r.kind, r.version, r.state) for r in keys.list_keys("p1")) == [
             ("data", 1, "inactive"), ("data", 2, "active"),
             ("index", 1, "inactive"), ("index", 2, "active"),
         ]  # fmt: skip
     finally:
-        km.close()
+        keys.close()
 
 
 SEARCHABLE_MODELS = """

@@ -35,14 +35,14 @@ TARGET = ["--table", "consultations", "--column", "comment", "--tenant", "patien
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    carnet.configure(km)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    carnet.configure(keys)
     try:
-        yield km
+        yield keys
     finally:
         carnet.configure(None)
-        km.close()
+        keys.close()
 
 
 @pytest.fixture

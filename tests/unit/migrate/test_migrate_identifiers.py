@@ -121,12 +121,12 @@ def alembic_upgrade(db_url: str, revision: str) -> None:
 
 @pytest.fixture
 def keys(engine: sa.Engine, master_key_uri: str) -> Any:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    carnet.configure(km)
-    yield km
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    carnet.configure(keys)
+    yield keys
     carnet.configure(None)
-    km.close()
+    keys.close()
 
 
 def test_identifiers_migrate_online_and_stay_findable(
@@ -495,8 +495,8 @@ def test_documented_identifier_commands_run(
         assert res.exit_code == expected, f"{line}\n{res.output}"
 
     engine = sa.create_engine(db_url)
-    km = carnet.KeyManager(engine, master_key=env["CARNET_MASTER_KEY"])
-    carnet.configure(km)
+    keys = carnet.KeyManager(engine, master_key=env["CARNET_MASTER_KEY"])
+    carnet.configure(keys)
     try:
         Patient = legacy_app.patient_model("encrypted")  # noqa: N806 - a class
         cols = {c["name"] for c in sa.inspect(engine).get_columns("patients")}
@@ -519,7 +519,7 @@ def test_documented_identifier_commands_run(
         ]  # fmt: skip
     finally:
         carnet.configure(None)
-        km.close()
+        keys.close()
         engine.dispose()
 
 

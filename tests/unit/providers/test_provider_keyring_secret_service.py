@@ -125,14 +125,14 @@ def test_key_manager_round_trip_on_sqlite(secret_service: SecretService, tmp_pat
     carnet.create_master_key(URI)
     url = f"sqlite:///{tmp_path / 'notes.db'}"
     note = "BP 120/80, follow up in two weeks"
-    km = carnet.KeyManager(url, master_key=URI)
+    keys = carnet.KeyManager(url, master_key=URI)
     try:
-        km.create_schema()
-        sealed = km.encrypt_text(note, tenant="p1", label="notes.body")
+        keys.create_schema()
+        sealed = keys.encrypt_text(note, tenant="p1", label="notes.body")
         assert b"follow up" not in sealed
-        assert km.decrypt_text(sealed, tenant="p1", label="notes.body") == note
+        assert keys.decrypt_text(sealed, tenant="p1", label="notes.body") == note
     finally:
-        km.close()
+        keys.close()
     # A new manager opens the master key from the daemon again to unwrap the stored DEK.
     km2 = carnet.KeyManager(url, master_key=URI)
     try:

@@ -266,15 +266,17 @@ def test_its_api_takes_wrapped_bytes_never_a_master_key() -> None:
 
 
 def test_a_manager_hands_its_store_no_master_key(engine: sa.Engine, master_key_uri: str) -> None:
-    km = carnet.KeyManager(engine, master_key=master_key_uri)
-    km.create_schema()
-    km.encrypt(b"note", tenant="p1", label="l")
-    km.rotate("p1")
-    km.index_roots("p1")
-    km.destroy("p1")
-    km.reenable("p1")
-    assert isinstance(km.store, KeyStore)
-    assert not [v for v in vars(km.store).values() if isinstance(v, (MasterKey, carnet.KeyManager))]
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    keys.encrypt(b"note", tenant="p1", label="l")
+    keys.rotate("p1")
+    keys.index_roots("p1")
+    keys.destroy("p1")
+    keys.reenable("p1")
+    assert isinstance(keys.store, KeyStore)
+    assert not [
+        v for v in vars(keys.store).values() if isinstance(v, (MasterKey, carnet.KeyManager))
+    ]
     # What the store holds is the wrap, not the key: no row equals a cached key's secret.
-    assert all(r.wrapped_key is None or len(r.wrapped_key) > 32 for r in km.list_keys())
-    km.close()
+    assert all(r.wrapped_key is None or len(r.wrapped_key) > 32 for r in keys.list_keys())
+    keys.close()
