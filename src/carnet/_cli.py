@@ -345,8 +345,8 @@ def open_manager(
     master_key: str | None,
     previous: Sequence[str] = (),
     cache_ttl: float = 300.0,
-) -> Any:
-    """A :class:`~carnet.KeyManager` on ``engine`` under ``master_key``.
+) -> KeyManager:
+    """:func:`carnet.lifecycle.open_manager`, with the command line's errors.
 
     No master key: exit 2 (one line). A master key that does not open: exit 3,
     naming the master key that wraps the stored data keys when there are some.
@@ -354,12 +354,7 @@ def open_manager(
     if not master_key:
         raise ConfigurationError(NO_MASTER_KEY)
     try:
-        return KeyManager(
-            engine,
-            master_key=master_key,
-            previous_master_keys=tuple(previous),
-            cache_ttl=cache_ttl,
-        )
+        return lifecycle.open_manager(engine, master_key, previous, cache_ttl=cache_ttl)
     except ConfigurationError as exc:
         hint = lifecycle.wrapping_master_keys_hint(engine)
         if hint:

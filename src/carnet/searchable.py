@@ -290,6 +290,11 @@ class BlindIndexType(TypeDecorator[int], SchemaEventTarget):
         self._spec = spec
 
     @property
+    def index_spec(self) -> _Spec:
+        """The index's declaration (transform, sources, bits, practice column)."""
+        return self._spec
+
+    @property
     def bits(self) -> int:
         """How many bits of the keyed hash this index keeps (not ``spec``: that name would
         enter SQLAlchemy's cache key)."""
@@ -451,7 +456,7 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
                 dates.append(prop.key)
             if not isinstance(typ, BlindIndexType):
                 continue
-            spec = typ._spec
+            spec = typ.index_spec
             types = []
             for src in spec.sources:
                 if src not in mapper.column_attrs:
@@ -492,7 +497,7 @@ _DATES = "_carnet_bidx_dates"
 def _roots_for_flush(
     session: Session, manager: KeyManager, tenant: str, mapper: Mapper[Any]
 ) -> list[IndexRoot]:
-    # As orm._ensure_key: on SQLite sharing the key table's database, create a
+    # As the ORM's first-key step: on SQLite sharing the key table's database, create a
     # practice's first root inside the session's transaction (one writer).
     bind = session.get_bind(mapper)
     conn = None
@@ -634,7 +639,7 @@ def _table_indexes(table: Any) -> list[_TableIndex]:
         typ = col.type
         if not isinstance(typ, BlindIndexType):
             continue
-        spec = typ._spec
+        spec = typ.index_spec
         missing = [s for s in spec.sources if s not in table.c]
         if missing:
             raise ConfigurationError(
