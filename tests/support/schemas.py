@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 
 def old_keys_table(md: sa.MetaData) -> sa.Table:
-    # carnet_keys as created before key kinds existed.
+    # carnet_keys as created before key kinds existed, and before practice ids were exact.
     return sa.Table(
         "carnet_keys",
         md,

@@ -24,6 +24,7 @@ from carnet.errors import (
     KeyUsageUnknown,
     UnknownTenant,
 )
+from support.schemas import old_keys_table
 
 NOTE = "PLANTED-NOTE-5e1d"
 NFC_CAFE = unicodedata.normalize("NFC", "cabinet-café")
@@ -143,27 +144,6 @@ def test_any_two_distinct_practice_ids_never_share_a_key(
     assert keys.ensure_key(a).key_id == ka.key_id and keys.ensure_key(b).key_id == kb.key_id
 
 
-def _old_style_keys_table(md: sa.MetaData) -> sa.Table:
-    """carnet_keys as carnet created it before practice ids were exact."""
-    return sa.Table(
-        "carnet_keys",
-        md,
-        sa.Column("key_id", sa.String(32), primary_key=True),
-        sa.Column("tenant", sa.String(255), nullable=False),
-        sa.Column("version", sa.Integer, nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("active_tenant", sa.String(255), nullable=True, unique=True),
-        sa.Column("master_key_uri", sa.String(1024), nullable=False),
-        sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.UniqueConstraint("tenant", "version", name="uq_carnet_keys_tenant_version"),
-        sa.CheckConstraint(
-            "state IN ('active', 'inactive', 'retired', 'destroyed')", name="ck_carnet_keys_state"
-        ),
-    )
-
-
 def _collations(engine: sa.Engine) -> dict[str, str | None]:
     with engine.connect() as conn:
         rows = conn.execute(
@@ -179,7 +159,7 @@ def _collations(engine: sa.Engine) -> dict[str, str | None]:
 def test_init_converts_a_key_table_that_folds_practice_ids(
     engine: sa.Engine, db_url: str, master_key_uri: str, db_kind: str
 ) -> None:
-    _old_style_keys_table(sa.MetaData()).create(engine)
+    old_keys_table(sa.MetaData()).create(engine)
     if db_kind == "mariadb":
         assert set(_collations(engine).values()) == {"utf8mb4_general_ci"}
     old = carnet.KeyManager(engine, master_key=master_key_uri)  # no create_schema: as before
