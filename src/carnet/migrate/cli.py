@@ -35,8 +35,7 @@ from .._cli import (
     worker_option,
     yes_option,
 )
-from ..batch import WritePlan
-from ..errors import CarnetError, ConfigurationError
+from ..errors import ConfigurationError
 from ..exitcodes import EXIT_INCOMPLETE
 from ..manager import KeyManager
 from . import plan as plan_mod
@@ -182,117 +181,6 @@ def migrate() -> None:
     """Encrypt an existing plaintext column: plan, run, verify, finish, compact."""
 
 
-# Rows `plan` seals and writes, then rolls back, to time this database: enough
-# for a steady figure on a busy machine, stopped early after TRIAL_SECONDS.
-TRIAL_ROWS = 5000
-TRIAL_SECONDS = 2.0
-
-
-def _measured_rate(
-    engine: sa.Engine, target: Target, batch_size: int = 500
-) -> tuple[float, int] | None:
-    """Rows per second of `migrate run` here, and the rows timed (up to TRIAL_ROWS).
-
-    The same work as `run` (scan with the practice's join, seal, one
-    compare-and-set UPDATE per row, a transaction per batch), under a
-    throwaway key and rolled back, so nothing is kept. A default figure
-    can be off tenfold between backends and machines; this one is this
-    database's, today. None when nothing can be timed (no plaintext row,
-    or no UPDATE privilege).
-    """
-    import time
-
-    from .. import envelope
-    from ..providers import EphemeralMasterKey
-    from . import scan as scan_mod
-
-    # Sealed by a real manager (the same code path as `run`) whose keys live in
-    # an in-memory database under a throwaway master key: nothing reaches
-    # carnet_keys, and the trial's ciphertexts never open anywhere.
-    scratch = sa.create_engine("sqlite://")
-    trial_keys = KeyManager(scratch, master_key=EphemeralMasterKey("ephemeral://plan"))
-    trial_keys.create_schema()
-    t = target.table
-    in_place = target.mode != EXPAND
-    timed = 0
-    started = time.monotonic()
-    try:
-        # The batch engine's own statements (compare-and-set, or PostgreSQL's bulk form).
-        writes = WritePlan(engine, t, target.column, None, target.join_or_none(), None)
-        for batch in scan_mod.scan(engine, target, batch_size):
-            todo = [
-                r
-                for r in batch
-                if r.tenant is not None
-                and isinstance(r.source, str)
-                and not envelope.looks_like_text_ciphertext(r.source)
-            ]
-            todo = todo[: TRIAL_ROWS - timed]
-            params = []
-            for r in todo:
-                tenant = str(r.tenant)
-                scan_mod.classify_text(trial_keys, r.source, tenant, target.label)
-                blob = trial_keys.encrypt(
-                    r.source.encode("utf-8"), tenant=tenant, label=target.label
-                )
-                p = {f"carnet_pk{i}": v for i, v in enumerate(r.pk)}
-                p["carnet_new"] = envelope.to_text(blob) if in_place else blob
-                if in_place:
-                    p["carnet_old"] = r.source
-                params.append(p)
-            if params:
-                with engine.connect() as conn:
-                    trans = conn.begin()
-                    try:
-                        if not in_place:
-                            conn.execute(writes.cas_null, params)
-                        elif writes.bulk:
-                            writes.bulk_execute(conn, params)
-                        else:
-                            conn.execute(writes.cas, params)
-                    finally:
-                        trans.rollback()
-                _sqlite_commit_cost(engine, sum(len(str(p["carnet_new"])) for p in params))
-            timed += len(todo)
-            if timed >= TRIAL_ROWS or time.monotonic() - started >= TRIAL_SECONDS:
-                break
-    except (sa.exc.SQLAlchemyError, CarnetError):
-        # Nothing timed (no UPDATE privilege, a table the batch engine cannot
-        # page): the estimate falls back to the default rate, and says so.
-        return None
-    finally:
-        trial_keys.close()
-        scratch.dispose()
-    elapsed = time.monotonic() - started
-    return (timed / elapsed, timed) if timed and elapsed > 0 else None
-
-
-def _sqlite_commit_cost(engine: sa.Engine, nbytes: int) -> None:
-    """Spend what committing a batch of ``nbytes`` would on this SQLite file.
-
-    A rolled-back trial skips the commit, which on SQLite is most of a
-    batch's cost: the journal and the database file synced to disk (twice in
-    rollback-journal mode, once in WAL). Done on a scratch file beside the
-    database, deleted at once.
-    """
-    import os
-    import tempfile
-
-    if engine.dialect.name != "sqlite":
-        return
-    path = engine.url.database
-    if not path or path == ":memory:" or path.startswith("file:"):
-        return
-    with engine.connect() as conn:
-        wal = str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower() == "wal"
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.TemporaryFile(dir=directory) as fh:
-        for _ in range(1 if wal else 2):
-            fh.write(os.urandom(max(nbytes, 1)))
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
 @migrate.command("plan")
 @_target_options
 @click.option(
@@ -309,7 +197,7 @@ def plan_cmd(
     with _open(database_url, master_key) as (engine, manager):
         assert manager is not None  # noqa: S101 - master_key is required
         target = _target(engine, kw)
-        measured = _measured_rate(engine, target) if rate is None else None
+        measured = plan_mod.measure_rate(engine, target) if rate is None else None
         p = plan_mod.build_plan(
             manager, engine, target, rate=rate if measured is None else measured[0]
         )
