@@ -48,9 +48,6 @@ from .exitcodes import (  # noqa: F401
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-_emit = emit  # the one emitter (carnet._cli.emit); older name kept for callers
-
-
 @click.group(cls=CarnetGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @database_url_option("SQLAlchemy URL of the database holding carnet_keys [CARNET_DATABASE_URL].")
 @master_key_option()
@@ -133,7 +130,7 @@ def init(cfg: Config, as_json: bool) -> None:
                 f"({', '.join(res['converted_to_exact_practice_ids'])})"
             )
 
-    _emit(as_json, res, text)
+    emit(as_json, res, text)
 
 
 @cli.group()
@@ -154,7 +151,7 @@ def master_new(uri: str, as_json: bool) -> None:
         # A missing directory, no write permission: the path is the operator's own.
         reason = exc.strerror or type(exc).__name__
         raise MasterKeyUnavailable(f"cannot create the master key {uri}: {reason}") from None
-    _emit(as_json, res, lambda: click.echo(f"created master key {res['master_key_uri']}"))
+    emit(as_json, res, lambda: click.echo(f"created master key {res['master_key_uri']}"))
 
 
 @master.command("rotate")
@@ -197,7 +194,7 @@ def master_rotate(cfg: Config, to: str, batch_size: int, as_json: bool) -> None:
         for uri in old:
             click.echo(f"Previous master key {uri}: {lifecycle.OLD_MASTER_RULE}")
 
-    _emit(as_json, data, text)
+    emit(as_json, data, text)
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -291,7 +288,7 @@ def status(
                 f"{'done' if j['done'] else 'unfinished'}, {j['scanned']:,} scanned"
             )
 
-    _emit(as_json, rep.as_dict(), text)
+    emit(as_json, rep.as_dict(), text)
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -325,7 +322,7 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
                 "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
             )
 
-    _emit(as_json, rows, text)
+    emit(as_json, rows, text)
 
 
 @keys.command("rotate")
@@ -350,7 +347,7 @@ def keys_rotate(
         for r in rows:
             click.echo(f"{r['tenant']}: now v{r['version']} ({r['key_id']})")
 
-    _emit(as_json, rows, text)
+    emit(as_json, rows, text)
 
 
 @keys.command("retire")
@@ -384,7 +381,7 @@ def keys_retire(
     if force:
         confirm(yes, f"Retire key {kid.hex()} even if rows use it (they become unreadable)?")
     res = lifecycle.retire_key(manager, kid, pairs, force=force)
-    _emit(
+    emit(
         as_json,
         res,
         lambda: click.echo(
@@ -418,7 +415,7 @@ def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_jso
         expected=tenant,
     )
     res = lifecycle.destroy_tenant(manager, tenant)
-    _emit(
+    emit(
         as_json,
         res,
         lambda: click.echo(
@@ -452,7 +449,7 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
         expected=tenant,
     )
     res = lifecycle.reenable_tenant(manager, tenant)
-    _emit(
+    emit(
         as_json,
         res,
         lambda: click.echo(
@@ -561,7 +558,7 @@ def reencrypt(
         if rep.failed:
             click.echo(_pk_lines(rep.failed, "failed"))
 
-    _emit(as_json, data, text)
+    emit(as_json, data, text)
     if rep.failed:
         ctx.exit(EXIT_FAILED_ROWS)
 
@@ -655,7 +652,7 @@ def verify(
         if rep.failed_pks:
             click.echo(_pk_lines(rep.failed_pks, "failed"))
 
-    _emit(as_json, rep.as_dict(), text)
+    emit(as_json, rep.as_dict(), text)
     if rep.failed:
         ctx.exit(EXIT_FAILED_ROWS)
 
@@ -706,7 +703,7 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None, as_
         # under --json the report carries the error object.
         message = f"{first.name}: {first.message}"
         data["error"] = {"code": rep.exit_code, "kind": "CheckFailed", "message": message}
-    _emit(as_json, data, text)
+    emit(as_json, data, text)
     if first is not None:
         click.echo(f"carnet: error: {message}", err=True)
     ctx.exit(rep.exit_code)

@@ -164,10 +164,6 @@ def _target(engine: sa.Engine, kw: dict[str, Any]) -> Target:
     )
 
 
-def _emit(as_json: bool, data: dict[str, Any], lines: list[str]) -> None:
-    emit(as_json, data, lines)
-
-
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -251,7 +247,7 @@ def plan_cmd(
     for kind, pks in p.samples.items():
         lines.append(f"{kind}: primary keys {', '.join(json.dumps(k) for k in pks)}")
     lines += [f"warning: {w}" for w in p.warnings]
-    _emit(as_json, p.as_dict(), lines)
+    emit(as_json, p.as_dict(), lines)
     if p.blocking:
         click.get_current_context().exit(EXIT_INCOMPLETE)
 
@@ -358,7 +354,7 @@ def run_cmd(
     data = result.as_dict()
     if attrs:
         data["indexes"] = [b.as_dict() for b in backfills]
-    _emit(as_json, data, lines)
+    emit(as_json, data, lines)
     if not result.complete or not indexed:
         click.get_current_context().exit(EXIT_INCOMPLETE)
 
@@ -416,7 +412,7 @@ def verify_cmd(
     if attrs:
         data["indexes_missing"] = missing
         lines += [f"{spec}: {n} row(s) without an index value" for spec, n in missing.items()]
-    _emit(as_json, data, lines)
+    emit(as_json, data, lines)
     if not v.clean or any(missing.values()):
         click.get_current_context().exit(EXIT_INCOMPLETE)
 
@@ -454,7 +450,7 @@ def finish_cmd(
             "not finished: some rows lack their blind index value; run `carnet migrate "
             "run ... --index ...` again"
         )
-        _emit(as_json, data, lines)
+        emit(as_json, data, lines)
         click.get_current_context().exit(EXIT_INCOMPLETE)
     if v.clean:
         col = target.column
@@ -482,7 +478,7 @@ def finish_cmd(
             "not finished: some values do not open; run `carnet migrate run` again "
             "and see `plan` for rows that need a decision"
         )
-    _emit(as_json, data, lines)
+    emit(as_json, data, lines)
     if not v.clean:
         click.get_current_context().exit(EXIT_INCOMPLETE)
 
@@ -522,7 +518,7 @@ def compact_cmd(
         if i.steps:
             lines.append(f"      -> {i.steps}")
     lines += [f"warning: {w}" for w in rep.warnings]
-    _emit(as_json, rep.as_dict(), lines)
+    emit(as_json, rep.as_dict(), lines)
 
 
 if __name__ == "__main__":
