@@ -1,17 +1,31 @@
-"""Ciphertext format v1 (see docs/format.md).
+"""Ciphertext formats v2 (written) and v1 (read); see docs/format.md.
 
-::
+Binary form, v2::
 
-    version (1 byte = 0x01) | key id (16) | nonce (12) | AES-256-GCM ciphertext || tag (16)
+    0x02 | key id (16) | u16be len | practice (UTF-8) | nonce (12) | AES-256-GCM ciphertext || tag (16)
 
-Associated data::
+v1 (read only, upgraded by ``carnet reencrypt``)::
 
-    version (1) | key id (16) | u32be len | UTF-8 field label | u32be len | UTF-8 tenant id
+    0x01 | key id (16) | nonce (12) | AES-256-GCM ciphertext || tag (16)
 
-Binding the label and the tenant means a value copied to another column or
-another practice's row fails authentication instead of yielding its text.
-Binding the header means the key id cannot be swapped. The text form, for
-TEXT columns, is ``TEXT_PREFIX`` followed by standard base64 of those bytes.
+Associated data (both versions; the version byte differs)::
+
+    version (1) | key id (16) | u32be len | UTF-8 field label | u32be len | UTF-8 practice
+
+v2 carries the practice in its header, in clear, so that the database itself
+can compare it, byte for byte, with the row's practice column (a CHECK
+constraint, see :mod:`carnet.dbchecks`), whichever client wrote the row. The
+header is authenticated through the associated data: a forged header fails
+the tag. Binding the label and the practice means a value copied to another
+column or another practice's row fails instead of yielding its text.
+
+Text form, for TEXT columns::
+
+    v2: "carnet:2:" + hex(key id) + ":" + hex(UTF-8 practice) + ":" + base64(nonce | ciphertext || tag)
+    v1: "carnet:" + base64(binary form)
+
+Lowercase hex in v2, so that SQLite, which has no base64 decoding, can
+compare the key id and the practice with ``hex()``.
 
 Random 96-bit nonces: NIST SP 800-38D limits one key to 2^32 random-nonce
 encryptions; carnet's rotation policy keeps each data key far below that
@@ -27,53 +41,140 @@ import struct
 from typing import Any
 
 from ._aead import AuthenticationFailed, cipher
-from .errors import InvalidCiphertext
+from .errors import InvalidCiphertext, TenantMismatch
 
-VERSION = 1
-VERSION_BYTE = b"\x01"
+VERSION = 2  # the version carnet writes
+V1 = 1
+VERSIONS = (V1, VERSION)
+VERSION_BYTE = b"\x02"
+V1_BYTE = b"\x01"
 KEY_ID_SIZE = 16
 NONCE_SIZE = 12
 TAG_SIZE = 16
-HEADER_SIZE = 1 + KEY_ID_SIZE + NONCE_SIZE
-MIN_SIZE = HEADER_SIZE + TAG_SIZE
+# v1: version, key id, nonce. v2 adds a u16 length and the practice after the key id.
+V1_HEADER_SIZE = 1 + KEY_ID_SIZE + NONCE_SIZE
+V1_MIN_SIZE = V1_HEADER_SIZE + TAG_SIZE
+PRACTICE_AT = 1 + KEY_ID_SIZE + 2
+# The shortest v2 value: a one-byte practice and the empty note.
+MIN_SIZE = PRACTICE_AT + 1 + NONCE_SIZE + TAG_SIZE
+MAX_PRACTICE_BYTES = 0xFFFF
 TEXT_PREFIX = "carnet:"
+TEXT_PREFIX_V2 = "carnet:2:"
 
 _u32 = struct.Struct(">I")
-# Where a value's key id sits, for the hot path's lookup before any check: the
-# Opener found under it checks the framing itself.
+_u16 = struct.Struct(">H")
+# Where a value's key id sits (both versions), for the hot path's lookup before
+# any check: the Opener found under it checks the framing itself.
 KEY_ID = slice(1, 1 + KEY_ID_SIZE)
-_NONCE = slice(1 + KEY_ID_SIZE, HEADER_SIZE)
-_BODY = slice(HEADER_SIZE, None)
+_LEN = slice(1 + KEY_ID_SIZE, PRACTICE_AT)
+_V1_NONCE = slice(1 + KEY_ID_SIZE, V1_HEADER_SIZE)
+_V1_BODY = slice(V1_HEADER_SIZE, None)
 
 
-def associated_data(key_id: bytes, label: str, tenant: str) -> bytes:
+def _version_byte(version: int) -> bytes:
+    if version == VERSION:
+        return VERSION_BYTE
+    if version == V1:
+        return V1_BYTE
+    raise ValueError(f"unknown format version {version}")
+
+
+def associated_data(key_id: bytes, label: str, tenant: str, version: int = VERSION) -> bytes:
     """The bytes authenticated with every value (not stored: rebuilt on read)."""
     if len(key_id) != KEY_ID_SIZE:
         raise ValueError("key id must be 16 bytes")
     label_b = label.encode("utf-8")
     tenant_b = tenant.encode("utf-8")
     return b"".join(
-        (VERSION_BYTE, key_id, _u32.pack(len(label_b)), label_b, _u32.pack(len(tenant_b)), tenant_b)
+        (
+            _version_byte(version),
+            key_id,
+            _u32.pack(len(label_b)),
+            label_b,
+            _u32.pack(len(tenant_b)),
+            tenant_b,
+        )
     )
 
 
-def key_id_of(blob: bytes) -> bytes:
-    """The key id of a v1 value, after checking framing. Raises InvalidCiphertext."""
-    if len(blob) < MIN_SIZE:
+def practice_field(tenant: str) -> bytes:
+    """The v2 header's practice field: u16be length and the UTF-8 bytes."""
+    raw = tenant.encode("utf-8")
+    if not raw or len(raw) > MAX_PRACTICE_BYTES:
+        raise ValueError("a practice id is 1 to 65535 UTF-8 bytes")
+    return _u16.pack(len(raw)) + raw
+
+
+def version_of(blob: bytes) -> int:
+    """The format version of a well-framed value. Raises InvalidCiphertext otherwise."""
+    if not blob:
         raise InvalidCiphertext("value too short to be carnet ciphertext")
-    if blob[0] != VERSION:
-        raise InvalidCiphertext(f"unknown format version {blob[0]}")
-    return bytes(blob[1 : 1 + KEY_ID_SIZE])
+    v = blob[0]
+    if v == VERSION:
+        if len(blob) < MIN_SIZE:
+            raise InvalidCiphertext("value too short to be carnet ciphertext")
+        n = _u16.unpack(blob[_LEN])[0]
+        if n == 0 or len(blob) < PRACTICE_AT + n + NONCE_SIZE + TAG_SIZE:
+            raise InvalidCiphertext("value too short to be carnet ciphertext")
+        return v
+    if v == V1:
+        if len(blob) < V1_MIN_SIZE:
+            raise InvalidCiphertext("value too short to be carnet ciphertext")
+        return v
+    raise InvalidCiphertext(f"unknown format version {v}")
+
+
+def key_id_of(blob: bytes) -> bytes:
+    """The key id of a v1 or v2 value, after checking framing. Raises InvalidCiphertext."""
+    version_of(blob)
+    return bytes(blob[KEY_ID])
+
+
+def tenant_of(blob: bytes) -> str | None:
+    """The practice a v2 value names in its header (None for v1, which names none).
+
+    Metadata, not a secret (the row's practice column holds the same); it is
+    authenticated, so trust it only once the value has opened.
+    """
+    if version_of(blob) == V1:
+        return None
+    n = _u16.unpack(blob[_LEN])[0]
+    try:
+        return bytes(blob[PRACTICE_AT : PRACTICE_AT + n]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidCiphertext("value header names no valid practice") from None
+
+
+def is_known(blob: bytes) -> bool:
+    """Whether ``blob`` is framed as a value of a version carnet reads."""
+    try:
+        version_of(blob)
+    except InvalidCiphertext:
+        return False
+    return True
+
+
+def is_current(blob: bytes) -> bool:
+    """Whether ``blob`` is a well-framed value of the version carnet writes (v2)."""
+    return is_known(blob) and blob[0] == VERSION
+
+
+def overhead(tenant: str) -> int:
+    """Bytes a v2 value adds to its note in binary form (header and tag)."""
+    return PRACTICE_AT + len(tenant.encode("utf-8")) + NONCE_SIZE + TAG_SIZE
+
+
+def text_length(tenant: str, note_bytes: int) -> int:
+    """Characters of a v2 value in text form, for a note of ``note_bytes`` UTF-8 bytes."""
+    body = NONCE_SIZE + note_bytes + TAG_SIZE
+    return len(TEXT_PREFIX_V2) + 2 * KEY_ID_SIZE + 1 + 2 * len(tenant.encode()) + 1 + 4 * (
+        (body + 2) // 3
+    )
 
 
 def short_key_id(blob: bytes) -> str:
     """The first hex digits of a value's key id, for display ('?' when too short)."""
     return blob[1 : 1 + KEY_ID_SIZE].hex()[:12] if len(blob) > 1 + KEY_ID_SIZE else "?"
-
-
-def text_head(value: str, n: int) -> str:
-    """The first ``n`` base64 characters after the text prefix (a scan's cheap peek)."""
-    return value[len(TEXT_PREFIX) : len(TEXT_PREFIX) + n]
 
 
 class Sealer:
@@ -91,7 +192,7 @@ class Sealer:
         self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
     ) -> None:
         aead = key if hasattr(key, "encrypt") else cipher(key)
-        self._prefix = VERSION_BYTE + key_id
+        self._prefix = VERSION_BYTE + key_id + practice_field(tenant)
         self._encrypt = aead.encrypt
         self._aad = associated_data(key_id, label, tenant)
         self.expires = expires
@@ -104,13 +205,17 @@ class Sealer:
         return self._prefix + nonce + self._encrypt(nonce, plaintext, self._aad)
 
     def __repr__(self) -> str:
-        return f"<carnet.envelope.Sealer key={self._prefix[1:].hex()[:12]}…>"
+        return f"<carnet.envelope.Sealer key={self._prefix[1:17].hex()[:12]}…>"
 
 
 class Opener:
-    """Opens values of one data key sealed for one field label and practice."""
+    """Opens values of one data key sealed for one field label and practice.
 
-    __slots__ = ("_decrypt", "_aad", "expires", "label", "tenant")
+    A v2 value names its practice in its header: one that names another
+    practice raises :class:`TenantMismatch` before any decryption.
+    """
+
+    __slots__ = ("_decrypt", "_aad", "_aad_v1", "_field", "_body", "expires", "label", "tenant")
 
     def __init__(
         self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
@@ -118,16 +223,31 @@ class Opener:
         aead = key if hasattr(key, "decrypt") else cipher(key)
         self._decrypt = aead.decrypt
         self._aad = associated_data(key_id, label, tenant)
+        self._aad_v1 = associated_data(key_id, label, tenant, V1)
+        self._field = practice_field(tenant)
+        # Where the nonce starts in a v2 value of this practice.
+        self._body = 1 + KEY_ID_SIZE + len(self._field)
         self.expires = expires
         self.label = label
         self.tenant = tenant
 
     def open(self, blob: bytes) -> bytes:
-        """Decrypt a v1 value of this key; any other framing or a failed tag raises."""
-        if len(blob) < MIN_SIZE or blob[0] != VERSION:
-            key_id_of(blob)  # raises the precise InvalidCiphertext
+        """Decrypt a value of this key; any other framing, practice or a failed tag raises."""
+        at = self._body
+        if blob[0:1] == VERSION_BYTE and blob[17:at] == self._field:
+            if len(blob) < at + NONCE_SIZE + TAG_SIZE:
+                raise InvalidCiphertext("value too short to be carnet ciphertext")
+            nonce_end = at + NONCE_SIZE
+            aad = self._aad
+            nonce, body = blob[at:nonce_end], blob[nonce_end:]
+        elif version_of(blob) == V1:
+            aad = self._aad_v1
+            nonce, body = blob[_V1_NONCE], blob[_V1_BODY]
+        else:
+            # A well-framed v2 value naming another practice.
+            raise TenantMismatch(self.tenant, tenant_of(blob) or "?")
         try:
-            return self._decrypt(blob[_NONCE], blob[_BODY], self._aad)
+            return self._decrypt(nonce, body, aad)
         except AuthenticationFailed:
             raise InvalidCiphertext(label=self.label, tenant=self.tenant) from None
 
@@ -135,12 +255,14 @@ class Opener:
         return f"<carnet.envelope.Opener label={self.label!r} tenant={self.tenant!r}>"
 
 
-def is_v1(blob: bytes) -> bool:
-    """Whether ``blob`` is framed as a v1 value (long enough, version byte 1)."""
-    return len(blob) >= MIN_SIZE and blob[0] == VERSION
-
-
 def to_text(blob: bytes) -> str:
+    """The text form of a binary value (v2 spells out its key id and practice in hex)."""
+    if blob[:1] == VERSION_BYTE:
+        at = PRACTICE_AT + _u16.unpack(blob[_LEN])[0]
+        return (
+            f"{TEXT_PREFIX_V2}{blob[KEY_ID].hex()}:{blob[PRACTICE_AT:at].hex()}:"
+            + base64.b64encode(blob[at:]).decode("ascii")
+        )
     return TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
 
 
@@ -150,9 +272,36 @@ def looks_like_text_ciphertext(value: str) -> bool:
 
 
 def from_text(value: str) -> bytes:
+    """The binary value of a text form (v1 or v2). Raises InvalidCiphertext."""
+    if value.startswith(TEXT_PREFIX_V2):
+        parts = value.split(":")
+        if len(parts) != 5 or len(parts[2]) != 2 * KEY_ID_SIZE:
+            raise InvalidCiphertext("text value is not carnet's v2 text form")
+        try:
+            key_id = bytes.fromhex(parts[2])
+            tenant = bytes.fromhex(parts[3])
+            body = base64.b64decode(parts[4], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidCiphertext("text value is not carnet's v2 text form") from None
+        if not tenant or len(tenant) > MAX_PRACTICE_BYTES:
+            raise InvalidCiphertext("text value names no valid practice")
+        return VERSION_BYTE + key_id + _u16.pack(len(tenant)) + tenant + body
     if not value.startswith(TEXT_PREFIX):
         raise InvalidCiphertext("text value lacks the carnet prefix")
     try:
         return base64.b64decode(value[len(TEXT_PREFIX) :], validate=True)
     except (binascii.Error, ValueError):
         raise InvalidCiphertext("text value is not valid base64") from None
+
+
+def text_key_id(value: str) -> bytes | None:
+    """The key id of a text-form value, read from its head without decoding the rest."""
+    try:
+        if value.startswith(TEXT_PREFIX_V2):
+            return bytes.fromhex(value[len(TEXT_PREFIX_V2) : len(TEXT_PREFIX_V2) + 32])
+        if value.startswith(TEXT_PREFIX):
+            head = base64.b64decode(value[len(TEXT_PREFIX) : len(TEXT_PREFIX) + 24])
+            return head[KEY_ID] if len(head) > KEY_ID_SIZE and head[0] == V1 else None
+    except (binascii.Error, ValueError):
+        return None
+    return None
