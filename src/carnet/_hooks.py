@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from . import guard
+from . import dbchecks, guard
 from .errors import CarnetError
 
 _installed = False
@@ -26,6 +26,17 @@ def _handle_error(ctx: Any) -> BaseException | None:
     orig = ctx.original_exception
     if isinstance(orig, CarnetError):
         return orig
+    # A refusal by one of carnet's database checks: carnet's error, chosen by
+    # the check's name, and the driver's error stripped of the row it quotes.
+    name = dbchecks.check_of(orig)
+    if name is not None:
+        dbchecks.scrub(orig, name)
+        sa_exc = ctx.sqlalchemy_exception
+        if sa_exc is not None:
+            sa_exc.hide_parameters = True
+            sa_exc.params = None
+            sa_exc.args = (f"refused by {name}",)
+        return dbchecks.error_for(name)
     # Any other failure: strip the notes SQLAlchemy's error would show (see
     # carnet._redact). Imported on the first failed statement only.
     from ._redact import redact

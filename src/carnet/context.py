@@ -88,6 +88,11 @@ def configure(manager: KeyManager | None, *, require_scope: bool | None = None) 
     _default_manager = manager
 
 
+def default_manager() -> KeyManager | None:
+    """The manager given to :func:`configure`, or None."""
+    return _default_manager
+
+
 def get_manager() -> KeyManager:
     if _default_manager is None:
         raise ConfigurationError(

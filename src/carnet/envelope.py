@@ -167,8 +167,13 @@ def overhead(tenant: str) -> int:
 def text_length(tenant: str, note_bytes: int) -> int:
     """Characters of a v2 value in text form, for a note of ``note_bytes`` UTF-8 bytes."""
     body = NONCE_SIZE + note_bytes + TAG_SIZE
-    return len(TEXT_PREFIX_V2) + 2 * KEY_ID_SIZE + 1 + 2 * len(tenant.encode()) + 1 + 4 * (
-        (body + 2) // 3
+    return (
+        len(TEXT_PREFIX_V2)
+        + 2 * KEY_ID_SIZE
+        + 1
+        + 2 * len(tenant.encode())
+        + 1
+        + 4 * ((body + 2) // 3)
     )
 
 

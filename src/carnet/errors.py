@@ -12,6 +12,10 @@ from __future__ import annotations
 class CarnetError(Exception):
     """Base class of every error carnet raises on purpose."""
 
+    #: The name of the database check that refused the write, when one did
+    #: (see :mod:`carnet.dbchecks`); None otherwise.
+    constraint: str | None = None
+
 
 class ConfigurationError(CarnetError, ValueError):
     """carnet was set up wrongly: bad URI, missing manager, bad option."""
@@ -57,9 +61,9 @@ class InvalidCiphertext(CarnetError):
 class UnknownKey(CarnetError):
     """The key id in a value is not in the key store."""
 
-    def __init__(self, key_id: bytes) -> None:
+    def __init__(self, key_id: bytes, message: str | None = None) -> None:
         self.key_id = key_id.hex()
-        super().__init__(f"unknown data key {self.key_id}")
+        super().__init__(message or f"unknown data key {self.key_id}")
 
 
 class KeyDestroyed(CarnetError):
@@ -122,10 +126,10 @@ class TenantRequired(CarnetError):
 class TenantMismatch(CarnetError):
     """The tenant in scope disagrees with the row's own tenant."""
 
-    def __init__(self, expected: str, actual: str) -> None:
+    def __init__(self, expected: str, actual: str, message: str | None = None) -> None:
         self.expected = expected
         self.actual = actual
-        super().__init__(f"value belongs to tenant {actual!r}, not {expected!r}")
+        super().__init__(message or f"value belongs to tenant {actual!r}, not {expected!r}")
 
 
 class InvalidPlaintext(CarnetError, ValueError):

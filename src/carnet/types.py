@@ -161,6 +161,11 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         parent._on_table_attach(self._set_table)
 
     def _set_table(self, column: sa.Column[Any], table: sa.Table) -> None:
+        # The database checks of the tenant invariant come with the table
+        # (created right after CREATE TABLE: carnet.dbchecks).
+        from . import dbchecks
+
+        dbchecks.attach(table)
         auto = f"{table.name}.{column.name}"
         if self._from_copy:
             # Column._copy() (mixins, to_metadata) attaches a copy to another table.

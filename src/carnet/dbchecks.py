@@ -1,0 +1,923 @@
+"""The tenant invariant, checked by the database itself (docs/threat-model.md).
+
+carnet's Python guard recognises the statements SQLAlchemy builds; SQL has
+more shapes than any guard can recognise, and other clients (``psql``, a
+service in another language, ``pandas.to_sql``) skip it altogether. So each
+encrypted column also carries checks the database runs on every row it is
+asked to write, whoever sends it, with no key and nothing secret:
+
+``carnet_f2_<table>_<column>`` (format)
+    a non-NULL value is a well-framed carnet value of format v2 (``f1``: v1
+    is accepted too, until ``carnet reencrypt`` upgrades the column; ``fm``:
+    a migration's mixed-read phase, where legacy plaintext is accepted until
+    ``carnet migrate finish``). Refused: :class:`~carnet.errors.InvalidCiphertext`.
+``carnet_p_<table>_<column>`` (practice)
+    a v2 value names, in its header, exactly the practice its row holds:
+    the row's practice column, or the parent row's (``tenant="patient.practice_id"``,
+    joined inheritance), compared byte for byte on the UTF-8 of the practice
+    rendered as text (no collation, no padding, no case folding; an integer
+    practice is its decimal digits). Refused: :class:`~carnet.errors.TenantMismatch`.
+``carnet_k_<table>_<column>`` (key)
+    where the key table is in the same database: the value's key id is a data
+    key of that practice. Refused: :class:`~carnet.errors.UnknownKey`.
+``carnet_m_<parent>_<column>`` (move)
+    a parent's practice does not change while a child row holds a value
+    sealed for it. Refused: :class:`~carnet.errors.TenantMismatch`.
+
+Where each lives: CHECK constraints for what is local to the row on
+PostgreSQL and MariaDB; triggers for what needs another row, and for
+everything on SQLite (which cannot add a CHECK to an existing table, and whose
+``PRAGMA ignore_check_constraints`` would switch a CHECK off). Triggers read
+the parent row with a locking read, so a parent moved by a concurrent
+transaction is seen (module docs in docs/threat-model.md).
+
+The database checks what a value *claims*: a forged header or a value cut
+short that still looks well framed passes here and fails at read with
+``InvalidCiphertext``; the AEAD is what authenticates. No check decodes
+base64 or hex (PostgreSQL's ``decode()`` quotes its bad input in its error);
+the practice is compared as hex or bytes.
+"""
+
+# Every statement here is DDL built from identifiers quoted by the dialect and
+# from constants of carnet's format: no value is ever interpolated.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+
+from . import envelope
+from .errors import (
+    CarnetError,
+    ConfigurationError,
+    InvalidCiphertext,
+    TenantMismatch,
+    UnknownKey,
+)
+
+if TYPE_CHECKING:
+    from .types import EncryptedText
+
+Mode = Literal["v2", "v1", "mixed"]
+MODES: tuple[Mode, ...] = ("v2", "v1", "mixed")
+_MODE_KIND = {"v2": "f2", "v1": "f1", "mixed": "fm"}
+# Key kinds a value may be sealed under (decoy keys join them when they exist).
+VALUE_KEY_KINDS = ("data",)
+# Table option that opts a table out of the checks: ``info={"carnet_checks": False}``.
+OPT_OUT = "carnet_checks"
+_NAME_MAX = 60  # + a two-character per-event suffix stays within 63
+_COLON = "':'"
+_V1_HEAD = "'carnet:A'"
+_NAME_RE = re.compile(r"carnet_(f2|f1|fm|p|k|m)_[a-z0-9_]+")
+
+
+# -- which columns are encrypted ----------------------------------------------------------
+
+
+def encrypted_type(obj: Any, dialect: str | None = None) -> EncryptedText | None:
+    """The :class:`~carnet.EncryptedText` behind a column or type, else None.
+
+    The one answer to "is this column encrypted?": it sees through
+    ``TypeDecorator(impl=EncryptedText)``, ``with_variant`` (for ``dialect``,
+    a dialect name; without one, the type every other dialect gets) and the
+    searchable types, and works on a column of any ``Table`` object, a
+    reflected one included when its type was given back to it.
+    """
+    from .types import EncryptedText
+
+    typ = getattr(obj, "type", obj)
+    for _ in range(16):  # types nest a few levels at most; a cycle must not hang
+        if isinstance(typ, EncryptedText):
+            return typ
+        variants = getattr(typ, "_variant_mapping", None)
+        if variants is None and not isinstance(typ, sa.types.TypeEngine):
+            return None
+        if dialect is not None and variants and dialect in variants:
+            typ = variants[dialect]
+            continue
+        if isinstance(typ, TypeDecorator):
+            typ = typ.impl_instance
+            continue
+        return None
+    raise ConfigurationError("a column type nests more than 16 levels: cannot tell if encrypted")
+
+
+def is_encrypted(obj: Any, dialect: str | None = None) -> bool:
+    """Whether a column (or type) stores carnet values on ``dialect``."""
+    return encrypted_type(obj, dialect) is not None
+
+
+# -- where a column's practice is ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The row's practice lives on a parent row: ``fk`` (this table) -> ``key`` of ``table``."""
+
+    fk: str
+    table: str
+    schema: str | None
+    key: str
+    practice: str
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One encrypted column and what its checks compare."""
+
+    table: str
+    schema: str | None
+    column: str
+    storage: Literal["binary", "text"]
+    practice: str | None = None  # a practice column of the same row
+    parent: Parent | None = None  # or on a parent row
+    mode: Mode = "v2"
+
+    def name(self, kind: str) -> str:
+        if kind == "f":
+            kind = _MODE_KIND[self.mode]
+        if kind == "m" and self.parent is not None:
+            return check_name(kind, self.parent.table, f"{self.table}_{self.column}")
+        return check_name(kind, self.table, self.column)
+
+
+def check_name(kind: str, table: str, column: str) -> str:
+    """The deterministic name of a check, at most 60 characters, ``[a-z0-9_]`` only."""
+    base = f"carnet_{kind}_{table}_{column}"
+    safe = re.sub(r"[^a-z0-9_]", "_", base.lower())
+    if safe != base or len(safe) > _NAME_MAX:
+        digest = hashlib.sha256(base.encode("utf-8")).hexdigest()[:8]
+        safe = safe[: _NAME_MAX - 9].rstrip("_") + "_" + digest
+    return safe
+
+
+def check_practice_type(column: sa.Column[Any]) -> None:
+    """Refuse a practice column whose text rendering differs between databases."""
+    typ = column.type
+    while isinstance(typ, TypeDecorator):
+        typ = typ.impl_instance
+    where = f"{column.table.name}.{column.name}" if column.table is not None else column.name
+    if isinstance(typ, sa.CHAR | sa.NCHAR):
+        raise ConfigurationError(
+            f"practice column {where} is CHAR(n): PostgreSQL pads it with spaces and MariaDB "
+            "strips them, so the database cannot compare it exactly with the practice sealed "
+            "in a value. Use VARCHAR (String) or an integer"
+        )
+    if isinstance(typ, sa.Integer | sa.String) and not isinstance(typ, sa.Enum | sa.Interval):
+        return
+    if isinstance(typ, sa.Enum):
+        return
+    raise ConfigurationError(
+        f"practice column {where} is {type(typ).__name__}: carnet compares practices as text, "
+        "and floats, decimals, dates and UUIDs are rendered differently by each database. "
+        "Use VARCHAR (String) or an integer"
+    )
+
+
+def specs_for(table: sa.Table, dialect: str) -> list[ColumnSpec]:
+    """The checked encrypted columns of a declared ``table`` on ``dialect``."""
+    if table.info.get(OPT_OUT) is False:
+        return []
+    out: list[ColumnSpec] = []
+    for col in table.columns:
+        typ = encrypted_type(col, dialect)
+        if typ is None:
+            continue
+        practice, parent = _practice_of(table, col, typ)
+        if practice is not None:
+            check_practice_type(table.c[practice])
+        out.append(
+            ColumnSpec(
+                table=table.name,
+                schema=table.schema,
+                column=col.name,
+                storage=typ.storage,  # type: ignore[arg-type]
+                practice=None if practice is None else table.c[practice].name,
+                parent=parent,
+                mode="mixed" if typ.mixed_read else "v2",
+            )
+        )
+    return out
+
+
+def _practice_of(
+    table: sa.Table, col: sa.Column[Any], typ: EncryptedText
+) -> tuple[str | None, Parent | None]:
+    path = typ.tenant_path
+    if path is None and typ.tenant is not None and "." in typ.tenant:
+        # ``tenant="patient.practice_id"`` names a relationship: the ORM resolves it.
+        sa.orm.configure_mappers()
+        path = typ.tenant_path
+        if path is None:
+            raise ConfigurationError(
+                f"{table.name}.{col.name}: EncryptedText(tenant={typ.tenant!r}) names a "
+                "relationship that no mapped class resolves; map the model before creating "
+                "the table, or give carnet.dbchecks a ColumnSpec"
+            )
+    if path is not None:
+        fk_key, remote, parent_tenant = path
+        check_practice_type(parent_tenant)
+        fk = table.c[fk_key] if fk_key in table.c else _column_by_key(table, fk_key)
+        return None, Parent(
+            fk=fk.name,
+            table=remote.table.name,
+            schema=remote.table.schema,
+            key=remote.name,
+            practice=parent_tenant.name,
+        )
+    key = typ.tenant_column_name
+    if key is None:
+        return None, None  # the scope decides: nothing in the row to compare
+    if key in table.c:
+        return key, None
+    # Joined inheritance: the practice is on the base table, reached by the
+    # foreign key from this table's primary key.
+    for fk in table.foreign_keys:
+        target = fk.column.table
+        if key in target.c and fk.parent.primary_key:
+            check_practice_type(target.c[key])
+            return None, Parent(
+                fk=fk.parent.name,
+                table=target.name,
+                schema=target.schema,
+                key=fk.column.name,
+                practice=target.c[key].name,
+            )
+    raise ConfigurationError(
+        f"{table.name}.{col.name}: EncryptedText(tenant={key!r}) names no column of "
+        f"{table.name} nor of a table its primary key references"
+    )
+
+
+def _column_by_key(table: sa.Table, key: str) -> sa.Column[Any]:
+    for c in table.columns:
+        if c.key == key or c.name == key:
+            return c
+    raise ConfigurationError(f"{table.name}: no column {key!r}")
+
+
+# -- SQL of the checks, per dialect -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DDLObject:
+    """One object the database holds for a check: a CHECK constraint or a trigger."""
+
+    kind: Literal["check", "trigger", "function"]
+    name: str
+    table: str
+    schema: str | None
+    create: tuple[str, ...]
+    drop: tuple[str, ...]
+
+
+def _ok(cond: str, dialect: str) -> str:
+    # A CHECK whose expression is NULL passes, and a trigger's WHEN that is
+    # NULL does not fire: every check is wrapped so that unknown means refused.
+    if dialect == "postgresql":
+        return f"(CASE WHEN {cond} THEN true ELSE false END)"
+    return f"(CASE WHEN {cond} THEN 1 ELSE 0 END = 1)"
+
+
+class _Sql:
+    """The expressions a dialect needs, over a value ``v`` and a practice ``p``."""
+
+    def __init__(self, dialect: str) -> None:
+        if dialect not in ("sqlite", "postgresql", "mysql", "mariadb"):
+            raise ConfigurationError(f"carnet's database checks do not support {dialect}")
+        self.d = "mysql" if dialect == "mariadb" else dialect
+
+    def pbytes(self, p: str) -> str:
+        if self.d == "sqlite":
+            return f"CAST(CAST({p} AS TEXT) AS BLOB)"
+        if self.d == "postgresql":
+            return f"convert_to(CAST({p} AS text), 'UTF8')"
+        return f"CAST(CONVERT({p} USING utf8mb4) AS BINARY)"
+
+    def blen(self, b: str) -> str:
+        return f"octet_length({b})" if self.d == "postgresql" else f"length({b})"
+
+    def sub(self, v: str, start: int | str, n: int | str) -> str:
+        if self.d == "postgresql":
+            return f"substring({v} from {start} for {n})"
+        return f"substr({v}, {start}, {n})"
+
+    def byte(self, hex2: str) -> str:
+        if self.d == "postgresql":
+            return f"'\\x{hex2}'::bytea"
+        return f"x'{hex2}'" if self.d == "sqlite" else f"X'{hex2}'"
+
+    def lowhex(self, b: str) -> str:
+        if self.d == "postgresql":
+            return f"encode({b}, 'hex')"
+        return f"lower(hex({b}))"
+
+    def u16_is(self, two: str, n: str) -> str:
+        # The header's u16be length compared as hex digits: no decoding of stored bytes.
+        if self.d == "sqlite":
+            return f"hex({two}) = printf('%04X', {n})"
+        if self.d == "postgresql":
+            return f"encode({two}, 'hex') = lpad(to_hex({n}), 4, '0')"
+        return f"hex({two}) = lpad(hex({n}), 4, '0')"
+
+    def text_eq(self, a: str, b: str) -> str:
+        # Exact comparison of text, whatever the column's collation.
+        if self.d == "sqlite":
+            return f"{a} = {b} COLLATE BINARY"
+        if self.d == "postgresql":
+            return f'{a} COLLATE "C" = {b}'
+        return f"CAST({a} AS BINARY) = {b}"
+
+    def text_ne(self, a: str, b: str) -> str:
+        return f"NOT ({self.text_eq(a, b)})"
+
+    def length(self, v: str, storage: str) -> str:
+        if self.d == "postgresql":
+            return f"octet_length({v})" if storage == "binary" else f"char_length({v})"
+        if self.d == "sqlite":
+            return f"length({v})"  # characters for TEXT, bytes for a BLOB
+        return f"length({v})" if storage == "binary" else f"char_length({v})"
+
+    # -- the checks, over value v (and practice p) -----------------------------------
+
+    def is_v2(self, v: str, storage: str) -> str:
+        if storage == "binary":
+            return f"{self.sub(v, 1, 1)} = {self.byte('02')}"
+        return self.text_eq(self.sub(v, 1, len(envelope.TEXT_PREFIX_V2)), "'carnet:2:'")
+
+    def format(self, v: str, storage: str, mode: Mode) -> str:
+        """A non-NULL ``v`` is a well-framed value of a version the mode accepts."""
+        length = self.length(v, storage)
+        if storage == "binary":
+            v2 = f"({length} >= {envelope.MIN_SIZE} AND {self.is_v2(v, storage)})"
+            v1 = f"({length} >= {envelope.V1_MIN_SIZE} AND {self.sub(v, 1, 1)} = {self.byte('01')})"
+            typed = f"typeof({v}) = 'blob' AND " if self.d == "sqlite" else ""
+        else:
+            # "carnet:2:" + 32 hex + ":" + at least 2 hex + ":" + base64 of >= 28 bytes.
+            colon = 1 + len(envelope.TEXT_PREFIX_V2) + 2 * envelope.KEY_ID_SIZE
+            v2 = (
+                f"({length} >= {colon + 3 + 40} AND {self.is_v2(v, storage)} "
+                f"AND {self.text_eq(self.sub(v, colon, 1), _COLON)})"
+            )
+            # v1's base64 starts with "A" (the version byte 0x01) and holds >= 45 bytes.
+            v1 = f"({length} >= 67 AND {self.text_eq(self.sub(v, 1, 8), _V1_HEAD)})"
+            typed = f"typeof({v}) = 'text' AND " if self.d == "sqlite" else ""
+        if mode == "v2":
+            cond = v2
+        elif mode == "v1":
+            cond = f"({v2} OR {v1})"
+        else:
+            legacy = self.text_ne(self.sub(v, 1, len(envelope.TEXT_PREFIX)), "'carnet:'")
+            cond = f"({legacy} OR {v2} OR {v1})"
+        return _ok(f"{typed}{cond}", self.d)
+
+    def practice(self, v: str, storage: str, p: str) -> str:
+        """A v2 value names exactly practice ``p`` (other values: the format check decides)."""
+        pb = self.pbytes(p)
+        n = self.blen(pb)
+        if storage == "binary":
+            start = envelope.PRACTICE_AT + 1
+            fixed = envelope.PRACTICE_AT + envelope.NONCE_SIZE + envelope.TAG_SIZE
+            same = (
+                f"{p} IS NOT NULL AND {self.length(v, storage)} >= {fixed} + {n} "
+                f"AND {self.u16_is(self.sub(v, envelope.PRACTICE_AT - 1, 2), n)} "
+                f"AND {self.sub(v, start, n)} = {pb}"
+            )
+        else:
+            at = len(envelope.TEXT_PREFIX_V2) + 2 * envelope.KEY_ID_SIZE + 2
+            same = (
+                f"{p} IS NOT NULL "
+                f"AND {self.text_eq(self.sub(v, at, f'2 * {n}'), self.lowhex(pb))} "
+                f"AND {self.text_eq(self.sub(v, f'{at} + 2 * {n}', 1), _COLON)}"
+            )
+        return _ok(f"NOT ({self.is_v2(v, storage)}) OR ({same})", self.d)
+
+    def key_id_hex(self, v: str, storage: str) -> str:
+        if storage == "binary":
+            return self.lowhex(self.sub(v, 2, envelope.KEY_ID_SIZE))
+        return self.sub(v, len(envelope.TEXT_PREFIX_V2) + 1, 2 * envelope.KEY_ID_SIZE)
+
+    def key_missing(self, v: str, storage: str, p: str, keys: str) -> str:
+        """True when a v2 value's key id is not a value key of practice ``p``."""
+        kinds = ", ".join(f"'{k}'" for k in VALUE_KEY_KINDS)
+        return (
+            f"{self.is_v2(v, storage)} AND NOT EXISTS (SELECT 1 FROM {keys} k "
+            f"WHERE k.key_id = {self.key_id_hex(v, storage)} "
+            f"AND {self.pbytes('k.tenant')} = {self.pbytes(p)} AND k.kind IN ({kinds}))"
+        )
+
+
+def _quote(dialect: sa.Dialect, name: str, schema: str | None = None) -> str:
+    q = dialect.identifier_preparer
+    return (q.quote_schema(schema) + "." if schema else "") + q.quote(name)
+
+
+def ddl_objects(
+    spec: ColumnSpec, dialect: sa.Dialect, *, keys_table: str | None = None
+) -> list[DDLObject]:
+    """The CHECK constraints and triggers that enforce ``spec`` on ``dialect``.
+
+    ``keys_table``: the name of the key table when it lives in the same
+    database (the key check is installed only then).
+    """
+    s = _Sql(dialect.name)
+    tbl = _quote(dialect, spec.table, spec.schema)
+    col = _quote(dialect, spec.column)
+    st = spec.storage
+    out: list[DDLObject] = []
+
+    def row_check(kind: str, expr_of: Any, also: Sequence[str] = ()) -> None:
+        name = spec.name(kind)
+        if s.d == "sqlite":
+            # SQLite: no ALTER TABLE ... ADD CONSTRAINT, so the row's checks are triggers.
+            cond = expr_of(f"NEW.{col}")
+            out.extend(_sqlite_triggers(name, spec, tbl, col, cond, dialect, also=also))
+            return
+        expr = expr_of(col)
+        qn = _quote(dialect, name)
+        drop = f"ALTER TABLE {tbl} DROP CONSTRAINT IF EXISTS {qn}"
+        out.append(
+            DDLObject(
+                "check",
+                name,
+                spec.table,
+                spec.schema,
+                (f"ALTER TABLE {tbl} ADD CONSTRAINT {qn} CHECK ({col} IS NULL OR {expr})",),
+                (drop,),
+            )
+        )
+
+    row_check("f", lambda v: s.format(v, st, spec.mode))
+    if spec.practice is not None:
+        pcol = _quote(dialect, spec.practice)
+        prefix = "NEW." if s.d == "sqlite" else ""
+        row_check("p", lambda v: s.practice(v, st, f"{prefix}{pcol}"), also=(pcol,))
+        if keys_table is not None:
+            out.extend(_key_triggers(spec, dialect, s, tbl, col, keys_table, local=pcol))
+    elif spec.parent is not None:
+        out.extend(_parent_triggers(spec, dialect, s, tbl, col, keys_table))
+    elif keys_table is not None:
+        pass  # no practice in the row: the key check has nothing to compare with
+    return out
+
+
+def _sqlite_triggers(
+    name: str,
+    spec: ColumnSpec,
+    tbl: str,
+    col: str,
+    ok: str,
+    dialect: sa.Dialect,
+    also: Sequence[str] = (),
+) -> list[DDLObject]:
+    objs = []
+    of = ", ".join([col, *also])
+    for suffix, event in (("_i", "INSERT"), ("_u", f"UPDATE OF {of}")):
+        tname = _quote(dialect, name + suffix)
+        objs.append(
+            DDLObject(
+                "trigger",
+                name + suffix,
+                spec.table,
+                spec.schema,
+                (
+                    f"CREATE TRIGGER {tname} BEFORE {event} ON {tbl} FOR EACH ROW "
+                    f"WHEN NEW.{col} IS NOT NULL AND NOT {ok} "
+                    f"BEGIN SELECT RAISE(ABORT, '{name}'); END",
+                ),
+                (f"DROP TRIGGER IF EXISTS {tname}",),
+            )
+        )
+    return objs
+
+
+def _key_triggers(
+    spec: ColumnSpec,
+    dialect: sa.Dialect,
+    s: _Sql,
+    tbl: str,
+    col: str,
+    keys_table: str,
+    *,
+    local: str,
+) -> list[DDLObject]:
+    name = spec.name("k")
+    keys = _quote(dialect, keys_table, spec.schema)
+    # Checked only for a value that names its row's practice: any other is
+    # the practice check's to refuse, which says so more precisely.
+    matches = s.practice(f"NEW.{col}", spec.storage, f"NEW.{local}")
+    missing = s.key_missing(f"NEW.{col}", spec.storage, f"NEW.{local}", keys)
+    if s.d == "sqlite":
+        return _sqlite_triggers(
+            name,
+            spec,
+            tbl,
+            col,
+            f"NOT ({matches} AND COALESCE({missing}, 1))",
+            dialect,
+            also=(local,),
+        )
+    body = (
+        f"IF NEW.{col} IS NOT NULL AND {matches} AND COALESCE({missing}, true) "
+        f"THEN {_raise(s, name)} END IF;"
+    )
+    return _procedural(spec, dialect, s, name, tbl, [col, local], body, declare="")
+
+
+def _raise(s: _Sql, name: str) -> str:
+    if s.d == "postgresql":
+        return f"RAISE EXCEPTION '{name}' USING ERRCODE = '23514', CONSTRAINT = '{name}';"
+    return f"SIGNAL SQLSTATE '23000' SET MESSAGE_TEXT = '{name}';"
+
+
+def _procedural(
+    spec: ColumnSpec,
+    dialect: sa.Dialect,
+    s: _Sql,
+    name: str,
+    tbl: str,
+    of: Sequence[str],
+    body: str,
+    *,
+    declare: str,
+    table: str | None = None,
+    schema: str | None = None,
+    events: Sequence[str] = ("INSERT", "UPDATE"),
+) -> list[DDLObject]:
+    """A BEFORE trigger running ``body`` (PL/pgSQL or MariaDB SQL) for each row."""
+    table = table or spec.table
+    schema = schema if table != spec.table else spec.schema
+    if s.d == "postgresql":
+        fn = _quote(dialect, name, schema)
+        evs = " OR ".join(e if e != "UPDATE" else f"UPDATE OF {', '.join(of)}" for e in events)
+        return [
+            DDLObject(
+                "function",
+                name,
+                table,
+                schema,
+                (
+                    f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql "
+                    f"AS $carnet$ DECLARE {declare} BEGIN {body} RETURN NEW; END $carnet$",
+                ),
+                (f"DROP FUNCTION IF EXISTS {fn}()",),
+            ),
+            DDLObject(
+                "trigger",
+                name,
+                table,
+                schema,
+                (
+                    f"CREATE TRIGGER {_quote(dialect, name)} BEFORE {evs} ON {tbl} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {fn}()",
+                ),
+                (f"DROP TRIGGER IF EXISTS {_quote(dialect, name)} ON {tbl}",),
+            ),
+        ]
+    objs = []
+    for ev in events:
+        suffix = "_i" if ev == "INSERT" else "_u"
+        tname = _quote(dialect, name + suffix, schema)
+        objs.append(
+            DDLObject(
+                "trigger",
+                name + suffix,
+                table,
+                schema,
+                (
+                    f"CREATE TRIGGER {tname} BEFORE {ev} ON {tbl} FOR EACH ROW "
+                    f"BEGIN {declare} {body} END",
+                ),
+                (f"DROP TRIGGER IF EXISTS {tname}",),
+            )
+        )
+    return objs
+
+
+def _parent_triggers(
+    spec: ColumnSpec,
+    dialect: sa.Dialect,
+    s: _Sql,
+    tbl: str,
+    col: str,
+    keys_table: str | None,
+) -> list[DDLObject]:
+    parent = spec.parent
+    assert parent is not None  # noqa: S101 - only called for a parent spec
+    ptbl = _quote(dialect, parent.table, parent.schema)
+    pkey = _quote(dialect, parent.key)
+    pprac = _quote(dialect, parent.practice)
+    fk = _quote(dialect, parent.fk)
+    st = spec.storage
+    pname = spec.name("p")
+    kname = spec.name("k")
+    mname = spec.name("m")
+    keys = _quote(dialect, keys_table, spec.schema) if keys_table else None
+    out: list[DDLObject] = []
+    if s.d == "sqlite":
+        # SQLite serialises writers: a plain read of the parent is current.
+        pp = f"(SELECT {pprac} FROM {ptbl} WHERE {pkey} = NEW.{fk})"
+        out.extend(
+            _sqlite_triggers(
+                pname, spec, tbl, col, s.practice(f"NEW.{col}", st, pp), dialect, also=(fk,)
+            )
+        )
+        if keys is not None:
+            missing = s.key_missing(f"NEW.{col}", st, pp, keys)
+            out.extend(
+                _sqlite_triggers(
+                    kname, spec, tbl, col, f"NOT COALESCE({missing}, 1)", dialect, also=(fk,)
+                )
+            )
+        moved = (
+            f"{s.pbytes('OLD.' + pprac)} IS NOT {s.pbytes('NEW.' + pprac)} "
+            f"AND EXISTS (SELECT 1 FROM {tbl} c WHERE c.{fk} = OLD.{pkey} AND c.{col} IS NOT NULL)"
+        )
+        tname = _quote(dialect, mname + "_u")
+        out.append(
+            DDLObject(
+                "trigger",
+                mname + "_u",
+                parent.table,
+                parent.schema,
+                (
+                    f"CREATE TRIGGER {tname} BEFORE UPDATE OF {pprac} ON {ptbl} FOR EACH ROW "
+                    f"WHEN {moved} BEGIN SELECT RAISE(ABORT, '{mname}'); END",
+                ),
+                (f"DROP TRIGGER IF EXISTS {tname}",),
+            )
+        )
+        return out
+    practice_ok = s.practice(f"NEW.{col}", st, "pp")
+    key_check = ""
+    if keys is not None:
+        missing = s.key_missing(f"NEW.{col}", st, "pp", keys)
+        true = "true" if s.d == "postgresql" else "1"
+        key_check = f"IF COALESCE({missing}, {true}) THEN {_raise(s, kname)} END IF;"
+    if s.d == "postgresql":
+        # READ COMMITTED: FOR SHARE waits for a transaction moving the parent
+        # and then reads its new practice. REPEATABLE READ reads the snapshot,
+        # so the parent row is written instead: a concurrent move then fails
+        # to serialize, in whichever order the two transactions come.
+        read = (
+            "IF current_setting('transaction_isolation') = 'repeatable read' THEN "
+            f"UPDATE {ptbl} SET {pprac} = {pprac} WHERE {pkey} = NEW.{fk} "
+            f"RETURNING CAST({pprac} AS text) INTO pp; "
+            f"ELSE SELECT CAST({pprac} AS text) INTO pp FROM {ptbl} WHERE {pkey} = NEW.{fk} "
+            "FOR SHARE; END IF;"
+        )
+        declare = "pp text;"
+        moved_body = (
+            f"IF {s.pbytes('OLD.' + pprac)} IS DISTINCT FROM {s.pbytes('NEW.' + pprac)} "
+            f"AND EXISTS (SELECT 1 FROM {tbl} c WHERE c.{fk} = OLD.{pkey} "
+            f"AND c.{col} IS NOT NULL FOR SHARE) THEN {_raise(s, mname)} END IF;"
+        )
+        mdeclare = ""
+    else:
+        # InnoDB: a locking read sees the newest committed row, not the snapshot.
+        read = (
+            f"SELECT CAST(CONVERT({pprac} USING utf8mb4) AS BINARY) INTO pp FROM {ptbl} "
+            f"WHERE {pkey} = NEW.{fk} LOCK IN SHARE MODE;"
+        )
+        declare = (
+            "DECLARE pp LONGBLOB DEFAULT NULL; "
+            "DECLARE CONTINUE HANDLER FOR NOT FOUND SET pp = NULL;"
+        )
+        moved_body = (
+            f"IF NOT ({s.pbytes('OLD.' + pprac)} <=> {s.pbytes('NEW.' + pprac)}) THEN "
+            f"SELECT COUNT(*) INTO n FROM {tbl} c WHERE c.{fk} = OLD.{pkey} "
+            f"AND c.{col} IS NOT NULL LOCK IN SHARE MODE; "
+            f"IF n > 0 THEN {_raise(s, mname)} END IF; END IF;"
+        )
+        mdeclare = "DECLARE n INT DEFAULT 0;"
+    body = (
+        f"IF NEW.{col} IS NOT NULL THEN {read} "
+        f"IF NOT {practice_ok} THEN {_raise(s, pname)} END IF; {key_check} END IF;"
+    )
+    out.extend(_procedural(spec, dialect, s, pname, tbl, [col, fk], body, declare=declare))
+    out.extend(
+        _procedural(
+            spec,
+            dialect,
+            s,
+            mname,
+            ptbl,
+            [pprac],
+            moved_body,
+            declare=mdeclare,
+            table=parent.table,
+            schema=parent.schema,
+            events=("UPDATE",),
+        )
+    )
+    return out
+
+
+# -- installing, finding, removing ---------------------------------------------------------
+
+
+def key_table_here(conn: sa.Connection, schema: str | None = None) -> str | None:
+    """The key table's name when it lives in ``conn``'s database, else None."""
+    from . import context
+
+    names = ["carnet_keys"]
+    manager = context.default_manager()
+    if manager is not None and manager.store.name not in names:
+        names.insert(0, manager.store.name)
+    insp = sa.inspect(conn)
+    for name in names:
+        if insp.has_table(name, schema=schema):
+            return name
+    return None
+
+
+def install(
+    conn: sa.Connection,
+    specs: Iterable[ColumnSpec],
+    *,
+    keys_table: str | None | Literal["auto"] = "auto",
+) -> list[str]:
+    """Create the checks of ``specs`` on ``conn`` (replacing carnet's earlier ones).
+
+    Returns the names of the objects created. Fails, and creates nothing
+    (inside the caller's transaction where the database has transactional
+    DDL), when existing rows break a check: ``carnet verify`` names them.
+    """
+    made: list[str] = []
+    for spec in specs:
+        keys = key_table_here(conn, spec.schema) if keys_table == "auto" else keys_table
+        drop(conn, [spec])
+        for obj in ddl_objects(spec, conn.dialect, keys_table=keys):
+            for sql in obj.create:
+                conn.exec_driver_sql(sql)
+            made.append(obj.name)
+    return made
+
+
+def drop(conn: sa.Connection, specs: Iterable[ColumnSpec]) -> None:
+    """Remove carnet's checks of ``specs``, in every mode (an opt-out, or before a change)."""
+    for spec in specs:
+        seen: set[str] = set()
+        for mode in MODES:
+            for keys in (None, "carnet_keys"):
+                for obj in ddl_objects(replace(spec, mode=mode), conn.dialect, keys_table=keys):
+                    if (obj.kind, obj.name) in seen:
+                        continue
+                    seen.add((obj.kind, obj.name))
+                    for sql in obj.drop:
+                        conn.exec_driver_sql(sql)
+
+
+def installed(conn: sa.Connection, table: str, schema: str | None = None) -> set[str]:
+    """Names of carnet's checks and triggers found on ``table`` (and on it as a parent)."""
+    d = conn.dialect.name
+    if d == "sqlite":
+        rows = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)
+        )
+        return {r[0] for r in rows if r[0].startswith("carnet_")}
+    if d == "postgresql":
+        rows = conn.execute(
+            sa.text(
+                "SELECT c.conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+                "WHERE t.relname = :t AND c.contype = 'c' AND c.convalidated "
+                "UNION SELECT g.tgname FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid "
+                "WHERE t.relname = :t AND NOT g.tgisinternal AND g.tgenabled <> 'D'"
+            ),
+            {"t": table},
+        )
+        return {r[0] for r in rows if r[0].startswith("carnet_")}
+    rows = conn.execute(
+        sa.text(
+            "SELECT CONSTRAINT_NAME FROM information_schema.TABLE_CONSTRAINTS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :t AND CONSTRAINT_TYPE = 'CHECK' "
+            "UNION SELECT TRIGGER_NAME FROM information_schema.TRIGGERS "
+            "WHERE TRIGGER_SCHEMA = DATABASE() AND EVENT_OBJECT_TABLE = :t"
+        ),
+        {"t": table},
+    )
+    return {r[0] for r in rows if r[0].startswith("carnet_")}
+
+
+def expected(
+    spec: ColumnSpec, dialect: sa.Dialect, keys_table: str | None
+) -> list[tuple[str, str]]:
+    """(table, name) of each constraint or trigger ``spec`` needs (functions left out)."""
+    return [
+        (o.table, o.name)
+        for o in ddl_objects(spec, dialect, keys_table=keys_table)
+        if o.kind != "function"
+    ]
+
+
+def missing(conn: sa.Connection, spec: ColumnSpec) -> list[str]:
+    """The checks of ``spec`` that the database lacks (or holds disabled)."""
+    keys = key_table_here(conn, spec.schema)
+    want = expected(spec, conn.dialect, keys)
+    found: dict[str, set[str]] = {}
+    out = []
+    for table, name in want:
+        if table not in found:
+            found[table] = installed(conn, table, spec.schema)
+        if name not in found[table]:
+            out.append(name)
+    return out
+
+
+def mode_installed(conn: sa.Connection, spec: ColumnSpec) -> Mode | None:
+    """The mode of the format check found on ``spec``'s column, or None."""
+    names = installed(conn, spec.table, spec.schema)
+    for mode in MODES:
+        name = replace(spec, mode=mode).name("f")
+        if name in names or name + "_i" in names:
+            return mode
+    return None
+
+
+# -- table events: checks created with the table ------------------------------------------
+
+
+def attach(table: sa.Table) -> None:
+    """Have ``table`` create its checks right after CREATE TABLE (once per table)."""
+    if table.info.get("_carnet_checks_attached"):
+        return
+    table.info["_carnet_checks_attached"] = True
+    sa.event.listen(table, "after_create", _after_create)
+
+
+def _after_create(table: sa.Table, conn: Any, **_kw: Any) -> None:
+    specs = specs_for(table, conn.dialect.name)
+    if not specs:
+        return
+    if not isinstance(conn, sa.Connection):
+        # Offline (``alembic upgrade --sql``): emit the DDL as text, key check left
+        # out since the key table cannot be looked up.
+        for spec in specs:
+            for obj in ddl_objects(spec, conn.dialect, keys_table=None):
+                for sql in obj.create:
+                    conn.execute(sa.DDL(sql.replace("%", "%%")))
+        return
+    install(conn, specs)
+
+
+# -- errors: the database's refusal as carnet's error --------------------------------------
+
+_MESSAGES = {
+    "f": "the database refused a value that is not carnet ciphertext of a format this column "
+    "accepts",
+    "p": "the database refused a value sealed for another practice than its row's",
+    "k": "the database refused a value whose key is not a data key of its row's practice",
+    "m": "the database refused to change a practice while rows hold values sealed for it",
+}
+
+
+def check_of(exc: BaseException) -> str | None:
+    """The name of the carnet check a DBAPI error reports, else None.
+
+    PostgreSQL names it in the error's diagnostics; SQLite and MariaDB in the
+    message, which for carnet's checks is the name itself (a trigger's RAISE
+    or SIGNAL) or names the constraint.
+    """
+    diag = getattr(exc, "diag", None)
+    if diag is not None:
+        name = getattr(diag, "constraint_name", None)
+        return name if name and _NAME_RE.fullmatch(name) else None
+    args = getattr(exc, "args", ())
+    for arg in args:
+        if isinstance(arg, str):
+            m = _NAME_RE.search(arg)
+            if m:
+                return m.group(0)
+    return None
+
+
+def error_for(name: str) -> CarnetError:
+    """carnet's error for a refusal by check ``name``."""
+    kind = name.split("_", 2)[1]
+    base = kind[0]
+    message = f"{_MESSAGES[base]} ({name}); nothing of the statement was written"
+    err: CarnetError
+    if base == "f":
+        err = InvalidCiphertext(f"not stored: {message}")
+    elif base == "k":
+        err = UnknownKey(b"", message)
+    else:
+        err = TenantMismatch("", "", message)
+    err.constraint = name
+    return err
+
+
+def scrub(exc: BaseException, name: str) -> None:
+    """Drop from a driver's error what it quotes of the refused row.
+
+    PostgreSQL's CHECK error carries ``Failing row contains (...)``: the
+    row, plaintext note included when plaintext was refused.
+    """
+    exc.args = (f"refused by {name}",)
