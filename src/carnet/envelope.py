@@ -2,7 +2,7 @@
 
 Binary form, v2::
 
-    0x02 | key id (16) | u16be len | practice (UTF-8) | nonce (12) | AES-256-GCM ciphertext || tag (16)
+    0x02 | key id (16) | u16be len | practice (UTF-8) | nonce (12) | AES-256-GCM ct || tag (16)
 
 v1 (read only, upgraded by ``carnet reencrypt``)::
 
@@ -21,7 +21,7 @@ column or another practice's row fails instead of yielding its text.
 
 Text form, for TEXT columns::
 
-    v2: "carnet:2:" + hex(key id) + ":" + hex(UTF-8 practice) + ":" + base64(nonce | ciphertext || tag)
+    v2: "carnet:2:" + hex(key id) + ":" + hex(UTF-8 practice) + ":" + base64(nonce | ct || tag)
     v1: "carnet:" + base64(binary form)
 
 Lowercase hex in v2, so that SQLite, which has no base64 decoding, can
