@@ -32,6 +32,7 @@ from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
 from .context import SCOPE as _tenant
+from .dbchecks import check_practice_type
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
 from .tenancy import register_dependent as _register_dependent
 from .types import BoundText, EncryptedText, Sealed
@@ -151,6 +152,9 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
                         f"no column attribute of {class_.__name__}"
                     )
                 tcol = tprop.columns[0]
+                if isinstance(tcol, sa.Column):
+                    # CHAR(n), floats: the database could not compare it exactly.
+                    check_practice_type(tcol)
                 # The Core write guard finds the practice by column key.
                 typ.resolve_tenant(column=tcol.key)
                 same = groups.get(tkey)
@@ -205,6 +209,8 @@ def _parent_group(
         )
     local, remote = (rel.local_remote_pairs or [])[0]
     parent_tenant = tprop.columns[0]
+    if isinstance(parent_tenant, sa.Column):
+        check_practice_type(parent_tenant)
     fk_prop = mapper.get_property_by_column(local)
     hidden = f"_carnet_practice_{rel_name}"
     expr = (
