@@ -54,21 +54,113 @@ def test_file_key_refuses_loose_permissions(tmp_path: Path) -> None:
         carnet.open_master_key(uri)
 
 
-def test_file_key_refuses_symlink_missing_garbage_and_overwrite(tmp_path: Path) -> None:
+def test_file_key_refuses_missing_garbage_and_overwrite(tmp_path: Path) -> None:
     uri = f"file://{tmp_path}/m.key"
     carnet.create_master_key(uri)
     with pytest.raises(ConfigurationError, match="already exists"):
         carnet.create_master_key(uri)
-    os.symlink(tmp_path / "m.key", tmp_path / "link.key")
-    with pytest.raises(ConfigurationError, match="link"):
-        carnet.open_master_key(f"file://{tmp_path}/link.key")
     with pytest.raises(ConfigurationError, match="does not exist"):
         carnet.open_master_key(f"file://{tmp_path}/none.key")
+    os.symlink(tmp_path / "none.key", tmp_path / "dangling.key")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        carnet.open_master_key(f"file://{tmp_path}/dangling.key")
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key")
     garbage.chmod(0o600)
     with pytest.raises(ConfigurationError, match="not a carnet master key"):
         carnet.open_master_key(f"file://{garbage}")
+
+
+OTHER_UID = 65534  # nobody
+
+
+def _chown_or_skip(path: Path, uid: int) -> None:
+    # Giving a file to another user needs root (CI runs as root).
+    try:
+        os.chown(path, uid, -1)
+    except PermissionError:
+        pytest.skip("changing a file's owner needs root")
+
+
+def test_file_key_refuses_a_file_another_user_owns(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/m.key"
+    carnet.create_master_key(uri)
+    _chown_or_skip(tmp_path / "m.key", OTHER_UID)
+    with pytest.raises(ConfigurationError, match="owned by uid 65534"):
+        carnet.open_master_key(uri)
+
+
+def test_file_key_refuses_a_directory_others_can_write_or_own(tmp_path: Path) -> None:
+    d = tmp_path / "keys"
+    d.mkdir()
+    uri = f"file://{d}/m.key"
+    carnet.create_master_key(uri)
+    d.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="writable by group or others"):
+        carnet.open_master_key(uri)
+    # A sticky directory (like /tmp): others cannot rename what they do not own.
+    d.chmod(0o1777)
+    assert carnet.open_master_key(uri).uri == uri
+    d.chmod(0o755)
+    _chown_or_skip(d, OTHER_UID)
+    with pytest.raises(ConfigurationError, match="directory .* owned by uid 65534"):
+        carnet.open_master_key(uri)
+
+
+def test_file_key_follows_a_container_secret_mount(tmp_path: Path) -> None:
+    # The layout a Kubernetes secret volume uses: name -> ..data/name, ..data ->
+    # a timestamped directory, all owned by root and not writable by others.
+    mount = tmp_path / "secret"
+    mount.mkdir()
+    stamped = mount / "..2026_12_06_10_00_00.123"
+    stamped.mkdir()
+    made = carnet.create_master_key(f"file://{stamped}/master.key")
+    (stamped / "master.key").chmod(0o400)
+    os.symlink(stamped.name, mount / "..data")
+    os.symlink("..data/master.key", mount / "master.key")
+    key = carnet.open_master_key(f"file://{mount}/master.key")
+    ctx = {"tenant": "p1", "key_id": "00" * 16}
+    assert key.unwrap(made.wrap(b"k" * 32, ctx), ctx) == b"k" * 32
+
+
+def test_file_key_refuses_a_link_into_or_from_an_unsafe_directory(tmp_path: Path) -> None:
+    safe = tmp_path / "safe"
+    unsafe = tmp_path / "unsafe"
+    safe.mkdir()
+    unsafe.mkdir()
+    carnet.create_master_key(f"file://{unsafe}/m.key")
+    os.symlink(unsafe / "m.key", safe / "link.key")
+    unsafe.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="unsafe.*writable by group or others"):
+        carnet.open_master_key(f"file://{safe}/link.key")
+    unsafe.chmod(0o755)
+    carnet.create_master_key(f"file://{safe}/m.key")
+    os.symlink(safe / "m.key", unsafe / "link.key")
+    unsafe.chmod(0o777)
+    with pytest.raises(ConfigurationError, match="writable by group or others"):
+        carnet.open_master_key(f"file://{unsafe}/link.key")
+
+
+def test_file_key_checks_the_file_it_opened_not_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file swapped in between the checks on the path and the open: the
+    # checks on the opened file (fstat) see it.
+    from carnet.providers import file as file_provider
+
+    uri = f"file://{tmp_path}/m.key"
+    carnet.create_master_key(uri)
+    carnet.create_master_key(f"file://{tmp_path}/attacker.key")
+    (tmp_path / "attacker.key").chmod(0o644)  # the attacker's key, readable by anyone
+    real_open = os.open
+
+    def swap_then_open(path: str, flags: int, *args: int) -> int:
+        os.replace(tmp_path / "attacker.key", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(file_provider.os, "open", swap_then_open)
+    with pytest.raises(ConfigurationError, match="accessible by group or others"):
+        carnet.open_master_key(uri)
 
 
 @pytest.mark.parametrize(
