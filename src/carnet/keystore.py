@@ -300,6 +300,40 @@ class _Raced(Exception):
     """A compare-and-set on the key table found the row changed since it was read."""
 
 
+def key_anomalies(recs: list[KeyRecord]) -> list[str]:
+    """What in one practice's key rows only an edit of the table explains.
+
+    Without a signature over the key table, SQL access can forge any
+    consistent set of rows (renumber the versions too); this catches the
+    edits that leave the rows inconsistent with how carnet writes them: a
+    rotation rolled back by moving the active marker to an older key, a
+    destroyed or retired key given a state that needs key material.
+    """
+    out: list[str] = []
+    data = [r for r in recs if r.kind == DATA]
+    if not data:
+        return out
+    tenant = data[0].tenant
+    active = [r for r in data if r.state == ACTIVE]
+    newest = max(data, key=lambda r: r.version)
+    for rec in active:
+        if rec.version != newest.version:
+            out.append(
+                f"practice {tenant!r}: the active data key is version {rec.version}, but "
+                f"version {newest.version} exists: a rotation was rolled back by editing "
+                "carnet_keys"
+            )
+    if not active and any(r.state in (ACTIVE, INACTIVE) for r in data):
+        out.append(f"practice {tenant!r}: keys that hold key material but none is active")
+    for rec in data:
+        if rec.state in (ACTIVE, INACTIVE) and rec.wrapped_key is None:
+            out.append(
+                f"practice {tenant!r}: data key version {rec.version} is {rec.state} but holds "
+                "no key material (a destroyed or retired key whose state was edited)"
+            )
+    return out
+
+
 def destroyed_error(tenant: str) -> KeyDestroyed:
     """The error of a practice whose keys were destroyed and that is not re-enabled."""
     exc = KeyDestroyed(None, tenant)
@@ -623,7 +657,10 @@ class KeyStore:
                         "('carnet keys rotate --create') to create its first key",
                     )
                 return self.insert(conn, tenant, key_id, wrapped, master_key_uri, version=1)
-            if not active and any(r.state == DESTROYED for r in recs):
+            if not active:
+                # Only a destroyed practice has keys and no active one. Its rows'
+                # states are no proof: SQL access can rewrite "destroyed" as
+                # "retired". Whatever they say, only reenable gives it a key back.
                 raise destroyed_error(tenant)
             now = utcnow()
             for cur in active:

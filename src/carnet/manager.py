@@ -43,6 +43,7 @@ from .keystore import (
     KeyRecord,
     KeyStore,
     destroyed_error,
+    key_anomalies,
     wrap_context,
 )
 from .providers.base import MasterKey, open_master_key
@@ -331,9 +332,12 @@ class KeyManager:
             if DESTROYED in states:
                 raise destroyed_error(tenant)
             if states:
+                # Only a destroyed practice has keys and no active one; rows
+                # edited to look otherwise get no new key either.
                 raise KeyStoreInconsistent(
-                    f"practice {tenant!r} has keys but no active one: "
-                    f"run 'carnet keys rotate --tenant {tenant}'"
+                    f"practice {tenant!r} has keys but no active one: it was destroyed, or "
+                    "carnet_keys was edited ('carnet doctor' says which); only "
+                    f"'carnet keys reenable --tenant {tenant}' gives it a new key"
                 )
             self._insert_key(tenant, conn)
         raise MasterKeyUnavailable(f"could not create or load an active key for tenant {tenant!r}")
@@ -405,6 +409,17 @@ class KeyManager:
 
     def tenants(self) -> list[str]:
         return self.store.tenants()
+
+    def key_anomalies(self) -> list[str]:
+        """Edits of the key table that its rows betray (see :func:`keystore.key_anomalies`)."""
+        out: list[str] = []
+        for tenant in self.store.tenants():
+            with self.store.engine.connect() as conn:
+                try:
+                    out.extend(key_anomalies(self.store.rows(conn, tenant)))
+                except KeyStoreInconsistent as exc:  # a row incoherent on its own
+                    out.append(str(exc))
+        return out
 
     def rotate(self, tenant: str, *, create: bool = False) -> KeyRecord:
         """Make a new active DEK for ``tenant``; earlier ones stay readable (state ``inactive``).

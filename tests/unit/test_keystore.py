@@ -280,3 +280,69 @@ def test_a_manager_hands_its_store_no_master_key(engine: sa.Engine, master_key_u
     # What the store holds is the wrap, not the key: no row equals a cached key's secret.
     assert all(r.wrapped_key is None or len(r.wrapped_key) > 32 for r in keys.list_keys())
     keys.close()
+
+
+# -- the key table edited by someone with SQL access ---------------------------------------
+
+
+def test_a_destroyed_practice_rewritten_as_retired_gets_no_key_without_reenable(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    keys.ensure_key("p1")
+    keys.rotate("p1")
+    keys.destroy("p1")
+    t = keys.store.table
+    with engine.begin() as conn:
+        # The attacker hides the shredding: no row says "destroyed" any more.
+        conn.execute(t.update().where(t.c.tenant == "p1").values(state=RETIRED))
+    keys.cache.clear()
+    with pytest.raises(KeyDestroyed, match="reenable"):
+        keys.rotate("p1")
+    with pytest.raises(KeyStoreInconsistent, match="reenable"):
+        keys.encrypt(b"x", tenant="p1", label="t.c")
+    assert not [r for r in keys.store.list_keys("p1") if r.state == ACTIVE]
+    keys.reenable("p1")
+    assert keys.decrypt(keys.encrypt(b"x", tenant="p1", label="t.c"), tenant="p1", label="t.c")
+
+
+def test_a_rotation_rolled_back_by_moving_the_active_marker_is_reported(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    keys.ensure_key("p1")
+    keys.ensure_key("p2")
+    keys.rotate("p1")
+    assert keys.key_anomalies() == []
+    t = keys.store.table
+    with engine.begin() as conn:
+        # Back to version 1: the newest key made inactive, the old one active again.
+        conn.execute(
+            t.update()
+            .where(t.c.tenant == "p1", t.c.version == 2)
+            .values(state=INACTIVE, active_tenant=None)
+        )
+        conn.execute(
+            t.update()
+            .where(t.c.tenant == "p1", t.c.version == 1)
+            .values(state=ACTIVE, active_tenant="p1")
+        )
+    found = keys.key_anomalies()
+    assert len(found) == 1 and "'p1'" in found[0] and "rolled back" in found[0]
+
+
+def test_a_retired_key_rewritten_as_inactive_is_reported(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    old = keys.ensure_key("p1")
+    keys.rotate("p1")
+    keys.retire(old.key_id)
+    t = keys.store.table
+    with engine.begin() as conn:
+        conn.execute(t.update().where(t.c.key_id == old.key_id.hex()).values(state=INACTIVE))
+    found = keys.key_anomalies()
+    assert any("version 1 is inactive but holds no key material" in f for f in found)
