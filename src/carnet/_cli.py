@@ -160,6 +160,16 @@ class CommandFailed(click.ClickException):
         self.code = code
 
 
+def _require_utf8(argv: Sequence[str]) -> None:
+    # Python hands bytes that are not UTF-8 over as lone surrogates, which
+    # fail much later, far from the argument, as an internal error.
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise click.UsageError(f"argument {i} is not valid UTF-8") from None
+
+
 def _wants_json(args: Sequence[str]) -> bool:
     for a in args:
         if a == "--":
@@ -182,6 +192,7 @@ class CarnetGroup(click.Group):
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         try:
+            _require_utf8(argv)
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except (SystemExit, click.exceptions.Exit):
             raise

@@ -317,3 +317,20 @@ def test_the_engine_factory_hides_parameters(db_url: str) -> None:
         assert SECRET not in str(ei.value)
     finally:
         engine.dispose()
+
+
+def test_an_argument_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    # Real bytes on a real command line: Python turns them into lone surrogates.
+    import os
+    import subprocess
+    import sys
+
+    carnet_bin = os.path.join(os.path.dirname(sys.executable), "carnet")
+    done = subprocess.run(
+        [carnet_bin.encode(), b"keys", b"list", b"--database-url", b"sqlite:////tmp/\xff.db"],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == EXIT_USAGE
+    assert done.stderr.decode() == "carnet: error: argument 4 is not valid UTF-8\n"
