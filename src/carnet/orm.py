@@ -293,6 +293,8 @@ def _plain(typ: EncryptedText, v: Any, tenant: str | None) -> Any:
             raise TenantRequired(
                 f"{typ.field_label}: a stored value has no practice to open it with"
             )
+        # Strict mode holds for carnet's own reads too: checked before opening.
+        typ.check_scope(tenant, v.manager)
         return typ.decrypt(v.data, tenant, v.manager)
     return v
 

@@ -90,3 +90,62 @@ def test_bad_budget_and_principal() -> None:
         DecryptBudget(limit=0, window=1)
     with pytest.raises(ConfigurationError), principal_scope(""):
         pass
+
+
+def _frame_texts(exc: BaseException) -> str:
+    """Every string and bytes local of every frame of ``exc``'s traceback and chain,
+    as an error reporter that records frame locals would keep them."""
+    out: list[str] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, str | bytes | bytearray):
+                    out.append(value if isinstance(value, str) else bytes(value).decode("latin-1"))
+            tb = tb.tb_next
+        todo += [e.__cause__, e.__context__]
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("how", ["orm", "core", "sealed"])
+def test_a_read_the_budget_refuses_leaves_no_text_in_any_frame(
+    keys: carnet.KeyManager, how: str
+) -> None:
+    Auditor(budget=DecryptBudget(limit=5, window=3600)).install(keys)
+    refused: list[BaseException] = []
+    with principal_scope("scraper"):
+        with Session(keys.engine) as s:
+            ids = s.scalars(sa.select(Note.id).order_by(Note.id)).all()
+        for note_id in ids:
+            try:
+                with Session(keys.engine) as s:
+                    if how == "orm":
+                        note = s.get(Note, note_id)
+                        assert note is not None and note.body
+                    elif how == "core":
+                        row = s.execute(
+                            sa.select(Note.practice_id).where(Note.id == note_id)
+                        ).one()
+                        with carnet.tenant_scope(row.practice_id):
+                            s.execute(
+                                sa.select(Note.__table__.c.body).where(Note.id == note_id)
+                            ).all()
+                    else:
+                        # Core, outside a scope: a Sealed placeholder, opened by hand.
+                        sealed = s.execute(
+                            sa.select(Note.__table__.c.body, Note.practice_id).where(
+                                Note.id == note_id
+                            )
+                        ).one()
+                        sealed.body.open(sealed.practice_id)
+            except DecryptBudgetExceeded as exc:
+                refused.append(exc)
+    assert len(refused) == 25
+    for exc in refused:
+        assert SECRET not in _frame_texts(exc)

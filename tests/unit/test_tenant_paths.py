@@ -391,6 +391,38 @@ def test_require_scope_refuses_reads_and_writes_without_a_scope(
     keys.require_scope = False
 
 
+def test_require_scope_holds_for_carnets_own_reseal_of_a_moved_row(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    # Moving a row re-seals its values, which carnet reads from the database
+    # when they are not loaded: in strict mode that read needs a scope of the
+    # practice the row leaves, checked before any value is opened.
+    _seed(engine)
+    carnet.configure(keys, require_scope=True)
+    opened: list[str] = []
+    try:
+        with carnet.tenant_scope("A"), Session(engine) as s:
+            n = s.get(Note, 1, options=[sa.orm.defer(Note.body), sa.orm.defer(Note.summary)])
+            assert n is not None
+        keys.decrypt_hook = lambda tenant, _label, _n: opened.append(tenant)
+        with Session(engine) as s:
+            s.add(n)
+            n.practice_id = "B"
+            with pytest.raises(TenantRequired):
+                s.commit()
+        assert opened == []  # refused before any value was opened
+        with carnet.tenant_scope("B"), Session(engine) as s:
+            s.add(n)
+            n.practice_id = "B"
+            with pytest.raises(TenantMismatch):
+                s.commit()
+        assert opened == []
+        assert stored(engine, master_key_uri, 1) == ("A", BODY, SUMMARY)
+    finally:
+        keys.require_scope = False
+        keys.decrypt_hook = None
+
+
 def test_leaving_a_scope_in_another_context_is_safe() -> None:
     import contextvars
 
