@@ -129,9 +129,7 @@ def test_a_read_the_budget_refuses_leaves_no_text_in_any_frame(
                         note = s.get(Note, note_id)
                         assert note is not None and note.body
                     elif how == "core":
-                        row = s.execute(
-                            sa.select(Note.practice_id).where(Note.id == note_id)
-                        ).one()
+                        row = s.execute(sa.select(Note.practice_id).where(Note.id == note_id)).one()
                         with carnet.tenant_scope(row.practice_id):
                             s.execute(
                                 sa.select(Note.__table__.c.body).where(Note.id == note_id)
