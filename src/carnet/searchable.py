@@ -221,13 +221,14 @@ class EncryptedDate(EncryptedText):
         self, blob: bytes, tenant: str, *args: Any, **kwargs: Any
     ) -> dt.date:
         text = super().decrypt(blob, tenant, *args, **kwargs)
-        try:
-            if len(text) != _ISO_LEN:
-                raise ValueError
-            return dt.date.fromisoformat(text)
-        except ValueError:
-            # Authentic, yet not a date: written by another type under this label.
-            raise InvalidCiphertext("value is not an ISO date", label=self.field_label) from None
+        if len(text) == _ISO_LEN:
+            try:
+                return dt.date.fromisoformat(text)
+            except ValueError:
+                pass
+        # Authentic, yet not a date: written by another type under this label.
+        # Raised outside the except block, whose error quotes the text.
+        raise InvalidCiphertext("value is not an ISO date", label=self.field_label)
 
     def copy(self, **kw: Any) -> EncryptedDate:
         new = EncryptedDate(
@@ -407,9 +408,7 @@ def _normalise(spec: _Spec, values: Sequence[Any]) -> str | None:
     except InvalidPlaintext:
         if spec.lenient:
             return None
-        raise InvalidPlaintext(
-            f"{spec.field_label}: value refused by transform {spec.transform.name}"
-        ) from None
+    raise InvalidPlaintext(f"{spec.field_label}: value refused by transform {spec.transform.name}")
 
 
 def _value(spec: _Spec, root: IndexRoot, normalised: str, tenant: str) -> int:

@@ -167,7 +167,10 @@ def _date_iso(value: Any) -> str:
     try:
         return dt.date.fromisoformat(s).isoformat()
     except ValueError:
-        raise InvalidPlaintext("value is not an ISO date (YYYY-MM-DD)") from None
+        pass
+    # Raised outside the except block: ``from None`` only hides the parser's
+    # error, which quotes the value, and keeps it as ``__context__``.
+    raise InvalidPlaintext("value is not an ISO date (YYYY-MM-DD)")
 
 
 def _initial_lastname(first: Any, last: Any) -> str:

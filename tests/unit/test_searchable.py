@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +16,7 @@ from carnet import transforms as tr
 from carnet.errors import (
     CarnetError,
     ConfigurationError,
+    InvalidCiphertext,
     InvalidPlaintext,
     KeyDestroyed,
     TenantMismatch,
@@ -570,3 +572,71 @@ def test_no_plaintext_or_key_in_logs_and_errors(
     text = caplog.text + "".join(f"{e}{e!r}" for e in errors)
     for needle in ["PLANTED", planted_phone, planted_phone.replace(" ", ""), *secrets]:
         assert needle not in text
+
+
+def _chain_text(exc: BaseException) -> str:
+    """str and repr of ``exc`` and of every exception in its cause/context chain."""
+    out: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out += [str(e), repr(e), *(str(a) for a in e.args)]
+        todo += [e.__cause__, e.__context__]  # type: ignore[list-item]
+    return "\n".join(out)
+
+
+BAD_DATE = "31/12/1984"  # a real birth date, badly written: an identifier all the same
+
+
+def test_no_identifier_in_any_exception_chain(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    errors: list[BaseException] = []
+
+    def expect(fn: Any) -> None:
+        try:
+            fn()
+        except (InvalidPlaintext, InvalidCiphertext) as exc:
+            errors.append(exc)
+        else:
+            raise AssertionError("no error raised")
+
+    # Every transform, on a value it refuses.
+    for transform, bad in [
+        (tr.date_iso, (BAD_DATE,)),
+        (tr.date_iso, ("1984-13-45",)),
+        (tr.phone_fr, (BAD_DATE,)),
+        (tr.last4, ("31/1",)),
+        (tr.initial_lastname, ("", BAD_DATE)),
+        (tr.exact, (b"31/12/1984",)),
+        (tr.folded, (19841231,)),
+    ]:
+        expect(lambda t=transform, b=bad: t(*b))
+    with Session(engine) as s:
+        # A search for a value its index refuses.
+        expect(lambda: carnet.search(s, Patient.birth_bidx, BAD_DATE, tenant="p1"))
+        expect(lambda: carnet.search(s, Patient.phone_bidx, BAD_DATE, tenant="p1"))
+        # An EncryptedDate written as a badly formed string.
+        s.add(Patient(practice_id="p1", birth_date=BAD_DATE))  # type: ignore[arg-type]
+        expect(s.commit)
+        s.rollback()
+    # An EncryptedDate that opens to text that is not a date (sealed by another
+    # type under the same label): the read refuses it without quoting it.
+    (pid,) = _add(engine, Patient(practice_id="p1", birth_date=dt.date(1984, 12, 31)))
+    blob = keys.encrypt(BAD_DATE.encode(), tenant="p1", label="patients.birth_date")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE patients SET birth_date = :b WHERE id = :i").bindparams(
+                sa.bindparam("b", type_=sa.LargeBinary)
+            ),
+            {"b": blob, "i": pid},
+        )
+    with Session(engine) as s:
+        expect(lambda: s.get(Patient, pid))
+    assert len(errors) == 11
+    for exc in errors:
+        assert BAD_DATE not in _chain_text(exc), type(exc)
+        assert "1984-13-45" not in _chain_text(exc)
