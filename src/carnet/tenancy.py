@@ -279,6 +279,8 @@ def guard_write(
     single = not multiparams
     rows: list[dict[str, Any]] = [params] if single else multiparams
     embedded = _embedded(stmt)
+    if isinstance(stmt, Insert):
+        rows = _with_defaults(spec, rows, embedded)
     is_update = isinstance(stmt, Update)
     scope = context.current_tenant()
     first = rows[0] if rows else {}
@@ -352,6 +354,13 @@ def guard_write(
             if tenant_in_stmt:
                 assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
                 tv, _ = _value(src, embedded, tenant_key)
+                if tv is _MISSING:
+                    # A later row of an executemany or a multi-row VALUES without
+                    # the practice: it would get the column's default.
+                    raise TenantRequired(
+                        f"a row of this statement has no {tenant_key}: give every row its "
+                        "practice; nothing was written"
+                    )
                 if parent is not None:
                     _tenant_str(tv)  # refuses an SQL expression
                     tv = parents.get(tv)
@@ -472,6 +481,50 @@ def guard_write(
     if single:
         return stmt, [], out_rows[0]
     return stmt, out_rows, {}
+
+
+class _NoContext:
+    """Stands for SQLAlchemy's execution context when carnet computes a default itself."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise UnsupportedOperation(
+            "a default= of an encrypted column that reads the execution context cannot be "
+            "sealed by carnet: give the value in the statement"
+        )
+
+
+def _with_defaults(
+    spec: _Spec, rows: list[dict[str, Any]], embedded: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The rows with each encrypted column's ``default=`` filled in where absent.
+
+    SQLAlchemy would fill it after the guard, as a bare value with no practice;
+    filled here, it is sealed for its row's practice like any value.
+    """
+    first = rows[0] if rows else {}
+    defaults = []
+    for e in spec.encs:
+        default = getattr(e.column, "default", None)
+        if default is None or e.key in first or e.key in embedded:
+            continue
+        if default.is_scalar:
+            defaults.append((e.key, lambda d=default: d.arg))
+        elif default.is_callable:
+            defaults.append((e.key, lambda d=default: d.arg(_NoContext())))
+        else:
+            raise UnsupportedOperation(
+                f"{e.type.field_label}: an SQL expression as default= cannot be sealed"
+            )
+    if not defaults:
+        return rows
+    out = []
+    for row in rows or [{}]:
+        row = dict(row)
+        for key, value in defaults:
+            if key not in row:
+                row[key] = value()
+        out.append(row)
+    return out
 
 
 def _parent_practices(

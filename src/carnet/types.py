@@ -166,6 +166,13 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         from . import dbchecks
 
         dbchecks.attach(table)
+        if column.server_default is not None or column.server_onupdate is not None:
+            # The database would fill it in clear, never through carnet.
+            raise ConfigurationError(
+                f"{table.name}.{column.name}: an encrypted column cannot have a server_default "
+                "or server_onupdate (the database would store it in clear); use default= "
+                "(sealed for the row's practice like any value) or leave it NULL"
+            )
         auto = f"{table.name}.{column.name}"
         if self._from_copy:
             # Column._copy() (mixins, to_metadata) attaches a copy to another table.

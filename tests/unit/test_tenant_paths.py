@@ -24,6 +24,7 @@ from sqlalchemy.orm import (
 import carnet
 from carnet import envelope
 from carnet.errors import (
+    ConfigurationError,
     InvalidPlaintext,
     TenantMismatch,
     TenantRequired,
@@ -461,6 +462,67 @@ def test_multi_row_values_bind_each_row_to_its_own_practice(
     assert stored(engine, master_key_uri, 2) == ("B", "de B", None)
     with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
         conn.execute(notes.insert().values([{"id": 3, "practice_id": "B", "body": "PLANTED"}]))
+
+
+def test_a_later_row_without_its_practice_is_refused_and_creates_no_key(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # The second row would take the practice column's default: no practice to seal for.
+    before = {r.tenant for r in keys.store.list_keys()}
+    for stmt, params in [
+        (
+            notes.insert().values(
+                [{"id": 1, "practice_id": "A", "body": "x"}, {"id": 2, "body": "y"}]
+            ),
+            None,
+        ),
+        (notes.insert(), [{"id": 1, "practice_id": "A", "body": "x"}, {"id": 2, "body": "y"}]),
+    ]:
+        with engine.begin() as conn, pytest.raises(TenantRequired, match="practice"):
+            conn.execute(stmt, params)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(notes)).scalar() == 0
+    assert {r.tenant for r in keys.store.list_keys()} <= before | {"A"}
+
+
+def test_a_column_default_is_sealed_for_its_rows_practice(
+    keys: carnet.KeyManager, master_key_uri: str
+) -> None:
+    md = sa.MetaData()
+    t = sa.Table(
+        "with_default",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("practice_id", sa.String(20)),
+        sa.Column("body", carnet.EncryptedText(tenant="practice_id"), default="(no note yet)"),
+        sa.Column("other", carnet.EncryptedText(tenant="practice_id"), default=lambda: "made"),
+    )
+    engine = keys.engine
+    md.create_all(engine)
+    with engine.begin() as conn:  # no scope: each row's own practice seals its default
+        conn.execute(t.insert().values(id=1, practice_id="A"))
+        conn.execute(t.insert(), [{"id": 2, "practice_id": "B"}, {"id": 3, "practice_id": "A"}])
+    fresh = carnet.KeyManager(engine, master_key=master_key_uri)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT id, practice_id, body, other FROM with_default"))
+        for nid, practice, body, other in rows:
+            assert envelope.tenant_of(bytes(body)) == practice
+            assert fresh.decrypt(bytes(body), tenant=practice, label="with_default.body") == (
+                b"(no note yet)"
+            ), nid
+            assert fresh.decrypt(bytes(other), tenant=practice, label="with_default.other") == (
+                b"made"
+            )
+
+
+def test_a_server_default_on_an_encrypted_column_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="server_default"):
+        sa.Table(
+            "t",
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("body", carnet.EncryptedText(), server_default="stored in clear"),
+        )
 
 
 def test_null_notes_need_no_key_even_for_a_destroyed_practice(
