@@ -1,0 +1,386 @@
+"""Statement shapes the Python guard never sees, refused by the database itself.
+
+Each test runs a write that would break the tenant invariant *around* carnet:
+driver SQL (``exec_driver_sql``), a raw DBAPI cursor, the ``psql`` and
+``mariadb`` clients, pandas. The database must refuse it with the check named
+in carnet.dbchecks, and nothing of it may be written (every row re-read, byte
+for byte). Where SQLAlchemy can build the same shape on a configured engine,
+the error is carnet's (or the guard's), with no trace of the note anywhere
+in it. Values are real values copied from other rows: no header is forged.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+import carnet
+from carnet import dbchecks
+from carnet.errors import (
+    CarnetError,
+    ConfigurationError,
+    InvalidCiphertext,
+    TenantMismatch,
+    UnknownKey,
+)
+from support.dbutil import kind_of
+from support.refusals import (
+    SECRET,
+    Base,
+    Consultation,
+    Doc,
+    IntNote,
+    Letter,
+    MixedNote,
+    Note,
+    Patient,
+    driver_sql,
+    leaks,
+    name,
+    plain_notes,
+    raw,
+    refusal,
+    snapshot,
+    stored,
+)
+
+notes = Note.__table__
+ERRORS = {"f": InvalidCiphertext, "p": TenantMismatch, "m": TenantMismatch, "k": UnknownKey}
+
+
+@pytest.fixture
+def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    Base.metadata.create_all(engine)
+    carnet.configure(keys)
+    with Session(engine) as s:
+        s.add_all(
+            [
+                Note(id=1, practice_id="p1", body=SECRET, tbody=SECRET),
+                Note(id=2, practice_id="p2", body=SECRET + " B", tbody=SECRET + " B"),
+                Note(id=3, practice_id="p1", body=None, tbody=None),
+                Patient(id=1, practice_id="p1"),
+                Patient(id=2, practice_id="p1"),
+                Patient(id=3, practice_id="p2"),
+                MixedNote(id=1, practice_id="p1", body=SECRET),
+                MixedNote(id=2, practice_id="p2", body=SECRET + " B"),
+            ]
+        )
+        s.flush()
+        s.add_all(
+            [
+                Consultation(id=10, patient_id=1, body=SECRET),
+                Consultation(id=11, patient_id=3, body=SECRET + " B"),
+                Letter(id=1, practice_id="p1", letter=SECRET),
+            ]
+        )
+        s.commit()
+    try:
+        yield keys
+    finally:
+        carnet.configure(None)
+        keys.close()
+
+
+def opened(
+    master_key_uri: str, engine: sa.Engine, table: str, column: str, rid: int, tenant: str
+) -> str:
+    """A stored value opened by a brand-new KeyManager under ``tenant``."""
+    from carnet import envelope
+
+    value = stored(engine, table, column, rid)
+    if isinstance(value, str):
+        value = envelope.from_text(value)
+    fresh = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        return fresh.decrypt_text(value, tenant=tenant, label=f"{table}.{column}")
+    finally:
+        fresh.close()
+
+
+def refused_raw(
+    engine: sa.Engine, expect: str | set[str], sql: str, params: tuple[Any, ...] = ()
+) -> None:
+    """``sql`` refused by check ``expect``, through driver SQL and a raw cursor; nothing written.
+
+    ``expect``: a set when several checks refuse the value and which one the
+    database runs first is its own business (a value cut short fails both
+    the format and the practice check).
+    """
+    names = {expect} if isinstance(expect, str) else expect
+    before = snapshot(engine)
+    for run in (driver_sql, raw):
+        with pytest.raises(Exception) as ei:  # noqa: PT011 - the check's name is asserted
+            run(engine, sql, params)
+        got = refusal(ei.value)
+        assert got in names, (run.__name__, got, ei.value)
+        if isinstance(ei.value, CarnetError):
+            assert isinstance(ei.value, ERRORS[got.split("_")[1][0]])
+        assert snapshot(engine) == before, run.__name__
+    # the refused statement left nothing behind, and the engine still works
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1").scalar_one()
+
+
+def refused_sa(
+    engine: sa.Engine,
+    statement: Any,
+    expect: str | set[str] | None,
+    *,
+    secrets: tuple[str, ...] = (SECRET,),
+) -> CarnetError:
+    """``statement`` on the configured engine raises a CarnetError and writes nothing.
+
+    ``expect``: the database check that must refuse it, or None when carnet's
+    Python guard may refuse it first (its own CarnetError, no constraint).
+    """
+    before = snapshot(engine)
+    with pytest.raises(CarnetError) as ei:
+        with engine.begin() as conn:
+            conn.execute(statement)
+    err = ei.value
+    if expect is not None:
+        names = {expect} if isinstance(expect, str) else expect
+        assert err.constraint in names, (err.constraint, type(err).__name__)
+        assert isinstance(err, ERRORS[err.constraint.split("_")[1][0]])
+    elif err.constraint is not None:
+        assert isinstance(err, ERRORS[err.constraint.split("_")[1][0]])
+    assert leaks(err, secrets) == []
+    assert snapshot(engine) == before
+    return err
+
+
+# -- the checks are there -----------------------------------------------------------------
+
+
+def test_checks_installed_by_create_all(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    d = engine.dialect.name
+    with engine.connect() as conn:
+        found = dbchecks.installed(conn, "notes")
+        for col in ("body", "tbody"):
+            for kind in ("f2", "p", "k"):
+                n = name(kind, "notes", col)
+                assert n in found or {n + "_i", n + "_u"} <= found, (d, n, found)
+        for spec in dbchecks.specs_for(notes, d):
+            assert dbchecks.missing(conn, spec) == []
+        for t in (Consultation.__table__, Letter.__table__, MixedNote.__table__, IntNote.__table__):
+            for spec in dbchecks.specs_for(t, d):
+                assert dbchecks.missing(conn, spec) == [], (t.name, spec)
+        assert any(
+            n.startswith("carnet_m_patients_consultations_body")
+            for n in dbchecks.installed(conn, "patients")
+        )
+        assert any(
+            n.startswith("carnet_m_docs_letters_letter") for n in dbchecks.installed(conn, "docs")
+        )
+
+
+# -- values that are not carnet values -----------------------------------------------------
+
+
+def test_plaintext_into_binary_and_text_columns(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    refused_raw(
+        engine,
+        name("f2", "notes", "body"),
+        "UPDATE notes SET body = ? WHERE id = 1",
+        (SECRET.encode(),),
+    )
+    refused_raw(
+        engine, name("f2", "notes", "tbody"), "UPDATE notes SET tbody = ? WHERE id = 1", (SECRET,)
+    )
+    refused_raw(
+        engine,
+        name("f2", "notes", "tbody"),
+        f"INSERT INTO notes (id, practice_id, tbody) VALUES (40, 'p1', '{SECRET}')",
+    )
+    # SQLAlchemy, through a Table object that does not know the column is encrypted.
+    refused_sa(
+        engine,
+        plain_notes.update().where(plain_notes.c.id == 1).values(body=SECRET.encode()),
+        name("f2", "notes", "body"),
+    )
+    refused_sa(
+        engine,
+        plain_notes.insert().values(id=41, tbody=SECRET),
+        name("f2", "notes", "tbody"),
+    )
+
+
+def test_truncated_value_and_unknown_version(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    real = stored(engine, "notes", "body", 1)  # practice p1, like row 3
+    treal = stored(engine, "notes", "tbody", 1)
+    f2 = name("f2", "notes", "body")
+    cut = {f2, name("p", "notes", "body")}
+    tcut = {name("f2", "notes", "tbody"), name("p", "notes", "tbody")}
+    # cut inside the header: the frame itself is incomplete
+    refused_raw(engine, cut, "UPDATE notes SET body = ? WHERE id = 3", (real[:20],))
+    refused_raw(engine, tcut, "UPDATE notes SET tbody = ? WHERE id = 3", (treal[:40],))
+    # version byte 0x07: a format carnet never wrote
+    refused_raw(engine, f2, "UPDATE notes SET body = ? WHERE id = 3", (b"\x07" + real[1:],))
+    refused_raw(
+        engine,
+        name("f2", "notes", "tbody"),
+        "UPDATE notes SET tbody = ? WHERE id = 3",
+        ("carnet:7:" + treal[len("carnet:2:") :],),
+    )
+    refused_sa(
+        engine, plain_notes.update().where(plain_notes.c.id == 3).values(body=real[:20]), cut
+    )
+    refused_sa(
+        engine,
+        plain_notes.update().where(plain_notes.c.id == 3).values(body=b"\x07" + real[1:]),
+        f2,
+    )
+
+
+# -- a value of another practice ------------------------------------------------------------
+
+
+def test_copy_from_practice_a_into_practice_b(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    pb, pt = name("p", "notes", "body"), name("p", "notes", "tbody")
+    refused_raw(
+        engine,
+        pb,
+        "INSERT INTO notes (id, practice_id, body) SELECT 50, 'p2', body FROM notes WHERE id = 1",
+    )
+    refused_raw(
+        engine,
+        pt,
+        "INSERT INTO notes (id, practice_id, tbody) SELECT 50, 'p2', tbody FROM notes WHERE id = 1",
+    )
+    sub = "(SELECT body FROM (SELECT body FROM notes WHERE id = 1) AS a)"
+    tsub = "(SELECT tbody FROM (SELECT tbody FROM notes WHERE id = 1) AS a)"
+    refused_raw(engine, pb, f"UPDATE notes SET body = {sub} WHERE id = 2")  # noqa: S608
+    refused_raw(engine, pt, f"UPDATE notes SET tbody = {tsub} WHERE id = 2")  # noqa: S608
+    if kind_of(engine.url) != "mariadb":  # MariaDB cannot read the table it updates
+        refused_raw(
+            engine, pb, "UPDATE notes SET body = (SELECT body FROM notes WHERE id = 1) WHERE id = 2"
+        )
+    refused_raw(
+        engine, pb, "UPDATE notes SET body = ? WHERE id = 2", (stored(engine, "notes", "body", 1),)
+    )
+    # SQLAlchemy: the guard refuses the copy, or the database does
+    n2 = notes.alias("n2")
+    refused_sa(
+        engine,
+        notes.insert().from_select(
+            ["id", "practice_id", "body"],
+            sa.select(sa.literal(51), sa.literal("p2"), n2.c.body).where(n2.c.id == 1),
+        ),
+        None,
+    )
+    refused_sa(
+        engine,
+        plain_notes.update()
+        .where(plain_notes.c.id == 2)
+        .values(body=stored(engine, "notes", "body", 1)),
+        pb,
+    )
+    refused_sa(
+        engine,
+        plain_notes.update()
+        .where(plain_notes.c.id == 2)
+        .values(tbody=stored(engine, "notes", "tbody", 1)),
+        pt,
+    )
+
+
+def test_update_changing_only_the_practice(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    pb = {name("p", "notes", "body"), name("p", "notes", "tbody")}
+    refused_raw(engine, pb, "UPDATE notes SET practice_id = 'p2' WHERE id = 1")
+    refused_raw(engine, pb, "UPDATE notes SET practice_id = ? WHERE id = 1", ("p2",))
+    # the row without a note may move
+    driver_sql(engine, "UPDATE notes SET practice_id = 'p2' WHERE id = 3")
+    driver_sql(engine, "UPDATE notes SET practice_id = 'p1' WHERE id = 3")
+    refused_sa(engine, notes.update().where(notes.c.id == 1).values(practice_id="p2"), None)
+
+
+def test_upsert_changing_only_the_practice(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    d = kind_of(engine.url)
+    pb = {name("p", "notes", "body"), name("p", "notes", "tbody")}
+    if d == "postgresql":
+        sql = (
+            "INSERT INTO notes (id, practice_id) VALUES (1, 'p2') "
+            "ON CONFLICT (id) DO UPDATE SET practice_id = EXCLUDED.practice_id"
+        )
+        ins: Any = postgresql.insert(notes).values(id=1, practice_id="p2")
+        stmt = ins.on_conflict_do_update(
+            index_elements=["id"], set_={"practice_id": ins.excluded.practice_id}
+        )
+    elif d == "mariadb":
+        sql = (
+            "INSERT INTO notes (id, practice_id) VALUES (1, 'p2') "
+            "ON DUPLICATE KEY UPDATE practice_id = VALUES(practice_id)"
+        )
+        ins = mysql.insert(notes).values(id=1, practice_id="p2")
+        stmt = ins.on_duplicate_key_update(practice_id=ins.inserted.practice_id)
+    else:
+        sql = (
+            "INSERT INTO notes (id, practice_id) VALUES (1, 'p2') "
+            "ON CONFLICT(id) DO UPDATE SET practice_id = excluded.practice_id"
+        )
+        ins = sqlite.insert(notes).values(id=1, practice_id="p2")
+        stmt = ins.on_conflict_do_update(
+            index_elements=["id"], set_={"practice_id": ins.excluded.practice_id}
+        )
+    refused_raw(engine, pb, sql)
+    refused_sa(engine, stmt, None)
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_writes_inside_a_cte(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    pb = name("p", "notes", "body")
+    refused_raw(
+        engine,
+        pb,
+        "WITH x AS (INSERT INTO notes (id, practice_id, body) "
+        "SELECT 60, 'p2', body FROM notes WHERE id = 1 RETURNING id) SELECT id FROM x",
+    )
+    refused_raw(
+        engine,
+        {pb, name("p", "notes", "tbody")},
+        "WITH x AS (UPDATE notes SET practice_id = 'p2' WHERE id = 1 RETURNING id) SELECT id FROM x",
+    )
+    refused_raw(
+        engine,
+        name("f2", "notes", "tbody"),
+        f"WITH x AS (UPDATE notes SET tbody = '{SECRET}' WHERE id = 1 RETURNING id) SELECT id FROM x",
+    )
+    n2 = notes.alias("n2")
+    copied = sa.select(n2.c.body).where(n2.c.id == 1).scalar_subquery()
+    refused_sa(
+        engine,
+        sa.select(
+            notes.insert()
+            .values(id=61, practice_id="p2", body=copied)
+            .returning(notes.c.id)
+            .cte("x")
+        ),
+        None,
+    )
+    value_a = stored(engine, "notes", "body", 1)
+    cte = (
+        plain_notes.update()
+        .where(plain_notes.c.id == 2)
+        .values(body=value_a)
+        .returning(plain_notes.c.id)
+        .cte("u")
+    )
+    refused_sa(engine, sa.select(cte), pb)
+    refused_sa(engine, sa.select(sa.literal(1)).add_cte(cte), pb)
+    moved = (
+        notes.update()
+        .where(notes.c.id == 1)
+        .values(practice_id="p2")
+        .returning(notes.c.id)
+        .cte("m")
+    )
+    refused_sa(engine, sa.select(sa.literal(1)).add_cte(moved), None)
