@@ -749,3 +749,154 @@ def test_pandas_to_sql_with_encrypted_dtype(
         )
     assert leaks(ei.value) == []
     assert snapshot(engine) == before
+
+
+# -- types that wrap EncryptedText -------------------------------------------------------------
+
+
+class WrappedText(sa.types.TypeDecorator[str]):
+    """An application's own type around EncryptedText."""
+
+    impl = carnet.EncryptedText
+    cache_ok = True
+
+
+def test_with_variant_and_type_decorator(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    d = kind_of(engine.url)
+    md = sa.MetaData()
+    variant = sa.Table(
+        "variant_notes",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("body", sa.Text().with_variant(carnet.EncryptedText(tenant="practice_id"), "postgresql")),
+    )
+    wrapped = sa.Table(
+        "wrapped_notes",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("body", WrappedText(tenant="practice_id")),
+    )
+    md.create_all(engine)
+    with engine.connect() as conn:
+        vchecks = dbchecks.installed(conn, "variant_notes")
+        wchecks = dbchecks.installed(conn, "wrapped_notes")
+    for kind in ("f2", "p", "k"):
+        n = name(kind, "wrapped_notes", "body")
+        assert n in wchecks or {n + "_i", n + "_u"} <= wchecks, (kind, wchecks)
+    plaintext = SECRET.encode() if d == "postgresql" else SECRET
+    if d == "postgresql":
+        assert name("f2", "variant_notes", "body") in vchecks
+        refused_raw_table(engine, "variant_notes", name("f2", "variant_notes", "body"),
+                          "INSERT INTO variant_notes (id, practice_id, body) VALUES (1, 'p1', ?)", (plaintext,))
+    else:
+        assert vchecks == set()
+        driver_sql(engine, "INSERT INTO variant_notes (id, practice_id, body) VALUES (1, 'p1', ?)", (plaintext,))
+    refused_raw_table(
+        engine, "wrapped_notes", name("f2", "wrapped_notes", "body"),
+        "INSERT INTO wrapped_notes (id, practice_id, body) VALUES (1, 'p1', ?)", (SECRET.encode(),),
+    )
+    refused_raw_table(
+        engine, "wrapped_notes", name("p", "wrapped_notes", "body"),
+        "INSERT INTO wrapped_notes (id, practice_id, body) VALUES (1, 'p2', ?)",
+        (stored(engine, "notes", "body", 1),),
+    )
+
+
+def refused_raw_table(engine: sa.Engine, table: str, expect: str, sql: str, params: tuple[Any, ...]) -> None:
+    before = snapshot(engine, [table])
+    for run in (driver_sql, raw):
+        with pytest.raises(Exception) as ei:  # noqa: PT011 - the check's name is asserted
+            run(engine, sql, params)
+        assert refusal(ei.value) == expect
+    assert snapshot(engine, [table]) == before
+
+
+# -- traps ------------------------------------------------------------------------------------
+
+
+def test_null_practice_with_a_value(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    value = stored(engine, "notes", "body", 1)
+    refused_raw(engine, name("p", "notes", "body"), "INSERT INTO notes (id, body) VALUES (110, ?)", (value,))
+    refused_raw(
+        engine, {name("p", "notes", "body"), name("p", "notes", "tbody")},
+        "UPDATE notes SET practice_id = NULL WHERE id = 1",
+    )
+    refused_sa(engine, plain_notes.insert().values(id=110, body=value), name("p", "notes", "body"))
+    # NULL practice, NULL value: nothing to check
+    driver_sql(engine, "INSERT INTO notes (id) VALUES (111)")
+
+
+def test_mixed_read_column(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    fm = name("fm", "mixed_notes", "body")
+    p = name("p", "mixed_notes", "body")
+    with engine.connect() as conn:
+        found = dbchecks.installed(conn, "mixed_notes")
+    assert fm in found or fm + "_i" in found, found
+    # legacy plaintext is accepted in this phase
+    driver_sql(engine, "INSERT INTO mixed_notes (id, practice_id, body) VALUES (3, 'p1', 'legacy text')")
+    # another practice's v2 value is not
+    value_a = stored(engine, "mixed_notes", "body", 1)
+    assert value_a.startswith("carnet:2:")
+    refused_raw(engine, p, "UPDATE mixed_notes SET body = ? WHERE id = 2", (value_a,))
+    refused_raw(engine, p, "UPDATE mixed_notes SET practice_id = 'p2' WHERE id = 1")
+    # values that claim carnet's prefix but are not carnet values (a "carnet:2:"
+    # head also fails the practice check: either may report it)
+    refused_raw(engine, {fm, p}, "UPDATE mixed_notes SET body = 'carnet:2:not-a-value' WHERE id = 3")
+    refused_raw(engine, fm, "UPDATE mixed_notes SET body = 'carnet:9:not-a-value' WHERE id = 3")
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_sqlite_ignore_check_constraints_does_not_switch_checks_off(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    import sqlite3
+
+    before = snapshot(engine)
+    conn = sqlite3.connect(str(engine.url.database))
+    try:
+        conn.execute("PRAGMA ignore_check_constraints = 1")
+        assert conn.execute("PRAGMA ignore_check_constraints").fetchone()[0] == 1
+        for sql, params, expect in (
+            ("UPDATE notes SET tbody = ? WHERE id = 1", (SECRET,), name("f2", "notes", "tbody")),
+            ("UPDATE notes SET body = (SELECT body FROM notes WHERE id = 1) WHERE id = 2", (), name("p", "notes", "body")),
+            ("UPDATE notes SET practice_id = 'p2' WHERE id = 1", (), {name("p", "notes", "body"), name("p", "notes", "tbody")}),
+        ):
+            with pytest.raises(sqlite3.IntegrityError) as ei:
+                conn.execute(sql, params)
+            assert dbchecks.check_of(ei.value) in ({expect} if isinstance(expect, str) else expect)
+            conn.rollback()
+    finally:
+        conn.close()
+    assert snapshot(engine) == before
+
+
+@pytest.mark.parametrize("db_kind", ["mariadb"])
+def test_mariadb_check_constraint_checks_off(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Documented weakness: a session may switch CHECK constraints off; the triggers still run."""
+    value_p9 = keys.encrypt_text(SECRET, tenant="p9", label="notes.body")
+    raw(engine, "DELETE FROM carnet_keys WHERE tenant = 'p9'")
+    dbapi = engine.raw_connection()
+    try:
+        cur = dbapi.cursor()
+        cur.execute("SET SESSION check_constraint_checks = 0")
+        # the key check is a trigger: still refused
+        with pytest.raises(Exception) as ei:  # noqa: PT011
+            cur.execute("INSERT INTO notes (id, practice_id, body) VALUES (120, 'p9', %s)", (value_p9,))
+        assert dbchecks.check_of(ei.value) == name("k", "notes", "body")
+        dbapi.rollback()
+        # the parent-path checks are triggers: still refused
+        with pytest.raises(Exception) as ei:  # noqa: PT011
+            cur.execute("UPDATE patients SET practice_id = 'p2' WHERE id = 1")
+        assert dbchecks.check_of(ei.value) == name("m", "patients", "consultations_body")
+        dbapi.rollback()
+        # the format and practice checks are CHECK constraints: off in this session
+        cur.execute("UPDATE notes SET tbody = %s WHERE id = 3", (SECRET,))
+        cur.execute("UPDATE notes SET body = (SELECT body FROM (SELECT body FROM notes WHERE id = 2) a) WHERE id = 3")
+        dbapi.commit()
+        cur.close()
+    finally:
+        dbapi.close()
+    assert stored(engine, "notes", "tbody", 3) == SECRET
+    assert stored(engine, "notes", "body", 3) == stored(engine, "notes", "body", 2)
