@@ -159,7 +159,7 @@ def driver_sql(engine: sa.Engine, sql: str, params: Sequence[Any] = ()) -> None:
 
 
 def refusal(exc: BaseException) -> str | None:
-    """The name of the carnet check behind ``exc`` (carnet's error, SQLAlchemy's or the driver's)."""
+    """The name of the carnet check behind ``exc``: carnet's, SQLAlchemy's or the driver's error."""
     if isinstance(exc, CarnetError):
         return exc.constraint
     orig = getattr(exc, "orig", None)
@@ -186,7 +186,7 @@ def leaks(err: BaseException, secrets: Iterable[str] = (SECRET,)) -> list[str]:
         texts[f"str[{i}] {type(e).__name__}"] = str(e)
         texts[f"repr[{i}] {type(e).__name__}"] = repr(e)
         texts[f"args[{i}] {type(e).__name__}"] = repr(e.args)
-    found = []
+    found: list[str] = []
     for s in secrets:
         forms = (s, s.encode().hex(), s.encode().hex().upper())
         found.extend(where for where, t in texts.items() if any(f in t for f in forms))
