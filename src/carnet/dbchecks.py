@@ -94,14 +94,15 @@ def encrypted_type(obj: Any, dialect: str | None = None) -> EncryptedText | None
 
     typ = getattr(obj, "type", obj)
     for _ in range(16):  # types nest a few levels at most; a cycle must not hang
-        if isinstance(typ, EncryptedText):
-            return typ
-        variants = getattr(typ, "_variant_mapping", None)
-        if variants is None and not isinstance(typ, sa.types.TypeEngine):
+        if not isinstance(typ, sa.types.TypeEngine):
             return None
+        # A variant for this dialect comes first, even on an EncryptedText.
+        variants = getattr(typ, "_variant_mapping", None)
         if dialect is not None and variants and dialect in variants:
             typ = variants[dialect]
             continue
+        if isinstance(typ, EncryptedText):
+            return typ
         if isinstance(typ, TypeDecorator):
             typ = typ.impl_instance
             continue
@@ -630,10 +631,19 @@ def _parent_triggers(
             )
         )
         if keys is not None:
+            # As for a practice in the row: a value naming another practice is
+            # the practice check's to refuse.
+            matches = s.practice(f"NEW.{col}", st, pp)
             missing = s.key_missing(f"NEW.{col}", st, pp, keys)
             out.extend(
                 _sqlite_triggers(
-                    kname, spec, tbl, col, f"NOT COALESCE({missing}, 1)", dialect, also=(fk,)
+                    kname,
+                    spec,
+                    tbl,
+                    col,
+                    f"NOT ({matches} AND COALESCE({missing}, 1))",
+                    dialect,
+                    also=(fk,),
                 )
             )
         moved = (
@@ -848,10 +858,19 @@ def mode_installed(conn: sa.Connection, spec: ColumnSpec) -> Mode | None:
 
 def attach(table: sa.Table) -> None:
     """Have ``table`` create its checks right after CREATE TABLE (once per table)."""
-    if table.info.get("_carnet_checks_attached"):
+    # Asked of the table's own listeners, not of a flag in ``table.info``:
+    # Alembic's op.create_table and Table.to_metadata copy ``info`` to the new
+    # Table, which would then never get its listener.
+    if sa.event.contains(table, "after_create", _after_create):
         return
-    table.info["_carnet_checks_attached"] = True
     sa.event.listen(table, "after_create", _after_create)
+    # Configuration errors (a CHAR(n) practice column) before CREATE TABLE:
+    # SQLite and MariaDB would keep a table created without its checks.
+    sa.event.listen(table, "before_create", _before_create)
+
+
+def _before_create(table: sa.Table, conn: Any, **_kw: Any) -> None:
+    specs_for(table, conn.dialect.name)
 
 
 def _after_create(table: sa.Table, conn: Any, **_kw: Any) -> None:

@@ -161,12 +161,6 @@ def test_encrypted_type_with_variant_per_dialect() -> None:
     assert dbchecks.encrypted_type(outer, "sqlite") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="encrypted_type returns the outer EncryptedText before looking at its "
-    "_variant_mapping, so EncryptedText().with_variant(Text(), 'sqlite') counts as "
-    "encrypted on SQLite, where the column is plain TEXT",
-)
 def test_encrypted_type_variant_of_encrypted_text() -> None:
     """The other way round: encrypted everywhere except SQLite."""
     not_sqlite = carnet.EncryptedText(tenant="practice_id").with_variant(sa.Text(), "sqlite")
