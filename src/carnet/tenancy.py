@@ -320,6 +320,18 @@ def guard_write(
         group_pins: list[str | None] = []
         managers = {e.key: e.type.manager_for(conn.dialect) for e in written}
         parent = encs[0].parent
+        if is_update and tenant_in_stmt and scope is not None and not partial:
+            # A scope never writes into, or moves, another practice's row: an
+            # UPDATE that sets the practice under a scope only matches rows
+            # that are in the scope's practice now (its rowcount says how many).
+            assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
+            if pins is not None:
+                raise UnsupportedOperation(
+                    "an UPDATE of encrypted columns decided by two practice columns"
+                )
+            pins = [scope] * len(out_rows)
+            pin_column = encs[0].tenant_column
+            pin_parent = parent
         if (
             scope is not None
             and rows

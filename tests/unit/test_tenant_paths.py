@@ -464,6 +464,39 @@ def test_multi_row_values_bind_each_row_to_its_own_practice(
         conn.execute(notes.insert().values([{"id": 3, "practice_id": "B", "body": "PLANTED"}]))
 
 
+def test_a_scope_never_writes_into_or_moves_another_practices_row(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _seed(engine)  # row 1, practice A
+    with carnet.tenant_scope("B"), engine.begin() as conn:
+        done = conn.execute(
+            notes.update()
+            .where(notes.c.id == 1)
+            .values(practice_id="B", body="PLANTED by B", summary="PLANTED")
+        )
+        assert done.rowcount == 0  # pinned to rows of practice B: A's row not matched
+    with carnet.tenant_scope("B"), Session(engine) as s:
+        with pytest.raises(sa.orm.exc.StaleDataError):
+            s.execute(
+                sa.update(Note),
+                [{"id": 1, "practice_id": "B", "body": "PLANTED by B", "summary": "PLANTED"}],
+            )
+            s.commit()
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, SUMMARY)
+    # Nor does the row's own practice's scope seal for another: only carnet's
+    # own re-seal (the ORM moving the row) may.
+    with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
+        conn.execute(
+            notes.update().where(notes.c.id == 1).values(practice_id="B", body="b", summary="s")
+        )
+    with carnet.tenant_scope("A"), Session(engine) as s:
+        note = s.get(Note, 1)
+        assert note is not None
+        note.practice_id = "B"
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("B", BODY, SUMMARY)
+
+
 def test_a_later_row_without_its_practice_is_refused_and_creates_no_key(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
