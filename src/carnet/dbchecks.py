@@ -28,8 +28,9 @@ Where each lives: CHECK constraints for what is local to the row on
 PostgreSQL and MariaDB; triggers for what needs another row, and for
 everything on SQLite (which cannot add a CHECK to an existing table, and whose
 ``PRAGMA ignore_check_constraints`` would switch a CHECK off). Triggers read
-the parent row with a locking read, so a parent moved by a concurrent
-transaction is seen (module docs in docs/threat-model.md).
+the parent row with a locking read (on PostgreSQL a no-op write of it, at
+every isolation level), so a parent moved by a concurrent transaction is seen
+(module docs in docs/threat-model.md).
 
 The database checks what a value *claims*: a forged header or a value cut
 short that still looks well framed passes here and fails at read with
@@ -672,22 +673,35 @@ def _parent_triggers(
         true = "true" if s.d == "postgresql" else "1"
         key_check = f"IF COALESCE({missing}, {true}) THEN {_raise(s, kname)} END IF;"
     if s.d == "postgresql":
-        # READ COMMITTED: FOR SHARE waits for a transaction moving the parent
-        # and then reads its new practice. REPEATABLE READ reads the snapshot,
-        # so the parent row is written instead: a concurrent move then fails
-        # to serialize, in whichever order the two transactions come.
+        # The child writes its parent row (a no-op UPDATE) at every isolation
+        # level, and reads the practice from what it wrote:
+        # - parent moved first, uncommitted: the UPDATE waits for the mover;
+        #   at READ COMMITTED it then returns the moved row's new practice
+        #   (refused here), at REPEATABLE READ and above it fails to serialize.
+        # - child first, uncommitted: the mover waits for the child's row lock
+        #   and, since the child *updated* the row, a REPEATABLE READ (or
+        #   SERIALIZABLE) mover fails to serialize, a READ COMMITTED one
+        #   re-reads and its trigger below sees the committed child.
+        # A READ COMMITTED child used to take only FOR SHARE: a lock that
+        # commits leaves no trace a REPEATABLE READ mover can see, whose trigger
+        # reads its older snapshot without the child, so both committed and
+        # the value stayed sealed for the old practice (tests/scenarios/
+        # test_db_interleave.py, insert first, mover REPEATABLE READ, inserter
+        # READ COMMITTED). The price: each child write makes a (HOT) version of
+        # its parent row and fires the parent's UPDATE triggers, and two
+        # transactions writing children of one parent queue on it (REPEATABLE
+        # READ: the second fails to serialize) until the first ends.
         read = (
-            "IF current_setting('transaction_isolation') = 'repeatable read' THEN "
             f"UPDATE {ptbl} SET {pprac} = {pprac} WHERE {pkey} = NEW.{fk} "
-            f"RETURNING CAST({pprac} AS text) INTO pp; "
-            f"ELSE SELECT CAST({pprac} AS text) INTO pp FROM {ptbl} WHERE {pkey} = NEW.{fk} "
-            "FOR SHARE; END IF;"
+            f"RETURNING CAST({pprac} AS text) INTO pp;"
         )
         declare = "pp text;"
+        # Nested, so that the children are read (and locked) only on a real move,
+        # not on the no-op write of the parent above.
         moved_body = (
-            f"IF {s.pbytes('OLD.' + pprac)} IS DISTINCT FROM {s.pbytes('NEW.' + pprac)} "
-            f"AND EXISTS (SELECT 1 FROM {tbl} c WHERE c.{fk} = OLD.{pkey} "
-            f"AND c.{col} IS NOT NULL FOR SHARE) THEN {_raise(s, mname)} END IF;"
+            f"IF {s.pbytes('OLD.' + pprac)} IS DISTINCT FROM {s.pbytes('NEW.' + pprac)} THEN "
+            f"IF EXISTS (SELECT 1 FROM {tbl} c WHERE c.{fk} = OLD.{pkey} "
+            f"AND c.{col} IS NOT NULL FOR SHARE) THEN {_raise(s, mname)} END IF; END IF;"
         )
         mdeclare = ""
     else:
