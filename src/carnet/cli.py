@@ -273,6 +273,7 @@ def status(
             click.echo(
                 f"{c.table}.{c.column}: {_n(c.rows, 'row')}, {c.nulls:,} NULL, "
                 f"{c.plaintext:,} plaintext, {c.not_on_active:,} not on the active key"
+                + (f", {c.v1:,} in format v1 (carnet reencrypt)" if c.v1 else "")
                 + (f", {c.destroyed:,} under destroyed keys" if c.destroyed else "")
                 + (f", {c.unknown_key:,} unknown key" if c.unknown_key else "")
                 + (f", {c.unreadable_framing:,} not carnet" if c.unreadable_framing else "")
@@ -551,6 +552,7 @@ def reencrypt(
         click.echo(
             f"{table}.{column}: {rep.scanned:,} scanned, {rep.rewritten:,} re-encrypted, "
             f"{rep.already_current:,} already current"
+            + (f" ({rep.from_v1:,} re-encrypted from format v1)" if rep.from_v1 else "")
             + "".join(f", {n:,} {what}" for n, what in left if n)
             + f", {rep.conflicts:,} written concurrently by the application, "
             f"{len(rep.failed):,} failed in {rep.elapsed:.1f}s"

@@ -425,6 +425,7 @@ def _columns(manager: KeyManager, declared: Sequence[DeclaredColumn] | None) -> 
             "plaintext": st.plaintext,
             "nulls": st.nulls,
             "not_on_active": st.not_on_active,
+            "v1": st.v1,
             "unknown_key": st.unknown_key,
         }
         if st.plaintext:
@@ -459,7 +460,8 @@ def _columns(manager: KeyManager, declared: Sequence[DeclaredColumn] | None) -> 
                         f", {st.not_on_active} on older keys (carnet reencrypt)"
                         if st.not_on_active
                         else ""
-                    ),
+                    )
+                    + (f", {st.v1} in format v1 (carnet reencrypt)" if st.v1 else ""),
                     details=detail,
                 )
             )

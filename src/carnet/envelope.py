@@ -2,7 +2,8 @@
 
 Binary form, v2::
 
-    0x02 | key id (16) | u16be len | practice (UTF-8) | nonce (12) | AES-256-GCM ct || tag (16)
+    0x02 | key id (16) | u16be len | practice (UTF-8) | nonce (12)
+         | AES-256-GCM ciphertext || tag (16)
 
 v1 (read only, upgraded by ``carnet reencrypt``)::
 
@@ -21,7 +22,8 @@ column or another practice's row fails instead of yielding its text.
 
 Text form, for TEXT columns::
 
-    v2: "carnet:2:" + hex(key id) + ":" + hex(UTF-8 practice) + ":" + base64(nonce | ct || tag)
+    v2: "carnet:2:" + hex(key id) + ":" + hex(UTF-8 practice) + ":"
+        + base64(nonce | ciphertext || tag)
     v1: "carnet:" + base64(binary form)
 
 Lowercase hex in v2, so that SQLite, which has no base64 decoding, can
@@ -58,6 +60,10 @@ PRACTICE_AT = 1 + KEY_ID_SIZE + 2
 # The shortest v2 value: a one-byte practice and the empty note.
 MIN_SIZE = PRACTICE_AT + 1 + NONCE_SIZE + TAG_SIZE
 MAX_PRACTICE_BYTES = 0xFFFF
+# The bound column sizes are computed for: a practice id is at most 255
+# characters (the key table's VARCHAR(255)), so at most 1020 UTF-8 bytes.
+MAX_PRACTICE_CHARS = 255
+PRACTICE_BOUND_BYTES = 4 * MAX_PRACTICE_CHARS
 TEXT_PREFIX = "carnet:"
 TEXT_PREFIX_V2 = "carnet:2:"
 
@@ -159,22 +165,39 @@ def is_current(blob: bytes) -> bool:
     return is_known(blob) and blob[0] == VERSION
 
 
+def width(note_bytes: int, practice_bytes: int, *, text: bool = False) -> int:
+    """Bytes (binary form) or characters (``text``: text form) of a v2 value.
+
+    For a note of ``note_bytes`` and a practice id of ``practice_bytes`` UTF-8
+    bytes; column sizes pass :data:`PRACTICE_BOUND_BYTES`, the longest practice.
+    """
+    body = NONCE_SIZE + note_bytes + TAG_SIZE
+    if not text:
+        return PRACTICE_AT + practice_bytes + body
+    return (
+        len(TEXT_PREFIX_V2) + 2 * KEY_ID_SIZE + 1 + 2 * practice_bytes + 1 + 4 * ((body + 2) // 3)
+    )
+
+
 def overhead(tenant: str) -> int:
     """Bytes a v2 value adds to its note in binary form (header and tag)."""
-    return PRACTICE_AT + len(tenant.encode("utf-8")) + NONCE_SIZE + TAG_SIZE
+    return width(0, len(tenant.encode("utf-8")))
 
 
 def text_length(tenant: str, note_bytes: int) -> int:
     """Characters of a v2 value in text form, for a note of ``note_bytes`` UTF-8 bytes."""
-    body = NONCE_SIZE + note_bytes + TAG_SIZE
-    return (
-        len(TEXT_PREFIX_V2)
-        + 2 * KEY_ID_SIZE
-        + 1
-        + 2 * len(tenant.encode())
-        + 1
-        + 4 * ((body + 2) // 3)
-    )
+    return width(note_bytes, len(tenant.encode("utf-8")), text=True)
+
+
+def head_key_id(blob: bytes) -> bytes | None:
+    """The key id a binary value names in its head (v1 or v2), without checking the rest.
+
+    A truncated or damaged value still names its key (for a key's usage
+    count); None when the head is not carnet's.
+    """
+    if len(blob) > KEY_ID_SIZE and blob[0] in VERSIONS:
+        return bytes(blob[KEY_ID])
+    return None
 
 
 def short_key_id(blob: bytes) -> str:
@@ -276,11 +299,24 @@ def looks_like_text_ciphertext(value: str) -> bool:
     return value.startswith(TEXT_PREFIX)
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_lower_hex(part: str) -> bool:
+    return len(part) % 2 == 0 and _HEX.issuperset(part)
+
+
 def from_text(value: str) -> bytes:
     """The binary value of a text form (v1 or v2). Raises InvalidCiphertext."""
     if value.startswith(TEXT_PREFIX_V2):
         parts = value.split(":")
-        if len(parts) != 5 or len(parts[2]) != 2 * KEY_ID_SIZE:
+        # Lowercase hex only: one spelling per value, the one the database compares.
+        if (
+            len(parts) != 5
+            or len(parts[2]) != 2 * KEY_ID_SIZE
+            or not _is_lower_hex(parts[2])
+            or not _is_lower_hex(parts[3])
+        ):
             raise InvalidCiphertext("text value is not carnet's v2 text form")
         try:
             key_id = bytes.fromhex(parts[2])
@@ -303,10 +339,14 @@ def text_key_id(value: str) -> bytes | None:
     """The key id of a text-form value, read from its head without decoding the rest."""
     try:
         if value.startswith(TEXT_PREFIX_V2):
-            return bytes.fromhex(value[len(TEXT_PREFIX_V2) : len(TEXT_PREFIX_V2) + 32])
+            head = value[len(TEXT_PREFIX_V2) : len(TEXT_PREFIX_V2) + 2 * KEY_ID_SIZE]
+            if len(head) != 2 * KEY_ID_SIZE or not _is_lower_hex(head):
+                return None
+            return bytes.fromhex(head)
         if value.startswith(TEXT_PREFIX):
-            head = base64.b64decode(value[len(TEXT_PREFIX) : len(TEXT_PREFIX) + 24])
-            return head[KEY_ID] if len(head) > KEY_ID_SIZE and head[0] == V1 else None
+            # 24 base64 characters: the first 18 bytes (version and key id).
+            raw = base64.b64decode(value[len(TEXT_PREFIX) : len(TEXT_PREFIX) + 24], validate=True)
+            return head_key_id(raw) if raw[:1] == V1_BYTE else None
     except (binascii.Error, ValueError):
         return None
     return None

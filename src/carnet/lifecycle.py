@@ -8,8 +8,6 @@ primary keys.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import multiprocessing
 import os
@@ -239,7 +237,8 @@ def safe_url(engine: sa.Engine) -> str:
 
 
 def blob_of(value: Any) -> bytes | str | None:
-    """The v1 bytes in a raw stored value; ``PLAINTEXT`` for legacy text; None for NULL."""
+    """The binary value (v1 or v2) of a raw stored value; ``PLAINTEXT`` for legacy
+    text; None for NULL."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -301,7 +300,7 @@ def _carnet_value(manager: KeyManager, value: Any) -> bool:
         return True  # carnet's prefix with a broken body: still a carnet column
     if blob is None or blob == PLAINTEXT or isinstance(blob, str):
         return False
-    if len(blob) < envelope.MIN_SIZE or blob[0] != envelope.VERSION:
+    if not envelope.is_known(blob):
         return False
     return manager.get_key(envelope.key_id_of(blob)) is not None
 
@@ -378,6 +377,9 @@ class ColumnStatus:
     not_on_active: int = 0
     # under a destroyed or retired key: unreadable for good, nothing to move
     destroyed: int = 0
+    # in format v1 under a live key, active or older: what `reencrypt` upgrades
+    # to v2 (a v1 value under an older key counts in not_on_active too)
+    v1: int = 0
 
 
 @dataclass
@@ -427,6 +429,7 @@ def column_status(
     keys = keys or _Keys(manager)
     st = ColumnStatus(table=table, column=column)
     counts: Counter[bytes] = Counter()
+    v1_counts: Counter[bytes] = Counter()
     for row in iter_rows(manager.engine, table, column, batch_size=batch_size):
         st.rows += 1
         try:
@@ -438,10 +441,12 @@ def column_status(
             st.nulls += 1
         elif isinstance(blob, str):
             st.plaintext += 1
-        elif len(blob) < envelope.MIN_SIZE or blob[0] != envelope.VERSION:
+        elif not envelope.is_known(blob):
             st.unreadable_framing += 1
         else:
             counts[envelope.key_id_of(blob)] += 1
+            if not envelope.is_current(blob):
+                v1_counts[envelope.key_id_of(blob)] += 1
         if progress is not None and st.rows % batch_size == 0:
             progress(batch_size)
     known: list[tuple[KeyRecord, int]] = []
@@ -461,8 +466,10 @@ def column_status(
         }
         if rec.state in (DESTROYED, RETIRED):
             st.destroyed += n
-        elif rec.state != ACTIVE:
-            st.not_on_active += n
+        else:
+            st.v1 += v1_counts[rec.key_id]
+            if rec.state != ACTIVE:
+                st.not_on_active += n
     return st
 
 
@@ -648,41 +655,29 @@ _NOT_TEXT = (
     sa.types.Interval,
     sa.types.JSON,
 )
-_B64_HEAD = 24  # base64 characters holding the first 18 bytes: version and key id
 _PREFIX_BYTES = envelope.TEXT_PREFIX.encode("ascii")
 
 
-def _frame_head(value: Any) -> bytes | None:
-    """The leading bytes of a stored value that may be carnet ciphertext, else None.
+def _named_key(value: Any) -> bytes | None:
+    """The key id a stored value that may be carnet ciphertext names (v1 or v2,
+    binary or text form), else None.
 
-    Only the version byte and key id matter here, so a truncated or damaged
-    value still counts for the key it names.
+    Read from the value's head only, so a truncated or damaged value still
+    counts for the key it names.
     """
     if isinstance(value, (bytearray, memoryview)):
         value = bytes(value)
     if isinstance(value, bytes) and value.startswith(_PREFIX_BYTES):
         value = value.decode("ascii", "replace")
     if isinstance(value, str):
-        if not value.startswith(envelope.TEXT_PREFIX):
-            return None
-        head = value[len(envelope.TEXT_PREFIX) : len(envelope.TEXT_PREFIX) + _B64_HEAD]
-        try:
-            return base64.b64decode(head, validate=True)
-        except (binascii.Error, ValueError):
-            return None
+        return envelope.text_key_id(value)
     if isinstance(value, bytes):
-        return value
+        return envelope.head_key_id(value)
     return None
 
 
 def _under_key(value: Any, key_id: bytes) -> bool:
-    head = _frame_head(value)
-    return (
-        head is not None
-        and len(head) > envelope.KEY_ID_SIZE
-        and head[0] == envelope.VERSION
-        and head[1 : 1 + envelope.KEY_ID_SIZE] == key_id
-    )
+    return _named_key(value) == key_id
 
 
 def _why(exc: BaseException) -> str:
@@ -943,11 +938,13 @@ def reencrypt_transform(
     old_label: str | None = None,
     counts: Counter[str] | None = None,
 ) -> Callable[[BatchRow], Any | None]:
-    """The transform moving one value to its tenant's active DEK and current label.
+    """The transform moving one value to its tenant's active DEK, current label and
+    the current format (a v1 value is re-sealed as v2, whatever its key).
 
     ``counts`` receives why each row was left alone (``nulls``, ``plaintext``,
     ``destroyed``, ``other_practice``), so a report does not call a shredded
-    row or a NULL "already current".
+    row or a NULL "already current", and ``from_v1``, the values re-sealed
+    from format v1.
     """
     left: Counter[str] = counts if counts is not None else Counter()
     new_label = _label(table, column, label)
@@ -972,7 +969,8 @@ def reencrypt_transform(
         if rec.state in (DESTROYED, RETIRED):
             left["destroyed"] += 1  # can never be read again: nothing to move
             return None
-        on_active = kid == keys.active(rec.tenant)
+        # A v1 value is re-sealed (as v2) even under the active key and label.
+        on_active = kid == keys.active(rec.tenant) and envelope.is_current(blob)
         if on_active and old_label is None:
             return None
         for lab in labels:
@@ -986,6 +984,8 @@ def reencrypt_transform(
         if on_active and lab == new_label:
             return None
         sealed = manager.encrypt(plain, tenant=rec.tenant, label=new_label)
+        if not envelope.is_current(blob):
+            left["from_v1"] += 1
         return envelope.to_text(sealed) if isinstance(row.value, str) else sealed
 
     return transform
@@ -1003,14 +1003,17 @@ class ReencryptReport(BatchReport):
     """A batch report that tells apart the rows ``reencrypt`` leaves alone.
 
     ``skipped`` (the batch engine's count) is every row not rewritten;
-    ``already_current`` is the part of it already on the active key and label.
-    A batch retried after a lock wait is counted again.
+    ``already_current`` is the part of it already on the active key and label
+    in format v2. ``from_v1``: values of format v1 re-sealed as v2 (counted
+    when sealed, so a row the application wrote meanwhile, a conflict, counts
+    too). A batch retried after a lock wait is counted again.
     """
 
     nulls: int = 0
     plaintext: int = 0
     destroyed: int = 0
     other_practice: int = 0
+    from_v1: int = 0
 
     @property
     def already_current(self) -> int:
@@ -1022,12 +1025,12 @@ class ReencryptReport(BatchReport):
         self.skipped += other["skipped"]
         self.conflicts += other["conflicts"]
         self.failed.extend(tuple(pk) for pk in other["failed"])
-        for k in _LEFT:
+        for k in (*_LEFT, "from_v1"):
             setattr(self, k, getattr(self, k) + other.get(k, 0))
 
     def as_dict(self) -> dict[str, Any]:
         d = super().as_dict()
-        d.update({k: getattr(self, k) for k in _LEFT})
+        d.update({k: getattr(self, k) for k in (*_LEFT, "from_v1")})
         d["already_current"] = self.already_current
         return d
 

@@ -32,7 +32,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import itertools
-import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,21 +80,25 @@ __all__ = [
 
 
 def ciphertext_width(max_bytes: int, storage: Storage = "binary") -> int:
-    """Stored width of a value whose UTF-8 plaintext is at most ``max_bytes`` bytes."""
-    binary = envelope.MIN_SIZE + max_bytes
-    if storage == "binary":
-        return binary
-    return len(envelope.TEXT_PREFIX) + 4 * math.ceil(binary / 3)
+    """Stored width of a value whose UTF-8 plaintext is at most ``max_bytes`` bytes.
+
+    A v2 value carries its practice id in its header, so the width is sized
+    for the longest one: 255 characters (the key table's practice column), at
+    most 1020 UTF-8 bytes (``envelope.PRACTICE_BOUND_BYTES``).
+    """
+    return envelope.width(max_bytes, envelope.PRACTICE_BOUND_BYTES, text=storage == "text")
 
 
 class EncryptedString(EncryptedText):
     """:class:`EncryptedText` for a plaintext of at most ``length`` characters.
 
-    The column is sized for the worst case, 4 UTF-8 bytes per character:
-    ``45 + 4 * length`` bytes (``VARBINARY`` on MariaDB, ``BYTEA`` on
-    PostgreSQL, ``BLOB`` on SQLite), or with ``storage="text"`` a
-    ``VARCHAR(7 + 4 * ceil((45 + 4 * length) / 3))`` of prefixed base64. A
-    longer value raises :class:`~carnet.errors.InvalidPlaintext`.
+    The column is sized for the worst case, 4 UTF-8 bytes per character, and
+    the longest practice id (255 characters, 1020 UTF-8 bytes, carried in the
+    value's header): ``1067 + 4 * length`` bytes (``VARBINARY`` on MariaDB,
+    ``BYTEA`` on PostgreSQL, ``BLOB`` on SQLite), or with ``storage="text"`` a
+    ``VARCHAR(2083 + 4 * ceil((28 + 4 * length) / 3))`` of the text form (see
+    :func:`ciphertext_width`). A longer value raises
+    :class:`~carnet.errors.InvalidPlaintext`.
     """
 
     cache_ok = True
@@ -185,8 +188,10 @@ class EncryptedDate(EncryptedText):
     """:class:`EncryptedText` whose plaintext is a ``datetime.date``.
 
     The plaintext sealed is the ISO 8601 calendar date ``YYYY-MM-DD`` (10
-    ASCII bytes, docs/format.md), so every value is 55 bytes (binary storage)
-    or 83 characters (text storage): the length leaks nothing.
+    ASCII bytes, docs/format.md), so every value of one practice has the same
+    length, ``57 + p`` bytes (binary storage) or ``95 + 2p`` characters (text
+    storage) for a practice id of ``p`` UTF-8 bytes: the length leaks nothing
+    but the practice, which the row holds anyway.
     """
 
     cache_ok = True

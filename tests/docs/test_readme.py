@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from carnet import envelope
 from support.paths import ROOT
 
 README = ROOT / "README.md"
@@ -33,7 +34,9 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert b"anxieuse" not in raw and "dépression".encode() not in raw
     with sqlite3.connect(db) as conn:
         ((practice, blob),) = conn.execute("SELECT practice_id, body FROM notes").fetchall()
-    assert practice == "cabinet-lyon-3" and blob[0] == 1 and len(blob) > 45
+    assert practice == "cabinet-lyon-3" and blob[0] == 2
+    assert blob[19 : 19 + len(practice)] == practice.encode()  # the header names the practice
+    assert len(blob) > envelope.overhead(practice)
     read_back = code.replace(
         "    s.commit()",
         "    s.commit()\nwith Session(engine) as s:\n"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import carnet
 from carnet import envelope, lifecycle
 from carnet.errors import KeyInUse
-from support.lifecycleutil import SECRET, active_key_ids, fill_notes, read_notes
+from carnet.keystore import wrap_context
+from support.lifecycleutil import SECRET, active_key_ids, fill_notes, notes_table, read_notes
 
 
 @pytest.fixture
@@ -125,3 +128,124 @@ def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
     # ...but not in a row of p2.
     rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
     assert (rep.failed, rep.reasons, rep.failed_pks) == (1, {"other_practice": 1}, [[2]])
+
+
+# -- format v1: read, counted, upgraded by reencrypt -------------------------------------
+
+
+def _seal_v1(keys: carnet.KeyManager, plaintext: bytes, *, tenant: str, label: str) -> bytes:
+    """A format-v1 value under ``tenant``'s active key, framed by hand (docs/format.md):
+    carnet no longer writes v1."""
+    rec = keys.ensure_key(tenant)
+    assert rec.wrapped_key is not None
+    dek = keys.master_key.unwrap(rec.wrapped_key, wrap_context(tenant, rec.key_id))
+    nonce = os.urandom(12)
+    aad = envelope.associated_data(rec.key_id, label, tenant, version=1)
+    return b"\x01" + rec.key_id + nonce + AESGCM(dek).encrypt(nonce, plaintext, aad)
+
+
+def _plant_v1(keys: carnet.KeyManager, engine: sa.Engine, ids: range) -> None:
+    """Rewrite rows ``ids`` of both columns as v1 values of the same notes."""
+    raw = sa.table(
+        "notes",
+        sa.column("id"),
+        sa.column("practice_id"),
+        sa.column("body", sa.LargeBinary),
+        sa.column("summary", sa.Text),
+    )
+    body, summary = read_notes(engine, keys), read_notes(engine, keys, "summary")
+    with engine.begin() as conn:
+        tenants = dict(conn.execute(sa.select(raw.c.id, raw.c.practice_id)).all())
+        for i in ids:
+            t = tenants[i]
+            conn.execute(
+                raw.update()
+                .where(raw.c.id == i)
+                .values(
+                    body=_seal_v1(keys, body[i][0].encode(), tenant=t, label="notes.body"),
+                    summary=envelope.to_text(
+                        _seal_v1(keys, summary[i][0].encode(), tenant=t, label="notes.summary")
+                    ),
+                )
+            )
+
+
+def _versions(engine: sa.Engine) -> dict[str, list[int]]:
+    raw = sa.table("notes", sa.column("body", sa.LargeBinary), sa.column("summary", sa.Text))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(raw.c.body, raw.c.summary)).all()
+    return {
+        "body": sorted(envelope.version_of(bytes(b)) for b, _ in rows),
+        "summary": sorted(envelope.version_of(envelope.from_text(s)) for _, s in rows),
+    }
+
+
+def test_reencrypt_upgrades_v1_values_on_the_active_key(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    before = {c: read_notes(engine, keys, c) for c in ("body", "summary")}
+    _plant_v1(keys, engine, range(0, 30))
+    assert _versions(engine) == {c: [1] * 30 + [2] * 90 for c in ("body", "summary")}
+    # v1 values read as they did, in Python and through the ORM type.
+    assert {c: read_notes(engine, keys, c) for c in ("body", "summary")} == before
+    notes = notes_table(sa.MetaData())
+    got: dict[int, str] = {}
+    carnet.bind_manager(engine, keys)
+    try:
+        with engine.connect() as conn:
+            for t in ("p0", "p1", "p2"):
+                with carnet.tenant_scope(t):
+                    q = sa.select(notes.c.id, notes.c.body).where(notes.c.practice_id == t)
+                    got.update((r[0], r[1]) for r in conn.execute(q))
+    finally:
+        carnet.bind_manager(engine, None)
+    assert got == {i: p for i, (p, _) in before["body"].items()}
+    # Under the active key, yet not current: status counts them, doctor's word is reencrypt.
+    cols = {(c.table, c.column): c for c in lifecycle.status(keys).columns}
+    for c in ("body", "summary"):
+        assert cols["notes", c].v1 == 30 and cols["notes", c].not_on_active == 0
+    for c in ("body", "summary"):
+        rep = lifecycle.reencrypt(keys, "notes", c, batch_size=7)
+        assert (rep.rewritten, rep.from_v1, rep.already_current) == (30, 30, 90)
+        assert not rep.failed
+        again = lifecycle.reencrypt(keys, "notes", c)
+        assert (again.rewritten, again.from_v1, again.already_current) == (0, 0, 120)
+    assert _versions(engine) == {c: [2] * 120 for c in ("body", "summary")}
+    after = {c: read_notes(engine, keys, c) for c in ("body", "summary")}
+    assert after == before  # same notes, same (active) keys
+    cols = {(c.table, c.column): c for c in lifecycle.status(keys).columns}
+    assert cols["notes", "body"].v1 == 0 and cols["notes", "summary"].v1 == 0
+    for c in ("body", "summary"):
+        assert lifecycle.verify(keys, "notes", c, tenant_column="practice_id").ok == 120
+
+
+def test_reencrypt_after_rotation_moves_v1_values_to_v2_on_the_new_key(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    _plant_v1(keys, engine, range(0, 12))
+    before = read_notes(engine, keys)
+    old = {r.key_id for r in keys.list_keys()}
+    lifecycle.rotate_keys(keys)
+    st = {(c.table, c.column): c for c in lifecycle.status(keys).columns}["notes", "body"]
+    # Every value is on an older key now; 12 of them are v1 too (counted in both).
+    assert (st.not_on_active, st.v1) == (120, 12)
+    rep = lifecycle.reencrypt(keys, "notes", "body")
+    assert (rep.rewritten, rep.from_v1) == (120, 12)
+    after = read_notes(engine, keys)
+    assert {i: p for i, (p, _) in after.items()} == {i: p for i, (p, _) in before.items()}
+    assert {k for _, k in after.values()} <= active_key_ids(keys)
+    assert not {k for _, k in after.values()} & old
+    assert _versions(engine)["body"] == [2] * 120
+    # The old keys are unused in body now, v1 values included.
+    for kid in old:
+        assert lifecycle.key_usage(keys, kid, [("notes", "body")]).total == 0
+
+
+def test_key_usage_counts_v1_and_v2_values_of_a_key(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    _plant_v1(keys, engine, range(0, 9))
+    kid = keys.ensure_key("p0").key_id
+    usage = lifecycle.key_usage(keys, kid, [("notes", "body"), ("notes", "summary")])
+    # p0 holds every third row: 40 of 120 in each column, 3 of each in v1.
+    assert usage.rows == {"notes.body": 40, "notes.summary": 40}

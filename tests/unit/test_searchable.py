@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, load_only, mapped_column
 
 import carnet
-from carnet import indexkeys
+from carnet import envelope, indexkeys
 from carnet import transforms as tr
 from carnet.errors import (
     CarnetError,
@@ -127,7 +127,8 @@ def test_string_and_date_round_trip_as_ciphertext(
         assert got is not None and (got.first_name, got.birth_date) == ("Hélène", born)
     row = _raw(engine, "SELECT first_name, birth_date FROM patients")[0]
     assert b"Dupont" not in bytes(row[0]) and b"1984" not in bytes(row[1])
-    assert len(bytes(row[1])) == 45 + 10  # every date seals to the same length
+    # Every date of a practice seals to the same length: header with "p1", ISO date, tag.
+    assert bytes(row[1])[0] == 2 and len(bytes(row[1])) == envelope.overhead("p1") + 10 == 59
 
 
 def test_string_length_and_date_type_are_enforced_without_echo(
@@ -147,11 +148,16 @@ def test_string_length_and_date_type_are_enforced_without_echo(
 
 
 def test_column_widths(engine: sa.Engine) -> None:
-    assert carnet.EncryptedString(32).width == 45 + 128
-    assert carnet.EncryptedString(32, storage="text").width == 7 + 4 * 58
+    # Sized for 32 characters of 4 UTF-8 bytes and the longest practice id
+    # (255 characters, 1020 bytes) the v2 header carries.
+    assert envelope.PRACTICE_BOUND_BYTES == 1020
+    longest = envelope.overhead("\U0001f9fa" * 255) + 4 * 32
+    assert carnet.EncryptedString(32).width == 1067 + 128 == longest
+    text = envelope.text_length("\U0001f9fa" * 255, 4 * 32)
+    assert carnet.EncryptedString(32, storage="text").width == 2083 + 4 * 52 == text
     ddl = str(sa.schema.CreateTable(core_patients).compile(engine))
     if engine.dialect.name == "mariadb":
-        assert "VARBINARY(173)" in ddl
+        assert "VARBINARY(1195)" in ddl
 
 
 # -- blind index: ORM ------------------------------------------------------------------

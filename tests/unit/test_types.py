@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, configure_mappers, mapped_column
 
 import carnet
+from carnet import envelope
 from carnet.errors import (
     CarnetError,
     ConfigurationError,
@@ -69,7 +70,8 @@ def test_orm_round_trip_and_storage_is_ciphertext(
         assert s.get(Note, ids["null"]).body is None  # type: ignore[union-attr]
     raw = _raw(engine, "notes", "body", ids["french"])
     assert isinstance(raw, bytes | memoryview) and b"anxieuse" not in bytes(raw)
-    assert bytes(raw)[0] == 1
+    assert bytes(raw)[0] == 2  # format v2, naming the row's practice in its header
+    assert envelope.tenant_of(bytes(raw)) == "cabinet-lyon-3"
     raw_text = _raw(engine, "notes", "summary", ids["french"])
     assert (
         isinstance(raw_text, str) and raw_text.startswith("carnet:") and "anxieuse" not in raw_text

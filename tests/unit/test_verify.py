@@ -84,7 +84,13 @@ def _mixed_table(engine: sa.Engine, keys: carnet.KeyManager) -> list[Case]:
     keys.rotate("p0")  # p0 v2 seals everything else; v1 is retired below
     tampered = bytearray(envelope.from_text(seal("p0", 1)))
     tampered[-1] ^= 1
-    unknown = envelope.VERSION_BYTE + os.urandom(envelope.KEY_ID_SIZE) + os.urandom(40)
+    # Well framed for patient 2's practice, under a key id carnet_keys does not have.
+    unknown = (
+        envelope.VERSION_BYTE
+        + os.urandom(envelope.KEY_ID_SIZE)
+        + envelope.practice_field("p1")
+        + os.urandom(40)
+    )
     cases = [Case(1 + i % 2, seal(f"p{i % 2}", i), "sealed", "ok") for i in range(12)]
     cases += [
         Case(1, None, "null", "null"),

@@ -2,15 +2,20 @@
 
 Run from the repository root: ``python tests/vectors/generate_carnet_v1.py``.
 Inputs are fixed (keys, key ids, nonces, labels, tenants, plaintexts); the
-outputs come from ``cryptography``'s AES-256-GCM through carnet's private
-fixed-nonce seam. The tests check them two ways: through the seam, and by
-re-parsing each blob by hand with the layout written in docs/format.md.
+outputs come from ``cryptography``'s AES-256-GCM. carnet reads v1 but no
+longer writes it, so the value is framed here by hand (version 1, key id,
+nonce, ciphertext and tag) around carnet's v1 associated data; the output is
+byte for byte the file carnet's v1 sealer made. The tests check them two
+ways: opened through carnet, and re-parsed by hand with the layout written
+in docs/format.md.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from carnet import envelope
 
@@ -68,10 +73,8 @@ def main() -> None:
     for name, dek, key_id_hex, nonce_hex, label, tenant, text in CASES:
         key_id = bytes.fromhex(key_id_hex)
         nonce = bytes.fromhex(nonce_hex)
-        aad = envelope.associated_data(key_id, label, tenant)
-        blob = envelope.Sealer(dek, key_id, label, tenant)._seal_with_nonce(
-            text.encode("utf-8"), nonce
-        )
+        aad = envelope.associated_data(key_id, label, tenant, version=1)
+        blob = b"\x01" + key_id + nonce + AESGCM(dek).encrypt(nonce, text.encode("utf-8"), aad)
         out.append(
             {
                 "name": name,

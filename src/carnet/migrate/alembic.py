@@ -90,7 +90,7 @@ def add_encrypted_column(
 
     ``type_``: the carnet type the application declares for it, when not
     ``EncryptedText()``: ``carnet.EncryptedString(n)`` (an inline
-    ``VARBINARY(45 + 4n)`` on MariaDB) or ``carnet.EncryptedDate()``.
+    ``VARBINARY(1067 + 4n)`` on MariaDB) or ``carnet.EncryptedDate()``.
     """
     _ops(op).add_column(table, sa.Column(column, _storage(type_), nullable=True))
 

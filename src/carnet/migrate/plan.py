@@ -9,7 +9,6 @@ ciphertext would not fit. Plus a duration estimate.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .. import envelope
 from ..batch import WritePlan
 from ..errors import CarnetError
 from ..manager import KeyManager
@@ -32,19 +32,13 @@ DEFAULT_RATES = {"sqlite": 5000.0, "postgresql": 5000.0, "mariadb": 3000.0}
 # Up to this many primary keys of each problem kind are listed; the counts are exact.
 SAMPLE = 20
 
-_OVERHEAD = 1 + 16 + 12 + 16  # version, key id, nonce, tag
-
-
-def text_form_length(plaintext_bytes: int) -> int:
-    """Characters of the prefixed base64 text form of a value of this many UTF-8 bytes."""
-    return len("carnet:") + 4 * math.ceil((plaintext_bytes + _OVERHEAD) / 3)
-
 
 def _stored_length(target: Target, row: sc.ScannedRow, in_place: bool) -> int:
+    """Characters (text form) or bytes (binary) of the value sealed for ``row``."""
     size = len(target.plaintext_of(row.source).encode("utf-8"))
-    if in_place or sc.is_text_column(target.table.c[target.column]):
-        return text_form_length(size)
-    return size + _OVERHEAD
+    tenant = sc.tenant_str(row.tenant) or ""
+    text = in_place or sc.is_text_column(target.table.c[target.column])
+    return envelope.width(size, len(tenant.encode("utf-8")), text=text)
 
 
 def backend_of(engine: sa.Engine) -> str:
@@ -211,7 +205,6 @@ def measure_rate(
     """
     import time
 
-    from .. import envelope
     from ..providers import EphemeralMasterKey
     from . import scan as scan_mod
 

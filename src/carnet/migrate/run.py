@@ -114,10 +114,16 @@ def _transform(
         else:
             kind = sc.classify_text(manager, source, tenant, label)
             if kind == sc.SEALED:
-                return source if text_into else envelope.from_text(source)
-            if kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
+                blob = envelope.from_text(source)
+                if envelope.is_current(blob):
+                    return source if text_into else blob
+                # Format v1, copied as it is written today (v2); it opened for this row.
+                plain = manager.decrypt(blob, tenant=tenant, label=label)
+                stored = manager.encrypt(plain, tenant=tenant, label=label)
+            elif kind == sc.PREFIXED_INVALID and prefixed != "encrypt":
                 raise left(sc.PREFIXED_INVALID, row.pk)
-            stored = seal(source, tenant)
+            else:
+                stored = seal(source, tenant)
         if text_into:
             stored = envelope.to_text(stored)
         if limit is not None and len(stored) > limit:

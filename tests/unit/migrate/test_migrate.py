@@ -326,3 +326,74 @@ def test_a_table_without_a_declared_primary_key_migrates_through_finish_with_pk(
         assert keys.decrypt(blob, tenant=practice, label="notes_nopk.comment").decode() == (
             f"note sans clé {i}"
         )
+
+
+def _seal_v1(keys: carnet.KeyManager, text: str, *, tenant: str, label: str) -> str:
+    """The v1 text form of ``text`` under ``tenant``'s active key, framed by hand
+    (docs/format.md): carnet no longer writes v1."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from carnet.keystore import wrap_context
+
+    rec = keys.ensure_key(tenant)
+    assert rec.wrapped_key is not None
+    dek = keys.master_key.unwrap(rec.wrapped_key, wrap_context(tenant, rec.key_id))
+    nonce = os.urandom(12)
+    aad = envelope.associated_data(rec.key_id, label, tenant, version=1)
+    blob = b"\x01" + rec.key_id + nonce + AESGCM(dek).encrypt(nonce, text.encode(), aad)
+    return envelope.to_text(blob)
+
+
+def test_expand_copies_v1_sealed_values_as_v2(
+    legacy: sa.Engine,
+    keys: carnet.KeyManager,
+    db_url: str,
+    master_key_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    with legacy.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT c.id, p.practice_id, c.comment FROM consultations c "
+                "JOIN patients p ON p.id = c.patient_id WHERE c.id <= 6 ORDER BY c.id"
+            )
+        ).all()
+    # Sealed before the UPDATE's transaction: SQLite's key table shares its lock.
+    planted = {
+        cid: (str(practice), text)
+        for cid, practice, text in rows
+        if text is not None and not text.startswith("carnet:")
+    }
+    v1 = {
+        cid: _seal_v1(keys, text, tenant=practice, label="consultations.comment")
+        for cid, (practice, text) in planted.items()
+    }
+    with legacy.begin() as conn:
+        for cid, value in v1.items():
+            conn.execute(
+                sa.text("UPDATE consultations SET comment = :v WHERE id = :i"),
+                {"v": value, "i": cid},
+            )
+    assert planted
+    monkeypatch.setenv("CARNET_DATABASE_URL", db_url)
+    command.upgrade(
+        Config(str(EXAMPLES / "legacy_practice" / "alembic.ini")), "0001_expand_comment"
+    )
+    into = [*TARGET, "--into", "comment_enc"]
+    res = cli(db_url, master_key_uri, "run", *into, "--prefixed", "encrypt", "--json")
+    assert res.exit_code == 0, res.output
+    with legacy.connect() as conn:
+        got = dict(
+            conn.execute(sa.text("SELECT id, comment_enc FROM consultations WHERE id <= 6")).all()
+        )
+    for cid, (practice, text) in planted.items():
+        blob = envelope.from_text(got[cid]) if isinstance(got[cid], str) else bytes(got[cid])
+        # Copied as carnet writes today: v2, naming the row's practice, same note.
+        assert envelope.is_current(blob) and envelope.tenant_of(blob) == practice
+        opened = keys.decrypt(blob, tenant=practice, label="consultations.comment")
+        assert opened.decode() == text
