@@ -141,6 +141,12 @@ class ColumnSpec:
     practice: str | None = None  # a practice column of the same row
     parent: Parent | None = None  # or on a parent row
     mode: Mode = "v2"
+    # The field label values are sealed for (default ``table.column``).
+    label: str | None = None
+
+    @property
+    def field_label(self) -> str:
+        return self.label if self.label is not None else f"{self.table}.{self.column}"
 
     def name(self, kind: str) -> str:
         if kind == "f":
@@ -204,6 +210,7 @@ def specs_for(table: sa.Table, dialect: str) -> list[ColumnSpec]:
                 practice=None if practice is None else table.c[practice].name,
                 parent=parent,
                 mode="mixed" if typ.mixed_read else "v2",
+                label=typ.field_label,
             )
         )
     return out
@@ -354,19 +361,29 @@ class _Sql:
             return f"{self.sub(v, 1, 1)} = {self.byte('02')}"
         return self.text_eq(self.sub(v, 1, len(envelope.TEXT_PREFIX_V2)), "'carnet:2:'")
 
-    def format(self, v: str, storage: str, mode: Mode) -> str:
-        """A non-NULL ``v`` is a well-framed value of a version the mode accepts."""
+    def format(self, v: str, storage: str, mode: Mode, label: str) -> str:
+        """A non-NULL ``v`` is a well-framed value of a version the mode accepts,
+        and a v2 value names this column's label (its tag) in its header."""
         length = self.length(v, storage)
+        tag = envelope.label_tag(label).hex()
         if storage == "binary":
-            v2 = f"({length} >= {envelope.MIN_SIZE} AND {self.is_v2(v, storage)})"
+            v2 = (
+                f"({length} >= {envelope.MIN_SIZE} AND {self.is_v2(v, storage)} AND "
+                f"{self.sub(v, envelope.LABEL_TAG_AT + 1, envelope.LABEL_TAG_SIZE)} = "
+                f"{self.byte(tag)})"
+            )
             v1 = f"({length} >= {envelope.V1_MIN_SIZE} AND {self.sub(v, 1, 1)} = {self.byte('01')})"
             typed = f"typeof({v}) = 'blob' AND " if self.d == "sqlite" else ""
         else:
-            # "carnet:2:" + 32 hex + ":" + at least 2 hex + ":" + base64 of >= 28 bytes.
+            # "carnet:2:" + 32 hex + ":" + 8 hex (label tag) + ":" + at least 2 hex
+            # (practice) + ":" + base64 of >= 28 bytes.
             colon = 1 + len(envelope.TEXT_PREFIX_V2) + 2 * envelope.KEY_ID_SIZE
+            colon2 = colon + 1 + 2 * envelope.LABEL_TAG_SIZE
             v2 = (
-                f"({length} >= {colon + 3 + 40} AND {self.is_v2(v, storage)} "
-                f"AND {self.text_eq(self.sub(v, colon, 1), _COLON)})"
+                f"({length} >= {colon2 + 3 + 40} AND {self.is_v2(v, storage)} "
+                f"AND {self.text_eq(self.sub(v, colon, 1), _COLON)} "
+                f"AND {self.text_eq(self.sub(v, colon + 1, len(tag)), repr(tag))} "
+                f"AND {self.text_eq(self.sub(v, colon2, 1), _COLON)})"
             )
             # v1's base64 starts with "A" (the version byte 0x01) and holds >= 45 bytes.
             v1 = f"({length} >= 67 AND {self.text_eq(self.sub(v, 1, 8), _V1_HEAD)})"
@@ -393,7 +410,13 @@ class _Sql:
                 f"AND {self.sub(v, start, n)} = {pb}"
             )
         else:
-            at = len(envelope.TEXT_PREFIX_V2) + 2 * envelope.KEY_ID_SIZE + 2
+            # After "carnet:2:", the key id, ":", the label tag and ":".
+            at = (
+                len(envelope.TEXT_PREFIX_V2)
+                + 2 * envelope.KEY_ID_SIZE
+                + 2 * envelope.LABEL_TAG_SIZE
+                + 3
+            )
             same = (
                 f"{p} IS NOT NULL "
                 f"AND {self.text_eq(self.sub(v, at, f'2 * {n}'), self.lowhex(pb))} "
@@ -456,7 +479,7 @@ def ddl_objects(
             )
         )
 
-    row_check("f", lambda v: s.format(v, st, spec.mode))
+    row_check("f", lambda v: s.format(v, st, spec.mode, spec.field_label))
     if spec.practice is not None:
         pcol = _quote(dialect, spec.practice)
         prefix = "NEW." if s.d == "sqlite" else ""

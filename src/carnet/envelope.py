@@ -2,8 +2,10 @@
 
 Binary form, v2::
 
-    0x02 | key id (16) | u16be len | practice (UTF-8) | nonce (12)
+    0x02 | key id (16) | label tag (4) | u16be len | practice (UTF-8) | nonce (12)
          | AES-256-GCM ciphertext || tag (16)
+
+    label tag = the first 4 bytes of SHA-256(UTF-8 field label)
 
 v1 (read only, upgraded by ``carnet reencrypt``)::
 
@@ -13,17 +15,19 @@ Associated data (both versions; the version byte differs)::
 
     version (1) | key id (16) | u32be len | UTF-8 field label | u32be len | UTF-8 practice
 
-v2 carries the practice in its header, in clear, so that the database itself
-can compare it, byte for byte, with the row's practice column (a CHECK
-constraint, see :mod:`carnet.dbchecks`), whichever client wrote the row. The
-header is authenticated through the associated data: a forged header fails
-the tag. Binding the label and the practice means a value copied to another
-column or another practice's row fails instead of yielding its text.
+v2 carries the practice and a tag of the field label in its header, in
+clear, so that the database itself can compare them, byte for byte, with the
+row's practice column and the column's label (CHECK constraints and
+triggers, see :mod:`carnet.dbchecks`), whichever client wrote the row. The
+header is authenticated through the associated data (the label and the
+practice in full): a forged header fails the tag. Binding the label and the
+practice means a value copied to another column or another practice's row
+fails instead of yielding its text.
 
 Text form, for TEXT columns::
 
-    v2: "carnet:2:" + hex(key id) + ":" + hex(UTF-8 practice) + ":"
-        + base64(nonce | ciphertext || tag)
+    v2: "carnet:2:" + hex(key id) + ":" + hex(label tag) + ":" + hex(UTF-8 practice)
+        + ":" + base64(nonce | ciphertext || tag)
     v1: "carnet:" + base64(binary form)
 
 Lowercase hex in v2, so that SQLite, which has no base64 decoding, can
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 import struct
 from typing import Any
@@ -53,10 +58,13 @@ V1_BYTE = b"\x01"
 KEY_ID_SIZE = 16
 NONCE_SIZE = 12
 TAG_SIZE = 16
-# v1: version, key id, nonce. v2 adds a u16 length and the practice after the key id.
+LABEL_TAG_SIZE = 4
+# v1: version, key id, nonce. v2 adds, after the key id, the label tag, a u16
+# length and the practice.
 V1_HEADER_SIZE = 1 + KEY_ID_SIZE + NONCE_SIZE
 V1_MIN_SIZE = V1_HEADER_SIZE + TAG_SIZE
-PRACTICE_AT = 1 + KEY_ID_SIZE + 2
+LABEL_TAG_AT = 1 + KEY_ID_SIZE
+PRACTICE_AT = LABEL_TAG_AT + LABEL_TAG_SIZE + 2
 # The shortest v2 value: a one-byte practice and the empty note.
 MIN_SIZE = PRACTICE_AT + 1 + NONCE_SIZE + TAG_SIZE
 MAX_PRACTICE_BYTES = 0xFFFF
@@ -72,7 +80,8 @@ _u16 = struct.Struct(">H")
 # Where a value's key id sits (both versions), for the hot path's lookup before
 # any check: the Opener found under it checks the framing itself.
 KEY_ID = slice(1, 1 + KEY_ID_SIZE)
-_LEN = slice(1 + KEY_ID_SIZE, PRACTICE_AT)
+LABEL_TAG = slice(LABEL_TAG_AT, LABEL_TAG_AT + LABEL_TAG_SIZE)
+_LEN = slice(LABEL_TAG_AT + LABEL_TAG_SIZE, PRACTICE_AT)
 _V1_NONCE = slice(1 + KEY_ID_SIZE, V1_HEADER_SIZE)
 _V1_BODY = slice(V1_HEADER_SIZE, None)
 
@@ -101,6 +110,17 @@ def associated_data(key_id: bytes, label: str, tenant: str, version: int = VERSI
             tenant_b,
         )
     )
+
+
+def label_tag(label: str) -> bytes:
+    """The v2 header's tag of a field label: the first 4 bytes of its SHA-256.
+
+    Not a secret and not what authenticates (the associated data holds the
+    label in full): it lets the database refuse a value copied from another
+    column. Two labels share a tag with probability 2^-32; a value copied
+    between two such columns passes the database's check and fails at read.
+    """
+    return hashlib.sha256(label.encode("utf-8")).digest()[:LABEL_TAG_SIZE]
 
 
 def practice_field(tenant: str) -> bytes:
@@ -175,7 +195,14 @@ def width(note_bytes: int, practice_bytes: int, *, text: bool = False) -> int:
     if not text:
         return PRACTICE_AT + practice_bytes + body
     return (
-        len(TEXT_PREFIX_V2) + 2 * KEY_ID_SIZE + 1 + 2 * practice_bytes + 1 + 4 * ((body + 2) // 3)
+        len(TEXT_PREFIX_V2)
+        + 2 * KEY_ID_SIZE
+        + 1
+        + 2 * LABEL_TAG_SIZE
+        + 1
+        + 2 * practice_bytes
+        + 1
+        + 4 * ((body + 2) // 3)
     )
 
 
@@ -220,7 +247,7 @@ class Sealer:
         self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
     ) -> None:
         aead = key if hasattr(key, "encrypt") else cipher(key)
-        self._prefix = VERSION_BYTE + key_id + practice_field(tenant)
+        self._prefix = VERSION_BYTE + key_id + label_tag(label) + practice_field(tenant)
         self._encrypt = aead.encrypt
         self._aad = associated_data(key_id, label, tenant)
         self.expires = expires
@@ -252,9 +279,9 @@ class Opener:
         self._decrypt = aead.decrypt
         self._aad = associated_data(key_id, label, tenant)
         self._aad_v1 = associated_data(key_id, label, tenant, V1)
-        self._field = practice_field(tenant)
-        # Where the nonce starts in a v2 value of this practice.
-        self._body = 1 + KEY_ID_SIZE + len(self._field)
+        self._field = label_tag(label) + practice_field(tenant)
+        # Where the nonce starts in a v2 value of this label and practice.
+        self._body = LABEL_TAG_AT + len(self._field)
         self.expires = expires
         self.label = label
         self.tenant = tenant
@@ -262,7 +289,7 @@ class Opener:
     def open(self, blob: bytes) -> bytes:
         """Decrypt a value of this key; any other framing, practice or a failed tag raises."""
         at = self._body
-        if blob[0:1] == VERSION_BYTE and blob[17:at] == self._field:
+        if blob[0:1] == VERSION_BYTE and blob[LABEL_TAG_AT:at] == self._field:
             if len(blob) < at + NONCE_SIZE + TAG_SIZE:
                 raise InvalidCiphertext("value too short to be carnet ciphertext")
             nonce_end = at + NONCE_SIZE
@@ -271,6 +298,11 @@ class Opener:
         elif version_of(blob) == V1:
             aad = self._aad_v1
             nonce, body = blob[_V1_NONCE], blob[_V1_BODY]
+        elif tenant_of(blob) == self.tenant:
+            # A well-framed v2 value of this practice sealed for another field.
+            raise InvalidCiphertext(
+                "value sealed for another field", label=self.label, tenant=self.tenant
+            )
         else:
             # A well-framed v2 value naming another practice.
             raise TenantMismatch(self.tenant, tenant_of(blob) or "?")
@@ -288,8 +320,8 @@ def to_text(blob: bytes) -> str:
     if blob[:1] == VERSION_BYTE:
         at = PRACTICE_AT + _u16.unpack(blob[_LEN])[0]
         return (
-            f"{TEXT_PREFIX_V2}{blob[KEY_ID].hex()}:{blob[PRACTICE_AT:at].hex()}:"
-            + base64.b64encode(blob[at:]).decode("ascii")
+            f"{TEXT_PREFIX_V2}{blob[KEY_ID].hex()}:{blob[LABEL_TAG].hex()}:"
+            f"{blob[PRACTICE_AT:at].hex()}:" + base64.b64encode(blob[at:]).decode("ascii")
         )
     return TEXT_PREFIX + base64.b64encode(blob).decode("ascii")
 
@@ -312,21 +344,24 @@ def from_text(value: str) -> bytes:
         parts = value.split(":")
         # Lowercase hex only: one spelling per value, the one the database compares.
         if (
-            len(parts) != 5
+            len(parts) != 6
             or len(parts[2]) != 2 * KEY_ID_SIZE
+            or len(parts[3]) != 2 * LABEL_TAG_SIZE
             or not _is_lower_hex(parts[2])
             or not _is_lower_hex(parts[3])
+            or not _is_lower_hex(parts[4])
         ):
             raise InvalidCiphertext("text value is not carnet's v2 text form")
         try:
             key_id = bytes.fromhex(parts[2])
-            tenant = bytes.fromhex(parts[3])
-            body = base64.b64decode(parts[4], validate=True)
+            tag = bytes.fromhex(parts[3])
+            tenant = bytes.fromhex(parts[4])
+            body = base64.b64decode(parts[5], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidCiphertext("text value is not carnet's v2 text form") from None
         if not tenant or len(tenant) > MAX_PRACTICE_BYTES:
             raise InvalidCiphertext("text value names no valid practice")
-        return VERSION_BYTE + key_id + _u16.pack(len(tenant)) + tenant + body
+        return VERSION_BYTE + key_id + tag + _u16.pack(len(tenant)) + tenant + body
     if not value.startswith(TEXT_PREFIX):
         raise InvalidCiphertext("text value lacks the carnet prefix")
     try:

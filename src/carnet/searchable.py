@@ -94,9 +94,9 @@ class EncryptedString(EncryptedText):
 
     The column is sized for the worst case, 4 UTF-8 bytes per character, and
     the longest practice id (255 characters, 1020 UTF-8 bytes, carried in the
-    value's header): ``1067 + 4 * length`` bytes (``VARBINARY`` on MariaDB,
+    value's header): ``1071 + 4 * length`` bytes (``VARBINARY`` on MariaDB,
     ``BYTEA`` on PostgreSQL, ``BLOB`` on SQLite), or with ``storage="text"`` a
-    ``VARCHAR(2083 + 4 * ceil((28 + 4 * length) / 3))`` of the text form (see
+    ``VARCHAR(2092 + 4 * ceil((28 + 4 * length) / 3))`` of the text form (see
     :func:`ciphertext_width`). A longer value raises
     :class:`~carnet.errors.InvalidPlaintext`.
     """
@@ -189,7 +189,7 @@ class EncryptedDate(EncryptedText):
 
     The plaintext sealed is the ISO 8601 calendar date ``YYYY-MM-DD`` (10
     ASCII bytes, docs/format.md), so every value of one practice has the same
-    length, ``57 + p`` bytes (binary storage) or ``95 + 2p`` characters (text
+    length, ``61 + p`` bytes (binary storage) or ``104 + 2p`` characters (text
     storage) for a practice id of ``p`` UTF-8 bytes: the length leaks nothing
     but the practice, which the row holds anyway.
     """

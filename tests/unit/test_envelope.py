@@ -10,6 +10,7 @@ carnet no longer writes v1: its vectors are only opened, and split by hand.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -115,18 +116,21 @@ def test_v2_known_answer_parsed_by_hand(v: dict[str, str]) -> None:
     tenant = v["tenant"].encode()
     assert blob[0] == 0x02
     key_id = blob[1:17]
-    (n,) = struct.unpack(">H", blob[17:19])
-    assert n == len(tenant) and blob[19 : 19 + n] == tenant
-    nonce, body = blob[19 + n : 31 + n], blob[31 + n :]
+    # The label tag: the first 4 bytes of SHA-256 of the UTF-8 label.
+    assert blob[17:21] == hashlib.sha256(v["label"].encode()).digest()[:4]
+    (n,) = struct.unpack(">H", blob[21:23])
+    assert n == len(tenant) and blob[23 : 23 + n] == tenant
+    nonce, body = blob[23 + n : 35 + n], blob[35 + n :]
     assert key_id.hex() == v["key_id"] and nonce.hex() == v["nonce"]
     assert len(body) == len(v["plaintext"].encode()) + 16
     aad = _aad(2, key_id, v["label"], v["tenant"])
     assert aad.hex() == v["aad"]
     assert AESGCM(bytes.fromhex(v["dek"])).decrypt(nonce, body, aad).decode() == v["plaintext"]
-    # The text form: five ':'-separated parts, lowercase hex, standard padded base64.
-    prefix, version, kid_hex, tenant_hex, b64 = v["text_form"].split(":")
+    # The text form: six ':'-separated parts, lowercase hex, standard padded base64.
+    prefix, version, kid_hex, tag_hex, tenant_hex, b64 = v["text_form"].split(":")
     assert (prefix, version) == ("carnet", "2")
     assert kid_hex == key_id.hex() and tenant_hex == tenant.hex()
+    assert tag_hex == blob[17:21].hex()
     assert kid_hex == kid_hex.lower() and tenant_hex == tenant_hex.lower()
     assert base64.b64decode(b64, validate=True) == nonce + body
 
@@ -189,7 +193,8 @@ def test_v1_and_v2_of_one_note_do_not_open_as_each_other() -> None:
     # The version byte is in the associated data: a v1 body reframed as v2 fails.
     v = V1_VECTORS[1]
     blob = bytes.fromhex(v["blob"])
-    reframed = b"\x02" + blob[1:17] + struct.pack(">H", 2) + b"p1" + blob[17:]
+    tag = hashlib.sha256(v["label"].encode()).digest()[:4]
+    reframed = b"\x02" + blob[1:17] + tag + struct.pack(">H", 2) + b"p1" + blob[17:]
     opener = envelope.Opener(bytes.fromhex(v["dek"]), blob[1:17], v["label"], "p1")
     assert opener.open(blob).decode() == v["plaintext"]
     with pytest.raises(InvalidCiphertext):
@@ -213,11 +218,12 @@ _P = len(b"p1")
 V2_FIELDS = {
     "version": (0, 1),
     "key id": (1, 17),
-    "length": (17, 19),
-    "practice": (19, 19 + _P),
-    "nonce": (19 + _P, 31 + _P),
-    "ciphertext": (31 + _P, 31 + _P + len(_NOTE)),
-    "tag": (31 + _P + len(_NOTE), 47 + _P + len(_NOTE)),
+    "label tag": (17, 21),
+    "length": (21, 23),
+    "practice": (23, 23 + _P),
+    "nonce": (23 + _P, 35 + _P),
+    "ciphertext": (35 + _P, 35 + _P + len(_NOTE)),
+    "tag": (35 + _P + len(_NOTE), 51 + _P + len(_NOTE)),
 }
 
 
@@ -235,6 +241,7 @@ def test_v2_fields_tile_the_value() -> None:
 _EXPECTED: dict[str, tuple[type[CarnetError], ...]] = {
     "version": (InvalidCiphertext,),
     "key id": (UnknownKey,),
+    "label tag": (InvalidCiphertext,),
     "length": (InvalidCiphertext, TenantMismatch),
     "practice": (InvalidCiphertext, TenantMismatch),
     "nonce": (InvalidCiphertext,),
@@ -291,10 +298,22 @@ def test_a_forged_header_practice_fails_the_tag() -> None:
     # Rewrite the header to name p2 and open as p2 with the right key: what the
     # database checks (the header) agrees with the row, but the AAD does not.
     key_id, blob = _sample("p1")
-    forged = blob[:17] + envelope.practice_field("p2") + blob[19 + _P :]
+    forged = blob[:21] + envelope.practice_field("p2") + blob[23 + _P :]
     assert envelope.tenant_of(forged) == "p2"
     with pytest.raises(InvalidCiphertext):
         envelope.Opener(bytes(range(32)), key_id, "notes.body", "p2").open(forged)
+
+
+def test_a_value_of_another_field_raises_invalid_ciphertext_before_opening() -> None:
+    # Same practice, another label: the header's label tag says so, and a
+    # forged tag still fails the AAD, which holds the label in full.
+    key_id, blob = _sample("p1")
+    other = envelope.Opener(bytes(range(32)), key_id, "notes.summary", "p1")
+    with pytest.raises(InvalidCiphertext, match="another field"):
+        other.open(blob)
+    retagged = blob[:17] + envelope.label_tag("notes.summary") + blob[21:]
+    with pytest.raises(InvalidCiphertext, match="does not authenticate"):
+        other.open(retagged)
 
 
 def test_flipped_key_id_changes_the_associated_data() -> None:
@@ -383,7 +402,9 @@ def _variants(part: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("index", range(5), ids=["prefix", "version", "key id", "practice", "body"])
+@pytest.mark.parametrize(
+    "index", range(6), ids=["prefix", "version", "key id", "label tag", "practice", "body"]
+)
 def test_every_change_in_each_text_part_is_rejected(index: int, keys: carnet.KeyManager) -> None:
     parts = _text_parts()
     text = ":".join(parts)
@@ -399,7 +420,7 @@ def test_every_change_in_each_text_part_is_rejected(index: int, keys: carnet.Key
 
 def test_text_form_is_lowercase_hex_only() -> None:
     parts = _text_parts()
-    for index in (2, 3):
+    for index in (2, 3, 4):
         upper = [*parts]
         upper[index] = upper[index].upper()
         if upper[index] == parts[index]:
@@ -411,7 +432,7 @@ def test_text_form_is_lowercase_hex_only() -> None:
 
 def test_text_form_parts_dropped_or_added_are_rejected() -> None:
     parts = _text_parts()
-    for i in range(2, 5):
+    for i in range(2, 6):
         with pytest.raises(InvalidCiphertext):
             envelope.from_text(":".join(parts[:i] + parts[i + 1 :]))
     with pytest.raises(InvalidCiphertext):
@@ -428,10 +449,12 @@ def test_text_form_parts_dropped_or_added_are_rejected() -> None:
         "carnet:AQID\n",
         "carnet:2:",
         "carnet:2::::",
-        "carnet:2:00:7031:AAAA",
-        "carnet:2:" + "00" * 16 + "::" + "A" * 40,
-        "carnet:2:" + "00" * 16 + ":703:" + "A" * 40,
-        "carnet:2:" + "00" * 16 + ":7031:" + "A" * 39,
+        "carnet:2:00:00000000:7031:AAAA",
+        "carnet:2:" + "00" * 16 + ":00000000::" + "A" * 40,
+        "carnet:2:" + "00" * 16 + ":00000000:703:" + "A" * 40,
+        "carnet:2:" + "00" * 16 + ":00000000:7031:" + "A" * 39,
+        "carnet:2:" + "00" * 16 + ":000000:7031:" + "A" * 40,
+        "carnet:2:" + "00" * 16 + ":7031:" + "A" * 40,
     ],
 )
 def test_bad_text_forms(text: str) -> None:
