@@ -970,3 +970,46 @@ def _report_raw_steps(backend: str, tmp_path: Path) -> None:
     print(f"raw steps on {backend}: {sum(mine.values())} ({path})")
     for (rule_name, outcome), n in sorted(by_rule.items()):
         print(f"  {rule_name:28} {outcome:12} {n}")
+
+
+def test_raw_copy_into_another_column_of_the_same_practice(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    """The smallest case of ``raw_copy_to_another_column`` above, always run.
+
+    A real value of practice cab-lyon, sealed for ``mt_consults.comment``, is
+    copied by raw SQL into ``mt_notes.body`` of a cab-lyon row. Its header
+    names the right practice and a data key of it, so the practice and key
+    checks pass; but it was sealed for another field label, so it no longer
+    opens under its row's label. The database must refuse the copy, or the
+    invariant must still hold after it.
+    """
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    Base.metadata.create_all(engine)
+    carnet.configure(keys)
+    try:
+        with Session(engine) as s:
+            s.add_all([Practice(id=p) for p in PRACTICES])
+            s.add(MPatient(id=1, practice_id="cab-lyon"))
+            s.add(MNote(id=1, practice_id="cab-lyon", body="a note"))
+            s.add(MConsult(id=2, patient_id=1, comment="a comment"))
+            s.commit()
+        expected = {1: ("cab-lyon", "a comment", None)}
+        with engine.connect() as conn:
+            try:
+                conn.exec_driver_sql(
+                    "UPDATE mt_notes SET body = (SELECT comment FROM mt_consults WHERE id = 2) "
+                    "WHERE id = 1"
+                )
+                conn.commit()
+            except CarnetError as exc:
+                assert exc.constraint is not None  # type: ignore[attr-defined]
+                expected = {1: ("cab-lyon", "a note", None)}
+        problems = mismatches(
+            engine, master_key_uri, expected, set(), {2: (1, "a comment")}, {1: "cab-lyon"}
+        )
+        assert not problems, problems
+    finally:
+        carnet.configure(None)
+        keys.close()
