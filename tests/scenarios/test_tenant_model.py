@@ -698,6 +698,12 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             p, body, summary = self.model[rid]
             self.model[rid] = (p, text, summary) if col == "body" else (p, body, text)
 
+        @staticmethod
+        def _copy_kind(text: str | None, source: str, target: str) -> str:
+            if text is None:
+                return "null"
+            return "same_practice" if source == target else "other_practice"
+
         def _copy(
             self,
             data: st.DataObject,
@@ -733,7 +739,8 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                     .where(tgt.c.id == tid)
                     .values({tgt_col: sa.select(inner.c.v).scalar_subquery()})
                 )
-                if self._raw(rule, channel, sql, (sid, tid), stmt):
+                kind = self._copy_kind(text, practice, self._practice_of(tgt_table, tid))
+                if self._raw(f"{rule}_update_{kind}", channel, sql, (sid, tid), stmt):
                     self._set(tgt_table, tid, tgt_col, text)
                 return
             # INSERT ... SELECT: a new row, of the source's practice half the time.
@@ -759,7 +766,9 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                     src.c[src_col],
                 ).where(src.c.id == sid),
             )
-            if self._raw(rule, channel, sql, (sid,), stmt):
+            to = owner if tgt_table == "mt_notes" else self.patients[owner]
+            kind = self._copy_kind(text, practice, to)
+            if self._raw(f"{rule}_insert_select_{kind}", channel, sql, (sid,), stmt):
                 if tgt_table == "mt_notes":
                     self.model[tid] = (owner, None, None)
                 else:
@@ -828,7 +837,9 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                 stmt = ins.on_conflict_do_update(
                     index_elements=["id"], set_={"practice_id": ins.excluded.practice_id}
                 )
-            if self._raw(f"raw_move_{how}", channel, sql, params, stmt):
+            held = new != self.model[nid][0] and (body is not None or summary is not None)
+            kind = "holding_values" if held else "free"
+            if self._raw(f"raw_move_{how}_{kind}", channel, sql, params, stmt):
                 self.model[nid] = (new, body, summary)
 
         @rule(
@@ -857,7 +868,8 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                 rid = data.draw(st.sampled_from(rows))
                 sql = f"UPDATE {table} SET {col} = ? WHERE id = ?"  # noqa: S608
                 stmt: sa.Executable = t.update().where(t.c.id == rid).values({col: value})
-                if self._raw("raw_plaintext_update", channel, sql, (value, rid), stmt):
+                kind = "null" if text is None else "text"
+                if self._raw(f"raw_plaintext_update_{kind}", channel, sql, (value, rid), stmt):
                     self._set(table, rid, col, text)
                 return
             rid = self._id()
@@ -867,7 +879,8 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
                 owner_col, owner = "patient_id", data.draw(st.sampled_from(PATIENTS))
             sql = f"INSERT INTO {table} (id, {owner_col}, {col}) VALUES (?, ?, ?)"  # noqa: S608
             stmt = t.insert().values({"id": rid, owner_col: owner, col: value})
-            if self._raw("raw_plaintext_insert", channel, sql, (rid, owner, value), stmt):
+            kind = "null" if text is None else "text"
+            if self._raw(f"raw_plaintext_insert_{kind}", channel, sql, (rid, owner, value), stmt):
                 if table == "mt_notes":
                     self.model[rid] = (owner, None, None)
                 else:
@@ -880,7 +893,11 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             t = plain_patients
             sql = "UPDATE mt_patients SET practice_id = ? WHERE id = ?"
             stmt = t.update().where(t.c.id == patient).values(practice_id=new)
-            if self._raw("raw_patient_move", channel, sql, (new, patient), stmt):
+            held = new != self.patients[patient] and any(
+                p == patient and t is not None for p, t in self.consults.values()
+            )
+            kind = "holding_values" if held else "free"
+            if self._raw(f"raw_patient_move_{kind}", channel, sql, (new, patient), stmt):
                 self.patients[patient] = new
 
         @precondition(lambda self: self.consults)
@@ -891,7 +908,12 @@ def machine_for(engine: sa.Engine, master_key_uri: str, checks: list[int]) -> ty
             t = plain_consults
             sql = "UPDATE mt_consults SET patient_id = ? WHERE id = ?"
             stmt = t.update().where(t.c.id == cid).values(patient_id=patient)
-            if self._raw("raw_consult_move", channel, sql, (patient, cid), stmt):
+            text = self.consults[cid][1]
+            moved = text is not None and self.patients[patient] != self._practice_of(
+                "mt_consults", cid
+            )
+            kind = "value_to_another_practice" if moved else "free"
+            if self._raw(f"raw_consult_move_{kind}", channel, sql, (patient, cid), stmt):
                 self.consults[cid] = (patient, self.consults[cid][1])
 
         # -- key lifecycle -------------------------------------------------------------
@@ -969,7 +991,7 @@ def _report_raw_steps(backend: str, tmp_path: Path) -> None:
     )
     print(f"raw steps on {backend}: {sum(mine.values())} ({path})")
     for (rule_name, outcome), n in sorted(by_rule.items()):
-        print(f"  {rule_name:28} {outcome:12} {n}")
+        print(f"  {rule_name:52} {outcome:12} {n}")
 
 
 def test_raw_copy_into_another_column_of_the_same_practice(
