@@ -4,9 +4,14 @@ Random sequences of ORM adds, edits and practice changes (a form posting the
 same text back, merge, values not loaded, deferred or expired, a change through
 a relationship), ORM bulk and criteria statements, Core writes with and
 without a scope, savepoints rolled back, key rotation, crypto-shredding and
-cache clears. After every step the stored rows are checked against an
-in-memory model with a brand-new KeyManager (tests/support/invariant.py); after every
-example, again from a brand-new process.
+cache clears; and raw writes that skip carnet's Python guard (``exec_driver_sql``,
+a DBAPI cursor, statements on tables declared without carnet's types), which
+only the database's checks (carnet.dbchecks) can refuse. After every step
+the stored rows are checked against an in-memory model with a brand-new
+KeyManager (tests/support/invariant.py); after every example, again from a
+brand-new process. Raw steps are counted per rule and outcome (accepted, or
+refused by which check), printed with ``-s`` and written to raw-steps.json in
+the test's temporary directory.
 
 CI runs a bounded, derandomized number of examples per backend;
 ``make fuzz`` (CARNET_FUZZ_EXAMPLES) runs many more.
@@ -143,8 +148,8 @@ plaintexts = st.text(min_size=1, max_size=60).filter(
 )
 # (backend, rule, channel, outcome) -> steps; outcome "accepted" or "refused:<check>".
 RAW_STEPS: Counter[tuple[str, str, str, str]] = Counter()
-# Where each encrypted value lives: (table, column) -> storage; a value is
-# copied only between columns of the same storage.
+# The binary encrypted columns, (table, column): a value is copied only between
+# columns of the same storage (``mt_notes.summary`` is the one text column).
 BINARY = [("mt_notes", "body"), ("mt_consults", "comment")]
 
 practices = st.sampled_from(PRACTICES)
