@@ -323,7 +323,7 @@ def _bench_database(
     patients = {p: tenants[p % len(tenants)] for p in range(1, scale(N_PATIENTS) + 1)}
     with engine.begin() as conn:
         conn.execute(
-            m.patient.__table__.insert(),
+            sa.insert(m.patient),
             [{"id": p, "practice_id": t} for p, t in patients.items()],
         )
     reps = repeats(7)
