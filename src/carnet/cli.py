@@ -749,6 +749,7 @@ def _register_searchable() -> None:
 
 
 _register_searchable()
+cli.add_command(__import__("carnet.checks_cli", fromlist=["checks"]).checks)  # carnet checks
 
 
 def main() -> None:

@@ -974,7 +974,9 @@ def census(conn: sa.Connection, spec: ColumnSpec) -> Census:
     tbl = _quote(d, spec.table, spec.schema)
     col = "t." + _quote(d, spec.column)
     st = spec.storage
-    f2, f1, fm = (s.format(col, st, m) for m in MODES)
+    f2, f1 = s.format(col, st, "v2"), s.format(col, st, "v1")
+    # Legacy plaintext (mixed-read) lives in text columns only.
+    fm = s.format(col, st, "mixed") if st == "text" else f1
 
     def n(cond: str) -> str:
         return f"SUM(CASE WHEN {col} IS NOT NULL AND {cond} THEN 1 ELSE 0 END)"
