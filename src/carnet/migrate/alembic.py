@@ -57,6 +57,12 @@ from .carnet_tables import (
 )
 from .carnet_tables import alembic_ops as _ops
 
+try:  # op.carnet_install_checks / op.carnet_drop_checks, for migrations that import this
+    from . import alembic_ops as _checks_ops  # noqa: F401
+except ModuleNotFoundError as exc:  # Alembic not installed: the helpers below need it anyway
+    if exc.name != "alembic":
+        raise
+
 # Public here: env.py and migrations import them from carnet.migrate.alembic.
 __all__ = [
     "CarnetObjects",
