@@ -848,9 +848,11 @@ def mode_installed(conn: sa.Connection, spec: ColumnSpec) -> Mode | None:
 
 def attach(table: sa.Table) -> None:
     """Have ``table`` create its checks right after CREATE TABLE (once per table)."""
-    if table.info.get("_carnet_checks_attached"):
+    # Asked of the table's own listeners, not of a flag in ``table.info``:
+    # Alembic's op.create_table and Table.to_metadata copy ``info`` to the new
+    # Table, which would then never get its listener.
+    if sa.event.contains(table, "after_create", _after_create):
         return
-    table.info["_carnet_checks_attached"] = True
     sa.event.listen(table, "after_create", _after_create)
 
 
