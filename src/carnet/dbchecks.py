@@ -1210,3 +1210,18 @@ def install_chosen(
         install(conn, [spec])
         out.append((spec, c))
     return out
+
+
+def tighten_after_reencrypt(engine: sa.Engine, table: str, column: str) -> bool:
+    """:func:`tighten`, in its own transaction, for ``carnet reencrypt`` at the end of a pass.
+
+    Workers of one pass each call it; only the one that finds no v1 value
+    left tightens. A concurrent DDL of another worker is not an error of the
+    re-encryption: the check stays as it was, and ``carnet doctor`` reports
+    it with the command that tightens it.
+    """
+    try:
+        with engine.begin() as conn:
+            return tighten(conn, table, column)
+    except sa.exc.DBAPIError:
+        return False

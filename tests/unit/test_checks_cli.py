@@ -9,6 +9,7 @@ makes ``install`` refuse with the count and the ``carnet verify`` pointer;
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,25 @@ def test_usage_errors(notes) -> None:  # type: ignore[no-untyped-def]
     assert code == 2
     code, out, err = cli(url, mk, "checks", "install", "--table", "nope", "--column", "x", "--json")
     assert code == 2 and json.loads(out)["error"]["code"] == 2
+
+
+def test_reencrypt_tightens_v1_checks_once_no_v1_value_is_left(notes) -> None:  # type: ignore[no-untyped-def]
+    url, mk, engine, keys = notes
+    spec = _spec(engine, "summary")
+    fake_v1 = _v1_value(keys)  # framed as v1: what the format check looks at
+    with engine.begin() as conn:
+        dbchecks.install(conn, [replace(spec, mode="v1")])
+        conn.execute(sa.text("UPDATE notes SET summary = :v WHERE id = 3"), {"v": fake_v1})
+        # A v1 value left: tighten refuses.
+        assert dbchecks.tighten(conn, "notes", "summary") is False
+        assert dbchecks.mode_installed(conn, spec) == "v1"
+        conn.execute(sa.text("UPDATE notes SET summary = NULL WHERE id = 3"))
+    # The whole pass of `carnet reencrypt`, every value v2: the check becomes f2.
+    code, out, err = cli(url, mk, "reencrypt", "--table", "notes", "--column", "summary")
+    assert code == 0, err
+    with engine.connect() as conn:
+        assert dbchecks.mode_installed(conn, spec) == "v2"
+        assert dbchecks.missing(conn, spec) == []
+    # and a v1 value is now refused by the database.
+    with pytest.raises((sa.exc.DBAPIError, carnet.errors.InvalidCiphertext)), engine.begin() as c:
+        c.exec_driver_sql(f"UPDATE notes SET summary = {_ph(engine)} WHERE id = 4", (fake_v1,))
