@@ -1095,6 +1095,10 @@ def reencrypt(
     out.add({**rep.as_dict(), **counts})
     out.resumed_from = rep.resumed_from
     out.elapsed = rep.elapsed
+    if not out.failed and tenant is None:
+        from .dbchecks import tighten_after_reencrypt  # no v1 value left: f1 becomes f2
+
+        tighten_after_reencrypt(manager.engine, table, column)
     return out
 
 
