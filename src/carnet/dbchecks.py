@@ -1225,3 +1225,25 @@ def tighten_after_reencrypt(engine: sa.Engine, table: str, column: str) -> bool:
             return tighten(conn, table, column)
     except sa.exc.DBAPIError:
         return False
+
+
+def disabled(conn: sa.Connection, table: str) -> set[str]:
+    """carnet's checks present but not in force: a disabled trigger, a NOT VALID constraint.
+
+    PostgreSQL only (``ALTER TABLE ... DISABLE TRIGGER``, ``ADD CONSTRAINT ...
+    NOT VALID``); :func:`installed` leaves them out, so :func:`missing` lists
+    them. MariaDB's ``SET check_constraint_checks=0`` and SQLite's ``PRAGMA
+    ignore_check_constraints`` are settings of one session, invisible here.
+    """
+    if conn.dialect.name != "postgresql":
+        return set()
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "WHERE t.relname = :t AND c.contype = 'c' AND NOT c.convalidated "
+            "UNION SELECT g.tgname FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid "
+            "WHERE t.relname = :t AND NOT g.tgisinternal AND g.tgenabled = 'D'"
+        ),
+        {"t": table},
+    )
+    return {r[0] for r in rows if r[0].startswith("carnet_")}

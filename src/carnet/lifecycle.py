@@ -1217,6 +1217,8 @@ class VerifyReport:
     practices: dict[str, dict[str, int]] = field(default_factory=dict)
     failed_pks: list[list[Any]] = field(default_factory=list)
     tenant_column: str | None = None
+    # the database's checks of the column (carnet.verify.database_checks)
+    checks: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -1320,6 +1322,7 @@ def verify(
         if any(counts.values()):
             rep.practices[practice] = counts
     rep.failed_pks = found.samples.get("failed", [])
+    rep.checks = vf.database_checks(manager.engine, table, column, tenant_column)
     return rep
 
 
