@@ -198,7 +198,7 @@ def specs_for(table: sa.Table, dialect: str) -> list[ColumnSpec]:
                 table=table.name,
                 schema=table.schema,
                 column=col.name,
-                storage=typ.storage,  # type: ignore[arg-type]
+                storage=typ.storage,
                 practice=None if practice is None else table.c[practice].name,
                 parent=parent,
                 mode="mixed" if typ.mixed_read else "v2",
@@ -239,15 +239,15 @@ def _practice_of(
         return key, None
     # Joined inheritance: the practice is on the base table, reached by the
     # foreign key from this table's primary key.
-    for fk in table.foreign_keys:
-        target = fk.column.table
-        if key in target.c and fk.parent.primary_key:
+    for ref in table.foreign_keys:
+        target = ref.column.table
+        if key in target.c and ref.parent.primary_key:
             check_practice_type(target.c[key])
             return None, Parent(
-                fk=fk.parent.name,
+                fk=ref.parent.name,
                 table=target.name,
                 schema=target.schema,
-                key=fk.column.name,
+                key=ref.column.name,
                 practice=target.c[key].name,
             )
     raise ConfigurationError(
@@ -764,7 +764,7 @@ def install(
 def drop(conn: sa.Connection, specs: Iterable[ColumnSpec]) -> None:
     """Remove carnet's checks of ``specs``, in every mode (an opt-out, or before a change)."""
     for spec in specs:
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         for mode in MODES:
             for keys in (None, "carnet_keys"):
                 # Reversed: a trigger before the function it executes (PostgreSQL).
