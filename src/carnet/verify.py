@@ -377,7 +377,7 @@ def checks_spec(
 
     rec = state.get(engine, table, column)
     mixed = rec is not None and rec["state"] != state.STRICT and rec["mode"] == "in-place"
-    mode = "mixed" if mixed else "v2"
+    mode: dbchecks.Mode = "mixed" if mixed else "v2"
     if tenant_column is not None and "." in tenant_column:
         from .migrate.run import checks_spec as migrated_spec
         from .migrate.target import resolve

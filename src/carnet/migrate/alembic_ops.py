@@ -78,7 +78,7 @@ class _ChecksOp(MigrateOperation):
             column=self.column_name,
             storage=self.storage,  # type: ignore[arg-type]
             practice=self.practice,
-            parent=_parent(self.parent, self.schema),  # type: ignore[arg-type]
+            parent=_parent(self.parent, self.schema),
             mode="v2" if self.mode == "auto" else self.mode,  # type: ignore[arg-type]
         )
 
