@@ -287,6 +287,19 @@ def test_postgresql_disabled_trigger_and_not_valid_constraint(
     # The key check is a trigger (it reads carnet_keys); the format check a constraint.
     name = "carnet_k_notes_body" if how == "disable" else "carnet_f2_notes_body"
     _drop_by_hand(url, name, how)
+    if how == "disable":
+        # The key check is known with the practice column: verify names it (as
+        # doctor --app does).
+        args = ["verify", "--table", "notes", "--column", "body"]
+        args += ["--tenant-column", "practice_id", "--json"]
+        r = run_cli(args, db_url=url, master_key=mk)
+        assert r.returncode == 1, r.stdout + r.stderr
+        chk = json.loads(r.stdout)["checks"]
+        assert chk["disabled"] == [name] and not chk["ok"]
+        _run_fix(url, mk, chk["fix"])
+        r = run_cli(args, db_url=url, master_key=mk)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return
     code, rep, text = doctor(url, mk)
     assert code == 2, text
     (bad,) = [c for c in by_name(rep, "database_checks") if c["status"] == "fail"]
