@@ -653,10 +653,25 @@ def verify(
             click.echo(f"  … {len(notable) - PRACTICES_SHOWN:,} more practices with --json")
         if rep.failed_pks:
             click.echo(_pk_lines(rep.failed_pks, "failed"))
+        chk = rep.checks
+        if chk is not None and not chk["ok"]:
+            click.echo(f"FAIL database checks: {_checks_problem(chk)}")
+            click.echo(f"  fix: {chk['fix']}")
 
     emit(as_json, rep.as_dict(), text)
-    if rep.failed:
+    if rep.failed or (rep.checks is not None and not rep.checks["ok"]):
         ctx.exit(EXIT_FAILED_ROWS)
+
+
+def _checks_problem(chk: dict[str, Any]) -> str:
+    why = []
+    if chk["disabled"]:
+        why.append("disabled or NOT VALID: " + ", ".join(chk["disabled"]))
+    if chk["missing"]:
+        why.append("missing: " + ", ".join(chk["missing"]))
+    if chk["weaker"]:
+        why.append(f"mode {chk['mode']} while the data allows {chk['allowed']}")
+    return "; ".join(why)
 
 
 # -- doctor -------------------------------------------------------------------------------
@@ -751,6 +766,7 @@ def _register_searchable() -> None:
 
 
 _register_searchable()
+cli.add_command(__import__("carnet.checks_cli", fromlist=["checks"]).checks)  # carnet checks
 
 
 def main() -> None:

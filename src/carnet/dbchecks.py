@@ -979,3 +979,330 @@ def scrub(exc: BaseException, name: str) -> None:
     row, plaintext note included when plaintext was refused.
     """
     exc.args = (f"refused by {name}",)
+
+
+# -- operations: which mode a column's data allows, installing for an application ---------
+#
+# The library side of ``carnet checks``, ``carnet doctor``, ``carnet verify``,
+# ``carnet migrate finish`` and ``carnet reencrypt``: small functions, so the
+# commands stay thin.
+
+
+@dataclass(frozen=True)
+class Census:
+    """How a column's non-NULL values are framed, counted by the database (nothing decoded)."""
+
+    rows: int
+    nulls: int
+    v2: int
+    v1: int
+    plaintext: int  # no carnet prefix: legacy plaintext of a migration
+    bad: int  # carnet-prefixed (or of the wrong type) but not well framed
+    other_practice: int = 0  # v2 values whose header names another practice than the row's
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "rows": self.rows,
+            "nulls": self.nulls,
+            "v2": self.v2,
+            "v1": self.v1,
+            "plaintext": self.plaintext,
+            "bad": self.bad,
+            "other_practice": self.other_practice,
+        }
+
+
+def storage_of(conn: sa.Connection, table: str, column: str, schema: str | None = None) -> str:
+    """``"binary"`` or ``"text"``: what the database column holds, by its reflected type."""
+    for c in sa.inspect(conn).get_columns(table, schema=schema):
+        if c["name"] == column:
+            try:
+                return "text" if c["type"].python_type is str else "binary"
+            except NotImplementedError:
+                return "binary"
+    raise ConfigurationError(f"{table} has no column {column!r}")
+
+
+def census(conn: sa.Connection, spec: ColumnSpec) -> Census:
+    """Count ``spec``'s column values by format, with the same expressions the checks use."""
+    s = _Sql(conn.dialect.name)
+    d = conn.dialect
+    tbl = _quote(d, spec.table, spec.schema)
+    col = "t." + _quote(d, spec.column)
+    st = spec.storage
+    label = spec.field_label
+    f2, f1 = s.format(col, st, "v2", label), s.format(col, st, "v1", label)
+    # Legacy plaintext (mixed-read) lives in text columns only.
+    fm = s.format(col, st, "mixed", label) if st == "text" else f1
+
+    def n(cond: str) -> str:
+        return f"SUM(CASE WHEN {col} IS NOT NULL AND {cond} THEN 1 ELSE 0 END)"
+
+    if spec.practice is not None:
+        practice = f"t.{_quote(d, spec.practice)}"
+    elif spec.parent is not None:
+        p = spec.parent
+        practice = (
+            f"(SELECT pt.{_quote(d, p.practice)} FROM {_quote(d, p.table, p.schema)} pt "
+            f"WHERE pt.{_quote(d, p.key)} = t.{_quote(d, p.fk)})"
+        )
+    else:
+        practice = None
+    other = "0" if practice is None else n(f"NOT {s.practice(col, st, practice)}")
+    row = conn.exec_driver_sql(
+        f"SELECT COUNT(*), SUM(CASE WHEN {col} IS NULL THEN 1 ELSE 0 END), "
+        f"{n(f2)}, {n(f'{f1} AND NOT {f2}')}, {n(f'{fm} AND NOT {f1}')}, "
+        f"{n(f'NOT {fm}')}, {other} FROM {tbl} t"
+    ).one()
+    return Census(*(int(x or 0) for x in row))
+
+
+def choose_mode(conn: sa.Connection, spec: ColumnSpec) -> tuple[Mode | None, Census]:
+    """The strictest mode the column's data allows, or None (then ``census.bad`` > 0).
+
+    Every non-NULL value v2: ``v2``; some v1: ``v1`` (``carnet reencrypt``
+    upgrades them); legacy plaintext on a mixed-read column (``spec.mode ==
+    "mixed"``): ``mixed``. Plaintext on a column that is not mixed-read counts
+    as bad.
+    """
+    c = census(conn, spec)
+    if c.bad or c.other_practice or (c.plaintext and spec.mode != "mixed"):
+        return None, c
+    if c.plaintext:
+        return "mixed", c
+    return ("v1" if c.v1 else "v2"), c
+
+
+def specs_for_metadata(metadata: sa.MetaData, dialect: str) -> list[ColumnSpec]:
+    """The checked encrypted columns of every table of an application's metadata."""
+    out: list[ColumnSpec] = []
+    for table in metadata.sorted_tables:
+        out.extend(specs_for(table, dialect))
+    return out
+
+
+def column_spec(
+    conn: sa.Connection,
+    table: str,
+    column: str,
+    *,
+    tenant_column: str | None = None,
+    parent_fk: str | None = None,
+    schema: str | None = None,
+    storage: str | None = None,
+    mode: Mode = "v2",
+    label: str | None = None,
+) -> ColumnSpec:
+    """A spec for a column named on the command line, not declared in a model.
+
+    ``tenant_column``: the row's practice column, or with ``parent_fk``
+    (``fk=parent.key``) the practice column of the parent row it references.
+    """
+    st = storage or storage_of(conn, table, column, schema)
+    parent = None
+    practice = tenant_column
+    if parent_fk is not None:
+        if tenant_column is None:
+            raise ConfigurationError("--parent-fk needs --tenant-column (the parent's column)")
+        fk, sep, target = parent_fk.partition("=")
+        ptable, dot, pkey = target.rpartition(".")
+        if not sep or not dot or not fk or not ptable or not pkey:
+            raise ConfigurationError(
+                f"{parent_fk!r}: expected FK=PARENT.KEY, e.g. patient_id=patients.id"
+            )
+        pcol = tenant_column.rpartition(".")[2]
+        parent = Parent(fk=fk, table=ptable, schema=schema, key=pkey, practice=pcol)
+        practice = None
+    return ColumnSpec(
+        table=table,
+        schema=schema,
+        column=column,
+        storage=st,  # type: ignore[arg-type]
+        practice=practice,
+        parent=parent,
+        mode=mode,
+        label=label,
+    )
+
+
+def install_command(spec: ColumnSpec) -> str:
+    """The ``carnet checks install`` command that restores ``spec``'s checks."""
+    cmd = f"carnet checks install --table {spec.table} --column {spec.column}"
+    if spec.parent is not None:
+        p = spec.parent
+        cmd += f" --tenant-column {p.practice} --parent-fk {p.fk}={p.table}.{p.key}"
+    elif spec.practice is not None:
+        cmd += f" --tenant-column {spec.practice}"
+    if spec.label is not None and spec.label != f"{spec.table}.{spec.column}":
+        cmd += f" --label {spec.label}"
+    return cmd + f" --mode {spec.mode}"
+
+
+def format_only(spec: ColumnSpec) -> ColumnSpec:
+    """``spec`` reduced to its format check (no practice, no parent)."""
+    return replace(spec, practice=None, parent=None)
+
+
+def set_format_mode(conn: sa.Connection, spec: ColumnSpec, mode: Mode) -> list[str]:
+    """Replace the format check of ``spec``'s column by the one of ``mode``; others untouched."""
+    fmt = format_only(spec)
+    for m in MODES:
+        for obj in ddl_objects(replace(fmt, mode=m), conn.dialect):
+            for sql in obj.drop:
+                conn.exec_driver_sql(sql)
+    made = []
+    for obj in ddl_objects(replace(fmt, mode=mode), conn.dialect):
+        for sql in obj.create:
+            conn.exec_driver_sql(sql)
+        made.append(obj.name)
+    return made
+
+
+def tighten(conn: sa.Connection, table: str, column: str, schema: str | None = None) -> bool:
+    """After a re-encryption: an ``f1`` format check becomes ``f2`` once no v1 value is left.
+
+    Returns True when the check was tightened. Nothing else changes (a column
+    without a format check, or in another mode, is left as it is).
+    """
+    spec = ColumnSpec(table, schema, column, storage_of(conn, table, column, schema))  # type: ignore[arg-type]
+    if mode_installed(conn, spec) != "v1":
+        return False
+    c = census(conn, spec)
+    if c.v1 or c.plaintext or c.bad:
+        return False
+    set_format_mode(conn, spec, "v2")
+    return True
+
+
+@dataclass(frozen=True)
+class ColumnChecks:
+    """What the database holds for one encrypted column, against what its data allows."""
+
+    spec: ColumnSpec
+    mode: Mode | None  # the format check found, if any
+    allowed: Mode | None  # the strictest mode the data allows
+    missing: tuple[str, ...]
+    census: Census
+
+    @property
+    def weaker(self) -> bool:
+        order = {"v2": 0, "v1": 1, "mixed": 2}
+        return (
+            self.mode is not None
+            and self.allowed is not None
+            and order[self.mode] > order[self.allowed]
+        )
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.weaker
+
+    @property
+    def fix(self) -> str | None:
+        if self.ok:
+            return None
+        return install_command(replace(self.spec, mode=self.allowed or self.spec.mode))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.spec.table,
+            "column": self.spec.column,
+            "mode": self.mode,
+            "allowed": self.allowed,
+            "missing": list(self.missing),
+            "weaker": self.weaker,
+            "ok": self.ok,
+            "census": self.census.as_dict(),
+            "fix": self.fix,
+        }
+
+
+def column_checks(conn: sa.Connection, spec: ColumnSpec) -> ColumnChecks:
+    """The checks of ``spec`` found, and missing, in the mode its data allows.
+
+    ``spec.mode`` says what the application declares (``mixed`` for a
+    mixed-read column); the mode expected is the strictest the data allows
+    (``f1`` while no v1 value is left, or ``fm`` on a column whose values are
+    all carnet's, is weaker than it could be). A disabled trigger or a NOT
+    VALID constraint on PostgreSQL counts as missing.
+    """
+    found = mode_installed(conn, spec)
+    allowed, c = choose_mode(conn, spec)
+    want = replace(spec, mode=found or allowed or spec.mode)
+    return ColumnChecks(spec, found, allowed, tuple(missing(conn, want)), c)
+
+
+def status(conn: sa.Connection, specs: Iterable[ColumnSpec]) -> list[ColumnChecks]:
+    """:func:`column_checks` of each spec whose table exists."""
+    insp = sa.inspect(conn)
+    return [column_checks(conn, s) for s in specs if insp.has_table(s.table, schema=s.schema)]
+
+
+def install_chosen(
+    conn: sa.Connection, specs: Iterable[ColumnSpec], mode: Mode | None = None
+) -> list[tuple[ColumnSpec, Census]]:
+    """Install each spec's checks in ``mode``, or in the mode its data allows.
+
+    Raises :class:`ConfigurationError` naming the column and its count of bad
+    rows when the data allows no mode (``carnet verify`` lists them).
+    """
+    out = []
+    for spec in specs:
+        chosen, c = choose_mode(conn, spec)
+        use = mode or chosen
+        if use is None:
+            bad = c.bad + c.other_practice + (c.plaintext if spec.mode != "mixed" else 0)
+            why = "not carnet ciphertext of any accepted format, or sealed for another practice"
+            if spec.mode != "mixed":
+                why += ", or plaintext on a column that is not mixed-read"
+            tenant = ""
+            if spec.practice is not None:
+                tenant = f" --tenant-column {spec.practice}"
+            elif spec.parent is not None:
+                tenant = f" --tenant-column {spec.parent.table}.{spec.parent.practice}"
+            raise ConfigurationError(
+                f"{spec.table}.{spec.column}: {bad} row(s) hold values no check mode accepts "
+                f"({why}); nothing installed. List them with `carnet verify --table {spec.table} "
+                f"--column {spec.column}{tenant}`"
+            )
+        spec = replace(spec, mode=use)
+        install(conn, [spec])
+        out.append((spec, c))
+    return out
+
+
+def tighten_after_reencrypt(engine: sa.Engine, table: str, column: str) -> bool:
+    """:func:`tighten`, in its own transaction, for ``carnet reencrypt`` at the end of a pass.
+
+    Workers of one pass each call it; only the one that finds no v1 value
+    left tightens. A concurrent DDL of another worker is not an error of the
+    re-encryption: the check stays as it was, and ``carnet doctor`` reports
+    it with the command that tightens it.
+    """
+    try:
+        with engine.begin() as conn:
+            return tighten(conn, table, column)
+    except sa.exc.DBAPIError:
+        return False
+
+
+def disabled(conn: sa.Connection, table: str) -> set[str]:
+    """carnet's checks present but not in force: a disabled trigger, a NOT VALID constraint.
+
+    PostgreSQL only (``ALTER TABLE ... DISABLE TRIGGER``, ``ADD CONSTRAINT ...
+    NOT VALID``); :func:`installed` leaves them out, so :func:`missing` lists
+    them. MariaDB's ``SET check_constraint_checks=0`` and SQLite's ``PRAGMA
+    ignore_check_constraints`` are settings of one session, invisible here.
+    """
+    if conn.dialect.name != "postgresql":
+        return set()
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "WHERE t.relname = :t AND c.contype = 'c' AND NOT c.convalidated "
+            "UNION SELECT g.tgname FROM pg_trigger g JOIN pg_class t ON t.oid = g.tgrelid "
+            "WHERE t.relname = :t AND NOT g.tgisinternal AND g.tgenabled = 'D'"
+        ),
+        {"t": table},
+    )
+    return {r[0] for r in rows if r[0].startswith("carnet_")}

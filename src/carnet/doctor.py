@@ -468,6 +468,62 @@ def _columns(manager: KeyManager, declared: Sequence[DeclaredColumn] | None) -> 
     return checks
 
 
+def _database_checks(manager: KeyManager, app_obj: Any | None) -> list[Check]:
+    """Each encrypted column's database checks: present, in force, as strict as its data allows.
+
+    With ``--app`` every declared column, its practice checks included; without,
+    the columns found holding carnet values, by their format check only.
+    """
+    from . import dbchecks
+    from .verify import checks_spec
+
+    engine = manager.engine
+    if app_obj is not None:
+        specs = dbchecks.specs_for_metadata(app_metadata(app_obj), engine.dialect.name)
+    else:
+        specs = [checks_spec(engine, t, c) for t, c in lifecycle.discover_columns(manager)]
+    if not specs:
+        return []
+    with engine.connect() as conn:
+        found = dbchecks.status(conn, specs)
+        off = {c.spec.table: dbchecks.disabled(conn, c.spec.table) for c in found}
+    checks: list[Check] = []
+    for c in found:
+        where = f"{c.spec.table}.{c.spec.column}"
+        detail = c.as_dict()
+        if c.ok:
+            checks.append(
+                Check(
+                    "database_checks",
+                    OK,
+                    f"{where}: checks in force, mode {c.mode}",
+                    details=detail,
+                )
+            )
+            continue
+        why = []
+        gone = sorted(off.get(c.spec.table, set()) & set(c.missing))
+        if gone:
+            why.append("disabled or NOT VALID: " + ", ".join(gone))
+        absent = [n for n in c.missing if n not in gone]
+        if absent:
+            why.append("missing: " + ", ".join(absent))
+        if c.weaker:
+            why.append(f"mode {c.mode} while its data allows {c.allowed}")
+        checks.append(
+            Check(
+                "database_checks",
+                FAIL,
+                f"{where}: the database does not enforce the tenant invariant as it can "
+                f"({'; '.join(why)})",
+                fix=c.fix,
+                exit_code=EXIT_USAGE,
+                details=detail,
+            )
+        )
+    return checks
+
+
 def _journal(engine: sa.Engine) -> Check | None:
     if engine.dialect.name != "sqlite":
         return None
@@ -612,6 +668,7 @@ def run(
             rep.stopped_after = "master_key"
             return rep
         add(_columns(manager, declared))
+        add(_database_checks(manager, app_obj))
         journal = _journal(engine)
         if journal is not None:
             add([journal])

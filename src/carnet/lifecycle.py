@@ -1098,6 +1098,10 @@ def reencrypt(
     out.add({**rep.as_dict(), **counts})
     out.resumed_from = rep.resumed_from
     out.elapsed = rep.elapsed
+    if not out.failed and tenant is None:
+        from .dbchecks import tighten_after_reencrypt  # no v1 value left: f1 becomes f2
+
+        tighten_after_reencrypt(manager.engine, table, column)
     return out
 
 
@@ -1216,6 +1220,8 @@ class VerifyReport:
     practices: dict[str, dict[str, int]] = field(default_factory=dict)
     failed_pks: list[list[Any]] = field(default_factory=list)
     tenant_column: str | None = None
+    # the database's checks of the column (carnet.verify.database_checks)
+    checks: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -1319,6 +1325,7 @@ def verify(
         if any(counts.values()):
             rep.practices[practice] = counts
     rep.failed_pks = found.samples.get("failed", [])
+    rep.checks = vf.database_checks(manager.engine, table, column, tenant_column)
     return rep
 
 

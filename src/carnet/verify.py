@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -357,3 +357,51 @@ def walk(
         if progress is not None:
             progress(len(batch))
     return found
+
+
+# -- the database's own checks of the column ----------------------------------------------
+
+
+def checks_spec(
+    engine: sa.Engine, table: str, column: str, tenant_column: str | None = None
+) -> Any:
+    """The :class:`carnet.dbchecks.ColumnSpec` of a column named as ``carnet verify`` names it.
+
+    ``tenant_column``: ``practice_id`` (a column of the row) or
+    ``patients.practice_id`` (a parent reached by a foreign key); without it
+    only the format check is known. A column that ``carnet migrate`` records
+    as running in place is in its mixed-read phase.
+    """
+    from . import dbchecks
+    from .migrate import state
+
+    rec = state.get(engine, table, column)
+    mixed = rec is not None and rec["state"] != state.STRICT and rec["mode"] == "in-place"
+    mode: dbchecks.Mode = "mixed" if mixed else "v2"
+    if tenant_column is not None and "." in tenant_column:
+        from .migrate.run import checks_spec as migrated_spec
+        from .migrate.target import resolve
+
+        spec = migrated_spec(resolve(engine, table, column, tenant=tenant_column))
+        return replace(spec, mode=mode)
+    with engine.connect() as conn:
+        return dbchecks.column_spec(conn, table, column, tenant_column=tenant_column, mode=mode)
+
+
+def database_checks(
+    engine: sa.Engine, table: str, column: str, tenant_column: str | None = None
+) -> dict[str, Any]:
+    """Whether the database holds the column's checks, in the mode its data allows.
+
+    ``ok`` False (a failure) when a check is missing, disabled or NOT VALID
+    (PostgreSQL), or weaker than the data allows; ``fix`` is the ``carnet
+    checks install`` command that restores them.
+    """
+    from . import dbchecks
+
+    spec = checks_spec(engine, table, column, tenant_column)
+    with engine.connect() as conn:
+        found = dbchecks.column_checks(conn, spec)
+        out = found.as_dict()
+        out["disabled"] = sorted(dbchecks.disabled(conn, table) & set(found.missing))
+    return out

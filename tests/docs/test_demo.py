@@ -18,11 +18,15 @@ PRACTICES = 4
 PATIENTS = 150
 
 
+DEMO_DIR: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], list[str]]:
     lines: list[str] = []
+    DEMO_DIR["path"] = tmp_path_factory.mktemp("demo")
     figures = run_demo(
-        str(tmp_path_factory.mktemp("demo")),
+        str(DEMO_DIR["path"]),
         echo=lines.append,
         seed=SEED,
         practices=PRACTICES,
@@ -110,3 +114,21 @@ def test_refuses_a_directory_with_an_earlier_demo(demo: tuple[dict[str, Any], li
     figures, _ = demo
     with pytest.raises(ConfigurationError, match="already exists"):
         run_demo(figures["directory"], echo=lambda _line: None)
+
+
+def test_the_demo_database_ends_with_its_checks(demo: tuple[dict[str, Any], list[str]]) -> None:
+    import sqlalchemy as sa
+
+    from carnet import dbchecks
+
+    engine = sa.create_engine(f"sqlite:///{DEMO_DIR['path'] / 'clinic.db'}")
+    encrypted = {"notes": ["body"], "patients": ["first_name", "last_name", "birth_date", "phone"]}
+    try:
+        with engine.connect() as conn:
+            for table, columns in encrypted.items():
+                for col in columns:
+                    spec = dbchecks.ColumnSpec(table, None, col, "binary", practice="practice_id")
+                    assert dbchecks.missing(conn, spec) == [], (table, col)
+                    assert dbchecks.mode_installed(conn, spec) == "v2"
+    finally:
+        engine.dispose()

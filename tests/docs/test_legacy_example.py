@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from carnet import dbchecks
 from support.paths import ROOT
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -94,6 +95,16 @@ def test_documented_walkthrough_runs(
                 .all()
             )
             state = conn.execute(sa.text("SELECT state FROM carnet_migrations")).scalar_one()
+            # migrate finish installed the strict database checks of the migrated column.
+            spec = dbchecks.column_spec(
+                conn,
+                "consultations",
+                "comment",
+                tenant_column="practice_id",
+                parent_fk="patient_id=patients.id",
+            )
+            assert dbchecks.missing(conn, spec) == []
+            assert dbchecks.mode_installed(conn, spec) == "v2"
     finally:
         engine.dispose()
     assert values and all(v.startswith("carnet:") for v in values)

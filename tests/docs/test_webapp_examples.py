@@ -148,6 +148,14 @@ def test_write_read_round_trip(make_client: Callable[..., Client], engine: sa.En
     assert SECRET.encode() not in bytes(raw)
     with carnet.tenant_scope(LYON), engine.connect() as conn:
         assert conn.scalar(sa.select(Note.__table__.c.body)) == SECRET
+    # create_tables left the database checks on the notes table, every one in force.
+    from carnet import dbchecks
+
+    with engine.connect() as conn:
+        specs = dbchecks.specs_for(Note.__table__, engine.dialect.name)
+        assert [s.column for s in specs] == ["body"]
+        assert all(dbchecks.missing(conn, s) == [] for s in specs)
+        assert dbchecks.mode_installed(conn, specs[0]) == "v2"
 
 
 def test_another_practice_note_is_refused(

@@ -56,6 +56,9 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], bool]] = {
     ("migrate", "verify"): (MIGRATE_TARGET, True),
     ("migrate", "finish"): (MIGRATE_TARGET, True),
     ("migrate", "compact"): (["--table", "notes"], False),
+    ("checks", "install"): ([*TARGET, "--tenant-column", "practice_id"], False),
+    ("checks", "status"): ([], False),
+    ("checks", "drop"): ([*TARGET, "--yes"], False),
 }
 
 # Leaf commands outside the fault matrix, and why.

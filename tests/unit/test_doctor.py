@@ -110,6 +110,9 @@ def test_all_unwraps_every_key(deployed: tuple[str, str]) -> None:
 def test_plaintext_left_is_reported(deployed: tuple[str, str]) -> None:
     url, mk = deployed
     engine = sa.create_engine(url)
+    # A column in a migration's mixed-read phase: recorded running by `carnet migrate`,
+    # its format check in mode "mixed" (legacy plaintext accepted until finish).
+    _mixed_read_phase(engine)
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE notes SET summary = 'reste en clair' WHERE id < 4"))
     engine.dispose()
@@ -119,6 +122,27 @@ def test_plaintext_left_is_reported(deployed: tuple[str, str]) -> None:
     assert summary[0]["status"] == "warn" and summary[0]["details"]["plaintext"] == 4
     assert "carnet migrate run --table notes --column summary" in text
     assert "reste en clair" not in text + json.dumps(rep)
+
+
+def _mixed_read_phase(engine: sa.Engine) -> None:
+    from carnet import dbchecks
+    from carnet.migrate import state
+
+    state.record(
+        engine,
+        {
+            "table": "notes",
+            "column": "summary",
+            "source": "summary",
+            "mode": "in-place",
+            "label": "notes.summary",
+            "tenant": "notes.practice_id",
+        },
+        state.RUNNING,
+    )
+    spec = dbchecks.ColumnSpec("notes", None, "summary", "text")
+    with engine.begin() as conn:
+        dbchecks.set_format_mode(conn, spec, "mixed")
 
 
 APP = """
@@ -174,7 +198,8 @@ def test_app_declared_columns_and_engine_settings(
     assert any(c["status"] == "fail" and "echo='debug'" in c["message"] for c in engine_checks)
     if url.startswith("sqlite"):
         assert any("secure_delete off" in c["message"] for c in engine_checks)
-    # Create the table, quiet the engine: the declared empty column is found.
+    # Create the table (with its database checks, as create_all makes them), quiet
+    # the engine: the declared empty column is found.
     engine = sa.create_engine(url)
     md = sa.MetaData()
     sa.Table(
@@ -182,7 +207,7 @@ def test_app_declared_columns_and_engine_settings(
         md,
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("practice_id", sa.String(64)),
-        sa.Column("text", sa.LargeBinary),
+        sa.Column("text", carnet.EncryptedText(tenant="practice_id")),
     )
     md.create_all(engine)
     engine.dispose()
@@ -196,3 +221,123 @@ def test_app_declared_columns_and_engine_settings(
     assert cols == {"notes.body", "notes.summary", "letters.text"}
     code, rep, text = doctor(url, mk, "--app", "nowhere:Base", env=env)
     assert code == 2 and "cannot import" in text
+
+
+# -- the database's own checks -------------------------------------------------------------
+
+
+def _drop_by_hand(url: str, name: str, how: str = "drop") -> None:
+    """What a user with DDL rights can do, through the database, not through carnet."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            d = engine.dialect.name
+            if how == "disable":
+                conn.exec_driver_sql(f"ALTER TABLE notes DISABLE TRIGGER {name}")
+            elif how == "not_valid":
+                conn.exec_driver_sql(f"ALTER TABLE notes DROP CONSTRAINT {name}")
+                conn.exec_driver_sql(
+                    f"ALTER TABLE notes ADD CONSTRAINT {name} CHECK (body IS NOT NULL) NOT VALID"
+                )
+            elif d == "sqlite":
+                conn.exec_driver_sql(f"DROP TRIGGER {name}_i")
+                conn.exec_driver_sql(f"DROP TRIGGER {name}_u")
+            else:
+                conn.exec_driver_sql(f"ALTER TABLE notes DROP CONSTRAINT {name}")
+    finally:
+        engine.dispose()
+
+
+def _run_fix(url: str, mk: str, fix: str) -> None:
+    assert fix.startswith("carnet checks install ")
+    r = run_cli(fix.split()[1:], db_url=url, master_key=mk)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_dropped_check_fails_with_the_command_that_restores_it(deployed: tuple[str, str]) -> None:
+    url, mk = deployed
+    code, rep, _ = doctor(url, mk)
+    assert code == 0
+    found = by_name(rep, "database_checks")
+    assert {c["details"]["column"] for c in found} == {"body", "summary"}
+    assert all(c["status"] == "ok" for c in found)
+
+    _drop_by_hand(url, "carnet_f2_notes_body")
+    code, rep, text = doctor(url, mk)
+    assert code == 2, text
+    (bad,) = [c for c in by_name(rep, "database_checks") if c["status"] == "fail"]
+    assert "notes.body" in bad["message"] and "carnet_f2_notes_body" in bad["message"]
+    assert bad["fix"] == "carnet checks install --table notes --column body --mode v2"
+    assert "fix: carnet checks install --table notes --column body" in text
+    assert rep["error"]["kind"] == "CheckFailed"
+
+    _run_fix(url, mk, bad["fix"])
+    code, rep, text = doctor(url, mk)
+    assert code == 0, text
+    assert all(c["status"] == "ok" for c in by_name(rep, "database_checks"))
+
+
+@pytest.mark.parametrize("how", ["disable", "not_valid"])
+def test_postgresql_disabled_trigger_and_not_valid_constraint(
+    deployed: tuple[str, str], how: str
+) -> None:
+    url, mk = deployed
+    if not url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's DISABLE TRIGGER and NOT VALID")
+    # The key check is a trigger (it reads carnet_keys); the format check a constraint.
+    name = "carnet_k_notes_body" if how == "disable" else "carnet_f2_notes_body"
+    _drop_by_hand(url, name, how)
+    if how == "disable":
+        # The key check is known with the practice column: verify names it (as
+        # doctor --app does).
+        args = ["verify", "--table", "notes", "--column", "body"]
+        args += ["--tenant-column", "practice_id", "--json"]
+        r = run_cli(args, db_url=url, master_key=mk)
+        assert r.returncode == 1, r.stdout + r.stderr
+        chk = json.loads(r.stdout)["checks"]
+        assert chk["disabled"] == [name] and not chk["ok"]
+        _run_fix(url, mk, chk["fix"])
+        r = run_cli(args, db_url=url, master_key=mk)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return
+    code, rep, text = doctor(url, mk)
+    assert code == 2, text
+    (bad,) = [c for c in by_name(rep, "database_checks") if c["status"] == "fail"]
+    assert f"disabled or NOT VALID: {name}" in bad["message"]
+    _run_fix(url, mk, bad["fix"])
+    code, rep, text = doctor(url, mk)
+    assert code == 0, text
+
+
+def test_v1_checks_while_every_value_is_v2_is_a_failure(deployed: tuple[str, str]) -> None:
+    from dataclasses import replace
+
+    from carnet import dbchecks
+    from support.lifecycleutil import notes_table
+
+    url, mk = deployed
+    engine = sa.create_engine(url)
+    try:
+        (spec,) = [
+            s
+            for s in dbchecks.specs_for(notes_table(sa.MetaData()), engine.dialect.name)
+            if s.column == "summary"
+        ]
+        with engine.begin() as conn:
+            dbchecks.set_format_mode(conn, spec, "v1")
+    finally:
+        engine.dispose()
+    code, rep, text = doctor(url, mk)
+    assert code == 2, text
+    (bad,) = [c for c in by_name(rep, "database_checks") if c["status"] == "fail"]
+    assert "mode v1 while its data allows v2" in bad["message"]
+    assert bad["fix"].endswith("--mode v2")
+    _run_fix(url, mk, bad["fix"])
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert dbchecks.mode_installed(conn, spec) == "v2"
+            assert dbchecks.missing(conn, replace(spec, mode="v2")) == []
+    finally:
+        engine.dispose()
+    assert doctor(url, mk)[0] == 0

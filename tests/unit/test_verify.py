@@ -358,3 +358,49 @@ def test_one_classification_of_a_stored_value(keys: carnet.KeyManager) -> None:
     assert (out.kind, out.practice) == (vf.OK, "p0")
     out = vf.classify(keys, sealed, label="t.other", tenant=None, by_key=by_key)
     assert (out.kind, out.reason) == (vf.FAILED, vf.TAMPERED)
+
+
+# -- the database's own checks, reported by verify ------------------------------------------
+
+
+def test_verify_fails_on_missing_database_checks_and_names_the_fix(
+    db_url: str, master_key_uri: str
+) -> None:
+    from support.lifecycleutil import fill_notes, run_cli
+
+    engine = sa.create_engine(db_url)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        keys.create_schema()
+        fill_notes(engine, keys, 6)
+        rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
+        assert rep.failed == 0 and rep.checks is not None and rep.checks["ok"], rep.checks
+        # Dropped by hand, as a user with DDL rights can.
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("DROP TRIGGER carnet_p_notes_body_i")
+            else:
+                conn.exec_driver_sql("ALTER TABLE notes DROP CONSTRAINT carnet_p_notes_body")
+        rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
+        assert rep.failed == 0  # every value opens: the rows are fine, the schema is not
+        assert rep.checks is not None and not rep.checks["ok"]
+        assert any(n.startswith("carnet_p_notes_body") for n in rep.checks["missing"])
+        fix = rep.checks["fix"]
+        assert fix == (
+            "carnet checks install --table notes --column body --tenant-column practice_id "
+            "--mode v2"
+        )
+        args = ["verify", "--table", "notes", "--column", "body", "--tenant-column", "practice_id"]
+        r = run_cli([*args, "--json"], db_url=db_url, master_key=master_key_uri)
+        assert r.returncode == 1, r.stderr
+        assert json.loads(r.stdout)["checks"]["fix"] == fix
+        r = run_cli(args, db_url=db_url, master_key=master_key_uri)
+        assert r.returncode == 1 and f"fix: {fix}" in r.stdout, r.stdout
+        # The hint, run as printed, restores them.
+        r = run_cli(fix.split()[1:], db_url=db_url, master_key=master_key_uri)
+        assert r.returncode == 0, r.stderr
+        r = run_cli(args, db_url=db_url, master_key=master_key_uri)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        keys.close()
+        engine.dispose()

@@ -38,14 +38,17 @@ older than the running carnet declares them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 
+from .. import dbchecks
 from ..errors import ConfigurationError
 from ..schema import KEYS_TABLE
 from ..types import EncryptedText
+from . import run as run_mod
 from . import state
 from .carnet_tables import (
     CarnetObjects,
@@ -56,6 +59,12 @@ from .carnet_tables import (
     upgrade_carnet_tables,
 )
 from .carnet_tables import alembic_ops as _ops
+
+try:  # op.carnet_install_checks / op.carnet_drop_checks, for migrations that import this
+    from . import alembic_ops as _checks_ops  # noqa: F401
+except ModuleNotFoundError as exc:  # Alembic not installed: the helpers below need it anyway
+    if exc.name != "alembic":
+        raise
 
 # Public here: env.py and migrations import them from carnet.migrate.alembic.
 __all__ = [
@@ -148,6 +157,12 @@ def contract(
     """
     o = _ops(op)
     require_strict(table, new, op=o)
+    # The new column's database checks (installed by `migrate finish`) name the
+    # column in their bodies, and SQLite's table copy drops its triggers: they
+    # are removed first and installed again on the column's final name.
+    bind = o.get_bind()
+    spec = run_mod.recorded_checks_spec(bind, table, new, state.get(bind, table, new) or {})
+    dbchecks.drop(bind, [spec])
     # batch_alter_table: ALTERs on PostgreSQL and MariaDB, a table copy on
     # SQLite where the ALTER is not supported.
     with o.batch_alter_table(table) as b:
@@ -157,7 +172,9 @@ def contract(
             b.alter_column(
                 new, new_column_name=legacy, existing_type=_storage(type_), existing_nullable=True
             )
-        bind = o.get_bind()
+        spec = replace(spec, column=legacy)
+    dbchecks.install(bind, [spec])
+    if rename:
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):
             t = state.MIGRATIONS
             bind.execute(

@@ -66,9 +66,19 @@ class CarnetObjects:
         table = obj if type_ == "table" else getattr(obj, "table", None)
         if isinstance(table, sa.Table) and self.is_carnet_table(table):
             return False
+        if type_ == "check_constraint" and reflected and _is_carnet_check(name):
+            # carnet's database checks (carnet.dbchecks): never in the models'
+            # metadata, installed and dropped by op.carnet_install_checks.
+            return False
         if self.include_object is not None:
             return self.include_object(obj, name, type_, reflected, compare_to)
         return True
+
+
+def _is_carnet_check(name: Any) -> bool:
+    from ..dbchecks import _NAME_RE
+
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 # -- carnet's own tables as Alembic operations -----------------------------------------

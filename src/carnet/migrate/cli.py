@@ -471,8 +471,13 @@ def finish_cmd(
                 f"EncryptedText(storage='text') and redeploy: from then on a value that "
                 "is not valid ciphertext raises InvalidCiphertext and is never returned."
             )
-        lines += [advice, "next: carnet migrate compact, then follow its residue report"]
+        lines += [
+            f"database checks installed, mode v2 (strict): {', '.join(v.checks)}",
+            advice,
+            "next: carnet migrate compact, then follow its residue report",
+        ]
         data["advice"] = advice
+        data["checks"] = v.checks
     else:
         lines.append(
             "not finished: some values do not open; run `carnet migrate run` again "

@@ -15,21 +15,22 @@ since the compare-and-set binds each legacy note as the old value.
 
 from __future__ import annotations
 
+
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from .. import envelope
+from .. import dbchecks, envelope
 from .. import verify as vf
 from ..batch import BatchReport, BatchRow, run_batches
 from ..errors import CarnetError
 from ..manager import KeyManager
 from . import scan as sc
 from . import state
-from .target import IN_PLACE, Target
+from .target import IN_PLACE, Target, TenantPath
 
 Prefixed = Literal["report", "encrypt"]
 
@@ -197,6 +198,8 @@ def _parameters_hidden(engine: sa.Engine) -> sa.Engine:
 class Verification:
     totals: dict[str, int]
     samples: dict[str, list[list[Any]]]
+    # the database checks ``finish`` installed
+    checks: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -241,12 +244,72 @@ def verify(
     return Verification(totals, found.samples)
 
 
+def recorded_checks_spec(
+    bind: sa.Connection, table: str, column: str, rec: dict[str, Any], schema: str | None = None
+) -> dbchecks.ColumnSpec:
+    """:func:`checks_spec` of a column from its ``carnet_migrations`` record (its tenant path)."""
+    from .target import TenantPath, parse_via
+
+    head, *vias = str(rec["tenant"]).split(" via ")
+    ptable, _, pcol = head.rpartition(".")
+    path = TenantPath(ptable or table, pcol, tuple(parse_via(v) for v in vias))
+    storage = dbchecks.storage_of(bind, table, column, schema)
+    return _spec(table, schema, column, storage, path)
+
+
+def checks_spec(target: Target) -> dbchecks.ColumnSpec:
+    """The database checks of a migrated column: its practice as the migration found it.
+
+    A practice column of the row, or one parent reached by one foreign key;
+    over a longer join path only the format is checked (the database checks
+    follow one hop).
+    """
+    storage = "text" if sc.is_text_column(target.table.c[target.column]) else "binary"
+    spec = _spec(target.table.name, target.table.schema, target.column, storage, target.tenant)
+    # Values carry the tag of the migration's label, which may not be table.column.
+    return replace(spec, label=target.label)
+
+
+def _spec(
+    table: str, schema: str | None, column: str, storage: str, tenant: TenantPath
+) -> dbchecks.ColumnSpec:
+    practice: str | None = None
+    parent: dbchecks.Parent | None = None
+    steps = tenant.steps
+    if not steps:
+        practice = tenant.column
+    elif len(steps) == 1:
+        (step,) = steps
+        parent = dbchecks.Parent(
+            fk=step.child_col,
+            table=step.parent,
+            schema=schema,
+            key=step.parent_col,
+            practice=tenant.column,
+        )
+    return dbchecks.ColumnSpec(
+        table=table,
+        schema=schema,
+        column=column,
+        storage=storage,  # type: ignore[arg-type]
+        practice=practice,
+        parent=parent,
+        mode="v2",
+    )
+
+
 def finish(
     manager: KeyManager, engine: sa.Engine, target: Target, batch_size: int = 1000
 ) -> Verification:
-    """Verify, then record the column as strict. Records nothing unless every value opens."""
+    """Verify, install the strict (v2) database checks, then record the column as strict.
+
+    Records nothing unless every value opens; the checks are installed first,
+    so a column recorded strict always has them (``v.checks`` names them).
+    """
     v = verify(manager, engine, target, batch_size)
     if v.clean:
+        with engine.begin() as conn:
+            v.checks = dbchecks.install(conn, [checks_spec(target)])
         state.record(engine, target.describe(), state.STRICT, rows=v.totals[sc.SEALED])
     return v
 

@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 import carnet
-from carnet import envelope
+from carnet import dbchecks, envelope
 from carnet.errors import ConfigurationError, InvalidCiphertext
 from carnet.migrate import build_plan, resolve, run_migration, verify
 from carnet.migrate.cli import migrate
+from carnet.migrate.run import checks_spec
 from carnet.migrate.state import get as migration_state
 from support.paths import ROOT
 
@@ -192,8 +193,19 @@ def test_mixed_read_during_migration_then_strict(
     strict = legacy_app.consultations("strict")
     assert legacy_app.read_comment(legacy, strict, 11) == "Note écrite pendant la migration."
     assert legacy_app.read_comment(legacy, strict, 12) == before[12]
-    # After finish, a plaintext slipped in by a forgotten writer is an error, never returned,
-    # and so is a value that merely carries the prefix.
+    # finish installed the strict database checks: the database itself now refuses
+    # plaintext from a forgotten writer, and a value sealed for another practice.
+    spec = checks_spec(resolve(legacy, "consultations", "comment", tenant="patients.practice_id"))
+    assert spec.parent is not None and spec.mode == "v2" and spec.storage == "text"
+    with legacy.connect() as conn:
+        assert dbchecks.missing(conn, spec) == []
+        assert dbchecks.mode_installed(conn, spec) == "v2"
+    with pytest.raises(InvalidCiphertext), legacy.begin() as conn:
+        conn.exec_driver_sql("UPDATE consultations SET comment = 'Patiente anxieuse' WHERE id = 12")
+    # Where someone dropped them, a plaintext slipped in is still an error at read,
+    # never returned, and so is a value that merely carries the prefix.
+    with legacy.begin() as conn:
+        dbchecks.drop(conn, [spec])
     with legacy.begin() as conn:
         conn.execute(
             sa.text("UPDATE consultations SET comment = 'Patiente anxieuse' WHERE id = 12")
@@ -253,6 +265,19 @@ def test_expand_contract_with_alembic(
     )
     cols = {c["name"] for c in sa.inspect(legacy).get_columns("consultations")}
     assert "comment_enc" not in cols and "comment" in cols
+    # finish installed the new column's checks; contract moved them to its final name.
+    with legacy.connect() as conn:
+        names = dbchecks.installed(conn, "consultations")
+        assert any(n.startswith("carnet_f2_consultations_comment") for n in names), names
+        assert not any("comment_enc" in n for n in names), names
+        spec = dbchecks.column_spec(
+            conn,
+            "consultations",
+            "comment",
+            tenant_column="practice_id",
+            parent_fk="patient_id=patients.id",
+        )
+        assert dbchecks.missing(conn, spec) == []
     for cid in (1, 2, 3, 50, 299):
         assert legacy_app.read_comment(legacy, t, cid) == before[cid]
     # verify still works on the contracted (binary) column
