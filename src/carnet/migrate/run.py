@@ -15,7 +15,6 @@ since the compare-and-set binds each legacy note as the old value.
 
 from __future__ import annotations
 
-
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
