@@ -141,8 +141,11 @@ class ColumnSpec:
     practice: str | None = None  # a practice column of the same row
     parent: Parent | None = None  # or on a parent row
     mode: Mode = "v2"
-    # The field label values are sealed for (default ``table.column``).
+    # The field label values are sealed for (default ``table.column``), and
+    # the labels also accepted while ``carnet reencrypt`` moves values from an
+    # old label to this one (a table or column renamed).
     label: str | None = None
+    also_labels: tuple[str, ...] = ()
 
     @property
     def field_label(self) -> str:
@@ -361,17 +364,15 @@ class _Sql:
             return f"{self.sub(v, 1, 1)} = {self.byte('02')}"
         return self.text_eq(self.sub(v, 1, len(envelope.TEXT_PREFIX_V2)), "'carnet:2:'")
 
-    def format(self, v: str, storage: str, mode: Mode, label: str) -> str:
+    def format(self, v: str, storage: str, mode: Mode, labels: Sequence[str]) -> str:
         """A non-NULL ``v`` is a well-framed value of a version the mode accepts,
-        and a v2 value names this column's label (its tag) in its header."""
+        and a v2 value names one of ``labels`` (its tag) in its header."""
         length = self.length(v, storage)
-        tag = envelope.label_tag(label).hex()
+        tags = [envelope.label_tag(label).hex() for label in labels]
         if storage == "binary":
-            v2 = (
-                f"({length} >= {envelope.MIN_SIZE} AND {self.is_v2(v, storage)} AND "
-                f"{self.sub(v, envelope.LABEL_TAG_AT + 1, envelope.LABEL_TAG_SIZE)} = "
-                f"{self.byte(tag)})"
-            )
+            at = self.sub(v, envelope.LABEL_TAG_AT + 1, envelope.LABEL_TAG_SIZE)
+            tagged = " OR ".join(f"{at} = {self.byte(tag)}" for tag in tags)
+            v2 = f"({length} >= {envelope.MIN_SIZE} AND {self.is_v2(v, storage)} AND ({tagged}))"
             v1 = f"({length} >= {envelope.V1_MIN_SIZE} AND {self.sub(v, 1, 1)} = {self.byte('01')})"
             typed = f"typeof({v}) = 'blob' AND " if self.d == "sqlite" else ""
         else:
@@ -379,10 +380,12 @@ class _Sql:
             # (practice) + ":" + base64 of >= 28 bytes.
             colon = 1 + len(envelope.TEXT_PREFIX_V2) + 2 * envelope.KEY_ID_SIZE
             colon2 = colon + 1 + 2 * envelope.LABEL_TAG_SIZE
+            at = self.sub(v, colon + 1, 2 * envelope.LABEL_TAG_SIZE)
+            tagged = " OR ".join(self.text_eq(at, repr(tag)) for tag in tags)
             v2 = (
                 f"({length} >= {colon2 + 3 + 40} AND {self.is_v2(v, storage)} "
                 f"AND {self.text_eq(self.sub(v, colon, 1), _COLON)} "
-                f"AND {self.text_eq(self.sub(v, colon + 1, len(tag)), repr(tag))} "
+                f"AND ({tagged}) "
                 f"AND {self.text_eq(self.sub(v, colon2, 1), _COLON)})"
             )
             # v1's base64 starts with "A" (the version byte 0x01) and holds >= 45 bytes.
@@ -479,7 +482,8 @@ def ddl_objects(
             )
         )
 
-    row_check("f", lambda v: s.format(v, st, spec.mode, spec.field_label))
+    labels = (spec.field_label, *spec.also_labels)
+    row_check("f", lambda v: s.format(v, st, spec.mode, labels))
     if spec.practice is not None:
         pcol = _quote(dialect, spec.practice)
         prefix = "NEW." if s.d == "sqlite" else ""
@@ -1030,7 +1034,7 @@ def census(conn: sa.Connection, spec: ColumnSpec) -> Census:
     tbl = _quote(d, spec.table, spec.schema)
     col = "t." + _quote(d, spec.column)
     st = spec.storage
-    label = spec.field_label
+    label = (spec.field_label, *spec.also_labels)
     f2, f1 = s.format(col, st, "v2", label), s.format(col, st, "v1", label)
     # Legacy plaintext (mixed-read) lives in text columns only.
     fm = s.format(col, st, "mixed", label) if st == "text" else f1
@@ -1158,20 +1162,61 @@ def set_format_mode(conn: sa.Connection, spec: ColumnSpec, mode: Mode) -> list[s
     return made
 
 
-def tighten(conn: sa.Connection, table: str, column: str, schema: str | None = None) -> bool:
-    """After a re-encryption: an ``f1`` format check becomes ``f2`` once no v1 value is left.
+def tighten(
+    conn: sa.Connection,
+    table: str,
+    column: str,
+    schema: str | None = None,
+    *,
+    label: str | None = None,
+    relabel: bool = False,
+) -> bool:
+    """After a re-encryption: an ``f1`` format check becomes ``f2`` once no v1 value
+    is left, and with ``relabel`` (the pass moved values to ``label``) the check
+    accepts ``label`` alone.
 
-    Returns True when the check was tightened. Nothing else changes (a column
-    without a format check, or in another mode, is left as it is).
+    Returns True when the check changed. A column without a format check, or
+    with one already as strict as its data allows, is left as it is (no DDL:
+    on MariaDB a new CHECK rescans the table).
     """
-    spec = ColumnSpec(table, schema, column, storage_of(conn, table, column, schema))  # type: ignore[arg-type]
-    if mode_installed(conn, spec) != "v1":
+    spec = ColumnSpec(
+        table,
+        schema,
+        column,
+        storage_of(conn, table, column, schema),  # type: ignore[arg-type]
+        label=label,
+    )
+    mode = mode_installed(conn, spec)
+    if mode is None:
         return False
     c = census(conn, spec)
-    if c.v1 or c.plaintext or c.bad:
+    if c.bad:
+        return False  # values of another label left: keep accepting them
+    tighter = mode == "v1" and not (c.v1 or c.plaintext)
+    if not (tighter or relabel):
         return False
-    set_format_mode(conn, spec, "v2")
+    set_format_mode(conn, spec, "v2" if tighter else mode)
     return True
+
+
+def accept_labels(engine: sa.Engine, table: str, column: str, label: str, old_label: str) -> bool:
+    """Before ``carnet reencrypt`` moves values from ``old_label`` to ``label``: the
+    column's format check accepts both (the application writes the new one,
+    the rows still hold the old). Returns False when the column has no check."""
+    with engine.begin() as conn:
+        spec = ColumnSpec(
+            table,
+            None,
+            column,
+            storage_of(conn, table, column),  # type: ignore[arg-type]
+            label=label,
+            also_labels=(old_label,),
+        )
+        mode = mode_installed(conn, spec)
+        if mode is None:
+            return False
+        set_format_mode(conn, spec, mode)
+        return True
 
 
 @dataclass(frozen=True)
@@ -1271,7 +1316,9 @@ def install_chosen(
     return out
 
 
-def tighten_after_reencrypt(engine: sa.Engine, table: str, column: str) -> bool:
+def tighten_after_reencrypt(
+    engine: sa.Engine, table: str, column: str, label: str | None = None, relabel: bool = False
+) -> bool:
     """:func:`tighten`, in its own transaction, for ``carnet reencrypt`` at the end of a pass.
 
     Workers of one pass each call it; only the one that finds no v1 value
@@ -1281,7 +1328,7 @@ def tighten_after_reencrypt(engine: sa.Engine, table: str, column: str) -> bool:
     """
     try:
         with engine.begin() as conn:
-            return tighten(conn, table, column)
+            return tighten(conn, table, column, label=label, relabel=relabel)
     except sa.exc.DBAPIError:
         return False
 

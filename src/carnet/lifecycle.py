@@ -1078,6 +1078,11 @@ def reencrypt(
     """Move every value of ``table.column`` to its practice's active DEK (and label)."""
     require_encrypted(manager, table, column)
     job = job or reencrypt_job_name(table, column, tenant)
+    new_label = label or f"{table}.{column}"
+    if old_label is not None and old_label != new_label:
+        from .dbchecks import accept_labels  # the database's check takes both labels meanwhile
+
+        accept_labels(manager.engine, table, column, new_label, old_label)
     if not restart:
         fresh_pass_if_finished(manager.engine, job, worker[1])
     counts: Counter[str] = Counter()
@@ -1099,9 +1104,11 @@ def reencrypt(
     out.resumed_from = rep.resumed_from
     out.elapsed = rep.elapsed
     if not out.failed and tenant is None:
-        from .dbchecks import tighten_after_reencrypt  # no v1 value left: f1 becomes f2
+        # The new label alone, and no v1 value left: f1 becomes f2.
+        from .dbchecks import tighten_after_reencrypt
 
-        tighten_after_reencrypt(manager.engine, table, column)
+        relabel = old_label is not None and old_label != new_label
+        tighten_after_reencrypt(manager.engine, table, column, new_label, relabel)
     return out
 
 

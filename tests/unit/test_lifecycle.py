@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import carnet
 from carnet import envelope, lifecycle
-from carnet.errors import KeyInUse
+from carnet.errors import InvalidCiphertext, KeyInUse
 from carnet.keystore import wrap_context
 from support.lifecycleutil import SECRET, active_key_ids, fill_notes, notes_table, read_notes
 
@@ -72,6 +72,38 @@ def test_reencrypt_one_tenant_and_renamed_label(keys: carnet.KeyManager, engine:
     assert rep.rewritten == 120
     assert lifecycle.verify(keys, "notes", "body", label="notes.comment").ok == 120
     assert lifecycle.verify(keys, "notes", "body").failed == 120
+
+
+def test_a_label_change_moves_the_database_check_to_the_new_label(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    from carnet import dbchecks
+
+    def write(label: str) -> None:
+        blob = keys.encrypt(b"x", tenant="p0", label=label)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE notes SET body = :b WHERE id = 0").bindparams(
+                    sa.bindparam("b", type_=sa.LargeBinary)
+                ),
+                {"b": blob},
+            )
+
+    # Before: the check accepts values of the column's label only.
+    write("notes.body")
+    with pytest.raises(InvalidCiphertext) as refused:
+        write("notes.comment")
+    assert refused.value.constraint == "carnet_f2_notes_body"
+    # Meanwhile both labels are accepted (the application may write either).
+    assert dbchecks.accept_labels(engine, "notes", "body", "notes.comment", "notes.body")
+    write("notes.comment")
+    write("notes.body")
+    rep = lifecycle.reencrypt(keys, "notes", "body", label="notes.comment", old_label="notes.body")
+    assert rep.failed == [] and rep.rewritten == 120
+    # After a complete pass: the new label alone.
+    write("notes.comment")
+    with pytest.raises(InvalidCiphertext):
+        write("notes.body")
 
 
 def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
