@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import carnet
-from carnet import envelope, lifecycle
+from carnet import dbchecks, envelope, lifecycle
 from carnet.errors import InvalidCiphertext, KeyInUse
 from carnet.keystore import wrap_context
 from support.lifecycleutil import SECRET, active_key_ids, fill_notes, notes_table, read_notes
@@ -187,6 +187,10 @@ def _plant_v1(keys: carnet.KeyManager, engine: sa.Engine, ids: range) -> None:
     )
     body, summary = read_notes(engine, keys), read_notes(engine, keys, "summary")
     with engine.begin() as conn:
+        # A database upgraded from a release that wrote v1 holds its checks in
+        # v1 mode (what `carnet checks install` chooses for such data).
+        for spec in dbchecks.specs_for(notes_table(sa.MetaData()), engine.dialect.name):
+            dbchecks.set_format_mode(conn, spec, "v1")
         tenants = dict(conn.execute(sa.select(raw.c.id, raw.c.practice_id)).all())
         for i in ids:
             t = tenants[i]
