@@ -10,7 +10,8 @@ import sqlalchemy as sa
 import carnet
 from carnet import envelope, lifecycle
 from carnet.errors import KeyInUse
-from support.lifecycleutil import SECRET, active_key_ids, fill_notes, read_notes
+from support.dbutil import drop_checks
+from support.lifecycleutil import SECRET, active_key_ids, fill_notes, notes_table, read_notes
 
 
 @pytest.fixture
@@ -25,6 +26,10 @@ def test_status_discovers_columns_and_counts_by_key(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     with engine.begin() as conn:
+        # Plaintext left in a column whose checks are gone (dropped by a DBA,
+        # or rows from before them): the database would refuse the plant
+        # otherwise, and status must still count it.
+        drop_checks(conn, notes_table(sa.MetaData()))
         conn.execute(sa.text("UPDATE notes SET summary = 'legacy' WHERE id = 5"))
         conn.execute(sa.text("UPDATE notes SET body = NULL WHERE id = 6"))
     rep = lifecycle.status(keys)
