@@ -237,6 +237,11 @@ def _practice_of(
     key = typ.tenant_column_name
     if key is None:
         return None, None  # the scope decides: nothing in the row to compare
+    if key not in table.c:
+        # ``tenant=`` names a mapped attribute whose column has another key: the
+        # ORM resolves it to the column at mapper configuration.
+        sa.orm.configure_mappers()
+        key = typ.tenant_column_name or key
     if key in table.c:
         return key, None
     # Joined inheritance: the practice is on the base table, reached by the
