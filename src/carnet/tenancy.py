@@ -244,10 +244,17 @@ def _tenant_str(v: Any, column: Any = None) -> str | None:
             "the practice column is set from an SQL expression in a statement that writes "
             "encrypted columns: carnet cannot know which practice each row gets"
         )
+    return practice_text(v, column)
+
+
+def practice_text(v: Any, column: Any = None) -> str:
+    """The practice a row holds once ``v`` is written into practice ``column``.
+
+    An integer column stores "007" or True as 7 or 1, and the row's practice
+    is then "7" or "1" (what a read gives back and what the database's
+    practice check compares): values are sealed for that.
+    """
     if column is not None and isinstance(column.type, sa.Integer):
-        # An integer column stores "007" or True as 7 or 1, and the row's
-        # practice is then "7" or "1" (what a read gives back and what the
-        # database's practice check compares): seal for that.
         if isinstance(v, bool) or (isinstance(v, str) and _INT_TEXT.fullmatch(v)):
             return str(int(v))
     return v if type(v) is str else str(v)
