@@ -247,6 +247,22 @@ def _practice_of(
     key = typ.tenant_column_name
     if key is None:
         return None, None  # the scope decides: nothing in the row to compare
+    found = _practice_column(table, key)
+    if found is None:
+        # ``tenant=`` names a mapped attribute whose column has another key: the
+        # ORM resolves it to the column at mapper configuration.
+        sa.orm.configure_mappers()
+        key = typ.tenant_column_name or key
+        found = _practice_column(table, key)
+    if found is None:
+        raise ConfigurationError(
+            f"{table.name}.{col.name}: EncryptedText(tenant={key!r}) names no column of "
+            f"{table.name} nor of a table its primary key references"
+        )
+    return found
+
+
+def _practice_column(table: sa.Table, key: str) -> tuple[str | None, Parent | None] | None:
     if key in table.c:
         return key, None
     # Joined inheritance: the practice is on the base table, reached by the
@@ -262,10 +278,7 @@ def _practice_of(
                 key=ref.column.name,
                 practice=target.c[key].name,
             )
-    raise ConfigurationError(
-        f"{table.name}.{col.name}: EncryptedText(tenant={key!r}) names no column of "
-        f"{table.name} nor of a table its primary key references"
-    )
+    return None
 
 
 def _column_by_key(table: sa.Table, key: str) -> sa.Column[Any]:

@@ -34,6 +34,7 @@ from sqlalchemy.orm.state import InstanceState
 from .context import SCOPE as _tenant
 from .dbchecks import check_practice_type
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
+from .tenancy import practice_text
 from .tenancy import register_dependent as _register_dependent
 from .types import BoundText, EncryptedText, Sealed
 
@@ -359,6 +360,8 @@ def _reseal(
         new = _parent_practice(connection, g, d.get(g.tkey))
     else:
         new = d.get(g.tkey)
+        if new is not None:
+            new = practice_text(new, g.tcol)
     # Values not loaded (deferred, load_only, expired) or loaded without a
     # practice (Sealed) are read from the database and opened under the
     # practice they are stored for: the database's, not the object's.
@@ -386,6 +389,36 @@ def _reseal(
         d[key] = v
         # Written even when equal to the loaded text: it must be sealed for the new practice.
         cs[key] = NO_VALUE
+    if g.parent is None:
+        _empty_inherited(g, mapper, connection, state)
+
+
+def _empty_inherited(
+    g: _Group, mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
+) -> None:
+    """Joined inheritance: empty the row's values held in a table other than its practice's.
+
+    The flush updates the base table's practice first, and the database
+    refuses to move a practice while values sealed for it remain in the
+    subclass's table (``carnet_m_*``). They are emptied here, and the same
+    flush writes them again, sealed for the new practice, in one transaction.
+    """
+    by_table: dict[Any, list[Any]] = {}
+    for _key, _typ, col in g.items:
+        if col.table is not g.tcol.table:
+            by_table.setdefault(col.table, []).append(col)
+    for table, cols in by_table.items():
+        pks = list(mapper._pks_by_table[table])
+        ident = list(state.key[1]) if state.key is not None else []
+        if len(ident) != len(pks):
+            raise ConfigurationError(
+                f"{mapper.class_.__name__}: cannot find the row to re-seal in {table.name}"
+            )
+        connection.execute(
+            sa.update(table)
+            .where(*[pk == v for pk, v in zip(pks, ident, strict=True)])
+            .values({c.key: None for c in cols})
+        )
 
 
 def _before_insert(
@@ -400,7 +433,8 @@ def _before_insert(
             continue  # the guard finds the parent's practice from the foreign key
         for key, _typ, col in g.items:
             if col.table is not g.tcol.table and isinstance(d.get(key), str):
-                d[key] = _bind(d[key], d.get(g.tkey))
+                tenant = d.get(g.tkey)
+                d[key] = _bind(d[key], None if tenant is None else practice_text(tenant, g.tcol))
 
 
 def _restore(

@@ -30,6 +30,7 @@ scope: there is nothing in the row to check it against.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -232,7 +233,10 @@ def _check_plain(e: _Enc, v: Any) -> None:
     )
 
 
-def _tenant_str(v: Any) -> str | None:
+_INT_TEXT = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
+def _tenant_str(v: Any, column: Any = None) -> str | None:
     if v is None:
         return None
     if isinstance(v, ClauseElement):
@@ -240,6 +244,19 @@ def _tenant_str(v: Any) -> str | None:
             "the practice column is set from an SQL expression in a statement that writes "
             "encrypted columns: carnet cannot know which practice each row gets"
         )
+    return practice_text(v, column)
+
+
+def practice_text(v: Any, column: Any = None) -> str:
+    """The practice a row holds once ``v`` is written into practice ``column``.
+
+    An integer column stores "007" or True as 7 or 1, and the row's practice
+    is then "7" or "1" (what a read gives back and what the database's
+    practice check compares): values are sealed for that.
+    """
+    if column is not None and isinstance(column.type, sa.Integer):
+        if isinstance(v, bool) or (isinstance(v, str) and _INT_TEXT.fullmatch(v)):
+            return str(int(v))
     return v if type(v) is str else str(v)
 
 
@@ -376,7 +393,7 @@ def guard_write(
                 if parent is not None:
                     _tenant_str(tv)  # refuses an SQL expression
                     tv = parents.get(tv)
-                row_tenant = _tenant_str(tv)
+                row_tenant = _tenant_str(tv, encs[0].tenant_column if parent is None else None)
                 from_row = True
             for e in written:
                 v, where = _value(src, embedded, e.key)

@@ -180,3 +180,28 @@ def drop_database(url: str | URL) -> None:
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
     finally:
         engine.dispose()
+
+
+def drop_checks(bind: sa.Engine | sa.Connection, table: sa.Table | type) -> list[object]:
+    """Remove carnet's database checks from ``table`` (a ``Table`` or a mapped class).
+
+    For tests that plant, on purpose, a value the database would refuse (a
+    tampered ciphertext, plaintext, another practice's value, a key id the key
+    table does not hold) to check what carnet does when such a value is there
+    anyway: a database whose checks a DBA dropped, or rows written before them.
+    The checks stay off for the rest of the test: on PostgreSQL and MariaDB
+    they could not be put back over the planted row. Returns the specs dropped.
+    """
+    from carnet import dbchecks
+
+    tbl: sa.Table = getattr(table, "__table__", table)  # type: ignore[assignment]
+
+    def run(conn: sa.Connection) -> list[object]:
+        specs = dbchecks.specs_for(tbl, conn.dialect.name)
+        dbchecks.drop(conn, specs)
+        return list(specs)
+
+    if isinstance(bind, sa.Connection):
+        return run(bind)
+    with bind.begin() as conn:
+        return run(conn)

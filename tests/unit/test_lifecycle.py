@@ -13,6 +13,7 @@ import carnet
 from carnet import dbchecks, envelope, lifecycle
 from carnet.errors import InvalidCiphertext, KeyInUse
 from carnet.keystore import wrap_context
+from support.dbutil import drop_checks
 from support.lifecycleutil import SECRET, active_key_ids, fill_notes, notes_table, read_notes
 
 
@@ -28,6 +29,10 @@ def test_status_discovers_columns_and_counts_by_key(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     with engine.begin() as conn:
+        # Plaintext left in a column whose checks are gone (dropped by a DBA,
+        # or rows from before them): the database would refuse the plant
+        # otherwise, and status must still count it.
+        drop_checks(conn, notes_table(sa.MetaData()))
         conn.execute(sa.text("UPDATE notes SET summary = 'legacy' WHERE id = 5"))
         conn.execute(sa.text("UPDATE notes SET body = NULL WHERE id = 6"))
     rep = lifecycle.status(keys)
@@ -153,6 +158,9 @@ def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
 ) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:  # row 1 is p1's, row 2 is p2's: paste p1's note into p2's row
+        # The database would refuse the paste: verify must catch such a value
+        # anyway where the checks are gone (dropped by a DBA, rows from before).
+        drop_checks(conn, notes_table(sa.MetaData()))
         b1 = conn.execute(sa.select(raw.c.body).where(raw.c.id == 1)).scalar_one()
         conn.execute(raw.update().where(raw.c.id == 2).values(body=b1))
     # By its key alone the pasted value is authentic...
