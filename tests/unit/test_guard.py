@@ -18,7 +18,17 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    aliased,
+    column_property,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+)
 
 import carnet
 from carnet.errors import UnsupportedOperation
@@ -745,3 +755,100 @@ def test_string_references_resolve_as_the_compiler_resolves_them(data: sa.Engine
         assert "'notes.body'" in str(ei.value) or "'notes.summary'" in str(ei.value)
     with pytest.raises(UnsupportedOperation, match="cannot resolve"):
         check_statement(sa.select(Note).order_by(sa.desc("no_such_name")))
+
+
+# -- mapper-level expressions: added by the ORM when it compiles a query ------------------
+
+
+class GuardBase(DeclarativeBase):
+    pass
+
+
+class FolderNote(GuardBase):
+    __tablename__ = "guard_folder_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    folder_id: Mapped[int] = mapped_column(sa.ForeignKey("guard_folders.id"))
+    body: Mapped[str | None] = mapped_column(carnet.EncryptedText())
+
+
+class Folder(GuardBase):
+    __tablename__ = "guard_folders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    notes: Mapped[list[FolderNote]] = relationship(order_by=FolderNote.body, viewonly=True)
+    notes_by_id: Mapped[list[FolderNote]] = relationship(order_by=FolderNote.id, viewonly=True)
+
+
+class EagerFolder(GuardBase):
+    # The same table, its relationship eagerly joined by default.
+    __table__ = Folder.__table__
+    notes: Mapped[list[FolderNote]] = relationship(
+        order_by=FolderNote.body, lazy="joined", viewonly=True
+    )
+
+
+class MeasuredNote(GuardBase):
+    # The same table, with a SQL expression on the ciphertext mapped as an attribute.
+    __table__ = FolderNote.__table__
+    body_length = column_property(sa.func.length(__table__.c.body))
+
+
+@pytest.fixture
+def folders(data: sa.Engine) -> sa.Engine:
+    GuardBase.metadata.create_all(data)
+    with carnet.tenant_scope("p1"), Session(data) as s:
+        s.add(Folder(id=1))
+        s.flush()
+        s.add_all([FolderNote(id=1, folder_id=1, body="un"), FolderNote(id=2, folder_id=1)])
+        s.commit()
+    return data
+
+
+def test_column_property_on_ciphertext_is_refused_when_a_query_loads_it(
+    folders: sa.Engine,
+) -> None:
+    for load in (
+        lambda s: s.scalars(sa.select(MeasuredNote)).all(),
+        lambda s: s.get(MeasuredNote, 1),
+        lambda s: s.query(MeasuredNote).all(),
+        lambda s: s.execute(sa.select(MeasuredNote.id, MeasuredNote.body_length)).all(),
+    ):
+        with sent(folders) as statements, pytest.raises(UnsupportedOperation) as ei:
+            with Session(folders) as s:
+                load(s)
+        assert statements == []
+        message = str(ei.value)
+        assert "length()" in message and "'guard_folder_notes.body'" in message
+    assert "column_property MeasuredNote.body_length" in str(
+        pytest.raises(UnsupportedOperation, check_statement, sa.select(MeasuredNote)).value
+    )
+    with Session(folders) as s:  # the mapped table columns alone still load
+        assert s.scalars(sa.select(MeasuredNote.id).order_by(MeasuredNote.id)).all() == [1, 2]
+
+
+def test_relationship_order_by_on_ciphertext_is_refused_when_eagerly_loaded(
+    folders: sa.Engine,
+) -> None:
+    for load in (
+        lambda s: s.scalars(sa.select(Folder).options(joinedload(Folder.notes))).unique().all(),
+        lambda s: s.scalars(sa.select(Folder).options(selectinload(Folder.notes))).all(),
+        lambda s: s.query(Folder).options(joinedload(Folder.notes)).all(),
+        lambda s: s.scalars(sa.select(EagerFolder)).unique().all(),
+        lambda s: s.get(EagerFolder, 1),
+    ):
+        with sent(folders) as statements, pytest.raises(UnsupportedOperation) as ei:
+            with carnet.tenant_scope("p1"), Session(folders) as s:
+                load(s)
+        assert statements == []
+        message = str(ei.value)
+        assert "ORDER BY" in message and "Folder.notes" in message
+        assert "'guard_folder_notes.body'" in message
+    with carnet.tenant_scope("p1"), Session(folders) as s:
+        # ordered by a plain column: loads, in order, with the values
+        for option in (joinedload, selectinload):
+            folder = s.scalars(sa.select(Folder).options(option(Folder.notes_by_id))).unique().one()
+            assert [(n.id, n.body) for n in folder.notes_by_id] == [(1, "un"), (2, None)]
+            s.expunge_all()
+        # the lazy load of the ciphertext-ordered relationship is refused when it runs
+        folder = s.scalars(sa.select(Folder)).one()
+        with pytest.raises(UnsupportedOperation, match="ORDER BY"):
+            _ = folder.notes
