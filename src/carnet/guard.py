@@ -31,6 +31,22 @@ operand. Allowed:
 - ``type_coerce(col, SomeRawType)``: the explicit way to say "these are the
   stored bytes" (carnet's batch engine compares-and-sets raw values with it).
 
+A column named by a string (``order_by("body")``, ``desc("b")``,
+``over(partition_by="body")``) is resolved as SQLAlchemy's compiler resolves
+it: against the names of the statement's selected columns and labels, then the
+columns of its FROM objects (a reference inside the columns clause, such as a
+window in it, against the FROM columns only). One naming an encrypted
+expression is judged as that expression; one the walk cannot resolve, in a
+statement that selects or reads an encrypted column, is refused (fail closed).
+
+What the ORM adds only when it compiles a query is checked when a query loads
+a mapped class (``select(Cls)``, ``Session.get``, ``Query``): the class's
+``column_property`` expressions (deferred ones too) and the ``order_by`` of the
+relationships it loads eagerly, by default (``lazy="joined"`` / ``"selectin"``
+/ ...) or through a loader option (``joinedload``, ``selectinload``, a
+wildcard). A lazy load's own statement carries its ORDER BY and is walked as
+any other.
+
 Raw SQL text (``text()``, ``literal_column()``, ``exec_driver_sql``) is opaque
 to the walk and is not checked.
 
