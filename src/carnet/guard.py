@@ -31,6 +31,22 @@ operand. Allowed:
 - ``type_coerce(col, SomeRawType)``: the explicit way to say "these are the
   stored bytes" (carnet's batch engine compares-and-sets raw values with it).
 
+A column named by a string (``order_by("body")``, ``desc("b")``,
+``over(partition_by="body")``) is resolved as SQLAlchemy's compiler resolves
+it: against the names of the statement's selected columns and labels, then the
+columns of its FROM objects (a reference inside the columns clause, such as a
+window in it, against the FROM columns only). One naming an encrypted
+expression is judged as that expression; one the walk cannot resolve, in a
+statement that selects or reads an encrypted column, is refused (fail closed).
+
+What the ORM adds only when it compiles a query is checked when a query loads
+a mapped class (``select(Cls)``, ``Session.get``, ``Query``): the class's
+``column_property`` expressions (deferred ones too) and the ``order_by`` of the
+relationships it loads eagerly, by default (``lazy="joined"`` / ``"selectin"``
+/ ...) or through a loader option (``joinedload``, ``selectinload``, a
+wildcard). A lazy load's own statement carries its ORDER BY and is walked as
+any other.
+
 Raw SQL text (``text()``, ``literal_column()``, ``exec_driver_sql``) is opaque
 to the walk and is not checked.
 
@@ -47,8 +63,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty
 from sqlalchemy.sql import elements, functions, operators, selectable
-from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.base import Executable, _select_iterables
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.lambdas import LambdaElement
 from sqlalchemy.sql.visitors import InternalTraversal
@@ -278,11 +295,65 @@ def _elements_in(value: Any) -> Iterator[Any]:
         yield from _elements_in(value.__clause_element__())
 
 
+class _Frame:
+    """A SELECT being walked: what its string references (``"body"``) can name."""
+
+    __slots__ = ("_dicts", "in_columns", "stmt")
+
+    def __init__(self, stmt: Any) -> None:
+        self.stmt = stmt
+        self.in_columns = False  # walking its columns clause
+        self._dicts: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(selected columns then FROM columns, FROM columns only), by name.
+
+        As SQLAlchemy's compiler resolves ``_textual_label_reference``: a
+        reference in the columns clause names a FROM column, any other a
+        selected column (by label / table-qualified label / key) or else a
+        FROM column.
+        """
+        if self._dicts is None:
+            stmt = self.stmt
+            with_cols: dict[str, Any] = {}
+            only_froms: dict[str, Any] = {}
+            if isinstance(stmt, sa.CompoundSelect):
+                for c in stmt.selected_columns:
+                    if c.key is not None:
+                        with_cols.setdefault(c.key, c)
+            else:
+                for c in getattr(stmt, "_all_selected_columns", ()):
+                    if getattr(c, "_allow_label_resolve", True):
+                        with_cols.setdefault(getattr(c, "_tq_label", None) or c.key, c)
+                        with_cols.setdefault(c.key, c)
+                froms: list[Any] = []
+                if isinstance(stmt, sa.Select):
+                    # As SelectState gathers them (without compiling): FROM
+                    # objects given, of the columns clause, of WHERE.
+                    found = [*stmt._from_obj, *stmt.columns_clause_froms]
+                    for crit in stmt._where_criteria:
+                        found.extend(crit._from_objects)
+                    ids: set[int] = set()
+                    for f in found:
+                        if id(f) not in ids:
+                            ids.add(id(f))
+                            froms.append(f)
+                from_col: Any
+                for from_col in _select_iterables(froms):
+                    if getattr(from_col, "_allow_label_resolve", True):
+                        only_froms.setdefault(from_col.key, from_col)
+                for key, value in only_froms.items():
+                    with_cols.setdefault(key, value)
+            self._dicts = (with_cols, only_froms)
+        return self._dicts
+
+
 class _Walk:
-    __slots__ = ("seen",)
+    __slots__ = ("frames", "seen")
 
     def __init__(self) -> None:
         self.seen: set[int] = set()  # FROM objects already walked, by id
+        self.frames: list[_Frame] = []  # the SELECTs being walked, innermost last
 
     def element(self, el: Any, how: str | None, on: bool) -> None:
         if isinstance(el, elements.ColumnElement):
@@ -314,9 +385,10 @@ class _Walk:
             if table is not None and not isinstance(table, sa.TableClause):
                 self.element(table, None, False)  # a column of a subquery / alias / CTE
             return
-        if isinstance(
-            el, (elements.BindParameter, elements.Null, elements._textual_label_reference)
-        ):
+        if isinstance(el, elements._textual_label_reference):
+            self.string_reference(el, how)
+            return
+        if isinstance(el, (elements.BindParameter, elements.Null)):
             return
         child: str | None
         if isinstance(el, elements.TypeCoerce):
@@ -382,6 +454,39 @@ class _Walk:
                 for sub in _elements_in(value):
                     self.element(sub, child, on)
 
+    def string_reference(self, el: Any, how: str | None) -> None:
+        """``order_by("body")``, ``desc("b")``, ``over(partition_by="body")``: a name.
+
+        Resolved as the compiler will resolve it; a name that cannot be
+        resolved while the statement reads an encrypted column is refused
+        (the walk cannot tell what it will name).
+        """
+        if how is None:
+            return  # the name only lists a column: nothing is computed on it
+        name = el.element
+        frame = self.frames[-1] if self.frames else None
+        if frame is None:
+            raise UnsupportedOperation(
+                f"{how} names a column by the string {name!r} outside a SELECT: the statement "
+                "guard cannot tell whether it names an encrypted column; refused. Pass the "
+                "column object instead."
+            )
+        with_cols, only_froms = frame.dicts()
+        col = (only_froms if frame.in_columns else with_cols).get(name)
+        if col is not None:
+            if _is_encrypted(col):
+                raise _refuse(how, col)
+            self.element(col, how, False)  # a label of an expression: judged as written
+            return
+        for other in with_cols.values():
+            if _is_encrypted(other):
+                raise UnsupportedOperation(
+                    f"{how} names a column by the string {name!r}, which carnet's statement "
+                    "guard cannot resolve, in a statement reading encrypted column "
+                    f"{other.type.field_label or '?'!r}: it may name ciphertext; refused. "
+                    "Pass the column object instead."
+                )
+
     def binary_operand_position(self, el: Any, on: bool) -> str | None:
         op = el.operator
         left, right = el.left, el.right
@@ -418,7 +523,16 @@ class _Walk:
             for col in el.select.selected_columns:
                 if _is_encrypted(col):
                     raise _refuse("copying by INSERT ... FROM SELECT", col)
-        self.attributes(el)
+        if isinstance(el, sa.Select):
+            self.check_loaded_mappers(el)
+        if isinstance(el, (sa.Select, sa.CompoundSelect)):
+            self.frames.append(_Frame(el))
+            try:
+                self.attributes(el)
+            finally:
+                self.frames.pop()
+        else:
+            self.attributes(el)
 
     def attributes(self, el: Any) -> None:
         # A statement or FROM object starts afresh: a subquery inside a JOIN
@@ -446,11 +560,48 @@ class _Walk:
                         self.element(sub, "a JOIN condition", True)
             else:
                 how = _POSITIONS.get(name, name)
-                if name in ("_order_by_clauses", "_group_by_clauses"):
-                    self.check_label_references(el, value, how or name)
                 sub_on = name == "onclause"
+                frame = self.frames[-1] if self.frames and self.frames[-1].stmt is el else None
+                if frame is not None:
+                    frame.in_columns = name == "_raw_columns"
                 for sub in _elements_in(value):
                     self.element(sub, how, sub_on)
+                if frame is not None:
+                    frame.in_columns = False
+
+    # -- mapper-level expressions an ORM query adds when it is compiled ------------
+
+    def check_loaded_mappers(self, el: sa.Select[Any]) -> None:
+        """What the ORM adds to ``select(Entity)`` at compile time, out of the walk's sight.
+
+        A loaded class's ``column_property`` expressions (deferred ones too),
+        and the ``order_by`` of relationships it loads eagerly by default or
+        that a loader option (``joinedload``, ``selectinload``, ``"*"``) names.
+        """
+        for raw in el._raw_columns:
+            entity = (
+                raw._annotations.get("parententity") if isinstance(raw, sa.FromClause) else None
+            )
+            mapper = getattr(entity, "mapper", None)
+            if mapper is not None:
+                _check_mapper(mapper)
+        for opt in el._with_options:
+            for load in getattr(opt, "context", ()) or ():
+                path = getattr(getattr(load, "path", None), "path", ()) or ()
+                prev_mapper: Any = None
+                for item in path:
+                    if isinstance(item, RelationshipProperty):
+                        _check_relationship(item, set())
+                    elif isinstance(item, ColumnProperty):
+                        _check_column_property(item)
+                    elif isinstance(getattr(item, "mapper", None), Mapper):
+                        prev_mapper = item.mapper
+                        _check_mapper(prev_mapper)
+                    elif isinstance(item, str) or type(item).__name__ == "PathToken":
+                        # a wildcard ("*", "relationship:*"): any relationship of the class
+                        if prev_mapper is not None:
+                            for rel in prev_mapper.relationships:
+                                _check_relationship(rel, set())
 
     def check_distinct(self, el: sa.Select[Any]) -> None:
         if not el._distinct or el._distinct_on:
@@ -477,16 +628,51 @@ class _Walk:
                 if _is_encrypted(col):
                     raise _refuse(el.keyword.value, col)
 
-    def check_label_references(self, el: Any, clauses: Any, how: str) -> None:
-        # order_by("body") / group_by("b") name a selected column by string.
-        refs = [c for c in clauses if isinstance(c, elements._textual_label_reference)]
-        if not refs:
-            return
-        selected = el.selected_columns
-        for ref in refs:
-            col = selected.get(ref.element)
-            if col is not None and _is_encrypted(col):
-                raise _refuse(how, col)
+
+# Mapped classes already found free of mapper-level expressions on ciphertext
+# (a mapper's properties are fixed once it is configured).
+_clean_mappers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _check_column_property(prop: Any) -> None:
+    for col in prop.columns:
+        if isinstance(col, sa.Column):
+            continue  # a mapped table column: selecting it is allowed
+        try:
+            _Walk().element(col, None, False)
+        except UnsupportedOperation as exc:
+            raise UnsupportedOperation(
+                f"the column_property {prop.parent.class_.__name__}.{prop.key}: {exc}"
+            ) from None
+
+
+def _check_relationship(rel: Any, seen: set[int]) -> None:
+    for col in rel.order_by or ():
+        for sub in _elements_in(col):
+            _Walk().element(
+                sub,
+                f"ORDER BY (order_by of relationship {rel.parent.class_.__name__}.{rel.key})",
+                False,
+            )
+    _check_mapper(rel.mapper, seen)
+
+
+def _check_mapper(mapper: Any, seen: set[int] | None = None) -> None:
+    """Refuse a mapped class whose loading computes on ciphertext in SQL."""
+    if mapper in _clean_mappers:
+        return
+    root = seen is None
+    seen = set() if seen is None else seen
+    if id(mapper) in seen:
+        return
+    seen.add(id(mapper))
+    for prop in mapper.column_attrs:
+        _check_column_property(prop)
+    for rel in mapper.relationships:
+        if rel.lazy in ("joined", "selectin", "subquery", "immediate", False):
+            _check_relationship(rel, seen)
+    if root:  # a mapper met again inside a cycle was not fully checked by this call
+        _clean_mappers.add(mapper)
 
 
 # Statements that passed, by object. A statement object is immutable once

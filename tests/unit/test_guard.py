@@ -18,7 +18,17 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    aliased,
+    column_property,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+)
 
 import carnet
 from carnet.errors import UnsupportedOperation
@@ -348,6 +358,44 @@ REFUSED: dict[str, Case] = {
         ),
     ),
     "upsert copies the proposed value": ("copy", "core", _upsert_copy),
+    # string references: names resolved by the compiler against the statement
+    "desc by name": ("ORDER BY", "orm", lambda d: sa.select(Note).order_by(sa.desc("body"))),
+    "asc by name": ("ORDER BY", "orm", lambda d: sa.select(Note).order_by(sa.asc("body"))),
+    "nulls_last desc by name": (
+        "ORDER BY",
+        "orm",
+        lambda d: sa.select(Note).order_by(sa.nulls_last(sa.desc("body"))),
+    ),
+    "order_by name of a FROM column": (
+        "ORDER BY",
+        "orm",
+        lambda d: sa.select(Note.id).select_from(Note).order_by("body"),
+    ),
+    "desc by label name": (
+        "ORDER BY",
+        "orm",
+        lambda d: sa.select(Note.body.label("b")).order_by(sa.desc("b")),
+    ),
+    "core desc by name": (
+        "ORDER BY",
+        "core",
+        lambda d: sa.select(comments.c.id, comments.c.text).order_by(sa.desc("text")),
+    ),
+    "window order by name": (
+        "window ORDER BY",
+        "orm",
+        lambda d: sa.select(Note.id, sa.func.row_number().over(order_by="body")),
+    ),
+    "window partition by name": (
+        "PARTITION BY",
+        "orm",
+        lambda d: sa.select(Note.id, sa.func.row_number().over(partition_by="body")),
+    ),
+    "group_by name of a FROM column": (
+        "GROUP BY",
+        "orm",
+        lambda d: sa.select(sa.func.count()).select_from(Note).group_by("summary"),
+    ),
     "copy into a plain column": (
         "copy",
         "orm",
@@ -607,3 +655,200 @@ def test_operators_on_the_column_name_it_and_never_the_value() -> None:
         assert any(
             label in message for label in ("'notes.body'", "'notes.summary'", "'comments.text'")
         )
+
+
+# -- string references: names the compiler resolves against the statement ------------------
+
+# (statement selecting / reading an encrypted column, a name that resolves to it)
+NAMED_BASES: dict[str, tuple[Callable[[], Any], str]] = {
+    "entity, column name": (lambda: sa.select(Note), "body"),
+    "entity, text storage name": (lambda: sa.select(Note), "summary"),
+    "selected column name": (lambda: sa.select(Note.id, Note.body), "body"),
+    "label name": (lambda: sa.select(Note.id, Note.body.label("lbl")), "lbl"),
+    "label of a text storage column": (lambda: sa.select(Note.summary.label("s2")), "s2"),
+    "FROM column name": (lambda: sa.select(Note.id).select_from(Note), "body"),
+    "aliased entity": (lambda: sa.select(N2), "body"),
+    "subquery column name": (lambda: sa.select(_sq.c.id).select_from(_sq), "body"),
+    "core column name": (lambda: sa.select(comments.c.id).select_from(comments), "text"),
+}
+NAME_WRAPPERS: dict[str, Callable[[str], Any]] = {
+    "bare": lambda n: n,
+    "desc": lambda n: sa.desc(n),
+    "asc": lambda n: sa.asc(n),
+    "nulls_last(desc)": lambda n: sa.nulls_last(sa.desc(n)),
+    "nulls_first(asc)": lambda n: sa.nulls_first(sa.asc(n)),
+}
+NAME_POSITIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "order_by": lambda stmt, ref: stmt.order_by(ref),
+    "group_by": lambda stmt, ref: stmt.group_by(ref),
+    "window order by": lambda stmt, ref: stmt.add_columns(sa.func.row_number().over(order_by=ref)),
+    "window partition by": lambda stmt, ref: stmt.add_columns(
+        sa.func.row_number().over(partition_by=ref)
+    ),
+    "order_by in a subquery": lambda stmt, ref: sa.select(sa.func.count()).select_from(
+        stmt.order_by(ref).limit(5).subquery()
+    ),
+}
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+@given(
+    base=st.sampled_from(sorted(NAMED_BASES)),
+    wrapper=st.sampled_from(sorted(NAME_WRAPPERS)),
+    position=st.sampled_from(sorted(NAME_POSITIONS)),
+)
+def test_any_string_reference_in_any_position_is_refused(
+    data: sa.Engine, base: str, wrapper: str, position: str
+) -> None:
+    build, name = NAMED_BASES[base]
+    if position == "group_by" and wrapper != "bare":
+        return  # GROUP BY takes no ASC / DESC
+    if position.startswith("window partition") and wrapper != "bare":
+        return
+    stmt = NAME_POSITIONS[position](build(), NAME_WRAPPERS[wrapper](name))
+    before = stored(data)
+    with sent(data) as statements, pytest.raises(UnsupportedOperation) as ei:
+        with Session(data) as s:
+            s.execute(stmt)
+    message = str(ei.value)
+    assert "notes.body" in message or "notes.summary" in message or "comments.text" in message
+    assert SECRET not in message
+    assert statements == []
+    assert stored(data) == before
+
+
+def test_string_references_resolve_as_the_compiler_resolves_them(data: sa.Engine) -> None:
+    # A name that resolves to a plain column runs, a label hiding the
+    # encrypted column's name included; the same name resolving to ciphertext
+    # is refused, and a name the guard cannot resolve while the statement
+    # reads an encrypted column is refused too.
+    with Session(data) as s:
+        assert [n.id for n in s.scalars(sa.select(Note).order_by(sa.desc("id")))] == [3, 2, 1]
+        rows = s.execute(
+            sa.select(Note.id, Note.practice_id.label("body"), Note.body.label("b2")).order_by(
+                sa.desc("body"), "id"
+            )
+        ).all()
+        assert [r.id for r in rows] == [2, 1, 3]
+        ranks = s.execute(
+            sa.select(Note.id, sa.func.row_number().over(order_by=sa.desc("id"))).order_by(Note.id)
+        ).all()
+        assert [tuple(r) for r in ranks] == [(1, 3), (2, 2), (3, 1)]
+        counts = s.execute(
+            sa.select(Note.practice_id, sa.func.count(Note.body))
+            .group_by("practice_id")
+            .order_by("practice_id")
+        ).all()
+        assert [tuple(r) for r in counts] == [("p1", 1), ("p2", 1)]
+    for refused in (
+        sa.select(Note.practice_id.label("p"), Note.body.label("body")).order_by("body"),
+        sa.select(Note).order_by(sa.desc("no_such_name")),
+        sa.select(Note.id).select_from(Note).order_by(sa.nulls_first(sa.asc("nowhere"))),
+    ):
+        with pytest.raises(UnsupportedOperation) as ei:
+            check_statement(refused)
+        assert "'notes.body'" in str(ei.value) or "'notes.summary'" in str(ei.value)
+    with pytest.raises(UnsupportedOperation, match="cannot resolve"):
+        check_statement(sa.select(Note).order_by(sa.desc("no_such_name")))
+
+
+# -- mapper-level expressions: added by the ORM when it compiles a query ------------------
+
+
+class GuardBase(DeclarativeBase):
+    pass
+
+
+class FolderNote(GuardBase):
+    __tablename__ = "guard_folder_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    folder_id: Mapped[int] = mapped_column(sa.ForeignKey("guard_folders.id"))
+    body: Mapped[str | None] = mapped_column(carnet.EncryptedText())
+
+
+class Folder(GuardBase):
+    __tablename__ = "guard_folders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    notes: Mapped[list[FolderNote]] = relationship(order_by=FolderNote.body, viewonly=True)
+    notes_by_id: Mapped[list[FolderNote]] = relationship(order_by=FolderNote.id, viewonly=True)
+
+
+class EagerFolder(GuardBase):
+    # The same table, its relationship eagerly joined by default.
+    __table__ = Folder.__table__
+    notes: Mapped[list[FolderNote]] = relationship(
+        order_by=FolderNote.body, lazy="joined", viewonly=True
+    )
+
+
+class MeasuredNote(GuardBase):
+    # The same table, with a SQL expression on the ciphertext mapped as an attribute.
+    __table__ = FolderNote.__table__
+    body_length = column_property(sa.func.length(__table__.c.body))
+
+
+@pytest.fixture
+def folders(data: sa.Engine) -> sa.Engine:
+    GuardBase.metadata.create_all(data)
+    with carnet.tenant_scope("p1"), Session(data) as s:
+        s.add(Folder(id=1))
+        s.flush()
+        s.add_all([FolderNote(id=1, folder_id=1, body="un"), FolderNote(id=2, folder_id=1)])
+        s.commit()
+    return data
+
+
+def test_column_property_on_ciphertext_is_refused_when_a_query_loads_it(
+    folders: sa.Engine,
+) -> None:
+    for load in (
+        lambda s: s.scalars(sa.select(MeasuredNote)).all(),
+        lambda s: s.get(MeasuredNote, 1),
+        lambda s: s.query(MeasuredNote).all(),
+        lambda s: s.execute(sa.select(MeasuredNote.id, MeasuredNote.body_length)).all(),
+    ):
+        with sent(folders) as statements, pytest.raises(UnsupportedOperation) as ei:
+            with Session(folders) as s:
+                load(s)
+        assert statements == []
+        message = str(ei.value)
+        assert "length()" in message and "'guard_folder_notes.body'" in message
+    assert "column_property MeasuredNote.body_length" in str(
+        pytest.raises(UnsupportedOperation, check_statement, sa.select(MeasuredNote)).value
+    )
+    with Session(folders) as s:  # the mapped table columns alone still load
+        assert s.scalars(sa.select(MeasuredNote.id).order_by(MeasuredNote.id)).all() == [1, 2]
+
+
+def test_relationship_order_by_on_ciphertext_is_refused_when_eagerly_loaded(
+    folders: sa.Engine,
+) -> None:
+    for load in (
+        lambda s: s.scalars(sa.select(Folder).options(joinedload(Folder.notes))).unique().all(),
+        lambda s: s.scalars(sa.select(Folder).options(selectinload(Folder.notes))).all(),
+        lambda s: s.query(Folder).options(joinedload(Folder.notes)).all(),
+        lambda s: s.scalars(sa.select(EagerFolder)).unique().all(),
+        lambda s: s.get(EagerFolder, 1),
+    ):
+        with sent(folders) as statements, pytest.raises(UnsupportedOperation) as ei:
+            with carnet.tenant_scope("p1"), Session(folders) as s:
+                load(s)
+        assert statements == []
+        message = str(ei.value)
+        assert "ORDER BY" in message and "Folder.notes" in message
+        assert "'guard_folder_notes.body'" in message
+    with carnet.tenant_scope("p1"), Session(folders) as s:
+        # ordered by a plain column: loads, in order, with the values
+        for option in (joinedload, selectinload):
+            folder = s.scalars(sa.select(Folder).options(option(Folder.notes_by_id))).unique().one()
+            assert [(n.id, n.body) for n in folder.notes_by_id] == [(1, "un"), (2, None)]
+            s.expunge_all()
+        # the lazy load of the ciphertext-ordered relationship is refused when it runs
+        folder = s.scalars(sa.select(Folder)).one()
+        with pytest.raises(UnsupportedOperation, match="ORDER BY"):
+            _ = folder.notes
