@@ -750,7 +750,7 @@ def demo(path: str | None) -> None:
     """Run a self-contained demonstration on SQLite."""
     from .demo import run_demo
 
-    run_demo(path, click.echo)
+    run_demo(path, echo)
 
 
 def _register_migrate() -> None:
