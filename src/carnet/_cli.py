@@ -141,7 +141,7 @@ def report_error(exc: BaseException, *, as_json: bool) -> int:
     message = error_message(exc)
     if code == EXIT_INTERNAL and os.environ.get("CARNET_DEBUG") == "1":
         traceback.print_exception(exc, file=sys.stderr)
-    click.echo(f"carnet: error: {message}", err=True)
+    echo(f"carnet: error: {message}", err=True)
     if as_json:
         emit_json({"error": {"code": code, "kind": error_kind(exc), "message": message}})
     return code
@@ -220,6 +220,51 @@ class CarnetGroup(click.Group):
 
 # -- output ------------------------------------------------------------------------------------
 
+# C0 controls, DEL, C1 controls, the line and paragraph separators, the bidi
+# embeddings/overrides and isolates: what could end a line, move the cursor,
+# colour the terminal or reorder what it shows.
+_UNPRINTABLE = {
+    **{c: None for c in range(0x20)},
+    0x7F: None,
+    **{c: None for c in range(0x80, 0xA0)},
+    0x2028: None,
+    0x2029: None,
+    **{c: None for c in range(0x202A, 0x202F)},
+    **{c: None for c in range(0x2066, 0x206A)},
+}
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(c: int) -> str:
+    ch = chr(c)
+    if ch in _SHORT:
+        return _SHORT[ch]
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+_ESCAPES = str.maketrans({c: _escape(c) for c in _UNPRINTABLE})
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    Values read from the database (a practice id, a table name, an error
+    message quoting them) are printed through it, so none can forge a line
+    of output, send a terminal escape sequence or reorder the line shown.
+    A backslash is left as it is: the escapes are for the reader, not a
+    format to parse back (``--json`` is that).
+    """
+    return text.translate(_ESCAPES)
+
+
+def echo(text: Any = "", *, err: bool = False) -> None:
+    """Print one line of text output, control characters escaped (see :func:`printable`).
+
+    A newline inside ``text`` is escaped too: print several lines by calling
+    it once per line.
+    """
+    click.echo(printable(str(text)), err=err)
+
 
 def emit_json(data: Any) -> None:
     """The one JSON form of every ``--json`` output: indented, keys sorted, on stdout."""
@@ -234,7 +279,7 @@ def emit(as_json: bool, data: Any, text: Callable[[], None] | Sequence[str]) -> 
         text()
     else:
         for line in text:
-            click.echo(line)
+            echo(line)
 
 
 def _duration(seconds: float) -> str:
@@ -265,7 +310,7 @@ class Progress:
         if not quiet and sys.stderr.isatty():
             self._bar = click.progressbar(
                 length=total or 0,
-                label=label,
+                label=printable(label),
                 file=sys.stderr,
                 show_eta=True,
                 show_pos=True,
@@ -308,7 +353,7 @@ class Progress:
         now = time.monotonic()
         if now - self._last_line >= 2.0:
             self._last_line = now
-            click.echo(self.line(), err=True)
+            echo(self.line(), err=True)
 
     def finish(self, done: int | None = None) -> None:
         """The work is over: show the final position (100 % when it all ran)."""
@@ -322,7 +367,7 @@ class Progress:
                 self._bar.length = max(self.done, 1)
                 self._bar.update(0, None)
         if not self.quiet and self._bar is None:
-            click.echo(self.line() + f" in {_duration(time.monotonic() - self.start)}", err=True)
+            echo(self.line() + f" in {_duration(time.monotonic() - self.start)}", err=True)
         self.close()
 
     def close(self) -> None:
@@ -335,7 +380,7 @@ class Progress:
 
 
 def lock_notice(message: str) -> None:
-    click.echo(f"carnet: {message}", err=True)
+    echo(f"carnet: {message}", err=True)
 
 
 def make_engine(url: str | None) -> sa.Engine:

@@ -21,7 +21,7 @@ import click
 import sqlalchemy as sa
 
 from . import dbchecks
-from ._cli import Config, confirm, emit, json_option, yes_option
+from ._cli import Config, confirm, echo, emit, json_option, yes_option
 from .errors import ConfigurationError
 from .exitcodes import EXIT_FAILED_ROWS
 
@@ -201,19 +201,19 @@ def status_cmd(ctx: click.Context, as_json: bool, **kw: Any) -> None:
 
     def text() -> None:
         if not found:
-            click.echo("no encrypted column found")
+            echo("no encrypted column found")
         for c in found:
             where = f"{c.spec.table}.{c.spec.column}"
             if c.ok:
-                click.echo(f"{where}: ok, mode {c.mode}")
+                echo(f"{where}: ok, mode {c.mode}")
                 continue
             why = []
             if c.missing:
                 why.append("missing " + ", ".join(c.missing))
             if c.weaker:
                 why.append(f"mode {c.mode} while the data allows {c.allowed}")
-            click.echo(f"{where}: FAIL: {'; '.join(why)}")
-            click.echo(f"  fix: {c.fix}")
+            echo(f"{where}: FAIL: {'; '.join(why)}")
+            echo(f"  fix: {c.fix}")
 
     emit(as_json, data, text)
     if not data["ok"]:

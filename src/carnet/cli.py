@@ -21,10 +21,12 @@ from ._cli import (
     batch_size_option,
     confirm,
     database_url_option,
+    echo,
     emit,
     json_option,
     master_key_option,
     parse_worker,
+    printable,
     worker_option,
     workers_option,
     yes_option,
@@ -123,9 +125,9 @@ def init(cfg: Config, as_json: bool) -> None:
     res = lifecycle.init(cfg.manager())
 
     def text() -> None:
-        click.echo(f"created {', '.join(res['tables'])} in {res['database']}")
+        echo(f"created {', '.join(res['tables'])} in {res['database']}")
         if res["converted_to_exact_practice_ids"]:
-            click.echo(
+            echo(
                 f"converted {res['tables'][0]} to exact practice ids "
                 f"({', '.join(res['converted_to_exact_practice_ids'])})"
             )
@@ -151,7 +153,7 @@ def master_new(uri: str, as_json: bool) -> None:
         # A missing directory, no write permission: the path is the operator's own.
         reason = exc.strerror or type(exc).__name__
         raise MasterKeyUnavailable(f"cannot create the master key {uri}: {reason}") from None
-    emit(as_json, res, lambda: click.echo(f"created master key {res['master_key_uri']}"))
+    emit(as_json, res, lambda: echo(f"created master key {res['master_key_uri']}"))
 
 
 @master.command("rotate")
@@ -185,14 +187,14 @@ def master_rotate(cfg: Config, to: str, batch_size: int, as_json: bool) -> None:
     }
 
     def text() -> None:
-        click.echo(
+        echo(
             f"rewrapped {rep.rewrapped} data key(s) under {rep.master_key_uri} "
             f"({rep.already} already under it; {erased['retired']} retired and "
             f"{erased['destroyed']} destroyed key(s) hold no key material to rewrap)."
         )
-        click.echo(f"Set CARNET_MASTER_KEY={rep.master_key_uri}.")
+        echo(f"Set CARNET_MASTER_KEY={rep.master_key_uri}.")
         for uri in old:
-            click.echo(f"Previous master key {uri}: {lifecycle.OLD_MASTER_RULE}")
+            echo(f"Previous master key {uri}: {lifecycle.OLD_MASTER_RULE}")
 
     emit(as_json, data, text)
 
@@ -248,29 +250,29 @@ def status(
     )
 
     def text() -> None:
-        click.echo(f"database:   {rep.database}")
+        echo(f"database:   {rep.database}")
         checked = {
             True: "ok: its data keys unwrap",
             None: "not checked (--no-master-check)",
             False: "failed",
         }[rep.master_key_ok]
-        click.echo(f"master key: {rep.master_key_uri} ({checked})")
-        click.echo(f"practices:  {len(rep.tenants)}")
+        echo(f"master key: {rep.master_key_uri} ({checked})")
+        echo(f"practices:  {len(rep.tenants)}")
         for t in rep.tenants:
             states: dict[str, int] = {}
             for k in t.keys:
                 states[k["state"]] = states.get(k["state"], 0) + 1
             act = f"v{t.active_version}" if t.active_version is not None else "none"
-            click.echo(
+            echo(
                 f"  {t.tenant}: active {act}; "
                 + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
                 + (f"; master {t.master_key_uri}" if t.master_key_uri else "")
             )
         for c in rep.columns:
             if c.found_by == "declared" and c.rows == 0:
-                click.echo(f"{c.table}.{c.column}: no rows yet (declared by the application)")
+                echo(f"{c.table}.{c.column}: no rows yet (declared by the application)")
                 continue
-            click.echo(
+            echo(
                 f"{c.table}.{c.column}: {_n(c.rows, 'row')}, {c.nulls:,} NULL, "
                 f"{c.plaintext:,} plaintext, {c.not_on_active:,} not on the active key"
                 + (f", {c.v1:,} in format v1 (carnet reencrypt)" if c.v1 else "")
@@ -279,12 +281,12 @@ def status(
                 + (f", {c.unreadable_framing:,} not carnet" if c.unreadable_framing else "")
             )
             for kid, info in c.by_key.items():
-                click.echo(
+                echo(
                     f"  {info['tenant']} v{info['version']} ({info['state']}, {kid}): "
                     f"{_n(info['rows'], 'row')}"
                 )
         for j in rep.jobs:
-            click.echo(
+            echo(
                 f"job {j['job']} worker {j['worker']}: "
                 f"{'done' if j['done'] else 'unfinished'}, {j['scanned']:,} scanned"
             )
@@ -310,18 +312,25 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
 
     def text() -> None:
         if not rows:
-            click.echo("no data keys" + (f" for practice {tenant!r}" if tenant is not None else ""))
+            echo("no data keys" + (f" for practice {tenant!r}" if tenant is not None else ""))
             return
         head = ("KEY ID", "PRACTICE", "VERSION", "STATE", "MASTER KEY")
         table = [
-            (r["key_id"], r["tenant"], f"v{r['version']}", r["state"], r["master_key_uri"])
+            tuple(
+                printable(str(x))  # escaped before the widths are measured
+                for x in (
+                    r["key_id"],
+                    r["tenant"],
+                    f"v{r['version']}",
+                    r["state"],
+                    r["master_key_uri"],
+                )
+            )
             for r in rows
         ]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
         for line in (head, *table):
-            click.echo(
-                "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
-            )
+            echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
 
     emit(as_json, rows, text)
 
@@ -346,7 +355,7 @@ def keys_rotate(
 
     def text() -> None:
         for r in rows:
-            click.echo(f"{r['tenant']}: now v{r['version']} ({r['key_id']})")
+            echo(f"{r['tenant']}: now v{r['version']} ({r['key_id']})")
 
     emit(as_json, rows, text)
 
@@ -385,7 +394,7 @@ def keys_retire(
     emit(
         as_json,
         res,
-        lambda: click.echo(
+        lambda: echo(
             f"retired key {res['key']['key_id']} of {res['key']['tenant']} "
             f"v{res['key']['version']} "
             f"after reading {res['rows_scanned']} row(s) in {res['columns_scanned']} column(s)"
@@ -419,7 +428,7 @@ def keys_destroy(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_jso
     emit(
         as_json,
         res,
-        lambda: click.echo(
+        lambda: echo(
             f"{tenant} was already destroyed: nothing left to erase"
             if res["already_destroyed"]
             else f"destroyed {res['keys_destroyed']} data key(s) of {tenant}; other processes stop "
@@ -453,7 +462,7 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
     emit(
         as_json,
         res,
-        lambda: click.echo(
+        lambda: echo(
             f"re-enabled {tenant}: new active key v{res['key']['version']} "
             f"({res['key']['key_id']}); "
             "values under its destroyed keys stay unreadable"
@@ -549,7 +558,7 @@ def reencrypt(
             (rep.plaintext, "plaintext (carnet migrate's work)"),
             (rep.other_practice, "of other practices"),
         ]
-        click.echo(
+        echo(
             f"{table}.{column}: {rep.scanned:,} scanned, {rep.rewritten:,} re-encrypted, "
             f"{rep.already_current:,} already current"
             + (f" ({rep.from_v1:,} re-encrypted from format v1)" if rep.from_v1 else "")
@@ -558,7 +567,7 @@ def reencrypt(
             f"{len(rep.failed):,} failed in {rep.elapsed:.1f}s"
         )
         if rep.failed:
-            click.echo(_pk_lines(rep.failed, "failed"))
+            echo(_pk_lines(rep.failed, "failed"))
 
     emit(as_json, data, text)
     if rep.failed:
@@ -630,33 +639,33 @@ def verify(
         bar.close()
 
     def text() -> None:
-        click.echo(
+        echo(
             f"{table}.{column}: {_n(rep.rows, 'row')}, {rep.ok:,} ok, "
             f"{rep.nulls:,} NULL, {rep.plaintext:,} plaintext, "
             f"{rep.destroyed:,} destroyed (crypto-shredded practices), "
             f"{rep.failed:,} failed"
         )
         for reason, n in sorted(rep.reasons.items()):
-            click.echo(f"  {reason}: {n:,}")
+            echo(f"  {reason}: {n:,}")
         # Practices with destroyed or failing rows first: those are what to read.
         notable = sorted(
             rep.practices.items(), key=lambda kv: (-(kv[1]["failed"] + kv[1]["destroyed"]), kv[0])
         )
         if notable:
-            click.echo("by practice (ok / destroyed / failed):")
+            echo("by practice (ok / destroyed / failed):")
         for practice, c in notable[:PRACTICES_SHOWN]:
-            click.echo(
+            echo(
                 f"  {practice or '(unknown key)'}: {c['ok']:,} / {c['destroyed']:,} / "
                 f"{c['failed']:,}"
             )
         if len(notable) > PRACTICES_SHOWN:
-            click.echo(f"  … {len(notable) - PRACTICES_SHOWN:,} more practices with --json")
+            echo(f"  … {len(notable) - PRACTICES_SHOWN:,} more practices with --json")
         if rep.failed_pks:
-            click.echo(_pk_lines(rep.failed_pks, "failed"))
+            echo(_pk_lines(rep.failed_pks, "failed"))
         chk = rep.checks
         if chk is not None and not chk["ok"]:
-            click.echo(f"FAIL database checks: {_checks_problem(chk)}")
-            click.echo(f"  fix: {chk['fix']}")
+            echo(f"FAIL database checks: {_checks_problem(chk)}")
+            echo(f"  fix: {chk['fix']}")
 
     emit(as_json, rep.as_dict(), text)
     if rep.failed or (rep.checks is not None and not rep.checks["ok"]):
@@ -704,14 +713,14 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None, as_
     def text() -> None:
         mark = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
         for c in rep.checks:
-            click.echo(f"[{mark[c.status]}] {c.name}: {c.message}")
+            echo(f"[{mark[c.status]}] {c.name}: {c.message}")
             if c.fix and c.status != "ok":
-                click.echo(f"       fix: {c.fix}")
+                echo(f"       fix: {c.fix}")
         if rep.stopped_after:
-            click.echo(f"stopped after {rep.stopped_after}: the next checks need it")
+            echo(f"stopped after {rep.stopped_after}: the next checks need it")
         fails = sum(c.status == "fail" for c in rep.checks)
         warns = sum(c.status == "warn" for c in rep.checks)
-        click.echo(f"{_n(fails, 'problem')}, {_n(warns, 'warning')}")
+        echo(f"{_n(fails, 'problem')}, {_n(warns, 'warning')}")
 
     data = rep.as_dict()
     first = next((c for c in rep.checks if c.status == "fail"), None)
@@ -722,7 +731,7 @@ def doctor(ctx: click.Context, cfg: Config, all_keys: bool, app: str | None, as_
         data["error"] = {"code": rep.exit_code, "kind": "CheckFailed", "message": message}
     emit(as_json, data, text)
     if first is not None:
-        click.echo(f"carnet: error: {message}", err=True)
+        echo(f"carnet: error: {message}", err=True)
     ctx.exit(rep.exit_code)
 
 
@@ -741,7 +750,7 @@ def demo(path: str | None) -> None:
     """Run a self-contained demonstration on SQLite."""
     from .demo import run_demo
 
-    run_demo(path, click.echo)
+    run_demo(path, echo)
 
 
 def _register_migrate() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,9 +21,15 @@ import sqlalchemy as sa
 
 from . import jobs as _jobs
 from . import lifecycle
-from .errors import CarnetError, ConfigurationError, MasterKeyMismatch, MasterKeyUnavailable
+from .errors import (
+    CarnetError,
+    ConfigurationError,
+    KeyStoreInconsistent,
+    MasterKeyMismatch,
+    MasterKeyUnavailable,
+)
 from .exitcodes import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK, EXIT_USAGE
-from .keystore import inexact_practice_columns, keys_table
+from .keystore import inexact_practice_columns, key_anomalies, keys_table
 from .manager import KeyManager
 from .providers import open_master_key
 from .types import EncryptedText
@@ -524,6 +531,41 @@ def _database_checks(manager: KeyManager, app_obj: Any | None) -> list[Check]:
     return checks
 
 
+def _key_table(manager: KeyManager) -> list[Check]:
+    """Edits of carnet_keys that its rows betray (:func:`carnet.keystore.key_anomalies`).
+
+    A rotation rolled back by moving the active marker to an older key, a
+    destroyed or retired key given a state that needs key material: one
+    failing check each, with the practice to look at.
+    """
+    checks: list[Check] = []
+    store = manager.store
+    for tenant in store.tenants():
+        try:
+            with store.engine.connect() as conn:
+                found = key_anomalies(store.rows(conn, tenant))
+        except KeyStoreInconsistent as exc:  # a row incoherent on its own
+            found = [str(exc)]
+        arg = shlex.quote(tenant)
+        for message in found:
+            fix = f"inspect the keys: carnet keys list --tenant {arg}"
+            if "rolled back" in message:
+                fix += f"; then make a newer key active again: carnet keys rotate --tenant {arg}"
+            checks.append(
+                Check(
+                    "key_table",
+                    FAIL,
+                    message,
+                    fix=fix,
+                    exit_code=EXIT_FAILED_ROWS,
+                    details={"tenant": tenant},
+                )
+            )
+    if not checks:
+        checks.append(Check("key_table", OK, "key table: no sign of an edit of carnet_keys"))
+    return checks
+
+
 def _journal(engine: sa.Engine) -> Check | None:
     if engine.dialect.name != "sqlite":
         return None
@@ -667,6 +709,7 @@ def run(
         if manager is None:
             rep.stopped_after = "master_key"
             return rep
+        add(_key_table(manager))
         add(_columns(manager, declared))
         add(_database_checks(manager, app_obj))
         journal = _journal(engine)

@@ -27,7 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
@@ -449,6 +449,87 @@ def _restore(
                 d[key] = str.__str__(v)
 
 
+def _written_keys(state: ORMExecuteState) -> set[str] | None:
+    """The names an ORM UPDATE writes, as given (column keys or attribute names).
+
+    ``None`` when they cannot be told from the statement: every encrypted
+    attribute is then treated as written.
+    """
+    stmt: Any = state.statement
+    keys: set[str] = set()
+    try:
+        values = list(getattr(stmt, "_values", None) or ())
+        values += [k for k, _v in getattr(stmt, "_ordered_values", None) or ()]
+        for row in getattr(stmt, "_multi_values", None) or ():
+            for r in row:
+                values += list(r)
+    except TypeError:
+        return None
+    params = state.parameters
+    if isinstance(params, list):
+        for row in params:
+            values += list(row)
+    elif params:
+        values += list(params)
+    for k in values:
+        name = getattr(k, "key", k)
+        if not isinstance(name, str):
+            return None
+        keys.add(name)
+    return keys
+
+
+def _after_orm_update(state: ORMExecuteState) -> Any:
+    """Never let an ORM UPDATE copy its new plaintext onto objects in the session.
+
+    ``synchronize_session`` ("evaluate", "auto", "fetch", and the bulk UPDATE
+    by primary key) sets the statement's values on the objects it believes
+    matched. The evaluator judges the WHERE clause alone, in Python, and the
+    fetch strategy on a database without UPDATE ... RETURNING selects the rows
+    before the write guard pins the UPDATE to the scope's practice: both may
+    match rows the database never changed, another practice's among them.
+    The encrypted attributes the statement writes are expired instead, on
+    every object of the mapper in the session; they load again from the
+    database, opened under each row's own practice. Simpler than choosing a
+    strategy per backend, and correct whatever the statement matched.
+    """
+    if not state.is_update:
+        return None
+    mapper = state.bind_mapper
+    if mapper is None or state.execution_options.get("synchronize_session") is False:
+        return None
+    targets = [(m, specs) for m, specs in list(_specs.items()) if m.isa(mapper) or mapper.isa(m)]
+    if not targets:
+        return None
+    written = _written_keys(state)
+    expire: dict[Mapper[Any], list[str]] = {}
+    for m, specs in targets:
+        cols = {key: m.get_property(key).columns[0] for key, _typ, _t in specs}
+        names = [
+            key
+            for key, col in cols.items()
+            if written is None or key in written or getattr(col, "key", None) in written
+        ]
+        if names:
+            expire[m] = names
+    if not expire:
+        return None
+    result = state.invoke_statement()
+    session = state.session
+    for obj_state in list(session.identity_map.all_states()):
+        for m, names in expire.items():
+            if obj_state.mapper.isa(m):
+                # Pending changes of the application stay (the ORM has already
+                # expired those it would have overwritten).
+                d, cs = obj_state.dict, obj_state.committed_state
+                keys = [n for n in names if n in d and n not in cs]
+                obj = obj_state.obj()
+                if keys and obj is not None:
+                    session.expire(obj, keys)
+                break
+    return result
+
+
 _installed = False
 
 
@@ -457,4 +538,5 @@ def install() -> None:
     if _installed:
         return
     event.listen(Mapper, "mapper_configured", setup_mapper)
+    event.listen(Session, "do_orm_execute", _after_orm_update)
     _installed = True

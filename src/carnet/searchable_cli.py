@@ -23,7 +23,15 @@ from typing import Any
 import click
 
 from . import lifecycle
-from ._cli import batch_size_option, emit, emit_json, json_option, parse_worker, worker_option
+from ._cli import (
+    batch_size_option,
+    echo,
+    emit,
+    emit_json,
+    json_option,
+    parse_worker,
+    worker_option,
+)
 from .errors import ConfigurationError, KeyDestroyed
 from .keystore import ACTIVE, INDEX
 
@@ -123,12 +131,12 @@ def _with_index_flag(rotate: click.Command) -> None:
             return None
         for r in rows:
             prev = r["previous_key_id"]
-            click.echo(
+            echo(
                 f"{r['tenant']}: index root now v{r['version']} ({r['key_id']})"
                 + (f"; the previous root {prev} still serves lookups" if prev else "")
             )
         if rows:
-            click.echo(
+            echo(
                 "next: once the key cache time-to-live has passed, run `carnet reindex --index "
                 "MODULE:CLASS.ATTR --tenant T` for each blind index of these practices, then "
                 "`carnet keys retire <previous root>`"
@@ -221,9 +229,9 @@ def reindex_cmd(
     def text() -> None:
         for r in results:
             if r.get("destroyed"):
-                click.echo(f"{r['index']} {r['tenant']}: destroyed, nothing to index")
+                echo(f"{r['index']} {r['tenant']}: destroyed, nothing to index")
                 continue
-            click.echo(
+            echo(
                 f"{r['index']} {r['tenant']}: {r['scanned']} scanned, {r['rewritten']} indexed, "
                 f"{r['skipped']} already current, {r['conflicts']} written concurrently by the "
                 f"application, {len(r['failed'])} failed"

@@ -341,3 +341,49 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert done.returncode == EXIT_USAGE
     assert done.stderr.decode() == "carnet: error: argument 4 is not valid UTF-8\n"
+
+
+FORGED = "p1\nkey 0123 p2 destroyed\x1b[31m"
+FORGED_SHOWN = "p1\\nkey 0123 p2 destroyed\\x1b[31m"
+
+
+def test_printable_escapes_what_could_forge_or_recolour_a_line() -> None:
+    from carnet._cli import printable
+
+    assert printable(FORGED) == FORGED_SHOWN
+    assert printable("a\rb\tc\x00d\x7fe\x85f\x9bg") == "a\\rb\\tc\\x00d\\x7fe\\x85f\\x9bg"
+    assert printable("x\u2028y\u2029z") == "x\\u2028y\\u2029z"
+    bidi = "".join(chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+    assert printable(bidi) == "".join(f"\\u{c:04x}" for c in map(ord, bidi))
+    # Ordinary text, accents and other scripts included, is left as it is.
+    assert printable("Cabinet Étoile — 診療所 \\ ok") == "Cabinet Étoile — 診療所 \\ ok"
+
+
+def test_a_practice_id_from_the_database_cannot_forge_output_lines(
+    db_url: str, master_key_uri: str
+) -> None:
+    engine = sa.create_engine(db_url)
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    keys.ensure_key(FORGED)
+    keys.ensure_key("p2")
+    keys.close()
+    engine.dispose()
+    env: dict[str, str | None] = {
+        "CARNET_DATABASE_URL": db_url,
+        "CARNET_MASTER_KEY": master_key_uri,
+    }
+    for args in (["keys", "list"], ["status"]):
+        res = _invoke(args, env)
+        assert res.exit_code == 0, res.stdout + res.stderr
+        out = res.stdout + res.stderr
+        assert "\x1b" not in out, out
+        assert FORGED_SHOWN in res.stdout, res.stdout
+        for line in out.splitlines():
+            assert not line.startswith("key 0123"), out  # no line forged by the id
+        if args == ["keys", "list"]:
+            assert len(res.stdout.splitlines()) == 3, res.stdout  # header and two keys
+    # --json carries the exact id, escaped by JSON itself.
+    res = _invoke(["keys", "list", "--json"], env)
+    assert FORGED in {k["tenant"] for k in json.loads(res.stdout)}
+    assert "\x1b" not in res.stdout

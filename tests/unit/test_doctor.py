@@ -345,3 +345,61 @@ def test_v1_checks_while_every_value_is_v2_is_a_failure(deployed: tuple[str, str
     finally:
         engine.dispose()
     assert doctor(url, mk)[0] == 0
+
+
+def test_a_rotation_rolled_back_in_the_key_table_fails(deployed: tuple[str, str]) -> None:
+    url, mk = deployed
+    code, rep, _ = doctor(url, mk)
+    assert code == 0
+    assert [c["status"] for c in by_name(rep, "key_table")] == ["ok"]
+    engine = sa.create_engine(url)
+    keys = carnet.KeyManager(engine, master_key=mk)
+    tenant = keys.store.tenants()[0]
+    keys.rotate(tenant)
+    t = keys.store.table
+    with engine.begin() as conn:
+        # Back to version 1: the newest key made inactive, the old one active again.
+        conn.execute(
+            t.update()
+            .where(t.c.tenant == tenant, t.c.version == 2)
+            .values(state="inactive", active_tenant=None)
+        )
+        conn.execute(
+            t.update()
+            .where(t.c.tenant == tenant, t.c.version == 1)
+            .values(state="active", active_tenant=tenant)
+        )
+    keys.close()
+    engine.dispose()
+    code, rep, text = doctor(url, mk)
+    assert code == 1, text
+    found = by_name(rep, "key_table")
+    assert [c["status"] for c in found] == ["fail"], found
+    assert "rolled back" in found[0]["message"] and repr(tenant) in found[0]["message"]
+    assert found[0]["details"] == {"tenant": tenant}
+    assert f"carnet keys list --tenant {tenant}" in found[0]["fix"]
+    assert f"carnet keys rotate --tenant {tenant}" in found[0]["fix"]
+    assert "[FAIL] key_table:" in text and "fix: inspect the keys: carnet keys list" in text
+
+
+def test_a_retired_key_given_back_a_state_fails_with_the_keys_list_fix(
+    deployed: tuple[str, str],
+) -> None:
+    url, mk = deployed
+    engine = sa.create_engine(url)
+    keys = carnet.KeyManager(engine, master_key=mk)
+    tenant = keys.store.tenants()[0]
+    first = next(r for r in keys.iter_keys() if r.tenant == tenant and r.version == 1)
+    keys.rotate(tenant)
+    keys.retire(first.key_id)
+    t = keys.store.table
+    with engine.begin() as conn:
+        conn.execute(t.update().where(t.c.key_id == first.key_id.hex()).values(state="inactive"))
+    keys.close()
+    engine.dispose()
+    code, rep, text = doctor(url, mk)
+    assert code == 1, text
+    found = by_name(rep, "key_table")
+    assert [c["status"] for c in found] == ["fail"], found
+    assert "no key material" in found[0]["message"]
+    assert found[0]["fix"] == f"inspect the keys: carnet keys list --tenant {tenant}"

@@ -571,3 +571,36 @@ def test_null_notes_need_no_key_even_for_a_destroyed_practice(
     with Session(engine) as s:
         s.add(Note(id=4, practice_id="A", body=None))
         s.commit()
+
+
+@pytest.mark.parametrize(
+    ("where", "sync"),
+    [("id_range", "evaluate"), ("id_range", "auto"), ("none", "evaluate"), ("id_range", "fetch")],
+)
+def test_orm_update_synchronize_session_never_puts_one_practices_text_on_another_practices_object(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str, where: str, sync: str
+) -> None:
+    _seed(engine, 1, "A")
+    _seed(engine, 2, "B")
+    with Session(engine) as s:
+        with carnet.tenant_scope("A"):
+            a = s.get(Note, 1)
+        with carnet.tenant_scope("B"):
+            b = s.get(Note, 2)
+        assert a is not None and b is not None
+        assert (a.body, b.body) == (BODY, BODY)
+        stmt = sa.update(Note).values(body="rewritten for A")
+        if where == "id_range":
+            stmt = stmt.where(Note.id >= 1)
+        with carnet.tenant_scope("A"):
+            s.execute(stmt, execution_options={"synchronize_session": sync})
+            assert a.body == "rewritten for A"
+        # B's row was pinned out of the UPDATE: its object shows B's own text.
+        assert b.__dict__.get("body", BODY) == BODY
+        with carnet.tenant_scope("B"):
+            assert b.body == BODY
+            s.expire(b)
+            assert b.body == BODY
+        s.commit()
+    assert stored(engine, master_key_uri, 1) == ("A", "rewritten for A", SUMMARY)
+    assert stored(engine, master_key_uri, 2) == ("B", BODY, SUMMARY)
