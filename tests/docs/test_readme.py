@@ -35,7 +35,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     with sqlite3.connect(db) as conn:
         ((practice, blob),) = conn.execute("SELECT practice_id, body FROM notes").fetchall()
     assert practice == "cabinet-lyon-3" and blob[0] == 2
-    assert blob[19 : 19 + len(practice)] == practice.encode()  # the header names the practice
+    assert blob[23 : 23 + len(practice)] == practice.encode()  # the header names the practice
     assert len(blob) > envelope.overhead(practice)
     read_back = code.replace(
         "    s.commit()",

@@ -176,12 +176,22 @@ def test_value_moved_to_another_practice_row_fails(
 
 def test_value_moved_to_another_column_fails(keys: carnet.KeyManager, engine: sa.Engine) -> None:
     a, _ = _insert_two(engine)
-    with engine.begin() as conn:  # body (binary) -> summary (text form) of the same row
+
+    def move(conn: sa.Connection) -> None:  # body (binary) -> summary (text form), same row
         v = conn.execute(sa.text("SELECT body FROM notes WHERE id=:i"), {"i": a}).scalar_one()
         conn.execute(
             sa.text("UPDATE notes SET summary=:v WHERE id=:i"),
             {"v": carnet.envelope.to_text(bytes(v)), "i": a},
         )
+
+    # The database refuses it: the value's label tag is not the column's.
+    with engine.begin() as conn, pytest.raises(InvalidCiphertext) as refused:
+        move(conn)
+    assert refused.value.constraint == "carnet_f2_notes_summary"
+    # With the checks dropped (by a DBA, say), the read still refuses it.
+    with engine.begin() as conn:
+        drop_checks(conn, Note)
+        move(conn)
     with Session(engine) as s, pytest.raises(InvalidCiphertext):
         s.get(Note, a)
 
