@@ -657,6 +657,12 @@ class KeyStore:
                         "('carnet keys rotate --create') to create its first key",
                     )
                 return self.insert(conn, tenant, key_id, wrapped, master_key_uri, version=1)
+            if not active and not any(r.state == DESTROYED for r in recs):
+                # PostgreSQL's READ COMMITTED locking read re-checks only the rows
+                # it first found: a rotation committed meanwhile shows its old key
+                # inactive and not its new one. A new statement sees both.
+                recs = self.rows(conn, tenant, lock=True)
+                active = [r for r in recs if r.state == ACTIVE]
             if not active:
                 # Only a destroyed practice has keys and no active one. Its rows'
                 # states are no proof: SQL access can rewrite "destroyed" as

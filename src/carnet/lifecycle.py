@@ -1332,7 +1332,7 @@ def verify(
         if any(counts.values()):
             rep.practices[practice] = counts
     rep.failed_pks = found.samples.get("failed", [])
-    rep.checks = vf.database_checks(manager.engine, table, column, tenant_column)
+    rep.checks = vf.database_checks(manager.engine, table, column, tenant_column, pk)
     return rep
 
 

@@ -363,7 +363,11 @@ def walk(
 
 
 def checks_spec(
-    engine: sa.Engine, table: str, column: str, tenant_column: str | None = None
+    engine: sa.Engine,
+    table: str,
+    column: str,
+    tenant_column: str | None = None,
+    pk: Sequence[str] = (),
 ) -> Any:
     """The :class:`carnet.dbchecks.ColumnSpec` of a column named as ``carnet verify`` names it.
 
@@ -382,14 +386,18 @@ def checks_spec(
         from .migrate.run import checks_spec as migrated_spec
         from .migrate.target import resolve
 
-        spec = migrated_spec(resolve(engine, table, column, tenant=tenant_column))
+        spec = migrated_spec(resolve(engine, table, column, tenant=tenant_column, pk=pk))
         return replace(spec, mode=mode)
     with engine.connect() as conn:
         return dbchecks.column_spec(conn, table, column, tenant_column=tenant_column, mode=mode)
 
 
 def database_checks(
-    engine: sa.Engine, table: str, column: str, tenant_column: str | None = None
+    engine: sa.Engine,
+    table: str,
+    column: str,
+    tenant_column: str | None = None,
+    pk: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Whether the database holds the column's checks, in the mode its data allows.
 
@@ -399,7 +407,7 @@ def database_checks(
     """
     from . import dbchecks
 
-    spec = checks_spec(engine, table, column, tenant_column)
+    spec = checks_spec(engine, table, column, tenant_column, pk)
     with engine.connect() as conn:
         found = dbchecks.column_checks(conn, spec)
         out = found.as_dict()

@@ -11,7 +11,6 @@ import pytest
 import sqlalchemy as sa
 
 import carnet
-from support.dbutil import drop_checks
 from support.lifecycleutil import SECRET, fill_notes, notes_table, run_cli
 
 
@@ -115,9 +114,6 @@ def test_plaintext_left_is_reported(deployed: tuple[str, str]) -> None:
     # its format check in mode "mixed" (legacy plaintext accepted until finish).
     _mixed_read_phase(engine)
     with engine.begin() as conn:
-        # The database refuses plaintext in the column: planted with its checks
-        # dropped (by a DBA, or rows from before them), which doctor must still find.
-        drop_checks(conn, notes_table(sa.MetaData()))
         conn.execute(sa.text("UPDATE notes SET summary = 'reste en clair' WHERE id < 4"))
     engine.dispose()
     code, rep, text = doctor(url, mk)
@@ -317,7 +313,6 @@ def test_v1_checks_while_every_value_is_v2_is_a_failure(deployed: tuple[str, str
     from dataclasses import replace
 
     from carnet import dbchecks
-    from support.lifecycleutil import notes_table
 
     url, mk = deployed
     engine = sa.create_engine(url)

@@ -88,6 +88,7 @@ def _mixed_table(engine: sa.Engine, keys: carnet.KeyManager) -> list[Case]:
     unknown = (
         envelope.VERSION_BYTE
         + os.urandom(envelope.KEY_ID_SIZE)
+        + envelope.label_tag(LABEL)
         + envelope.practice_field("p1")
         + os.urandom(40)
     )

@@ -87,8 +87,9 @@ def test_autogenerate_proposes_the_checks_of_an_existing_table(
             "storage='binary', mode='v2')" in upgrade
         ), script.read_text()
         assert (
+            # The column's own label (not table.column): its values carry its tag.
             "op.carnet_install_checks('notes', 'summary', practice='practice_id', "
-            "storage='text', mode='v2')" in upgrade
+            "storage='text', mode='v2', label='notes.summary_v1')" in upgrade
         )
         source = script.read_text()
         assert "import carnet.migrate.alembic" in source
