@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy.sql.compiler import Compiled
 
-from .types import EncryptedText
+from .dbchecks import encrypted_type
 
 _UNDECODABLE = "Could not decode to UTF-8 column "
 _WITH_TEXT = " with text '"
@@ -55,7 +55,11 @@ def _binds_encrypted(ctx: Any) -> bool:
     if compiled is None:
         return False  # a raw driver-level string statement: no carnet type in it
     binds = getattr(compiled, "binds", None) or {}
-    return any(isinstance(b.type, EncryptedText) for b in binds.values()) or _on_key_table(compiled)
+    # Through TypeDecorator and with_variant too: the one answer to "is it encrypted?".
+    dialect = getattr(getattr(ctx, "dialect", None), "name", None)
+    return any(encrypted_type(b.type, dialect) is not None for b in binds.values()) or (
+        _on_key_table(compiled)
+    )
 
 
 def _on_key_table(compiled: Compiled) -> bool:

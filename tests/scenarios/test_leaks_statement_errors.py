@@ -190,3 +190,66 @@ def test_undecodable_legacy_text_is_not_quoted(
     assert SECRET not in text
     assert "Could not decode to UTF-8 column 'summary'" in text
     assert SECRET not in logs.text
+
+
+class _WrappedText(sa.types.TypeDecorator[Any]):
+    """An application's own type over carnet's."""
+
+    impl = carnet.EncryptedText
+    cache_ok = True
+
+
+_WRAPPED_MD = sa.MetaData()
+# The same table, its note column declared through a wrapper: carnet's
+# redaction must see through it as its database checks do.
+WRAPPED = {
+    "variant": sa.Table(
+        "visits_variant",
+        _WRAPPED_MD,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("seen_on", sa.Date),
+        sa.Column("urgent", sa.Boolean),
+        sa.Column(
+            "note",
+            sa.Text().with_variant(
+                carnet.EncryptedText(tenant="practice_id"),
+                "sqlite",
+                "postgresql",
+                "mysql",
+                "mariadb",
+            ),
+        ),
+    ),
+    "decorator": sa.Table(
+        "visits_decorator",
+        _WRAPPED_MD,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("seen_on", sa.Date),
+        sa.Column("urgent", sa.Boolean),
+        sa.Column("note", _WrappedText(tenant="practice_id")),
+    ),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPED))
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_a_wrapped_encrypted_column_hides_its_note_too(
+    keys: carnet.KeyManager,
+    engine: sa.Engine,
+    logs: pytest.LogCaptureFixture,
+    bad: str,
+    wrapper: str,
+) -> None:
+    table = WRAPPED[wrapper]
+    _WRAPPED_MD.create_all(engine, tables=[table])
+    with (
+        pytest.raises(sa.exc.StatementError) as ei,
+        carnet.tenant_scope("p1"),
+        engine.begin() as conn,
+    ):
+        conn.execute(table.insert(), _row(1, BAD[bad]))
+    text = _everything(ei.value)
+    assert SECRET not in text and SECRET not in logs.text
+    assert f"INSERT INTO {table.name}" in text
