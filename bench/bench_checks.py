@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
-import secrets
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +36,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import carnet
+from bench.bench_core import core_insert
 from bench.common import (
     Row,
+    mariadb_database,
     master_key_uri,
     postgres_database,
     repeats,
@@ -52,9 +52,6 @@ from carnet import _synthetic
 N_NOTES = 2_000
 N_TENANTS = 20
 N_PATIENTS = 200
-MARIADB_ADMIN_URL = os.environ.get(
-    "CARNET_BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
-)
 
 
 # -- the server's CPU time ------------------------------------------------------------------
@@ -253,16 +250,6 @@ def _orm_insert(engine: sa.Engine, make: Callable[[], list[Any]]) -> Callable[[]
     return body
 
 
-def _core_insert(
-    engine: sa.Engine, table: sa.Table, tenant: str, params: list[dict[str, Any]]
-) -> Callable[[], None]:
-    def body() -> None:
-        with carnet.tenant_scope(tenant), engine.begin() as conn:
-            conn.execute(table.insert(), params)
-
-    return body
-
-
 def _orm_update(
     engine: sa.Engine, cls: type[Any], texts: list[str]
 ) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -358,7 +345,7 @@ def _bench_database(
     params = [{"practice_id": tenant, "body": d.text} for d in data]
     cpu, wall = _measure(
         {
-            k: (_delete_all(engine, c.__table__), _core_insert(engine, c.__table__, tenant, params))
+            k: (_delete_all(engine, c.__table__), core_insert(engine, c.__table__, tenant, params))
             for k, c in notes.items()
         },
         reps,
@@ -414,29 +401,6 @@ def _bench_database(
             )
         )
     return rows
-
-
-@contextlib.contextmanager
-def mariadb_database() -> Iterator[str | None]:
-    """URL of a new, empty MariaDB database dropped afterwards; None when unreachable."""
-    if os.environ.get("CARNET_BENCH_MARIADB", "1") == "0":
-        yield None
-        return
-    admin = sa.create_engine(MARIADB_ADMIN_URL, connect_args={"connect_timeout": 3})
-    name = "carnet_bench_" + secrets.token_hex(4)
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-    except sa.exc.OperationalError:
-        admin.dispose()
-        yield None
-        return
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-        admin.dispose()
 
 
 def run() -> list[Row]:

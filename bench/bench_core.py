@@ -200,7 +200,7 @@ def _delete_all(engine: sa.Engine, table: sa.Table) -> Callable[[], None]:
     return setup
 
 
-def _core_insert(
+def core_insert(
     engine: sa.Engine, table: sa.Table, tenant: str, params: list[dict[str, Any]]
 ) -> Callable[[], None]:
     def body() -> None:
@@ -311,7 +311,7 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
     params = [{"practice_id": tenant, "patient_id": d.patient_id, "body": d.text} for d in data]
     core_ins = interleaved_medians(
         {
-            name: (_delete_all(engine, table), _core_insert(engine, table, tenant, params))
+            name: (_delete_all(engine, table), core_insert(engine, table, tenant, params))
             for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
         },
         reps,

@@ -23,6 +23,9 @@ Row = dict[str, Any]
 POSTGRES_ADMIN_URL = os.environ.get(
     "CARNET_BENCH_POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+MARIADB_ADMIN_URL = os.environ.get(
+    "CARNET_BENCH_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
+)
 
 
 def row(
@@ -185,4 +188,27 @@ def postgres_database() -> Iterator[str | None]:
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def mariadb_database() -> Iterator[str | None]:
+    """URL of a new, empty MariaDB database dropped afterwards; None when unreachable."""
+    if os.environ.get("CARNET_BENCH_MARIADB", "1") == "0":
+        yield None
+        return
+    admin = sa.create_engine(MARIADB_ADMIN_URL, connect_args={"connect_timeout": 3})
+    name = "carnet_bench_" + secrets.token_hex(4)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    except sa.exc.OperationalError:
+        admin.dispose()
+        yield None
+        return
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
