@@ -46,7 +46,7 @@ from .exitcodes import (
     EXIT_UNKNOWN_TENANT,
     EXIT_USAGE,
 )
-from .manager import KeyManager
+from .manager import ENV_DATABASE_URL, ENV_MASTER_KEY, KeyManager
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -465,7 +465,7 @@ class AliasOption(click.Option):
 def database_url_option(help: str | None = None) -> Callable[[F], F]:
     return click.option(
         "--database-url",
-        envvar="CARNET_DATABASE_URL",
+        envvar=ENV_DATABASE_URL,
         metavar="URL",
         help=help or "SQLAlchemy URL of the database [CARNET_DATABASE_URL].",
     )
@@ -474,7 +474,7 @@ def database_url_option(help: str | None = None) -> Callable[[F], F]:
 def master_key_option(help: str | None = None) -> Callable[[F], F]:
     return click.option(
         "--master-key",
-        envvar="CARNET_MASTER_KEY",
+        envvar=ENV_MASTER_KEY,
         metavar="URI",
         help=help
         or "Master key URI: file://, keyring://, aws-kms://, pkcs11:// [CARNET_MASTER_KEY].",

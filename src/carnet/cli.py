@@ -32,6 +32,7 @@ from ._cli import (
     yes_option,
 )
 from .errors import ConfigurationError, MasterKeyUnavailable
+from .manager import env_settings
 
 # The one exit-code table of every command (carnet.exitcodes), re-exported here.
 from .exitcodes import (  # noqa: F401
@@ -78,7 +79,8 @@ def cli(
     cache_ttl: float,
 ) -> None:
     """Field-level encryption of medical notes: keys, rotation, re-encryption, verification."""
-    prev = previous or lifecycle.env_previous_master_keys()
+    # CARNET_PREVIOUS_MASTER_KEYS parsed where KeyManager.from_env parses it.
+    prev = previous or env_settings().previous_master_keys
     ctx.obj = Config(database_url, master_key, prev, cache_ttl)
 
     ctx.call_on_close(ctx.obj.close)

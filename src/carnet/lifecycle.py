@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
-import os
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from .errors import (
     UnknownTenant,
 )
 from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
-from .manager import KeyManager, RewrapReport
+from .manager import KeyManager, RewrapReport, env_settings
 from .providers import MasterKey, create_master_key
 
 Progress = Callable[[int], None]
@@ -1337,5 +1336,5 @@ def verify(
 
 
 def env_previous_master_keys() -> tuple[str, ...]:
-    raw = os.environ.get("CARNET_PREVIOUS_MASTER_KEYS", "")
-    return tuple(u.strip() for u in raw.split(",") if u.strip())
+    """``CARNET_PREVIOUS_MASTER_KEYS``, parsed as :meth:`KeyManager.from_env` parses it."""
+    return env_settings().previous_master_keys

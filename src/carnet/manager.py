@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,19 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 # carnet.manager.IndexRoot and log_debug_enabled stay importable from here.
-__all__ = ["DecryptHook", "IndexRoot", "KeyManager", "RewrapReport", "log_debug_enabled"]
+__all__ = [
+    "ENV_DATABASE_URL",
+    "ENV_MASTER_KEY",
+    "ENV_PREVIOUS_MASTER_KEYS",
+    "DecryptHook",
+    "EnvSettings",
+    "IndexRoot",
+    "KeyManager",
+    "RewrapReport",
+    "env_settings",
+    "log_debug_enabled",
+    "split_master_keys",
+]
 
 log = logging.getLogger("carnet")
 _KEY_ID = envelope.KEY_ID
@@ -67,6 +79,47 @@ class RewrapReport:
     already: int
     skipped_destroyed: int
     master_key_uri: str
+
+
+# -- the environment, read the one way (the CLI and KeyManager.from_env) ------------------------
+
+ENV_DATABASE_URL = "CARNET_DATABASE_URL"
+ENV_MASTER_KEY = "CARNET_MASTER_KEY"
+ENV_PREVIOUS_MASTER_KEYS = "CARNET_PREVIOUS_MASTER_KEYS"
+
+
+def split_master_keys(raw: str | None) -> tuple[str, ...]:
+    """``CARNET_PREVIOUS_MASTER_KEYS``'s comma-separated URIs, blanks dropped, order kept."""
+    return tuple(u.strip() for u in (raw or "").split(",") if u.strip())
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """What the ``CARNET_*`` variables configure: the CLI's and :meth:`KeyManager.from_env`'s."""
+
+    database_url: str | None
+    master_key: str | None
+    previous_master_keys: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        # A database URL may carry a password: only whether it is set.
+        return (
+            f"EnvSettings(database_url={'set' if self.database_url else None}, "
+            f"master_key={self.master_key!r}, previous_master_keys={self.previous_master_keys!r})"
+        )
+
+
+def env_settings(environ: Mapping[str, str] | None = None) -> EnvSettings:
+    """Read ``CARNET_DATABASE_URL``, ``CARNET_MASTER_KEY`` and ``CARNET_PREVIOUS_MASTER_KEYS``.
+
+    An empty variable counts as unset, as it does for the CLI's options.
+    """
+    env = os.environ if environ is None else environ
+    return EnvSettings(
+        database_url=env.get(ENV_DATABASE_URL) or None,
+        master_key=env.get(ENV_MASTER_KEY) or None,
+        previous_master_keys=split_master_keys(env.get(ENV_PREVIOUS_MASTER_KEYS)),
+    )
 
 
 def _check_tenant(tenant: object) -> str:
@@ -140,6 +193,41 @@ class KeyManager:
                 "tenant_scope would reach the log. Turn it off where real data is read.",
                 stacklevel=2,
             )
+
+    @classmethod
+    def from_env(
+        cls,
+        bind: sa.Engine | AsyncEngine | str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> KeyManager:
+        """A manager configured as the ``carnet`` command line is, from ``CARNET_*`` variables.
+
+        ``CARNET_MASTER_KEY`` is the master key, ``CARNET_PREVIOUS_MASTER_KEYS``
+        (comma-separated) the former ones that may still wrap data keys (after
+        a master rotation, or for a restored backup), and ``CARNET_DATABASE_URL``
+        the database of ``carnet_keys`` unless ``bind`` (the application's own
+        engine, usually) is given. The providers' own variables
+        (``CARNET_KMS_*``, ``CARNET_PKCS11_*``) apply as for the CLI.
+        ``options`` are the constructor's (``cache_ttl``, ``require_scope``…).
+        A missing variable is a :class:`ConfigurationError` naming it.
+        """
+        env = env_settings(environ)
+        if env.master_key is None:
+            raise ConfigurationError(f"no master key: set {ENV_MASTER_KEY}")
+        if bind is None:
+            if env.database_url is None:
+                raise ConfigurationError(
+                    f"no database: set {ENV_DATABASE_URL} or pass the application's engine"
+                )
+            bind = env.database_url
+        return cls(
+            bind,
+            env.master_key,
+            previous_master_keys=env.previous_master_keys,
+            **options,
+        )
 
     # -- configuration -------------------------------------------------------------
 
