@@ -32,7 +32,6 @@ from ._cli import (
     yes_option,
 )
 from .errors import ConfigurationError, MasterKeyUnavailable
-from .manager import env_settings
 
 # The one exit-code table of every command (carnet.exitcodes), re-exported here.
 from .exitcodes import (  # noqa: F401
@@ -47,6 +46,7 @@ from .exitcodes import (  # noqa: F401
     EXIT_UNKNOWN_TENANT,
     EXIT_USAGE,
 )
+from .manager import env_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
