@@ -227,6 +227,15 @@ def app_option(f: F) -> F:
     help="Do not open the master key (nor need it): no data key is unwrapped.",
 )
 @app_option
+@click.option(
+    "--jobs",
+    "finished_jobs",
+    type=click.IntRange(0),
+    default=10,
+    show_default=True,
+    metavar="N",
+    help="Finished jobs listed, most recent first (every unfinished job is listed).",
+)
 @json_option
 @pass_config
 @click.pass_context
@@ -237,6 +246,7 @@ def status(
     columns: tuple[str, ...],
     no_master_check: bool,
     app: str | None,
+    finished_jobs: int,
     as_json: bool,
 ) -> None:
     """Keys per practice and, per encrypted column, rows by key version."""
@@ -249,6 +259,7 @@ def status(
         pairs,
         check_master=not no_master_check,
         declared=[(d.table, d.column) for d in declared],
+        finished_jobs=finished_jobs,
     )
 
     def text() -> None:
@@ -291,6 +302,11 @@ def status(
             echo(
                 f"job {j['job']} worker {j['worker']}: "
                 f"{'done' if j['done'] else 'unfinished'}, {j['scanned']:,} scanned"
+            )
+        if rep.finished_jobs_hidden:
+            echo(
+                f"({_n(rep.finished_jobs_hidden, 'older finished job')} not listed; "
+                "--jobs N lists more)"
             )
 
     emit(as_json, rep.as_dict(), text)
@@ -476,8 +492,20 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
 
 
 @cli.command()
-@click.option("--table", required=True, metavar="T")
-@click.option("--column", required=True, metavar="C")
+@click.option("--table", metavar="T", help="The table (with --column).")
+@click.option("--column", metavar="C", help="The encrypted column of --table.")
+@click.option(
+    "--app",
+    metavar="MODULE:ATTR",
+    help="Every encrypted column the application's MetaData or declarative Base declares, "
+    "with its label, in one run.",
+)
+@click.option(
+    "--all",
+    "all_",
+    is_flag=True,
+    help="Every column whose stored values are carnet values (found by reading them).",
+)
 @click.option("--tenant", metavar="T", help="Only values of this practice.")
 @batch_size_option(500)
 @workers_option
@@ -496,8 +524,10 @@ def keys_reenable(ctx: click.Context, cfg: Config, tenant: str, yes: bool, as_js
 def reencrypt(
     ctx: click.Context,
     cfg: Config,
-    table: str,
-    column: str,
+    table: str | None,
+    column: str | None,
+    app: str | None,
+    all_: bool,
     tenant: str | None,
     batch_size: int,
     workers: int,
@@ -508,7 +538,24 @@ def reencrypt(
     restart: bool,
     as_json: bool,
 ) -> None:
-    """Move every value to its practice's active data key (and current label). Resumable."""
+    """Move every value to its practice's active data key (and current label). Resumable.
+
+    One column (--table and --column), or every encrypted column in one run:
+    those the application declares (--app module:Base) or those found holding
+    carnet values (--all). A killed run, started again the same way, resumes.
+    """
+    chosen = (table is not None or column is not None) + (app is not None) + all_
+    if chosen != 1:
+        raise click.UsageError("give --table T --column C, or --app MODULE:ATTR, or --all")
+    if app is not None or all_:
+        if workers != 1 or worker_spec or label or old_label:
+            raise click.UsageError(
+                "--workers, --worker, --label and --old-label apply to one --table/--column"
+            )
+        _reencrypt_many(ctx, cfg, app, tenant, batch_size, job, restart, as_json)
+        return
+    if table is None or column is None:
+        raise click.UsageError("give --table and --column together")
     worker = parse_worker(worker_spec)
     if worker is not None and workers != 1:
         raise click.UsageError("--workers and --worker exclude each other")
@@ -572,6 +619,84 @@ def reencrypt(
             echo(_pk_lines(rep.failed, "failed"))
 
     emit(as_json, data, text)
+    if rep.failed:
+        ctx.exit(EXIT_FAILED_ROWS)
+
+
+_OUTCOME_TEXT = {
+    "done": "finished before the interruption",
+    "not encrypted": "no carnet value yet (carnet migrate's work): left",
+    "no table": "declared, not in the database: left",
+}
+
+
+def _reencrypt_many(
+    ctx: click.Context,
+    cfg: Config,
+    app: str | None,
+    tenant: str | None,
+    batch_size: int,
+    job: str | None,
+    restart: bool,
+    as_json: bool,
+) -> None:
+    manager = cfg.manager()
+    if app is not None:
+        from . import doctor
+
+        columns = [
+            lifecycle.EncryptedColumn(d.table, d.column, d.label)
+            for d in doctor.declared_columns(doctor.load_app(app))
+        ]
+        if not columns:
+            raise ConfigurationError(f"{app} declares no encrypted column")
+    else:
+        columns = [lifecycle.EncryptedColumn(t, c) for t, c in lifecycle.discover_columns(manager)]
+    run = job or lifecycle.run_name("app" if app is not None else "all", tenant)
+    bar = Progress("reencrypt", lifecycle.rows_to_scan(manager, columns), quiet=as_json)
+    try:
+        rep = lifecycle.reencrypt_columns(
+            manager,
+            columns,
+            run=run,
+            tenant=tenant,
+            batch_size=batch_size,
+            restart=restart,
+            progress=bar.update,
+        )
+        bar.finish()
+    finally:
+        bar.close()
+
+    def text() -> None:
+        if rep.resumed:
+            echo(f"resumed run {run}")
+        for c in rep.columns:
+            r = c.report
+            if r is None:
+                echo(f"{c.table}.{c.column}: {_OUTCOME_TEXT[c.outcome]}")
+                continue
+            echo(
+                f"{c.table}.{c.column}: {r['scanned']:,} scanned, {r['rewritten']:,} "
+                f"re-encrypted, {r['already_current']:,} already current"
+                + (
+                    f", {r['destroyed']:,} under destroyed or retired keys"
+                    if r["destroyed"]
+                    else ""
+                )
+                + (f", {r['plaintext']:,} plaintext" if r["plaintext"] else "")
+                + (f", {len(r['failed']):,} failed" if r["failed"] else "")
+            )
+        t = rep.total
+        echo(
+            f"{_n(len(rep.columns), 'column')}: {t.scanned:,} scanned, {t.rewritten:,} "
+            f"re-encrypted, {t.conflicts:,} written concurrently by the application, "
+            f"{len(t.failed):,} failed in {rep.elapsed:.1f}s"
+        )
+        if t.failed:
+            echo(_pk_lines(t.failed, "failed"))
+
+    emit(as_json, rep.as_dict(), text)
     if rep.failed:
         ctx.exit(EXIT_FAILED_ROWS)
 

@@ -32,7 +32,6 @@ from .exitcodes import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK
 from .keystore import inexact_practice_columns, key_anomalies, keys_table
 from .manager import KeyManager
 from .providers import open_master_key
-from .types import EncryptedText
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -82,6 +81,7 @@ class DeclaredColumn:
     column: str
     storage: str  # "binary" or "text"
     type_name: str
+    label: str | None = None  # the field label, when the column sets one (else table.column)
 
 
 def load_app(spec: str) -> Any:
@@ -119,14 +119,20 @@ def app_metadata(obj: Any) -> sa.MetaData:
 
 
 def declared_columns(obj: Any) -> list[DeclaredColumn]:
-    """The application's encrypted columns (EncryptedText and its subclasses)."""
+    """The application's encrypted columns (EncryptedText and its subclasses, also
+    behind a TypeDecorator or ``with_variant``)."""
+    from .dbchecks import encrypted_type
+
     out = []
     for tbl in app_metadata(obj).sorted_tables:
         for col in tbl.columns:
-            if isinstance(col.type, EncryptedText):
-                storage = getattr(col.type, "storage", "binary")
+            typ = encrypted_type(col)
+            if typ is not None:
+                storage = getattr(typ, "storage", "binary")
                 out.append(
-                    DeclaredColumn(tbl.fullname, col.name, str(storage), type(col.type).__name__)
+                    DeclaredColumn(
+                        tbl.fullname, col.name, str(storage), type(typ).__name__, typ.label
+                    )
                 )
     return out
 

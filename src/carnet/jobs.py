@@ -175,3 +175,78 @@ def reset_job(engine: sa.Engine, job: str) -> int:
     ensure_jobs_table(engine)
     with engine.begin() as conn:
         return int(conn.execute(JOBS.delete().where(JOBS.c.job == job)).rowcount)
+
+
+# -- what status shows ----------------------------------------------------------------------
+
+FINISHED_SHOWN = 10  # finished jobs `carnet status` lists by default (every unfinished one too)
+
+
+def recent_jobs(engine: sa.Engine, finished: int = FINISHED_SHOWN) -> tuple[list[Any], int]:
+    """Rows of every unfinished job and of the ``finished`` most recently finished ones.
+
+    Returns ``(rows, hidden)``: the rows ordered by job and worker, and how many
+    finished jobs were left out. A job is finished when every worker is done;
+    its rows stay in the table (a finished job's rerun starts a fresh pass
+    anyway), only the listing is bounded, so a years-old deployment's status
+    is not a page of past re-encryptions.
+    """
+    if not sa.inspect(engine).has_table(JOBS_TABLE):
+        return [], 0
+    t = JOBS
+    with engine.connect() as conn:
+        rows = list(conn.execute(sa.select(t).order_by(t.c.job, t.c.worker)))
+    by_job: dict[str, list[Any]] = {}
+    for r in rows:
+        by_job.setdefault(r.job, []).append(r)
+    done = [j for j, rs in by_job.items() if all(r.done for r in rs)]
+    # Most recent first; the job name breaks ties (MariaDB keeps whole seconds).
+    done.sort(key=lambda j: (max(_aware(r.updated_at) for r in by_job[j]), j), reverse=True)
+    hidden = set(done[max(finished, 0) :])
+    return [r for r in rows if r.job not in hidden], len(hidden)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite hands back naive datetimes (stored as UTC).
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+
+
+# -- a run over several columns (reencrypt --app / --all) -------------------------------------
+
+RUN_MARK = "*"  # table_name and column_name of a run's own row
+
+
+def run_state(engine: sa.Engine, run: str) -> bool | None:
+    """A multi-column run's state: None if never started, else whether it finished."""
+    if not sa.inspect(engine).has_table(JOBS_TABLE):
+        return None
+    t = JOBS
+    with engine.connect() as conn:
+        done = conn.execute(
+            sa.select(t.c.done).where(t.c.job == run, t.c.worker == 0)
+        ).scalar_one_or_none()
+    return None if done is None else bool(done)
+
+
+def start_run(engine: sa.Engine, run: str) -> None:
+    """Record a new pass of a multi-column run (its own row in ``carnet_jobs``), unfinished."""
+    ensure_jobs_table(engine)
+    with engine.begin() as conn:
+        conn.execute(JOBS.delete().where(JOBS.c.job == run))
+        conn.execute(JOBS.insert(), new_row(run, 0, 1, RUN_MARK, RUN_MARK, None, None))
+
+
+def finish_run(engine: sa.Engine, run: str, totals: dict[str, int]) -> None:
+    """Mark the run finished, with its summed counters; the next run starts a fresh pass."""
+    with engine.begin() as conn:
+        conn.execute(
+            JOBS.update()
+            .where(JOBS.c.job == run, JOBS.c.worker == 0)
+            .values(done=True, updated_at=utcnow(), **totals)
+        )
+
+
+def job_finished(engine: sa.Engine, job: str) -> bool:
+    """Whether every worker of ``job`` is done (False for a job never started)."""
+    p = job_progress(engine, job)
+    return bool(p["workers"]) and p["done"] == p["workers"]

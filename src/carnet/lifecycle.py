@@ -398,6 +398,7 @@ class StatusReport:
     tenants: list[TenantStatus]
     columns: list[ColumnStatus]
     jobs: list[dict[str, Any]]
+    finished_jobs_hidden: int = 0  # finished jobs older than the ones listed
 
     def as_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -501,11 +502,14 @@ def status(
     columns: Sequence[tuple[str, str]] | None = None,
     check_master: bool = True,
     declared: Sequence[tuple[str, str]] = (),
+    finished_jobs: int = _jobs.FINISHED_SHOWN,
 ) -> StatusReport:
     """Keys per practice, and per encrypted column the rows by key version.
 
     ``declared``: encrypted columns the application declares; reported even
     when they have no rows yet (discovery by content cannot see those).
+    ``finished_jobs``: how many finished jobs to list, most recent first
+    (every unfinished one is listed); ``finished_jobs_hidden`` counts the rest.
     """
     manager.create_schema()
     tenants: dict[str, list[KeyRecord]] = {}
@@ -546,23 +550,20 @@ def status(
         cs.found_by = found_by[(t, c)]
         col_st.append(cs)
     jobs_rows: list[dict[str, Any]] = []
-    if sa.inspect(manager.engine).has_table(_jobs.JOBS_TABLE):
-        with manager.engine.connect() as conn:
-            for r in conn.execute(
-                sa.select(_jobs.JOBS).order_by(_jobs.JOBS.c.job, _jobs.JOBS.c.worker)
-            ):
-                jobs_rows.append(
-                    {
-                        "job": r.job,
-                        "worker": f"{r.worker}/{r.workers}",
-                        "table": r.table_name,
-                        "column": r.column_name,
-                        "done": bool(r.done),
-                        "scanned": int(r.scanned),
-                        "rewritten": int(r.rewritten),
-                        "failed": int(r.failed),
-                    }
-                )
+    shown, hidden = _jobs.recent_jobs(manager.engine, finished_jobs)
+    for r in shown:
+        jobs_rows.append(
+            {
+                "job": r.job,
+                "worker": f"{r.worker}/{r.workers}",
+                "table": r.table_name,
+                "column": r.column_name,
+                "done": bool(r.done),
+                "scanned": int(r.scanned),
+                "rewritten": int(r.rewritten),
+                "failed": int(r.failed),
+            }
+        )
     return StatusReport(
         database=safe_url(manager.engine),
         master_key_uri=manager.master_key.uri,
@@ -570,6 +571,7 @@ def status(
         tenants=ts,
         columns=col_st,
         jobs=jobs_rows,
+        finished_jobs_hidden=hidden,
     )
 
 
@@ -817,9 +819,15 @@ def retire_key(
     usage = key_usage(manager, key_id, columns) if rec.state not in (RETIRED, DESTROYED) else None
     if usage is not None and usage.total and not force:
         where = ", ".join(f"{n} row(s) in {tc}" for tc, n in sorted(usage.rows.items()))
+        # The command for each blocking column, so the operator need not work it out.
+        todo = "; ".join(
+            f"carnet reencrypt --table {tc.rpartition('.')[0]} --column {tc.rpartition('.')[2]}"
+            for tc in sorted(usage.rows)
+        )
         raise KeyInUse(
             f"key {key_id.hex()} (tenant {rec.tenant!r}, v{rec.version}) is still used by "
-            f"{usage.total} row(s): {where}; run carnet reencrypt first, or --force to make "
+            f"{usage.total} row(s): {where}; re-encrypt them first ({todo}; or every column "
+            "at once: carnet reencrypt --app MODULE:ATTR or --all), or --force to make "
             "them unreadable"
         )
     if usage is not None and usage.unreadable and not force:
@@ -1109,6 +1117,148 @@ def reencrypt(
         relabel = old_label is not None and old_label != new_label
         tighten_after_reencrypt(manager.engine, table, column, new_label, relabel)
     return out
+
+
+# -- reencrypt every encrypted column (--app / --all) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class EncryptedColumn:
+    """A column to re-encrypt: ``table`` (``schema.table`` allowed), ``column``, and its
+    field label when the application sets one (else ``table.column``)."""
+
+    table: str
+    column: str
+    label: str | None = None
+
+
+@dataclass
+class ColumnOutcome:
+    table: str
+    column: str
+    # "reencrypted"; "done" (finished before an interruption of this run);
+    # "not encrypted" (no carnet value yet: carnet migrate's work); "no table"
+    outcome: str
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class ReencryptAllReport:
+    run: str
+    resumed: bool
+    columns: list[ColumnOutcome]
+    total: ReencryptReport
+    elapsed: float = 0.0
+
+    @property
+    def failed(self) -> list[tuple[Any, ...]]:
+        return self.total.failed
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "run": self.run,
+            "resumed": self.resumed,
+            "columns": [asdict(c) for c in self.columns],
+            "total": self.total.as_dict(),
+            "elapsed": self.elapsed,
+        }
+
+
+def run_name(what: str, tenant: str | None = None) -> str:
+    """The progress record of a run over several columns (``reencrypt:app``, ``reencrypt:all``)."""
+    return f"reencrypt:{what}" + (f":{tenant}" if tenant else "")
+
+
+def _has_table(engine: sa.Engine, table: str) -> bool:
+    schema, _, name = table.rpartition(".")
+    return sa.inspect(engine).has_table(name, schema=schema or None)
+
+
+def rows_to_scan(manager: KeyManager, columns: Sequence[EncryptedColumn]) -> int:
+    """Rows a pass over ``columns`` reads (a table once per column), for one progress bar."""
+    return sum(
+        estimate_rows(manager.engine, c.table)
+        for c in columns
+        if _has_table(manager.engine, c.table)
+    )
+
+
+def reencrypt_columns(
+    manager: KeyManager,
+    columns: Sequence[EncryptedColumn],
+    *,
+    run: str,
+    tenant: str | None = None,
+    batch_size: int = 500,
+    restart: bool = False,
+    progress: Progress | None = None,
+) -> ReencryptAllReport:
+    """:func:`reencrypt` every column in turn, as one resumable run.
+
+    Each column is the job :func:`reencrypt` would run for it alone
+    (``reencrypt:T.C``); the run has its own row in ``carnet_jobs``. A run
+    killed midway resumes, when started again, inside the column it was in
+    and skips the columns it had finished; a finished run (or ``restart``)
+    starts a fresh pass over every column. A declared table missing from the
+    database, and a column with no carnet value yet, are reported and left.
+    """
+    started = time.monotonic()
+    engine = manager.engine
+    resuming = not restart and _jobs.run_state(engine, run) is False
+    if not resuming:
+        # A fresh pass: what a column job recorded before belongs to an older one.
+        for c in columns:
+            _jobs.reset_job(engine, reencrypt_job_name(c.table, c.column, tenant))
+        _jobs.start_run(engine, run)
+    total = ReencryptReport(job=run)
+    outcomes: list[ColumnOutcome] = []
+    for c in columns:
+        job = reencrypt_job_name(c.table, c.column, tenant)
+        if not _has_table(engine, c.table):
+            outcomes.append(ColumnOutcome(c.table, c.column, "no table"))
+            continue
+        if resuming and _jobs.job_finished(engine, job):
+            outcomes.append(ColumnOutcome(c.table, c.column, "done"))
+            if progress is not None:
+                progress(estimate_rows(engine, c.table))
+            continue
+        tbl = check_column(engine, c.table, c.column)
+        if not is_encrypted_column(manager, tbl, c.column):
+            outcomes.append(ColumnOutcome(c.table, c.column, "not encrypted"))
+            if progress is not None:
+                progress(estimate_rows(engine, c.table))
+            continue
+        rep = reencrypt(
+            manager,
+            c.table,
+            c.column,
+            tenant=tenant,
+            label=c.label,
+            batch_size=batch_size,
+            job=job,
+            progress=progress,
+        )
+        d = rep.as_dict()
+        outcomes.append(ColumnOutcome(c.table, c.column, "reencrypted", d))
+        total.add(d)
+    total.elapsed = time.monotonic() - started
+    # Finished, failed rows included: a rerun is a fresh pass that retries them.
+    _jobs.finish_run(
+        engine,
+        run,
+        {
+            "scanned": total.scanned,
+            "rewritten": total.rewritten,
+            "skipped": total.skipped,
+            "conflicts": total.conflicts,
+            "failed": len(total.failed),
+        },
+    )
+    return ReencryptAllReport(
+        run=run, resumed=resuming, columns=outcomes, total=total, elapsed=total.elapsed
+    )
 
 
 @dataclass
