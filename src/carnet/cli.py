@@ -332,13 +332,14 @@ def keys_list(cfg: Config, tenant: str | None, as_json: bool) -> None:
         if not rows:
             echo("no data keys" + (f" for practice {tenant!r}" if tenant is not None else ""))
             return
-        head = ("KEY ID", "PRACTICE", "VERSION", "STATE", "MASTER KEY")
+        head = ("KEY ID", "PRACTICE", "KIND", "VERSION", "STATE", "MASTER KEY")
         table = [
             tuple(
                 printable(str(x))  # escaped before the widths are measured
                 for x in (
                     r["key_id"],
                     r["tenant"],
+                    r["kind"],  # data (notes) or index (blind-index root)
                     f"v{r['version']}",
                     r["state"],
                     r["master_key_uri"],

@@ -8,6 +8,7 @@ or written. Like every report, no check holds a note or key material.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib
 import os
 import random
@@ -310,15 +311,22 @@ def _master_keys(
         f"all {total} data keys" if tried == total else f"a sample of {tried} of {total} data keys"
     )
     unconfigured = {u: len(r) for u, r in by_uri.items() if u not in configured}
+    target = _rotation_target(by_uri, master)
     if unconfigured:
         which = ", ".join(f"{n} under {u}" for u, n in sorted(unconfigured.items()))
+        if target == master:
+            fix = (
+                "pass it as --previous-master-key (CARNET_PREVIOUS_MASTER_KEYS) "
+                "and finish carnet master rotate --to " + master
+            )
+        else:
+            fix = _moved_on_fix(target, master, by_uri)
         checks.append(
             Check(
                 "master_key",
                 FAIL,
                 f"data keys wrapped by a master key not configured: {which}",
-                fix="pass it as --previous-master-key (CARNET_PREVIOUS_MASTER_KEYS) "
-                "and finish carnet master rotate --to " + master,
+                fix=fix,
                 exit_code=EXIT_MASTER_KEY,
                 details={"unconfigured": unconfigured},
             )
@@ -354,7 +362,9 @@ def _master_keys(
                     "previous_master_keys",
                     WARN,
                     f"{uri} still wraps {n} data key(s): still needed",
-                    fix=f"finish carnet master rotate --to {master}",
+                    fix=f"finish carnet master rotate --to {master}"
+                    if target == master
+                    else _moved_on_fix(target, master, by_uri),
                     details={"uri": uri, "keys": n},
                 )
             )
@@ -368,6 +378,52 @@ def _master_keys(
                 )
             )
     return checks, manager
+
+
+def _rotation_target(by_uri: dict[str, list[Any]], master: str) -> str | None:
+    """The master key the data keys are moving (or moved) to.
+
+    Run with the previous master key after a rotation, the configured key is
+    where the keys come from, not where they go: advising a rotation to it
+    would rotate back. All keys under one master key: that one. Split between
+    several (a rotation under way): the one holding the most recently
+    rewritten key row (a rewrap stamps ``updated_at``); the configured key on a
+    tie, None when two others tie (no direction to advise).
+    """
+    live = {u: recs for u, recs in by_uri.items() if recs}
+    if not live:
+        return master
+    if len(live) == 1:
+        return next(iter(live))
+    latest = {u: max(_aware(r.updated_at) for r in recs) for u, recs in live.items()}
+    newest = max(latest.values())
+    top = sorted(u for u, t in latest.items() if t == newest)
+    if master in top:
+        return master
+    return top[0] if len(top) == 1 else None
+
+
+def _aware(value: Any) -> Any:
+    # SQLite hands back naive datetimes (stored as UTC).
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
+
+
+def _moved_on_fix(target: str | None, master: str, by_uri: dict[str, list[Any]]) -> str:
+    """The fix when the data keys went (or are going) to another master key than the
+    configured one: configure that one, never rotate back to this one."""
+    if target is None:
+        return (
+            "configure the newest master key as CARNET_MASTER_KEY and the others as "
+            "CARNET_PREVIOUS_MASTER_KEYS, then finish carnet master rotate --to it "
+            "(carnet keys list shows each key's master key)"
+        )
+    fix = (
+        f"the data keys were rewrapped under {target}: set CARNET_MASTER_KEY={target} "
+        f"and keep {master} in CARNET_PREVIOUS_MASTER_KEYS ({lifecycle.OLD_MASTER_RULE})"
+    )
+    if by_uri.get(master):
+        fix += f"; then finish carnet master rotate --to {target}"
+    return fix
 
 
 def _columns(manager: KeyManager, declared: Sequence[DeclaredColumn] | None) -> list[Check]:

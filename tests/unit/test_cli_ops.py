@@ -178,16 +178,32 @@ def test_status_without_master_key_and_its_wording(setup: tuple[str, str], tmp_p
     lines = [ln.strip() for ln in r.stdout.splitlines() if ln.startswith("  p") and "row" in ln]
     assert [ln.split(" (")[0] for ln in lines] == ["p0 v1", "p1 v1", "p2 v1"], r.stdout
     assert "4 rows," in r.stdout and ": 1 row" in r.stdout and "1 rows" not in r.stdout
+    # A blind-index root beside the data keys: the KIND column tells them apart.
+    keys = carnet.KeyManager(url, master_key=setup[1])
+    try:
+        keys.index_roots("p0")
+    finally:
+        keys.close()
+        keys.engine.dispose()
     r = _cli(setup, "keys", "list")
-    assert r.stdout.splitlines()[0].split() == [
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == [
         "KEY",
         "ID",
         "PRACTICE",
+        "KIND",
         "VERSION",
         "STATE",
         "MASTER",
         "KEY",
     ]
+    kinds = {(ln.split()[1], ln.split()[2], ln.split()[3]) for ln in lines[1:]}
+    assert ("p0", "index", "v1") in kinds and ("p0", "data", "v2") in kinds, r.stdout
+    by_json = {
+        (k["tenant"], k["kind"], k["version"])
+        for k in json.loads(_cli(setup, "keys", "list", "--json").stdout)
+    }
+    assert {(t, k, f"v{v}") for t, k, v in by_json} == kinds
 
 
 APP = """
