@@ -315,6 +315,21 @@ class Opener:
         return f"<carnet.envelope.Opener label={self.label!r} tenant={self.tenant!r}>"
 
 
+def from_binary(value: object, label: str | None = None) -> bytes:
+    """The bytes of a value read from a binary column. Raises InvalidCiphertext.
+
+    Drivers hand back bytes (or a memoryview); anything else was written
+    around carnet: SQLite's type affinity lets a BLOB column hold text, so
+    plaintext inserted by hand comes back as ``str``. It is not carnet
+    ciphertext, and is refused as such, never converted.
+    """
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidCiphertext("value is not carnet ciphertext (not binary)", label=label)
+
+
 def to_text(blob: bytes) -> str:
     """The text form of a binary value (v2 spells out its key id and practice in hex)."""
     if blob[:1] == VERSION_BYTE:

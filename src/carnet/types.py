@@ -362,7 +362,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             if value is None:
                 return None
             if value.__class__ is not bytes:
-                value = bytes(value)
+                value = envelope.from_binary(value, self.field_label)
             # Resolved per value, not when the processor is built: processors are
             # cached per dialect, and the manager bound to an engine may change.
             manager = manager_of(dialect)
@@ -387,7 +387,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 raise InvalidCiphertext("value is not carnet ciphertext", label=self.field_label)
             blob = envelope.from_text(value)
         else:
-            blob = value if type(value) is bytes else bytes(value)
+            blob = envelope.from_binary(value, self.field_label)
         manager = self.manager_for(dialect)
         tenant = _tenant.get()
         if tenant is None:
