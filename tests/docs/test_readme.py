@@ -18,17 +18,10 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     assert blocks, "README lost its quickstart"
     code = blocks[0]
-    assert 'master_key="file:///path/to/master.key"' in code
-    key = tmp_path / "master.key"
-    # The README's own set-up step, through the real command.
-    subprocess.run(
-        [sys.executable, "-m", "carnet", "master", "new", f"file://{key}"],
-        check=True,
-        capture_output=True,
-        cwd=tmp_path,
-    )
-    code = code.replace("/path/to/master.key", str(key))
+    # As written, in an empty directory: it makes its own key file.
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=tmp_path)
+    key = tmp_path / "carnet-master.key"
+    assert key.stat().st_mode & 0o077 == 0
     db = tmp_path / "clinic.db"
     raw = db.read_bytes()
     assert b"anxieuse" not in raw and "dépression".encode() not in raw
@@ -37,12 +30,15 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     assert practice == "cabinet-lyon-3" and blob[0] == 2
     assert blob[23 : 23 + len(practice)] == practice.encode()  # the header names the practice
     assert len(blob) > envelope.overhead(practice)
+    # Run again: the key file made the first time opens the first note.
+    key_bytes = key.read_bytes()
     read_back = code.replace(
         "    s.commit()",
         "    s.commit()\nwith Session(engine) as s:\n"
-        "    print(s.scalars(sa.select(Note)).all()[-1].body)",
+        "    print([n.body for n in s.scalars(sa.select(Note).order_by(Note.id))])",
     )
     out = subprocess.run(
         [sys.executable, "-c", read_back], check=True, capture_output=True, text=True, cwd=tmp_path
     ).stdout
-    assert out.strip() == "Patiente anxieuse, suivi dépression"
+    assert out.strip() == repr(["Patiente anxieuse, suivi dépression"] * 2)
+    assert key.read_bytes() == key_bytes
