@@ -140,6 +140,23 @@ def declared_columns(obj: Any) -> list[DeclaredColumn]:
 
 def app_engines(obj: Any) -> list[sa.Engine]:
     """Engines defined beside the application's MetaData or Base (module globals)."""
+    return _beside(obj, sa.Engine)
+
+
+def app_managers(obj: Any) -> list[KeyManager]:
+    """The key managers the application set up when its module was imported: the one
+    given to :func:`carnet.configure`, and those defined beside it (module globals)."""
+    from .context import default_manager
+
+    found: list[KeyManager] = []
+    default = default_manager()
+    for m in [*([default] if default is not None else []), *_beside(obj, KeyManager)]:
+        if all(m is not f for f in found):
+            found.append(m)
+    return found
+
+
+def _beside(obj: Any, kind: type[Any]) -> list[Any]:
     module = sys.modules.get(getattr(obj, "__module__", "") or "")
     if isinstance(obj, sa.MetaData) or module is None:
         # A MetaData instance has no __module__ of its own: look where it was named.
@@ -153,9 +170,9 @@ def app_engines(obj: Any) -> list[sa.Engine]:
         )
     if module is None:
         return []
-    seen: list[sa.Engine] = []
+    seen: list[Any] = []
     for v in vars(module).values():
-        if isinstance(v, sa.Engine) and all(v is not e for e in seen):
+        if isinstance(v, kind) and all(v is not e for e in seen):
             seen.append(v)
     return seen
 
@@ -701,6 +718,39 @@ def _app_engines(obj: Any) -> list[Check]:
     return checks
 
 
+STRICT_WHY = (
+    "a request whose practice scope was lost on the way (a framework running "
+    "code in another context) then reads and writes under each row's own key, "
+    "any practice's, instead of failing"
+)
+STRICT_FIX = (
+    "start the application with carnet.configure(keys, require_scope=True) "
+    "(or KeyManager(..., require_scope=True)), and enter carnet.tenant_scope per request"
+)
+
+
+def _app_strict_mode(obj: Any) -> Check:
+    """Strict mode, as far as importing the application shows it."""
+    managers = app_managers(obj)
+    if not managers:
+        return Check(
+            "app_strict_mode",
+            WARN,
+            "strict mode not seen: importing the --app module configured no KeyManager "
+            "(an application factory may configure it later)",
+            fix=STRICT_FIX,
+        )
+    lax = [m for m in managers if not m.require_scope]
+    if lax:
+        return Check(
+            "app_strict_mode",
+            WARN,
+            f"{len(lax)} of the application's key managers run without strict mode: {STRICT_WHY}",
+            fix=STRICT_FIX,
+        )
+    return Check("app_strict_mode", OK, "the application's key managers run in strict mode")
+
+
 def run(
     url: str | None,
     master: str | None,
@@ -779,6 +829,7 @@ def run(
             add([journal])
         if app_obj is not None:
             add(_app_engines(app_obj))
+            add([_app_strict_mode(app_obj)])
     finally:
         if manager is not None:
             manager.close()
