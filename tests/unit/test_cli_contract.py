@@ -51,6 +51,7 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], bool]] = {
     ("reencrypt",): (TARGET, True),
     ("verify",): (TARGET, True),
     ("doctor",): ([], True),
+    ("export",): (["--tenant", "p0", "--table", "notes", "--out", "{tmp}/p0.jsonl"], True),
     ("reindex",): (["--app-dir", str(EXAMPLES), "--index", INDEX, "--all-tenants"], True),
     ("migrate", "plan"): (MIGRATE_TARGET, True),
     ("migrate", "run"): (MIGRATE_TARGET, True),
