@@ -115,6 +115,9 @@ def tables_by_name(
     """Tables named by the operator; their encrypted columns are those holding carnet values."""
     out = []
     for name in names:
+        if name.rpartition(".")[2] in (manager.table.name, _jobs.JOBS_TABLE):
+            # Wrapped keys and job records are carnet's, not the practice's data.
+            raise ConfigurationError(f"{name} is carnet's own table: it is not exported")
         tbl = resolve_table(manager.engine, name)
         if tenant_column not in tbl.c:
             raise ConfigurationError(f"table {name!r} has no column {tenant_column!r}")

@@ -221,6 +221,14 @@ def test_refusals(app: tuple[str, ModuleType, str, str], tmp_path: Path) -> None
     assert r.returncode == 7 and not out.exists()
     r = _cli(["export", "--tenant", P1, "--out", str(out)], url, mk, tmp_path)
     assert r.returncode == 2 and "--app" in r.stderr
+    r = _cli(
+        ["export", "--tenant", P1, "--table", "carnet_keys", "--tenant-column", "tenant"]
+        + ["--out", str(out)],
+        url,
+        mk,
+        tmp_path,
+    )
+    assert r.returncode == 2 and "carnet's own table" in r.stderr and not out.exists()
     # A file others can read is never written into.
     out.write_text("")
     out.chmod(0o644)
@@ -299,3 +307,19 @@ def test_one_patient_rows(app: tuple[str, ModuleType, str, str]) -> None:
         ("dpo", "notes.body"),
         ("dpo", "notes.summary"),
     }
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite", "mariadb"])
+def test_export_by_table_name(app: tuple[str, ModuleType, str, str], tmp_path: Path) -> None:
+    # No application module: the tables named, their encrypted columns found by their values.
+    _, module, url, mk = app
+    out = tmp_path / "notes.jsonl"
+    r = _cli(
+        ["export", "--tenant", P2, "--table", "notes", "--out", str(out), "--json"],
+        url,
+        mk,
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tables"] == {"notes": 30}
+    assert _file_view(out) == {"notes": _database_view(module, url, mk, P2)["notes"]}
