@@ -32,7 +32,7 @@ from .exitcodes import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK
 from .keystore import inexact_practice_columns, key_anomalies, keys_table
 from .manager import KeyManager
 from .providers import open_master_key
-from .types import EncryptedText
+from .types import encrypted_type
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -123,10 +123,10 @@ def declared_columns(obj: Any) -> list[DeclaredColumn]:
     out = []
     for tbl in app_metadata(obj).sorted_tables:
         for col in tbl.columns:
-            if isinstance(col.type, EncryptedText):
-                storage = getattr(col.type, "storage", "binary")
+            enc = encrypted_type(col)
+            if enc is not None:
                 out.append(
-                    DeclaredColumn(tbl.fullname, col.name, str(storage), type(col.type).__name__)
+                    DeclaredColumn(tbl.fullname, col.name, str(enc.storage), type(enc).__name__)
                 )
     return out
 
