@@ -1,25 +1,86 @@
-"""Engine-wide hooks.
+"""carnet's hooks into SQLAlchemy: the one module that attaches listeners.
 
-- Keep plaintext out of SQLAlchemy's own error messages. When a bind
-  processor raises inside statement execution (a missing tenant, an
-  unreachable master key), SQLAlchemy wraps the error in ``StatementError``,
-  whose text lists the statement's parameters: the note in clear. This hook
-  re-raises carnet's own error instead, whose message carries no plaintext.
+Every statement any Engine executes (ORM sessions execute through them)
+passes :func:`_before_execute`, one pipeline in a fixed order:
 
-The write guard (practice binding, first keys) lives in :mod:`carnet.tenancy`.
+1. the SQL guard (:func:`carnet.guard.check_statement`): refuses SQL that
+   would compute on ciphertext, before anything else happens, so a refused
+   INSERT creates no data key;
+2. the tenant binding (:func:`carnet.tenancy.bind_write`): binds each value
+   an INSERT or UPDATE writes to its row's practice, refuses what it cannot
+   make true, pins an UPDATE to the practices it was bound for, and creates
+   the practices' first keys (:mod:`carnet._txkeys`);
+3. the blind-index columns (:func:`carnet.searchable.index_columns`): each
+   written row gets the index values of its blind-indexed fields, under the
+   practice step 2 bound them to.
+
+A step that does not understand a statement raises: the statement is
+refused, never passed through (reads of SQLAlchemy's private state go
+through :mod:`carnet._sa`, which raises when they are not what carnet
+expects).
+
+Around it:
+
+- ``handle_error``: keep plaintext out of SQLAlchemy's error messages. A
+  refusal by one of carnet's database checks becomes carnet's own error; a
+  failed statement that writes notes loses its parameters (:mod:`carnet._redact`),
+  told so by a flag the pipeline leaves on the connection.
+- ``commit`` / ``rollback`` / ``rollback_savepoint``: a practice's first key
+  created inside a transaction is forgotten when that transaction rolls back
+  (:mod:`carnet._txkeys`).
+- The ORM: ``mapper_configured`` (each mapper's encrypted attributes, then
+  its blind indexes), per-mapper ``load`` / ``refresh`` / ``before_insert`` /
+  ``before_update`` / ``after_*`` (:mod:`carnet.orm`), the flush hooks of
+  the blind indexes, and ``do_orm_execute`` (blind indexes of ORM bulk
+  statements, then the expiry of encrypted attributes an UPDATE wrote).
+- Per table, the database checks created with it (:mod:`carnet.dbchecks`);
+  per engine, the SQLite lock watch of long jobs.
+
+:func:`install` runs when an encrypted column meets a table, or a
+:class:`~carnet.KeyManager` is made: an application that imports carnet
+without using it keeps SQLAlchemy untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.orm import Mapper, Session
 
-from . import dbchecks, guard
+from . import _redact, _txkeys, dbchecks, guard, orm, searchable, tenancy
 from .errors import CarnetError
 
+# conn.info key: whether the statement being executed on the connection binds
+# notes (an encrypted column written, an encrypted literal) or wrapped keys.
+# Set by the pipeline before execution, read by the redaction of a failure
+# that happens while SQLAlchemy processes the parameters.
+BINDS_SECRETS = "carnet_binds_secrets"
+
 _installed = False
+
+
+def _before_execute(
+    conn: sa.Connection,
+    clauseelement: Any,
+    multiparams: list[dict[str, Any]],
+    params: dict[str, Any],
+    execution_options: Any,
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+    # Fail closed until the steps have run: a step that raises leaves the
+    # flag on, and a failure with it on hides its parameters.
+    conn.info[BINDS_SECRETS] = True
+    binds_encrypted = guard.check_statement(clauseelement)  # 1. the SQL guard
+    clauseelement, multiparams, params, writes = tenancy.bind_write(  # 2. the tenant binding
+        conn, clauseelement, multiparams, params
+    )
+    multiparams, params = searchable.index_columns(  # 3. the blind-index columns
+        conn, clauseelement, multiparams, params
+    )
+    conn.info[BINDS_SECRETS] = binds_encrypted or writes or _redact._on_key_table(clauseelement)
+    return clauseelement, multiparams, params
 
 
 def _handle_error(ctx: Any) -> BaseException | None:
@@ -38,37 +99,64 @@ def _handle_error(ctx: Any) -> BaseException | None:
             sa_exc.args = (f"refused by {name}",)
         return dbchecks.error_for(name)
     # Any other failure: strip the notes SQLAlchemy's error would show (see
-    # carnet._redact). Imported on the first failed statement only.
-    from ._redact import redact
-
-    redact(ctx)
+    # carnet._redact).
+    conn = ctx.connection
+    flagged = True if conn is None else bool(conn.info.get(BINDS_SECRETS, True))
+    _redact.redact(ctx, binds_secrets=flagged)
     return None
 
 
-def install() -> None:
-    """Attach carnet's SQLAlchemy listeners; idempotent, and never at import.
+def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
+    orm.setup_mapper(mapper, class_)  # encrypted attributes first: the indexes use them
+    searchable.setup_mapper(mapper, class_)
 
-    Called when a :class:`~carnet.KeyManager` is made or configured, or a
-    manager is bound to an engine: an application that imports carnet without
-    using it keeps SQLAlchemy untouched. Mappers configured before that are
-    set up here too.
-    """
+
+def install() -> None:
+    """Attach carnet's SQLAlchemy listeners; idempotent, and never at import."""
     global _installed
     if _installed:
         return
-    from . import orm, searchable, tenancy
-
+    event.listen(sa.Engine, "before_execute", _before_execute, retval=True)
     event.listen(sa.Engine, "handle_error", _handle_error)
-    guard.install()  # refuse SQL that would compute on ciphertext (carnet.guard)
-    orm.install()
-    tenancy.install()  # the write guard of the tenant invariant
-    searchable.install()
+    event.listen(sa.Engine, "rollback", _txkeys.on_rollback)
+    event.listen(sa.Engine, "rollback_savepoint", _txkeys.forget)
+    event.listen(sa.Engine, "commit", _txkeys.on_commit)
+    event.listen(Mapper, "mapper_configured", _mapper_configured)
+    event.listen(Session, "before_flush", searchable.before_flush)
+    event.listen(Session, "after_flush_postexec", searchable.after_flush_postexec)
+    # In this order: the blind indexes of an ORM bulk statement are added to
+    # its parameters, and the statement run (invoke_statement runs the
+    # listeners after it), before the expiry of what the UPDATE wrote.
+    event.listen(Session, "do_orm_execute", searchable.orm_execute)
+    event.listen(Session, "do_orm_execute", orm.expire_after_update)
     _installed = True
-    # Models mapped and configured before carnet was: set them up now.
-    from sqlalchemy.orm import mapperlib
 
-    for registry in list(mapperlib._mapper_registries):
-        for mapper in list(registry.mappers):
-            if mapper.configured:
-                orm.setup_mapper(mapper, mapper.class_)
-                searchable.setup_mapper(mapper, mapper.class_)
+
+# -- listeners on one object, for the modules that need them ---------------------------------
+
+
+def on_mapper(mapper: Mapper[Any], handlers: dict[str, Callable[..., Any]]) -> None:
+    """Per-mapper ORM events (``load``, ``before_update``, ...), called with the InstanceState."""
+    for name, fn in handlers.items():
+        event.listen(mapper, name, fn, raw=True)
+
+
+def on_table_create(
+    table: sa.Table,
+    before: Callable[..., Any],
+    after: Callable[..., Any],
+) -> None:
+    """``before`` and ``after`` CREATE TABLE of ``table``, once per table."""
+    # Asked of the table's own listeners, not of a flag in ``table.info``:
+    # Alembic's op.create_table and Table.to_metadata copy ``info`` to the new
+    # Table, which would then never get its listener.
+    if event.contains(table, "after_create", after):
+        return
+    event.listen(table, "after_create", after)
+    event.listen(table, "before_create", before)
+
+
+def on_engine(engine: sa.Engine, handlers: dict[str, Callable[..., Any]]) -> None:
+    """Engine events for one engine (a long job watching its own connections)."""
+    for name, fn in handlers.items():
+        event.listen(engine, name, fn)

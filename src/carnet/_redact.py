@@ -13,24 +13,26 @@
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
-from sqlalchemy.sql.compiler import Compiled
-
-from .dbchecks import encrypted_type
+from .types import encrypted_type
 
 _UNDECODABLE = "Could not decode to UTF-8 column "
 _WITH_TEXT = " with text '"
 _HIDDEN_DETAIL = "carnet: parameters of a statement on an encrypted column are not shown"
 
 
-def redact(ctx: Any) -> None:
-    """Strip notes from the error of a failed statement (a ``handle_error`` context)."""
+def redact(ctx: Any, *, binds_secrets: bool = True) -> None:
+    """Strip notes from the error of a failed statement (a ``handle_error`` context).
+
+    ``binds_secrets``: what carnet's statement pipeline said of the statement
+    before it ran (see carnet._hooks); used when the failure came before
+    SQLAlchemy had an execution context to ask.
+    """
     orig = ctx.original_exception
     sa_exc = ctx.sqlalchemy_exception
     _scrub_undecodable(orig, sa_exc)
-    if sa_exc is not None and sa_exc.params and _binds_encrypted(ctx):
+    if sa_exc is not None and sa_exc.params and _binds_encrypted(ctx, binds_secrets):
         # Returning a replacement exception cannot help: SQLAlchemy raises it
         # ``from`` the original. So the wrapper itself loses the parameters;
         # dropping them (not only hiding them) also keeps them out of a
@@ -40,50 +42,33 @@ def redact(ctx: Any) -> None:
         sa_exc.add_detail(_HIDDEN_DETAIL)
 
 
-def _binds_encrypted(ctx: Any) -> bool:
+def _binds_encrypted(ctx: Any, flagged: bool) -> bool:
     """Does the failed statement bind a note (an encrypted column) or a wrapped key?"""
     ec = ctx.execution_context
-    if ec is not None:
-        compiled = getattr(ec, "compiled", None)
-    else:
+    if ec is None:
         # The error came from bind processing, while SQLAlchemy built the
         # execution context: the parameters shown would be the caller's,
-        # plaintext notes included. Only the frames hold the compiled statement.
-        compiled = _compiled_from_frames(ctx.original_exception.__traceback__)
-        if compiled is None:
-            return True  # cannot tell: fail closed, hide them
+        # plaintext notes included. The pipeline said before execution
+        # whether the statement binds any (True when it could not tell).
+        return flagged
+    compiled = getattr(ec, "compiled", None)
     if compiled is None:
         return False  # a raw driver-level string statement: no carnet type in it
     binds = getattr(compiled, "binds", None) or {}
     # Through TypeDecorator and with_variant too: the one answer to "is it encrypted?".
     dialect = getattr(getattr(ctx, "dialect", None), "name", None)
     return any(encrypted_type(b.type, dialect) is not None for b in binds.values()) or (
-        _on_key_table(compiled)
+        _on_key_table(getattr(compiled, "statement", None))
     )
 
 
-def _on_key_table(compiled: Compiled) -> bool:
+def _on_key_table(stmt: Any) -> bool:
     # A write to carnet's key table binds wrapped data keys: key material,
     # kept out of messages like a note. Recognised by its columns, since its
     # name is the application's choice.
-    table = getattr(getattr(compiled, "statement", None), "table", None)
+    table = getattr(stmt, "table", None)
     columns = getattr(table, "c", None)
     return columns is not None and "wrapped_key" in columns and "master_key_uri" in columns
-
-
-def _compiled_from_frames(tb: TracebackType | None) -> Compiled | None:
-    # SQLAlchemy's _execute_context holds it as ``statement``, _init_compiled
-    # as ``compiled``; look no deeper than a few frames.
-    for _ in range(6):
-        if tb is None:
-            return None
-        local = tb.tb_frame.f_locals
-        for name in ("statement", "compiled"):
-            value = local.get(name)
-            if isinstance(value, Compiled):
-                return value
-        tb = tb.tb_next
-    return None
 
 
 def _scrub_undecodable(orig: BaseException, sa_exc: Any) -> None:

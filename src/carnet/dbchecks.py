@@ -62,6 +62,7 @@ from .errors import (
     TenantMismatch,
     UnknownKey,
 )
+from .types import encrypted_type
 
 if TYPE_CHECKING:
     from .types import EncryptedText
@@ -80,35 +81,6 @@ _NAME_RE = re.compile(r"carnet_(f2|f1|fm|p|k|m)_[a-z0-9_]+")
 
 
 # -- which columns are encrypted ----------------------------------------------------------
-
-
-def encrypted_type(obj: Any, dialect: str | None = None) -> EncryptedText | None:
-    """The :class:`~carnet.EncryptedText` behind a column or type, else None.
-
-    The one answer to "is this column encrypted?": it sees through
-    ``TypeDecorator(impl=EncryptedText)``, ``with_variant`` (for ``dialect``,
-    a dialect name; without one, the type every other dialect gets) and the
-    searchable types, and works on a column of any ``Table`` object, a
-    reflected one included when its type was given back to it.
-    """
-    from .types import EncryptedText
-
-    typ = getattr(obj, "type", obj)
-    for _ in range(16):  # types nest a few levels at most; a cycle must not hang
-        if not isinstance(typ, sa.types.TypeEngine):
-            return None
-        # A variant for this dialect comes first, even on an EncryptedText.
-        variants = getattr(typ, "_variant_mapping", None)
-        if dialect is not None and variants and dialect in variants:
-            typ = variants[dialect]
-            continue
-        if isinstance(typ, EncryptedText):
-            return typ
-        if isinstance(typ, TypeDecorator):
-            typ = typ.impl_instance
-            continue
-        return None
-    raise ConfigurationError("a column type nests more than 16 levels: cannot tell if encrypted")
 
 
 def is_encrypted(obj: Any, dialect: str | None = None) -> bool:
@@ -234,7 +206,7 @@ def _practice_of(
                 "the table, or give carnet.dbchecks a ColumnSpec"
             )
     if path is not None:
-        fk_key, remote, parent_tenant = path
+        fk_key, remote, parent_tenant = path.fk_key, path.pk, path.practice
         check_practice_type(parent_tenant)
         fk = table.c[fk_key] if fk_key in table.c else _column_by_key(table, fk_key)
         return None, Parent(
@@ -912,15 +884,11 @@ def mode_installed(conn: sa.Connection, spec: ColumnSpec) -> Mode | None:
 
 def attach(table: sa.Table) -> None:
     """Have ``table`` create its checks right after CREATE TABLE (once per table)."""
-    # Asked of the table's own listeners, not of a flag in ``table.info``:
-    # Alembic's op.create_table and Table.to_metadata copy ``info`` to the new
-    # Table, which would then never get its listener.
-    if sa.event.contains(table, "after_create", _after_create):
-        return
-    sa.event.listen(table, "after_create", _after_create)
+    from . import _hooks
+
     # Configuration errors (a CHAR(n) practice column) before CREATE TABLE:
     # SQLite and MariaDB would keep a table created without its checks.
-    sa.event.listen(table, "before_create", _before_create)
+    _hooks.on_table_create(table, before=_before_create, after=_after_create)
 
 
 def _before_create(table: sa.Table, conn: Any, **_kw: Any) -> None:

@@ -33,6 +33,7 @@ from .exitcodes import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK
 from .keystore import inexact_practice_columns, key_anomalies, keys_table
 from .manager import KeyManager
 from .providers import open_master_key
+from .types import encrypted_type
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -122,8 +123,6 @@ def app_metadata(obj: Any) -> sa.MetaData:
 def declared_columns(obj: Any) -> list[DeclaredColumn]:
     """The application's encrypted columns (EncryptedText and its subclasses, also
     behind a TypeDecorator or ``with_variant``)."""
-    from .dbchecks import encrypted_type
-
     out = []
     for tbl in app_metadata(obj).sorted_tables:
         for col in tbl.columns:

@@ -43,6 +43,7 @@ from . import jobs as _jobs
 from .batch import after_key, raw_type, resolve_table
 from .errors import ConfigurationError, InvalidCiphertext
 from .manager import KeyManager
+from .types import encrypted_type
 
 FORMAT = 1
 
@@ -82,8 +83,6 @@ class ExportReport:
 def tables_from_metadata(md: sa.MetaData) -> list[ExportTable]:
     """Every table of the application's MetaData holding an encrypted column, with the
     practice column its encrypted types name (``EncryptedText(tenant="practice_id")``)."""
-    from .dbchecks import encrypted_type
-
     out = []
     for tbl in md.sorted_tables:
         enc: dict[str, str | None] = {}

@@ -10,7 +10,8 @@ much never passes through it: ``func.length(col)``, ``cast(col, …)``,
 ``order_by(col)``, ``group_by(col)``, ``.distinct()``, ``over(partition_by=col)``,
 ``literal("x") == col``, ``union(…)``, ``update().values(body=other.c.body)``.
 
-So an Engine-wide ``before_execute`` hook walks each statement once, before it
+So the first step of carnet's statement pipeline (:mod:`carnet._hooks`) walks
+each statement once, before it
 is compiled, and raises :class:`~carnet.errors.UnsupportedOperation` when an
 encrypted expression (any SQL expression whose type is ``EncryptedText``:
 the column, an ORM attribute, a label, a column of an alias or subquery, a
@@ -62,18 +63,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty
 from sqlalchemy.sql import elements, functions, operators, selectable
-from sqlalchemy.sql.base import Executable, _select_iterables
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.lambdas import LambdaElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
+from . import _sa
 from .errors import UnsupportedOperation
-from .types import EncryptedText
+from .types import EncryptedText, encrypted_anywhere
 
-__all__ = ["check_statement", "install"]
+__all__ = ["check_statement", "clear_caches"]
 
 _IT = InternalTraversal
 # Traversal kinds whose values may hold SQL elements. Every other kind (names,
@@ -102,45 +103,8 @@ _DML_VALUE_KINDS = frozenset(
     {_IT.dp_dml_values, _IT.dp_dml_ordered_values, _IT.dp_dml_multi_values}
 )
 
-# Where an encrypted expression sits in a statement or FROM element, by
-# attribute: None means "just reading or listing it", a string names the SQL
-# construct that would compute on it. An attribute not listed here names
-# itself and refuses (default-deny).
-_POSITIONS: dict[str, str | None] = {
-    "_raw_columns": None,
-    "_returning": None,
-    "_return_defaults_columns": None,
-    "_supplemental_returning": None,
-    "_memoized_select_entities": None,
-    "_from_obj": None,
-    "_extra_froms": None,
-    "_independent_ctes": None,
-    "selects": None,
-    "select": None,
-    "table": None,
-    "element": None,
-    "left": None,
-    "right": None,
-    "_cte_alias": None,
-    "_restates": None,
-    "_post_values_clause": None,  # ON CONFLICT / ON DUPLICATE KEY: judged by its own parts
-    "column_args": None,  # text(...).columns(Note.body): the columns a text query returns
-    "_column_args": None,  # values(column(...), ...): column definitions
-    "_where_criteria": "WHERE",
-    "_having_criteria": "HAVING",
-    "_order_by_clauses": "ORDER BY",
-    "_group_by_clauses": "GROUP BY",
-    "_distinct_on": "DISTINCT ON",
-    "_limit_clause": "LIMIT",
-    "_offset_clause": "OFFSET",
-    "_fetch_clause": "FETCH",
-    "onclause": "a JOIN condition",
-    "inferred_target_elements": "an ON CONFLICT target",
-    "inferred_target_whereclause": "an ON CONFLICT target",
-    "update_whereclause": "an ON CONFLICT ... WHERE",
-}
-# Attributes that name FROM objects or row locks only: nothing is computed.
-_SKIP = frozenset({"_correlate", "_correlate_except", "_for_update_arg"})
+_POSITIONS = _sa.POSITIONS
+_SKIP = _sa.SKIP
 
 _ORDERING = frozenset(
     {operators.asc_op, operators.desc_op, operators.nulls_first_op, operators.nulls_last_op}
@@ -171,16 +135,18 @@ _OPERATOR_NAMES: dict[Any, str] = {
     operators.exists: "EXISTS",
 }
 # Wrappers that add no computation: an encrypted element inside one is judged
-# by where the wrapper itself stands.
-_TRANSPARENT: tuple[type[Any], ...] = tuple(
-    t
-    for t in (
-        elements.Label,
-        elements.Grouping,
-        elements._label_reference,
-    )
-    if t is not None
-)
+# by where the wrapper itself stands. Two are private classes of SQLAlchemy,
+# read through carnet._sa when the first statement is checked.
+_TRANSPARENT: tuple[type[Any], ...] = ()
+_TEXTUAL_REF: type[Any] = type(None)
+
+
+def _load_private_types() -> None:
+    global _TRANSPARENT, _TEXTUAL_REF
+    _TEXTUAL_REF = _sa.textual_label_reference()
+    _TRANSPARENT = (elements.Label, elements.Grouping, _sa.label_reference())
+
+
 # Plain lists of expressions (OrderByList and ElementList exist from SQLAlchemy 2.1).
 _LIST_TYPES: tuple[type[Any], ...] = tuple(
     t
@@ -204,16 +170,30 @@ def _op_name(op: Any) -> str:
     return f"the {name} operator"
 
 
+def _encrypted(el: Any) -> EncryptedText | None:
+    """The encrypted type of an SQL expression, through TypeDecorator and with_variant.
+
+    Encrypted on any dialect counts: a statement's verdict is remembered
+    whatever engine runs it next. Bind parameters of the type are values on
+    their way in (sealed by the type), not stored ciphertext.
+    """
+    typ = getattr(el, "type", None)
+    if typ is None or isinstance(el, elements.BindParameter):
+        return None
+    return encrypted_anywhere(typ)
+
+
 def _is_encrypted(el: Any) -> bool:
-    # Bind parameters of the type are values on their way in (sealed by the
-    # type), not stored ciphertext.
-    return isinstance(getattr(el, "type", None), EncryptedText) and not isinstance(
-        el, elements.BindParameter
-    )
+    return _encrypted(el) is not None
+
+
+def _label(el: Any) -> str:
+    typ = _encrypted(el)
+    return (typ.field_label if typ is not None else None) or "?"
 
 
 def _refuse(how: str, el: Any) -> UnsupportedOperation:
-    label = el.type.field_label or "?"
+    label = _label(el)
     if how.startswith("copy"):
         return UnsupportedOperation(
             f"{how} would copy the ciphertext of encrypted column {label!r} to another row or "
@@ -249,7 +229,7 @@ def _plan(cls: type) -> _Plan:
     plan = _plans.get(cls)
     if plan is None:
         steps: list[tuple[str, int]] = []
-        internals = getattr(cls, "_traverse_internals", None)
+        internals = _sa.traverse_internals(cls)
         if internals is None:
             steps.extend(_UNDECLARED)
         for name, kind in internals or ():
@@ -322,25 +302,23 @@ class _Frame:
                     if c.key is not None:
                         with_cols.setdefault(c.key, c)
             else:
-                for c in getattr(stmt, "_all_selected_columns", ()):
-                    if getattr(c, "_allow_label_resolve", True):
-                        with_cols.setdefault(getattr(c, "_tq_label", None) or c.key, c)
+                for c in _sa.all_selected_columns(stmt):
+                    if _sa.allow_label_resolve(c):
+                        with_cols.setdefault(_sa.tq_label(c) or c.key, c)
                         with_cols.setdefault(c.key, c)
                 froms: list[Any] = []
                 if isinstance(stmt, sa.Select):
                     # As SelectState gathers them (without compiling): FROM
                     # objects given, of the columns clause, of WHERE.
-                    found = [*stmt._from_obj, *stmt.columns_clause_froms]
-                    for crit in stmt._where_criteria:
-                        found.extend(crit._from_objects)
+                    found = _sa.from_objects_of(stmt)
                     ids: set[int] = set()
                     for f in found:
                         if id(f) not in ids:
                             ids.add(id(f))
                             froms.append(f)
                 from_col: Any
-                for from_col in _select_iterables(froms):
-                    if getattr(from_col, "_allow_label_resolve", True):
+                for from_col in _sa.select_iterables(froms):
+                    if _sa.allow_label_resolve(from_col):
                         only_froms.setdefault(from_col.key, from_col)
                 for key, value in only_froms.items():
                     with_cols.setdefault(key, value)
@@ -349,11 +327,12 @@ class _Frame:
 
 
 class _Walk:
-    __slots__ = ("frames", "seen")
+    __slots__ = ("binds_encrypted", "frames", "seen")
 
     def __init__(self) -> None:
         self.seen: set[int] = set()  # FROM objects already walked, by id
         self.frames: list[_Frame] = []  # the SELECTs being walked, innermost last
+        self.binds_encrypted = False  # a bind parameter of an encrypted type was met
 
     def element(self, el: Any, how: str | None, on: bool) -> None:
         if isinstance(el, elements.ColumnElement):
@@ -364,7 +343,7 @@ class _Walk:
             for sub in el.clauses:
                 self.element(sub, how, on)
         elif isinstance(el, LambdaElement):
-            self.element(el._resolved, None, False)
+            self.element(_sa.lambda_resolved(el), None, False)
         elif isinstance(el, (elements.TextClause, sa.TableClause)):
             return  # raw SQL (opaque) / a table: its columns are definitions, not uses
         elif isinstance(el, sa.FromClause):
@@ -385,10 +364,14 @@ class _Walk:
             if table is not None and not isinstance(table, sa.TableClause):
                 self.element(table, None, False)  # a column of a subquery / alias / CTE
             return
-        if isinstance(el, elements._textual_label_reference):
+        if isinstance(el, _TEXTUAL_REF):
             self.string_reference(el, how)
             return
-        if isinstance(el, (elements.BindParameter, elements.Null)):
+        if isinstance(el, elements.BindParameter):
+            if not self.binds_encrypted and encrypted_anywhere(el.type) is not None:
+                self.binds_encrypted = True
+            return
+        if isinstance(el, elements.Null):
             return
         child: str | None
         if isinstance(el, elements.TypeCoerce):
@@ -483,7 +466,7 @@ class _Walk:
                 raise UnsupportedOperation(
                     f"{how} names a column by the string {name!r}, which carnet's statement "
                     "guard cannot resolve, in a statement reading encrypted column "
-                    f"{other.type.field_label or '?'!r}: it may name ciphertext; refused. "
+                    f"{_label(other)!r}: it may name ciphertext; refused. "
                     "Pass the column object instead."
                 )
 
@@ -563,7 +546,7 @@ class _Walk:
                 sub_on = name == "onclause"
                 frame = self.frames[-1] if self.frames and self.frames[-1].stmt is el else None
                 if frame is not None:
-                    frame.in_columns = name == "_raw_columns"
+                    frame.in_columns = name == _sa.COLUMNS_CLAUSE
                 for sub in _elements_in(value):
                     self.element(sub, how, sub_on)
                 if frame is not None:
@@ -578,14 +561,16 @@ class _Walk:
         and the ``order_by`` of relationships it loads eagerly by default or
         that a loader option (``joinedload``, ``selectinload``, ``"*"``) names.
         """
-        for raw in el._raw_columns:
+        for raw in _sa.raw_columns(el):
             entity = (
-                raw._annotations.get("parententity") if isinstance(raw, sa.FromClause) else None
+                _sa.annotations_of(raw).get("parententity")
+                if isinstance(raw, sa.FromClause)
+                else None
             )
             mapper = getattr(entity, "mapper", None)
             if mapper is not None:
                 _check_mapper(mapper)
-        for opt in el._with_options:
+        for opt in _sa.with_options(el):
             for load in getattr(opt, "context", ()) or ():
                 path = getattr(getattr(load, "path", None), "path", ()) or ()
                 prev_mapper: Any = None
@@ -604,7 +589,7 @@ class _Walk:
                                 _check_relationship(rel, set())
 
     def check_distinct(self, el: sa.Select[Any]) -> None:
-        if not el._distinct or el._distinct_on:
+        if not _sa.is_distinct(el):
             return
         cols = list(el.selected_columns)
         present = {hash(c) for c in cols}
@@ -621,7 +606,7 @@ class _Walk:
                 raise _refuse("DISTINCT (without the primary key of its table)", col)
 
     def check_compound(self, el: sa.CompoundSelect[Any]) -> None:
-        if el.keyword is selectable._CompoundSelectKeyword.UNION_ALL:
+        if _sa.is_union_all(el):
             return
         for sel in el.selects:
             for col in sel.selected_columns:
@@ -675,39 +660,40 @@ def _check_mapper(mapper: Any, seen: set[int] | None = None) -> None:
         _clean_mappers.add(mapper)
 
 
-# Statements that passed, by object. A statement object is immutable once
-# built (generative methods return copies), so its verdict never changes.
-_passed: weakref.WeakSet[Any] = weakref.WeakSet()
+# Statements that passed, by object, with whether they bind an encrypted value.
+# A statement object is immutable once built (generative methods return
+# copies), so its verdict never changes.
+_passed: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
-def check_statement(statement: Any) -> None:
-    """Raise UnsupportedOperation if ``statement`` would make the database compute on ciphertext."""
+def check_statement(statement: Any) -> bool:
+    """Raise UnsupportedOperation if ``statement`` would make the database compute on ciphertext.
+
+    Returns whether the statement itself binds a value of an encrypted type
+    (``literal(x, EncryptedText())``): the redaction of a failed statement's
+    parameters needs to know.
+    """
     if isinstance(statement, LambdaElement):
-        statement = statement._resolved  # lambda_stmt(): the ORM's lazy loads use them
+        statement = _sa.lambda_resolved(statement)  # lambda_stmt(): the ORM's lazy loads use them
     cacheable = isinstance(statement, Executable) and not isinstance(
         statement, elements.ColumnElement
     )
-    if cacheable and statement in _passed:
-        return
-    if isinstance(statement, sa.schema.ExecutableDDLElement):
-        return
-    _Walk().element(statement, None, False)
     if cacheable:
-        _passed.add(statement)
+        known = _passed.get(statement)
+        if known is not None:
+            return known
+    if isinstance(statement, sa.schema.ExecutableDDLElement):
+        return False
+    _load_private_types()
+    walk = _Walk()
+    walk.element(statement, None, False)
+    if cacheable:
+        _passed[statement] = walk.binds_encrypted
+    return walk.binds_encrypted
 
 
-def _before_execute(conn: sa.Connection, clauseelement: Any, *_args: Any) -> None:
-    check_statement(clauseelement)
-
-
-_installed = False
-
-
-def install() -> None:
-    """Check every statement every Engine executes (ORM sessions execute through them)."""
-    global _installed
-    if not _installed:
-        # insert=True: run before carnet's other hooks, so a refused INSERT
-        # creates no data key first.
-        event.listen(sa.Engine, "before_execute", _before_execute, insert=True)
-        _installed = True
+def clear_caches() -> None:
+    """Forget remembered verdicts and per-class plans (tests that change SQLAlchemy's names)."""
+    _passed.clear()
+    _plans.clear()
+    _clean_mappers.clear()

@@ -108,10 +108,17 @@ class _SqliteLockWatch:
         self._lock = threading.Lock()
         self._inflight: dict[int, list[Any]] = {}
         self._thread: threading.Thread | None = None
-        sa.event.listen(engine, "connect", self._connect)
-        sa.event.listen(engine, "before_cursor_execute", self._before)
-        sa.event.listen(engine, "after_cursor_execute", self._after)
-        sa.event.listen(engine, "handle_error", self._error)
+        from . import _hooks
+
+        _hooks.on_engine(
+            engine,
+            {
+                "connect": self._connect,
+                "before_cursor_execute": self._before,
+                "after_cursor_execute": self._after,
+                "handle_error": self._error,
+            },
+        )
 
     def _connect(self, dbapi_conn: Any, record: Any) -> None:
         progress = record.info.setdefault("carnet_progress", [time.monotonic()])

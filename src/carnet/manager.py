@@ -449,28 +449,28 @@ class KeyManager:
         self.cache.keys.put(key_id, Dek(key_id, tenant, secret))
         return key_id
 
-    def shares_sqlite_database(self, bind: sa.Engine | sa.Connection) -> bool:
+    def _shares_sqlite_database(self, bind: sa.Engine | sa.Connection) -> bool:
         """Whether ``bind`` is SQLite on the very database holding ``carnet_keys``.
 
         Then a key must be created on that connection (SQLite has one writer).
         """
         return self._engines.shares_sqlite_database(bind)
 
-    def ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
+    def _ensure_key_in(self, conn: sa.Connection, tenant: str) -> bytes | None:
         """Load or create ``tenant``'s active key inside ``conn``'s open transaction.
 
         Returns the key id when this call created it (the caller must call
-        :meth:`forget_key` if that transaction rolls back), else None.
+        :meth:`_forget_key` if that transaction rolls back), else None.
         """
         created_before = self.keys_created
         dek = self._active_dek(_check_tenant(tenant), conn)
         return dek.key_id if self.keys_created != created_before else None
 
-    def forget_key(self, tenant: str, key_id: bytes) -> None:
+    def _forget_key(self, tenant: str, key_id: bytes) -> None:
         """Drop a key from the caches (its creating transaction rolled back)."""
         self.cache.forget_key(tenant, key_id)
 
-    def has_cached_active_key(self, tenant: str) -> bool:
+    def _has_cached_active_key(self, tenant: str) -> bool:
         return self.cache.active.peek(tenant)
 
     def ensure_key(self, tenant: str) -> KeyRecord:
@@ -639,16 +639,16 @@ class KeyManager:
         re-index after :meth:`rotate_index_root` runs. With ``create`` a tenant
         without a root gets one; without it the list may be empty.
         """
-        roots, _ = self.index_roots_in(None, _check_tenant(tenant), create=create)
+        roots, _ = self._index_roots_in(None, _check_tenant(tenant), create=create)
         return roots
 
-    def index_roots_in(
+    def _index_roots_in(
         self, conn: sa.Connection | None, tenant: str, *, create: bool = True
     ) -> tuple[list[IndexRoot], bytes | None]:
         """:meth:`index_roots`, reading and creating inside ``conn``'s transaction if given.
 
         Also returns the key id of a root this call created inside ``conn``
-        (the caller calls :meth:`forget_index_roots` if that transaction rolls
+        (the caller calls :meth:`_forget_index_roots` if that transaction rolls
         back), else None.
         """
         cached = self._index_roots.get(tenant)
@@ -686,7 +686,7 @@ class KeyManager:
         self.master_wraps += 1
         return key_id, secret, wrapped
 
-    def forget_index_roots(self, tenant: str) -> None:
+    def _forget_index_roots(self, tenant: str) -> None:
         """Drop a tenant's cached index roots (a creating transaction rolled back)."""
         self.cache.index_roots.pop(tenant)
 

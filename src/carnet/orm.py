@@ -1,6 +1,6 @@
 """ORM integration: the row's own practice column chooses the key.
 
-Installed once, when :mod:`carnet` is imported:
+Attached by :mod:`carnet._hooks` (when carnet is first used, never at import):
 
 - ``mapper_configured``: find each mapper's EncryptedText columns and check
   that their ``tenant=`` attribute exists (a typo fails at configuration).
@@ -26,17 +26,17 @@ import weakref
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
+from . import _sa
 from .context import SCOPE as _tenant
 from .dbchecks import check_practice_type
 from .errors import ConfigurationError, TenantMismatch, TenantRequired
 from .tenancy import practice_text
 from .tenancy import register_dependent as _register_dependent
-from .types import BoundText, EncryptedText, Sealed
+from .types import BoundText, EncryptedText, ParentPractice, Sealed, encrypted_type
 
 Spec = tuple[str, EncryptedText, "str | None"]
 
@@ -47,30 +47,34 @@ class _Group:
     ``tkey``/``tcol``: the attribute (and column) whose change moves the row
     to another practice: the practice column itself, or, for a practice on a
     parent row (``tenant="patient.practice_id"``), the foreign key to it.
-    ``parent``: for the latter, the parent's primary key and practice columns,
-    and the hidden attribute (a correlated subquery loaded with the row) that
-    holds the row's practice.
+    ``parent``: for the latter, where the practice is; ``hidden`` names the
+    attribute (a correlated subquery ``expr`` loaded with the row) that holds
+    the row's practice.
     """
 
-    __slots__ = ("tkey", "tcol", "parent", "items")
+    __slots__ = ("tkey", "tcol", "parent", "hidden", "expr", "items")
 
     def __init__(
         self,
         tkey: str,
         tcol: sa.Column[Any],
-        parent: tuple[Any, Any, str, Any] | None = None,
+        parent: ParentPractice | None = None,
+        hidden: str | None = None,
+        expr: Any = None,
     ) -> None:
         self.tkey = tkey
         self.tcol = tcol
         self.parent = parent
+        self.hidden = hidden
+        self.expr = expr
         self.items: list[tuple[str, EncryptedText, sa.Column[Any]]] = []
 
     def practice_key(self) -> str:
-        return self.parent[2] if self.parent is not None else self.tkey
+        return self.hidden if self.hidden is not None else self.tkey
 
     def practice_source(self) -> Any:
         """What to SELECT for the practice the row is stored under."""
-        return self.parent[3] if self.parent is not None else self.tcol
+        return self.expr if self.expr is not None else self.tcol
 
 
 _specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDictionary()
@@ -104,7 +108,7 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
                 # Loaded without its practice (load_only, a refresh of the value
                 # alone): never leave a Sealed in a str attribute. Expire both,
                 # so the first access loads them together and opens the value.
-                state._expire_attributes(d, [key, tkey])
+                _expire(state, [key, tkey])
                 continue
             else:
                 raise TenantRequired(
@@ -131,8 +135,8 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
     groups: dict[str, _Group] = {}
     for prop in mapper.column_attrs:
         for col in prop.columns:
-            typ = getattr(col, "type", None)
-            if not isinstance(typ, EncryptedText):
+            typ = encrypted_type(col)
+            if typ is None:
                 continue
             tkey = typ.tenant
             if tkey is not None and "." in tkey:
@@ -167,22 +171,22 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
         return
     _specs[mapper] = specs
 
-    # raw=True hands the InstanceState itself to a partial: no per-row lookup
-    # and no extra Python frame on the load path.
+    # The InstanceState itself is handed to a partial: no per-row lookup and
+    # no extra Python frame on the load path.
+    from . import _hooks
+
     opener = functools.partial(_open_state, specs)
-    event.listen(mapper, "load", opener, raw=True)
-    event.listen(mapper, "refresh", opener, raw=True)
+    handlers: dict[str, Any] = {"load": opener, "refresh": opener}
     if groups:
         group_list = list(groups.values())
-        event.listen(
-            mapper, "before_update", functools.partial(_before_update, group_list), raw=True
-        )
-        event.listen(
-            mapper, "before_insert", functools.partial(_before_insert, group_list), raw=True
-        )
         restore = functools.partial(_restore, group_list)
-        event.listen(mapper, "after_update", restore, raw=True)
-        event.listen(mapper, "after_insert", restore, raw=True)
+        handlers.update(
+            before_update=functools.partial(_before_update, group_list),
+            before_insert=functools.partial(_before_insert, group_list),
+            after_update=restore,
+            after_insert=restore,
+        )
+    _hooks.on_mapper(mapper, handlers)
 
 
 def _parent_group(
@@ -224,24 +228,28 @@ def _parent_group(
         # Loaded with every row, so a value opens under its parent's practice
         # without a query of its own; never written.
         mapper.add_property(hidden, sa.orm.column_property(expr))
-    typ.resolve_tenant(path=(str(local.key), remote, parent_tenant))
-    _register_dependent(remote, parent_tenant, local, typ)
+    where_practice = ParentPractice(fk=local, pk=remote, practice=parent_tenant)
+    typ.resolve_tenant(path=where_practice)
+    _register_dependent(where_practice, typ)
     group = groups.get(fk_prop.key)
     if group is None:
         group = groups[fk_prop.key] = _Group(
             fk_prop.key,
             local,  # type: ignore[arg-type]
-            (remote, parent_tenant, hidden, expr),
+            where_practice,
+            hidden,
+            expr,
         )
     return group
 
 
 def _parent_practice(connection: sa.Connection, g: _Group, fk: Any) -> Any:
     assert g.parent is not None  # noqa: S101 - only for parent groups
-    pk, tenant, _hidden, _expr = g.parent
     if fk is None:
         return None
-    return connection.execute(sa.select(tenant).where(pk == fk)).scalar_one_or_none()
+    return connection.execute(
+        sa.select(g.parent.practice).where(g.parent.pk == fk)
+    ).scalar_one_or_none()
 
 
 def _fetch(
@@ -266,7 +274,7 @@ def _fetch(
             table = tbl
             # The identity key, not the attributes: reading an expired attribute
             # here would load (and open) the whole row in the middle of the flush.
-            pks = list(mapper._pks_by_table[table])
+            pks = _sa.pks_by_table(mapper, table)
             ident = list(state.key[1]) if state.key is not None else []
             if len(ident) != len(pks):
                 raise ConfigurationError(
@@ -408,7 +416,7 @@ def _empty_inherited(
         if col.table is not g.tcol.table:
             by_table.setdefault(col.table, []).append(col)
     for table, cols in by_table.items():
-        pks = list(mapper._pks_by_table[table])
+        pks = _sa.pks_by_table(mapper, table)
         ident = list(state.key[1]) if state.key is not None else []
         if len(ident) != len(pks):
             raise ConfigurationError(
@@ -449,37 +457,19 @@ def _restore(
                 d[key] = str.__str__(v)
 
 
-def _written_keys(state: ORMExecuteState) -> set[str] | None:
-    """The names an ORM UPDATE writes, as given (column keys or attribute names).
-
-    ``None`` when they cannot be told from the statement: every encrypted
-    attribute is then treated as written.
-    """
-    stmt: Any = state.statement
-    keys: set[str] = set()
-    try:
-        values = list(getattr(stmt, "_values", None) or ())
-        values += [k for k, _v in getattr(stmt, "_ordered_values", None) or ()]
-        for row in getattr(stmt, "_multi_values", None) or ():
-            for r in row:
-                values += list(r)
-    except TypeError:
-        return None
+def _written_keys(state: ORMExecuteState) -> set[str]:
+    """The names an ORM UPDATE writes, as given (column keys or attribute names)."""
+    keys: set[Any] = _sa.written_names(state.statement)
     params = state.parameters
     if isinstance(params, list):
         for row in params:
-            values += list(row)
+            keys.update(row)
     elif params:
-        values += list(params)
-    for k in values:
-        name = getattr(k, "key", k)
-        if not isinstance(name, str):
-            return None
-        keys.add(name)
-    return keys
+        keys.update(params)
+    return {k for k in keys if isinstance(k, str)}
 
 
-def _after_orm_update(state: ORMExecuteState) -> Any:
+def expire_after_update(state: ORMExecuteState) -> Any:
     """Never let an ORM UPDATE copy its new plaintext onto objects in the session.
 
     ``synchronize_session`` ("evaluate", "auto", "fetch", and the bulk UPDATE
@@ -508,7 +498,7 @@ def _after_orm_update(state: ORMExecuteState) -> Any:
         names = [
             key
             for key, col in cols.items()
-            if written is None or key in written or getattr(col, "key", None) in written
+            if key in written or getattr(col, "key", None) in written
         ]
         if names:
             expire[m] = names
@@ -530,13 +520,13 @@ def _after_orm_update(state: ORMExecuteState) -> Any:
     return result
 
 
-_installed = False
-
-
-def install() -> None:
-    global _installed
-    if _installed:
-        return
-    event.listen(Mapper, "mapper_configured", setup_mapper)
-    event.listen(Session, "do_orm_execute", _after_orm_update)
-    _installed = True
+def _expire(state: InstanceState[Any], keys: list[str]) -> None:
+    """Expire attributes of an object being loaded, through its session."""
+    session = state.session
+    obj = state.obj()
+    if session is None or obj is None:
+        raise TenantRequired(
+            f"{state.class_.__name__}: loaded without its practice and outside a session; "
+            "load the practice attribute with it"
+        )
+    session.expire(obj, keys)

@@ -12,7 +12,8 @@
     not loaded loads it; a field that cannot be opened refuses the flush);
   * ORM bulk INSERT / UPDATE (``session.execute(insert(Model), [...])``): a
     ``do_orm_execute`` listener computes it for each parameter dict;
-  * Core INSERT / UPDATE: a ``before_execute`` listener computes it for each
+  * Core INSERT / UPDATE: the third step of carnet's statement pipeline
+    (:func:`index_columns`, run by :mod:`carnet._hooks`) computes it for each
     parameter dict from its source values and its tenant (the dict's tenant
     column, else :func:`carnet.tenant_scope`). Values written inline with
     ``.values(...)`` must be passed as execute parameters instead: such a
@@ -38,7 +39,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.orm import (
     InstrumentedAttribute,
@@ -53,7 +53,7 @@ from sqlalchemy.sql.base import SchemaEventTarget
 from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeDecorator
 
-from . import context, envelope, indexkeys
+from . import _sa, _txkeys, context, envelope, indexkeys
 from .batch import BatchReport, BatchRow, raw_type, run_batches
 from .errors import (
     ConfigurationError,
@@ -64,7 +64,7 @@ from .errors import (
 )
 from .manager import IndexRoot, KeyManager
 from .transforms import Transform
-from .types import BoundText, EncryptedText, Sealed, Storage
+from .types import BoundText, EncryptedText, Sealed, Storage, encrypted_type
 
 __all__ = [
     "BlindIndex",
@@ -307,9 +307,13 @@ class BlindIndexType(TypeDecorator[int], SchemaEventTarget):
         return self._spec.bits
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
-        parent._on_table_attach(self._set_table)
+        # SQLAlchemy's SchemaEventTarget protocol: told of the column, then of its table.
+        _sa.on_table_attach(parent, self._set_table)
 
     def _set_table(self, column: sa.Column[Any], table: sa.Table) -> None:
+        from . import _hooks
+
+        _hooks.install()  # before any mapper of this table is configured
         spec = self._spec
         if spec.column is not None and spec.column != column.key:
             raise ConfigurationError(
@@ -325,8 +329,8 @@ class BlindIndexType(TypeDecorator[int], SchemaEventTarget):
         if tenant is None:
             for src in spec.sources:
                 typ = table.c[src].type if src in table.c else None
-                if isinstance(typ, EncryptedText) and typ.tenant is not None:
-                    tenant = typ.tenant
+                if (enc := encrypted_type(typ)) is not None and enc.tenant is not None:
+                    tenant = enc.tenant
                     break
         cols: list[Any] = [column]
         if tenant is not None and tenant in table.c:
@@ -399,8 +403,9 @@ def _manager_for(spec: _Spec, source_types: Sequence[Any]) -> KeyManager:
     if spec.manager is not None:
         return spec.manager
     for typ in source_types:
-        if isinstance(typ, EncryptedText) and typ.own_manager is not None:
-            return typ.own_manager
+        enc = encrypted_type(typ)
+        if enc is not None and enc.own_manager is not None:
+            return enc.own_manager
     return context.get_manager()
 
 
@@ -471,7 +476,7 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
                 types.append(mapper.column_attrs[src].columns[0].type)
             tkey = spec.tenant
             if tkey is None:
-                tkey = next((t.tenant for t in types if isinstance(t, EncryptedText)), None)
+                tkey = next((e.tenant for t in types if (e := encrypted_type(t)) is not None), None)
             if tkey is not None and tkey not in mapper.column_attrs:
                 raise ConfigurationError(
                     f"{class_.__name__}.{prop.key}: BlindIndex tenant {tkey!r} is not a column "
@@ -494,32 +499,19 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
         _dates[mapper] = dates
 
 
-_NEW_ROOTS = "_carnet_bidx_new_roots"
 _DATES = "_carnet_bidx_dates"
 
 
 def _roots_for_flush(
     session: Session, manager: KeyManager, tenant: str, mapper: Mapper[Any]
 ) -> list[IndexRoot]:
-    # As the ORM's first-key step: on SQLite sharing the key table's database, create a
-    # practice's first root inside the session's transaction (one writer).
-    bind = session.get_bind(mapper)
-    conn = None
-    if manager.shares_sqlite_database(bind):
-        conn = session.connection(bind_arguments={"mapper": mapper})
-    roots, created = manager.index_roots_in(conn, tenant)
-    if created is not None:
-        session.info.setdefault(_NEW_ROOTS, []).append((manager, tenant, None))
-        # This transaction now holds SQLite's write lock: the practice's data
-        # key, if new too, must be created inside it as well, not on a second
-        # connection that would wait on this one.
-        key_id = manager.ensure_key_in(conn, tenant) if conn is not None else None
-        if key_id is not None:
-            session.info[_NEW_ROOTS].append((manager, tenant, key_id))
-    return roots
+    # On the flush's own connection: on SQLite sharing the key table's
+    # database, a practice's first root is created inside its transaction.
+    conn = session.connection(bind_arguments={"mapper": mapper})
+    return _txkeys.index_roots(conn, manager, tenant)
 
 
-def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
     scope = context.current_tenant()
     dated: list[tuple[InstanceState[Any], str]] = []
     # One root lookup per practice and flush, not per row.
@@ -596,25 +588,13 @@ def _row_tenant(obj: Any, r: _Resolved, scope: str | None) -> str:
     return tenant
 
 
-def _after_flush_postexec(session: Session, flush_context: Any) -> None:
+def after_flush_postexec(session: Session, flush_context: Any) -> None:
     # carnet.orm puts the plaintext back on the instance after the flush, as
     # text: an EncryptedDate attribute gets its date back.
     for state, key in session.info.pop(_DATES, ()):
         v = state.dict.get(key)
         if isinstance(v, str):
             state.dict[key] = dt.date.fromisoformat(v)
-
-
-def _after_commit(session: Session) -> None:
-    session.info.pop(_NEW_ROOTS, None)
-
-
-def _after_rollback(session: Session) -> None:
-    # Roots created inside the rolled-back transaction no longer exist.
-    for manager, tenant, key_id in session.info.pop(_NEW_ROOTS, ()):
-        manager.forget_index_roots(tenant)
-        if key_id is not None:
-            manager.forget_key(tenant, key_id)
 
 
 # -- parameter dicts: ORM bulk statements and Core ------------------------------------
@@ -652,7 +632,7 @@ def _table_indexes(table: Any) -> list[_TableIndex]:
         types = tuple(table.c[s].type for s in spec.sources)
         tkey = spec.tenant
         if tkey is None:
-            tkey = next((t.tenant for t in types if isinstance(t, EncryptedText)), None)
+            tkey = next((e.tenant for t in types if (e := encrypted_type(t)) is not None), None)
         if tkey is not None and tkey not in table.c:
             tkey = None  # an ORM attribute name, not a column: rely on the scope
         found.append(_TableIndex(spec, col.key, spec.sources, types, tkey))
@@ -711,7 +691,7 @@ def _param_tenant(
     return tenant
 
 
-def _do_orm_execute(state: ORMExecuteState) -> Any:
+def orm_execute(state: ORMExecuteState) -> Any:
     if not (state.is_insert or state.is_update):
         return None
     mapper = state.bind_mapper
@@ -769,17 +749,16 @@ def _refuse_inline(stmt: Any, indexes: list[_TableIndex]) -> None:
     # .values(phone=...) puts the plaintext in the statement, where no hook
     # can pair it with its tenant reliably: refuse instead of writing a row
     # without its index.
-    inline = getattr(stmt, "_values", None) or {}
-    keys = {getattr(k, "key", k) for k in inline}
+    keys = {getattr(k, "key", k) for k in _sa.dml_values(stmt) or ()}
+    keys |= {k for k, _v in _sa.ordered_values(stmt)}
     table_keys = {c.key for c in stmt.table.c}
-    for multi in getattr(stmt, "_multi_values", ()) or ():
+    for multi in _sa.multi_values(stmt):
         for row in multi:
             # A positional row sets every column in table order, the index
             # included: given explicitly, it is left as given.
             keys |= {getattr(k, "key", k) for k in row} if isinstance(row, dict) else table_keys
-    if getattr(stmt, "select", None) is not None:
-        # INSERT ... SELECT: the values never pass through Python.
-        keys |= {getattr(k, "key", k) for k in getattr(stmt, "_select_names", ()) or ()}
+    # INSERT ... SELECT: the values never pass through Python.
+    keys |= {getattr(k, "key", k) for k in _sa.select_names(stmt)}
     if not keys:
         return
     for ix in indexes:
@@ -791,36 +770,19 @@ def _refuse_inline(stmt: Any, indexes: list[_TableIndex]) -> None:
             )
 
 
-def _core_roots(conn: sa.Connection, manager: KeyManager, tenant: str) -> list[IndexRoot]:
-    if not manager.shares_sqlite_database(conn):
-        return manager.index_roots(tenant)
-    found, created = manager.index_roots_in(conn, tenant)
-    if created is not None:
-        # As in _roots_for_flush: the data key too, inside this transaction.
-        key_id = manager.ensure_key_in(conn, tenant)
+def index_columns(conn: sa.Connection, stmt: Any, multiparams: Any, params: Any) -> tuple[Any, Any]:
+    """The pipeline's blind-index step: each written row gets its index values.
 
-        def forget(_conn: Any) -> None:
-            manager.forget_index_roots(tenant)
-            if key_id is not None:
-                manager.forget_key(tenant, key_id)
-
-        event.listen(conn, "rollback", forget, once=True)
-    return found
-
-
-def _core_before_execute(
-    conn: sa.Connection,
-    clauseelement: Any,
-    multiparams: Any,
-    params: Any,
-    execution_options: Any,
-) -> tuple[Any, Any, Any]:
-    if not isinstance(clauseelement, Insert | Update):
-        return clauseelement, multiparams, params
-    indexes = _table_indexes(clauseelement.table)
+    Runs after the tenant binding, so a value bound to its row's practice
+    (:class:`~carnet.types.BoundText`) tells the index which practice's root
+    to use.
+    """
+    if not isinstance(stmt, Insert | Update):
+        return multiparams, params
+    indexes = _table_indexes(stmt.table)
     if not indexes:
-        return clauseelement, multiparams, params
-    _refuse_inline(clauseelement, indexes)
+        return multiparams, params
+    _refuse_inline(stmt, indexes)
     scope = context.current_tenant()
 
     seen: dict[tuple[int, str], list[IndexRoot]] = {}
@@ -829,7 +791,7 @@ def _core_before_execute(
         manager = _manager_for(ix.spec, ix.source_types)
         got = seen.get((id(manager), tenant))
         if got is None:
-            got = seen[(id(manager), tenant)] = _core_roots(conn, manager, tenant)
+            got = seen[(id(manager), tenant)] = _txkeys.index_roots(conn, manager, tenant)
         return got
 
     if multiparams:
@@ -840,7 +802,7 @@ def _core_before_execute(
         one = _index_row(indexes, dict(params), scope, roots)
         if one:
             params = {**params, **one}
-    return clauseelement, multiparams, params
+    return multiparams, params
 
 
 # -- lookups ----------------------------------------------------------------------------
@@ -1132,8 +1094,10 @@ def index_tenants(engine: sa.Engine, attr: Any) -> list[str]:
 
 def _open_stored(typ: Any, raw: Any, tenant: str, manager: KeyManager) -> Any:
     """A source column's plaintext from its stored value (authenticated; no value in errors)."""
-    if raw is None or not isinstance(typ, EncryptedText):
+    enc = encrypted_type(typ)
+    if raw is None or enc is None:
         return raw  # NULL, or a source kept in clear
+    typ = enc
     if isinstance(raw, str):
         if not envelope.looks_like_text_ciphertext(raw):
             if typ.mixed_read:
@@ -1202,24 +1166,3 @@ def reindex(
         worker=worker,
         restart=restart,
     )
-
-
-# -- installation ---------------------------------------------------------------------
-
-_installed = False
-
-
-def install() -> None:
-    global _installed
-    if _installed:
-        return
-    event.listen(Mapper, "mapper_configured", setup_mapper)
-    event.listen(Session, "before_flush", _before_flush)
-    event.listen(Session, "after_flush_postexec", _after_flush_postexec)
-    event.listen(Session, "after_commit", _after_commit)
-    event.listen(Session, "after_rollback", _after_rollback)
-    # First among do_orm_execute listeners: carnet.orm's then binds the rows
-    # this one completed (invoke_statement runs the remaining listeners).
-    event.listen(Session, "do_orm_execute", _do_orm_execute, insert=True)
-    event.listen(sa.Engine, "before_execute", _core_before_execute, retval=True)
-    _installed = True

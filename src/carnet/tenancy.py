@@ -6,8 +6,9 @@
 
 Every INSERT and UPDATE reaches ``Connection.execute``, whatever built it: an
 ORM flush, ``session.merge``, an ORM bulk or criteria statement, the legacy
-bulk methods, Core. :func:`guard_write` runs there (a ``before_execute``
-hook) and, for each row of the statement:
+bulk methods, Core. :func:`guard_write` runs there, the second step of
+carnet's statement pipeline (:mod:`carnet._hooks`), and, for each row of the
+statement:
 
 - binds each plaintext to the practice of the row that will hold it: the
   practice column's value in the same row of the statement, else the
@@ -20,9 +21,12 @@ hook) and, for each row of the statement:
 - pins an UPDATE whose practice comes from a scope or from the ORM to that
   practice (``AND practice = :tenant``), so a value is never written into a
   row of another practice; the statement's rowcount says how many rows matched;
-- creates a practice's first key before the statement runs, on the
-  statement's own connection on SQLite, and forgets keys created in a
-  transaction or savepoint that rolls back.
+- creates a practice's first key before the statement runs (:mod:`carnet._txkeys`).
+
+A multi-row ``INSERT ... VALUES`` keeps its rows in SQLAlchemy's private
+state, which carnet reads but does not rewrite: its rows are checked, and
+refused when they would need binding to another practice than the scope's
+(the executemany form, ``conn.execute(insert(t), rows)``, does that).
 
 A column whose type names no practice column (``EncryptedText()``) trusts the
 scope: there is nothing in the row to check it against.
@@ -36,11 +40,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, Null
 
-from . import context
+from . import _sa, _txkeys, context
 from .errors import (
     ConfigurationError,
     InvalidPlaintext,
@@ -48,14 +51,13 @@ from .errors import (
     TenantRequired,
     UnsupportedOperation,
 )
-from .types import BoundText, EncryptedText, Sealed
+from .types import BoundText, EncryptedText, ParentPractice, Sealed, encrypted_type
 
 if TYPE_CHECKING:
     from .manager import KeyManager
 
 _PIN = "carnet_pin_tenant"
 _PIN_ANY = "carnet_pin_any"
-_NEW_KEYS = "carnet_new_keys"
 
 
 class _Enc:
@@ -68,73 +70,75 @@ class _Enc:
         self.column = column
         self.type = type_
         # The column of this table that decides the practice: the practice
-        # itself, or a foreign key to a parent row that holds it (``parent``:
-        # the parent's primary key and practice columns).
+        # itself, or a foreign key to a parent row that holds it (``parent``).
         self.tenant_key: str | None = None
         self.tenant_column: sa.ColumnElement[Any] | None = None
-        self.parent: tuple[Any, Any] | None = None
+        self.parent: ParentPractice | None = None
 
 
 class _Spec:
-    __slots__ = ("encs", "by_tenant")
+    __slots__ = ("encs", "groups")
 
     def __init__(self, encs: list[_Enc]) -> None:
         self.encs = encs
-        # Practice column key -> the encrypted columns it decides.
-        self.by_tenant: dict[str, list[_Enc]] = {}
+        # The encrypted columns by the practice column that decides them; last,
+        # those no column of the row decides (None: the scope or the ORM does).
+        by_tenant: dict[str | None, list[_Enc]] = {}
         for e in encs:
             if e.tenant_key is not None:
-                self.by_tenant.setdefault(e.tenant_key, []).append(e)
+                by_tenant.setdefault(e.tenant_key, []).append(e)
+        free = [e for e in encs if e.tenant_key is None]
+        if free:
+            by_tenant[None] = free
+        self.groups: list[tuple[str | None, list[_Enc]]] = list(by_tenant.items())
 
 
-_specs: weakref.WeakKeyDictionary[Any, _Spec | None] = weakref.WeakKeyDictionary()
+# Table -> dialect name -> its spec (with_variant may encrypt a column on one
+# dialect only).
+_specs: weakref.WeakKeyDictionary[Any, dict[str, _Spec | None]] = weakref.WeakKeyDictionary()
 
 
-def _base_table(table: Any) -> Any:
-    # ORM statements carry annotated copies of the Table; key the cache on the original.
-    return getattr(table, "_Annotated__element", table)
-
-
-def _spec_for(table: Any) -> _Spec | None:
-    base = _base_table(table)
+def spec_for(table: Any, dialect: str) -> _Spec | None:
+    """The encrypted columns of ``table`` on ``dialect``, or None when it has none."""
+    base = _sa.deannotated(table)
     try:
-        return _specs[base]
-    except KeyError:
-        pass
+        per_dialect = _specs.get(base)
     except TypeError:  # not weak-referenceable: no cache
-        return _build_spec(base)
-    spec = _build_spec(base)
-    _specs[base] = spec
-    return spec
+        return _build_spec(base, dialect)
+    if per_dialect is None:
+        per_dialect = _specs[base] = {}
+    try:
+        return per_dialect[dialect]
+    except KeyError:
+        spec = per_dialect[dialect] = _build_spec(base, dialect)
+        return spec
 
 
-def _build_spec(table: Any) -> _Spec | None:
+def clear_caches() -> None:
+    """Forget the tables' specs (tests that change how SQLAlchemy looks)."""
+    _specs.clear()
+
+
+def _build_spec(table: Any, dialect: str) -> _Spec | None:
     columns = getattr(table, "c", None)
     if columns is None:
         return None
-    if any(
-        isinstance(c.type, EncryptedText)
-        and c.type.tenant_path is None
-        and "." in (c.type.tenant or "")
-        for c in columns
-    ):
+    found = [(c, encrypted_type(c, dialect)) for c in columns]
+    encrypted = [(c, t) for c, t in found if t is not None]
+    if any(t.tenant_path is None and "." in (t.tenant or "") for _c, t in encrypted):
         # A practice on a parent row is resolved at mapper configuration: a Core
         # statement may come first.
         from sqlalchemy.orm import configure_mappers
 
         configure_mappers()
     encs: list[_Enc] = []
-    for col in columns:
-        typ = col.type
-        if not isinstance(typ, EncryptedText):
-            continue
+    for col, typ in encrypted:
         e = _Enc(col, typ)
         name = typ.tenant_column_name
         if typ.tenant_path is not None:
-            fk_key, parent_pk, parent_tenant = typ.tenant_path
-            fk = columns.get(fk_key)
+            fk = columns.get(typ.tenant_path.fk_key)
             if fk is not None:
-                e.tenant_key, e.tenant_column, e.parent = fk.key, fk, (parent_pk, parent_tenant)
+                e.tenant_key, e.tenant_column, e.parent = fk.key, fk, typ.tenant_path
         elif name is not None and "." in name:
             raise ConfigurationError(
                 f"{typ.field_label}: EncryptedText(tenant={name!r}) names a parent's practice, "
@@ -160,11 +164,8 @@ _MISSING = object()
 def _embedded(stmt: Insert | Update) -> dict[str, Any]:
     """Values written into the statement itself (``.values(...)``), by column key."""
     out: dict[str, Any] = {}
-    items: Sequence[tuple[Any, Any]] = ()
-    if stmt._values:
-        items = list(stmt._values.items())
-    else:
-        items = list(getattr(stmt, "_ordered_values", None) or ())
+    values = _sa.dml_values(stmt)
+    items: Sequence[tuple[Any, Any]] = list(values.items()) if values else _sa.ordered_values(stmt)
     for k, v in items:
         if hasattr(k, "__clause_element__"):
             k = k.__clause_element__()
@@ -190,31 +191,6 @@ def _value(row: Mapping[str, Any], embedded: Mapping[str, Any], key: str) -> tup
     if isinstance(v, ClauseElement):
         return v, None  # an SQL expression
     return v, None
-
-
-def _all_plain_in_scope(
-    rows: Sequence[Mapping[str, Any]], tenant_key: str, keys: Sequence[str], scope: str
-) -> bool | None:
-    """Whether every row names ``scope`` as its practice and holds only str or None values:
-    None when not, else whether any value is a str (a key is needed)."""
-    any_text = False
-    for row in rows:
-        if row.get(tenant_key) != scope:
-            return None
-        for k in keys:
-            v = row.get(k)
-            if v is None:
-                continue
-            if type(v) is not str:
-                return None
-            any_text = True
-    return any_text
-
-
-def _written(
-    encs: Sequence[_Enc], row: Mapping[str, Any], embedded: Mapping[str, Any]
-) -> list[_Enc]:
-    return [e for e in encs if e.key in row or e.key in embedded]
 
 
 def _check_plain(e: _Enc, v: Any) -> None:
@@ -280,236 +256,379 @@ def guard_write(
     multiparams: list[dict[str, Any]],
     params: dict[str, Any],
 ) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
-    """Bind, check and pin one INSERT or UPDATE; see the module docstring."""
-    if isinstance(stmt, Insert) and stmt._select_names:
-        copied = [e.key for e in spec.encs if e.key in stmt._select_names]
-        if copied:
-            raise UnsupportedOperation(
-                f"INSERT ... FROM SELECT into encrypted column(s) {', '.join(copied)} copies "
-                "ciphertext between rows: read, then insert the values"
-            )
-        return stmt, multiparams, params
+    """Bind, check and pin one INSERT or UPDATE; see the module docstring.
+
+    The steps, in order: refuse what copies ciphertext or cannot be bound
+    (INSERT ... FROM SELECT, an upsert's SET); a multi-row VALUES checked row
+    by row; then, per practice column, each row's values bound to the row's
+    practice (or refused); the first keys the statement needs; the UPDATE
+    pinned to the practices it was bound for.
+    """
     if isinstance(stmt, Insert):
+        if _refuse_copy_from_select(stmt, spec):
+            return stmt, multiparams, params
         _refuse_upsert_of_encrypted(stmt, spec)
-        if stmt._multi_values:
-            return _guard_multi_values(conn, stmt, spec), multiparams, params
-    single = not multiparams
-    rows: list[dict[str, Any]] = [params] if single else multiparams
-    embedded = _embedded(stmt)
-    if isinstance(stmt, Insert):
-        rows = _with_defaults(spec, rows, embedded)
-    is_update = isinstance(stmt, Update)
-    scope = context.current_tenant()
-    first = rows[0] if rows else {}
+        if _sa.multi_values(stmt):
+            _check_multi_values(conn, stmt, spec)
+            return stmt, multiparams, params
+    write = _Write(conn, stmt, multiparams, params)
+    for tenant_key, encs in spec.groups:
+        write.bind_group(tenant_key, encs)
+    write.create_first_keys()
+    return write.result()
 
-    # Rows are copied only when a value in them is rebound: the caller's dicts stay as given.
-    out_rows: list[dict[str, Any]] = list(rows) if rows else [{}]
-    is_copy = [False] * len(out_rows)
-    seen_tenants: set[tuple[int, str]] = set()
-    new_embedded: dict[str, Any] = {}
-    pins: list[str | None] | None = None
-    pin_column: sa.ColumnElement[Any] | None = None
-    pin_parent: tuple[Any, Any] | None = None
-    need_keys: dict[tuple[int, str], tuple[KeyManager, str]] = {}
 
-    groups: list[tuple[str | None, list[_Enc]]] = list(spec.by_tenant.items())
-    free = [e for e in spec.encs if e.tenant_key is None]
-    if free:
-        groups.append((None, free))
+class _Write:
+    """One INSERT or UPDATE going through :func:`guard_write`: its rows and what was decided."""
 
-    for tenant_key, encs in groups:
-        written = _written(encs, first, embedded)
-        tenant_in_stmt = tenant_key is not None and (tenant_key in first or tenant_key in embedded)
+    def __init__(
+        self,
+        conn: sa.Connection,
+        stmt: Insert | Update,
+        multiparams: list[dict[str, Any]],
+        params: dict[str, Any],
+    ) -> None:
+        self.conn = conn
+        self.stmt: Any = stmt
+        self.single = not multiparams
+        self.embedded = _embedded(stmt)
+        rows: list[dict[str, Any]] = [params] if self.single else multiparams
+        if isinstance(stmt, Insert):
+            rows = _with_defaults(stmt, rows, self.embedded)
+        self.rows = rows
+        self.is_update = isinstance(stmt, Update)
+        self.scope = context.current_tenant()
+        self.first: Mapping[str, Any] = rows[0] if rows else {}
+        # Rows are copied only when a value in them is rebound: the caller's
+        # dicts stay as given.
+        self.out_rows: list[dict[str, Any]] = list(rows) if rows else [{}]
+        self.is_copy = [False] * len(self.out_rows)
+        self.new_embedded: dict[str, Any] = {}
+        # The practices an UPDATE is pinned to, one per row (None: no pin).
+        self.pins: list[str | None] | None = None
+        self.pin_column: sa.ColumnElement[Any] | None = None
+        self.pin_parent: ParentPractice | None = None
+        # (manager, practice) pairs whose active key must exist before the statement runs.
+        self.seen_keys: set[tuple[int, str]] = set()
+        self.need_keys: dict[tuple[int, str], tuple[KeyManager, str]] = {}
+
+    # -- per practice column --------------------------------------------------------
+
+    def bind_group(self, tenant_key: str | None, encs: list[_Enc]) -> None:
+        """Bind the values of the encrypted columns one practice column decides."""
+        written = [e for e in encs if e.key in self.first or e.key in self.embedded]
+        tenant_in_stmt = tenant_key is not None and (
+            tenant_key in self.first or tenant_key in self.embedded
+        )
         # An UPDATE that sets the practice and only some of its encrypted columns
         # may not move a row (the others would stay sealed for the old practice):
         # it is pinned to rows already in the practice it names.
-        partial = is_update and tenant_in_stmt and len(written) != len(encs)
+        partial = self.is_update and tenant_in_stmt and len(written) != len(encs)
         if partial and not written:
-            missing = [e.key for e in encs]
             raise UnsupportedOperation(
                 f"this UPDATE sets {tenant_key} but not the encrypted column(s) "
-                f"{', '.join(missing)}: rows moved to another practice would keep values sealed "
-                "for the old one. Change a row's practice through the ORM (it re-seals), or "
-                "write every encrypted column in the same statement"
+                f"{', '.join(e.key for e in encs)}: rows moved to another practice would keep "
+                "values sealed for the old one. Change a row's practice through the ORM (it "
+                "re-seals), or write every encrypted column in the same statement"
             )
         if not written:
-            continue
-        group_pins: list[str | None] = []
-        managers = {e.key: e.type.manager_for(conn.dialect) for e in written}
+            return
+        managers = {e.key: e.type.manager_for(self.conn.dialect) for e in written}
         parent = encs[0].parent
-        if is_update and tenant_in_stmt and scope is not None and not partial:
+        if self.is_update and tenant_in_stmt and self.scope is not None and not partial:
             # A scope never writes into, or moves, another practice's row: an
             # UPDATE that sets the practice under a scope only matches rows
             # that are in the scope's practice now (its rowcount says how many).
-            assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
-            if pins is not None:
-                raise UnsupportedOperation(
-                    "an UPDATE of encrypted columns decided by two practice columns"
-                )
-            pins = [scope] * len(out_rows)
-            pin_column = encs[0].tenant_column
-            pin_parent = parent
-        if (
-            scope is not None
-            and rows
-            and not partial
-            and parent is None
-            and tenant_key is not None
-            and tenant_key in first
-            and not embedded
-            and (plain := _all_plain_in_scope(rows, tenant_key, [e.key for e in written], scope))
-            is not None
-        ):
+            self.pin([self.scope] * len(self.out_rows), encs[0])
+        if not partial and parent is None and self.all_plain_in_scope(tenant_key, written):
             # The common Core case: every row names the scope's practice and holds
-            # plain text, which the type seals for the scope as it is. NULLs need
-            # no key (a destroyed practice may still store them).
-            for manager in managers.values() if plain else ():
-                mark = (id(manager), scope)
-                if mark not in seen_tenants:
-                    seen_tenants.add(mark)
-                    if not manager.has_cached_active_key(scope):
-                        need_keys[mark] = (manager, scope)
-            continue
+            # plain text, which the type seals for the scope as it is.
+            return
         parents: dict[Any, Any] = {}
         if parent is not None and tenant_in_stmt:
             assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
             parents = _parent_practices(
-                conn, parent, [_value(r, embedded, tenant_key)[0] for r in (rows or [{}])]
+                self.conn,
+                parent,
+                [_value(r, self.embedded, tenant_key)[0] for r in (self.rows or [{}])],
             )
-        for i in range(len(out_rows)):
-            src = rows[i] if rows else {}
-            row_tenant: str | None = None
-            from_row = False
-            if tenant_in_stmt:
-                assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
-                tv, _ = _value(src, embedded, tenant_key)
-                if tv is _MISSING:
-                    # A later row of an executemany or a multi-row VALUES without
-                    # the practice: it would get the column's default.
-                    raise TenantRequired(
-                        f"a row of this statement has no {tenant_key}: give every row its "
-                        "practice; nothing was written"
-                    )
-                if parent is not None:
-                    _tenant_str(tv)  # refuses an SQL expression
-                    tv = parents.get(tv)
-                row_tenant = _tenant_str(tv, encs[0].tenant_column if parent is None else None)
-                from_row = True
-            for e in written:
-                v, where = _value(src, embedded, e.key)
-                raw = v
-                if v is not None and type(v) is not BoundText and not isinstance(v, str):
-                    # The type's own plaintext form (a date's ISO text); refuses what it
-                    # cannot store.
-                    v = e.type.plaintext(v)
-                _check_plain(e, v)
-                if v is None:
-                    continue
-                if isinstance(stmt, Insert) and e.tenant_key is not None and not from_row:
-                    # The row's practice would be the column's default: unknown here,
-                    # so neither a scope nor a binding may stand in for it.
-                    raise TenantRequired(
-                        f"writing {e.type.field_label}: give the row's {e.tenant_key} in the "
-                        "INSERT; nothing was written"
-                    )
-                if from_row:
-                    tenant = row_tenant
-                    if tenant is None:
-                        raise TenantRequired(
-                            f"writing {e.type.field_label}: the row's {tenant_key} is NULL; "
-                            "nothing was written"
-                        )
-                elif type(v) is BoundText:
-                    tenant = v.carnet_tenant
-                elif scope is not None:
-                    tenant = scope
-                else:
-                    raise TenantRequired(
-                        f"writing {e.type.field_label}: no practice. With the ORM set the "
-                        "row's practice column; in Core use carnet.tenant_scope(...)"
-                    )
-                if scope is not None and tenant != scope:
-                    # carnet's own re-seal of a row leaving the scope's practice.
-                    if not (type(v) is BoundText and v.carnet_moved_from == scope):
-                        raise TenantMismatch(scope, tenant)
-                elif scope is None and managers[e.key].require_scope:
-                    raise TenantRequired(
-                        f"writing {e.type.field_label}: require_scope is on and no "
-                        "tenant_scope is active; nothing was written"
-                    )
-                if not from_row:
-                    if row_tenant is None:
-                        row_tenant = tenant
-                    elif row_tenant != tenant:
-                        raise TenantMismatch(row_tenant, tenant)
-                # A plain str under a scope of its own practice is sealed for the
-                # scope by the type itself: nothing to rebind (the common Core case).
-                # A value in the statement itself is always rebound: it may be a
-                # literal() of another type, which would be sent as it is.
-                if where is None or v is not raw or not (tenant == scope and type(v) is str):
-                    bound = _bind(v, tenant)
-                    if bound is not raw or where is None:
-                        if where is not None:
-                            if not is_copy[i]:
-                                out_rows[i] = dict(out_rows[i])
-                                is_copy[i] = True
-                            out_rows[i][where] = bound
-                        else:
-                            new_embedded[e.key] = bound
-                manager = managers[e.key]
-                mark = (id(manager), tenant)
-                if mark not in seen_tenants:
-                    seen_tenants.add(mark)
-                    if not manager.has_cached_active_key(tenant):
-                        need_keys[mark] = (manager, tenant)
-            if not from_row and scope is not None and row_tenant is None:
-                row_tenant = scope
-            if partial and row_tenant is None:
-                raise TenantRequired(
-                    f"this UPDATE sets {tenant_key} to NULL but does not write every encrypted "
-                    "column of the rows; nothing was written"
-                )
-            group_pins.append(row_tenant if partial or not from_row else None)
-        if is_update and tenant_key is not None and (partial or not tenant_in_stmt):
+        group_pins = [
+            self.bind_row(
+                i, tenant_key if tenant_in_stmt else None, encs, written, managers, parents, partial
+            )
+            for i in range(len(self.out_rows))
+        ]
+        if self.is_update and tenant_key is not None and (partial or not tenant_in_stmt):
             # The row's practice is not in the statement: pin it, so a value is
             # never written into another practice's row.
             if any(p is not None for p in group_pins):
-                if pins is not None:
-                    raise UnsupportedOperation(
-                        "an UPDATE of encrypted columns decided by two practice columns"
-                    )
-                pins = group_pins
-                pin_column = encs[0].tenant_column
-                pin_parent = parent
+                self.pin(group_pins, encs[0])
 
-    for manager, tenant in need_keys.values():
-        ensure_key_for(conn, manager, tenant)
+    def all_plain_in_scope(self, tenant_key: str | None, written: list[_Enc]) -> bool:
+        """Whether every row names the scope's practice and holds only str or None values.
 
-    if new_embedded:
-        stmt = stmt.values(new_embedded)
-    if pins is not None and pin_column is not None and isinstance(stmt, Update):
-        out_rows = [r if c else dict(r) for r, c in zip(out_rows, is_copy, strict=True)]
-        if pin_parent is not None:
-            # The practice is the parent's: pin to rows whose parent is in it.
-            parent_pk, parent_tenant = pin_parent
-            pinned: Any = pin_column.in_(
-                sa.select(parent_pk).where(parent_tenant == sa.bindparam(_PIN))
+        Then nothing needs rebinding; the keys the values need are noted.
+        NULLs need no key (a destroyed practice may still store them).
+        """
+        scope = self.scope
+        if scope is None or not self.rows or tenant_key is None or self.embedded:
+            return False
+        if tenant_key not in self.first:
+            return False
+        any_text = False
+        keys = [e.key for e in written]
+        for row in self.rows:
+            if row.get(tenant_key) != scope:
+                return False
+            for k in keys:
+                v = row.get(k)
+                if v is None:
+                    continue
+                if type(v) is not str:
+                    return False
+                any_text = True
+        if any_text:
+            for e in written:
+                self.note_key(e.type.manager_for(self.conn.dialect), scope)
+        return True
+
+    def bind_row(
+        self,
+        i: int,
+        tenant_key: str | None,
+        encs: list[_Enc],
+        written: list[_Enc],
+        managers: dict[str, KeyManager],
+        parents: dict[Any, Any],
+        partial: bool,
+    ) -> str | None:
+        """Bind row ``i``'s values to its practice; returns the practice to pin it to."""
+        src = self.rows[i] if self.rows else {}
+        row_tenant = self.row_practice(src, tenant_key, encs, parents)
+        from_row = tenant_key is not None
+        for e in written:
+            tenant = self.bind_value(i, src, e, row_tenant, from_row, managers[e.key])
+            if tenant is not None and not from_row:
+                if row_tenant is None:
+                    row_tenant = tenant
+                elif row_tenant != tenant:
+                    raise TenantMismatch(row_tenant, tenant)
+        if not from_row and self.scope is not None and row_tenant is None:
+            row_tenant = self.scope
+        if partial and row_tenant is None:
+            raise TenantRequired(
+                f"this UPDATE sets {tenant_key} to NULL but does not write every encrypted "
+                "column of the rows; nothing was written"
             )
+        return row_tenant if partial or not from_row else None
+
+    def row_practice(
+        self,
+        src: Mapping[str, Any],
+        tenant_key: str | None,
+        encs: list[_Enc],
+        parents: dict[Any, Any],
+    ) -> str | None:
+        """The practice the statement gives the row (its own column, or its parent's)."""
+        if tenant_key is None:
+            return None
+        tv, _ = _value(src, self.embedded, tenant_key)
+        if tv is _MISSING:
+            # A later row of an executemany without the practice: it would get
+            # the column's default.
+            raise TenantRequired(
+                f"a row of this statement has no {tenant_key}: give every row its "
+                "practice; nothing was written"
+            )
+        if encs[0].parent is not None:
+            _tenant_str(tv)  # refuses an SQL expression
+            return _tenant_str(parents.get(tv))
+        return _tenant_str(tv, encs[0].tenant_column)
+
+    def bind_value(
+        self,
+        i: int,
+        src: Mapping[str, Any],
+        e: _Enc,
+        row_tenant: str | None,
+        from_row: bool,
+        manager: KeyManager,
+    ) -> str | None:
+        """Check one value and bind it to its practice; returns that practice (None: NULL)."""
+        v, where = _value(src, self.embedded, e.key)
+        raw = v
+        if v is not None and type(v) is not BoundText and not isinstance(v, str):
+            # The type's own plaintext form (a date's ISO text); refuses what it
+            # cannot store.
+            v = e.type.plaintext(v)
+        _check_plain(e, v)
+        if v is None:
+            return None
+        if isinstance(self.stmt, Insert) and e.tenant_key is not None and not from_row:
+            # The row's practice would be the column's default: unknown here,
+            # so neither a scope nor a binding may stand in for it.
+            raise TenantRequired(
+                f"writing {e.type.field_label}: give the row's {e.tenant_key} in the "
+                "INSERT; nothing was written"
+            )
+        tenant = self.practice_for(e, v, row_tenant, from_row, manager)
+        # A plain str under a scope of its own practice is sealed for the
+        # scope by the type itself: nothing to rebind (the common Core case).
+        # A value in the statement itself is always rebound: it may be a
+        # literal() of another type, which would be sent as it is.
+        if where is None or v is not raw or not (tenant == self.scope and type(v) is str):
+            bound = _bind(v, tenant)
+            if bound is not raw or where is None:
+                if where is not None:
+                    if not self.is_copy[i]:
+                        self.out_rows[i] = dict(self.out_rows[i])
+                        self.is_copy[i] = True
+                    self.out_rows[i][where] = bound
+                else:
+                    self.new_embedded[e.key] = bound
+        self.note_key(manager, tenant)
+        return tenant
+
+    def practice_for(
+        self, e: _Enc, v: Any, row_tenant: str | None, from_row: bool, manager: KeyManager
+    ) -> str:
+        """The practice a value is sealed for: its row's, its ORM binding's, or the scope's."""
+        scope = self.scope
+        if from_row:
+            if row_tenant is None:
+                raise TenantRequired(
+                    f"writing {e.type.field_label}: the row's {e.tenant_key} is NULL; "
+                    "nothing was written"
+                )
+            tenant = row_tenant
+        elif type(v) is BoundText:
+            tenant = v.carnet_tenant
+        elif scope is not None:
+            tenant = scope
         else:
-            pinned = pin_column == sa.bindparam(_PIN)
-        if all(p is not None for p in pins):
-            stmt = stmt.where(pinned)
-            for row, p in zip(out_rows, pins, strict=True):
-                row[_PIN] = p
-        else:
-            # Rows writing only NULLs need no pin: match them whatever their practice.
-            stmt = stmt.where(sa.or_(pinned, sa.bindparam(_PIN_ANY) == 1))
-            for row, p in zip(out_rows, pins, strict=True):
-                row[_PIN] = p
-                row[_PIN_ANY] = 1 if p is None else 0
-    if single:
-        return stmt, [], out_rows[0]
-    return stmt, out_rows, {}
+            raise TenantRequired(
+                f"writing {e.type.field_label}: no practice. With the ORM set the "
+                "row's practice column; in Core use carnet.tenant_scope(...)"
+            )
+        if scope is not None and tenant != scope:
+            # carnet's own re-seal of a row leaving the scope's practice.
+            if not (type(v) is BoundText and v.carnet_moved_from == scope):
+                raise TenantMismatch(scope, tenant)
+        elif scope is None and manager.require_scope:
+            raise TenantRequired(
+                f"writing {e.type.field_label}: require_scope is on and no "
+                "tenant_scope is active; nothing was written"
+            )
+        return tenant
+
+    # -- keys and pins ------------------------------------------------------------------
+
+    def note_key(self, manager: KeyManager, tenant: str) -> None:
+        mark = (id(manager), tenant)
+        if mark not in self.seen_keys:
+            self.seen_keys.add(mark)
+            if not manager._has_cached_active_key(tenant):
+                self.need_keys[mark] = (manager, tenant)
+
+    def create_first_keys(self) -> None:
+        for manager, tenant in self.need_keys.values():
+            _txkeys.data_key(self.conn, manager, tenant)
+
+    def pin(self, pins: list[str | None], enc: _Enc) -> None:
+        if self.pins is not None:
+            raise UnsupportedOperation(
+                "an UPDATE of encrypted columns decided by two practice columns"
+            )
+        self.pins = pins
+        self.pin_column = enc.tenant_column
+        self.pin_parent = enc.parent
+
+    def result(self) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
+        stmt = self.stmt
+        out_rows = self.out_rows
+        if self.new_embedded:
+            stmt = stmt.values(self.new_embedded)
+        if self.pins is not None and self.pin_column is not None and self.is_update:
+            out_rows = [r if c else dict(r) for r, c in zip(out_rows, self.is_copy, strict=True)]
+            stmt = _pinned(stmt, self.pins, self.pin_column, self.pin_parent, out_rows)
+        if self.single:
+            return stmt, [], out_rows[0]
+        return stmt, out_rows, {}
+
+
+def _pinned(
+    stmt: Update,
+    pins: list[str | None],
+    pin_column: sa.ColumnElement[Any],
+    parent: ParentPractice | None,
+    rows: list[dict[str, Any]],
+) -> Update:
+    """``stmt`` matching only rows of the practice each parameter row was bound for."""
+    if parent is not None:
+        # The practice is the parent's: pin to rows whose parent is in it.
+        pinned: Any = pin_column.in_(
+            sa.select(parent.pk).where(parent.practice == sa.bindparam(_PIN))
+        )
+    else:
+        pinned = pin_column == sa.bindparam(_PIN)
+    if all(p is not None for p in pins):
+        for row, p in zip(rows, pins, strict=True):
+            row[_PIN] = p
+        return stmt.where(pinned)
+    # Rows writing only NULLs need no pin: match them whatever their practice.
+    for row, p in zip(rows, pins, strict=True):
+        row[_PIN] = p
+        row[_PIN_ANY] = 1 if p is None else 0
+    return stmt.where(sa.or_(pinned, sa.bindparam(_PIN_ANY) == 1))
+
+
+def _refuse_copy_from_select(stmt: Insert, spec: _Spec) -> bool:
+    """INSERT ... FROM SELECT: refused if it fills an encrypted column; True if it is one."""
+    names = _sa.select_names(stmt)
+    if not names:
+        return False
+    copied = [e.key for e in spec.encs if e.key in {getattr(n, "key", n) for n in names}]
+    if copied:
+        raise UnsupportedOperation(
+            f"INSERT ... FROM SELECT into encrypted column(s) {', '.join(copied)} copies "
+            "ciphertext between rows: read, then insert the values"
+        )
+    return True
+
+
+def _check_multi_values(conn: sa.Connection, stmt: Insert, spec: _Spec) -> None:
+    """A multi-row INSERT ... VALUES: each row checked like a parameter set.
+
+    Its rows live in the statement's private state, which carnet does not
+    rewrite: a row whose values would need binding to a practice other than
+    the scope's as given is refused, with the executemany form that does it.
+    """
+    rows: list[dict[str, Any]] = []
+    for group in _sa.multi_values(stmt):
+        for r in group:
+            if not isinstance(r, Mapping):
+                raise UnsupportedOperation(
+                    "a multi-row INSERT ... VALUES given by position, with an encrypted column: "
+                    "give each row as a dict"
+                )
+            rows.append({(k if isinstance(k, str) else k.key): v for k, v in r.items()})
+    write = _Write(conn, stmt, rows, {})
+    if write.rows is not rows:
+        raise UnsupportedOperation(
+            "a multi-row INSERT ... VALUES into a table whose encrypted column has a default=: "
+            "carnet cannot seal the default inside the statement; pass the rows as execute "
+            "parameters (conn.execute(insert(table), rows))"
+        )
+    for tenant_key, encs in spec.groups:
+        write.bind_group(tenant_key, encs)
+    if any(write.is_copy) or write.new_embedded:
+        raise UnsupportedOperation(
+            "a multi-row INSERT ... VALUES whose rows carnet must seal each for its own "
+            "practice: carnet does not rewrite the statement's rows. Pass the rows as execute "
+            "parameters (conn.execute(insert(table), rows)), or run it in a tenant_scope of "
+            "the rows' practice"
+        )
+    write.create_first_keys()
 
 
 class _NoContext:
@@ -523,26 +642,30 @@ class _NoContext:
 
 
 def _with_defaults(
-    spec: _Spec, rows: list[dict[str, Any]], embedded: Mapping[str, Any]
+    stmt: Insert, rows: list[dict[str, Any]], embedded: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
     """The rows with each encrypted column's ``default=`` filled in where absent.
 
     SQLAlchemy would fill it after the guard, as a bare value with no practice;
-    filled here, it is sealed for its row's practice like any value.
+    filled here, it is sealed for its row's practice like any value. The same
+    list is returned when no default applies.
     """
     first = rows[0] if rows else {}
     defaults = []
-    for e in spec.encs:
-        default = getattr(e.column, "default", None)
-        if default is None or e.key in first or e.key in embedded:
+    for col in stmt.table.c:
+        default = getattr(col, "default", None)
+        if default is None or col.key in first or col.key in embedded:
+            continue
+        typ = encrypted_type(col)
+        if typ is None:
             continue
         if default.is_scalar:
-            defaults.append((e.key, lambda d=default: d.arg))
+            defaults.append((col.key, lambda d=default: d.arg))
         elif default.is_callable:
-            defaults.append((e.key, lambda d=default: d.arg(_NoContext())))
+            defaults.append((col.key, lambda d=default: d.arg(_NoContext())))
         else:
             raise UnsupportedOperation(
-                f"{e.type.field_label}: an SQL expression as default= cannot be sealed"
+                f"{typ.field_label}: an SQL expression as default= cannot be sealed"
             )
     if not defaults:
         return rows
@@ -557,98 +680,81 @@ def _with_defaults(
 
 
 def _parent_practices(
-    conn: sa.Connection, parent: tuple[Any, Any], fks: list[Any]
+    conn: sa.Connection, parent: ParentPractice, fks: list[Any]
 ) -> dict[Any, Any]:
     """Parent primary key -> its practice, for the foreign keys of a statement's rows."""
-    parent_pk, parent_tenant = parent
     wanted = {fk for fk in fks if fk is not None and not isinstance(fk, ClauseElement)}
     if not wanted:
         return {}
     with context.without_scope():
         rows = conn.execute(
-            sa.select(parent_pk, parent_tenant).where(parent_pk.in_(sorted(wanted, key=repr)))
+            sa.select(parent.pk, parent.practice).where(parent.pk.in_(sorted(wanted, key=repr)))
         ).all()
     return {pk: practice for pk, practice in rows}
 
 
-# Parent table -> (its primary key, its practice column, a child's foreign key, the
-# child's encrypted column): children whose values are sealed for the parent's practice.
-_Dependent = tuple[Any, Any, Any, Any]
-_dependents: weakref.WeakKeyDictionary[Any, list[_Dependent]] = weakref.WeakKeyDictionary()
+# Parent table -> (where the practice is, the child's encrypted column): children
+# whose values are sealed for their parent row's practice.
+_dependents: weakref.WeakKeyDictionary[Any, list[tuple[ParentPractice, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def register_dependent(
-    parent_pk: Any, parent_tenant: Any, child_fk: Any, child_type: EncryptedText
-) -> None:
+def register_dependent(parent: ParentPractice, child_type: EncryptedText) -> None:
     """Record that ``child_type``'s values are sealed for their parent row's practice."""
-    child_col = next((c for c in child_fk.table.c if c.type is child_type), None)
+    child_col = next((c for c in parent.fk.table.c if c.type is child_type), None)
     if child_col is None:
         return
-    entries = _dependents.setdefault(_base_table(parent_pk.table), [])
-    if all(e[3] is not child_col for e in entries):
-        entries.append((parent_pk, parent_tenant, child_fk, child_col))
+    entries = _dependents.setdefault(_sa.deannotated(parent.pk.table), [])
+    if all(e[1] is not child_col for e in entries):
+        entries.append((parent, child_col))
 
 
-def _guard_parent_move(
-    conn: sa.Connection,
-    stmt: Update,
-    entries: list[_Dependent],
-    multiparams: list[dict[str, Any]],
-    params: dict[str, Any],
+def guard_parent_move(
+    conn: sa.Connection, stmt: Update, multiparams: list[dict[str, Any]], params: dict[str, Any]
 ) -> None:
     """Refuse to change a parent's practice while children hold values sealed for it."""
+    if not _dependents:
+        return
+    entries = _dependents.get(_sa.deannotated(stmt.table))
+    if not entries:
+        return
     embedded = _embedded(stmt)
     rows = multiparams or [params]
-    for parent_pk, parent_tenant, child_fk, child_col in entries:
-        key = parent_tenant.key
+    for parent, child_col in entries:
+        key = parent.practice.key
         if key not in rows[0] and key not in embedded:
             continue
         for row in rows:
             new, _ = _value(row, embedded, key)
-            moving = sa.select(parent_pk).where(
+            moving = sa.select(parent.pk).where(
                 *([stmt.whereclause] if stmt.whereclause is not None else []),
-                *([] if isinstance(new, ClauseElement) else [parent_tenant.is_distinct_from(new)]),
+                *(
+                    []
+                    if isinstance(new, ClauseElement)
+                    else [parent.practice.is_distinct_from(new)]
+                ),
             )
             held = conn.execute(
                 sa.select(sa.literal(1))
-                .select_from(child_fk.table)
-                .where(child_fk.in_(moving), child_col.is_not(None))
+                .select_from(parent.fk.table)
+                .where(parent.fk.in_(moving), child_col.is_not(None))
                 .limit(1),
                 row,
             ).first()
             if held is not None:
                 raise UnsupportedOperation(
-                    f"this UPDATE changes {parent_tenant.table.name}.{key} of rows whose "
+                    f"this UPDATE changes {parent.practice.table.name}.{key} of rows whose "
                     f"{child_col.table.name}.{child_col.name} values are sealed for the old "
                     "practice: move those rows to a parent of the new practice first (the ORM "
                     "re-seals them), then change the practice"
                 )
 
 
-def _guard_multi_values(conn: sa.Connection, stmt: Insert, spec: _Spec) -> Insert:
-    """A multi-row INSERT ... VALUES: each row checked and bound like a parameter set."""
-    rows: list[dict[str, Any]] = []
-    for group in stmt._multi_values:
-        for r in group:
-            if not isinstance(r, Mapping):
-                raise UnsupportedOperation(
-                    "a multi-row INSERT ... VALUES given by position, with an encrypted column: "
-                    "give each row as a dict"
-                )
-            rows.append({(k if isinstance(k, str) else k.key): v for k, v in r.items()})
-    plain = stmt._generate()
-    plain._multi_values = ()
-    _, bound, _ = guard_write(conn, plain, spec, rows, {})
-    columns = stmt.table.c
-    out = stmt._generate()
-    out._multi_values = ([{columns[k]: v for k, v in row.items()} for row in bound],)  # type: ignore[assignment]
-    return out
-
-
 def _refuse_upsert_of_encrypted(stmt: Insert, spec: _Spec) -> None:
     # ON CONFLICT DO UPDATE / ON DUPLICATE KEY UPDATE overwrite whichever row
     # conflicts, of whatever practice: a value set there cannot be bound to it.
-    post = getattr(stmt, "_post_values_clause", None)
+    post = _sa.post_values_clause(stmt)
     if post is None:
         return
     sets = getattr(post, "update_values_to_set", None) or getattr(post, "update", None) or {}
@@ -664,72 +770,20 @@ def _refuse_upsert_of_encrypted(stmt: Insert, spec: _Spec) -> None:
         )
 
 
-def _before_execute(
+def bind_write(
     conn: sa.Connection,
-    clauseelement: Any,
+    stmt: Any,
     multiparams: list[dict[str, Any]],
     params: dict[str, Any],
-    execution_options: Any,
-) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
-    if isinstance(clauseelement, Insert | Update):
-        if _dependents and isinstance(clauseelement, Update):
-            entries = _dependents.get(_base_table(clauseelement.table))
-            if entries:
-                _guard_parent_move(conn, clauseelement, entries, multiparams, params)
-        spec = _spec_for(clauseelement.table)
-        if spec is not None:
-            return guard_write(conn, clauseelement, spec, multiparams, params)
-    return clauseelement, multiparams, params
-
-
-# -- first keys and rollbacks -----------------------------------------------------------
-
-
-def ensure_key_for(conn: sa.Connection, manager: KeyManager, tenant: str) -> None:
-    """Create ``tenant``'s first key if needed, where the statement on ``conn`` can see it.
-
-    On SQLite, when the key table lives in the statement's own database, the
-    key is created inside ``conn``'s transaction: a second connection would
-    wait on the write lock this one may hold. It then lives and dies with that
-    transaction: a rollback, of the transaction or of any savepoint, makes
-    carnet forget it (forgetting a key that did commit costs one reload, never
-    a wrong answer). Elsewhere the key commits in a short transaction of its own.
-    """
-    if manager.shares_sqlite_database(conn):
-        created = manager.ensure_key_in(conn, tenant)
-        if created is not None:
-            conn.info.setdefault(_NEW_KEYS, []).append((manager, tenant, created))
-    else:
-        manager.ensure_key(tenant)
-
-
-def _forget(conn: sa.Connection, *_args: Any) -> None:
-    created = conn.info.get(_NEW_KEYS)
-    if created:
-        for manager, tenant, key_id in created:
-            manager.forget_key(tenant, key_id)
-
-
-def _on_rollback(conn: sa.Connection) -> None:
-    _forget(conn)
-    conn.info.pop(_NEW_KEYS, None)
-
-
-def _on_commit(conn: sa.Connection) -> None:
-    conn.info.pop(_NEW_KEYS, None)
-
-
-_installed = False
-
-
-def install() -> None:
-    global _installed
-    if _installed:
-        return
-    event.listen(sa.Engine, "before_execute", _before_execute, retval=True)
-    event.listen(sa.Engine, "rollback", _on_rollback)
-    # A savepoint rolled back may have held the key: forget, but keep the
-    # list, since the enclosing transaction may still roll back too.
-    event.listen(sa.Engine, "rollback_savepoint", _forget)
-    event.listen(sa.Engine, "commit", _on_commit)
-    _installed = True
+) -> tuple[Any, list[dict[str, Any]], dict[str, Any], bool]:
+    """The pipeline's tenant step for one statement: returns it bound, and whether it
+    writes an encrypted column (its parameters then hold notes)."""
+    if not isinstance(stmt, Insert | Update):
+        return stmt, multiparams, params, False
+    if isinstance(stmt, Update):
+        guard_parent_move(conn, stmt, multiparams, params)
+    spec = spec_for(stmt.table, conn.dialect.name)
+    if spec is None:
+        return stmt, multiparams, params, False
+    stmt, multiparams, params = guard_write(conn, stmt, spec, multiparams, params)
+    return stmt, multiparams, params, True

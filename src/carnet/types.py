@@ -9,6 +9,7 @@ returned as an opaque :class:`Sealed`, never as bytes that look like text.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
@@ -18,7 +19,7 @@ from sqlalchemy.sql.base import SchemaEventTarget
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
-from . import envelope
+from . import _sa, envelope
 from .context import SCOPE as _tenant
 from .context import get_manager, manager_for
 from .errors import (
@@ -35,6 +36,69 @@ if TYPE_CHECKING:
     from .manager import KeyManager
 
 Storage = Literal["binary", "text"]
+
+
+@dataclass(frozen=True, eq=False)
+class ParentPractice:
+    """A row whose practice lives on a parent row: ``tenant="patient.practice_id"``.
+
+    ``fk``: this table's foreign key column; ``pk``: the parent's primary key
+    it references; ``practice``: the parent's practice column. The one
+    representation of the concept, used by the ORM (which resolves it at
+    mapper configuration), the write guard and the parent-move guard.
+    """
+
+    fk: Any
+    pk: Any
+    practice: Any
+
+    @property
+    def fk_key(self) -> str:
+        return str(self.fk.key)
+
+
+def encrypted_type(obj: Any, dialect: str | None = None) -> EncryptedText | None:
+    """The :class:`EncryptedText` behind a column, SQL expression or type, else None.
+
+    The one answer to "is this column encrypted?", used by the SQL guard,
+    the write guard, the ORM setup, the redaction of failed statements and
+    the database checks: it sees through ``TypeDecorator(impl=EncryptedText)``,
+    ``with_variant`` (for ``dialect``, a dialect name; without one, the type
+    every other dialect gets), ``type_coerce`` to a carnet type and the
+    searchable types, on a column of any ``Table`` object.
+    """
+    typ = getattr(obj, "type", obj)
+    for _ in range(16):  # types nest a few levels at most; a cycle must not hang
+        if not isinstance(typ, sa.types.TypeEngine):
+            return None
+        # A variant for this dialect comes first, even on an EncryptedText.
+        if dialect is not None:
+            variants = _sa.variant_mapping(typ)
+            if variants and dialect in variants:
+                typ = variants[dialect]
+                continue
+        if isinstance(typ, EncryptedText):
+            return typ
+        if isinstance(typ, TypeDecorator):
+            typ = typ.impl_instance
+            continue
+        return None
+    raise ConfigurationError("a column type nests more than 16 levels: cannot tell if encrypted")
+
+
+def encrypted_anywhere(obj: Any) -> EncryptedText | None:
+    """The encrypted type of ``obj`` on the default dialect or on any ``with_variant`` one."""
+    typ = getattr(obj, "type", obj)
+    found = encrypted_type(typ)
+    if found is not None or not isinstance(typ, sa.types.TypeEngine):
+        return found
+    for variant in (_sa.variant_mapping(typ) or {}).values():
+        found = encrypted_anywhere(variant)
+        if found is not None:
+            return found
+    if isinstance(typ, TypeDecorator):
+        return encrypted_anywhere(typ.impl_instance)
+    return None
 
 
 class BoundText(str):
@@ -151,20 +215,23 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # The practice column's key when the ORM attribute named by ``tenant``
         # maps to a column of another name (set at mapper configuration).
         self._tenant_column: str | None = None
-        # For a practice on a parent row (``tenant="patient.practice_id"``): the
-        # foreign key's column key, the parent's primary key and practice columns.
-        self._tenant_path: tuple[str, Any, Any] | None = None
+        # For a practice on a parent row (``tenant="patient.practice_id"``).
+        self._tenant_path: ParentPractice | None = None
 
     # -- schema attachment: learn table.column for the default label ----------------
 
     def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
-        parent._on_table_attach(self._set_table)
+        # SQLAlchemy's SchemaEventTarget protocol: told of the column, then of its table.
+        _sa.on_table_attach(parent, self._set_table)
 
     def _set_table(self, column: sa.Column[Any], table: sa.Table) -> None:
-        # The database checks of the tenant invariant come with the table
-        # (created right after CREATE TABLE: carnet.dbchecks).
-        from . import dbchecks
+        # carnet's hooks are installed when an encrypted column meets a table,
+        # before any mapper of that table can be configured; and the database
+        # checks of the tenant invariant come with the table (created right
+        # after CREATE TABLE: carnet.dbchecks).
+        from . import _hooks, dbchecks
 
+        _hooks.install()
         dbchecks.attach(table)
         if column.server_default is not None or column.server_onupdate is not None:
             # The database would fill it in clear, never through carnet.
@@ -214,12 +281,12 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         return self._manager
 
     @property
-    def tenant_path(self) -> tuple[str, Any, Any] | None:
-        """Set by the ORM for ``tenant="parent.column"``: (foreign key, parent key, practice)."""
+    def tenant_path(self) -> ParentPractice | None:
+        """Set by the ORM for ``tenant="parent.column"``: where the row's practice is."""
         return self._tenant_path
 
     def resolve_tenant(
-        self, *, column: str | None = None, path: tuple[str, Any, Any] | None = None
+        self, *, column: str | None = None, path: ParentPractice | None = None
     ) -> None:
         """Record where the row's practice is, as the ORM resolved it at mapper configuration."""
         if column is not None:

@@ -27,7 +27,7 @@ def test_import_attaches_nothing_to_sqlalchemy_or_botocore() -> None:
         import carnet, carnet.providers.aws_kms
         import carnet._hooks, carnet.orm, carnet.tenancy
         checks = [
-            event.contains(sa.Engine, "before_execute", carnet.tenancy._before_execute),
+            event.contains(sa.Engine, "before_execute", carnet._hooks._before_execute),
             event.contains(sa.Engine, "handle_error", carnet._hooks._handle_error),
             event.contains(Mapper, "mapper_configured", carnet.orm.setup_mapper),
             bool(logging.getLogger("botocore.endpoint").filters),
@@ -65,7 +65,7 @@ def test_a_key_manager_installs_the_hooks_and_sets_up_models_mapped_before(
             s.add(Note(id=1, practice_id="p1", body="suivi")); s.commit()
         with Session(engine) as s:
             print(s.get(Note, 1).body, event.contains(sa.Engine, "before_execute",
-                  carnet.tenancy._before_execute))
+                  carnet._hooks._before_execute))
         """
     )
     assert out == "suivi True"

@@ -446,22 +446,39 @@ def test_a_literal_of_another_type_in_values_is_sealed_not_stored_in_clear(
     assert stored(engine, master_key_uri, 2) == ("A", "mis à jour", None)
 
 
-def test_multi_row_values_bind_each_row_to_its_own_practice(
+def test_multi_row_values_are_sealed_as_given_or_refused_never_rewritten(
     keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
 ) -> None:
-    with engine.begin() as conn:
+    # carnet does not rewrite a multi-row VALUES (its rows are SQLAlchemy's
+    # private state): rows of the scope's practice are sealed as they are...
+    with carnet.tenant_scope("A"), engine.begin() as conn:
         conn.execute(
             notes.insert().values(
                 [
                     {"id": 1, "practice_id": "A", "body": "de A"},
-                    {"id": 2, "practice_id": "B", "body": "de B"},
+                    {"id": 2, "practice_id": "A", "body": "encore A"},
                 ]
             )
         )
     assert stored(engine, master_key_uri, 1) == ("A", "de A", None)
-    assert stored(engine, master_key_uri, 2) == ("B", "de B", None)
+    assert stored(engine, master_key_uri, 2) == ("A", "encore A", None)
+    # ...rows that would each need sealing for their own practice are refused,
+    # with the executemany form that does it...
+    mixed = [
+        {"id": 3, "practice_id": "A", "body": "de A"},
+        {"id": 4, "practice_id": "B", "body": "de B"},
+    ]
+    with engine.begin() as conn, pytest.raises(UnsupportedOperation, match="execute"):
+        conn.execute(notes.insert().values(mixed))
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), mixed)
+    assert stored(engine, master_key_uri, 3) == ("A", "de A", None)
+    assert stored(engine, master_key_uri, 4) == ("B", "de B", None)
+    # ...and a row of another practice than the scope's is refused as ever.
     with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
-        conn.execute(notes.insert().values([{"id": 3, "practice_id": "B", "body": "PLANTED"}]))
+        conn.execute(notes.insert().values([{"id": 5, "practice_id": "B", "body": "PLANTED"}]))
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(notes)).scalar() == 4
 
 
 def test_a_scope_never_writes_into_or_moves_another_practices_row(

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .. import _sa
 from ..errors import ConfigurationError
 from ..keystore import add_key_kinds_in
 from ..schema import KEYS_TABLE, carnet_metadata, looks_like_carnet_table, table_names
@@ -149,7 +150,7 @@ def _create_table_step(table: sa.Table) -> Callable[[Any], None]:
 
 
 def _add_column_step(table_name: str, col: sa.Column[Any]) -> Callable[[Any], None]:
-    new = col._copy()
+    new = _sa.copy_column(col)
     if not new.nullable and new.server_default is None:
         # Existing rows need a value for a NOT NULL column: the declared
         # Python-side default, when it is a constant, becomes the server

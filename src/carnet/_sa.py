@@ -1,0 +1,329 @@
+"""Every read carnet makes of SQLAlchemy's private names, in one module.
+
+The statement pipeline must see parts of a statement that SQLAlchemy keeps
+no public accessor for: the values an INSERT or UPDATE writes inside itself,
+an INSERT's FROM SELECT and ON CONFLICT clauses, the parts of a SELECT a
+string reference can name, the traversal table of every SQL element. A
+rename or a reshape of any of them in a SQLAlchemy release must make carnet
+refuse statements, never let them through unchecked: so no other module
+touches a private name (``tests/unit/test_sa_private.py`` scans them), and
+each read here goes through :func:`_read`, which raises
+:class:`~carnet.errors.UnsupportedOperation` when the attribute is missing or
+has an unexpected shape.
+
+:data:`NAMES` lists what is read; the same test renames each entry in turn
+and shows that a statement depending on it is refused.
+
+Where a public API does the job it is used instead: ``Session.expire``,
+``Row._mapping`` (public despite its underscore), the ``keyword`` of a
+compound select.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapper
+from sqlalchemy.sql import annotation, base, dml, elements, lambdas
+from sqlalchemy.sql import schema as sa_schema
+from sqlalchemy.types import TypeEngine
+
+from .errors import UnsupportedOperation
+
+# SQLAlchemy 2.0 keeps an UPDATE's ordered values apart; 2.1 keeps them in ``_values``.
+SA_20 = sa.__version__.startswith("2.0.")
+
+
+@dataclass(frozen=True)
+class Private:
+    """One private name carnet reads.
+
+    ``owner``: the class (or module) SQLAlchemy defines it on. ``optional``:
+    instances may lack it (read as ``default``) as long as ``owner`` still
+    defines it, so a rename is still noticed. ``shape``: the types its value
+    may have; anything else is refused.
+    """
+
+    attr: str
+    owner: Any
+    shape: tuple[type, ...] | None = None
+    optional: bool = False
+    default: Any = None
+
+
+_SEQ = (list, tuple)
+_SEQ_OR_NONE = (list, tuple, type(None))
+_MAP_OR_NONE = (Mapping, type(None))
+
+NAMES: dict[str, Private] = {
+    # DML: what an INSERT / UPDATE writes inside the statement itself.
+    "dml_values": Private("_values", dml.ValuesBase, _MAP_OR_NONE),
+    "multi_values": Private("_multi_values", dml.ValuesBase, _SEQ),
+    "select_names": Private("_select_names", dml.Insert, _SEQ_OR_NONE),
+    "post_values_clause": Private("_post_values_clause", dml.Insert),
+    # Annotated copies (ORM statements) of a Table: the Table they copy.
+    "annotated_element": Private("_Annotated__element", annotation.Annotated),
+    # The SQL guard's walk.
+    "traverse_internals": Private("_traverse_internals", sa.Select, _SEQ),
+    "lambda_resolved": Private("_resolved", lambdas.LambdaElement, (sa.ClauseElement,)),
+    "raw_columns": Private("_raw_columns", sa.Select, _SEQ),
+    "with_options": Private("_with_options", base.Executable, _SEQ),
+    "annotations": Private("_annotations", sa.ClauseElement, (Mapping,)),
+    "distinct": Private("_distinct", sa.Select, (bool,)),
+    "distinct_on": Private("_distinct_on", sa.Select, _SEQ),
+    "from_obj": Private("_from_obj", sa.Select, _SEQ),
+    "where_criteria": Private("_where_criteria", sa.Select, _SEQ),
+    "from_objects": Private("_from_objects", sa.ClauseElement, _SEQ),
+    "all_selected_columns": Private("_all_selected_columns", sa.Select, (Iterable,)),
+    "allow_label_resolve": Private(
+        "_allow_label_resolve", elements.ColumnElement, (bool,), optional=True, default=True
+    ),
+    "tq_label": Private(
+        "_tq_label", elements.ColumnClause, (str, type(None)), optional=True, default=None
+    ),
+    "select_iterables": Private("_select_iterables", base, (Callable,)),  # type: ignore[arg-type]
+    "textual_label_reference": Private("_textual_label_reference", elements, (type,)),
+    "label_reference": Private("_label_reference", elements, (type,)),
+    # The ORM: a mapper's primary key columns per table (joined inheritance).
+    "pks_by_table": Private("_pks_by_table", Mapper, (Mapping,)),
+    # Schema: a type learns its column's table; a column copied for another table.
+    "on_table_attach": Private("_on_table_attach", sa_schema.Column, (Callable,)),  # type: ignore[arg-type]
+    "column_copy": Private("_copy", sa_schema.Column, (Callable,)),  # type: ignore[arg-type]
+    "variant_mapping": Private(
+        "_variant_mapping", TypeEngine, (Mapping,), optional=True, default=None
+    ),
+}
+if SA_20:
+    NAMES["ordered_values"] = Private("_ordered_values", dml.Update, _SEQ_OR_NONE)
+
+_ABSENT = object()
+
+
+def not_understood(key: str, obj: Any = None) -> UnsupportedOperation:
+    """The refusal when SQLAlchemy's private state is not what carnet reads."""
+    p = NAMES.get(key)
+    what = p.attr if p is not None else key
+    kind = type(obj).__name__ if obj is not None else "a statement"
+    return UnsupportedOperation(
+        f"carnet cannot read {kind}.{what} with the installed SQLAlchemy ({sa.__version__}): "
+        "the attribute is missing or has an unexpected shape, so carnet cannot check the "
+        "statement for the tenant invariant; refused. Install a SQLAlchemy version carnet "
+        "supports"
+    )
+
+
+def _read(obj: Any, key: str) -> Any:
+    p = NAMES[key]
+    value = getattr(obj, p.attr, _ABSENT)
+    if value is _ABSENT:
+        if p.optional and hasattr(p.owner, p.attr):
+            return p.default
+        raise not_understood(key, obj)
+    if p.shape is not None and not isinstance(value, p.shape):
+        raise not_understood(key, obj)
+    return value
+
+
+# -- DML ---------------------------------------------------------------------------------
+
+
+def dml_values(stmt: Any) -> Mapping[Any, Any] | None:
+    """``insert().values(...)`` / ``update().values(...)``: column -> value, or None."""
+    return _read(stmt, "dml_values")  # type: ignore[no-any-return]
+
+
+def ordered_values(stmt: Any) -> list[tuple[Any, Any]]:
+    """``update().ordered_values(...)`` on SQLAlchemy 2.0 (2.1 keeps them in ``_values``)."""
+    if not SA_20 or not isinstance(stmt, dml.Update):
+        return []
+    return list(_read(stmt, "ordered_values") or ())
+
+
+def multi_values(stmt: Any) -> tuple[Any, ...]:
+    """A multi-row ``insert().values([...])``: groups of rows (dicts or tuples)."""
+    return tuple(_read(stmt, "multi_values"))
+
+
+def select_names(stmt: Any) -> list[Any]:
+    """INSERT ... FROM SELECT: the columns the SELECT fills; empty otherwise."""
+    if not isinstance(stmt, dml.Insert):
+        return []
+    return list(_read(stmt, "select_names") or ())
+
+
+def post_values_clause(stmt: Any) -> Any:
+    """ON CONFLICT ... / ON DUPLICATE KEY UPDATE of an INSERT, or None."""
+    return _read(stmt, "post_values_clause")
+
+
+def written_names(stmt: Any) -> set[Any]:
+    """The column keys or names an INSERT / UPDATE writes inside the statement."""
+    keys: list[Any] = list(dml_values(stmt) or ())
+    keys += [k for k, _v in ordered_values(stmt)]
+    for group in multi_values(stmt):
+        for row in group:
+            if not isinstance(row, Mapping):
+                raise not_understood("multi_values", stmt)
+            keys += list(row)
+    return {getattr(k, "key", k) for k in keys}
+
+
+def deannotated(table: Any) -> Any:
+    """The Table an ORM statement's annotated copy stands for (or the table itself)."""
+    if isinstance(table, annotation.Annotated):
+        return _read(table, "annotated_element")
+    return table
+
+
+# -- the SQL guard's walk --------------------------------------------------------------------
+
+
+def traverse_internals(cls: type) -> list[tuple[str, Any]] | None:
+    """The (attribute, kind) table SQLAlchemy walks ``cls`` by; None for a class without one.
+
+    Some classes hold no SQL element (SAVEPOINT clauses) and SQLAlchemy 2.0's
+    ON CONFLICT / ON DUPLICATE KEY clauses declare none. That ``Select``
+    still has one tells a class without it from a renamed attribute.
+    """
+    attr = NAMES["traverse_internals"].attr
+    value = getattr(cls, attr, None)
+    if value is None:
+        if not isinstance(getattr(sa.Select, attr, None), _SEQ):
+            raise not_understood("traverse_internals", cls)
+        return None
+    if not isinstance(value, _SEQ):
+        raise not_understood("traverse_internals", cls)
+    return list(value)
+
+
+def lambda_resolved(el: Any) -> Any:
+    return _read(el, "lambda_resolved")
+
+
+def raw_columns(select: Any) -> list[Any]:
+    return list(_read(select, "raw_columns"))
+
+
+def with_options(select: Any) -> list[Any]:
+    return list(_read(select, "with_options"))
+
+
+def annotations_of(el: Any) -> Mapping[str, Any]:
+    return _read(el, "annotations")  # type: ignore[no-any-return]
+
+
+def is_distinct(select: Any) -> bool:
+    """A plain ``SELECT DISTINCT`` (not ``DISTINCT ON``)."""
+    return bool(_read(select, "distinct")) and not _read(select, "distinct_on")
+
+
+def from_objects_of(select: Any) -> list[Any]:
+    """As SQLAlchemy's SelectState gathers them, without compiling: FROM objects given,
+    those of the columns clause, those of WHERE."""
+    found = [*_read(select, "from_obj"), *select.columns_clause_froms]
+    for crit in _read(select, "where_criteria"):
+        found.extend(_read(crit, "from_objects"))
+    return found
+
+
+def all_selected_columns(select: Any) -> list[Any]:
+    return list(_read(select, "all_selected_columns"))
+
+
+def allow_label_resolve(col: Any) -> bool:
+    return bool(_read(col, "allow_label_resolve"))
+
+
+def tq_label(col: Any) -> str | None:
+    return _read(col, "tq_label")  # type: ignore[no-any-return]
+
+
+def select_iterables(froms: list[Any]) -> Iterable[Any]:
+    return _read(base, "select_iterables")(froms)  # type: ignore[no-any-return]
+
+
+def textual_label_reference() -> type:
+    """The element ``order_by("body")``, ``desc("b")`` put in a statement."""
+    return _read(elements, "textual_label_reference")  # type: ignore[no-any-return]
+
+
+def label_reference() -> type:
+    return _read(elements, "label_reference")  # type: ignore[no-any-return]
+
+
+def is_union_all(compound: Any) -> bool:
+    keyword = compound.keyword
+    return str(getattr(keyword, "value", keyword)).upper() == "UNION ALL"
+
+
+# -- ORM and schema -------------------------------------------------------------------------
+
+
+def pks_by_table(mapper: Any, table: Any) -> list[Any]:
+    """The primary key columns of one of a mapper's tables, in identity order."""
+    found = _read(mapper, "pks_by_table").get(table)
+    if found is None:
+        raise not_understood("pks_by_table", mapper)
+    return list(found)
+
+
+def on_table_attach(column: Any, fn: Callable[[Any, Any], None]) -> None:
+    """Call ``fn(column, table)`` once the column is part of a table."""
+    _read(column, "on_table_attach")(fn)
+
+
+def copy_column(column: Any) -> Any:
+    return _read(column, "column_copy")()
+
+
+def variant_mapping(typ: Any) -> Mapping[str, Any] | None:
+    """``with_variant``'s dialect name -> type, or None."""
+    return _read(typ, "variant_mapping")  # type: ignore[no-any-return]
+
+
+# -- guard positions: SQLAlchemy's traversal attribute names -> the SQL construct ---------
+
+# Where an encrypted expression sits in a statement or FROM element, by the
+# traversal attribute that holds it: None means "just reading or listing it",
+# a string names the SQL construct that would compute on it. An attribute not
+# listed here names itself and refuses (default-deny), so a rename in
+# SQLAlchemy makes the guard refuse, never pass.
+POSITIONS: dict[str, str | None] = {
+    "_raw_columns": None,
+    "_returning": None,
+    "_return_defaults_columns": None,
+    "_supplemental_returning": None,
+    "_memoized_select_entities": None,
+    "_from_obj": None,
+    "_extra_froms": None,
+    "_independent_ctes": None,
+    "selects": None,
+    "select": None,
+    "table": None,
+    "element": None,
+    "left": None,
+    "right": None,
+    "_cte_alias": None,
+    "_restates": None,
+    "_post_values_clause": None,  # ON CONFLICT / ON DUPLICATE KEY: judged by its own parts
+    "column_args": None,  # text(...).columns(Note.body): the columns a text query returns
+    "_column_args": None,  # values(column(...), ...): column definitions
+    "_where_criteria": "WHERE",
+    "_having_criteria": "HAVING",
+    "_order_by_clauses": "ORDER BY",
+    "_group_by_clauses": "GROUP BY",
+    "_distinct_on": "DISTINCT ON",
+    "_limit_clause": "LIMIT",
+    "_offset_clause": "OFFSET",
+    "_fetch_clause": "FETCH",
+    "onclause": "a JOIN condition",
+    "inferred_target_elements": "an ON CONFLICT target",
+    "inferred_target_whereclause": "an ON CONFLICT target",
+    "update_whereclause": "an ON CONFLICT ... WHERE",
+}
+COLUMNS_CLAUSE = "_raw_columns"
+# Attributes that name FROM objects or row locks only: nothing is computed.
+SKIP = frozenset({"_correlate", "_correlate_except", "_for_update_arg"})
