@@ -36,7 +36,7 @@ import itertools
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
@@ -68,6 +68,8 @@ from .types import BoundText, EncryptedText, Sealed, Storage, encrypted_type
 
 __all__ = [
     "BlindIndex",
+    "BlindIndexAttribute",
+    "BlindIndexColumn",
     "BlindIndexType",
     "EncryptedDate",
     "EncryptedString",
@@ -347,6 +349,35 @@ class BlindIndexType(TypeDecorator[int], SchemaEventTarget):
         return f"BlindIndexType({s.name!r}, sources={s.sources!r}, bits={s.bits})"
 
 
+_M = TypeVar("_M")
+
+if TYPE_CHECKING:
+
+    class BlindIndexAttribute(InstrumentedAttribute[int | None], Generic[_M]):
+        """``Model.index_attr``: the ORM's attribute, remembering its model for :func:`search`."""
+
+    class BlindIndexColumn(sa.Column[int]):
+        """What :func:`BlindIndex` returns, as type checkers see it once the model is mapped.
+
+        The ORM replaces the column on a mapped class with an attribute: on the
+        class, a :class:`BlindIndexAttribute` of the model; on a row, the
+        stored index value (``int | None``). At run time it is the plain
+        ``sa.Column`` (a Core ``Table`` takes it as one).
+        """
+
+        # SQLAlchemy 2.1 types Column.__get__ for its TypedColumns; 2.0 has none.
+        @overload  # type: ignore[override, unused-ignore]
+        def __get__(self, instance: None, owner: type[_M]) -> BlindIndexAttribute[_M]: ...
+        @overload
+        def __get__(self, instance: object, owner: Any) -> int | None: ...
+        def __get__(self, instance: object | None, owner: Any) -> Any: ...
+
+else:
+    # At run time the ORM's own classes: isinstance() checks hold.
+    BlindIndexAttribute = InstrumentedAttribute
+    BlindIndexColumn = sa.Column
+
+
 def BlindIndex(  # noqa: N802 - reads as a column type in a model
     *sources: str,
     transform: Transform,
@@ -357,7 +388,7 @@ def BlindIndex(  # noqa: N802 - reads as a column type in a model
     label: str | None = None,
     manager: KeyManager | None = None,
     column_name: str | None = None,
-) -> sa.Column[int]:
+) -> BlindIndexColumn:
     """A blind-index column over the plaintext of ``sources`` (attribute / column names).
 
     ``transform`` normalises the value(s) (:mod:`carnet.transforms`; a
@@ -392,8 +423,8 @@ def BlindIndex(  # noqa: N802 - reads as a column type in a model
     )
     typ = BlindIndexType(spec)
     if column_name is None:
-        return sa.Column(typ, nullable=True)
-    return sa.Column(column_name, typ, nullable=True)
+        return cast("BlindIndexColumn", sa.Column(typ, nullable=True))
+    return cast("BlindIndexColumn", sa.Column(column_name, typ, nullable=True))
 
 
 # -- computing index values -----------------------------------------------------------
@@ -927,6 +958,33 @@ def _statement(r: _Resolved, mapper: Mapper[Any], n: int) -> sa.Select[Any]:
         )
         r.statements[n] = stmt
     return stmt
+
+
+@overload
+def search(
+    session: Session,
+    attr: BlindIndexAttribute[_M],
+    value: Any,
+    *,
+    tenant: str | None = None,
+    where: Sequence[sa.ColumnElement[bool]] = (),
+    manager: KeyManager | None = None,
+    legacy: Sequence[Any] | None = None,
+) -> list[_M]: ...
+
+
+# A source attribute (``Patient.phone``) does not carry its model's type.
+@overload
+def search(
+    session: Session,
+    attr: Any,
+    value: Any,
+    *,
+    tenant: str | None = None,
+    where: Sequence[sa.ColumnElement[bool]] = (),
+    manager: KeyManager | None = None,
+    legacy: Sequence[Any] | None = None,
+) -> list[Any]: ...
 
 
 def search(
