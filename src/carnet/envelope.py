@@ -270,7 +270,18 @@ class Opener:
     practice raises :class:`TenantMismatch` before any decryption.
     """
 
-    __slots__ = ("_decrypt", "_aad", "_aad_v1", "_field", "_body", "expires", "label", "tenant")
+    __slots__ = (
+        "_decrypt",
+        "_aad",
+        "_aad_v1",
+        "_head",
+        "_body",
+        "_nonce_end",
+        "_min_size",
+        "expires",
+        "label",
+        "tenant",
+    )
 
     def __init__(
         self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
@@ -279,9 +290,12 @@ class Opener:
         self._decrypt = aead.decrypt
         self._aad = associated_data(key_id, label, tenant)
         self._aad_v1 = associated_data(key_id, label, tenant, V1)
-        self._field = label_tag(label) + practice_field(tenant)
-        # Where the nonce starts in a v2 value of this label and practice.
-        self._body = LABEL_TAG_AT + len(self._field)
+        # The whole v2 header of a value of this key, label and practice: one
+        # comparison checks the version, key id, label tag and practice.
+        self._head = VERSION_BYTE + key_id + label_tag(label) + practice_field(tenant)
+        self._body = len(self._head)  # where the nonce starts
+        self._nonce_end = self._body + NONCE_SIZE
+        self._min_size = self._nonce_end + TAG_SIZE
         self.expires = expires
         self.label = label
         self.tenant = tenant
@@ -289,12 +303,14 @@ class Opener:
     def open(self, blob: bytes) -> bytes:
         """Decrypt a value of this key; any other framing, practice or a failed tag raises."""
         at = self._body
-        if blob[0:1] == VERSION_BYTE and blob[LABEL_TAG_AT:at] == self._field:
-            if len(blob) < at + NONCE_SIZE + TAG_SIZE:
+        if blob[:at] == self._head:
+            if len(blob) < self._min_size:
                 raise InvalidCiphertext("value too short to be carnet ciphertext")
-            nonce_end = at + NONCE_SIZE
+            nonce_end = self._nonce_end
             aad = self._aad
             nonce, body = blob[at:nonce_end], blob[nonce_end:]
+        elif blob[:1] == VERSION_BYTE and blob[KEY_ID] != self._head[KEY_ID]:
+            raise InvalidCiphertext("value sealed under another key", label=self.label)
         elif version_of(blob) == V1:
             aad = self._aad_v1
             nonce, body = blob[_V1_NONCE], blob[_V1_BODY]

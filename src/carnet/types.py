@@ -370,7 +370,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             label = self._label_or_fail()
         if manager is None:
             manager = self._manager if self._manager is not None else get_manager()
-        return manager.encrypt(value.encode("utf-8"), tenant=tenant, label=label)
+        return manager._seal_text(value, tenant, label)
 
     def decrypt(self, blob: bytes, tenant: str, manager: KeyManager | None = None) -> str:
         label = self._resolved_label
@@ -378,7 +378,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             label = self._label_or_fail()
         if manager is None:
             manager = self._manager if self._manager is not None else get_manager()
-        return manager.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
+        return manager._open_text(blob, tenant, label)
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
         if value is None:
@@ -415,6 +415,42 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             raise failure
         return envelope.to_text(blob) if self.storage == "text" else blob
 
+    def bind_processor(self, dialect: sa.Dialect) -> Any:
+        # One closure per value instead of SQLAlchemy's process_bind_param +
+        # impl-processor chain, with the common case inline: a plain str
+        # under a tenant scope, sealed for the scope. Everything else, and
+        # any failure, goes through process_bind_param (outside the except
+        # block, so a failed attempt's exception is not chained to its error).
+        cls = type(self)
+        if (
+            self.storage != "binary"
+            or cls.process_bind_param is not EncryptedText.process_bind_param
+            or cls.encrypt is not EncryptedText.encrypt
+        ):
+            return super().bind_processor(dialect)
+        impl_processor = self.impl_instance.bind_processor(dialect)
+        slow = self.process_bind_param
+        get_scope = _tenant.get
+        own = self._manager
+        manager_of = self.manager_for
+
+        def process(value: Any) -> Any:
+            blob = None
+            if value.__class__ is str:
+                scope = get_scope()
+                label = self._resolved_label
+                if scope is not None and label is not None:
+                    manager = own if own is not None else manager_of(dialect)
+                    try:
+                        blob = manager._seal_text(value, scope, label)
+                    except Exception:  # noqa: BLE001 - redone below, with its clear error
+                        blob = None
+            if blob is None:
+                blob = slow(value, dialect)
+            return impl_processor(blob) if impl_processor is not None else blob
+
+        return process
+
     def result_processor(self, dialect: sa.Dialect, coltype: Any) -> Any:
         if self.storage == "text":
             return super().result_processor(dialect, coltype)
@@ -423,6 +459,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # (or a memoryview, copied).
         get_tenant = _tenant.get
         decrypt = self.decrypt
+        own = self._manager
         manager_of = self.manager_for
 
         def process(value: Any) -> Any:
@@ -432,7 +469,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 value = envelope.from_binary(value, self.field_label)
             # Resolved per value, not when the processor is built: processors are
             # cached per dialect, and the manager bound to an engine may change.
-            manager = manager_of(dialect)
+            manager = own if own is not None else manager_of(dialect)
             tenant = get_tenant()
             if tenant is None:
                 return Sealed(value, self, manager)
