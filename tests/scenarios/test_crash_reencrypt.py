@@ -38,7 +38,11 @@ def _kill_after(
         if proc.poll() is not None:
             return False
         try:
-            if job_progress(engine, job)["scanned"] >= scanned:
+            progress = job_progress(engine, job)
+            # A pass that finished (an earlier attempt ran to its end) counts
+            # until the new run starts its own: wait for that one's progress.
+            running = progress["done"] < progress["workers"]
+            if running and progress["scanned"] >= scanned:
                 proc.send_signal(signal.SIGKILL)
                 # A run that finished between our look and the signal was not killed.
                 return proc.wait() == -signal.SIGKILL
