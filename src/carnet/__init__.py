@@ -1,6 +1,7 @@
 """carnet: field-level envelope encryption of medical notes in SQL databases."""
 
 import logging as _logging
+from typing import Any
 
 from . import audit, errors
 from .context import bind_manager, configure, current_tenant, get_manager, tenant_scope
@@ -37,9 +38,19 @@ __all__ = [
 
 # Searchable encrypted identifiers (docs/searchable.md).
 from . import transforms  # noqa: E402
-from .searchable import BlindIndex, EncryptedDate, EncryptedString, reindex, search  # noqa: E402
+from .lookup import search  # noqa: E402
+from .types import BlindIndex, EncryptedDate, EncryptedString  # noqa: E402
 
 __all__ += ["BlindIndex", "EncryptedDate", "EncryptedString", "reindex", "search", "transforms"]
 from .planner import plan_bits, print_bits_plan  # noqa: E402
 
 __all__ += ["plan_bits", "print_bits_plan"]
+
+
+def __getattr__(name: str) -> Any:
+    # carnet.reindex runs on the batch engine, loaded only when asked for.
+    if name == "reindex":
+        from .batchops import reindex
+
+        return reindex
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -156,3 +156,8 @@ class KeyEngines:
         if self._key_async is not None:
             await self._key_async.dispose()
             self._key_async = None
+
+
+def safe_url(engine: sa.Engine) -> str:
+    """The engine's URL as it may be printed: without its password."""
+    return engine.url.render_as_string(hide_password=True)

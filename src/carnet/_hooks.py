@@ -10,7 +10,7 @@ passes :func:`_before_execute`, one pipeline in a fixed order:
    an INSERT or UPDATE writes to its row's practice, refuses what it cannot
    make true, pins an UPDATE to the practices it was bound for, and creates
    the practices' first keys (:mod:`carnet._txkeys`);
-3. the blind-index columns (:func:`carnet.searchable.index_columns`): each
+3. the blind-index columns (:func:`carnet.indexing.index_columns`): each
    written row gets the index values of its blind-indexed fields, under the
    practice step 2 bound them to.
 
@@ -50,7 +50,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
-from . import _redact, _txkeys, dbchecks, guard, orm, searchable, tenancy
+from . import _redact, _txkeys, dbchecks, guard, indexing, orm, tenancy
 from .errors import CarnetError
 
 # conn.info key: whether the statement being executed on the connection binds
@@ -76,7 +76,7 @@ def _before_execute(
     clauseelement, multiparams, params, writes = tenancy.bind_write(  # 2. the tenant binding
         conn, clauseelement, multiparams, params
     )
-    multiparams, params = searchable.index_columns(  # 3. the blind-index columns
+    multiparams, params = indexing.index_columns(  # 3. the blind-index columns
         conn, clauseelement, multiparams, params
     )
     conn.info[BINDS_SECRETS] = binds_encrypted or writes or _redact._on_key_table(clauseelement)
@@ -108,7 +108,7 @@ def _handle_error(ctx: Any) -> BaseException | None:
 
 def _mapper_configured(mapper: Mapper[Any], class_: type) -> None:
     orm.setup_mapper(mapper, class_)  # encrypted attributes first: the indexes use them
-    searchable.setup_mapper(mapper, class_)
+    indexing.setup_mapper(mapper, class_)
 
 
 def install() -> None:
@@ -122,12 +122,12 @@ def install() -> None:
     event.listen(sa.Engine, "rollback_savepoint", _txkeys.forget)
     event.listen(sa.Engine, "commit", _txkeys.on_commit)
     event.listen(Mapper, "mapper_configured", _mapper_configured)
-    event.listen(Session, "before_flush", searchable.before_flush)
-    event.listen(Session, "after_flush_postexec", searchable.after_flush_postexec)
+    event.listen(Session, "before_flush", indexing.before_flush)
+    event.listen(Session, "after_flush_postexec", indexing.after_flush_postexec)
     # In this order: the blind indexes of an ORM bulk statement are added to
     # its parameters, and the statement run (invoke_statement runs the
     # listeners after it), before the expiry of what the UPDATE wrote.
-    event.listen(Session, "do_orm_execute", searchable.orm_execute)
+    event.listen(Session, "do_orm_execute", indexing.orm_execute)
     event.listen(Session, "do_orm_execute", orm.expire_after_update)
     _installed = True
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.types import TypeDecorator
 
 from . import jobs as _jobs
 from .errors import (
@@ -35,6 +34,7 @@ from .errors import (
     describe_db_error,
 )
 from .keystore import utcnow
+from .reflect import raw_type, resolve_table
 
 __all__ = ["BatchReport", "BatchRow", "iter_rows", "resolve_table", "run_batches", "raw_type"]
 
@@ -87,25 +87,6 @@ class BatchReport:
 
 
 # -- table resolution -------------------------------------------------------------------
-
-
-def resolve_table(engine: sa.Engine, table: str | sa.Table) -> sa.Table:
-    """A Table as given, or reflected by name (``schema.name`` accepted)."""
-    if isinstance(table, sa.Table):
-        return table
-    schema, _, name = table.rpartition(".")
-    try:
-        return sa.Table(name, sa.MetaData(), autoload_with=engine, schema=schema or None)
-    except sa.exc.NoSuchTableError:
-        raise ConfigurationError(f"unknown table {table!r}") from None
-
-
-def raw_type(col: sa.ColumnElement[Any], dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
-    """The storage type of a column, below any TypeDecorator such as EncryptedText."""
-    t = col.type
-    if isinstance(t, TypeDecorator):
-        return t.load_dialect_impl(dialect)
-    return t
 
 
 def _column(table: sa.Table, column: str) -> sa.Column[Any]:

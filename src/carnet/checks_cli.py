@@ -108,7 +108,7 @@ def _specs(conn: sa.Connection, kw: dict[str, Any]) -> list[dbchecks.ColumnSpec]
 
 def _migrating(conn: sa.Connection, table: str, column: str) -> bool:
     """True while ``carnet migrate`` records the column as running (mixed-read), not strict."""
-    from .migrate import state
+    from . import migrations as state
 
     rec = state.get(conn, table, column)
     return rec is not None and rec["state"] != state.STRICT and rec["mode"] == "in-place"

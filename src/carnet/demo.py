@@ -27,11 +27,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import _synthetic, transforms
 from .errors import ConfigurationError, KeyDestroyed
+from .lookup import candidates, search
 from .manager import KeyManager
 from .planner import plan_bits
 from .providers import create_master_key
-from .searchable import BlindIndex, EncryptedDate, EncryptedString, candidates, search
-from .types import EncryptedText, Sealed
+from .types import BlindIndex, EncryptedDate, EncryptedString, EncryptedText, Sealed
 
 __all__ = ["PROBE_LENGTH", "distinctive_probes", "note_probes", "run_demo", "scan_files"]
 

@@ -9,13 +9,10 @@ primary keys.
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,25 +20,114 @@ import sqlalchemy as sa
 
 from . import envelope
 from . import jobs as _jobs
-from . import verify as vf
-from .batch import BatchReport, BatchRow, iter_rows, raw_type, resolve_table, run_batches
+from ._engines import safe_url
+
+# The commands' library calls, each job in its own module, gathered here for
+# the CLI and for applications that call them as ``carnet.lifecycle.X``.
+from .batchops import (
+    EncryptedColumn as EncryptedColumn,
+)
+from .batchops import (
+    ReencryptAllReport as ReencryptAllReport,
+)
+from .batchops import (
+    ReencryptReport as ReencryptReport,
+)
+from .batchops import (
+    WorkerSpec as WorkerSpec,
+)
+from .batchops import (
+    estimate_rows as estimate_rows,
+)
+from .batchops import (
+    fresh_pass_if_finished as fresh_pass_if_finished,
+)
+from .batchops import (
+    reencrypt as reencrypt,
+)
+from .batchops import (
+    reencrypt_columns as reencrypt_columns,
+)
+from .batchops import (
+    reencrypt_job_name as reencrypt_job_name,
+)
+from .batchops import (
+    reencrypt_parallel as reencrypt_parallel,
+)
+from .batchops import (
+    reencrypt_transform as reencrypt_transform,
+)
+from .batchops import (
+    rows_to_scan as rows_to_scan,
+)
+from .batchops import (
+    run_name as run_name,
+)
 from .errors import (
     ConfigurationError,
-    InvalidCiphertext,
     KeyInUse,
     KeyUsageUnknown,
-    MasterKeyUnavailable,
     UnknownKey,
     UnknownTenant,
 )
-from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
+from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport, env_settings
-from .providers import MasterKey, create_master_key
+from .providers import create_master_key
+from .reflect import (
+    check_column as check_column,
+)
+from .reflect import (
+    resolve as resolve,
+)
+from .reflect import (
+    resolve_table as resolve_table,
+)
+from .status import (
+    ColumnStatus as ColumnStatus,
+)
+from .status import (
+    StatusReport as StatusReport,
+)
+from .status import (
+    TenantStatus as TenantStatus,
+)
+from .status import (
+    UncheckedMasterKey as UncheckedMasterKey,
+)
+from .status import (
+    check_master_key as check_master_key,
+)
+from .status import (
+    column_status as column_status,
+)
+from .status import (
+    status as status,
+)
+from .stored import (
+    PLAINTEXT as PLAINTEXT,
+)
+from .stored import (
+    _carnet_value as _carnet_value,
+)
+from .stored import (
+    _Keys as _Keys,
+)
+from .stored import (
+    blob_of as blob_of,
+)
+from .stored import (
+    discover_columns as discover_columns,
+)
+from .stored import (
+    is_encrypted_column as is_encrypted_column,
+)
+from .stored import (
+    require_encrypted as require_encrypted,
+)
+from .verify import VerifyReport as VerifyReport
+from .verify import verify as verify
 
 Progress = Callable[[int], None]
-
-# Values of a column that is not (yet) encrypted: legacy text without carnet's prefix.
-PLAINTEXT = "plaintext"
 
 
 # -- opening ----------------------------------------------------------------------------
@@ -233,353 +319,6 @@ def new_master(uri: str) -> dict[str, Any]:
         return {"master_key_uri": mk.uri}
     finally:
         mk.close()
-
-
-def safe_url(engine: sa.Engine) -> str:
-    return engine.url.render_as_string(hide_password=True)
-
-
-# -- reading stored values --------------------------------------------------------------
-
-
-def blob_of(value: Any) -> bytes | str | None:
-    """The binary value (v1 or v2) of a raw stored value; ``PLAINTEXT`` for legacy
-    text; None for NULL."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not envelope.looks_like_text_ciphertext(value):
-            return PLAINTEXT
-        return envelope.from_text(value)
-    return bytes(value)
-
-
-class _Keys:
-    """Key records by id and active key per tenant, loaded once per run (one row per key)."""
-
-    def __init__(self, manager: KeyManager) -> None:
-        self.manager = manager
-        self._by_id: dict[bytes, KeyRecord | None] = {}
-        self._active: dict[str, bytes] = {}
-
-    def get(self, key_id: bytes) -> KeyRecord | None:
-        if key_id not in self._by_id:
-            self._by_id[key_id] = self.manager.get_key(key_id)
-        return self._by_id[key_id]
-
-    def active(self, tenant: str) -> bytes:
-        kid = self._active.get(tenant)
-        if kid is None:
-            kid = self.manager.ensure_key(tenant).key_id
-            self._active[tenant] = kid
-        return kid
-
-
-def _label(table: str, column: str, label: str | None) -> str:
-    return label if label is not None else f"{table.rpartition('.')[2]}.{column}"
-
-
-def check_column(engine: sa.Engine, table: str, column: str, *, pk: Sequence[str] = ()) -> sa.Table:
-    """The reflected table, after checking the column exists and can hold carnet values.
-
-    ``pk``: the columns standing for the primary key of a table that declares none.
-    """
-    tbl = resolve_table(engine, table)
-    for c in (column, *pk):
-        if c not in tbl.c:
-            raise ConfigurationError(f"table {table!r} has no column {c!r}")
-    if not pk and not tbl.primary_key.columns:
-        raise ConfigurationError(f"table {table!r} has no primary key")
-    try:
-        py = raw_type(tbl.c[column], engine.dialect).python_type
-    except NotImplementedError:
-        py = object
-    if py not in (bytes, str):
-        raise ConfigurationError(f"{table}.{column} is not a text or binary column")
-    return tbl
-
-
-def _carnet_value(manager: KeyManager, value: Any) -> bool:
-    try:
-        blob = blob_of(value)
-    except InvalidCiphertext:
-        return True  # carnet's prefix with a broken body: still a carnet column
-    if blob is None or blob == PLAINTEXT or isinstance(blob, str):
-        return False
-    if not envelope.is_known(blob):
-        return False
-    return manager.get_key(envelope.key_id_of(blob)) is not None
-
-
-def is_encrypted_column(manager: KeyManager, tbl: sa.Table, column: str, sample: int = 50) -> bool:
-    """True if some of the first non-NULL values carry carnet blobs (or the column is empty)."""
-    col = sa.type_coerce(tbl.c[column], raw_type(tbl.c[column], manager.engine.dialect))
-    with manager.engine.connect() as conn:
-        values = (
-            conn.execute(sa.select(col).where(tbl.c[column].is_not(None)).limit(sample))
-            .scalars()
-            .all()
-        )
-    if not values:
-        return True
-    return any(_carnet_value(manager, v) for v in values)
-
-
-def require_encrypted(manager: KeyManager, table: str, column: str) -> sa.Table:
-    tbl = check_column(manager.engine, table, column)
-    if not is_encrypted_column(manager, tbl, column):
-        raise ConfigurationError(
-            f"{table}.{column} holds no carnet values: not an encrypted column"
-        )
-    return tbl
-
-
-def discover_columns(manager: KeyManager) -> list[tuple[str, str]]:
-    """Columns of every table whose stored values carry carnet ciphertext."""
-    insp = sa.inspect(manager.engine)
-    found: list[tuple[str, str]] = []
-    skip = {manager.table.name, _jobs.JOBS_TABLE}
-    for name in sorted(insp.get_table_names()):
-        if name in skip:
-            continue
-        tbl = sa.Table(name, sa.MetaData(), autoload_with=manager.engine)
-        if not tbl.primary_key.columns:
-            continue
-        for col in tbl.columns:
-            try:
-                py = col.type.python_type
-            except NotImplementedError:
-                continue
-            if py not in (bytes, str) or col.primary_key:
-                continue
-            c = sa.type_coerce(col, col.type)
-            with manager.engine.connect() as conn:
-                values = (
-                    conn.execute(sa.select(c).where(col.is_not(None)).limit(50)).scalars().all()
-                )
-            if any(_carnet_value(manager, v) for v in values):
-                found.append((name, col.name))
-    return found
-
-
-# -- status -----------------------------------------------------------------------------
-
-
-@dataclass
-class ColumnStatus:
-    table: str
-    column: str
-    # "data": carnet values found in it; "declared": an EncryptedText column
-    # of the application (--app), found whether or not it has rows
-    found_by: str = "data"
-    rows: int = 0
-    nulls: int = 0
-    plaintext: int = 0
-    unreadable_framing: int = 0
-    unknown_key: int = 0
-    # key id (hex) -> {"tenant", "version", "state", "rows"}, in practice and version order
-    by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # under a live older key: what `reencrypt` moves
-    not_on_active: int = 0
-    # under a destroyed or retired key: unreadable for good, nothing to move
-    destroyed: int = 0
-    # in format v1 under a live key, active or older: what `reencrypt` upgrades
-    # to v2 (a v1 value under an older key counts in not_on_active too)
-    v1: int = 0
-
-
-@dataclass
-class TenantStatus:
-    tenant: str
-    active_version: int | None
-    master_key_uri: str | None
-    keys: list[dict[str, Any]]
-
-
-@dataclass
-class StatusReport:
-    database: str
-    master_key_uri: str
-    # True: one key per master key in use unwrapped; None: not checked
-    master_key_ok: bool | None
-    tenants: list[TenantStatus]
-    columns: list[ColumnStatus]
-    jobs: list[dict[str, Any]]
-    finished_jobs_hidden: int = 0  # finished jobs older than the ones listed
-
-    def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
-def check_master_key(manager: KeyManager) -> bool:
-    """Unwrap one live DEK per master key URI in use: proves the configured keys open them."""
-    seen: set[str] = set()
-    for rec in manager.iter_keys():
-        if rec.wrapped_key is None or rec.master_key_uri in seen:
-            continue
-        seen.add(rec.master_key_uri)
-        manager.check_unwrap(rec)
-    return True
-
-
-def column_status(
-    manager: KeyManager,
-    table: str,
-    column: str,
-    keys: _Keys | None = None,
-    batch_size: int = 2000,
-    progress: Progress | None = None,
-) -> ColumnStatus:
-    check_column(manager.engine, table, column)
-    keys = keys or _Keys(manager)
-    st = ColumnStatus(table=table, column=column)
-    counts: Counter[bytes] = Counter()
-    v1_counts: Counter[bytes] = Counter()
-    for row in iter_rows(manager.engine, table, column, batch_size=batch_size):
-        st.rows += 1
-        try:
-            blob = blob_of(row.value)
-        except InvalidCiphertext:
-            st.unreadable_framing += 1
-            continue
-        if blob is None:
-            st.nulls += 1
-        elif isinstance(blob, str):
-            st.plaintext += 1
-        elif not envelope.is_known(blob):
-            st.unreadable_framing += 1
-        else:
-            counts[envelope.key_id_of(blob)] += 1
-            if not envelope.is_current(blob):
-                v1_counts[envelope.key_id_of(blob)] += 1
-        if progress is not None and st.rows % batch_size == 0:
-            progress(batch_size)
-    known: list[tuple[KeyRecord, int]] = []
-    for kid, n in counts.items():
-        rec = keys.get(kid)
-        if rec is None:
-            st.unknown_key += n
-        else:
-            known.append((rec, n))
-    # By practice, then version: the order an operator reads a rotation in.
-    for rec, n in sorted(known, key=lambda rn: (rn[0].tenant, rn[0].version)):
-        st.by_key[rec.key_id.hex()] = {
-            "tenant": rec.tenant,
-            "version": rec.version,
-            "state": rec.state,
-            "rows": n,
-        }
-        if rec.state in (DESTROYED, RETIRED):
-            st.destroyed += n
-        else:
-            st.v1 += v1_counts[rec.key_id]
-            if rec.state != ACTIVE:
-                st.not_on_active += n
-    return st
-
-
-class UncheckedMasterKey(MasterKey):
-    """Stands in for the master key when it is not to be opened
-    (``status --no-master-check``): every unwrap is refused."""
-
-    scheme = "unchecked"
-
-    def __init__(self, uri: str | None) -> None:
-        self._uri = uri or "(none configured)"
-
-    @property
-    def uri(self) -> str:
-        return self._uri
-
-    def wrap(self, dek: bytes, context: Any) -> bytes:
-        raise MasterKeyUnavailable("the master key was not opened (--no-master-check)")
-
-    def unwrap(self, wrapped: bytes, context: Any) -> bytes:
-        raise MasterKeyUnavailable("the master key was not opened (--no-master-check)")
-
-    @classmethod
-    def from_uri(cls, uri: str) -> MasterKey:
-        return cls(uri)
-
-
-def status(
-    manager: KeyManager,
-    columns: Sequence[tuple[str, str]] | None = None,
-    check_master: bool = True,
-    declared: Sequence[tuple[str, str]] = (),
-    finished_jobs: int = _jobs.FINISHED_SHOWN,
-) -> StatusReport:
-    """Keys per practice, and per encrypted column the rows by key version.
-
-    ``declared``: encrypted columns the application declares; reported even
-    when they have no rows yet (discovery by content cannot see those).
-    ``finished_jobs``: how many finished jobs to list, most recent first
-    (every unfinished one is listed); ``finished_jobs_hidden`` counts the rest.
-    """
-    manager.create_schema()
-    tenants: dict[str, list[KeyRecord]] = {}
-    for rec in manager.iter_keys():
-        tenants.setdefault(rec.tenant, []).append(rec)
-    ts = []
-    for tenant in sorted(tenants):
-        recs = sorted(tenants[tenant], key=lambda r: r.version)
-        active = [r for r in recs if r.state == ACTIVE and r.kind == DATA]
-        ts.append(
-            TenantStatus(
-                tenant=tenant,
-                active_version=active[0].version if active else None,
-                master_key_uri=active[0].master_key_uri if active else None,
-                keys=[
-                    {
-                        "key_id": r.key_id.hex(),
-                        "version": r.version,
-                        "state": r.state,
-                        "kind": r.kind,
-                        "master_key_uri": r.master_key_uri,
-                    }
-                    for r in recs
-                ],
-            )
-        )
-    ok = check_master_key(manager) if check_master else None
-    cols = list(columns) if columns is not None else discover_columns(manager)
-    found_by = dict.fromkeys(cols, "data")
-    for tc in declared:
-        if tc not in found_by:
-            cols.append(tc)
-            found_by[tc] = "declared"
-    keys = _Keys(manager)
-    col_st = []
-    for t, c in cols:
-        cs = column_status(manager, t, c, keys)
-        cs.found_by = found_by[(t, c)]
-        col_st.append(cs)
-    jobs_rows: list[dict[str, Any]] = []
-    shown, hidden = _jobs.recent_jobs(manager.engine, finished_jobs)
-    for r in shown:
-        jobs_rows.append(
-            {
-                "job": r.job,
-                "worker": f"{r.worker}/{r.workers}",
-                "table": r.table_name,
-                "column": r.column_name,
-                "done": bool(r.done),
-                "scanned": int(r.scanned),
-                "rewritten": int(r.rewritten),
-                "failed": int(r.failed),
-            }
-        )
-    return StatusReport(
-        database=safe_url(manager.engine),
-        master_key_uri=manager.master_key.uri,
-        master_key_ok=ok,
-        tenants=ts,
-        columns=col_st,
-        jobs=jobs_rows,
-        finished_jobs_hidden=hidden,
-    )
 
 
 # -- keys -------------------------------------------------------------------------------
@@ -937,559 +676,6 @@ def strip_create_hint(message: str) -> str:
 def count_keys(manager: KeyManager) -> int:
     with manager.engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(manager.table)).scalar_one())
-
-
-# -- reencrypt --------------------------------------------------------------------------
-
-
-def reencrypt_transform(
-    manager: KeyManager,
-    table: str,
-    column: str,
-    *,
-    tenant: str | None = None,
-    label: str | None = None,
-    old_label: str | None = None,
-    counts: Counter[str] | None = None,
-) -> Callable[[BatchRow], Any | None]:
-    """The transform moving one value to its tenant's active DEK, current label and
-    the current format (a v1 value is re-sealed as v2, whatever its key).
-
-    ``counts`` receives why each row was left alone (``nulls``, ``plaintext``,
-    ``destroyed``, ``other_practice``), so a report does not call a shredded
-    row or a NULL "already current", and ``from_v1``, the values re-sealed
-    from format v1.
-    """
-    left: Counter[str] = counts if counts is not None else Counter()
-    new_label = _label(table, column, label)
-    labels = [old_label, new_label] if old_label else [new_label]
-    keys = _Keys(manager)
-
-    def transform(row: BatchRow) -> Any | None:
-        blob = blob_of(row.value)
-        if blob is None:
-            left["nulls"] += 1
-            return None
-        if isinstance(blob, str):
-            left["plaintext"] += 1  # legacy plaintext: that is migrate's work
-            return None
-        kid = envelope.key_id_of(blob)
-        rec = keys.get(kid)
-        if rec is None:
-            raise UnknownKey(kid)
-        if tenant is not None and rec.tenant != tenant:
-            left["other_practice"] += 1
-            return None
-        if rec.state in (DESTROYED, RETIRED):
-            left["destroyed"] += 1  # can never be read again: nothing to move
-            return None
-        # A v1 value is re-sealed (as v2) even under the active key and label.
-        on_active = kid == keys.active(rec.tenant) and envelope.is_current(blob)
-        if on_active and old_label is None:
-            return None
-        for lab in labels:
-            try:
-                plain = manager.decrypt(blob, tenant=rec.tenant, label=lab)
-                break
-            except InvalidCiphertext:
-                continue
-        else:
-            raise InvalidCiphertext(label=new_label, tenant=rec.tenant)
-        if on_active and lab == new_label:
-            return None
-        sealed = manager.encrypt(plain, tenant=rec.tenant, label=new_label)
-        if not envelope.is_current(blob):
-            left["from_v1"] += 1
-        return envelope.to_text(sealed) if isinstance(row.value, str) else sealed
-
-    return transform
-
-
-def reencrypt_job_name(table: str, column: str, tenant: str | None = None) -> str:
-    return f"reencrypt:{table}.{column}" + (f":{tenant}" if tenant else "")
-
-
-_LEFT = ("nulls", "plaintext", "destroyed", "other_practice")
-
-
-@dataclass
-class ReencryptReport(BatchReport):
-    """A batch report that tells apart the rows ``reencrypt`` leaves alone.
-
-    ``skipped`` (the batch engine's count) is every row not rewritten;
-    ``already_current`` is the part of it already on the active key and label
-    in format v2. ``from_v1``: values of format v1 re-sealed as v2 (counted
-    when sealed, so a row the application wrote meanwhile, a conflict, counts
-    too). A batch retried after a lock wait is counted again.
-    """
-
-    nulls: int = 0
-    plaintext: int = 0
-    destroyed: int = 0
-    other_practice: int = 0
-    from_v1: int = 0
-
-    @property
-    def already_current(self) -> int:
-        return max(self.skipped - sum(int(getattr(self, k)) for k in _LEFT), 0)
-
-    def add(self, other: dict[str, Any]) -> None:
-        self.scanned += other["scanned"]
-        self.rewritten += other["rewritten"]
-        self.skipped += other["skipped"]
-        self.conflicts += other["conflicts"]
-        self.failed.extend(tuple(pk) for pk in other["failed"])
-        for k in (*_LEFT, "from_v1"):
-            setattr(self, k, getattr(self, k) + other.get(k, 0))
-
-    def as_dict(self) -> dict[str, Any]:
-        d = super().as_dict()
-        d.update({k: getattr(self, k) for k in (*_LEFT, "from_v1")})
-        d["already_current"] = self.already_current
-        return d
-
-
-def fresh_pass_if_finished(
-    engine: sa.Engine, job: str, workers: int, *, any_count: bool = False
-) -> bool:
-    """Forget a finished job run with another worker count, so a new pass starts.
-
-    A finished job has nothing to resume, so its worker count binds nothing;
-    only an unfinished one must be resumed the way it was started. With
-    ``any_count`` (one coordinating process, ``--workers N``) a finished job is
-    forgotten whatever its count, so progress starts from zero and the new
-    pass cuts ranges over today's rows.
-    """
-    if not sa.inspect(engine).has_table(_jobs.JOBS_TABLE):
-        return False
-    t = _jobs.JOBS
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(t.c.workers, t.c.done).where(t.c.job == job)).all()
-    if (
-        rows
-        and all(r.done for r in rows)
-        and (any_count or any(r.workers != workers for r in rows))
-    ):
-        _jobs.reset_job(engine, job)
-        return True
-    return False
-
-
-def reencrypt(
-    manager: KeyManager,
-    table: str,
-    column: str,
-    *,
-    tenant: str | None = None,
-    label: str | None = None,
-    old_label: str | None = None,
-    batch_size: int = 500,
-    worker: tuple[int, int] = (0, 1),
-    job: str | None = None,
-    restart: bool = False,
-    progress: Progress | None = None,
-) -> ReencryptReport:
-    """Move every value of ``table.column`` to its practice's active DEK (and label)."""
-    require_encrypted(manager, table, column)
-    job = job or reencrypt_job_name(table, column, tenant)
-    new_label = label or f"{table}.{column}"
-    if old_label is not None and old_label != new_label:
-        from .dbchecks import accept_labels  # the database's check takes both labels meanwhile
-
-        accept_labels(manager.engine, table, column, new_label, old_label)
-    if not restart:
-        fresh_pass_if_finished(manager.engine, job, worker[1])
-    counts: Counter[str] = Counter()
-    rep = run_batches(
-        manager.engine,
-        table,
-        column,
-        reencrypt_transform(
-            manager, table, column, tenant=tenant, label=label, old_label=old_label, counts=counts
-        ),
-        job=job,
-        batch_size=batch_size,
-        worker=worker,
-        progress=progress,
-        restart=restart,
-    )
-    out = ReencryptReport(job=rep.job)
-    out.add({**rep.as_dict(), **counts})
-    out.resumed_from = rep.resumed_from
-    out.elapsed = rep.elapsed
-    if not out.failed and tenant is None:
-        # The new label alone, and no v1 value left: f1 becomes f2.
-        from .dbchecks import tighten_after_reencrypt
-
-        relabel = old_label is not None and old_label != new_label
-        tighten_after_reencrypt(manager.engine, table, column, new_label, relabel)
-    return out
-
-
-# -- reencrypt every encrypted column (--app / --all) ---------------------------------------
-
-
-@dataclass(frozen=True)
-class EncryptedColumn:
-    """A column to re-encrypt: ``table`` (``schema.table`` allowed), ``column``, and its
-    field label when the application sets one (else ``table.column``)."""
-
-    table: str
-    column: str
-    label: str | None = None
-
-
-@dataclass
-class ColumnOutcome:
-    table: str
-    column: str
-    # "reencrypted"; "done" (finished before an interruption of this run);
-    # "not encrypted" (no carnet value yet: carnet migrate's work); "no table"
-    outcome: str
-    report: dict[str, Any] | None = None
-
-
-@dataclass
-class ReencryptAllReport:
-    run: str
-    resumed: bool
-    columns: list[ColumnOutcome]
-    total: ReencryptReport
-    elapsed: float = 0.0
-
-    @property
-    def failed(self) -> list[tuple[Any, ...]]:
-        return self.total.failed
-
-    def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {
-            "run": self.run,
-            "resumed": self.resumed,
-            "columns": [asdict(c) for c in self.columns],
-            "total": self.total.as_dict(),
-            "elapsed": self.elapsed,
-        }
-
-
-def run_name(what: str, tenant: str | None = None) -> str:
-    """The progress record of a run over several columns (``reencrypt:app``, ``reencrypt:all``)."""
-    return f"reencrypt:{what}" + (f":{tenant}" if tenant else "")
-
-
-def _has_table(engine: sa.Engine, table: str) -> bool:
-    schema, _, name = table.rpartition(".")
-    return sa.inspect(engine).has_table(name, schema=schema or None)
-
-
-def rows_to_scan(manager: KeyManager, columns: Sequence[EncryptedColumn]) -> int:
-    """Rows a pass over ``columns`` reads (a table once per column), for one progress bar."""
-    return sum(
-        estimate_rows(manager.engine, c.table)
-        for c in columns
-        if _has_table(manager.engine, c.table)
-    )
-
-
-def reencrypt_columns(
-    manager: KeyManager,
-    columns: Sequence[EncryptedColumn],
-    *,
-    run: str,
-    tenant: str | None = None,
-    batch_size: int = 500,
-    restart: bool = False,
-    progress: Progress | None = None,
-) -> ReencryptAllReport:
-    """:func:`reencrypt` every column in turn, as one resumable run.
-
-    Each column is the job :func:`reencrypt` would run for it alone
-    (``reencrypt:T.C``); the run has its own row in ``carnet_jobs``. A run
-    killed midway resumes, when started again, inside the column it was in
-    and skips the columns it had finished; a finished run (or ``restart``)
-    starts a fresh pass over every column. A declared table missing from the
-    database, and a column with no carnet value yet, are reported and left.
-    """
-    started = time.monotonic()
-    engine = manager.engine
-    resuming = not restart and _jobs.run_state(engine, run) is False
-    if not resuming:
-        # A fresh pass: what a column job recorded before belongs to an older one.
-        for c in columns:
-            _jobs.reset_job(engine, reencrypt_job_name(c.table, c.column, tenant))
-        _jobs.start_run(engine, run)
-    total = ReencryptReport(job=run)
-    outcomes: list[ColumnOutcome] = []
-    for c in columns:
-        job = reencrypt_job_name(c.table, c.column, tenant)
-        if not _has_table(engine, c.table):
-            outcomes.append(ColumnOutcome(c.table, c.column, "no table"))
-            continue
-        if resuming and _jobs.job_finished(engine, job):
-            outcomes.append(ColumnOutcome(c.table, c.column, "done"))
-            if progress is not None:
-                progress(estimate_rows(engine, c.table))
-            continue
-        tbl = check_column(engine, c.table, c.column)
-        if not is_encrypted_column(manager, tbl, c.column):
-            outcomes.append(ColumnOutcome(c.table, c.column, "not encrypted"))
-            if progress is not None:
-                progress(estimate_rows(engine, c.table))
-            continue
-        rep = reencrypt(
-            manager,
-            c.table,
-            c.column,
-            tenant=tenant,
-            label=c.label,
-            batch_size=batch_size,
-            job=job,
-            progress=progress,
-        )
-        d = rep.as_dict()
-        outcomes.append(ColumnOutcome(c.table, c.column, "reencrypted", d))
-        total.add(d)
-    total.elapsed = time.monotonic() - started
-    # Finished, failed rows included: a rerun is a fresh pass that retries them.
-    _jobs.finish_run(
-        engine,
-        run,
-        {
-            "scanned": total.scanned,
-            "rewritten": total.rewritten,
-            "skipped": total.skipped,
-            "conflicts": total.conflicts,
-            "failed": len(total.failed),
-        },
-    )
-    return ReencryptAllReport(
-        run=run, resumed=resuming, columns=outcomes, total=total, elapsed=total.elapsed
-    )
-
-
-@dataclass
-class WorkerSpec:
-    database_url: str
-    master_key: str
-    previous_master_keys: tuple[str, ...]
-    table: str
-    column: str
-    tenant: str | None
-    label: str | None
-    old_label: str | None
-    batch_size: int
-    job: str
-    restart: bool
-
-
-def _reencrypt_worker(spec: WorkerSpec, index: int, count: int) -> dict[str, Any]:
-    def notice(message: str) -> None:
-        # A worker process has no terminal of its own: stderr is the parent's.
-        print(f"carnet: worker {index}/{count}: {message}", file=sys.stderr, flush=True)
-
-    manager = open_manager(
-        spec.database_url, spec.master_key, spec.previous_master_keys, lock_notice=notice
-    )
-    try:
-        rep = reencrypt(
-            manager,
-            spec.table,
-            spec.column,
-            tenant=spec.tenant,
-            label=spec.label,
-            old_label=spec.old_label,
-            batch_size=spec.batch_size,
-            worker=(index, count),
-            job=spec.job,
-            restart=spec.restart,
-        )
-        return rep.as_dict()
-    finally:
-        manager.close()
-        manager.engine.dispose()
-
-
-def reencrypt_parallel(
-    spec: WorkerSpec, workers: int, poll: Callable[[dict[str, Any]], None] | None = None
-) -> ReencryptReport:
-    """Run ``workers`` local processes on disjoint key ranges of one job; sum their reports.
-
-    ``poll`` is called about twice a second with the job's summed progress
-    from ``carnet_jobs`` (the same numbers workers on other machines add to).
-    """
-    started = time.monotonic()
-    engine = make_engine(spec.database_url)
-    try:
-        if spec.restart:
-            _jobs.reset_job(engine, spec.job)
-        else:
-            fresh_pass_if_finished(engine, spec.job, workers, any_count=True)
-        # Create the job's ranges once, before the workers race to.
-        _jobs.ensure_jobs_table(engine)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futs = [
-                pool.submit(_reencrypt_worker, _no_restart(spec), i, workers)
-                for i in range(workers)
-            ]
-            while not all(f.done() for f in futs):
-                if poll is not None:
-                    poll(_jobs.job_progress(engine, spec.job))
-                time.sleep(0.5)
-            results = [f.result() for f in futs]
-            if poll is not None:
-                poll(_jobs.job_progress(engine, spec.job))
-    finally:
-        engine.dispose()
-    total = ReencryptReport(job=spec.job)
-    for r in results:
-        total.add(r)
-    total.elapsed = time.monotonic() - started
-    return total
-
-
-def _no_restart(spec: WorkerSpec) -> WorkerSpec:
-    from dataclasses import replace
-
-    return replace(spec, restart=False)
-
-
-def estimate_rows(engine: sa.Engine, table: str) -> int:
-    tbl = resolve_table(engine, table)
-    with engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(tbl)).scalar_one())
-
-
-# -- verify -----------------------------------------------------------------------------
-
-
-@dataclass
-class VerifyReport:
-    """What ``verify`` found. Rows under a destroyed key (a crypto-shredded
-    practice) are the erasure working, counted as ``destroyed``, not as failures."""
-
-    table: str
-    column: str
-    rows: int = 0
-    ok: int = 0
-    nulls: int = 0
-    plaintext: int = 0
-    destroyed: int = 0
-    failed: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    # practice -> {"ok", "destroyed", "failed"}; "" when the practice is unknown
-    # (a value under a key carnet does not have, with no practice column)
-    practices: dict[str, dict[str, int]] = field(default_factory=dict)
-    failed_pks: list[list[Any]] = field(default_factory=list)
-    tenant_column: str | None = None
-    # the database's checks of the column (carnet.verify.database_checks)
-    checks: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
-def _tenant_source(
-    manager: KeyManager,
-    table: str,
-    column: str,
-    tenant_column: str,
-    pk: Sequence[str] = (),
-) -> tuple[sa.Table, sa.ColumnElement[Any], Callable[[sa.Select[Any]], sa.Select[Any]] | None]:
-    """The table, the row's practice column and the join reaching it.
-
-    ``practice_id`` is a column of the table itself; ``patients.practice_id``
-    a column of a parent table reached through foreign keys, resolved exactly
-    as ``carnet migrate --tenant`` resolves it.
-    """
-    if "." not in tenant_column:
-        check_column(manager.engine, table, tenant_column, pk=pk)
-        tbl = resolve_table(manager.engine, table)
-        return tbl, tbl.c[tenant_column], None
-    from .migrate.target import resolve
-
-    target = resolve(manager.engine, table, column, tenant=tenant_column, pk=pk)
-    return target.table, target.tenant_column(), target.join_or_none()
-
-
-def verify(
-    manager: KeyManager,
-    table: str,
-    column: str,
-    *,
-    label: str | None = None,
-    allow_plaintext: bool = False,
-    batch_size: int = 1000,
-    tenant_column: str | None = None,
-    progress: Progress | None = None,
-    pk: Sequence[str] = (),
-) -> VerifyReport:
-    """Decrypt every value; count failures by reason and list their primary keys.
-
-    Without ``tenant_column`` each value is opened as its key's practice, which
-    proves it authentic but not that it sits in a row of that practice; with it,
-    each value must open as its own row's practice, as the application reads it,
-    and a row without a practice fails (``no_practice``). ``tenant_column`` is a
-    column of the table, or ``parent.column`` of a table reached through foreign
-    keys (``patients.practice_id``). ``pk`` names the columns to page by in a
-    table without a declared primary key.
-
-    The walk is :func:`carnet.verify.walk`, the one ``carnet migrate verify``
-    reports too.
-    """
-    check_column(manager.engine, table, column, pk=pk)
-    lab = _label(table, column, label)
-
-    def fails(out: vf.Outcome) -> bool:
-        return out.kind == vf.FAILED or (out.kind == vf.PLAINTEXT and not allow_plaintext)
-
-    # One Table for the walk, the join and the practice column, so the SELECT
-    # names a single FROM.
-    join = None
-    tcol = None
-    if tenant_column is not None:
-        tbl, tcol, join = _tenant_source(manager, table, column, tenant_column, pk)
-    else:
-        tbl = resolve_table(manager.engine, table)
-    found = vf.walk(
-        manager,
-        manager.engine,
-        tbl,
-        column,
-        label=lab,
-        tenant=tcol,
-        join=join,
-        pk=pk,
-        batch_size=batch_size,
-        sample_as=lambda out: "failed" if fails(out) else None,
-        samples=None,
-        progress=progress,
-    )
-    rep = VerifyReport(table=table, column=column, tenant_column=tenant_column)
-    rep.rows = found.rows
-    rep.ok = found.total(vf.OK)
-    rep.nulls = found.total(vf.NULL)
-    rep.plaintext = found.total(vf.PLAINTEXT)
-    rep.destroyed = found.total(vf.DESTROYED)
-    for (kind, reason), n in found.counts.items():
-        if kind == vf.FAILED or (kind == vf.PLAINTEXT and not allow_plaintext):
-            rep.failed += n
-            name = reason or PLAINTEXT
-            rep.reasons[name] = rep.reasons.get(name, 0) + n
-    for practice, c in found.practices.items():
-        counts = {
-            "ok": c[vf.OK],
-            "destroyed": c[vf.DESTROYED],
-            "failed": c[vf.FAILED] + (0 if allow_plaintext else c[vf.PLAINTEXT]),
-        }
-        if any(counts.values()):
-            rep.practices[practice] = counts
-    rep.failed_pks = found.samples.get("failed", [])
-    rep.checks = vf.database_checks(manager.engine, table, column, tenant_column, pk)
-    return rep
 
 
 def env_previous_master_keys() -> tuple[str, ...]:

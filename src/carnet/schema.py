@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from .jobs import JOBS_TABLE, jobs_table
 from .keystore import keys_table
-from .migrate.state import MIGRATIONS
+from .migrations import MIGRATIONS
 
 KEYS_TABLE = "carnet_keys"
 MIGRATIONS_TABLE = MIGRATIONS.name

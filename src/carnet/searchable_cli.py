@@ -197,8 +197,9 @@ def reindex_cmd(
     the batch engine: compare-and-set writes, progress in carnet_jobs (job
     bidx:LABEL:PRACTICE), a killed run resumes where it stopped.
     """
-    from . import searchable
+    from .batchops import reindex
     from .exitcodes import EXIT_FAILED_ROWS
+    from .lookup import index_tenants
 
     if bool(tenants) == all_tenants:
         raise click.UsageError("give --tenant T (repeatable) or --all-tenants")
@@ -208,12 +209,12 @@ def reindex_cmd(
     attrs = [(spec, import_index(spec)) for spec in indexes]
     results: list[dict[str, Any]] = []
     for spec, attr in attrs:
-        names = list(tenants) if tenants else searchable.index_tenants(manager.engine, attr)
+        names = list(tenants) if tenants else index_tenants(manager.engine, attr)
         for tenant in names:
             if tenants:
                 lifecycle.require_tenant(manager, tenant)
             try:
-                rep = searchable.reindex(
+                rep = reindex(
                     manager.engine, attr, tenant=tenant, batch_size=batch_size, worker=worker,
                     restart=restart, manager=manager,
                 )  # fmt: skip

@@ -9,17 +9,20 @@ returned as an opaque :class:`Sealed`, never as bytes that look like text.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.base import SchemaEventTarget
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
-from . import _sa, envelope
+from . import _sa, envelope, indexkeys
 from .context import SCOPE as _tenant
 from .context import get_manager, manager_for
 from .errors import (
@@ -31,30 +34,13 @@ from .errors import (
     TenantRequired,
     UnsupportedOperation,
 )
+from .transforms import Transform
+from .values import BoundText, ParentPractice, Sealed
 
 if TYPE_CHECKING:
     from .manager import KeyManager
 
 Storage = Literal["binary", "text"]
-
-
-@dataclass(frozen=True, eq=False)
-class ParentPractice:
-    """A row whose practice lives on a parent row: ``tenant="patient.practice_id"``.
-
-    ``fk``: this table's foreign key column; ``pk``: the parent's primary key
-    it references; ``practice``: the parent's practice column. The one
-    representation of the concept, used by the ORM (which resolves it at
-    mapper configuration), the write guard and the parent-move guard.
-    """
-
-    fk: Any
-    pk: Any
-    practice: Any
-
-    @property
-    def fk_key(self) -> str:
-        return str(self.fk.key)
 
 
 def encrypted_type(obj: Any, dialect: str | None = None) -> EncryptedText | None:
@@ -99,53 +85,6 @@ def encrypted_anywhere(obj: Any) -> EncryptedText | None:
     if isinstance(typ, TypeDecorator):
         return encrypted_anywhere(typ.impl_instance)
     return None
-
-
-class BoundText(str):
-    """Plaintext on its way to the database, bound to its row's practice.
-
-    ``carnet_moved_from`` is set when carnet itself re-seals the values of a
-    row moved to another practice: the write is allowed under a scope of the
-    practice the row leaves.
-    """
-
-    carnet_tenant: str
-    carnet_moved_from: str | None = None
-
-
-class Sealed:
-    """A value read without a tenant to open it. Holds ciphertext only.
-
-    ``open(tenant)`` decrypts it; with the ORM this happens by itself when the
-    row's tenant column is loaded too.
-    """
-
-    __slots__ = ("data", "_type", "_manager")
-
-    def __init__(
-        self, data: bytes, type_: EncryptedText, manager: KeyManager | None = None
-    ) -> None:
-        self.data = data
-        self._type = type_
-        # The manager of the engine the value was read from (several databases
-        # may serve one model, each with its own key table).
-        self._manager = manager
-
-    @property
-    def manager(self) -> KeyManager:
-        return self._manager if self._manager is not None else self._type.manager
-
-    def open(self, tenant: str) -> str:
-        """Decrypt under ``tenant``; with ``require_scope`` only inside a scope of that tenant."""
-        manager = self.manager
-        self._type.check_scope(tenant, manager)
-        return self._type.decrypt(self.data, tenant, manager)
-
-    def __repr__(self) -> str:
-        kid = envelope.short_key_id(self.data)
-        return f"<carnet.Sealed {len(self.data)} bytes key={kid}… field={self._type.field_label!r}>"
-
-    __str__ = __repr__
 
 
 _ALLOWED_OPS = {operators.is_, operators.is_not}
@@ -525,3 +464,352 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 f"{name} on encrypted column {label!r} cannot work: each value is ciphertext "
                 "under a random nonce. Filter on other columns and compare in Python."
             )
+
+
+# -- typed encrypted columns ----------------------------------------------------------
+
+
+def ciphertext_width(max_bytes: int, storage: Storage = "binary") -> int:
+    """Stored width of a value whose UTF-8 plaintext is at most ``max_bytes`` bytes.
+
+    A v2 value carries its practice id in its header, so the width is sized
+    for the longest one: 255 characters (the key table's practice column), at
+    most 1020 UTF-8 bytes (``envelope.PRACTICE_BOUND_BYTES``).
+    """
+    return envelope.width(max_bytes, envelope.PRACTICE_BOUND_BYTES, text=storage == "text")
+
+
+class EncryptedString(EncryptedText):
+    """:class:`EncryptedText` for a plaintext of at most ``length`` characters.
+
+    The column is sized for the worst case, 4 UTF-8 bytes per character, and
+    the longest practice id (255 characters, 1020 UTF-8 bytes, carried in the
+    value's header): ``1071 + 4 * length`` bytes (``VARBINARY`` on MariaDB,
+    ``BYTEA`` on PostgreSQL, ``BLOB`` on SQLite), or with ``storage="text"`` a
+    ``VARCHAR(2092 + 4 * ceil((28 + 4 * length) / 3))`` of the text form (see
+    :func:`ciphertext_width`). A longer value raises
+    :class:`~carnet.errors.InvalidPlaintext`.
+    """
+
+    cache_ok = True
+
+    def __init__(
+        self,
+        length: int,
+        tenant: str | None = None,
+        *,
+        label: str | None = None,
+        storage: Storage = "binary",
+        mixed_read: bool = False,
+        manager: KeyManager | None = None,
+    ) -> None:
+        if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+            raise ConfigurationError("EncryptedString needs a positive length in characters")
+        super().__init__(
+            tenant, label=label, storage=storage, mixed_read=mixed_read, manager=manager
+        )
+        self.length = length
+
+    @property
+    def width(self) -> int:
+        """Bytes (binary storage) or characters (text storage) of the column."""
+        return ciphertext_width(4 * self.length, self.storage)
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if self.storage == "text":
+            return dialect.type_descriptor(sa.String(self.width))
+        if dialect.name in ("mysql", "mariadb"):
+            # Inline VARBINARY instead of LONGBLOB: short values, kept in the row.
+            return dialect.type_descriptor(mysql.VARBINARY(self.width))
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.BYTEA())
+        return dialect.type_descriptor(sa.LargeBinary(self.width))
+
+    def plaintext(self, value: Any) -> Any:
+        """The text sealed for ``value``: checked against the length (no echo of the value)."""
+        if isinstance(value, str) and len(value) > self.length:
+            raise InvalidPlaintext(
+                f"{self.field_label}: value longer than {self.length} characters"
+            )
+        return value
+
+    # Extra arguments (a per-engine manager) pass through untouched: only
+    # the plaintext encoding is this type's own.
+    def encrypt(self, value: str, tenant: str, *args: Any, **kwargs: Any) -> bytes:
+        return super().encrypt(self.plaintext(value), tenant, *args, **kwargs)
+
+    def copy(self, **kw: Any) -> EncryptedString:
+        new = EncryptedString(
+            self.length,
+            self.tenant,
+            label=self.label,
+            storage=self.storage,
+            mixed_read=self.mixed_read,
+            manager=self._manager,
+        )
+        self.copy_attachment(new)
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"EncryptedString({self.length}, tenant={self.tenant!r}, "
+            f"label={self.field_label!r}, storage={self.storage!r})"
+        )
+
+
+_ISO_LEN = 10  # YYYY-MM-DD
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        raise InvalidPlaintext("EncryptedDate stores datetime.date values, not datetime")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, str) and len(value) == _ISO_LEN:
+        # The ORM flush hands the value over as text (BoundText of the date).
+        try:
+            return dt.date.fromisoformat(value).isoformat()
+        except ValueError:
+            pass
+    raise InvalidPlaintext(f"EncryptedDate stores datetime.date values, not {type(value).__name__}")
+
+
+class EncryptedDate(EncryptedText):
+    """:class:`EncryptedText` whose plaintext is a ``datetime.date``.
+
+    The plaintext sealed is the ISO 8601 calendar date ``YYYY-MM-DD`` (10
+    ASCII bytes, docs/format.md), so every value of one practice has the same
+    length, ``61 + p`` bytes (binary storage) or ``104 + 2p`` characters (text
+    storage) for a practice id of ``p`` UTF-8 bytes: the length leaks nothing
+    but the practice, which the row holds anyway.
+    """
+
+    cache_ok = True
+
+    @property
+    def python_type(self) -> type:
+        return dt.date
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        width = ciphertext_width(_ISO_LEN, self.storage)
+        if self.storage == "text":
+            return dialect.type_descriptor(sa.String(width))
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.VARBINARY(width))
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.BYTEA())
+        return dialect.type_descriptor(sa.LargeBinary(width))
+
+    def plaintext(self, value: Any) -> Any:
+        """The text sealed for ``value``: a date's ISO form (None stays None)."""
+        return None if value is None else _iso(value)
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            value = value.isoformat()  # Core: a date in, its ISO text sealed
+        return super().process_bind_param(value, dialect)
+
+    def encrypt(self, value: Any, tenant: str, *args: Any, **kwargs: Any) -> bytes:
+        return super().encrypt(_iso(value), tenant, *args, **kwargs)
+
+    def decrypt(  # type: ignore[override]
+        self, blob: bytes, tenant: str, *args: Any, **kwargs: Any
+    ) -> dt.date:
+        text = super().decrypt(blob, tenant, *args, **kwargs)
+        if len(text) == _ISO_LEN:
+            try:
+                return dt.date.fromisoformat(text)
+            except ValueError:
+                pass
+        # Authentic, yet not a date: written by another type under this label.
+        # Raised outside the except block, whose error quotes the text.
+        raise InvalidCiphertext("value is not an ISO date", label=self.field_label)
+
+    def copy(self, **kw: Any) -> EncryptedDate:
+        new = EncryptedDate(
+            self.tenant,
+            label=self.label,
+            storage=self.storage,
+            mixed_read=self.mixed_read,
+            manager=self._manager,
+        )
+        self.copy_attachment(new)
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"EncryptedDate(tenant={self.tenant!r}, label={self.field_label!r}, "
+            f"storage={self.storage!r})"
+        )
+
+
+# -- the blind index column -----------------------------------------------------------
+
+
+@dataclass
+class IndexSpec:
+    sources: tuple[str, ...]
+    transform: Transform
+    bits: int
+    name: str
+    tenant: str | None
+    lenient: bool
+    label: str | None
+    manager: KeyManager | None
+    column: str | None = None  # learnt when attached to a table
+    auto_label: str | None = None
+
+    @property
+    def field_label(self) -> str:
+        label = self.label if self.label is not None else self.auto_label
+        if label is None:
+            raise ConfigurationError(
+                "BlindIndex is not attached to a table column: give it label='table.column'"
+            )
+        return label
+
+
+class BlindIndexType(TypeDecorator[int], SchemaEventTarget):
+    """Storage of a blind index: an unsigned integer below ``2**bits`` in a BIGINT column.
+
+    Built by :func:`BlindIndex`; the spec lives on a private attribute, out of
+    SQLAlchemy's statement cache key (it holds a transform and maybe a manager).
+    """
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def __init__(self, spec: IndexSpec | None = None) -> None:
+        super().__init__()
+        if spec is None:
+            raise ConfigurationError("declare blind indexes with carnet.BlindIndex(...)")
+        self._spec = spec
+
+    @property
+    def index_spec(self) -> IndexSpec:
+        """The index's declaration (transform, sources, bits, practice column)."""
+        return self._spec
+
+    @property
+    def bits(self) -> int:
+        """How many bits of the keyed hash this index keeps (not ``spec``: that name would
+        enter SQLAlchemy's cache key)."""
+        return self._spec.bits
+
+    def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
+        # SQLAlchemy's SchemaEventTarget protocol: told of the column, then of its table.
+        _sa.on_table_attach(parent, self._set_table)
+
+    def _set_table(self, column: sa.Column[Any], table: sa.Table) -> None:
+        from . import _hooks
+
+        _hooks.install()  # before any mapper of this table is configured
+        spec = self._spec
+        if spec.column is not None and spec.column != column.key:
+            raise ConfigurationError(
+                f"one BlindIndex is shared by {spec.auto_label} and {table.name}.{column.name}: "
+                "declare one per column"
+            )
+        spec.column = column.key
+        spec.auto_label = f"{table.name}.{column.name}"
+        # Lookups filter on the practice and the index value together: one
+        # composite index when the tenant column is known here (declared
+        # before this one), else an index on the value alone.
+        tenant = spec.tenant
+        if tenant is None:
+            for src in spec.sources:
+                typ = table.c[src].type if src in table.c else None
+                if (enc := encrypted_type(typ)) is not None and enc.tenant is not None:
+                    tenant = enc.tenant
+                    break
+        cols: list[Any] = [column]
+        if tenant is not None and tenant in table.c:
+            cols.insert(0, table.c[tenant])
+        sa.Index(f"ix_{table.name}_{column.name}", *cols)
+
+    def copy(self, **kw: Any) -> BlindIndexType:
+        # Its own spec: a copy attached to another table (to_metadata) learns
+        # its own label without changing this one's.
+        return BlindIndexType(dataclasses.replace(self._spec))
+
+    def __repr__(self) -> str:
+        s = self._spec
+        return f"BlindIndexType({s.name!r}, sources={s.sources!r}, bits={s.bits})"
+
+
+_M = TypeVar("_M")
+
+if TYPE_CHECKING:
+
+    class BlindIndexAttribute(InstrumentedAttribute[int | None], Generic[_M]):
+        """``Model.index_attr``: the ORM's attribute, remembering its model for :func:`search`."""
+
+    class BlindIndexColumn(sa.Column[int]):
+        """What :func:`BlindIndex` returns, as type checkers see it once the model is mapped.
+
+        The ORM replaces the column on a mapped class with an attribute: on the
+        class, a :class:`BlindIndexAttribute` of the model; on a row, the
+        stored index value (``int | None``). At run time it is the plain
+        ``sa.Column`` (a Core ``Table`` takes it as one).
+        """
+
+        # SQLAlchemy 2.1 types Column.__get__ for its TypedColumns; 2.0 has none.
+        @overload  # type: ignore[override, unused-ignore]
+        def __get__(self, instance: None, owner: type[_M]) -> BlindIndexAttribute[_M]: ...
+        @overload
+        def __get__(self, instance: object, owner: Any) -> int | None: ...
+        def __get__(self, instance: object | None, owner: Any) -> Any: ...
+
+else:
+    # At run time the ORM's own classes: isinstance() checks hold.
+    BlindIndexAttribute = InstrumentedAttribute
+    BlindIndexColumn = sa.Column
+
+
+def BlindIndex(  # noqa: N802 - reads as a column type in a model
+    *sources: str,
+    transform: Transform,
+    bits: int,
+    name: str | None = None,
+    tenant: str | None = None,
+    lenient: bool = False,
+    label: str | None = None,
+    manager: KeyManager | None = None,
+    column_name: str | None = None,
+) -> BlindIndexColumn:
+    """A blind-index column over the plaintext of ``sources`` (attribute / column names).
+
+    ``transform`` normalises the value(s) (:mod:`carnet.transforms`; a
+    compound transform takes one value per source). ``bits``: how many bits
+    of the keyed hash to keep (1 to 63); see :func:`carnet.plan_bits` and
+    docs/searchable.md. ``tenant``: the attribute holding the row's practice
+    (default: that of the first source's ``EncryptedText``). ``lenient``: a
+    value the transform refuses gets no index value (NULL) instead of failing
+    the write. ``name`` (default: the transform's name) and ``label`` (default
+    ``table.column`` of this index column) are bound into the index key:
+    set ``label`` explicitly to survive a rename. ``column_name`` names the
+    column in a Core ``Table`` (declarative models name it by attribute).
+    """
+    if not sources or not all(isinstance(s, str) and s for s in sources):
+        raise ConfigurationError("BlindIndex needs the name(s) of the indexed attribute(s)")
+    if not isinstance(transform, Transform):
+        raise ConfigurationError("transform must be one of carnet.transforms (a Transform)")
+    if transform.arity != len(sources):
+        raise ConfigurationError(
+            f"transform {transform.name} takes {transform.arity} value(s); "
+            f"{len(sources)} source(s) given"
+        )
+    spec = IndexSpec(
+        sources=tuple(sources),
+        transform=transform,
+        bits=indexkeys.check_bits(bits),
+        name=name if name is not None else transform.name,
+        tenant=tenant,
+        lenient=lenient,
+        label=label,
+        manager=manager,
+    )
+    typ = BlindIndexType(spec)
+    if column_name is None:
+        return cast("BlindIndexColumn", sa.Column(typ, nullable=True))
+    return cast("BlindIndexColumn", sa.Column(column_name, typ, nullable=True))

@@ -51,6 +51,8 @@ from .errors import (
     describe_db_error,
 )
 from .manager import KeyManager
+from .reflect import check_column, resolve_table
+from .stored import _label
 
 __all__ = [
     "DESTROYED",
@@ -413,3 +415,137 @@ def database_checks(
         out = found.as_dict()
         out["disabled"] = sorted(dbchecks.disabled(conn, table) & set(found.missing))
     return out
+
+
+Progress = Callable[[int], None]
+
+
+# -- verify -----------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found. Rows under a destroyed key (a crypto-shredded
+    practice) are the erasure working, counted as ``destroyed``, not as failures."""
+
+    table: str
+    column: str
+    rows: int = 0
+    ok: int = 0
+    nulls: int = 0
+    plaintext: int = 0
+    destroyed: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    # practice -> {"ok", "destroyed", "failed"}; "" when the practice is unknown
+    # (a value under a key carnet does not have, with no practice column)
+    practices: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed_pks: list[list[Any]] = field(default_factory=list)
+    tenant_column: str | None = None
+    # the database's checks of the column (carnet.verify.database_checks)
+    checks: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _tenant_source(
+    manager: KeyManager,
+    table: str,
+    column: str,
+    tenant_column: str,
+    pk: Sequence[str] = (),
+) -> tuple[sa.Table, sa.ColumnElement[Any], Callable[[sa.Select[Any]], sa.Select[Any]] | None]:
+    """The table, the row's practice column and the join reaching it.
+
+    ``practice_id`` is a column of the table itself; ``patients.practice_id``
+    a column of a parent table reached through foreign keys, resolved exactly
+    as ``carnet migrate --tenant`` resolves it.
+    """
+    if "." not in tenant_column:
+        check_column(manager.engine, table, tenant_column, pk=pk)
+        tbl = resolve_table(manager.engine, table)
+        return tbl, tbl.c[tenant_column], None
+    from .migrate.target import resolve
+
+    target = resolve(manager.engine, table, column, tenant=tenant_column, pk=pk)
+    return target.table, target.tenant_column(), target.join_or_none()
+
+
+def verify(
+    manager: KeyManager,
+    table: str,
+    column: str,
+    *,
+    label: str | None = None,
+    allow_plaintext: bool = False,
+    batch_size: int = 1000,
+    tenant_column: str | None = None,
+    progress: Progress | None = None,
+    pk: Sequence[str] = (),
+) -> VerifyReport:
+    """Decrypt every value; count failures by reason and list their primary keys.
+
+    Without ``tenant_column`` each value is opened as its key's practice, which
+    proves it authentic but not that it sits in a row of that practice; with it,
+    each value must open as its own row's practice, as the application reads it,
+    and a row without a practice fails (``no_practice``). ``tenant_column`` is a
+    column of the table, or ``parent.column`` of a table reached through foreign
+    keys (``patients.practice_id``). ``pk`` names the columns to page by in a
+    table without a declared primary key.
+
+    The walk is :func:`carnet.verify.walk`, the one ``carnet migrate verify``
+    reports too.
+    """
+    check_column(manager.engine, table, column, pk=pk)
+    lab = _label(table, column, label)
+
+    def fails(out: Outcome) -> bool:
+        return out.kind == FAILED or (out.kind == PLAINTEXT and not allow_plaintext)
+
+    # One Table for the walk, the join and the practice column, so the SELECT
+    # names a single FROM.
+    join = None
+    tcol = None
+    if tenant_column is not None:
+        tbl, tcol, join = _tenant_source(manager, table, column, tenant_column, pk)
+    else:
+        tbl = resolve_table(manager.engine, table)
+    found = walk(
+        manager,
+        manager.engine,
+        tbl,
+        column,
+        label=lab,
+        tenant=tcol,
+        join=join,
+        pk=pk,
+        batch_size=batch_size,
+        sample_as=lambda out: "failed" if fails(out) else None,
+        samples=None,
+        progress=progress,
+    )
+    rep = VerifyReport(table=table, column=column, tenant_column=tenant_column)
+    rep.rows = found.rows
+    rep.ok = found.total(OK)
+    rep.nulls = found.total(NULL)
+    rep.plaintext = found.total(PLAINTEXT)
+    rep.destroyed = found.total(DESTROYED)
+    for (kind, reason), n in found.counts.items():
+        if kind == FAILED or (kind == PLAINTEXT and not allow_plaintext):
+            rep.failed += n
+            name = reason or PLAINTEXT
+            rep.reasons[name] = rep.reasons.get(name, 0) + n
+    for practice, c in found.practices.items():
+        counts = {
+            "ok": c[OK],
+            "destroyed": c[DESTROYED],
+            "failed": c[FAILED] + (0 if allow_plaintext else c[PLAINTEXT]),
+        }
+        if any(counts.values()):
+            rep.practices[practice] = counts
+    rep.failed_pks = found.samples.get("failed", [])
+    rep.checks = database_checks(manager.engine, table, column, tenant_column, pk)
+    return rep

@@ -113,7 +113,7 @@ def _storage(type_: EncryptedText | None) -> sa.types.TypeEngine[Any]:
         )
     # The column the type's load_dialect_impl gives on each backend, as plain
     # SQLAlchemy types: Alembic's batch mode (SQLite) compares types by name.
-    from ..searchable import EncryptedDate, EncryptedString, ciphertext_width
+    from ..types import EncryptedDate, EncryptedString, ciphertext_width
 
     width: int | None = None
     if isinstance(type_, EncryptedString):
@@ -197,7 +197,7 @@ def render_type(type_: EncryptedText) -> str:
     ``EncryptedString(n)`` keeps its length (it sizes the column) and
     ``EncryptedDate`` its name (it sizes the column and types the value).
     """
-    from ..searchable import EncryptedDate, EncryptedString
+    from ..types import EncryptedDate, EncryptedString
 
     args = []
     name = "EncryptedText"
@@ -234,7 +234,7 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
 
 
 def _is_blind_index(obj: Any) -> bool:
-    from ..searchable import BlindIndexType
+    from ..types import BlindIndexType
 
     return isinstance(obj, BlindIndexType)
 

@@ -20,6 +20,7 @@ from .. import envelope
 from ..batch import WritePlan
 from ..errors import CarnetError
 from ..manager import KeyManager
+from ..reflect import is_text_column
 from . import scan as sc
 from .target import EXPAND, IN_PLACE, Target
 
@@ -37,7 +38,7 @@ def _stored_length(target: Target, row: sc.ScannedRow, in_place: bool) -> int:
     """Characters (text form) or bytes (binary) of the value sealed for ``row``."""
     size = len(target.plaintext_of(row.source).encode("utf-8"))
     tenant = sc.tenant_str(row.tenant) or ""
-    text = in_place or sc.is_text_column(target.table.c[target.column])
+    text = in_place or is_text_column(target.table.c[target.column])
     return envelope.width(size, len(tenant.encode("utf-8")), text=text)
 
 
@@ -123,7 +124,7 @@ def build_plan(
     # a bounded binary column such as EncryptedString's VARBINARY on MariaDB).
     length = getattr(target.table.c[target.column].type, "length", None)
     in_place = target.mode == IN_PLACE
-    text_into = sc.is_text_column(target.table.c[target.column])
+    text_into = is_text_column(target.table.c[target.column])
     for batch in sc.scan(engine, target, batch_size):
         for row in batch:
             kind = sc.classify(manager, target, row)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -27,6 +27,7 @@ from .. import verify as vf
 from ..batch import BatchReport, BatchRow, run_batches
 from ..errors import CarnetError
 from ..manager import KeyManager
+from ..reflect import checks_spec, is_text_column, spec_for_path
 from . import scan as sc
 from . import state
 from .target import IN_PLACE, Target, TenantPath
@@ -73,7 +74,7 @@ def _transform(
     limit = getattr(target.table.c[target.column].type, "length", None)
     # Expand into a text column (EncryptedString(n, storage="text")): the
     # prefixed text form, as the application's type stores it.
-    text_into = not in_place and sc.is_text_column(target.table.c[target.column])
+    text_into = not in_place and is_text_column(target.table.c[target.column])
 
     def left(kind: str, pk: tuple[Any, ...]) -> RowLeft:
         problems.setdefault(kind, {})[pk] = None
@@ -247,54 +248,13 @@ def recorded_checks_spec(
     bind: sa.Connection, table: str, column: str, rec: dict[str, Any], schema: str | None = None
 ) -> dbchecks.ColumnSpec:
     """:func:`checks_spec` of a column from its ``carnet_migrations`` record (its tenant path)."""
-    from .target import TenantPath, parse_via
+    from .target import parse_via
 
     head, *vias = str(rec["tenant"]).split(" via ")
     ptable, _, pcol = head.rpartition(".")
     path = TenantPath(ptable or table, pcol, tuple(parse_via(v) for v in vias))
     storage = dbchecks.storage_of(bind, table, column, schema)
-    return _spec(table, schema, column, storage, path)
-
-
-def checks_spec(target: Target) -> dbchecks.ColumnSpec:
-    """The database checks of a migrated column: its practice as the migration found it.
-
-    A practice column of the row, or one parent reached by one foreign key;
-    over a longer join path only the format is checked (the database checks
-    follow one hop).
-    """
-    storage = "text" if sc.is_text_column(target.table.c[target.column]) else "binary"
-    spec = _spec(target.table.name, target.table.schema, target.column, storage, target.tenant)
-    # Values carry the tag of the migration's label, which may not be table.column.
-    return replace(spec, label=target.label)
-
-
-def _spec(
-    table: str, schema: str | None, column: str, storage: str, tenant: TenantPath
-) -> dbchecks.ColumnSpec:
-    practice: str | None = None
-    parent: dbchecks.Parent | None = None
-    steps = tenant.steps
-    if not steps:
-        practice = tenant.column
-    elif len(steps) == 1:
-        (step,) = steps
-        parent = dbchecks.Parent(
-            fk=step.child_col,
-            table=step.parent,
-            schema=schema,
-            key=step.parent_col,
-            practice=tenant.column,
-        )
-    return dbchecks.ColumnSpec(
-        table=table,
-        schema=schema,
-        column=column,
-        storage=storage,  # type: ignore[arg-type]
-        practice=practice,
-        parent=parent,
-        mode="v2",
-    )
+    return spec_for_path(table, schema, column, storage, path)
 
 
 def finish(
@@ -355,8 +315,9 @@ def backfill_index(
     for a later run; a crypto-shredded practice is skipped. The sealed
     sources are opened with ``manager``.
     """
+    from ..batchops import reindex
     from ..errors import KeyDestroyed
-    from ..searchable import index_tenants, reindex
+    from ..lookup import index_tenants
 
     out = IndexBackfill(name or str(attr))
     for tenant in index_tenants(engine, attr):
@@ -375,7 +336,7 @@ def missing_index_values(engine: sa.Engine, attr: Any, skip: Sequence[str] = ())
 
     A lenient index leaves NULL for values its transform refuses: not counted.
     """
-    from ..searchable import index_spec
+    from ..lookup import index_spec
 
     column, sources, tenant_column, lenient = index_spec(attr)
     if lenient:

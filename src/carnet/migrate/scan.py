@@ -12,7 +12,6 @@ when it opens, with the row's tenant and the column's label, under AES-GCM.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import sqlalchemy as sa
 
@@ -71,14 +70,6 @@ def scan(engine: sa.Engine, target: Target, batch_size: int = 1000) -> Iterator[
         source=None if target.mode == IN_PLACE else target.source,
         batch_size=batch_size,
     )
-
-
-def is_text_column(col: sa.ColumnElement[Any]) -> bool:
-    """True when a column stores text (carnet's prefixed form), not bytes."""
-    try:
-        return col.type.python_type is str
-    except NotImplementedError:
-        return False
 
 
 def classify_text(manager: KeyManager, value: str, tenant: str, label: str) -> str:
