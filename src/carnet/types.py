@@ -193,19 +193,12 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             self._resolved_label = auto
 
     def copy(self, **kw: Any) -> EncryptedText:
-        # Also used by SQLAlchemy for the per-dialect implementation, which must
-        # keep the label learnt at attachment.
-        new = EncryptedText(
-            self.tenant,
-            label=self.label,
-            storage=self.storage,
-            mixed_read=self.mixed_read,
-            manager=self._manager,
-        )
-        new._auto_label = self._auto_label
-        new._resolved_label = self._resolved_label
-        new._tenant_column = self._tenant_column
-        new._tenant_path = self._tenant_path
+        # The one copy path of every carnet column type (SQLAlchemy copies a
+        # type for the per-dialect implementation, and with Column._copy for
+        # mixins and to_metadata): the instance's own settings, the label
+        # learnt at attachment and where the row's practice is, all kept.
+        new = self.__class__.__new__(self.__class__)
+        new.__dict__.update(self.__dict__)
         new._from_copy = True
         return new
 
@@ -232,12 +225,6 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             self._tenant_column = column
         if path is not None:
             self._tenant_path = path
-
-    def copy_attachment(self, new: EncryptedText) -> None:
-        """Give ``new`` (a copy of this type) the label learnt when this one met its table."""
-        new._auto_label = self._auto_label
-        new._resolved_label = self._resolved_label
-        new._from_copy = True
 
     @property
     def field_label(self) -> str | None:
@@ -538,18 +525,6 @@ class EncryptedString(EncryptedText):
     def encrypt(self, value: str, tenant: str, *args: Any, **kwargs: Any) -> bytes:
         return super().encrypt(self.plaintext(value), tenant, *args, **kwargs)
 
-    def copy(self, **kw: Any) -> EncryptedString:
-        new = EncryptedString(
-            self.length,
-            self.tenant,
-            label=self.label,
-            storage=self.storage,
-            mixed_read=self.mixed_read,
-            manager=self._manager,
-        )
-        self.copy_attachment(new)
-        return new
-
     def __repr__(self) -> str:
         return (
             f"EncryptedString({self.length}, tenant={self.tenant!r}, "
@@ -624,17 +599,6 @@ class EncryptedDate(EncryptedText):
         # Authentic, yet not a date: written by another type under this label.
         # Raised outside the except block, whose error quotes the text.
         raise InvalidCiphertext("value is not an ISO date", label=self.field_label)
-
-    def copy(self, **kw: Any) -> EncryptedDate:
-        new = EncryptedDate(
-            self.tenant,
-            label=self.label,
-            storage=self.storage,
-            mixed_read=self.mixed_read,
-            manager=self._manager,
-        )
-        self.copy_attachment(new)
-        return new
 
     def __repr__(self) -> str:
         return (

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -434,3 +435,41 @@ def test_core_key_created_in_a_rolled_back_transaction_is_forgotten(
     with carnet.tenant_scope("core-gone"), engine.connect() as conn:
         assert conn.execute(sa.select(comments.c.text)).scalars().all() == ["kept"]
     assert [r.state for r in keys.list_keys("core-gone")] == ["active"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: carnet.EncryptedText(tenant="patient.practice_id"),
+        lambda: carnet.EncryptedString(40, tenant="patient.practice_id"),
+        lambda: carnet.EncryptedDate(tenant="patient.practice_id"),
+    ],
+)
+def test_every_column_type_copies_through_one_path(make: Any) -> None:
+    # A copy (SQLAlchemy's per-dialect implementation, Column._copy) keeps the
+    # label learnt at attachment, the settings and where the practice is.
+    from carnet.values import ParentPractice
+
+    md = sa.MetaData()
+    parent = sa.Table(
+        "cp_patients",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("practice_id", sa.String(20)),
+    )
+    child = sa.Table(
+        "cp_notes",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("patient_id", sa.ForeignKey("cp_patients.id")),
+        sa.Column("body", make()),
+    )
+    typ = child.c.body.type
+    where = ParentPractice(fk=child.c.patient_id, pk=parent.c.id, practice=parent.c.practice_id)
+    typ.resolve_tenant(path=where)
+    copy = typ.copy()
+    assert type(copy) is type(typ)
+    assert copy.field_label == "cp_notes.body"
+    assert copy.tenant_path is where
+    assert copy.storage == typ.storage and copy.own_manager is typ.own_manager
+    assert getattr(copy, "length", None) == getattr(typ, "length", None)
