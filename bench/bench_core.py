@@ -30,6 +30,7 @@ from typing import Any
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 import carnet
 from bench.common import (
@@ -129,8 +130,31 @@ def bench_seal_open(keys: carnet.KeyManager) -> list[Row]:
 # -- schema ---------------------------------------------------------------------------------
 
 
+class MinimalAesGcm(TypeDecorator[str]):
+    """The floor any encrypted column type pays: one AES-GCM call per value, no key id,
+    no associated data, one key for every practice. Not a safe design: the baseline."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__()
+        self._aes = AESGCM(key)
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        nonce = os.urandom(12)
+        return nonce + self._aes.encrypt(nonce, value.encode("utf-8"), None)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        return self._aes.decrypt(value[:12], value[12:], None).decode("utf-8")
+
+
 class _Models:
-    """Three ORM models and two Core tables, identical but for the note column's type."""
+    """Four ORM models and three Core tables, identical but for the note column's type."""
 
     def __init__(self, keys: carnet.KeyManager) -> None:
         from sqlalchemy_utils import StringEncryptedType
@@ -161,7 +185,10 @@ class _Models:
         self.plain = model("orm_plain", sa.Text())
         self.carnet = model("orm_carnet", carnet.EncryptedText(tenant="practice_id", manager=keys))
         self.utils = model("orm_utils", StringEncryptedType(sa.Unicode, utils_key, AesGcmEngine))
+        minimal_key = os.urandom(32)
+        self.minimal = model("orm_minimal", MinimalAesGcm(minimal_key))
         self.core_plain = model("core_plain", sa.Text()).__table__
+        self.core_minimal = model("core_minimal", MinimalAesGcm(minimal_key)).__table__
         self.core_carnet = model(
             "core_carnet", carnet.EncryptedText(tenant="practice_id", manager=keys)
         ).__table__
@@ -259,7 +286,12 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
     ins = interleaved_medians(
         {
             name: (_delete_all(engine, cls.__table__), _orm_insert(engine, cls, data))
-            for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
+            for name, cls in (
+                ("plain", m.plain),
+                ("carnet", m.carnet),
+                ("utils", m.utils),
+                ("minimal", m.minimal),
+            )
         },
         reps,
     )
@@ -267,7 +299,12 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
     sel = interleaved_medians(
         {
             name: (None, _orm_select(engine, cls, n))
-            for name, cls in (("plain", m.plain), ("carnet", m.carnet), ("utils", m.utils))
+            for name, cls in (
+                ("plain", m.plain),
+                ("carnet", m.carnet),
+                ("utils", m.utils),
+                ("minimal", m.minimal),
+            )
         },
         reps,
     )
@@ -312,14 +349,22 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
     core_ins = interleaved_medians(
         {
             name: (_delete_all(engine, table), core_insert(engine, table, tenant, params))
-            for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
+            for name, table in (
+                ("plain", m.core_plain),
+                ("carnet", m.core_carnet),
+                ("minimal", m.core_minimal),
+            )
         },
         reps,
     )
     core_sel = interleaved_medians(
         {
             name: (None, _core_select(engine, table, tenant, n))
-            for name, table in (("plain", m.core_plain), ("carnet", m.core_carnet))
+            for name, table in (
+                ("plain", m.core_plain),
+                ("carnet", m.core_carnet),
+                ("minimal", m.core_minimal),
+            )
         },
         reps,
     )
@@ -339,6 +384,43 @@ def _bench_database(engine: sa.Engine, keys: carnet.KeyManager, label: str) -> l
             "ms",
             core_what,
             target=1.8,
+        ),
+    ]
+
+    # Against the minimal AES-GCM type: what carnet adds on top of the floor.
+    floor = "minimal AES-GCM TypeDecorator (one key, no associated data)"
+    rows += [
+        row(
+            f"ORM insert, EncryptedText vs minimal type [{label}]",
+            ins["minimal"] * ms,
+            ins["carnet"] * ms,
+            "ms",
+            floor,
+            target=1.10,
+        ),
+        row(
+            f"ORM select, EncryptedText vs minimal type [{label}]",
+            sel["minimal"] * ms,
+            sel["carnet"] * ms,
+            "ms",
+            floor,
+            target=1.10,
+        ),
+        row(
+            f"Core executemany insert, EncryptedText vs minimal type [{label}]",
+            core_ins["minimal"] * ms,
+            core_ins["carnet"] * ms,
+            "ms",
+            floor,
+            target=1.10,
+        ),
+        row(
+            f"Core select, EncryptedText vs minimal type [{label}]",
+            core_sel["minimal"] * ms,
+            core_sel["carnet"] * ms,
+            "ms",
+            floor,
+            target=1.10,
         ),
     ]
 

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 # Searchable encrypted identifiers (docs/searchable.md).
+from . import searchable as searchable  # noqa: E402
 from . import transforms  # noqa: E402
 from .lookup import search  # noqa: E402
 from .types import BlindIndex, EncryptedDate, EncryptedString  # noqa: E402

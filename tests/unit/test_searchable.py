@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, load_only, mapped_column
 
 import carnet
+import carnet.batchops
 from carnet import envelope, indexkeys
 from carnet import transforms as tr
 from carnet.errors import (
@@ -520,7 +521,7 @@ def test_reindex_resumes_after_a_crash_and_fills_missing_values(
              for i, ph in enumerate(phones[:3])],
         )  # fmt: skip
     keys.rotate_index_root("p1")
-    real_value = carnet.searchable._value
+    real_value = carnet.batchops._value
     calls = 0
 
     def dying(*args: object) -> int:
@@ -530,10 +531,10 @@ def test_reindex_resumes_after_a_crash_and_fills_missing_values(
             raise RuntimeError("killed")  # not a CarnetError: the run stops here
         return real_value(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(carnet.searchable, "_value", dying)
+    monkeypatch.setattr(carnet.batchops, "_value", dying)
     with pytest.raises(RuntimeError):
         carnet.reindex(engine, Patient.phone_bidx, tenant="p1", batch_size=5)
-    monkeypatch.setattr(carnet.searchable, "_value", real_value)
+    monkeypatch.setattr(carnet.batchops, "_value", real_value)
     report = carnet.reindex(engine, Patient.phone_bidx, tenant="p1", batch_size=5)
     assert report.resumed_from is not None  # continued after the last committed batch
     assert report.scanned == 23 - 10 and report.failed == []
