@@ -210,11 +210,15 @@ def open_manager(
 
 
 def init(manager: KeyManager) -> dict[str, Any]:
-    """Create ``carnet_keys`` and ``carnet_jobs`` when missing; make practice ids exact."""
+    """Create ``carnet_keys``, ``carnet_jobs`` and ``carnet_audit`` when missing; make
+    practice ids exact."""
     converted = manager.create_schema()
     _jobs.ensure_jobs_table(manager.engine)
+    from .audit_store import AUDIT_TABLE, audit_table
+
+    audit_table(sa.MetaData(), AUDIT_TABLE).create(manager.engine, checkfirst=True)
     return {
-        "tables": [manager.table.name, _jobs.JOBS_TABLE],
+        "tables": [manager.table.name, _jobs.JOBS_TABLE, AUDIT_TABLE],
         "database": safe_url(manager.engine),
         "converted_to_exact_practice_ids": converted,
     }

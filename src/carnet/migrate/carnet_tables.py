@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import ConfigurationError
-from ..keystore import add_key_kinds_in
+from ..keystore import add_audit_kind_in, add_key_kinds_in, lacks_audit_kind
 from ..schema import KEYS_TABLE, carnet_metadata, looks_like_carnet_table, table_names
 
 IncludeObject = Callable[[Any, Any, str, bool, Any], bool]
@@ -127,7 +127,27 @@ def plan_carnet_tables(bind: sa.Engine | sa.Connection, keys_table: str = KEYS_T
             step = _collation_step(dialect, table.name, col, got)
             if step is not None:
                 steps.append(step)
+        if table.name == keys_table and "kind" in live:
+            conn = bind if isinstance(bind, sa.Connection) else None
+            if conn is None:
+                with bind.connect() as c:  # type: ignore[union-attr]
+                    lacks = lacks_audit_kind(c, table)
+            else:
+                lacks = lacks_audit_kind(conn, table)
+            if lacks:
+                steps.append(
+                    Step(
+                        f"let {table.name} hold the audit key (kind check)", _audit_kind_step(table)
+                    )
+                )
     return steps
+
+
+def _audit_kind_step(table: sa.Table) -> Callable[[Any], None]:
+    def apply(op: Any) -> None:
+        add_audit_kind_in(op.get_bind(), table)
+
+    return apply
 
 
 def _key_kinds_step(table: sa.Table) -> Callable[[Any], None]:

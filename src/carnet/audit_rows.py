@@ -1,0 +1,144 @@
+"""Which rows were disclosed: the ORM's load events and blind-index searches, for the trail.
+
+``KeyManager.decrypt`` sees a value, its practice and its label, never its
+row. The ORM does: a listener on every mapper's ``load`` and ``refresh``
+events records, for a row whose encrypted attributes were loaded, its
+primary key (or the attribute a column names with
+``info={"carnet_audit_rows": "patient_id"}``) under the principal, the
+practice and the field, when the trail has ``rows=True`` or the column asks
+for it (``info={"carnet_audit_rows": True}``). The values opened for that
+row are counted by the decrypt hook as any others; this adds the keys.
+
+Core statements have no row identity at decrypt time: see docs/audit.md
+("Rows") for what the trail records there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper
+
+from .types import EncryptedText
+
+ROWS_INFO = "carnet_audit_rows"
+
+# Per mapper: (attribute, field label, practice attribute, row-key attribute or
+# None for the primary key, asked by the column itself).
+_Spec = list[tuple[str, str, str | None, str | None, bool]]
+_specs: weakref.WeakKeyDictionary[Mapper[Any], _Spec] = weakref.WeakKeyDictionary()
+_active = False
+
+
+def activate() -> None:
+    """Listen to every mapper's loads (idempotent); called when a trail is installed."""
+    global _active
+    if _active:
+        return
+    _active = True
+    from .orm import _specs as encrypted_mappers
+
+    # Mappers with encrypted columns set up so far, then each one configured later.
+    for mapper in list(encrypted_mappers.keys()):
+        _listen(mapper)
+    event.listen(Mapper, "mapper_configured", lambda m, _cls: _listen(m))
+
+
+_listening: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+
+
+def _listen(mapper: Mapper[Any]) -> None:
+    if mapper in _listening or not _spec(mapper):
+        return
+    _listening.add(mapper)
+    event.listen(mapper, "load", _on_load, raw=True)
+    event.listen(mapper, "refresh", _on_load, raw=True)
+
+
+def _spec(mapper: Mapper[Any]) -> _Spec:
+    spec = _specs.get(mapper)
+    if spec is not None:
+        return spec
+    spec = []
+    for prop in mapper.column_attrs:
+        for col in prop.columns:
+            typ = getattr(col, "type", None)
+            if not isinstance(typ, EncryptedText):
+                continue
+            info = getattr(col, "info", {}).get(ROWS_INFO)
+            tkey = typ.tenant if typ.tenant and "." not in typ.tenant else None
+            label = typ._resolved_label or typ.field_label
+            spec.append(
+                (prop.key, str(label), tkey, info if isinstance(info, str) else None, bool(info))
+            )
+    _specs[mapper] = spec
+    return spec
+
+
+def _trail_of(session: Any, mapper: Mapper[Any]) -> Any:
+    from .context import manager_for
+
+    try:
+        bind = session.get_bind(mapper)
+        manager = manager_for(bind.dialect)
+    except Exception:  # noqa: BLE001 - no manager, no trail: nothing to record
+        return None
+    return getattr(manager.decrypt_hook, "trail", None)
+
+
+def _row_key(state: Any, attr: str | None) -> str:
+    if attr is not None:
+        v = state.dict.get(attr)
+        if v is not None:
+            return str(v)
+    ident = (
+        state.key[1]
+        if state.key is not None
+        else state.mapper.primary_key_from_instance(state.obj())
+    )
+    return ",".join(str(x) for x in ident)
+
+
+def _on_load(state: Any, context: Any, *_attrs: Any) -> None:
+    spec = _spec(state.mapper)
+    if not spec:
+        return
+    session = getattr(context, "session", None)
+    if session is None:
+        return
+    trail = _trail_of(session, state.mapper)
+    if trail is None:
+        return
+    from .audit import current_principal
+    from .context import current_tenant
+
+    d = state.dict
+    principal = current_principal()
+    for key, label, tkey, row_attr, asked in spec:
+        if not (asked or trail.rows) or d.get(key) is None:
+            continue
+        practice = d.get(tkey) if tkey is not None else None
+        if practice is None:
+            practice = current_tenant()
+        trail.row_disclosed(principal, str(practice), label, _row_key(state, row_attr))
+
+
+def searched(
+    session: Any, mapper: Mapper[Any], index: str, tenant: Any, candidates: int, matches: list[Any]
+) -> None:
+    """A blind-index search read ``candidates`` rows and returned ``matches`` (the hook of
+    :func:`carnet.searchable.search`): principal, practice, index and counts, and the
+    matched rows' keys; never the searched value."""
+    trail = _trail_of(session, mapper)
+    if trail is None:
+        return
+    from sqlalchemy import inspect
+
+    from .audit import current_principal
+
+    spec = _spec(mapper)
+    row_attr = next((s[3] for s in spec if s[3] is not None), None)
+    keys = [_row_key(inspect(obj), row_attr) for obj in matches]
+    trail.searched(current_principal(), str(tenant), index, candidates, keys)

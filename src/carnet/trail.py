@@ -1,0 +1,422 @@
+"""The durable audit trail: disclosures aggregated in memory, written to :class:`AuditStore`.
+
+Two modes (docs/audit.md, "Guarantees"):
+
+``best_effort`` (default)
+    A read costs a dictionary update. Records are written every
+    ``flush_every`` seconds by a background thread (and on :meth:`flush`,
+    which a web app calls at the end of each request). A store that fails
+    never blocks a read: the failure is logged at ERROR, counted, and the
+    records stay in memory, merged, until a flush succeeds. Nothing is lost
+    while the process lives; a crash loses at most the last interval's
+    counts not yet flushed.
+
+``required``
+    Before a value is opened, the (principal, practice, field, context) it
+    belongs to must hold a reservation committed to the store: a
+    ``reserve`` record of ``block`` reads, written synchronously when the
+    previous block is used up. With the store down the reservation fails
+    and the read raises :class:`~carnet.errors.AuditStoreUnavailable`
+    before anything is decrypted. So for each process and key,
+    reserved >= disclosed > reserved - block: the trail over-counts by less
+    than one block and never under-counts, crash or not.
+
+Rows (``rows=True``, or a column's ``info={"carnet_audit_rows": True}`` or
+``{"carnet_audit_rows": "patient_id"}`` to name the attribute recorded) and
+searches are recorded in the same buffers and flushed with the counts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from .audit_store import (
+    READ,
+    RESERVE,
+    ROWS,
+    SEARCH,
+    AuditStore,
+    Head,
+    host_id,
+    iso,
+    process_id,
+)
+from .errors import AuditStoreUnavailable, ConfigurationError
+
+if TYPE_CHECKING:
+    from .manager import KeyManager
+
+log = logging.getLogger("carnet.audit")
+json_log = logging.getLogger("carnet.audit.json")
+
+BEST_EFFORT = "best_effort"
+REQUIRED = "required"
+MODES = (BEST_EFFORT, REQUIRED)
+
+# Row keys per ``rows`` record: a long list is split, so no record grows unbounded.
+ROWS_PER_RECORD = 500
+
+_context: ContextVar[tuple[str | None, str | None]] = ContextVar(
+    "carnet_audit_context", default=(None, None)
+)
+
+
+@contextmanager
+def audit_context(*, request_id: str | None = None, route: str | None = None) -> Iterator[None]:
+    """Attach the application's own context (a request id, a route) to the records of a block."""
+    token = _context.set(
+        (
+            None if request_id is None else str(request_id)[:255],
+            None if route is None else str(route)[:255],
+        )
+    )
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+Key = tuple[str, str, str, str | None, str | None]  # principal, practice, field, request, route
+
+
+class _Agg:
+    __slots__ = ("count", "first", "last", "legacy")
+
+    def __init__(self, now: float) -> None:
+        self.count = 0
+        self.legacy = 0
+        self.first = now
+        self.last = now
+
+
+class AuditTrail:
+    """Records every disclosure durably; see the module docstring for the two modes.
+
+    ``manager``: the KeyManager whose key table holds the audit key (and,
+    unless ``url`` names another database, the ``carnet_audit`` table).
+    ``head_every``: seconds between two heads of the chain written to the
+    ``carnet.audit`` log and to ``head_sink`` (a second place, so a removal
+    of the newest records can be found: ``carnet audit verify --head``).
+    """
+
+    def __init__(
+        self,
+        manager: KeyManager,
+        url: str | sa.Engine | None = None,
+        *,
+        mode: str = BEST_EFFORT,
+        flush_every: float = 1.0,
+        block: int = 1000,
+        rows: bool = False,
+        head_every: float = 300.0,
+        head_sink: Callable[[Head], None] | None = None,
+        background: bool = True,
+        timeout: float = 5.0,
+        create: bool = True,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"audit mode must be one of {', '.join(MODES)}")
+        if block < 1 or not flush_every > 0:
+            raise ConfigurationError("an audit trail needs block >= 1 and flush_every > 0")
+        self.mode = mode
+        self.block = block
+        self.rows = rows
+        self.flush_every = flush_every
+        self.head_every = head_every
+        self.head_sink = head_sink
+        self.store = AuditStore(manager, url, timeout=timeout)
+        if create:
+            try:
+                self.store.create_schema()
+            except sa.exc.SQLAlchemyError as exc:
+                if mode == REQUIRED:
+                    raise AuditStoreUnavailable(self.store._down(exc)) from None
+                log.error("carnet: audit store not reachable at start-up (%s)", type(exc).__name__)
+        self.process = process_id()
+        self.host = host_id()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._pending: dict[Key, _Agg] = {}
+        self._rows: dict[Key, list[str]] = {}
+        self._searches: list[dict[str, Any]] = []
+        self._reserved: dict[Key, int] = {}
+        self._used: dict[Key, int] = {}
+        self._head_at = 0.0
+        self._flushed_at = time.time()
+        self.head: Head | None = None
+        self.reads = 0
+        self.legacy_reads = 0
+        self.records_written = 0
+        self.store_failures = 0
+        self.reservations = 0
+        self.rows_recorded = 0
+        self.searches = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=_run_flusher,
+                args=(weakref.ref(self), self._stop, flush_every),
+                name="carnet-audit-flush",
+                daemon=True,
+            )
+            self._thread.start()
+        atexit.register(_flush_at_exit, weakref.ref(self))
+
+    def __repr__(self) -> str:
+        return f"<AuditTrail {self.mode} {self.store.name}>"
+
+    # -- the read path ----------------------------------------------------------------
+
+    def disclosed(self, principal: str, practice: str, field: str, count: int, legacy: int) -> None:
+        """``count`` notes of ``field`` of ``practice`` are about to be disclosed to ``principal``.
+
+        Called before the values are opened. In ``required`` mode this raises
+        :class:`AuditStoreUnavailable` when no reservation covers them and
+        none can be committed.
+        """
+        request_id, route = _context.get()
+        key = (principal, practice, field, request_id, route)
+        now = time.time()
+        if self.mode == REQUIRED:
+            self._cover(key, count, now)
+        with self._lock:
+            agg = self._pending.get(key)
+            if agg is None:
+                agg = self._pending[key] = _Agg(now)
+            agg.count += count
+            agg.legacy += legacy
+            agg.last = now
+            self.reads += count
+            self.legacy_reads += legacy
+        if self._thread is None and now - self._flushed_at >= self.flush_every:
+            self.flush()
+
+    def _cover(self, key: Key, count: int, now: float) -> None:
+        with self._lock:
+            used = self._used.get(key, 0) + count
+            reserved = self._reserved.get(key, 0)
+            if used <= reserved:
+                self._used[key] = used
+                return
+            need = used - reserved
+            more = self.block * -(-need // self.block)
+            # The write happens under the lock: the reads of this key wait for
+            # their reservation rather than each reserving a block.
+            rec = self._record(RESERVE, key, more, 0, now, now)
+            try:
+                head = self.store.append([rec])
+            except AuditStoreUnavailable as exc:
+                self.store_failures += 1
+                self.last_error = str(exc)
+                log.error("carnet: %s; a read was refused (required mode)", exc)
+                raise
+            self._reserved[key] = reserved + more
+            self._used[key] = used
+            self.reservations += 1
+            self.records_written += 1
+            self.head = head
+        self._log_json(rec)
+
+    def row_disclosed(self, principal: str, practice: str, field: str, row: str) -> None:
+        request_id, route = _context.get()
+        key = (principal, practice, field, request_id, route)
+        with self._lock:
+            self._rows.setdefault(key, []).append(row)
+            self.rows_recorded += 1
+
+    def searched(
+        self,
+        principal: str,
+        practice: str,
+        index: str,
+        candidates: int,
+        matches: list[str],
+    ) -> None:
+        request_id, route = _context.get()
+        now = time.time()
+        rec = self._record(
+            SEARCH, (principal, practice, index, request_id, route), len(matches), 0, now, now
+        )
+        rec["detail"] = json.dumps(
+            {"index": index, "candidates": candidates, "matches": len(matches), "rows": matches},
+            sort_keys=True,
+        )
+        with self._lock:
+            self._searches.append(rec)
+            self.searches += 1
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _record(
+        self, kind: str, key: Key, count: int, legacy: int, first: float, last: float
+    ) -> dict[str, Any]:
+        principal, practice, field, request_id, route = key
+        return {
+            "kind": kind,
+            "principal": principal,
+            "practice": practice,
+            "field": field,
+            "count": count,
+            "legacy": legacy,
+            "first_at": iso(first),
+            "last_at": iso(last),
+            "process": self.process,
+            "host": self.host,
+            "request_id": request_id,
+            "route": route,
+            "detail": None,
+        }
+
+    def _take(self) -> tuple[dict[Key, _Agg], dict[Key, list[str]], list[dict[str, Any]]]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            rows, self._rows = self._rows, {}
+            searches, self._searches = self._searches, []
+        return pending, rows, searches
+
+    def _put_back(
+        self, pending: dict[Key, _Agg], rows: dict[Key, list[str]], searches: list[dict[str, Any]]
+    ) -> None:
+        with self._lock:
+            for key, agg in pending.items():
+                cur = self._pending.get(key)
+                if cur is None:
+                    self._pending[key] = agg
+                else:
+                    cur.count += agg.count
+                    cur.legacy += agg.legacy
+                    cur.first = min(cur.first, agg.first)
+                    cur.last = max(cur.last, agg.last)
+            for key, keys in rows.items():
+                self._rows.setdefault(key, [])[:0] = keys
+            self._searches[:0] = searches
+
+    def pending(self) -> int:
+        """Records waiting to be written (after a store failure, until it returns)."""
+        with self._lock:
+            return (
+                len(self._pending)
+                + sum(-(-len(v) // ROWS_PER_RECORD) for v in self._rows.values())
+                + len(self._searches)
+            )
+
+    def flush(self) -> bool:
+        """Write what is pending; True if the store took it (or nothing was pending).
+
+        Never raises for a store failure: it is logged at ERROR, counted in
+        ``store_failures``, and the records are kept for the next flush.
+        """
+        with self._flush_lock:
+            self._flushed_at = time.time()
+            pending, rows, searches = self._take()
+            records: list[dict[str, Any]] = []
+            for key, agg in sorted(pending.items(), key=lambda kv: kv[1].first):
+                records.append(self._record(READ, key, agg.count, agg.legacy, agg.first, agg.last))
+            for key, keys in rows.items():
+                for i in range(0, len(keys), ROWS_PER_RECORD):
+                    part = keys[i : i + ROWS_PER_RECORD]
+                    now = time.time()
+                    rec = self._record(ROWS, key, len(part), 0, now, now)
+                    rec["detail"] = json.dumps({"rows": part})
+                    records.append(rec)
+            records.extend(searches)
+            if not records:
+                self._maybe_head()
+                return True
+            try:
+                head = self.store.append(records)
+            except AuditStoreUnavailable as exc:
+                self._put_back(pending, rows, searches)
+                self.store_failures += 1
+                self.last_error = str(exc)
+                log.error(
+                    "carnet: %s; %d audit record(s) kept in memory until it returns",
+                    exc,
+                    len(records),
+                )
+                return False
+            except Exception as exc:  # noqa: BLE001 - keep the records whatever failed
+                self._put_back(pending, rows, searches)
+                self.store_failures += 1
+                self.last_error = type(exc).__name__
+                log.error("carnet: audit store write failed (%s); records kept", type(exc).__name__)
+                return False
+            self.records_written += len(records)
+            self.head = head
+            for rec in records:
+                self._log_json(rec)
+            self._maybe_head(force=False)
+            return True
+
+    def _maybe_head(self, force: bool = False) -> None:
+        now = time.time()
+        if self.head is None or not (force or now - self._head_at >= self.head_every):
+            return
+        self._head_at = now
+        head = self.head
+        json_log.info(json.dumps({"event": "carnet.audit.head", "seq": head.seq, "mac": head.mac}))
+        log.info("carnet: audit chain head seq=%d mac=%s", head.seq, head.mac)
+        if self.head_sink is not None:
+            try:
+                self.head_sink(head)
+            except Exception as exc:  # noqa: BLE001 - a sink never breaks the trail
+                log.error("carnet: audit head sink failed (%s)", type(exc).__name__)
+
+    def _log_json(self, rec: Mapping[str, Any]) -> None:
+        if json_log.isEnabledFor(logging.INFO):
+            json_log.info(json.dumps({"event": "carnet.audit.record", **rec}, sort_keys=True))
+
+    def counters(self) -> dict[str, int]:
+        """Counters to scrape (docs/audit.md, "What to watch"): monotonic except ``pending``."""
+        return {
+            "carnet_audit_reads_total": self.reads,
+            "carnet_audit_legacy_reads_total": self.legacy_reads,
+            "carnet_audit_records_written_total": self.records_written,
+            "carnet_audit_store_failures_total": self.store_failures,
+            "carnet_audit_reservations_total": self.reservations,
+            "carnet_audit_rows_total": self.rows_recorded,
+            "carnet_audit_searches_total": self.searches,
+            "carnet_audit_pending_records": self.pending(),
+            "carnet_audit_head_seq": self.head.seq if self.head else 0,
+        }
+
+    def close(self) -> bool:
+        """Stop the background flusher and write what is pending (True if all was written)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        ok = self.flush()
+        self._maybe_head(force=True)
+        return ok
+
+
+def _run_flusher(ref: weakref.ref[AuditTrail], stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        trail = ref()
+        if trail is None:
+            return
+        try:
+            trail.flush()
+        except Exception:  # noqa: BLE001 - the thread must outlive any failure
+            log.exception("carnet: audit flush failed")
+        del trail
+
+
+def _flush_at_exit(ref: weakref.ref[AuditTrail]) -> None:
+    trail = ref()
+    if trail is not None:
+        trail.close()
