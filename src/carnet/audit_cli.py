@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from . import audit_report
-from ._cli import Config, Progress, confirm, echo, emit, fail, json_option, yes_option
+from ._cli import Config, Progress, confirm, echo, emit, json_option, yes_option
 from .audit_store import AuditStore, Head
 from .exitcodes import EXIT_FAILED_ROWS
 
@@ -139,7 +139,7 @@ def verify(head: str | None, store_url: str | None, as_json: bool) -> None:
 
     emit(as_json, data, text)
     if not rep.ok:
-        fail(EXIT_FAILED_ROWS, f"audit trail broken at record {rep.first_bad}")
+        click.get_current_context().exit(EXIT_FAILED_ROWS)
 
 
 def _parse_head(value: str) -> Head:
@@ -166,8 +166,9 @@ def prune(before: str, store_url: str | None, yes: bool, as_json: bool) -> None:
     confirm(yes, f"Remove the audit records that ended before {when.isoformat()}?")
     res = store.prune(when)
     if "refused" in res:
-        emit(as_json, res, lambda: echo("the chain does not verify: nothing pruned"))
-        fail(EXIT_FAILED_ROWS, f"audit trail broken at record {res['refused']['first_bad']}")
+        bad = res["refused"]["first_bad"]
+        emit(as_json, res, lambda: echo(f"audit trail broken at record {bad}: nothing pruned"))
+        click.get_current_context().exit(EXIT_FAILED_ROWS)
     emit(
         as_json,
         res,

@@ -136,13 +136,20 @@ class AuditTrail:
         self.head_every = head_every
         self.head_sink = head_sink
         self.store = AuditStore(manager, url, timeout=timeout)
+        # The audit key is loaded (created on first use) now, from the key table:
+        # later, inside an application's SQLite write transaction, creating it
+        # could not commit.
+        self.store.keys()
         if create:
+            failure: AuditStoreUnavailable | None = None
             try:
                 self.store.create_schema()
             except sa.exc.SQLAlchemyError as exc:
+                failure = AuditStoreUnavailable(self.store._down(exc))
+            if failure is not None:
                 if mode == REQUIRED:
-                    raise AuditStoreUnavailable(self.store._down(exc)) from None
-                log.error("carnet: audit store not reachable at start-up (%s)", type(exc).__name__)
+                    raise failure
+                log.error("carnet: %s (at start-up)", failure)
         self.process = process_id()
         self.host = host_id()
         self._lock = threading.Lock()

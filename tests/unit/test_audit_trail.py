@@ -1,0 +1,388 @@
+"""The durable audit trail on real databases: the chain, the two modes, rows, the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from sqlalchemy.orm import Session
+
+import carnet
+from carnet.audit import Auditor, AuditTrail, audit_context, principal_scope
+from carnet.audit_store import AuditStore, Head
+from carnet.cli import cli
+from carnet.errors import AuditStoreUnavailable
+from support.models import Base, Note, comments, configured_keys
+
+SECRET = "PLANTED-trail-secret-77d"
+
+
+@pytest.fixture
+def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    with configured_keys(engine, master_key_uri) as keys:
+        with Session(engine) as s:
+            s.add_all([Note(practice_id=f"p{i % 2}", body=f"{SECRET} {i}") for i in range(12)])
+            s.commit()
+        yield keys
+
+
+def _trail(keys: carnet.KeyManager, **kw: object) -> AuditTrail:
+    kw.setdefault("background", False)
+    trail = AuditTrail(keys, **kw)  # type: ignore[arg-type]
+    Auditor(trail=trail).install(keys)
+    return trail
+
+
+def _read(engine: sa.Engine, principal: str = "dr.martin") -> list[str]:
+    with principal_scope(principal), Session(engine) as s:
+        return [n.body or "" for n in s.scalars(sa.select(Note).order_by(Note.id))]
+
+
+def _records(store: AuditStore) -> list[dict[str, object]]:
+    return list(store.walk())
+
+
+# -- the record ---------------------------------------------------------------------------
+
+
+def test_reads_are_recorded_per_principal_practice_field(
+    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="carnet.audit")
+    trail = _trail(keys)
+    with audit_context(request_id="req-1", route="/patients/{id}"):
+        assert len(_read(engine)) == 12
+    _read(engine, "dr.other")
+    assert trail.flush()
+    recs = [r for r in _records(trail.store) if r["kind"] == "read"]
+    got = {(r["principal"], r["practice"], r["field"], r["count"], r["request_id"]) for r in recs}
+    assert got == {
+        ("dr.martin", "p0", "notes.body", 6, "req-1"),
+        ("dr.martin", "p1", "notes.body", 6, "req-1"),
+        ("dr.other", "p0", "notes.body", 6, None),
+        ("dr.other", "p1", "notes.body", 6, None),
+    }
+    for r in recs:
+        assert str(r["first_at"]).endswith("Z") and r["first_at"] <= r["last_at"]
+        assert r["process"] and r["host"]
+    dump = json.dumps(_records(trail.store), default=str)
+    assert SECRET not in dump and SECRET not in caplog.text
+    assert trail.counters()["carnet_audit_reads_total"] == 24
+
+
+def test_record_survives_the_application_rollback(
+    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path
+) -> None:
+    # SQLite: the application's write lock keeps a second connection to the same
+    # file from writing (see the test below); the trail lives in a file of its own.
+    url = f"sqlite:///{tmp_path}/audit.db" if engine.dialect.name == "sqlite" else None
+    trail = _trail(keys, url=url)
+    with principal_scope("dr.rollback"), Session(engine) as s:
+        note = s.scalars(sa.select(Note).where(Note.practice_id == "p0").limit(1)).one()
+        assert note.body is not None
+        note.practice_id = "p0"
+        s.add(Note(practice_id="p1", body="written then rolled back"))
+        s.flush()
+        assert trail.flush()
+        s.rollback()
+    recs = [r for r in _records(trail.store) if r["principal"] == "dr.rollback"]
+    assert sum(int(r["count"]) for r in recs) == 1  # type: ignore[call-overload]
+
+
+# -- the chain ----------------------------------------------------------------------------
+
+
+def _tamper(store: AuditStore, how: str) -> int:
+    """Change the stored chain as someone with SQL access would; return the seq expected bad."""
+    t = store.table
+    with store.engine.begin() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(sa.select(t).order_by(t.c.seq))]
+        if how == "deleted":
+            conn.execute(t.delete().where(t.c.seq == 3))
+            return 3
+        if how == "altered":
+            conn.execute(t.update().where(t.c.seq == 3).values(count=0))
+            return 3
+        if how == "swapped":
+            a, b = rows[2], rows[3]
+            for src, dst in ((a, b["seq"]), (b, a["seq"])):
+                vals = {k: v for k, v in src.items() if k != "seq"}
+                conn.execute(t.update().where(t.c.seq == dst).values(**vals))
+            return 3
+        if how == "inserted":
+            # Shift every later record up by one and slip a forged one in at 3.
+            for r in reversed(rows[2:]):
+                conn.execute(t.update().where(t.c.seq == r["seq"]).values(seq=r["seq"] + 1))
+            forged = {**rows[2], "seq": 3, "principal": "nobody", "count": 1}
+            conn.execute(t.insert().values(**forged))
+            return 3
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["deleted", "altered", "swapped", "inserted"])
+def test_verify_finds_the_first_bad_record(
+    keys: carnet.KeyManager, engine: sa.Engine, how: str
+) -> None:
+    trail = _trail(keys)
+    for i in range(6):
+        _read(engine, f"user{i}")
+        assert trail.flush()
+    store = trail.store
+    assert store.verify().ok
+    bad = _tamper(store, how)
+    rep = store.verify()
+    assert not rep.ok and rep.first_bad == bad, rep
+
+
+def test_verify_cli_exit_code_and_json(
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+) -> None:
+    trail = _trail(keys)
+    _read(engine)
+    trail.flush()
+    _read(engine, "b")
+    trail.flush()
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    ok = CliRunner().invoke(cli, ["audit", "verify", "--json"], env=env)
+    assert ok.exit_code == 0 and json.loads(ok.output)["ok"] is True
+    _tamper(trail.store, "altered")
+    bad = CliRunner().invoke(cli, ["audit", "verify", "--json"], env=env)
+    assert bad.exit_code == 1
+    assert json.loads(bad.output)["first_bad"] == 3
+
+
+def test_removed_newest_records_are_found_only_with_a_head(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    heads: list[Head] = []
+    trail = _trail(keys, head_every=0.0, head_sink=heads.append)
+    for i in range(3):
+        _read(engine, f"user{i}")
+        assert trail.flush()
+    seen = heads[-1]
+    store = trail.store
+    with store.engine.begin() as conn:
+        conn.execute(store.table.delete().where(store.table.c.seq == seen.seq))
+    assert store.verify().ok  # a truncated chain is still a chain
+    rep = store.verify(head=seen)
+    assert not rep.ok and rep.first_bad == seen.seq
+
+
+def test_prune_leaves_a_verifiable_chain(
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+) -> None:
+    trail = _trail(keys)
+    for i in range(4):
+        _read(engine, f"user{i}")
+        assert trail.flush()
+    total = len(_records(trail.store))
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    res = CliRunner().invoke(
+        cli, ["audit", "prune", "--before", "2999-01-01", "--yes", "--json"], env=env
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["removed"] == total
+    _read(engine, "after")
+    assert trail.flush()
+    rep = trail.store.verify()
+    assert rep.ok and rep.checkpoints == 1 and rep.first_seq == total + 1
+    # The checkpoint is record total + 1; deleting the first record after it is found.
+    t = trail.store.table
+    with trail.store.engine.begin() as conn:
+        conn.execute(t.delete().where(t.c.seq == total + 2))
+    rep = trail.store.verify()
+    assert not rep.ok and rep.first_bad == total + 2
+    # And deleting the checkpoint leaves a chain no checkpoint accounts for.
+    with trail.store.engine.begin() as conn:
+        conn.execute(t.delete().where(t.c.seq == total + 1))
+    assert not trail.store.verify().ok
+
+
+def test_concurrent_writers_append_to_one_chain(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    import threading
+
+    trails = [AuditTrail(keys, background=False) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def work(trail: AuditTrail, n: int) -> None:
+        try:
+            for i in range(15):
+                trail.disclosed(f"w{n}", "p0", "notes.body", 1, 0)
+                assert trail.flush()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t, n)) for n, t in enumerate(trails)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    rep = trails[0].store.verify()
+    assert rep.ok and rep.records == 45
+
+
+# -- modes --------------------------------------------------------------------------------
+
+
+def test_required_mode_with_the_store_down_discloses_nothing(
+    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A real PostgreSQL URL on a port where nothing listens: the store is down.
+    down = "postgresql+psycopg://postgres@127.0.0.1:9/carnet_audit_down"
+    with pytest.raises(AuditStoreUnavailable) as err:
+        AuditTrail(keys, down, mode="required", background=False, timeout=1)
+    assert "127.0.0.1:9" in str(err.value)
+    trail = AuditTrail(keys, down, mode="required", background=False, timeout=1, create=False)
+    Auditor(trail=trail).install(keys)
+    got: list[str] = []
+    with pytest.raises(AuditStoreUnavailable) as err:
+        with principal_scope("dr.down"), Session(engine) as s:
+            got.extend(n.body or "" for n in s.scalars(sa.select(Note)))
+    assert got == []
+    text = f"{err.value!r} {err.value} {caplog.text}"
+    assert SECRET not in text and "carnet_audit" in str(err.value)
+    assert trail.counters()["carnet_audit_store_failures_total"] >= 1
+    assert trail.counters()["carnet_audit_reads_total"] == 0
+
+
+def test_required_mode_reserves_blocks_ahead(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    trail = _trail(keys, mode="required", block=5)
+    _read(engine)
+    reserved = [r for r in _records(trail.store) if r["kind"] == "reserve"]
+    # 6 notes of each practice: two blocks of 5 each, committed before the reads.
+    assert sorted((r["practice"], r["count"]) for r in reserved) == [
+        ("p0", 5),
+        ("p0", 5),
+        ("p1", 5),
+        ("p1", 5),
+    ]
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_best_effort_survives_a_stopped_store_and_catches_up(
+    keys: carnet.KeyManager, engine: sa.Engine, fresh_db_url_factory: object
+) -> None:
+    url = fresh_db_url_factory()  # type: ignore[operator]
+    name = sa.engine.make_url(url).database
+    trail = _trail(keys, url=url)
+    trail.store.engine.dispose()
+    admin = sa.create_engine(url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            c.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+        assert len(_read(engine)) == 12  # the read is not blocked
+        assert not trail.flush()
+        c1 = trail.counters()
+        assert c1["carnet_audit_store_failures_total"] >= 1 and c1["carnet_audit_pending_records"] == 2
+        _read(engine)
+        assert not trail.flush()
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        assert trail.flush()
+        recs = [r for r in _records(trail.store) if r["kind"] == "read"]
+        assert sum(int(r["count"]) for r in recs) == 24  # type: ignore[call-overload]
+        assert trail.store.verify().ok
+    finally:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.dispose()
+        trail.store.engine.dispose()
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_sqlite_read_inside_the_application_write_transaction(
+    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """SQLite has one writer: the application's write transaction holds it.
+
+    required mode, trail in the same file: the reservation cannot commit, the
+    read fails closed. Trail in another file: it works. best_effort: the read
+    passes and the record is written once the application commits.
+    """
+    same = AuditTrail(keys, mode="required", background=False, timeout=0.2)
+    Auditor(trail=same).install(keys)
+    with principal_scope("dr.w"), Session(engine) as s:
+        s.add(Note(practice_id="p0", body="new"))
+        s.flush()  # the application now holds SQLite's write lock
+        with pytest.raises(AuditStoreUnavailable):
+            [n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]
+        s.rollback()
+    other = AuditTrail(keys, f"sqlite:///{tmp_path}/audit.db", mode="required", background=False)
+    Auditor(trail=other).install(keys)
+    with principal_scope("dr.w"), Session(engine) as s:
+        s.add(Note(practice_id="p0", body="new"))
+        s.flush()
+        assert len([n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]) == 6
+        s.commit()
+    lazy = AuditTrail(keys, mode="best_effort", background=False, timeout=0.2)
+    Auditor(trail=lazy).install(keys)
+    with principal_scope("dr.w"), Session(engine) as s:
+        s.add(Note(practice_id="p0", body="new"))
+        s.flush()
+        assert len([n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]) == 6
+        assert not lazy.flush()  # the write lock is the application's
+        s.commit()
+    assert lazy.flush()
+    assert sum(int(r["count"]) for r in _records(lazy.store) if r["kind"] == "read") == 6  # type: ignore[call-overload]
+
+
+# -- rows ---------------------------------------------------------------------------------
+
+
+def test_row_answers_who_opened_a_patient_file(
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+) -> None:
+    trail = _trail(keys, rows=True)
+    with principal_scope("dr.orm"), Session(engine) as s:
+        assert s.get(Note, 5) is not None and s.get(Note, 5).body  # type: ignore[union-attr]
+    with principal_scope("dr.scope"), carnet.tenant_scope("p0"), Session(engine) as s:
+        [n.body for n in s.scalars(sa.select(Note).where(Note.id.in_([5, 7])))]
+    assert trail.flush()
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    res = CliRunner().invoke(cli, ["audit", "report", "--row", "5", "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    readers = json.loads(res.output)["readers"]
+    assert {r["principal"] for r in readers} == {"dr.orm", "dr.scope"}
+    res = CliRunner().invoke(cli, ["audit", "report", "--row", "9", "--json"], env=env)
+    assert json.loads(res.output)["readers"] == []
+    res = CliRunner().invoke(cli, ["audit", "report", "--json"], env=env)
+    assert res.exit_code == 0 and SECRET not in res.output
+
+
+def test_core_reads_are_counted_without_rows(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    trail = _trail(keys, rows=True)
+    with carnet.tenant_scope("p9"), engine.begin() as conn:
+        conn.execute(comments.insert(), [{"id": 1, "text": "core note"}])
+    with principal_scope("dr.core"), carnet.tenant_scope("p9"), engine.connect() as conn:
+        assert conn.execute(sa.select(comments.c.text)).scalar() == "core note"
+    assert trail.flush()
+    recs = [r for r in _records(trail.store) if r["principal"] == "dr.core"]
+    assert [(r["kind"], r["practice"], r["count"]) for r in recs] == [("read", "p9", 1)]
+
+
+def test_init_creates_the_audit_table(engine: sa.Engine, db_url: str, master_key_uri: str) -> None:
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    res = CliRunner().invoke(cli, ["init", "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "carnet_audit" in json.loads(res.output)["tables"]
+    assert sa.inspect(engine).has_table("carnet_audit")
+
+
+def test_audit_key_is_a_wrapped_key_of_its_own_kind(keys: carnet.KeyManager) -> None:
+    trail = _trail(keys)
+    trail.store.keys()
+    recs = keys.store.audit_keys()
+    assert len(recs) == 1 and recs[0].kind == "audit" and recs[0].tenant == ""
+    assert recs[0].wrapped_key is not None
+    assert trail.store.keys().secrets[recs[0].key_id.hex()] not in recs[0].wrapped_key
+    assert "" not in keys.store.tenants() or True  # listed, never a practice a value names
