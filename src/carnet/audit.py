@@ -216,7 +216,7 @@ class Auditor:
         if self.trail is not None:
             from . import audit_rows
 
-            audit_rows.activate()
+            audit_rows.activate(rows=self.trail.rows)
         return self
 
     def __call__(self, tenant: str, field: str, count: int) -> None:

@@ -105,10 +105,10 @@ def report(
             },
         )
         if h.kind == READ:
-            r["count"] += int(h.count or 0)
+            r["count"] += int(h._mapping["count"] or 0)
             r["legacy"] += int(h.legacy or 0)
         else:
-            r["reserved"] += int(h.count or 0)
+            r["reserved"] += int(h._mapping["count"] or 0)
     per: dict[str, dict[str, Any]] = defaultdict(lambda: {"count": 0, "practices": set()})
     for r in rows.values():
         per[r["principal"]]["count"] += r["count"]
@@ -173,7 +173,7 @@ def unusual(
     for p in past:
         at = dt.datetime.fromisoformat(p.first_at.replace("Z", "+00:00"))
         w = int((start - at).total_seconds() // secs)
-        windows[p.principal][w]["count"] += int(p.count or 0)
+        windows[p.principal][w]["count"] += int(p._mapping["count"] or 0)
         windows[p.principal][w]["practices"].add(p.practice)
     out = []
     for principal, cur in sorted(now.items()):

@@ -30,11 +30,15 @@ ROWS_INFO = "carnet_audit_rows"
 _Spec = list[tuple[str, str, str | None, str | None, bool]]
 _specs: weakref.WeakKeyDictionary[Mapper[Any], _Spec] = weakref.WeakKeyDictionary()
 _active = False
+# Whether a trail with rows=True was ever installed: until then only columns
+# that ask for rows cost anything per loaded row.
+_rows_wanted = False
 
 
-def activate() -> None:
+def activate(rows: bool = False) -> None:
     """Listen to every mapper's loads (idempotent); called when a trail is installed."""
-    global _active
+    global _active, _rows_wanted
+    _rows_wanted = _rows_wanted or rows
     if _active:
         return
     _active = True
@@ -103,7 +107,7 @@ def _row_key(state: Any, attr: str | None) -> str:
 
 def _on_load(state: Any, context: Any, *_attrs: Any) -> None:
     spec = _spec(state.mapper)
-    if not spec:
+    if not spec or not (_rows_wanted or any(s[4] for s in spec)):
         return
     session = getattr(context, "session", None)
     if session is None:

@@ -17,7 +17,7 @@ from carnet.audit import Auditor, AuditTrail, audit_context, principal_scope
 from carnet.audit_store import AuditStore, Head
 from carnet.cli import cli
 from carnet.errors import AuditStoreUnavailable
-from support.models import Base, Note, comments, configured_keys
+from support.models import Note, comments, configured_keys
 
 SECRET = "PLANTED-trail-secret-77d"
 
@@ -211,7 +211,7 @@ def test_concurrent_writers_append_to_one_chain(keys: carnet.KeyManager, engine:
 
     def work(trail: AuditTrail, n: int) -> None:
         try:
-            for i in range(15):
+            for _ in range(15):
                 trail.disclosed(f"w{n}", "p0", "notes.body", 1, 0)
                 assert trail.flush()
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -283,7 +283,9 @@ def test_best_effort_survives_a_stopped_store_and_catches_up(
         assert len(_read(engine)) == 12  # the read is not blocked
         assert not trail.flush()
         c1 = trail.counters()
-        assert c1["carnet_audit_store_failures_total"] >= 1 and c1["carnet_audit_pending_records"] == 2
+        assert (
+            c1["carnet_audit_store_failures_total"] >= 1 and c1["carnet_audit_pending_records"] == 2
+        )
         _read(engine)
         assert not trail.flush()
         with admin.connect() as c:
@@ -322,14 +324,18 @@ def test_sqlite_read_inside_the_application_write_transaction(
     with principal_scope("dr.w"), Session(engine) as s:
         s.add(Note(practice_id="p0", body="new"))
         s.flush()
-        assert len([n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]) == 6
+        assert (
+            len([n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]) == 6
+        )
         s.commit()
     lazy = AuditTrail(keys, mode="best_effort", background=False, timeout=0.2)
     Auditor(trail=lazy).install(keys)
     with principal_scope("dr.w"), Session(engine) as s:
         s.add(Note(practice_id="p0", body="new"))
         s.flush()
-        assert len([n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]) == 6
+        assert (
+            len([n.body for n in s.scalars(sa.select(Note).where(Note.practice_id == "p1"))]) == 6
+        )
         assert not lazy.flush()  # the write lock is the application's
         s.commit()
     assert lazy.flush()

@@ -138,7 +138,9 @@ class World:
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(program=ops)
-def test_mode_guarantees(keys: carnet.KeyManager, mode: str, program: list[tuple[object, ...]]) -> None:
+def test_mode_guarantees(
+    keys: carnet.KeyManager, mode: str, program: list[tuple[object, ...]]
+) -> None:
     world = World(keys, mode)
     for op in program:
         world.step(op)
