@@ -244,7 +244,10 @@ class AuditStore:
             m._writable("create the audit key")
             key_id, _secret, wrapped = m._new_wrapped(AUDIT_TENANT, AUDIT)
             store.insert_audit_key(key_id, wrapped, m.master_key.uri)
-        raise ConfigurationError("could not create or load the audit key")
+        raise ConfigurationError(
+            f"could not create or load the audit key in {store.name}: a key table made before "
+            "the audit trail refuses it until 'carnet init' (or the Alembic op) upgrades it"
+        )
 
     # -- appending --------------------------------------------------------------------
 

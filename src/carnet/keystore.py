@@ -344,8 +344,7 @@ def add_audit_kind_in(conn: sa.Connection, table: sa.Table) -> bool:
         )
         conn.exec_driver_sql(f"DROP TABLE {old}")
         return True
-    drop = "DROP CHECK" if conn.dialect.name in ("mysql", "mariadb") else "DROP CONSTRAINT"
-    conn.exec_driver_sql(f"ALTER TABLE {tname} {drop} {ck}")
+    conn.exec_driver_sql(f"ALTER TABLE {tname} DROP CONSTRAINT {ck}")
     conn.exec_driver_sql(f"ALTER TABLE {tname} ADD CONSTRAINT {ck} CHECK ({_KIND_CHECK})")
     return True
 
@@ -434,12 +433,17 @@ class KeyStore:
     # -- schema --------------------------------------------------------------------
 
     def create_schema(self) -> list[str]:
-        """Create the table if it is missing; upgrade one made before key kinds; make
-        its practice ids exact. Returns the columns converted (usually none)."""
+        """Create the table if it is missing; upgrade one made before key kinds or the
+        audit key; make its practice ids exact; create ``carnet_audit`` beside it.
+        Returns the columns converted (usually none)."""
         engine = self.engine
         self.metadata.create_all(engine)
         add_key_kinds(engine, self._kinds_table)
         add_audit_kind(engine, self._kinds_table)
+        # The audit trail's default home is the key table's database.
+        from .audit_store import AUDIT_TABLE, audit_table
+
+        audit_table(sa.MetaData(), AUDIT_TABLE).create(engine, checkfirst=True)
         self._table = self._kinds_table
         return make_practice_ids_exact(engine, self.table)
 
@@ -593,6 +597,11 @@ class KeyStore:
                     conn, AUDIT_TENANT, key_id, wrapped, master_key_uri, version=1, kind=AUDIT
                 )
         except sa.exc.IntegrityError:
+            return False  # another process won, or a kind check from before the trail
+        except sa.exc.OperationalError as exc:
+            # MariaDB reports a failed CHECK as error 4025, not an integrity error.
+            if (getattr(exc.orig, "args", None) or [None])[0] != 4025:
+                raise
             return False
         return True
 

@@ -214,9 +214,8 @@ def init(manager: KeyManager) -> dict[str, Any]:
     practice ids exact."""
     converted = manager.create_schema()
     _jobs.ensure_jobs_table(manager.engine)
-    from .audit_store import AUDIT_TABLE, audit_table
+    from .audit_store import AUDIT_TABLE
 
-    audit_table(sa.MetaData(), AUDIT_TABLE).create(manager.engine, checkfirst=True)
     return {
         "tables": [manager.table.name, _jobs.JOBS_TABLE, AUDIT_TABLE],
         "database": safe_url(manager.engine),

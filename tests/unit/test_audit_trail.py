@@ -392,3 +392,29 @@ def test_audit_key_is_a_wrapped_key_of_its_own_kind(keys: carnet.KeyManager) -> 
     assert recs[0].wrapped_key is not None
     assert trail.store.keys().secrets[recs[0].key_id.hex()] not in recs[0].wrapped_key
     assert "" not in keys.store.tenants() or True  # listed, never a practice a value names
+
+
+def test_a_key_table_from_before_the_trail_is_upgraded(
+    engine: sa.Engine, master_key_uri: str
+) -> None:
+    from carnet.keystore import keys_table
+    from carnet.migrate.carnet_tables import plan_carnet_tables
+
+    old = keys_table(sa.MetaData())
+    for ck in old.constraints:
+        if ck.name == "ck_carnet_keys_kind":
+            ck.sqltext = sa.text("kind IN ('data', 'index')")  # type: ignore[attr-defined]
+    old.create(engine)
+    assert any("audit key" in s.description for s in plan_carnet_tables(engine))
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        # The old kind check refuses the audit key.
+        assert not keys.store.insert_audit_key(b"\x01" * 16, b"x", keys.master_key.uri)
+        keys.create_schema()
+        assert not any("audit key" in s.description for s in plan_carnet_tables(engine))
+        trail = AuditTrail(keys, background=False)
+        trail.disclosed("u", "p1", "notes.body", 1, 0)
+        assert trail.flush() and trail.store.verify().ok
+        trail.store.engine.dispose()
+    finally:
+        keys.close()
