@@ -28,12 +28,11 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, DecryptBudgetExceeded
-from .trail import AuditTrail, audit_context
+from .trail import ANONYMOUS, AuditTrail, _principal, audit_context
 
 if TYPE_CHECKING:
     from .manager import KeyManager
@@ -50,8 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("carnet.audit")
-ANONYMOUS = "<none>"
-_principal: ContextVar[str | None] = ContextVar("carnet_principal", default=None)
 
 
 @contextmanager

@@ -109,11 +109,17 @@ def _on_load(state: Any, context: Any, *_attrs: Any) -> None:
     spec = _spec(state.mapper)
     if not spec or not (_rows_wanted or any(s[4] for s in spec)):
         return
-    session = getattr(context, "session", None)
-    if session is None:
-        return
-    trail = _trail_of(session, state.mapper)
-    if trail is None:
+    # One lookup of the trail per query and mapper, not per row.
+    attrs = getattr(context, "attributes", None)
+    ck = ("carnet_audit_trail", state.mapper)
+    if attrs is not None and ck in attrs:
+        trail = attrs[ck]
+    else:
+        session = getattr(context, "session", None)
+        trail = _trail_of(session, state.mapper) if session is not None else None
+        if attrs is not None:
+            attrs[ck] = trail
+    if trail is None or not (trail.rows or any(s[4] for s in spec)):
         return
     from .audit import current_principal
     from .context import current_tenant

@@ -70,6 +70,9 @@ ROWS_PER_RECORD = 500
 _context: ContextVar[tuple[str | None, str | None]] = ContextVar(
     "carnet_audit_context", default=(None, None)
 )
+# The principal in scope (carnet.audit.principal_scope sets it).
+ANONYMOUS = "<none>"
+_principal: ContextVar[str | None] = ContextVar("carnet_principal", default=None)
 
 
 @contextmanager
@@ -130,6 +133,7 @@ class AuditTrail:
         if block < 1 or not flush_every > 0:
             raise ConfigurationError("an audit trail needs block >= 1 and flush_every > 0")
         self.mode = mode
+        self._required = mode == REQUIRED
         self.block = block
         self.rows = rows
         self.flush_every = flush_every
@@ -187,6 +191,28 @@ class AuditTrail:
 
     # -- the read path ----------------------------------------------------------------
 
+    def __call__(self, tenant: str, field: str, count: int) -> None:
+        """The decrypt hook (``trail.install(manager)``): ``count`` values are about to open."""
+        self._add((_principal.get() or ANONYMOUS, tenant, field, *_context.get()), count, 0)
+
+    def legacy_read(self, tenant: str, field: str, count: int) -> None:
+        """A mixed-read column returned ``count`` legacy plaintext value(s)."""
+        self._add((_principal.get() or ANONYMOUS, tenant, field, *_context.get()), count, count)
+
+    def install(self, manager: KeyManager) -> AuditTrail:
+        """Make this trail ``manager``'s decrypt hook (without the in-process
+        :class:`~carnet.audit.Auditor`; give the Auditor ``trail=`` for a budget too)."""
+        from . import audit_rows
+
+        manager.decrypt_hook = self
+        audit_rows.activate(rows=self.rows)
+        return self
+
+    @property
+    def trail(self) -> AuditTrail:
+        # What carnet.audit_rows looks for on a manager's decrypt hook.
+        return self
+
     def disclosed(self, principal: str, practice: str, field: str, count: int, legacy: int) -> None:
         """``count`` notes of ``field`` of ``practice`` are about to be disclosed to ``principal``.
 
@@ -194,21 +220,22 @@ class AuditTrail:
         :class:`AuditStoreUnavailable` when no reservation covers them and
         none can be committed.
         """
-        request_id, route = _context.get()
-        key = (principal, practice, field, request_id, route)
-        now = time.time()
-        if self.mode == REQUIRED:
-            self._cover(key, count, now)
+        self._add((principal, practice, field, *_context.get()), count, legacy)
+
+    def _add(self, key: Key, count: int, legacy: int) -> None:
+        # The read path: a dictionary update under a lock. The interval's end
+        # (last_at) is stamped when a flush takes it.
+        if self._required:
+            self._cover(key, count, time.time())
         with self._lock:
             agg = self._pending.get(key)
             if agg is None:
-                agg = self._pending[key] = _Agg(now)
+                agg = self._pending[key] = _Agg(time.time())
             agg.count += count
             agg.legacy += legacy
-            agg.last = now
             self.reads += count
             self.legacy_reads += legacy
-        if self._thread is None and now - self._flushed_at >= self.flush_every:
+        if self._thread is None and time.time() - self._flushed_at >= self.flush_every:
             self.flush()
 
     def _cover(self, key: Key, count: int, now: float) -> None:
@@ -288,8 +315,11 @@ class AuditTrail:
         }
 
     def _take(self) -> tuple[dict[Key, _Agg], dict[Key, list[str]], list[dict[str, Any]]]:
+        now = time.time()
         with self._lock:
             pending, self._pending = self._pending, {}
+            for agg in pending.values():
+                agg.last = now
             rows, self._rows = self._rows, {}
             searches, self._searches = self._searches, []
         return pending, rows, searches
