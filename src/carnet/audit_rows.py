@@ -15,6 +15,7 @@ Core statements have no row identity at decrypt time: see docs/audit.md
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
@@ -57,8 +58,11 @@ def _listen(mapper: Mapper[Any]) -> None:
     if mapper in _listening or not _spec(mapper):
         return
     _listening.add(mapper)
-    event.listen(mapper, "load", _on_load, raw=True)
-    event.listen(mapper, "refresh", _on_load, raw=True)
+    spec = _spec(mapper)
+    # The spec and whether a column asks for rows, bound once: no lookup per row.
+    listener = functools.partial(_on_load, spec, any(s[4] for s in spec))
+    event.listen(mapper, "load", listener, raw=True)
+    event.listen(mapper, "refresh", listener, raw=True)
 
 
 def _spec(mapper: Mapper[Any]) -> _Spec:
@@ -105,9 +109,8 @@ def _row_key(state: Any, attr: str | None) -> str:
     return ",".join(str(x) for x in ident)
 
 
-def _on_load(state: Any, context: Any, *_attrs: Any) -> None:
-    spec = _spec(state.mapper)
-    if not spec or not (_rows_wanted or any(s[4] for s in spec)):
+def _on_load(spec: _Spec, asked_any: bool, state: Any, context: Any, *_attrs: Any) -> None:
+    if not (_rows_wanted or asked_any):
         return
     # One lookup of the trail per query and mapper, not per row.
     attrs = getattr(context, "attributes", None)
@@ -119,7 +122,7 @@ def _on_load(state: Any, context: Any, *_attrs: Any) -> None:
         trail = _trail_of(session, state.mapper) if session is not None else None
         if attrs is not None:
             attrs[ck] = trail
-    if trail is None or not (trail.rows or any(s[4] for s in spec)):
+    if trail is None or not (trail.rows or asked_any):
         return
     from .audit import current_principal
     from .context import current_tenant
