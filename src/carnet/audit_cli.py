@@ -25,7 +25,9 @@ def _config() -> Config:
 
 
 def _store(url: str | None, *, open_master: bool) -> AuditStore:
-    return AuditStore(_config().manager(open_master=open_master), url)
+    store = AuditStore(_config().manager(open_master=open_master), url)
+    store.require_table()
+    return store
 
 
 _store_option = click.option(

@@ -217,6 +217,22 @@ class AuditStore:
     def create_schema(self) -> None:
         self.metadata.create_all(self.engine)
 
+    def require_table(self) -> None:
+        """Raise a clear error when the trail's table does not exist (a report on the
+        wrong database, or before ``carnet init``)."""
+        try:
+            present = sa.inspect(self.engine).has_table(self.table.name)
+        except sa.exc.SQLAlchemyError as exc:
+            failure = AuditStoreUnavailable(self._down(exc))
+        else:
+            if present:
+                return
+            failure = ConfigurationError(
+                f"no {self.name}: run 'carnet init' there, or give the trail's database "
+                "with --store-url"
+            )
+        raise failure
+
     # -- the audit key ----------------------------------------------------------------
 
     def keys(self) -> _Keys:
@@ -289,7 +305,9 @@ class AuditStore:
             except sa.exc.IntegrityError:
                 pass  # another writer took these seq numbers: append on the new head
             except sa.exc.DBAPIError as exc:
-                if not lock_conflict(exc) or attempt >= 3:
+                # SQLite's busy timeout has already waited: a lock it could not
+                # get in that time is an unavailable store, not a race.
+                if not lock_conflict(exc) or self.engine.dialect.name == "sqlite":
                     raise
             time.sleep(random.uniform(0.001, 0.01) * min(attempt + 1, 10))  # noqa: S311
         raise AuditStoreUnavailable(

@@ -418,3 +418,26 @@ def test_a_key_table_from_before_the_trail_is_upgraded(
         trail.store.engine.dispose()
     finally:
         keys.close()
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_cli_contract_of_audit_commands(db_url: str, master_key_uri: str, tmp_path: Path) -> None:
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    # No trail table yet: a clear configuration error, exit 2, JSON error object.
+    res = CliRunner().invoke(cli, ["audit", "report", "--json"], env=env)
+    assert res.exit_code == 2 and "carnet init" in res.output
+    assert json.loads(res.output[res.output.index("{") :])["error"]["code"] == 2
+    assert CliRunner().invoke(cli, ["init"], env=env).exit_code == 0
+    res = CliRunner().invoke(cli, ["audit", "report", "--since", "yesterday"], env=env)
+    assert res.exit_code == 2 and "--since" in res.output
+    res = CliRunner().invoke(cli, ["audit", "verify", "--head", "12:zz"], env=env)
+    assert res.exit_code == 2
+    res = CliRunner().invoke(cli, ["audit", "verify"], env={"CARNET_DATABASE_URL": db_url})
+    assert res.exit_code == 2  # verify unwraps the audit key: it needs the master key
+    res = CliRunner().invoke(
+        cli, ["audit", "prune", "--before", "2000-01-01"], env=env, input="n\n"
+    )
+    assert res.exit_code == 6
+    down = "postgresql+psycopg://postgres@127.0.0.1:9/x"
+    res = CliRunner().invoke(cli, ["audit", "report", "--store-url", down], env=env)
+    assert res.exit_code == 4 and "127.0.0.1:9" in res.output
