@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .errors import AuditStoreUnavailable, ConfigurationError
+from .errors import AuditStoreUnavailable, CarnetError, ConfigurationError
 from .keystore import AUDIT, AUDIT_TENANT, lock_conflict, practice_id_type, wrap_context
 
 if TYPE_CHECKING:
@@ -220,6 +220,7 @@ class AuditStore:
     def require_table(self) -> None:
         """Raise a clear error when the trail's table does not exist (a report on the
         wrong database, or before ``carnet init``)."""
+        failure: CarnetError
         try:
             present = sa.inspect(self.engine).has_table(self.table.name)
         except sa.exc.SQLAlchemyError as exc:
