@@ -544,11 +544,16 @@ class KeyStore:
             last = rows[-1].key_id
 
     def tenants(self) -> list[str]:
+        """The practices with keys (the audit key's ``""`` is no practice)."""
         t = self.table
         with self.engine.connect() as conn:
-            return list(
-                conn.execute(sa.select(t.c.tenant).distinct().order_by(t.c.tenant)).scalars()
-            )
+            return [
+                p
+                for p in conn.execute(
+                    sa.select(t.c.tenant).distinct().order_by(t.c.tenant)
+                ).scalars()
+                if p != AUDIT_TENANT
+            ]
 
     def index_roots(
         self, conn: sa.Connection | None, tenant: str

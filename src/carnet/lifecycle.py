@@ -35,7 +35,7 @@ from .errors import (
     UnknownKey,
     UnknownTenant,
 )
-from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
+from .keystore import ACTIVE, AUDIT, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
 from .providers import MasterKey, create_master_key
 
@@ -514,6 +514,8 @@ def status(
     manager.create_schema()
     tenants: dict[str, list[KeyRecord]] = {}
     for rec in manager.iter_keys():
+        if rec.kind == AUDIT:
+            continue  # the audit trail's key belongs to no practice (docs/audit.md)
         tenants.setdefault(rec.tenant, []).append(rec)
     ts = []
     for tenant in sorted(tenants):

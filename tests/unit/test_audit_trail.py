@@ -441,3 +441,25 @@ def test_cli_contract_of_audit_commands(db_url: str, master_key_uri: str, tmp_pa
     down = "postgresql+psycopg://postgres@127.0.0.1:9/x"
     res = CliRunner().invoke(cli, ["audit", "report", "--store-url", down], env=env)
     assert res.exit_code == 4 and "127.0.0.1:9" in res.output
+
+
+def test_key_commands_live_with_the_audit_key(
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, tmp_path: Path
+) -> None:
+    trail = _trail(keys)
+    _read(engine)
+    assert trail.flush()
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    res = CliRunner().invoke(cli, ["status", "--json", "--no-master-check"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "" not in [t["tenant"] for t in json.loads(res.output)["tenants"]]
+    res = CliRunner().invoke(cli, ["keys", "rotate", "--all", "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    # A master-key rotation rewraps the audit key too: the chain still verifies.
+    new = f"file://{tmp_path}/master2.key"
+    assert CliRunner().invoke(cli, ["master", "new", new], env=env).exit_code == 0
+    res = CliRunner().invoke(cli, ["master", "rotate", "--to", new, "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    env2 = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": new}
+    res = CliRunner().invoke(cli, ["audit", "verify", "--json"], env=env2)
+    assert res.exit_code == 0 and json.loads(res.output)["records"] == 2, res.output
