@@ -90,17 +90,10 @@ def audit_context(*, request_id: str | None = None, route: str | None = None) ->
         _context.reset(token)
 
 
-Key = tuple[str, str, str, str | None, str | None]  # principal, practice, field, request, route
-
-
-class _Agg:
-    __slots__ = ("count", "first", "last", "legacy")
-
-    def __init__(self, now: float) -> None:
-        self.count = 0
-        self.legacy = 0
-        self.first = now
-        self.last = now
+# principal (None: ANONYMOUS), practice, field, (request id, route)
+Key = tuple[str | None, str, str, tuple[str | None, str | None]]
+# count, legacy, first read, end of the interval (POSIX times)
+Agg = list[float]
 
 
 class AuditTrail:
@@ -158,7 +151,7 @@ class AuditTrail:
         self.host = host_id()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._pending: dict[Key, _Agg] = {}
+        self._pending: dict[Key, Agg] = {}
         self._rows: dict[Key, list[str]] = {}
         self._searches: list[dict[str, Any]] = []
         self._reserved: dict[Key, int] = {}
@@ -166,8 +159,9 @@ class AuditTrail:
         self._head_at = 0.0
         self._flushed_at = time.time()
         self.head: Head | None = None
-        self.reads = 0
-        self.legacy_reads = 0
+        # Reads taken from the pending counts by flushes (the rest are pending).
+        self._taken_reads = 0
+        self._taken_legacy = 0
         self.records_written = 0
         self.store_failures = 0
         self.reservations = 0
@@ -193,11 +187,24 @@ class AuditTrail:
 
     def __call__(self, tenant: str, field: str, count: int) -> None:
         """The decrypt hook (``trail.install(manager)``): ``count`` values are about to open."""
-        self._add((_principal.get() or ANONYMOUS, tenant, field, *_context.get()), count, 0)
+        # The read path, kept lean (about 0.3 µs): the principal None stands for
+        # ANONYMOUS until the record is written; the interval's end (last_at) is
+        # stamped when a flush takes it.
+        key = (_principal.get(), tenant, field, _context.get())
+        if self._required:
+            self._cover(key, count)
+        with self._lock:
+            agg = self._pending.get(key)
+            if agg is None:
+                self._pending[key] = [count, 0, time.time(), 0.0]
+            else:
+                agg[0] += count
+        if self._thread is None:
+            self._flush_if_due()
 
     def legacy_read(self, tenant: str, field: str, count: int) -> None:
         """A mixed-read column returned ``count`` legacy plaintext value(s)."""
-        self._add((_principal.get() or ANONYMOUS, tenant, field, *_context.get()), count, count)
+        self._add((_principal.get(), tenant, field, _context.get()), count, count)
 
     def install(self, manager: KeyManager) -> AuditTrail:
         """Make this trail ``manager``'s decrypt hook (without the in-process
@@ -220,25 +227,26 @@ class AuditTrail:
         :class:`AuditStoreUnavailable` when no reservation covers them and
         none can be committed.
         """
-        self._add((principal, practice, field, *_context.get()), count, legacy)
+        self._add((principal, practice, field, _context.get()), count, legacy)
 
     def _add(self, key: Key, count: int, legacy: int) -> None:
-        # The read path: a dictionary update under a lock. The interval's end
-        # (last_at) is stamped when a flush takes it.
         if self._required:
-            self._cover(key, count, time.time())
+            self._cover(key, count)
         with self._lock:
             agg = self._pending.get(key)
             if agg is None:
-                agg = self._pending[key] = _Agg(time.time())
-            agg.count += count
-            agg.legacy += legacy
-            self.reads += count
-            self.legacy_reads += legacy
-        if self._thread is None and time.time() - self._flushed_at >= self.flush_every:
+                self._pending[key] = [count, legacy, time.time(), 0.0]
+            else:
+                agg[0] += count
+                agg[1] += legacy
+        if self._thread is None:
+            self._flush_if_due()
+
+    def _flush_if_due(self) -> None:
+        if time.time() - self._flushed_at >= self.flush_every:
             self.flush()
 
-    def _cover(self, key: Key, count: int, now: float) -> None:
+    def _cover(self, key: Key, count: int) -> None:
         with self._lock:
             used = self._used.get(key, 0) + count
             reserved = self._reserved.get(key, 0)
@@ -249,6 +257,7 @@ class AuditTrail:
             more = self.block * -(-need // self.block)
             # The write happens under the lock: the reads of this key wait for
             # their reservation rather than each reserving a block.
+            now = time.time()
             rec = self._record(RESERVE, key, more, 0, now, now)
             try:
                 head = self.store.append([rec])
@@ -265,8 +274,7 @@ class AuditTrail:
         self._log_json(rec)
 
     def row_disclosed(self, principal: str, practice: str, field: str, row: str) -> None:
-        request_id, route = _context.get()
-        key = (principal, practice, field, request_id, route)
+        key = (principal, practice, field, _context.get())
         with self._lock:
             self._rows.setdefault(key, []).append(row)
             self.rows_recorded += 1
@@ -279,10 +287,9 @@ class AuditTrail:
         candidates: int,
         matches: list[str],
     ) -> None:
-        request_id, route = _context.get()
         now = time.time()
         rec = self._record(
-            SEARCH, (principal, practice, index, request_id, route), len(matches), 0, now, now
+            SEARCH, (principal, practice, index, _context.get()), len(matches), 0, now, now
         )
         rec["detail"] = json.dumps(
             {"index": index, "candidates": candidates, "matches": len(matches), "rows": matches},
@@ -297,10 +304,10 @@ class AuditTrail:
     def _record(
         self, kind: str, key: Key, count: int, legacy: int, first: float, last: float
     ) -> dict[str, Any]:
-        principal, practice, field, request_id, route = key
+        principal, practice, field, (request_id, route) = key
         return {
             "kind": kind,
-            "principal": principal,
+            "principal": principal if principal is not None else ANONYMOUS,
             "practice": practice,
             "field": field,
             "count": count,
@@ -314,29 +321,32 @@ class AuditTrail:
             "detail": None,
         }
 
-    def _take(self) -> tuple[dict[Key, _Agg], dict[Key, list[str]], list[dict[str, Any]]]:
+    def _take(self) -> tuple[dict[Key, Agg], dict[Key, list[str]], list[dict[str, Any]]]:
         now = time.time()
         with self._lock:
             pending, self._pending = self._pending, {}
             for agg in pending.values():
-                agg.last = now
+                agg[3] = now
+                self._taken_reads += int(agg[0])
+                self._taken_legacy += int(agg[1])
             rows, self._rows = self._rows, {}
             searches, self._searches = self._searches, []
         return pending, rows, searches
 
     def _put_back(
-        self, pending: dict[Key, _Agg], rows: dict[Key, list[str]], searches: list[dict[str, Any]]
+        self, pending: dict[Key, Agg], rows: dict[Key, list[str]], searches: list[dict[str, Any]]
     ) -> None:
         with self._lock:
             for key, agg in pending.items():
+                self._taken_reads -= int(agg[0])
+                self._taken_legacy -= int(agg[1])
                 cur = self._pending.get(key)
                 if cur is None:
                     self._pending[key] = agg
                 else:
-                    cur.count += agg.count
-                    cur.legacy += agg.legacy
-                    cur.first = min(cur.first, agg.first)
-                    cur.last = max(cur.last, agg.last)
+                    cur[0] += agg[0]
+                    cur[1] += agg[1]
+                    cur[2] = min(cur[2], agg[2])
             for key, keys in rows.items():
                 self._rows.setdefault(key, [])[:0] = keys
             self._searches[:0] = searches
@@ -360,8 +370,8 @@ class AuditTrail:
             self._flushed_at = time.time()
             pending, rows, searches = self._take()
             records: list[dict[str, Any]] = []
-            for key, agg in sorted(pending.items(), key=lambda kv: kv[1].first):
-                records.append(self._record(READ, key, agg.count, agg.legacy, agg.first, agg.last))
+            for key, agg in sorted(pending.items(), key=lambda kv: kv[1][2]):
+                records.append(self._record(READ, key, int(agg[0]), int(agg[1]), agg[2], agg[3]))
             for key, keys in rows.items():
                 for i in range(0, len(keys), ROWS_PER_RECORD):
                     part = keys[i : i + ROWS_PER_RECORD]
@@ -418,9 +428,12 @@ class AuditTrail:
 
     def counters(self) -> dict[str, int]:
         """Counters to scrape (docs/audit.md, "What to watch"): monotonic except ``pending``."""
+        with self._lock:
+            reads = self._taken_reads + sum(int(a[0]) for a in self._pending.values())
+            legacy = self._taken_legacy + sum(int(a[1]) for a in self._pending.values())
         return {
-            "carnet_audit_reads_total": self.reads,
-            "carnet_audit_legacy_reads_total": self.legacy_reads,
+            "carnet_audit_reads_total": reads,
+            "carnet_audit_legacy_reads_total": legacy,
             "carnet_audit_records_written_total": self.records_written,
             "carnet_audit_store_failures_total": self.store_failures,
             "carnet_audit_reservations_total": self.reservations,
