@@ -463,3 +463,14 @@ def test_key_commands_live_with_the_audit_key(
     env2 = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": new}
     res = CliRunner().invoke(cli, ["audit", "verify", "--json"], env=env2)
     assert res.exit_code == 0 and json.loads(res.output)["records"] == 2, res.output
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_store_messages_never_show_a_password_or_a_value(keys: carnet.KeyManager) -> None:
+    url = "postgresql+psycopg://audit:PLANTED-pw-5521@127.0.0.1:9/audit"
+    trail = AuditTrail(keys, url, background=False, timeout=1, create=False)
+    with pytest.raises(AuditStoreUnavailable) as err:
+        trail.store.append([])
+    for text in (repr(trail), repr(trail.store), str(err.value), repr(err.value)):
+        assert "PLANTED-pw" not in text
+    assert err.value.__cause__ is None and err.value.__context__ is None
