@@ -191,15 +191,24 @@ class AuditTrail:
         # ANONYMOUS until the record is written; the interval's end (last_at) is
         # stamped when a flush takes it.
         key = (_principal.get(), tenant, field, _context.get())
-        if self._required:
-            self._cover(key, count)
+        covered = True
         with self._lock:
-            agg = self._pending.get(key)
-            if agg is None:
-                self._pending[key] = [count, 0, time.time(), 0.0]
-            else:
-                agg[0] += count
-        if self._thread is None:
+            if self._required:
+                # Within the reservation: counted under the same lock. Past it:
+                # _add reserves a block first (or raises), outside this lock.
+                used = self._used.get(key, 0) + count
+                covered = used <= self._reserved.get(key, 0)
+                if covered:
+                    self._used[key] = used
+            if covered:
+                agg = self._pending.get(key)
+                if agg is None:
+                    self._pending[key] = [count, 0, time.time(), 0.0]
+                else:
+                    agg[0] += count
+        if not covered:
+            self._add(key, count, 0)
+        elif self._thread is None:
             self._flush_if_due()
 
     def legacy_read(self, tenant: str, field: str, count: int) -> None:
