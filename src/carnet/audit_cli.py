@@ -166,7 +166,11 @@ def prune(before: str, store_url: str | None, yes: bool, as_json: bool) -> None:
     when = audit_report.parse_when(before, "--before")
     store = _store(store_url, open_master=True)
     confirm(yes, f"Remove the audit records that ended before {when.isoformat()}?")
-    res = store.prune(when)
+    progress = Progress("pruning the audit trail", None, quiet=as_json, unit="records")
+    try:
+        res = store.prune(when, progress=progress.update)
+    finally:
+        progress.close()
     if "refused" in res:
         bad = res["refused"]["first_bad"]
         emit(as_json, res, lambda: echo(f"audit trail broken at record {bad}: nothing pruned"))

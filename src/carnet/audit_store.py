@@ -432,7 +432,13 @@ class AuditStore:
 
     # -- pruning ----------------------------------------------------------------------
 
-    def prune(self, before: dt.datetime, *, batch: int = 1000) -> dict[str, Any]:
+    def prune(
+        self,
+        before: dt.datetime,
+        *,
+        batch: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
         """Remove the oldest records whose time span ended before ``before``.
 
         Only a prefix of the chain goes: records up to the first one that
@@ -488,7 +494,10 @@ class AuditStore:
         while lo <= upto:
             hi = min(lo + batch - 1, upto)
             with self.engine.begin() as conn:
-                removed += conn.execute(t.delete().where(t.c.seq >= lo, t.c.seq <= hi)).rowcount
+                done = conn.execute(t.delete().where(t.c.seq >= lo, t.c.seq <= hi)).rowcount
+            removed += done
+            if progress is not None:
+                progress(done)
             lo = hi + 1
         return {"removed": removed, "pruned_through": upto, "checkpoint": cp.seq}
 
