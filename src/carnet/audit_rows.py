@@ -109,7 +109,7 @@ def _row_key(state: Any, attr: str | None) -> str:
     return ",".join(str(x) for x in ident)
 
 
-def _on_load(spec: _Spec, asked_any: bool, state: Any, context: Any, *_attrs: Any) -> None:
+def _on_load(spec: _Spec, asked_any: bool, state: Any, context: Any, *refreshed: Any) -> None:
     if not (_rows_wanted or asked_any):
         return
     # One lookup of the trail per query and mapper, not per row.
@@ -129,8 +129,15 @@ def _on_load(spec: _Spec, asked_any: bool, state: Any, context: Any, *_attrs: An
 
     d = state.dict
     principal = current_principal()
+    # A refresh names the attributes it loaded (None: all): a note loaded
+    # before and not reloaded now is not disclosed again.
+    only = refreshed[0] if refreshed and refreshed[0] is not None else None
     for key, label, tkey, row_attr, asked in spec:
-        if not (asked or trail.rows) or d.get(key) is None:
+        if (
+            not (asked or trail.rows)
+            or d.get(key) is None
+            or (only is not None and key not in only)
+        ):
             continue
         practice = d.get(tkey) if tkey is not None else None
         if practice is None:

@@ -474,3 +474,20 @@ def test_store_messages_never_show_a_password_or_a_value(keys: carnet.KeyManager
     for text in (repr(trail), repr(trail.store), str(err.value), repr(err.value)):
         assert "PLANTED-pw" not in text
     assert err.value.__cause__ is None and err.value.__context__ is None
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_a_refresh_records_a_row_only_when_it_reloads_the_note(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    trail = _trail(keys, rows=True)
+    with principal_scope("dr.r"), Session(engine) as s:
+        note = s.get(Note, 2)
+        assert note is not None and note.body
+        s.refresh(note, ["practice_id"])  # the note is not reloaded: not disclosed again
+        s.refresh(note)  # reloaded and opened again
+    assert trail.flush()
+    rows = [r for r in _records(trail.store) if r["kind"] == "rows" and r["field"] == "notes.body"]
+    assert sum(int(r["count"]) for r in rows) == 2  # type: ignore[call-overload]
+    reads = [r for r in _records(trail.store) if r["kind"] == "read" and r["field"] == "notes.body"]
+    assert sum(int(r["count"]) for r in reads) == 2  # type: ignore[call-overload]
