@@ -37,30 +37,37 @@ _rows_wanted = False
 
 
 def activate(rows: bool = False) -> None:
-    """Listen to every mapper's loads (idempotent); called when a trail is installed."""
+    """Listen to the loads of the mappers whose rows are wanted (idempotent); called when a
+    trail is installed. Without ``rows`` only mappers with a column that asks are listened
+    to: a trail that records no rows costs nothing per loaded row."""
     global _active, _rows_wanted
+    widened = rows and not _rows_wanted
     _rows_wanted = _rows_wanted or rows
-    if _active:
+    if _active and not widened:
         return
-    _active = True
     from .orm import _specs as encrypted_mappers
 
     # Mappers with encrypted columns set up so far, then each one configured later.
     for mapper in list(encrypted_mappers.keys()):
         _listen(mapper)
-    event.listen(Mapper, "mapper_configured", lambda m, _cls: _listen(m))
+    if not _active:
+        _active = True
+        event.listen(Mapper, "mapper_configured", lambda m, _cls: _listen(m))
 
 
 _listening: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
 def _listen(mapper: Mapper[Any]) -> None:
-    if mapper in _listening or not _spec(mapper):
+    if mapper in _listening:
+        return
+    spec = _spec(mapper)
+    asked_any = any(s[4] for s in spec)
+    if not spec or not (asked_any or _rows_wanted):
         return
     _listening.add(mapper)
-    spec = _spec(mapper)
     # The spec and whether a column asks for rows, bound once: no lookup per row.
-    listener = functools.partial(_on_load, spec, any(s[4] for s in spec))
+    listener = functools.partial(_on_load, spec, asked_any)
     event.listen(mapper, "load", listener, raw=True)
     event.listen(mapper, "refresh", listener, raw=True)
 
