@@ -2,7 +2,7 @@
 
 The key table's name is configurable (``KeyManager(table_name=...)``); the
 other two have fixed names. :func:`carnet_metadata` gathers the current
-declaration of all three, as the running code expects them. Schema tools
+declaration of all four, as the running code expects them. Schema tools
 (``KeyManager.create_schema`` for the keys, the Alembic helpers in
 :mod:`carnet.migrate.alembic`) compare a live database with it.
 
@@ -46,7 +46,7 @@ SIGNATURES = (KEYS_SIGNATURE, JOBS_SIGNATURE, MIGRATIONS_SIGNATURE, AUDIT_SIGNAT
 
 
 def carnet_metadata(keys_table_name: str = KEYS_TABLE) -> sa.MetaData:
-    """A new MetaData holding carnet's three tables as the current release declares them."""
+    """A new MetaData holding carnet's tables (keys, jobs, migrations, audit trail) as the current release declares them."""
     md = sa.MetaData()
     keys_table(md, keys_table_name)
     jobs_table(md, JOBS_TABLE)

@@ -238,7 +238,7 @@ def create_carnet_tables(op: Any = None, *, keys_table: str = KEYS_TABLE) -> Non
     """Create whichever of carnet's tables is missing (an Alembic migration step).
 
     In offline mode (``alembic upgrade --sql``) nothing can be inspected: the
-    script creates all three tables.
+    script creates all of carnet's tables.
     """
     o = alembic_ops(op)
     tables = carnet_metadata(keys_table).sorted_tables
@@ -255,7 +255,7 @@ def upgrade_carnet_tables(op: Any = None, *, keys_table: str = KEYS_TABLE) -> li
     Compares the live database with :func:`carnet.schema.carnet_metadata` and
     applies what is missing (see :func:`plan_carnet_tables`); running it again
     does nothing. Returns the descriptions of the steps applied. In offline
-    mode it creates the three tables, as :func:`create_carnet_tables` does.
+    mode it creates all of carnet's tables, as :func:`create_carnet_tables` does.
     """
     o = alembic_ops(op)
     if _offline(o):
