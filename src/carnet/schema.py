@@ -46,7 +46,7 @@ SIGNATURES = (KEYS_SIGNATURE, JOBS_SIGNATURE, MIGRATIONS_SIGNATURE, AUDIT_SIGNAT
 
 
 def carnet_metadata(keys_table_name: str = KEYS_TABLE) -> sa.MetaData:
-    """A new MetaData holding carnet's tables (keys, jobs, migrations, audit trail) as the current release declares them."""
+    """A new MetaData holding carnet's four tables as the current release declares them."""
     md = sa.MetaData()
     keys_table(md, keys_table_name)
     jobs_table(md, JOBS_TABLE)
