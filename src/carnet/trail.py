@@ -12,12 +12,12 @@ Two modes (docs/audit.md, "Guarantees"):
     counts not yet flushed.
 
 ``required``
-    Before a value is opened, the (principal, practice, field, context) it
-    belongs to must hold a reservation committed to the store: a
-    ``reserve`` record of ``block`` reads, written synchronously when the
-    previous block is used up. With the store down the reservation fails
-    and the read raises :class:`~carnet.errors.AuditStoreUnavailable`
-    before anything is decrypted. So for each process and key,
+    Before a value is opened, the (principal, practice, field) it belongs
+    to must hold a reservation committed to the store: a ``reserve`` record
+    of ``block`` reads, written synchronously when the previous block is
+    used up. With the store down the reservation fails and the read raises
+    :class:`~carnet.errors.AuditStoreUnavailable` before anything is
+    decrypted. So for each process and (principal, practice, field),
     reserved >= disclosed > reserved - block: the trail over-counts by less
     than one block and never under-counts, crash or not.
 
@@ -154,8 +154,10 @@ class AuditTrail:
         self._pending: dict[Key, Agg] = {}
         self._rows: dict[Key, list[str]] = {}
         self._searches: list[dict[str, Any]] = []
-        self._reserved: dict[Key, int] = {}
-        self._used: dict[Key, int] = {}
+        # Reservations per (principal, practice, field), whatever the request:
+        # a block outlives the request that reserved it.
+        self._reserved: dict[tuple[str | None, str, str], int] = {}
+        self._used: dict[tuple[str | None, str, str], int] = {}
         self._head_at = 0.0
         self._flushed_at = time.time()
         self.head: Head | None = None
@@ -196,10 +198,11 @@ class AuditTrail:
             if self._required:
                 # Within the reservation: counted under the same lock. Past it:
                 # _add reserves a block first (or raises), outside this lock.
-                used = self._used.get(key, 0) + count
-                covered = used <= self._reserved.get(key, 0)
+                rkey = key[:3]
+                used = self._used.get(rkey, 0) + count
+                covered = used <= self._reserved.get(rkey, 0)
                 if covered:
-                    self._used[key] = used
+                    self._used[rkey] = used
             if covered:
                 agg = self._pending.get(key)
                 if agg is None:
@@ -257,10 +260,11 @@ class AuditTrail:
 
     def _cover(self, key: Key, count: int) -> None:
         with self._lock:
-            used = self._used.get(key, 0) + count
-            reserved = self._reserved.get(key, 0)
+            rkey = key[:3]
+            used = self._used.get(rkey, 0) + count
+            reserved = self._reserved.get(rkey, 0)
             if used <= reserved:
-                self._used[key] = used
+                self._used[rkey] = used
                 return
             need = used - reserved
             more = self.block * -(-need // self.block)
@@ -275,8 +279,8 @@ class AuditTrail:
                 self.last_error = str(exc)
                 log.error("carnet: %s; a read was refused (required mode)", exc)
                 raise
-            self._reserved[key] = reserved + more
-            self._used[key] = used
+            self._reserved[rkey] = reserved + more
+            self._used[rkey] = used
             self.reservations += 1
             self.records_written += 1
             self.head = head

@@ -491,3 +491,20 @@ def test_a_refresh_records_a_row_only_when_it_reloads_the_note(
     assert sum(int(r["count"]) for r in rows) == 2  # type: ignore[call-overload]
     reads = [r for r in _records(trail.store) if r["kind"] == "read" and r["field"] == "notes.body"]
     assert sum(int(r["count"]) for r in reads) == 2  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_a_reservation_serves_every_request_of_its_principal(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    trail = _trail(keys, mode="required", block=100)
+    for i in range(3):
+        with audit_context(request_id=f"req-{i}", route="/notes"):
+            _read(engine)
+    assert trail.flush()
+    recs = _records(trail.store)
+    reserves = [r for r in recs if r["kind"] == "reserve"]
+    # One block per practice for the three requests; each request's reads apart.
+    assert sorted((r["practice"], r["count"]) for r in reserves) == [("p0", 100), ("p1", 100)]
+    reads = {(r["request_id"], r["practice"]): r["count"] for r in recs if r["kind"] == "read"}
+    assert reads == {(f"req-{i}", p): 6 for i in range(3) for p in ("p0", "p1")}
