@@ -508,3 +508,22 @@ def test_a_reservation_serves_every_request_of_its_principal(
     assert sorted((r["practice"], r["count"]) for r in reserves) == [("p0", 100), ("p1", 100)]
     reads = {(r["request_id"], r["practice"]): r["count"] for r in recs if r["kind"] == "read"}
     assert reads == {(f"req-{i}", p): 6 for i in range(3) for p in ("p0", "p1")}
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_records_and_heads_are_json_log_lines(
+    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="carnet.audit.json")
+    trail = _trail(keys, head_every=0.0)
+    _read(engine)
+    assert trail.flush()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "carnet.audit.json"]
+    recs = [x for x in lines if x["event"] == "carnet.audit.record"]
+    heads = [x for x in lines if x["event"] == "carnet.audit.head"]
+    assert {(x["principal"], x["practice"], x["count"]) for x in recs} == {
+        ("dr.martin", "p0", 6),
+        ("dr.martin", "p1", 6),
+    }
+    assert heads and heads[-1]["seq"] == trail.store.head().seq  # type: ignore[union-attr]
+    assert SECRET not in caplog.text
