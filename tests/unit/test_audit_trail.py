@@ -527,3 +527,52 @@ def test_records_and_heads_are_json_log_lines(
     }
     assert heads and heads[-1]["seq"] == trail.store.head().seq  # type: ignore[union-attr]
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_report_flags_readers_beyond_their_own_history(
+    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+) -> None:
+    import time as _time
+
+    from carnet.audit_store import iso
+
+    store = AuditStore(keys)
+    store.create_schema()
+    now = _time.time()
+    day = 86400.0
+
+    def rec(principal: str, practice: str, count: int, at: float) -> dict[str, object]:
+        return {
+            "kind": "read",
+            "principal": principal,
+            "practice": practice,
+            "field": "notes.body",
+            "count": count,
+            "legacy": 0,
+            "first_at": iso(at),
+            "last_at": iso(at),
+            "process": "1/x",
+            "host": "h",
+            "request_id": None,
+            "route": None,
+            "detail": None,
+        }
+
+    history = []
+    for d in range(1, 8):  # the 7 previous days
+        history += [rec("steady", "p1", 80, now - d * day - 3600)]
+        history += [rec("export", "p1", 10, now - d * day - 3600)]
+    today = [rec("steady", "p1", 90, now - 3600), rec("light", "p3", 10, now - 3600)]
+    today += [rec("export", f"p{i}", 60, now - 3600) for i in range(5)]
+    today += [rec("newcomer", "p2", 60, now - 3600)]
+    store.append(history + today)
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    res = CliRunner().invoke(cli, ["audit", "report", "--since", "24h", "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert {u["principal"] for u in rep["unusual"]} == {"export", "newcomer"}
+    assert rep["heaviest"][0] == {"principal": "export", "count": 300, "practices": 5}
+    assert rep["total"] == 90 + 10 + 300 + 60
+    assert store.verify().ok
+    store.engine.dispose()
