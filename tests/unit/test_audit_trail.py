@@ -576,3 +576,28 @@ def test_report_flags_readers_beyond_their_own_history(
     assert rep["total"] == 90 + 10 + 300 + 60
     assert store.verify().ok
     store.engine.dispose()
+
+
+def test_trail_installed_alone_with_its_background_writer(
+    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/audit.db" if engine.dialect.name == "sqlite" else None
+    trail = AuditTrail(keys, url, rows=True, flush_every=0.05).install(keys)
+    assert getattr(keys.decrypt_hook, "trail", None) is trail
+    assert len(_read(engine, "dr.alone")) == 12
+    import time as _time
+
+    deadline = _time.monotonic() + 10
+
+    def total(kind: str) -> int:
+        return sum(int(r["count"]) for r in recs if r["kind"] == kind)  # type: ignore[call-overload]
+
+    recs = _records(trail.store)
+    while (total("read"), total("rows")) != (12, 12) and _time.monotonic() < deadline:
+        _time.sleep(0.05)  # the background thread writes; nobody calls flush()
+        recs = _records(trail.store)
+    assert (total("read"), total("rows")) == (12, 12)
+    assert {r["principal"] for r in recs} == {"dr.alone"}
+    trail.close()
+    keys.decrypt_hook = None
+    trail.store.engine.dispose()
