@@ -137,12 +137,11 @@ class AuditTrail:
         # later, inside an application's SQLite write transaction, creating it
         # could not commit.
         self.store.keys()
+        # Whether the table still has to be created (a store down at start-up
+        # gets it on the first flush that reaches it).
+        self._create = create
         if create:
-            failure: AuditStoreUnavailable | None = None
-            try:
-                self.store.create_schema()
-            except sa.exc.SQLAlchemyError as exc:
-                failure = AuditStoreUnavailable(self.store._down(exc))
+            failure = self._ensure_table()
             if failure is not None:
                 if mode == REQUIRED:
                     raise failure
@@ -418,6 +417,8 @@ class AuditTrail:
                 self._maybe_head()
                 return True
             try:
+                if self._create:
+                    self._ensure_table()  # if it fails, so does the append, which reports
                 head = self.store.append(records)
             except AuditStoreUnavailable as exc:
                 self._put_back(pending, rows, searches)
@@ -441,6 +442,14 @@ class AuditTrail:
                 self._log_json(rec)
             self._maybe_head(force=False)
             return True
+
+    def _ensure_table(self) -> AuditStoreUnavailable | None:
+        try:
+            self.store.create_schema()
+        except sa.exc.SQLAlchemyError as exc:
+            return AuditStoreUnavailable(self.store._down(exc))
+        self._create = False
+        return None
 
     def _maybe_head(self, force: bool = False) -> None:
         now = time.time()

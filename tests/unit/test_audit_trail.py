@@ -601,3 +601,27 @@ def test_trail_installed_alone_with_its_background_writer(
     trail.close()
     keys.decrypt_hook = None
     trail.store.engine.dispose()
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])
+def test_best_effort_starts_with_its_store_down_and_creates_the_table_later(
+    keys: carnet.KeyManager, engine: sa.Engine, fresh_db_url_factory: object
+) -> None:
+    url = fresh_db_url_factory()  # type: ignore[operator]
+    name = sa.engine.make_url(url).database
+    admin = sa.create_engine(url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        trail = _trail(keys, url=url, timeout=1)  # best_effort: starts all the same
+        assert len(_read(engine)) == 12
+        assert not trail.flush()
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        assert trail.flush()
+        assert sum(int(r["count"]) for r in _records(trail.store) if r["kind"] == "read") == 12  # type: ignore[call-overload]
+        trail.store.engine.dispose()
+    finally:
+        with admin.connect() as c:
+            c.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        admin.dispose()
