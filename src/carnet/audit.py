@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, DecryptBudgetExceeded
-from .trail import ANONYMOUS, AuditTrail, _principal, audit_context
+from .trail import ANONYMOUS, AuditTrail, _principal, audit_context, current_principal
 
 if TYPE_CHECKING:
     from .manager import KeyManager
@@ -61,10 +61,6 @@ def principal_scope(principal: str) -> Iterator[str]:
         yield principal
     finally:
         _principal.reset(token)
-
-
-def current_principal() -> str:
-    return _principal.get() or ANONYMOUS
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper
 
+from .context import current_tenant, manager_for
+from .trail import current_principal
 from .types import EncryptedText
 
 ROWS_INFO = "carnet_audit_rows"
@@ -93,8 +95,6 @@ def _spec(mapper: Mapper[Any]) -> _Spec:
 
 
 def _trail_of(session: Any, mapper: Mapper[Any]) -> Any:
-    from .context import manager_for
-
     try:
         bind = session.get_bind(mapper)
         manager = manager_for(bind.dialect)
@@ -131,9 +131,6 @@ def _on_load(spec: _Spec, asked_any: bool, state: Any, context: Any, *refreshed:
             attrs[ck] = trail
     if trail is None or not (trail.rows or asked_any):
         return
-    from .audit import current_principal
-    from .context import current_tenant
-
     d = state.dict
     principal = current_principal()
     # A refresh names the attributes it loaded (None: all): a note loaded
@@ -162,8 +159,6 @@ def searched(
     if trail is None:
         return
     from sqlalchemy import inspect
-
-    from .audit import current_principal
 
     spec = _spec(mapper)
     row_attr = next((s[3] for s in spec if s[3] is not None), None)

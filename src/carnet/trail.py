@@ -75,6 +75,11 @@ ANONYMOUS = "<none>"
 _principal: ContextVar[str | None] = ContextVar("carnet_principal", default=None)
 
 
+def current_principal() -> str:
+    """The principal in scope, or ``<none>``."""
+    return _principal.get() or ANONYMOUS
+
+
 @contextmanager
 def audit_context(*, request_id: str | None = None, route: str | None = None) -> Iterator[None]:
     """Attach the application's own context (a request id, a route) to the records of a block."""
