@@ -90,7 +90,9 @@ def _print_row(row: str, hits: list[dict[str, object]]) -> None:
 
 
 def _print_report(rep: dict[str, object]) -> None:
-    echo(f"reads from {rep['since']} to {rep['until']}: {rep['total']} note(s)")
+    bound = rep["total_at_most"]
+    more = f" (at most {bound}, counting reservations)" if bound != rep["total"] else ""
+    echo(f"reads from {rep['since']} to {rep['until']}: {rep['total']} note(s){more}")
     for r in rep["hours"]:  # type: ignore[attr-defined]
         legacy = f" ({r['legacy']} legacy)" if r["legacy"] else ""
         echo(

@@ -84,6 +84,18 @@ def report(
             .group_by(hour, t.c.principal, t.c.practice, t.c.field, t.c.kind)
             .order_by(hour, t.c.principal, t.c.practice, t.c.field)
         ).all()
+        per_writer = conn.execute(
+            sa.select(
+                t.c.process,
+                t.c.principal,
+                t.c.practice,
+                t.c.field,
+                t.c.kind,
+                sa.func.sum(t.c.count).label("n"),
+            )
+            .where(*where, t.c.kind.in_((READ, RESERVE)))
+            .group_by(t.c.process, t.c.principal, t.c.practice, t.c.field, t.c.kind)
+        ).all()
         searches = conn.execute(
             sa.select(t.c.principal, t.c.practice, t.c.field, t.c.detail).where(
                 *where, t.c.kind == SEARCH
@@ -142,6 +154,9 @@ def report(
         "since": iso_of(start),
         "until": iso_of(end_),
         "total": sum(r["count"] for r in rows.values()),
+        # required mode: a process that died before writing its counts leaves
+        # its reservations, which bound what it disclosed (docs/audit.md).
+        "total_at_most": _upper_bound(per_writer),
         "hours": list(rows.values()),
         "heaviest": heaviest,
         "unusual": unusual(store, start, end_, per),
@@ -151,6 +166,15 @@ def report(
         ),
         "searches": list(srch.values()),
     }
+
+
+def _upper_bound(per_writer: Any) -> int:
+    """Notes disclosed at most: per writing process and (principal, practice, field),
+    the larger of the counts written and the blocks reserved."""
+    got: dict[tuple[str, str, str, str], dict[str, int]] = defaultdict(dict)
+    for r in per_writer:
+        got[(r.process, r.principal, r.practice, r.field)][r.kind] = int(r.n or 0)
+    return sum(max(v.get(READ, 0), v.get(RESERVE, 0)) for v in got.values())
 
 
 def unusual(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 from sqlalchemy.orm import Session
 
 import carnet
 from carnet.audit_store import AuditStore
+from carnet.cli import cli
 from support.models import Note, configured_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,5 +75,13 @@ def test_record_survives_sigkill_after_the_read(
         assert kinds == ({"reserve": 100} if mode == "required" else {"read": 1})
         assert recs[0]["practice"] == "p1" and recs[0]["field"] == "notes.body"
         assert store.verify().ok
+        # The report counts what was written, and bounds what may have been read.
+        res = CliRunner().invoke(
+            cli,
+            ["audit", "report", "--json"],
+            env={"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri},
+        )
+        rep = json.loads(res.output)
+        assert (rep["total"], rep["total_at_most"]) == ((0, 100) if mode == "required" else (1, 1))
         store.engine.dispose()
         carnet.configure(None)
