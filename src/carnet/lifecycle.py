@@ -35,6 +35,7 @@ from .errors import (
     UnknownKey,
     UnknownTenant,
 )
+from .audit_store import AUDIT_TABLE
 from .keystore import ACTIVE, AUDIT, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
 from .providers import MasterKey, create_master_key
@@ -214,8 +215,6 @@ def init(manager: KeyManager) -> dict[str, Any]:
     practice ids exact."""
     converted = manager.create_schema()
     _jobs.ensure_jobs_table(manager.engine)
-    from .audit_store import AUDIT_TABLE
-
     return {
         "tables": [manager.table.name, _jobs.JOBS_TABLE, AUDIT_TABLE],
         "database": safe_url(manager.engine),

@@ -1,7 +1,7 @@
 """carnet's own tables, declared in one place: the data keys, batch jobs, migrations, audit trail.
 
 The key table's name is configurable (``KeyManager(table_name=...)``); the
-other two have fixed names. :func:`carnet_metadata` gathers the current
+others have fixed names. :func:`carnet_metadata` gathers the current
 declaration of all four, as the running code expects them. Schema tools
 (``KeyManager.create_schema`` for the keys, the Alembic helpers in
 :mod:`carnet.migrate.alembic`) compare a live database with it.
