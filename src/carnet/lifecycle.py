@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from . import envelope
 from . import jobs as _jobs
 from . import verify as vf
+from .audit_store import AUDIT_TABLE
 from .batch import BatchReport, BatchRow, iter_rows, raw_type, resolve_table, run_batches
 from .errors import (
     ConfigurationError,
@@ -35,7 +36,6 @@ from .errors import (
     UnknownKey,
     UnknownTenant,
 )
-from .audit_store import AUDIT_TABLE
 from .keystore import ACTIVE, AUDIT, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport
 from .providers import MasterKey, create_master_key
