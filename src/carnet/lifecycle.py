@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from . import envelope
 from . import jobs as _jobs
 from . import verify as vf
+from .audit_store import AUDIT_TABLE
 from .batch import BatchReport, BatchRow, iter_rows, raw_type, resolve_table, run_batches
 from .errors import (
     ConfigurationError,
@@ -34,7 +35,7 @@ from .errors import (
     UnknownKey,
     UnknownTenant,
 )
-from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
+from .keystore import ACTIVE, AUDIT, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport, env_settings
 from .providers import MasterKey, create_master_key
 
@@ -216,11 +217,12 @@ def open_manager(
 
 
 def init(manager: KeyManager) -> dict[str, Any]:
-    """Create ``carnet_keys`` and ``carnet_jobs`` when missing; make practice ids exact."""
+    """Create ``carnet_keys``, ``carnet_jobs`` and ``carnet_audit`` when missing; make
+    practice ids exact."""
     converted = manager.create_schema()
     _jobs.ensure_jobs_table(manager.engine)
     return {
-        "tables": [manager.table.name, _jobs.JOBS_TABLE],
+        "tables": [manager.table.name, _jobs.JOBS_TABLE, AUDIT_TABLE],
         "database": safe_url(manager.engine),
         "converted_to_exact_practice_ids": converted,
     }
@@ -521,6 +523,8 @@ def status(
     manager.create_schema()
     tenants: dict[str, list[KeyRecord]] = {}
     for rec in manager.iter_keys():
+        if rec.kind == AUDIT:
+            continue  # the audit trail's key belongs to no practice (docs/audit.md)
         tenants.setdefault(rec.tenant, []).append(rec)
     ts = []
     for tenant in sorted(tenants):
