@@ -18,8 +18,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 import carnet
-from carnet.audit import Auditor, DecryptBudget
+from carnet.audit import Auditor, AuditTrail, DecryptBudget
 from carnet.errors import (
+    AuditStoreUnavailable,
     CarnetError,
     DecryptBudgetExceeded,
     KeyDestroyed,
@@ -60,16 +61,29 @@ def authenticate(authorization: str | None, tokens: Mapping[str, Caller]) -> Cal
     return found
 
 
-def install_carnet(keys: carnet.KeyManager, budget: DecryptBudget | None) -> Auditor:
-    """Strict mode and the decrypt budget, process-wide: call once, at start-up.
+def install_carnet(
+    keys: carnet.KeyManager, budget: DecryptBudget | None, trail: AuditTrail | None = None
+) -> Auditor:
+    """Strict mode, the decrypt budget and the audit trail, process-wide: call once, at start-up.
 
     Strict mode makes every read and write of a note need a ``tenant_scope``
     matching the row's practice, so a scope lost between the request and the
     database fails closed. The auditor attributes each decryption to the
-    principal in scope and stops one that reads more than its budget.
+    principal in scope, stops one that reads more than its budget, and hands
+    every disclosure to the durable trail (``carnet_audit``, docs/audit.md).
     """
     carnet.configure(keys, require_scope=True)
-    return Auditor(budget=budget).install(keys)
+    return Auditor(budget=budget, trail=trail).install(keys)
+
+
+def default_trail(keys: carnet.KeyManager) -> AuditTrail:
+    """The audit trail in the key table's database (the notes' column names the patient
+    recorded for each note opened, see models.py).
+
+    ``required`` instead of the default ``best_effort`` refuses a read the
+    trail cannot record (HTTP 503 below) instead of logging the failure.
+    """
+    return AuditTrail(keys)
 
 
 def default_budget() -> DecryptBudget:
@@ -102,6 +116,10 @@ def refusal(exc: CarnetError, caller: Caller | None, budget: DecryptBudget | Non
         return Refusal(403, "forbidden", {})
     if isinstance(exc, KeyDestroyed):
         return Refusal(410, "this note was erased", {})
+    if isinstance(exc, AuditStoreUnavailable):
+        # required mode: the read could not be recorded, so nothing was disclosed.
+        log.error("audit trail unavailable: a read of %r was refused", who)
+        return Refusal(503, "temporarily unavailable", {"Retry-After": "30"})
     if isinstance(exc, MasterKeyUnavailable):
         return Refusal(503, "temporarily unavailable", {"Retry-After": "30"})
     # TenantRequired lands here: a request that reached the database without

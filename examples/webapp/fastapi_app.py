@@ -1,4 +1,4 @@
-"""Consultation notes over HTTP with FastAPI, strict mode and a decrypt budget.
+"""Consultation notes over HTTP with FastAPI, strict mode, a decrypt budget and the audit trail.
 
     POST /patients/{patient_id}/notes   {"body": "..."}  -> 201 {"id", "patient_id"}
     GET  /notes/{note_id}                                -> 200 {"id", "patient_id", "body"}
@@ -16,6 +16,7 @@ would be lost; strict mode then refuses the read instead of answering it.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated
 
@@ -27,10 +28,18 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import sessionmaker
 
 import carnet
-from carnet.audit import DecryptBudget, principal_scope
+from carnet.audit import AuditTrail, DecryptBudget, audit_context, principal_scope
 from carnet.errors import CarnetError
 
-from .common import DEMO_TOKENS, Caller, authenticate, default_budget, install_carnet, refusal
+from .common import (
+    DEMO_TOKENS,
+    Caller,
+    authenticate,
+    default_budget,
+    default_trail,
+    install_carnet,
+    refusal,
+)
 from .models import Note
 
 
@@ -42,7 +51,15 @@ async def current_caller(request: Request) -> AsyncIterator[Caller]:
     # The practice and the principal come from the credential, never from the
     # request's path or body.
     request.state.caller = who
-    with carnet.tenant_scope(who.practice), principal_scope(who.principal):
+    # The audit trail's records of this request carry its id and route
+    # template (never the path itself: it may hold a patient's identifier).
+    route = getattr(request.scope.get("route"), "path", None)
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    with (
+        carnet.tenant_scope(who.practice),
+        principal_scope(who.principal),
+        audit_context(request_id=request_id[:64], route=route),
+    ):
         yield who
 
 
@@ -58,10 +75,11 @@ def create_app(
     keys: carnet.KeyManager,
     *,
     budget: DecryptBudget | None = None,
+    trail: AuditTrail | None = None,
     tokens: Mapping[str, Caller] = DEMO_TOKENS,
 ) -> FastAPI:
     budget = budget if budget is not None else default_budget()
-    install_carnet(keys, budget)
+    install_carnet(keys, budget, trail)
     sessions = sessionmaker(engine)
     app = FastAPI(title="carnet example: consultation notes")
     app.state.tokens = tokens
@@ -82,9 +100,12 @@ def create_app(
         with sessions() as s:
             row = Note(practice_id=who.practice, patient_id=patient_id, body=note.body)
             s.add(row)
+            s.flush()
+            # The id before the commit: after it, reading row.id reloads the whole
+            # expired row, body included, a decryption the audit trail records.
+            note_id = row.id
             s.commit()
-            # Primary key only: reading the body back would decrypt it again.
-            return {"id": row.id, "patient_id": patient_id}
+            return {"id": note_id, "patient_id": patient_id}
 
     @app.get("/notes/{note_id}")
     def read_note(note_id: int, who: CurrentCaller) -> dict[str, object]:
@@ -116,4 +137,5 @@ def demo_app() -> FastAPI:
     """``uvicorn --factory webapp.fastapi_app:demo_app``: SQLite and a key file in ./webapp-demo."""
     from .common import demo_setup
 
-    return create_app(*demo_setup())
+    engine, keys = demo_setup()
+    return create_app(engine, keys, trail=default_trail(keys))

@@ -1,4 +1,4 @@
-"""Consultation notes over HTTP with Flask, strict mode and a decrypt budget.
+"""Consultation notes over HTTP with Flask, strict mode, a decrypt budget and the audit trail.
 
 The same three endpoints as the FastAPI application. Flask serves a whole
 request in one thread and one context, so the scopes are entered in
@@ -8,6 +8,7 @@ which runs whatever happened in the view.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -18,10 +19,18 @@ from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
 import carnet
-from carnet.audit import DecryptBudget, principal_scope
+from carnet.audit import AuditTrail, DecryptBudget, audit_context, principal_scope
 from carnet.errors import CarnetError
 
-from .common import DEMO_TOKENS, Caller, authenticate, default_budget, install_carnet, refusal
+from .common import (
+    DEMO_TOKENS,
+    Caller,
+    authenticate,
+    default_budget,
+    default_trail,
+    install_carnet,
+    refusal,
+)
 from .models import Note
 
 MAX_NOTE = 1_000_000
@@ -32,10 +41,11 @@ def create_app(
     keys: carnet.KeyManager,
     *,
     budget: DecryptBudget | None = None,
+    trail: AuditTrail | None = None,
     tokens: Mapping[str, Caller] = DEMO_TOKENS,
 ) -> Flask:
     budget = budget if budget is not None else default_budget()
-    install_carnet(keys, budget)
+    install_carnet(keys, budget, trail)
     sessions = sessionmaker(engine)
     app = Flask(__name__)
 
@@ -48,6 +58,11 @@ def create_app(
         g.carnet_scopes = stack = ExitStack()
         stack.enter_context(carnet.tenant_scope(who.practice))
         stack.enter_context(principal_scope(who.principal))
+        # The trail's records carry the request id and the route's rule
+        # (``/notes/<int:note_id>``), never the path with its identifiers.
+        rule = request.url_rule.rule if request.url_rule is not None else None
+        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        stack.enter_context(audit_context(request_id=request_id[:64], route=rule))
 
     @app.teardown_request
     def leave_scopes(_exc: BaseException | None) -> None:
@@ -78,9 +93,12 @@ def create_app(
         with sessions() as s:
             row = Note(practice_id=g.caller.practice, patient_id=patient_id, body=body)
             s.add(row)
+            s.flush()
+            # The id before the commit: after it, reading row.id reloads the whole
+            # expired row, body included, a decryption the audit trail records.
+            note_id = row.id
             s.commit()
-            # Primary key only: reading the body back would decrypt it again.
-            return {"id": row.id, "patient_id": patient_id}, 201
+            return {"id": note_id, "patient_id": patient_id}, 201
 
     @app.get("/notes/<int:note_id>")
     def read_note(note_id: int) -> Any:
@@ -112,4 +130,5 @@ if __name__ == "__main__":
     from .common import demo_setup
 
     # Flask's development server; run from examples/: python -m webapp.flask_app
-    create_app(*demo_setup()).run()
+    engine, keys = demo_setup()
+    create_app(engine, keys, trail=default_trail(keys)).run()

@@ -20,7 +20,11 @@ class Note(Base):
     # match it in strict mode.
     practice_id: Mapped[str] = mapped_column(sa.String(64), index=True)
     patient_id: Mapped[str] = mapped_column(sa.String(64), index=True)
-    body: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="practice_id"))
+    # The audit trail records, for each note opened, its patient: "who opened
+    # this patient's file" is then one command (carnet audit report --row).
+    body: Mapped[str | None] = mapped_column(
+        carnet.EncryptedText(tenant="practice_id"), info={"carnet_audit_rows": "patient_id"}
+    )
 
 
 def create_tables(engine: sa.Engine, keys: carnet.KeyManager) -> None:

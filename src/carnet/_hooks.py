@@ -141,6 +141,11 @@ def on_mapper(mapper: Mapper[Any], handlers: dict[str, Callable[..., Any]]) -> N
         event.listen(mapper, name, fn, raw=True)
 
 
+def on_every_mapper(fn: Callable[[Mapper[Any], type], None]) -> None:
+    """``fn(mapper, class_)`` for every mapper configured from now on (the audit trail's rows)."""
+    event.listen(Mapper, "mapper_configured", fn)
+
+
 def on_table_create(
     table: sa.Table,
     before: Callable[..., Any],

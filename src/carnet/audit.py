@@ -13,7 +13,10 @@ checked against an optional budget::
         ...  # a 501st read within any 60 seconds raises DecryptBudgetExceeded
 
 Events go to the ``carnet.audit`` logger (and an optional sink callable):
-principal, tenant, field label, counts; never a note. See docs/audit.md.
+principal, tenant, field label, counts; never a note. With ``trail=`` (an
+:class:`~carnet.trail.AuditTrail`) every disclosure is also written to the
+durable, chained ``carnet_audit`` table, before the value is opened in
+``required`` mode. See docs/audit.md.
 """
 
 from __future__ import annotations
@@ -25,18 +28,27 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, DecryptBudgetExceeded
+from .trail import ANONYMOUS, AuditTrail, _principal, audit_context, current_principal
 
 if TYPE_CHECKING:
     from .manager import KeyManager
 
+__all__ = [
+    "ANONYMOUS",
+    "AuditEvent",
+    "AuditTrail",
+    "Auditor",
+    "DecryptBudget",
+    "audit_context",
+    "current_principal",
+    "principal_scope",
+]
+
 log = logging.getLogger("carnet.audit")
-ANONYMOUS = "<none>"
-_principal: ContextVar[str | None] = ContextVar("carnet_principal", default=None)
 
 
 @contextmanager
@@ -49,10 +61,6 @@ def principal_scope(principal: str) -> Iterator[str]:
         yield principal
     finally:
         _principal.reset(token)
-
-
-def current_principal() -> str:
-    return _principal.get() or ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -185,8 +193,10 @@ class Auditor:
         sink: Callable[[AuditEvent], None] | None = None,
         flush_every: float = 60.0,
         clock: Clock = time.monotonic,
+        trail: AuditTrail | None = None,
     ) -> None:
         self.budget = budget
+        self.trail = trail
         self.sink = sink
         self.flush_every = flush_every
         self._clock = clock
@@ -196,6 +206,10 @@ class Auditor:
 
     def install(self, manager: KeyManager) -> Auditor:
         manager.decrypt_hook = self
+        if self.trail is not None:
+            from . import audit_rows
+
+            audit_rows.activate(rows=self.trail.rows)
         return self
 
     def __call__(self, tenant: str, field: str, count: int) -> None:
@@ -209,6 +223,10 @@ class Auditor:
         principal = _principal.get() or ANONYMOUS
         if self.budget is not None:
             self.budget.charge(principal, count)
+        if self.trail is not None:
+            # Before the value is opened: in required mode a read the trail
+            # cannot record raises here, and nothing is disclosed.
+            self.trail.disclosed(principal, tenant, field, count, legacy)
         with self._lock:
             c = self._counts[(principal, tenant, field)]
             c[0] += count

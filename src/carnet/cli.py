@@ -1032,6 +1032,7 @@ def _register_searchable() -> None:
 
 _register_searchable()
 cli.add_command(__import__("carnet.checks_cli", fromlist=["checks"]).checks)  # carnet checks
+cli.add_command(__import__("carnet.audit_cli", fromlist=["audit"]).audit)  # carnet audit
 
 
 def main() -> None:

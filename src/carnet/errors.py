@@ -169,6 +169,14 @@ class DatabaseError(CarnetError):
         super().__init__(message)
 
 
+class AuditStoreUnavailable(DatabaseError):
+    """The audit trail's store could not record a disclosure (``required`` mode: the read
+    is refused and nothing is disclosed). The message names the store, never a value."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
 # Driver errors whose first line is about reaching the server, never about a
 # row: PostgreSQL SQLSTATE classes 08 (connection), 28 (authentication), 3D
 # (no such database), 57P (shutdown); MySQL/MariaDB server errors 1040-1049

@@ -23,6 +23,9 @@ Kinds::
     data      a data key (DEK): AES-256-GCM key of the tenant's field values
     index     a blind-index root key: HKDF input of the tenant's blind-index
               keys (see carnet.indexkeys); never encrypts anything
+    audit     the audit trail's HMAC key (see carnet.audit_store); one active
+              for the whole database, under the practice id ``""`` that no
+              practice can have; never encrypts anything
 """
 
 from __future__ import annotations
@@ -55,7 +58,12 @@ DESTROYED = "destroyed"
 STATES = (ACTIVE, INACTIVE, RETIRED, DESTROYED)
 DATA = "data"
 INDEX = "index"
-KINDS = (DATA, INDEX)
+AUDIT = "audit"
+KINDS = (DATA, INDEX, AUDIT)
+# The practice id of the audit key: carnet refuses an empty practice id for a
+# value, so no practice's keys (nor its destroy) can ever name it.
+AUDIT_TENANT = ""
+_KIND_CHECK = "kind IN ('data', 'index', 'audit')"
 
 _T = TypeVar("_T")
 
@@ -82,7 +90,7 @@ def keys_table(metadata: sa.MetaData, name: str = "carnet_keys", *, kinds: bool 
             sa.Column("active_tenant", practice_id_type(), nullable=True),
             sa.UniqueConstraint("tenant", "kind", "version", name=f"uq_{name}_tenant_kind_version"),
             sa.UniqueConstraint("kind", "active_tenant", name=f"uq_{name}_kind_active"),
-            sa.CheckConstraint("kind IN ('data', 'index')", name=f"ck_{name}_kind"),
+            sa.CheckConstraint(_KIND_CHECK, name=f"ck_{name}_kind"),
         ]
     else:
         per_kind = [
@@ -290,9 +298,54 @@ def add_key_kinds_in(conn: sa.Connection, table: sa.Table) -> bool:
         "UNIQUE (tenant, kind, version)"
     )
     conn.exec_driver_sql(
-        f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'ck_{n}_kind')} "
-        "CHECK (kind IN ('data', 'index'))"
+        f"ALTER TABLE {tname} ADD CONSTRAINT {q.quote(f'ck_{n}_kind')} CHECK ({_KIND_CHECK})"
     )
+    return True
+
+
+def lacks_audit_kind(conn: sa.Connection, table: sa.Table) -> bool:
+    """True if the live key table has kinds but its kind check refuses ``audit``."""
+    insp = sa.inspect(conn)
+    if not insp.has_table(table.name, schema=table.schema):
+        return False
+    if "kind" not in {c["name"] for c in insp.get_columns(table.name, schema=table.schema)}:
+        return False  # add_key_kinds_in installs the current check
+    for ck in insp.get_check_constraints(table.name, schema=table.schema):
+        text = str(ck.get("sqltext", ""))
+        if "kind" in text and "'index'" in text:
+            return "'audit'" not in text
+    return False
+
+
+def add_audit_kind(engine: sa.Engine, table: sa.Table) -> bool:
+    """Let a key table made before the audit trail hold the audit key; True if it changed."""
+    with engine.begin() as conn:
+        return add_audit_kind_in(conn, table)
+
+
+def add_audit_kind_in(conn: sa.Connection, table: sa.Table) -> bool:
+    """:func:`add_audit_kind` inside ``conn``'s transaction (an Alembic migration's).
+
+    The kind check gains ``'audit'``. SQLite cannot alter a check: the table
+    is rebuilt and its rows copied, in one transaction, as for key kinds.
+    """
+    if not lacks_audit_kind(conn, table):
+        return False
+    q = conn.dialect.identifier_preparer
+    tname = q.format_table(table)
+    ck = q.quote(f"ck_{table.name}_kind")
+    if conn.dialect.name == "sqlite":
+        old = q.quote(f"{table.name}_before_audit")
+        conn.exec_driver_sql(f"ALTER TABLE {tname} RENAME TO {old}")
+        table.create(conn)
+        cols = ", ".join(q.quote(c.name) for c in table.c)
+        conn.exec_driver_sql(
+            f"INSERT INTO {tname} ({cols}) SELECT {cols} FROM {old}"  # noqa: S608 - quoted names
+        )
+        conn.exec_driver_sql(f"DROP TABLE {old}")
+        return True
+    conn.exec_driver_sql(f"ALTER TABLE {tname} DROP CONSTRAINT {ck}")
+    conn.exec_driver_sql(f"ALTER TABLE {tname} ADD CONSTRAINT {ck} CHECK ({_KIND_CHECK})")
     return True
 
 
@@ -380,11 +433,17 @@ class KeyStore:
     # -- schema --------------------------------------------------------------------
 
     def create_schema(self) -> list[str]:
-        """Create the table if it is missing; upgrade one made before key kinds; make
-        its practice ids exact. Returns the columns converted (usually none)."""
+        """Create the table if it is missing; upgrade one made before key kinds or the
+        audit key; make its practice ids exact; create ``carnet_audit`` beside it.
+        Returns the columns converted (usually none)."""
         engine = self.engine
         self.metadata.create_all(engine)
         add_key_kinds(engine, self._kinds_table)
+        add_audit_kind(engine, self._kinds_table)
+        # The audit trail's default home is the key table's database.
+        from .audit_store import AUDIT_TABLE, audit_table
+
+        audit_table(sa.MetaData(), AUDIT_TABLE).create(engine, checkfirst=True)
         self._table = self._kinds_table
         return make_practice_ids_exact(engine, self.table)
 
@@ -485,11 +544,16 @@ class KeyStore:
             last = rows[-1].key_id
 
     def tenants(self) -> list[str]:
+        """The practices with keys (the audit key's ``""`` is no practice)."""
         t = self.table
         with self.engine.connect() as conn:
-            return list(
-                conn.execute(sa.select(t.c.tenant).distinct().order_by(t.c.tenant)).scalars()
-            )
+            return [
+                p
+                for p in conn.execute(
+                    sa.select(t.c.tenant).distinct().order_by(t.c.tenant)
+                ).scalars()
+                if p != AUDIT_TENANT
+            ]
 
     def index_roots(
         self, conn: sa.Connection | None, tenant: str
@@ -512,6 +576,39 @@ class KeyStore:
         if not rows or rows[0].state != ACTIVE:
             states = set(conn.execute(sa.select(t.c.state).where(t.c.tenant == tenant)).scalars())
         return [KeyRecord.from_row(r) for r in rows], states
+
+    def audit_keys(self, conn: sa.Connection | None = None) -> list[KeyRecord]:
+        """The audit trail's keys (kind ``audit``), active first, then newest first."""
+        if conn is None:
+            with self.engine.connect() as own:
+                return self.audit_keys(own)
+        self.require_kinds()
+        t = self.table
+        rows = conn.execute(
+            sa.select(t)
+            .where(t.c.kind == AUDIT, t.c.tenant == AUDIT_TENANT)
+            .order_by(t.c.active_tenant.is_(None), t.c.version.desc())
+        )
+        recs = [KeyRecord.from_row(r) for r in rows]
+        for rec in recs:
+            rec.check()
+        return recs
+
+    def insert_audit_key(self, key_id: bytes, wrapped: bytes, master_key_uri: str) -> bool:
+        """Insert the first audit key; False when another process won (its key is used)."""
+        try:
+            with self.engine.begin() as conn:
+                self.insert(
+                    conn, AUDIT_TENANT, key_id, wrapped, master_key_uri, version=1, kind=AUDIT
+                )
+        except sa.exc.IntegrityError:
+            return False  # another process won, or a kind check from before the trail
+        except sa.exc.OperationalError as exc:
+            # MariaDB reports a failed CHECK as error 4025, not an integrity error.
+            if (getattr(exc.orig, "args", None) or [None])[0] != 4025:
+                raise
+            return False
+        return True
 
     # -- writes --------------------------------------------------------------------
 

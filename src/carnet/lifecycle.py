@@ -23,45 +23,21 @@ from . import jobs as _jobs
 from ._engines import safe_url
 
 # The commands' library calls, each job in its own module, gathered here for
-# the CLI and for applications that call them as ``carnet.lifecycle.X``.
+# the CLI and for applications that call them as ``carnet.lifecycle.X`` (see __all__).
 from .batchops import (
-    EncryptedColumn as EncryptedColumn,
-)
-from .batchops import (
-    ReencryptAllReport as ReencryptAllReport,
-)
-from .batchops import (
-    ReencryptReport as ReencryptReport,
-)
-from .batchops import (
-    WorkerSpec as WorkerSpec,
-)
-from .batchops import (
-    estimate_rows as estimate_rows,
-)
-from .batchops import (
-    fresh_pass_if_finished as fresh_pass_if_finished,
-)
-from .batchops import (
-    reencrypt as reencrypt,
-)
-from .batchops import (
-    reencrypt_columns as reencrypt_columns,
-)
-from .batchops import (
-    reencrypt_job_name as reencrypt_job_name,
-)
-from .batchops import (
-    reencrypt_parallel as reencrypt_parallel,
-)
-from .batchops import (
-    reencrypt_transform as reencrypt_transform,
-)
-from .batchops import (
-    rows_to_scan as rows_to_scan,
-)
-from .batchops import (
-    run_name as run_name,
+    EncryptedColumn,
+    ReencryptAllReport,
+    ReencryptReport,
+    WorkerSpec,
+    estimate_rows,
+    fresh_pass_if_finished,
+    reencrypt,
+    reencrypt_columns,
+    reencrypt_job_name,
+    reencrypt_parallel,
+    reencrypt_transform,
+    rows_to_scan,
+    run_name,
 )
 from .errors import (
     ConfigurationError,
@@ -74,58 +50,32 @@ from .keystore import ACTIVE, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport, env_settings
 from .providers import create_master_key
 from .reflect import (
-    check_column as check_column,
-)
-from .reflect import (
-    resolve as resolve,
-)
-from .reflect import (
-    resolve_table as resolve_table,
+    check_column,
+    resolve,
+    resolve_table,
 )
 from .status import (
-    ColumnStatus as ColumnStatus,
-)
-from .status import (
-    StatusReport as StatusReport,
-)
-from .status import (
-    TenantStatus as TenantStatus,
-)
-from .status import (
-    UncheckedMasterKey as UncheckedMasterKey,
-)
-from .status import (
-    check_master_key as check_master_key,
-)
-from .status import (
-    column_status as column_status,
-)
-from .status import (
-    status as status,
+    ColumnStatus,
+    StatusReport,
+    TenantStatus,
+    UncheckedMasterKey,
+    check_master_key,
+    column_status,
+    status,
 )
 from .stored import (
-    PLAINTEXT as PLAINTEXT,
+    PLAINTEXT,
+    _carnet_value,
+    _Keys,
+    blob_of,
+    discover_columns,
+    is_encrypted_column,
+    require_encrypted,
 )
-from .stored import (
-    _carnet_value as _carnet_value,
+from .verify import (
+    VerifyReport,
+    verify,
 )
-from .stored import (
-    _Keys as _Keys,
-)
-from .stored import (
-    blob_of as blob_of,
-)
-from .stored import (
-    discover_columns as discover_columns,
-)
-from .stored import (
-    is_encrypted_column as is_encrypted_column,
-)
-from .stored import (
-    require_encrypted as require_encrypted,
-)
-from .verify import VerifyReport as VerifyReport
-from .verify import verify as verify
 
 Progress = Callable[[int], None]
 
@@ -302,11 +252,14 @@ def open_manager(
 
 
 def init(manager: KeyManager) -> dict[str, Any]:
-    """Create ``carnet_keys`` and ``carnet_jobs`` when missing; make practice ids exact."""
+    """Create ``carnet_keys``, ``carnet_jobs`` and ``carnet_audit`` when missing; make
+    practice ids exact."""
     converted = manager.create_schema()
     _jobs.ensure_jobs_table(manager.engine)
+    from .audit_store import AUDIT_TABLE
+
     return {
-        "tables": [manager.table.name, _jobs.JOBS_TABLE],
+        "tables": [manager.table.name, _jobs.JOBS_TABLE, AUDIT_TABLE],
         "database": safe_url(manager.engine),
         "converted_to_exact_practice_ids": converted,
     }
@@ -681,3 +634,39 @@ def count_keys(manager: KeyManager) -> int:
 def env_previous_master_keys() -> tuple[str, ...]:
     """``CARNET_PREVIOUS_MASTER_KEYS``, parsed as :meth:`KeyManager.from_env` parses it."""
     return env_settings().previous_master_keys
+
+
+__all__ = [
+    "ColumnStatus",
+    "EncryptedColumn",
+    "PLAINTEXT",
+    "ReencryptAllReport",
+    "ReencryptReport",
+    "StatusReport",
+    "TenantStatus",
+    "UncheckedMasterKey",
+    "VerifyReport",
+    "WorkerSpec",
+    "_Keys",
+    "_carnet_value",
+    "blob_of",
+    "check_column",
+    "check_master_key",
+    "column_status",
+    "discover_columns",
+    "estimate_rows",
+    "fresh_pass_if_finished",
+    "is_encrypted_column",
+    "reencrypt",
+    "reencrypt_columns",
+    "reencrypt_job_name",
+    "reencrypt_parallel",
+    "reencrypt_transform",
+    "require_encrypted",
+    "resolve",
+    "resolve_table",
+    "rows_to_scan",
+    "run_name",
+    "status",
+    "verify",
+]

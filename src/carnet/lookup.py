@@ -238,6 +238,9 @@ def search(
                 out.append(obj)
         except InvalidPlaintext:
             continue
+    __import__("carnet.audit_rows").audit_rows.searched(
+        session, mapper, r.key, tenant, len(rows), out
+    )
     return out
 
 

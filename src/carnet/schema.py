@@ -1,8 +1,8 @@
-"""carnet's own tables, declared in one place: the data keys, batch jobs and migrations.
+"""carnet's own tables, declared in one place: the data keys, batch jobs, migrations, audit trail.
 
 The key table's name is configurable (``KeyManager(table_name=...)``); the
-other two have fixed names. :func:`carnet_metadata` gathers the current
-declaration of all three, as the running code expects them. Schema tools
+others have fixed names. :func:`carnet_metadata` gathers the current
+declaration of all four, as the running code expects them. Schema tools
 (``KeyManager.create_schema`` for the keys, the Alembic helpers in
 :mod:`carnet.migrate.alembic`) compare a live database with it.
 
@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import sqlalchemy as sa
 
+from .audit_store import AUDIT_TABLE, audit_table
 from .jobs import JOBS_TABLE, jobs_table
 from .keystore import keys_table
 from .migrations import MIGRATIONS
@@ -40,21 +41,23 @@ JOBS_SIGNATURE = frozenset(
 MIGRATIONS_SIGNATURE = frozenset(
     {"table_name", "column_name", "source_column", "mode", "label", "tenant", "state"}
 )
-SIGNATURES = (KEYS_SIGNATURE, JOBS_SIGNATURE, MIGRATIONS_SIGNATURE)
+AUDIT_SIGNATURE = frozenset({"seq", "mac", "key_id", "kind", "principal", "practice", "first_at"})
+SIGNATURES = (KEYS_SIGNATURE, JOBS_SIGNATURE, MIGRATIONS_SIGNATURE, AUDIT_SIGNATURE)
 
 
 def carnet_metadata(keys_table_name: str = KEYS_TABLE) -> sa.MetaData:
-    """A new MetaData holding carnet's three tables as the current release declares them."""
+    """A new MetaData holding carnet's four tables as the current release declares them."""
     md = sa.MetaData()
     keys_table(md, keys_table_name)
     jobs_table(md, JOBS_TABLE)
     MIGRATIONS.to_metadata(md)
+    audit_table(md, AUDIT_TABLE)
     return md
 
 
 def table_names(keys_table_name: str = KEYS_TABLE) -> frozenset[str]:
     """Names of carnet's tables with this key table name (and the default one)."""
-    return frozenset({KEYS_TABLE, keys_table_name, JOBS_TABLE, MIGRATIONS_TABLE})
+    return frozenset({KEYS_TABLE, keys_table_name, JOBS_TABLE, MIGRATIONS_TABLE, AUDIT_TABLE})
 
 
 def looks_like_carnet_table(column_names: Iterable[str]) -> bool:

@@ -15,7 +15,7 @@ from .errors import (
     InvalidCiphertext,
     MasterKeyUnavailable,
 )
-from .keystore import ACTIVE, DATA, DESTROYED, RETIRED, KeyRecord
+from .keystore import ACTIVE, AUDIT, DATA, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager
 from .providers import MasterKey
 from .reflect import check_column
@@ -183,6 +183,8 @@ def status(
     manager.create_schema()
     tenants: dict[str, list[KeyRecord]] = {}
     for rec in manager.iter_keys():
+        if rec.kind == AUDIT:
+            continue  # the audit trail's key belongs to no practice (docs/audit.md)
         tenants.setdefault(rec.tenant, []).append(rec)
     ts = []
     for tenant in sorted(tenants):

@@ -61,6 +61,9 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], bool]] = {
     ("checks", "install"): ([*TARGET, "--tenant-column", "practice_id"], False),
     ("checks", "status"): ([], False),
     ("checks", "drop"): ([*TARGET, "--yes"], False),
+    ("audit", "report"): ([], False),
+    ("audit", "verify"): ([], True),
+    ("audit", "prune"): (["--before", "2000-01-01", "--yes"], True),
 }
 
 # Leaf commands outside the fault matrix, and why.

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from .. import _sa
 from ..errors import ConfigurationError
-from ..keystore import add_key_kinds_in
+from ..keystore import add_audit_kind_in, add_key_kinds_in, lacks_audit_kind
 from ..schema import KEYS_TABLE, carnet_metadata, looks_like_carnet_table, table_names
 
 IncludeObject = Callable[[Any, Any, str, bool, Any], bool]
@@ -128,7 +128,27 @@ def plan_carnet_tables(bind: sa.Engine | sa.Connection, keys_table: str = KEYS_T
             step = _collation_step(dialect, table.name, col, got)
             if step is not None:
                 steps.append(step)
+        if table.name == keys_table and "kind" in live:
+            conn = bind if isinstance(bind, sa.Connection) else None
+            if conn is None:
+                with bind.connect() as c:  # type: ignore[union-attr]
+                    lacks = lacks_audit_kind(c, table)
+            else:
+                lacks = lacks_audit_kind(conn, table)
+            if lacks:
+                steps.append(
+                    Step(
+                        f"let {table.name} hold the audit key (kind check)", _audit_kind_step(table)
+                    )
+                )
     return steps
+
+
+def _audit_kind_step(table: sa.Table) -> Callable[[Any], None]:
+    def apply(op: Any) -> None:
+        add_audit_kind_in(op.get_bind(), table)
+
+    return apply
 
 
 def _key_kinds_step(table: sa.Table) -> Callable[[Any], None]:
@@ -219,7 +239,7 @@ def create_carnet_tables(op: Any = None, *, keys_table: str = KEYS_TABLE) -> Non
     """Create whichever of carnet's tables is missing (an Alembic migration step).
 
     In offline mode (``alembic upgrade --sql``) nothing can be inspected: the
-    script creates all three tables.
+    script creates all of carnet's tables.
     """
     o = alembic_ops(op)
     tables = carnet_metadata(keys_table).sorted_tables
@@ -236,7 +256,7 @@ def upgrade_carnet_tables(op: Any = None, *, keys_table: str = KEYS_TABLE) -> li
     Compares the live database with :func:`carnet.schema.carnet_metadata` and
     applies what is missing (see :func:`plan_carnet_tables`); running it again
     does nothing. Returns the descriptions of the steps applied. In offline
-    mode it creates the three tables, as :func:`create_carnet_tables` does.
+    mode it creates all of carnet's tables, as :func:`create_carnet_tables` does.
     """
     o = alembic_ops(op)
     if _offline(o):
