@@ -595,3 +595,49 @@ class Config:
             self._manager.close()
             self._manager.engine.dispose()
             self._manager = None
+
+
+# -- options and helpers shared by the top-level commands ------------------------------------
+
+pass_config = click.make_pass_decorator(Config)
+
+
+def column_options(f: F) -> F:
+    f = click.option(
+        "--column",
+        "columns",
+        multiple=True,
+        metavar="C",
+        help="Encrypted column of the preceding --table (repeatable).",
+    )(f)
+    return click.option(
+        "--table",
+        "tables",
+        multiple=True,
+        metavar="T",
+        help="Table holding an encrypted column (repeatable; default: discover).",
+    )(f)
+
+
+def column_pairs(tables: tuple[str, ...], columns: tuple[str, ...]) -> list[tuple[str, str]] | None:
+    """``--table``/``--column`` given in pairs, or None (discover)."""
+    if not tables and not columns:
+        return None
+    if len(tables) != len(columns):
+        raise click.UsageError("give --table and --column in pairs (one --column per --table)")
+    return list(zip(tables, columns, strict=True))
+
+
+def app_option(f: F) -> F:
+    return click.option(
+        "--app",
+        "app",
+        metavar="MODULE:ATTR",
+        help="The application's SQLAlchemy MetaData or declarative Base (module:attribute): "
+        "its encrypted columns are checked even when they have no rows yet.",
+    )(f)
+
+
+def plural(count: int, what: str) -> str:
+    """``1 row``, ``2 rows``: a count with its noun."""
+    return f"{count:,} {what}" + ("" if count == 1 else "s")
