@@ -25,6 +25,7 @@ import click
 import sqlalchemy as sa
 
 from . import lifecycle
+from ._engines import make_engine
 from .errors import (
     CarnetError,
     ConfigurationError,
@@ -380,20 +381,9 @@ class Progress:
 
 
 def lock_notice(message: str) -> None:
+    """Where a command's engine tells of a wait for a SQLite lock: stderr
+    (:func:`carnet._engines.make_engine`)."""
     echo(f"carnet: {message}", err=True)
-
-
-def make_engine(url: str | None) -> sa.Engine:
-    """The one engine factory of the command line.
-
-    ``hide_parameters`` always (a failed UPDATE must not print the note it
-    compared against); the batch time-outs of :func:`carnet.lifecycle.make_engine`;
-    a bad URL or a missing driver is a :class:`ConfigurationError` (exit 2).
-    The engine connects lazily: an unreachable server shows at first use (exit 4).
-    """
-    if not url:
-        raise ConfigurationError(NO_DATABASE)
-    return lifecycle.make_engine(url, lock_notice=lock_notice)
 
 
 def open_manager(
@@ -566,7 +556,7 @@ class Config:
         return self.master_key
 
     def engine(self) -> sa.Engine:
-        return make_engine(self.need_url())
+        return make_engine(self.need_url(), lock_notice=lock_notice)
 
     def manager(self, *, open_master: bool = True) -> KeyManager:
         """The key manager; without ``open_master`` the master keys are not opened

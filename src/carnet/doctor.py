@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from . import jobs as _jobs
 from . import lifecycle
+from ._engines import make_engine
 from .errors import (
     CarnetError,
     ConfigurationError,
@@ -181,7 +182,7 @@ def _beside(obj: Any, kind: type[Any]) -> list[Any]:
 
 def _database(url: str) -> tuple[Check, sa.Engine | None]:
     try:
-        engine = lifecycle.make_engine(url)
+        engine = make_engine(url)
     except ConfigurationError as exc:
         driver = "not installed" in str(exc)
         return Check(
