@@ -15,7 +15,6 @@ application.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 from typing import Any
@@ -32,7 +31,8 @@ from ._cli import (
     parse_worker,
     worker_option,
 )
-from .errors import ConfigurationError, KeyDestroyed
+from ._loader import load
+from .errors import KeyDestroyed
 from .keystore import ACTIVE, INDEX
 
 __all__ = ["import_index", "register"]
@@ -40,22 +40,7 @@ __all__ = ["import_index", "register"]
 
 def import_index(spec: str) -> Any:
     """``package.module:Class.attribute`` -> the mapped blind-index attribute."""
-    module_name, sep, path = spec.partition(":")
-    if not sep or not module_name or not path:
-        raise click.BadParameter(
-            f"{spec!r}: expected MODULE:CLASS.ATTRIBUTE, e.g. myapp.models:Patient.phone_bidx",
-            param_hint="--index",
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"--index {spec}: cannot import {module_name!r} ({exc})") from None
-    for part in path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigurationError(f"--index {spec}: {part!r} not found") from None
-    return obj
+    return load(spec, what="--index", example="myapp.models:Patient.phone_bidx")
 
 
 def _config() -> Any:
