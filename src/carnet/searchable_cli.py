@@ -1,15 +1,16 @@
 """Command-line side of blind indexes: ``carnet keys rotate --index`` and ``carnet reindex``.
 
-Kept out of :mod:`carnet.cli` and registered by it (:func:`register`), so the
-key-lifecycle shell stays one file of its own. Both commands run under the
-``carnet`` group and share its configuration (``--database-url``,
+A command group of its own, registered where :mod:`carnet.cli` registers
+every group (:func:`register`: ``reindex``, and ``--index`` on the ``keys
+rotate`` of :mod:`carnet.keys_cli`). Both commands run under the ``carnet``
+group and share its configuration (``--database-url``,
 ``--master-key``) and its exit-code table (:mod:`carnet.exitcodes`,
 docs/cli.md).
 
 ``carnet reindex`` needs the index's declaration (sources, transform, bits,
 label), which lives in the application's model, not in the database: it is
-named as ``module:Class.attribute`` and imported, as uvicorn imports an
-application.
+named as ``module:Class.attribute`` and imported (:mod:`carnet._loader`), as
+uvicorn imports an application.
 """
 
 from __future__ import annotations
