@@ -27,9 +27,7 @@ from ._cli import (
     workers_option,
 )
 from .errors import ConfigurationError
-from .exitcodes import (
-    EXIT_FAILED_ROWS,
-)
+from .exitcodes import EXIT_FAILED_ROWS
 
 
 @click.command()
