@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 import carnet
 from carnet import lifecycle
+from carnet._engines import make_engine
 
 ADMIN = os.environ.get("CARNET_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 ROWS = int(os.environ.get("CARNET_BENCH_ROWS", "200000"))
@@ -127,7 +128,7 @@ def run() -> list[dict[str, Any]]:
     mk = "file://" + os.path.join(tmp, "m.key")
     carnet.create_master_key(mk).close()
     try:
-        engine = lifecycle.make_engine(url)
+        engine = make_engine(url)
         keys = lifecycle.open_manager(engine, mk)
         lifecycle.init(keys)
         _fill(engine, keys, 0, ROWS)

@@ -26,7 +26,13 @@ AuthenticationFailed = InvalidTag
 
 
 class AeadError(Exception):
-    """Authentication failed. Internal: the envelope layer turns it into InvalidCiphertext."""
+    """:func:`decrypt` found the tag wrong (key, nonce, associated data or ciphertext).
+
+    Only the known-answer seam raises it: the envelope and the local master
+    keys decrypt with their own :func:`cipher` and catch
+    :data:`AuthenticationFailed`, which they turn into ``InvalidCiphertext``
+    and ``MasterKeyMismatch``.
+    """
 
 
 def new_key() -> bytes:
@@ -53,6 +59,7 @@ def encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
 
 
 def decrypt(key: bytes, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> bytes:
+    """The plaintext, or :class:`AeadError` when the tag does not match."""
     if len(nonce) != NONCE_SIZE:
         raise ValueError("AES-256-GCM here uses 96-bit nonces")
     if len(ciphertext_and_tag) < TAG_SIZE:
@@ -60,4 +67,4 @@ def decrypt(key: bytes, nonce: bytes, ciphertext_and_tag: bytes, aad: bytes) -> 
     try:
         return cipher(key).decrypt(nonce, ciphertext_and_tag, aad)
     except InvalidTag:
-        raise AeadError("tag mismatch") from None
+        raise AeadError("authentication failed: the tag does not match") from None

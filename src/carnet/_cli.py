@@ -25,6 +25,7 @@ import click
 import sqlalchemy as sa
 
 from . import lifecycle
+from ._engines import make_engine
 from .errors import (
     CarnetError,
     ConfigurationError,
@@ -380,20 +381,9 @@ class Progress:
 
 
 def lock_notice(message: str) -> None:
+    """Where a command's engine tells of a wait for a SQLite lock: stderr
+    (:func:`carnet._engines.make_engine`)."""
     echo(f"carnet: {message}", err=True)
-
-
-def make_engine(url: str | None) -> sa.Engine:
-    """The one engine factory of the command line.
-
-    ``hide_parameters`` always (a failed UPDATE must not print the note it
-    compared against); the batch time-outs of :func:`carnet.lifecycle.make_engine`;
-    a bad URL or a missing driver is a :class:`ConfigurationError` (exit 2).
-    The engine connects lazily: an unreachable server shows at first use (exit 4).
-    """
-    if not url:
-        raise ConfigurationError(NO_DATABASE)
-    return lifecycle.make_engine(url, lock_notice=lock_notice)
 
 
 def open_manager(
@@ -566,7 +556,7 @@ class Config:
         return self.master_key
 
     def engine(self) -> sa.Engine:
-        return make_engine(self.need_url())
+        return make_engine(self.need_url(), lock_notice=lock_notice)
 
     def manager(self, *, open_master: bool = True) -> KeyManager:
         """The key manager; without ``open_master`` the master keys are not opened
@@ -595,3 +585,49 @@ class Config:
             self._manager.close()
             self._manager.engine.dispose()
             self._manager = None
+
+
+# -- options and helpers shared by the top-level commands ------------------------------------
+
+pass_config = click.make_pass_decorator(Config)
+
+
+def column_options(f: F) -> F:
+    f = click.option(
+        "--column",
+        "columns",
+        multiple=True,
+        metavar="C",
+        help="Encrypted column of the preceding --table (repeatable).",
+    )(f)
+    return click.option(
+        "--table",
+        "tables",
+        multiple=True,
+        metavar="T",
+        help="Table holding an encrypted column (repeatable; default: discover).",
+    )(f)
+
+
+def column_pairs(tables: tuple[str, ...], columns: tuple[str, ...]) -> list[tuple[str, str]] | None:
+    """``--table``/``--column`` given in pairs, or None (discover)."""
+    if not tables and not columns:
+        return None
+    if len(tables) != len(columns):
+        raise click.UsageError("give --table and --column in pairs (one --column per --table)")
+    return list(zip(tables, columns, strict=True))
+
+
+def app_option(f: F) -> F:
+    return click.option(
+        "--app",
+        "app",
+        metavar="MODULE:ATTR",
+        help="The application's SQLAlchemy MetaData or declarative Base (module:attribute): "
+        "its encrypted columns are checked even when they have no rows yet.",
+    )(f)
+
+
+def plural(count: int, what: str) -> str:
+    """``1 row``, ``2 rows``: a count with its noun."""
+    return f"{count:,} {what}" + ("" if count == 1 else "s")

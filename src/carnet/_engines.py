@@ -1,4 +1,8 @@
-"""Engines for the key table: URLs, async engines and their synchronous twins.
+"""Engines: carnet's one engine factory, and the key table's engines.
+
+:func:`make_engine` turns a database URL into an engine for every caller (the
+command line, the batch engine and its worker processes, a ``KeyManager``
+given a URL); on SQLite it can tell when a statement waits for a lock.
 
 An async engine's key-table statements run through its sync facade inside
 SQLAlchemy's greenlets (an AsyncSession flush or load), and through a
@@ -11,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import sqlalchemy as sa
 
@@ -35,16 +41,88 @@ SYNC_DRIVERS = {
 }
 
 
-def engine_from_url(url: str) -> sa.Engine | AsyncEngine:
+SQLITE_LOCK_TIMEOUT = 30.0  # seconds a batch engine waits for another connection's SQLite lock
+
+
+@overload
+def make_engine(
+    url: str,
+    *,
+    batch: bool = ...,
+    lock_notice: Callable[[str], None] | None = ...,
+    allow_async: Literal[False] = ...,
+) -> sa.Engine: ...
+
+
+@overload
+def make_engine(
+    url: str,
+    *,
+    batch: bool = ...,
+    lock_notice: Callable[[str], None] | None = ...,
+    allow_async: bool,
+) -> sa.Engine | AsyncEngine: ...
+
+
+def make_engine(
+    url: str,
+    *,
+    batch: bool = True,
+    lock_notice: Callable[[str], None] | None = None,
+    allow_async: bool = False,
+) -> sa.Engine | AsyncEngine:
+    """carnet's one engine factory: a database URL to an engine.
+
+    ``batch`` (the command line, the batch engine, a worker process): time-outs
+    suited to work next to a live application, and ``hide_parameters``, so a
+    failed statement never prints its parameters (a note it compared against,
+    during a re-encryption or a migration). Without it (a ``KeyManager`` given
+    a URL), SQLAlchemy's defaults. ``lock_notice`` is told (on SQLite) when a
+    statement waits for another connection's lock, and when it gets it, so a
+    wait is never silent. ``allow_async``: an async driver's URL gives an
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
+
+    A bad URL or a missing driver is a :class:`ConfigurationError`; the engine
+    connects lazily, so an unreachable server shows at first use.
+    """
     try:
         parsed = sa.engine.make_url(url)
-        if parsed.get_dialect().is_async:
+    except sa.exc.ArgumentError:
+        raise ConfigurationError(
+            "bad database URL (expected e.g. postgresql+psycopg://...)"
+        ) from None
+    backend = parsed.get_backend_name()
+    options: dict[str, Any] = {}
+    if batch:
+        connect_args: dict[str, Any] = {}
+        if backend == "sqlite":
+            # SQLite has one writer: wait for the application's write to finish
+            # instead of failing the batch at once.
+            connect_args["timeout"] = SQLITE_LOCK_TIMEOUT
+        elif backend in ("postgresql", "mysql", "mariadb"):
+            connect_args["connect_timeout"] = 10
+        options = {"connect_args": connect_args, "hide_parameters": True}
+    try:
+        if allow_async and parsed.get_dialect().is_async:
             from sqlalchemy.ext.asyncio import create_async_engine
 
-            return create_async_engine(parsed)
-        return sa.create_engine(parsed)
+            return create_async_engine(parsed, **options)
+        engine = sa.create_engine(parsed, **options)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
         raise ConfigurationError(f"bad database URL: {exc}") from None
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver for {backend} is not installed ({exc.name}); "
+            f"{_driver_hint(backend)}"
+        ) from None
+    if backend == "sqlite" and lock_notice is not None:
+        _SqliteLockWatch(engine, lock_notice)
+    return engine
+
+
+def _driver_hint(backend: str) -> str:
+    extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(backend)
+    return f"install carnet[{extra}]" if extra else "install its DB-API driver"
 
 
 def is_async_engine(bind: Any) -> bool:
@@ -108,7 +186,7 @@ class KeyEngines:
 
     def __init__(self, bind: sa.Engine | AsyncEngine | str) -> None:
         if isinstance(bind, str):
-            bind = engine_from_url(bind)
+            bind = make_engine(bind, batch=False, allow_async=True)
         self.async_engine: AsyncEngine | None = None
         if is_async_engine(bind):
             self.async_engine = bind  # type: ignore[assignment]
@@ -156,6 +234,109 @@ class KeyEngines:
         if self._key_async is not None:
             await self._key_async.dispose()
             self._key_async = None
+
+
+class _SqliteLockWatch:
+    """Tells when a statement waits for another connection's SQLite lock.
+
+    SQLite's busy handler sleeps inside the statement without a sign. A
+    progress handler runs while the statement computes, never while it
+    sleeps: a statement running for a second with no progress is waiting
+    for a lock, not working.
+    """
+
+    AFTER = 1.0  # seconds without progress before the first notice
+    EVERY = 5.0  # then one notice per this many seconds
+
+    def __init__(self, engine: sa.Engine, notice: Callable[[str], None]) -> None:
+        self.notice = notice
+        self._lock = threading.Lock()
+        self._inflight: dict[int, list[Any]] = {}
+        self._thread: threading.Thread | None = None
+        from . import _hooks
+
+        _hooks.on_engine(
+            engine,
+            {
+                "connect": self._connect,
+                "before_cursor_execute": self._before,
+                "after_cursor_execute": self._after,
+                "handle_error": self._error,
+            },
+        )
+
+    def _connect(self, dbapi_conn: Any, record: Any) -> None:
+        progress = record.info.setdefault("carnet_progress", [time.monotonic()])
+
+        def tick() -> int:
+            progress[0] = time.monotonic()
+            return 0
+
+        dbapi_conn.set_progress_handler(tick, 1000)
+
+    def _before(
+        self,
+        conn: sa.Connection,
+        cursor: Any,
+        statement: str,
+        params: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        now = time.monotonic()
+        progress = conn.connection.info.get("carnet_progress", [now])
+        progress[0] = now
+        # [start, progress, last notice or None]; one watcher thread per engine
+        # looks at every statement in flight (a thread per statement would cost
+        # more than the batch work).
+        with self._lock:
+            self._inflight[id(conn)] = [now, progress, None]
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, daemon=True, name="carnet-sqlite-lock-watch"
+                )
+                self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                waiting = []
+                for st in self._inflight.values():
+                    start, progress, last = st
+                    if now - progress[0] < self.AFTER or now - start < self.AFTER:
+                        continue  # computing, or too short to mention
+                    if last is None or now - last >= self.EVERY:
+                        st[2] = now
+                        waiting.append(now - start)
+            for waited in waiting:
+                self.notice(
+                    f"waiting for a lock on the SQLite database held by another connection "
+                    f"({waited:.0f}s so far; a statement gives up after {SQLITE_LOCK_TIMEOUT:g}s)"
+                )
+
+    def _done(self, conn: sa.Connection | None) -> None:
+        if conn is None:
+            return
+        with self._lock:
+            st = self._inflight.pop(id(conn), None)
+        if st is not None and st[2] is not None:
+            self.notice(f"got the SQLite lock after {time.monotonic() - st[0]:.1f}s")
+
+    def _after(
+        self,
+        conn: sa.Connection,
+        cursor: Any,
+        statement: str,
+        params: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        self._done(conn)
+
+    def _error(self, ctx: sa.engine.ExceptionContext) -> None:
+        self._done(ctx.connection)
 
 
 def safe_url(engine: sa.Engine) -> str:

@@ -9,7 +9,6 @@ or written. Like every report, no check holds a note or key material.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import os
 import random
 import shlex
@@ -22,6 +21,8 @@ import sqlalchemy as sa
 
 from . import jobs as _jobs
 from . import lifecycle
+from ._engines import make_engine
+from ._loader import load
 from .errors import (
     CarnetError,
     ConfigurationError,
@@ -91,22 +92,9 @@ def load_app(spec: str) -> Any:
 
     The current directory is importable, as for ``python -m``.
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigurationError(f"--app expects module:attribute, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} for --app: {exc}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigurationError(f"{module_name!r} has no attribute {attr!r}") from None
-    return obj
+    return load(spec, what="--app", example="myapp.models:Base")
 
 
 def app_metadata(obj: Any) -> sa.MetaData:
@@ -181,7 +169,7 @@ def _beside(obj: Any, kind: type[Any]) -> list[Any]:
 
 def _database(url: str) -> tuple[Check, sa.Engine | None]:
     try:
-        engine = lifecycle.make_engine(url)
+        engine = make_engine(url)
     except ConfigurationError as exc:
         driver = "not installed" in str(exc)
         return Check(

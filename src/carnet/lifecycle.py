@@ -9,8 +9,6 @@ primary keys.
 from __future__ import annotations
 
 import datetime as dt
-import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ import sqlalchemy as sa
 
 from . import envelope
 from . import jobs as _jobs
-from ._engines import safe_url
+from ._engines import SQLITE_LOCK_TIMEOUT, make_engine, safe_url
 
 # The commands' library calls, each job in its own module, gathered here for
 # the CLI and for applications that call them as ``carnet.lifecycle.X`` (see __all__).
@@ -81,153 +79,6 @@ Progress = Callable[[int], None]
 
 
 # -- opening ----------------------------------------------------------------------------
-
-
-SQLITE_LOCK_TIMEOUT = 30.0  # seconds the CLI waits for another connection's SQLite lock
-
-
-def make_engine(url: str, *, lock_notice: Callable[[str], None] | None = None) -> sa.Engine:
-    """An engine with time-outs suited to batch work next to a live application.
-
-    ``lock_notice`` is told (on SQLite) when a statement waits for another
-    connection's lock, and when it gets it, so a wait is never silent.
-    """
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise ConfigurationError(
-            "bad database URL (expected e.g. postgresql+psycopg://...)"
-        ) from None
-    backend = parsed.get_backend_name()
-    connect_args: dict[str, Any] = {}
-    if backend == "sqlite":
-        # SQLite has one writer: wait for the application's write to finish
-        # instead of failing the batch at once.
-        connect_args["timeout"] = SQLITE_LOCK_TIMEOUT
-    elif backend in ("postgresql", "mysql", "mariadb"):
-        connect_args["connect_timeout"] = 10
-    try:
-        # hide_parameters: a failed statement must not print its parameters
-        # (a note it compared against, during a re-encryption or a migration).
-        engine = sa.create_engine(parsed, connect_args=connect_args, hide_parameters=True)
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigurationError(f"bad database URL: {exc}") from None
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the database driver for {backend} is not installed ({exc.name}); "
-            f"{_driver_hint(backend)}"
-        ) from None
-    if backend == "sqlite" and lock_notice is not None:
-        _SqliteLockWatch(engine, lock_notice)
-    return engine
-
-
-def _driver_hint(backend: str) -> str:
-    extra = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}.get(backend)
-    return f"install carnet[{extra}]" if extra else "install its DB-API driver"
-
-
-class _SqliteLockWatch:
-    """Tells when a statement waits for another connection's SQLite lock.
-
-    SQLite's busy handler sleeps inside the statement without a sign. A
-    progress handler runs while the statement computes, never while it
-    sleeps: a statement running for a second with no progress is waiting
-    for a lock, not working.
-    """
-
-    AFTER = 1.0  # seconds without progress before the first notice
-    EVERY = 5.0  # then one notice per this many seconds
-
-    def __init__(self, engine: sa.Engine, notice: Callable[[str], None]) -> None:
-        self.notice = notice
-        self._lock = threading.Lock()
-        self._inflight: dict[int, list[Any]] = {}
-        self._thread: threading.Thread | None = None
-        from . import _hooks
-
-        _hooks.on_engine(
-            engine,
-            {
-                "connect": self._connect,
-                "before_cursor_execute": self._before,
-                "after_cursor_execute": self._after,
-                "handle_error": self._error,
-            },
-        )
-
-    def _connect(self, dbapi_conn: Any, record: Any) -> None:
-        progress = record.info.setdefault("carnet_progress", [time.monotonic()])
-
-        def tick() -> int:
-            progress[0] = time.monotonic()
-            return 0
-
-        dbapi_conn.set_progress_handler(tick, 1000)
-
-    def _before(
-        self,
-        conn: sa.Connection,
-        cursor: Any,
-        statement: str,
-        params: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        now = time.monotonic()
-        progress = conn.connection.info.get("carnet_progress", [now])
-        progress[0] = now
-        # [start, progress, last notice or None]; one watcher thread per engine
-        # looks at every statement in flight (a thread per statement would cost
-        # more than the batch work).
-        with self._lock:
-            self._inflight[id(conn)] = [now, progress, None]
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._watch, daemon=True, name="carnet-sqlite-lock-watch"
-                )
-                self._thread.start()
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(0.25)
-            now = time.monotonic()
-            with self._lock:
-                waiting = []
-                for st in self._inflight.values():
-                    start, progress, last = st
-                    if now - progress[0] < self.AFTER or now - start < self.AFTER:
-                        continue  # computing, or too short to mention
-                    if last is None or now - last >= self.EVERY:
-                        st[2] = now
-                        waiting.append(now - start)
-            for waited in waiting:
-                self.notice(
-                    f"waiting for a lock on the SQLite database held by another connection "
-                    f"({waited:.0f}s so far; a statement gives up after {SQLITE_LOCK_TIMEOUT:g}s)"
-                )
-
-    def _done(self, conn: sa.Connection | None) -> None:
-        if conn is None:
-            return
-        with self._lock:
-            st = self._inflight.pop(id(conn), None)
-        if st is not None and st[2] is not None:
-            self.notice(f"got the SQLite lock after {time.monotonic() - st[0]:.1f}s")
-
-    def _after(
-        self,
-        conn: sa.Connection,
-        cursor: Any,
-        statement: str,
-        params: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        self._done(conn)
-
-    def _error(self, ctx: sa.engine.ExceptionContext) -> None:
-        self._done(ctx.connection)
 
 
 def open_manager(
@@ -637,6 +488,8 @@ def env_previous_master_keys() -> tuple[str, ...]:
 
 
 __all__ = [
+    "SQLITE_LOCK_TIMEOUT",
+    "make_engine",
     "ColumnStatus",
     "EncryptedColumn",
     "PLAINTEXT",

@@ -1,21 +1,21 @@
 """Command-line side of blind indexes: ``carnet keys rotate --index`` and ``carnet reindex``.
 
-Kept out of :mod:`carnet.cli` and registered by it (:func:`register`), so the
-key-lifecycle shell stays one file of its own. Both commands run under the
-``carnet`` group and share its configuration (``--database-url``,
+A command group of its own, registered where :mod:`carnet.cli` registers
+every group (:func:`register`: ``reindex``, and ``--index`` on the ``keys
+rotate`` of :mod:`carnet.keys_cli`). Both commands run under the ``carnet``
+group and share its configuration (``--database-url``,
 ``--master-key``) and its exit-code table (:mod:`carnet.exitcodes`,
 docs/cli.md).
 
 ``carnet reindex`` needs the index's declaration (sources, transform, bits,
 label), which lives in the application's model, not in the database: it is
-named as ``module:Class.attribute`` and imported, as uvicorn imports an
-application.
+named as ``module:Class.attribute`` and imported (:mod:`carnet._loader`), as
+uvicorn imports an application.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 from typing import Any
@@ -32,7 +32,8 @@ from ._cli import (
     parse_worker,
     worker_option,
 )
-from .errors import ConfigurationError, KeyDestroyed
+from ._loader import load
+from .errors import KeyDestroyed
 from .keystore import ACTIVE, INDEX
 
 __all__ = ["import_index", "register"]
@@ -40,22 +41,7 @@ __all__ = ["import_index", "register"]
 
 def import_index(spec: str) -> Any:
     """``package.module:Class.attribute`` -> the mapped blind-index attribute."""
-    module_name, sep, path = spec.partition(":")
-    if not sep or not module_name or not path:
-        raise click.BadParameter(
-            f"{spec!r}: expected MODULE:CLASS.ATTRIBUTE, e.g. myapp.models:Patient.phone_bidx",
-            param_hint="--index",
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"--index {spec}: cannot import {module_name!r} ({exc})") from None
-    for part in path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigurationError(f"--index {spec}: {part!r} not found") from None
-    return obj
+    return load(spec, what="--index", example="myapp.models:Patient.phone_bidx")
 
 
 def _config() -> Any:

@@ -319,7 +319,7 @@ def test_migrate_not_complete_is_its_own_code(deployment: tuple[str, str]) -> No
 @pytest.mark.parametrize("db_kind", ["sqlite", "postgresql"])
 def test_the_engine_factory_hides_parameters(db_url: str) -> None:
     """Every engine of the command line: a failed statement never prints its parameters."""
-    from carnet._cli import make_engine
+    from carnet._engines import make_engine
 
     engine = make_engine(db_url)
     try:

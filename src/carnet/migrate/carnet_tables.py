@@ -77,9 +77,9 @@ class CarnetObjects:
 
 
 def _is_carnet_check(name: Any) -> bool:
-    from ..dbchecks import _NAME_RE
+    from ..dbchecks import NAME_RE
 
-    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
 # -- carnet's own tables as Alembic operations -----------------------------------------

@@ -28,13 +28,14 @@ from .._cli import (
     database_url_option,
     emit,
     json_option,
-    make_engine,
+    lock_notice,
     master_key_option,
     open_manager,
     parse_worker,
     worker_option,
     yes_option,
 )
+from .._engines import make_engine
 from ..errors import ConfigurationError
 from ..exitcodes import EXIT_INCOMPLETE
 from ..manager import KeyManager
@@ -135,10 +136,12 @@ def _open(
 ) -> Iterator[tuple[sa.Engine, KeyManager | None]]:
     database_url = _inherited("database_url", database_url)
     master_key = _inherited("master_key", master_key, needs_key)
-    # The command line's one engine factory: hide_parameters (a failed UPDATE
-    # must not print the legacy note it compared against), a bad URL or a
-    # missing driver as a configuration error.
-    engine = make_engine(database_url)
+    if not database_url:
+        raise ConfigurationError(NO_DATABASE)
+    # carnet's one engine factory: hide_parameters (a failed UPDATE must not
+    # print the legacy note it compared against), a bad URL or a missing
+    # driver as a configuration error.
+    engine = make_engine(database_url, lock_notice=lock_notice)
     manager: KeyManager | None = None
     try:
         manager = open_manager(engine, master_key) if master_key else None

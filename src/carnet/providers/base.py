@@ -16,12 +16,12 @@ Third-party providers register a class under the entry-point group
 from __future__ import annotations
 
 import abc
-import importlib
 import json
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import ClassVar
 
+from .._loader import load
 from ..errors import ConfigurationError
 
 ENTRY_POINT_GROUP = "carnet.master_keys"
@@ -104,7 +104,7 @@ def provider_class(scheme: str) -> type[MasterKey]:
     if target is None:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if ep.name == scheme:
-                cls = ep.load()
+                cls = load(f"{ep.module}:{ep.attr}", what=f"master key scheme {scheme!r}")
                 break
         else:
             known = sorted(
@@ -114,8 +114,7 @@ def provider_class(scheme: str) -> type[MasterKey]:
                 f"unknown master key scheme {scheme!r}; known: {', '.join(known)}"
             )
     else:
-        module_name, _, attr = target.partition(":")
-        cls = getattr(importlib.import_module(module_name), attr)
+        cls = load(target, what=f"master key scheme {scheme!r}")
     if not (isinstance(cls, type) and issubclass(cls, MasterKey)):
         raise ConfigurationError(f"provider for {scheme!r} is not a carnet MasterKey")
     return cls
