@@ -13,7 +13,8 @@ Side by side in one run, on the same database and data:
 - master-key unwraps reading 10,000 notes of 20 practices, cold and warm;
 - peak Python memory of the ORM select.
 
-The compared tables differ only in the note column's type; every side uses
+carnet's database checks are off here (``bench_checks`` measures them). The
+compared tables differ only in the note column's type; every side uses
 the same session pattern (a new Session per repeat, default
 expire_on_commit), the same rows and the same number of statements.
 """
@@ -173,6 +174,10 @@ class _Models:
 
         def model(name: str, body: Any) -> type[Any]:
             attrs: dict[str, Any] = {"__tablename__": name, **columns(body)}
+            # carnet's database checks off: this module measures the column type
+            # and the pipeline against the other types; bench_checks measures
+            # the checks' own cost, with them on (docs/performance.md).
+            attrs["__table_args__"] = {"info": {"carnet_checks": False}}
             attrs["__annotations__"] = {
                 "id": Mapped[int],
                 "practice_id": Mapped[str],

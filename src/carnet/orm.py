@@ -78,6 +78,7 @@ class _Group:
 
 
 _specs: weakref.WeakKeyDictionary[Mapper[Any], list[Spec]] = weakref.WeakKeyDictionary()
+_TEXT_DECRYPT = EncryptedText.decrypt
 
 
 def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) -> None:
@@ -90,7 +91,7 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
             continue
         scope = _tenant.get()
         tenant = d.get(tkey) if tkey is not None else None
-        if tkey is not None and tkey in state.committed_state:
+        if tkey is not None and state.committed_state and tkey in state.committed_state:
             # The practice was changed and not flushed yet: the stored value is
             # still sealed for the practice it had.
             before = state.committed_state[tkey]
@@ -119,9 +120,17 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
             tenant = str(tenant)
             if scope is not None and scope != tenant:
                 raise TenantMismatch(scope, tenant)
-        manager = v.manager
-        typ.check_scope(tenant, manager)
-        d[key] = typ.decrypt(v.data, tenant, manager)
+        manager = v._manager
+        if manager is None:
+            manager = typ.manager
+        if manager.require_scope:
+            typ.check_scope(tenant, manager)
+        label = typ._resolved_label
+        if label is not None and type(typ).decrypt is _TEXT_DECRYPT:
+            # EncryptedText itself: one frame into the manager's hot path.
+            d[key] = manager._open_text(v.data, tenant, label)
+        else:
+            d[key] = typ.decrypt(v.data, tenant, manager)
 
 
 _seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()

@@ -387,6 +387,9 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         decrypt = self.decrypt
         own = self._manager
         manager_of = self.manager_for
+        # EncryptedText's own text: straight into the manager's hot path
+        # (subclasses decode their plaintext their own way).
+        label = self._resolved_label if type(self).decrypt is EncryptedText.decrypt else None
 
         def process(value: Any) -> Any:
             if value is None:
@@ -399,6 +402,8 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             tenant = get_tenant()
             if tenant is None:
                 return Sealed(value, self, manager)
+            if label is not None:
+                return manager._open_text(value, tenant, label)
             return decrypt(value, tenant, manager)
 
         return process
