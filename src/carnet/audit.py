@@ -31,6 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
+
+from . import budget_store
+from .budget_store import BudgetStore
 from .errors import ConfigurationError, DecryptBudgetExceeded
 from .trail import ANONYMOUS, AuditTrail, _principal, audit_context, current_principal
 
@@ -106,6 +110,23 @@ class DecryptBudget:
     backwards (default ``time.monotonic``). Memory: about 32 bytes per
     decryption allowed in the last window, so at most ``32 * limit`` bytes per
     principal; principals idle for a window are dropped as the table grows.
+
+    ``store``: one budget for every process (and machine) of the application.
+    A URL (the audit trail's database, ``postgresql+psycopg://...``,
+    ``sqlite:///...``, ``mysql+pymysql://...``; or ``redis://host:port/db``),
+    an Engine, or a store object (:mod:`carnet.budget_store`). Each process
+    reserves ``block`` reads at a time in the store and uses them for at most
+    ``lease`` seconds (default ``window / 10``). The guarantee: at most
+    ``limit`` disclosures by one principal in any interval of ``window``
+    seconds of the store's clock, across all processes, crashes included;
+    reads reserved but not used (at most one block per process) count as
+    read, and a reservation counts for ``window + lease`` seconds, so honest
+    use gets at least ``limit - processes * block`` per ``window + lease``
+    (docs/audit.md). ``mode``: ``required`` (default) refuses a read the store
+    cannot reserve (:class:`~carnet.errors.BudgetStoreUnavailable`);
+    ``best_effort`` falls back to this per-process budget, says so at ERROR
+    in the log, and records the reads it let through in the store when it
+    answers again.
     """
 
     def __init__(
@@ -115,6 +136,11 @@ class DecryptBudget:
         *,
         exempt: tuple[str, ...] = (),
         clock: Clock = time.monotonic,
+        store: str | sa.Engine | BudgetStore | None = None,
+        mode: str = budget_store.REQUIRED,
+        block: int | None = None,
+        lease: float | None = None,
+        timeout: float = 2.0,
     ) -> None:
         if limit < 1 or not window > 0:
             raise ConfigurationError("a decrypt budget needs limit >= 1 and window > 0")
@@ -126,11 +152,33 @@ class DecryptBudget:
         self._sweep_at = _SWEEP_MIN
         self._swept = -math.inf
         self._lock = threading.Lock()
+        self.shared: budget_store.SharedBudget | None = None
+        if store is not None:
+            if mode not in budget_store.MODES:
+                raise ConfigurationError(
+                    f"budget mode must be one of {', '.join(budget_store.MODES)}"
+                )
+            self.shared = budget_store.SharedBudget(
+                budget_store.open_store(store, timeout=timeout),
+                limit,
+                window,
+                block=block if block is not None else max(1, min(100, limit // 20)),
+                lease=lease if lease is not None else window / 10,
+                mode=mode,
+                clock=clock,
+                fallback=self._charge_here if mode == budget_store.BEST_EFFORT else None,
+            )
 
     def charge(self, principal: str, n: int = 1) -> None:
         """Record ``n`` decryptions by ``principal`` now, or raise if that breaks the budget."""
         if n <= 0 or principal in self.exempt:
             return
+        if self.shared is not None:
+            self.shared.charge(principal, n)
+            return
+        self._charge_here(principal, n)
+
+    def _charge_here(self, principal: str, n: int) -> None:
         now = self._clock()
         window = self.window
         with self._lock:

@@ -177,6 +177,12 @@ class AuditStoreUnavailable(DatabaseError):
         super().__init__(message)
 
 
+class BudgetStoreUnavailable(CarnetError):
+    """The shared decrypt budget's store (SQL or Redis) could not be reached to reserve
+    reads (``required`` mode: the read is refused and nothing is disclosed). The
+    message names the store, never a password or a value."""
+
+
 # Driver errors whose first line is about reaching the server, never about a
 # row: PostgreSQL SQLSTATE classes 08 (connection), 28 (authentication), 3D
 # (no such database), 57P (shutdown); MySQL/MariaDB server errors 1040-1049
