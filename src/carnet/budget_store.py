@@ -74,32 +74,50 @@ class BudgetStore(Protocol):
     name: str
 
     def reserve(
-        self, principal: str, need: int, want: int, limit: int, span: float, force: bool = False
-    ) -> tuple[int, float]:
-        """Grant between ``need`` and ``want`` reads, or 0.
+        self,
+        principal: str,
+        need: int,
+        want: int,
+        limit: int,
+        span: float,
+        force: bool = False,
+        release: tuple[str, int] | None = None,
+    ) -> tuple[int, float, str]:
+        """Grant between ``need`` and ``want`` reads, or 0; return (grant, retry after, tag).
 
         The grant is ``min(want, limit - live)`` when that is at least
         ``need`` (``live``: the reads reserved in the last ``span`` seconds of
         the store's clock), else 0, and then the second value is how many
         seconds until the oldest live reservation ages out. ``force``:
         record ``want`` whatever the log holds (reads a process disclosed on
-        its own budget while the store was down). Raises
-        :class:`BudgetStoreUnavailable`.
+        its own budget while the store was down). ``release``: (tag, reads)
+        of this process's previous reservation that it will never use (its
+        lease is dropped before the request leaves), given back first. The
+        tag names the new reservation. Raises :class:`BudgetStoreUnavailable`.
         """
         ...
 
 
 def _decide(
-    entries: list[list[float]],
+    entries: list[list[Any]],
     now: float,
     need: int,
     want: int,
     limit: int,
     span: float,
     force: bool,
-) -> tuple[list[list[float]], int, float]:
-    """The rule both stores apply: (live entries after the grant, grant, retry after)."""
+    release: tuple[str, int] | None,
+    tag: str,
+) -> tuple[list[list[Any]], int, float]:
+    """The rule both stores apply: (live entries after the grant, grant, retry after).
+
+    An entry is ``[store time, reads, tag]``."""
     live = [e for e in entries if e[0] > now - span]
+    if release is not None:
+        for e in live:
+            if e[2] == release[0]:
+                e[1] = max(0, int(e[1]) - release[1])
+        live = [e for e in live if e[1] > 0]
     used = sum(int(e[1]) for e in live)
     room = limit - used
     if force:
@@ -109,7 +127,7 @@ def _decide(
     else:
         grant = 0
     if grant > 0:
-        live.append([now, grant])
+        live.append([now, grant, tag])
         return live, grant, 0.0
     oldest = min(e[0] for e in live) if live else now
     return live, 0, max(0.0, oldest + span - now)
@@ -168,23 +186,38 @@ class SQLBudgetStore:
         return f"the decrypt budget's store ({self.name}) is unavailable: {describe_db_error(exc)}"
 
     def reserve(
-        self, principal: str, need: int, want: int, limit: int, span: float, force: bool = False
-    ) -> tuple[int, float]:
+        self,
+        principal: str,
+        need: int,
+        want: int,
+        limit: int,
+        span: float,
+        force: bool = False,
+        release: tuple[str, int] | None = None,
+    ) -> tuple[int, float, str]:
         failure: BudgetStoreUnavailable
         try:
             if not self._created:
                 self._create()
-            return self._reserve(principal, need, want, limit, span, force)
+            return self._reserve(principal, need, want, limit, span, force, release)
         except sa.exc.SQLAlchemyError as exc:
             failure = BudgetStoreUnavailable(self._down(exc))
         raise failure
 
     def _reserve(
-        self, principal: str, need: int, want: int, limit: int, span: float, force: bool
-    ) -> tuple[int, float]:
+        self,
+        principal: str,
+        need: int,
+        want: int,
+        limit: int,
+        span: float,
+        force: bool,
+        release: tuple[str, int] | None,
+    ) -> tuple[int, float, str]:
         from .keystore import lock_conflict
 
         t = self.table
+        tag = _new_tag()
         for attempt in range(ATTEMPTS):
             try:
                 with self.engine.begin() as conn:
@@ -201,14 +234,16 @@ class SQLBudgetStore:
                     ).one()
                     now = self._clock() if self._clock is not None else float(row[1])
                     entries = json.loads(row[0] or "[]")
-                    live, grant, retry = _decide(entries, now, need, want, limit, span, force)
-                    if grant or len(live) != len(entries):
+                    live, grant, retry = _decide(
+                        entries, now, need, want, limit, span, force, release, tag
+                    )
+                    if grant or release is not None or len(live) != len(entries):
                         conn.execute(
                             t.update()
                             .where(t.c.principal == principal)
                             .values(log=json.dumps(live, separators=(",", ":")))
                         )
-                return grant, retry
+                return grant, retry, tag
             except sa.exc.IntegrityError:
                 pass  # another process inserted the principal's row first
             except sa.exc.DBAPIError as exc:
@@ -235,7 +270,7 @@ def budget_table(metadata: sa.MetaData, name: str = BUDGET_TABLE) -> sa.Table:
         metadata,
         sa.Column("principal", sa.String(255), primary_key=True),
         sa.Column("seq", sa.BigInteger, nullable=False, default=0),
-        # JSON [[store time, reads], ...]: the reservations of the last window + lease.
+        # JSON [[store time, reads, tag], ...]: the reservations of the last window + lease.
         sa.Column("log", sa.Text, nullable=False),
     )
 
@@ -252,7 +287,8 @@ def _now_sql(dialect: str) -> sa.ColumnElement[Any]:
 
 
 # KEYS[1]: the principal's sorted set. ARGV: need, want, limit, span, force,
-# now (empty: Redis' TIME), a unique tag. Members are "<reads>:<tag>".
+# now (empty: Redis' TIME), the new reservation's tag, the tag and reads
+# released (empty: none). Members are "<reads>:<tag>".
 _LUA = """
 local now
 if ARGV[6] ~= '' then
@@ -267,9 +303,18 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.6f', now - span
 local items = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local used, oldest = 0, nil
 for i = 1, #items, 2 do
-  used = used + tonumber(string.match(items[i], '^(%d+):'))
+  local n, tag = string.match(items[i], '^(%d+):(.*)$')
+  n = tonumber(n)
   local s = tonumber(items[i + 1])
-  if oldest == nil or s < oldest then oldest = s end
+  if ARGV[8] ~= '' and tag == ARGV[8] then
+    redis.call('ZREM', KEYS[1], items[i])
+    n = math.max(0, n - tonumber(ARGV[9]))
+    if n > 0 then redis.call('ZADD', KEYS[1], items[i + 1], n .. ':' .. tag) end
+  end
+  if n > 0 then
+    used = used + n
+    if oldest == nil or s < oldest then oldest = s end
+  end
 end
 local room = limit - used
 local grant = 0
@@ -317,27 +362,40 @@ class RedisBudgetStore:
         kw = self.client.connection_pool.connection_kwargs
         self.name = f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
         self._script = self.client.register_script(_LUA)
-        self._tag = os.urandom(6).hex()
-        self._n = 0
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<RedisBudgetStore {self.name}>"
 
     def reserve(
-        self, principal: str, need: int, want: int, limit: int, span: float, force: bool = False
-    ) -> tuple[int, float]:
-        with self._lock:
-            self._n += 1
-            tag = f"{self._tag}.{self._n}"
+        self,
+        principal: str,
+        need: int,
+        want: int,
+        limit: int,
+        span: float,
+        force: bool = False,
+        release: tuple[str, int] | None = None,
+    ) -> tuple[int, float, str]:
+        tag = _new_tag()
         now = "" if self._clock is None else f"{self._clock():.6f}"
+        rtag, rn = release if release is not None else ("", 0)
         failure: BudgetStoreUnavailable
         try:
             grant, retry = self._script(
                 keys=[self.prefix + principal],
-                args=[need, want, limit, repr(float(span)), "1" if force else "0", now, tag],
+                args=[
+                    need,
+                    want,
+                    limit,
+                    repr(float(span)),
+                    "1" if force else "0",
+                    now,
+                    tag,
+                    rtag,
+                    rn,
+                ],
             )
-            return int(grant), float(retry)
+            return int(grant), float(retry), tag
         except self._redis.exceptions.RedisError as exc:
             failure = BudgetStoreUnavailable(
                 f"the decrypt budget's store ({self.name}) is unavailable: {type(exc).__name__}"
@@ -352,6 +410,11 @@ class RedisBudgetStore:
             self.client.delete(key)
 
 
+def _new_tag() -> str:
+    # Unique across processes and hosts: names one reservation in the log.
+    return os.urandom(8).hex()
+
+
 def open_store(store: str | sa.Engine | BudgetStore, *, timeout: float) -> BudgetStore:
     """A store from a URL (``redis://``, ``rediss://``, or SQLAlchemy's), an Engine, or a store."""
     if isinstance(store, str):
@@ -364,11 +427,12 @@ def open_store(store: str | sa.Engine | BudgetStore, *, timeout: float) -> Budge
 
 
 class _Lease:
-    __slots__ = ("expires", "left")
+    __slots__ = ("expires", "left", "tag")
 
-    def __init__(self, left: int, expires: float) -> None:
+    def __init__(self, left: int, expires: float, tag: str) -> None:
         self.left = left
         self.expires = expires
+        self.tag = tag
 
 
 class SharedBudget:
@@ -449,10 +513,15 @@ class SharedBudget:
         if t0 < self._down_until:
             self._store_down(principal, n, None)
             return
+        with self._lock:
+            # The previous block is dropped before the request leaves: what it
+            # has left is given back, and can never be used after.
+            old = self._leases.pop(principal, None)
+        release = (old.tag, old.left) if old is not None and old.left > 0 else None
         try:
             self._pay_debt()
-            grant, retry = self.store.reserve(
-                principal, n, max(self.block, n), self.limit, self.span
+            grant, retry, tag = self.store.reserve(
+                principal, n, max(self.block, n), self.limit, self.span, release=release
             )
         except BudgetStoreUnavailable as exc:
             self.store_failures += 1
@@ -467,9 +536,8 @@ class SharedBudget:
             if grant >= n:
                 # Measured from before the request left: the block dies here
                 # before the store stops counting it.
-                self._leases[principal] = _Lease(grant - n, t0 + self.lease)
+                self._leases[principal] = _Lease(grant - n, t0 + self.lease, tag)
                 return
-            self._leases.pop(principal, None)
             self._refused[principal] = t0 + min(retry, self.span)
         log.warning(
             "carnet: decrypt budget exceeded by %r: %d more would pass %d in %gs (shared)",
