@@ -169,6 +169,44 @@ class DecryptBudget:
                 fallback=self._charge_here if mode == budget_store.BEST_EFFORT else None,
             )
 
+    def install(self, manager: KeyManager) -> DecryptBudget:
+        """Make this budget ``manager``'s decrypt hook on its own (no :class:`Auditor`
+        counts, no events): the cheapest way to enforce it. Give an Auditor
+        ``budget=`` instead to have both."""
+        manager.decrypt_hook = self.hook()
+        return self
+
+    def hook(self) -> Callable[[str, str, int], None]:
+        """The decrypt hook :meth:`install` sets: the principal in scope charged
+        for every value about to open (legacy plaintext values included)."""
+        pget, exempt = _principal.get, self.exempt
+        shared = self.shared
+        if shared is None:
+            charge = self._charge_here
+
+            def hook(tenant: str, field: str, count: int) -> None:
+                p = pget() or ANONYMOUS
+                if p not in exempt and count > 0:
+                    charge(p, count)
+
+            return hook
+        # The shared budget's fast path inline: a read within the block in hand
+        # costs a lock and a clock reading; the rest goes through charge().
+        leases, lock, clock, slow = shared._leases, shared._lock, self._clock, shared.charge
+
+        def shared_hook(tenant: str, field: str, count: int) -> None:
+            p = pget() or ANONYMOUS
+            if p in exempt or count <= 0:
+                return
+            with lock:
+                lease = leases.get(p)
+                if lease is not None and lease.left >= count and lease.expires > clock():
+                    lease.left -= count
+                    return
+            slow(p, count)
+
+        return shared_hook
+
     def charge(self, principal: str, n: int = 1) -> None:
         """Record ``n`` decryptions by ``principal`` now, or raise if that breaks the budget."""
         if n <= 0 or principal in self.exempt:

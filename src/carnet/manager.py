@@ -353,7 +353,7 @@ class KeyManager:
 
     # The column type's per-value calls: :meth:`encrypt` and :meth:`decrypt`
     # in one frame, positional, for text. Anything but a warm cached sealer or
-    # opener (and, for opening, no decrypt hook) takes the full path.
+    # opener takes the full path; the decrypt hook is called in either.
 
     def _seal_text(self, text: str, tenant: str, label: str) -> bytes:
         sealer = self._sealers.get((tenant, label))
@@ -364,8 +364,13 @@ class KeyManager:
 
     def _open_text(self, blob: bytes, tenant: str, label: str) -> str:
         opener = self._openers.get((blob[_KEY_ID], label, tenant))
-        if opener is None or opener.expires <= _monotonic() or self.decrypt_hook is not None:
+        if opener is None or opener.expires <= _monotonic():
             return self.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
+        hook = self.decrypt_hook
+        if hook is not None:
+            # Charged before the value is opened, as in decrypt(): a refused
+            # read never has its text in this frame.
+            hook(tenant, label, 1)
         self._fast_hits += 1
         return opener.open(blob).decode("utf-8")
 

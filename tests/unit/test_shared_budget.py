@@ -147,15 +147,20 @@ def test_best_effort_falls_back_and_records_it_when_the_store_returns(
         other.charge("p")
 
 
+@pytest.mark.parametrize("how", ["auditor", "install"])
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_a_refused_read_discloses_nothing(
-    engine: sa.Engine, db_url: str, master_key_uri: str
+    engine: sa.Engine, db_url: str, master_key_uri: str, how: str
 ) -> None:
     with configured_keys(engine, master_key_uri) as keys:
         with Session(engine) as s:
             s.add_all(Note(id=i, practice_id="p1", body=f"PLANTED-refused-{i}") for i in (1, 2, 3))
             s.commit()
-        Auditor(budget=DecryptBudget(2, 60, store=db_url, block=1)).install(keys)
+        budget = DecryptBudget(2, 60, store=db_url, block=1)
+        if how == "auditor":
+            Auditor(budget=budget).install(keys)
+        else:
+            budget.install(keys)  # the budget alone, its lean hook
         p = f"p-{uuid.uuid4().hex}"
         with principal_scope(p), Session(engine) as s:
             assert [n.body for n in s.scalars(sa.select(Note).where(Note.id < 3))]
