@@ -207,6 +207,19 @@ class DecryptBudget:
 
         return shared_hook
 
+    def stop(self, principal: str) -> None:
+        """Use up ``principal``'s budget now: no read for the rest of the window (a decoy
+        was opened). A shared budget records it in the store: every process stops it."""
+        if self.shared is not None:
+            self.shared.stop(principal)
+        now = self._clock()
+        with self._lock:
+            times = self._recent.get(principal)
+            if times is None:
+                times = self._add(principal, now)
+            times.clear()
+            times.extend([now] * self.limit)
+
     def charge(self, principal: str, n: int = 1) -> None:
         """Record ``n`` decryptions by ``principal`` now, or raise if that breaks the budget."""
         if n <= 0 or principal in self.exempt:

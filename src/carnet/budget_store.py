@@ -488,6 +488,17 @@ class SharedBudget:
                 return
             self._reserve(principal, n)
 
+    def stop(self, principal: str) -> None:
+        """A whole window's reads reserved at once: the principal is refused everywhere
+        until it ages out. Its block in hand is dropped."""
+        with self._lock:
+            self._leases.pop(principal, None)
+            self._refused[principal] = self._clock() + self.span
+        try:
+            self.store.reserve(principal, 0, self.limit, self.limit, self.span, force=True)
+        except BudgetStoreUnavailable as exc:
+            log.error("carnet: could not stop %r in the shared budget: %s", principal, exc)
+
     def _take(self, principal: str, n: int) -> bool:
         now = self._clock()
         with self._lock:

@@ -70,8 +70,9 @@ if TYPE_CHECKING:
 Mode = Literal["v2", "v1", "mixed"]
 MODES: tuple[Mode, ...] = ("v2", "v1", "mixed")
 _MODE_KIND = {"v2": "f2", "v1": "f1", "mixed": "fm"}
-# Key kinds a value may be sealed under (decoy keys join them when they exist).
-VALUE_KEY_KINDS = ("data",)
+# Key kinds a value may be sealed under: a practice's data keys, and its decoy
+# keys (carnet.decoys), whose notes must pass the same checks as real ones.
+VALUE_KEY_KINDS = ("data", "decoy")
 # Table option that opts a table out of the checks: ``info={"carnet_checks": False}``.
 OPT_OUT = "carnet_checks"
 _NAME_MAX = 60  # + a two-character per-event suffix stays within 63

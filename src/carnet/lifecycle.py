@@ -35,7 +35,7 @@ from .errors import (
     UnknownKey,
     UnknownTenant,
 )
-from .keystore import ACTIVE, AUDIT, DATA, DESTROYED, RETIRED, KeyRecord
+from .keystore import ACTIVE, AUDIT, DATA, DECOY, DESTROYED, RETIRED, KeyRecord
 from .manager import KeyManager, RewrapReport, env_settings
 from .providers import MasterKey, create_master_key
 
@@ -981,6 +981,8 @@ def reencrypt_transform(
         rec = keys.get(kid)
         if rec is None:
             raise UnknownKey(kid)
+        if rec.kind == DECOY:
+            return None  # a decoy stays under its decoy key, unopened (carnet.decoys)
         if tenant is not None and rec.tenant != tenant:
             left["other_practice"] += 1
             return None

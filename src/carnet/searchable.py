@@ -1167,7 +1167,13 @@ def _open_stored(typ: Any, raw: Any, tenant: str, manager: KeyManager) -> Any:
         blob = envelope.from_text(raw)
     else:
         blob = bytes(raw)
+    if manager.is_decoy(envelope.key_id_of(blob)):
+        return _DECOY  # recognised by its key, never opened (carnet.decoys)
     return typ.decrypt(blob, tenant, manager)
+
+
+# What _open_stored returns for a decoy note: the row is skipped.
+_DECOY = object()
 
 
 def reindex(
@@ -1210,6 +1216,8 @@ def reindex(
         values = [
             _open_stored(c.type, row.extra[f"src{i}"], tenant, manager) for i, c in enumerate(cols)
         ]
+        if any(v is _DECOY for v in values):
+            return None  # a decoy's index stays as planted; it is never opened
         normalised = _normalise(spec, values)
         if normalised is None:
             return None
