@@ -1033,6 +1033,7 @@ def _register_searchable() -> None:
 _register_searchable()
 cli.add_command(__import__("carnet.checks_cli", fromlist=["checks"]).checks)  # carnet checks
 cli.add_command(__import__("carnet.audit_cli", fromlist=["audit"]).audit)  # carnet audit
+cli.add_command(__import__("carnet.decoys_cli", fromlist=["decoys_group"]).decoys_group)
 
 
 def main() -> None:

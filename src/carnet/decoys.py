@@ -195,7 +195,9 @@ def _plaintext(length: int) -> bytes:
     while len(text.encode("utf-8")) < length:
         topic = rng.choice(sorted(_synthetic._GENERATORS))
         text = (text + " " + _synthetic.note_text(rng, patient, topic, when)).strip()
-    return text.encode("utf-8")[:length].decode("utf-8", "ignore").encode("utf-8")
+    out = text.encode("utf-8")[:length].decode("utf-8", "ignore").encode("utf-8")
+    # A multi-byte character cut at the end: made up with spaces, so the size is exact.
+    return out + b" " * (length - len(out))
 
 
 def seal_decoys(
