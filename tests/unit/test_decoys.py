@@ -191,6 +191,14 @@ def test_a_search_that_opens_a_decoy_candidate(
         with Session(engine) as s, principal_scope("scraper"), pytest.raises(DecoyOpened):
             carnet.search(s, Patient.phone_bidx, "0639980001", tenant="p1")
         assert len(alerts) == 1 and _alerts_recorded(trail)
+        # Re-indexing after a root rotation: the real row gets its new index, the
+        # decoy is recognised by its key, never opened, its index left as planted.
+        keys.rotate_index_root("p1")
+        rep = carnet.reindex(engine, Patient.phone_bidx, tenant="p1", manager=keys)
+        assert len(alerts) == 1
+        with engine.connect() as conn:
+            got = dict(conn.execute(sa.select(t.c.id, t.c.phone_bidx)).all())
+        assert got[100] == bidx and rep.scanned == 2 and not rep.failed, rep
         trail.close()
     finally:
         carnet.configure(None)
@@ -237,6 +245,8 @@ def test_carnet_own_commands_never_raise_the_alarm(
     caplog.set_level(logging.INFO, "carnet")
     run = lambda *a: _cli(db_url, master_key_uri, *a)  # noqa: E731
     r = run("status", "--json")
+    assert r.exit_code == 0, r.output
+    r = run("doctor", "--json")
     assert r.exit_code == 0, r.output
     old = [k["key_id"] for k in json.loads(run("keys", "list", "--json").stdout)
            if k["tenant"] == "p1" and k["kind"] == "data"][0]  # fmt: skip
