@@ -301,3 +301,35 @@ def test_remove_and_shredded_with_the_practice(
     assert all(k.wrapped_key is None for k in keys.list_keys("p1") if k.kind == DECOY) and any(
         k.kind == DECOY for k in keys.list_keys("p1")
     )
+
+
+def test_a_key_table_from_before_decoys_is_upgraded(
+    engine: sa.Engine, master_key_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from carnet import keystore
+
+    # The key table as the release before decoys made it.
+    monkeypatch.setattr(keystore, "_KIND_CHECK", "kind IN ('data', 'index', 'audit')")
+    old = carnet.KeyManager(engine, master_key=master_key_uri)
+    old.create_schema()
+    carnet.configure(old)
+    Note.__table__.create(engine)
+    with Session(engine) as s, carnet.tenant_scope("p1"):
+        s.add(Note(practice_id="p1", body="a note"))
+        s.commit()
+    with pytest.raises(carnet.errors.ConfigurationError, match="upgrades it"):
+        decoys.decoy_key(old, "p1")
+    old.close()
+    monkeypatch.undo()
+    # carnet init (create_schema) upgrades the kind check; the keys stay.
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    carnet.configure(keys)
+    try:
+        rec = decoys.decoy_key(keys, "p1")
+        assert rec.kind == DECOY and rec.tenant == "p1"
+        with Session(engine) as s, carnet.tenant_scope("p1"):
+            assert [n.body for n in s.scalars(sa.select(Note))] == ["a note"]
+    finally:
+        carnet.configure(None)
+        keys.close()
