@@ -170,11 +170,12 @@ def decoy_key(manager: KeyManager, practice: str) -> KeyRecord:
         if recs:
             return recs[0]
         manager._writable("create a decoy key", practice)
-        if not [r for r in manager.list_keys(practice) if r.kind == "data"]:
+        if not [r for r in manager.list_keys(practice) if r.kind == "data" and r.state == ACTIVE]:
             # A decoy key of a practice with no note would itself be a tell, and
             # a destroyed practice must stay destroyed.
             raise ConfigurationError(
-                f"practice {practice!r} has no data key: decoys go among a practice's notes"
+                f"practice {practice!r} has no active data key (none yet, or destroyed): "
+                "decoys go among a practice's notes"
             )
         key_id, _secret, wrapped = manager._new_wrapped(practice, DECOY)
         store.insert_decoy_key(practice, key_id, wrapped, manager.master_key.uri)

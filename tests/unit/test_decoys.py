@@ -267,6 +267,10 @@ def test_carnet_own_commands_never_raise_the_alarm(
     assert SECRET in exported  # the practice's notes...
     lines = [json.loads(x) for x in exported.splitlines() if x.strip()]
     assert not any(str(i) in {str(v) for v in _ids_in(x)} for x in lines for i in ids)
+    # A master key rotation rewraps the decoy keys too (under their own kind).
+    carnet.create_master_key(f"file://{tmp_path}/new.key").close()
+    r = run("master", "rotate", "--to", f"file://{tmp_path}/new.key", "--json")
+    assert r.exit_code == 0, r.output
     assert "DECOY" not in caplog.text
     assert not [x for x in caplog.records if x.levelno >= logging.CRITICAL]
 
