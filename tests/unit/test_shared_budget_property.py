@@ -165,3 +165,60 @@ def test_the_written_guarantee(store_factory, script) -> None:  # type: ignore[n
         recent = sum(m for u, m in disclosed if t - SPAN < u <= t)
         lived = sum(1 for s, e in alive if s <= t and (e is None or e > t - SPAN))
         assert recent + lived * BLOCK + n > LIMIT, (t, n, recent, lived)
+
+
+def _most_in_a_window(reads: list[tuple[float, int]]) -> int:
+    return max(
+        (sum(n for t, n in reads if start <= t < start + WINDOW) for start, _ in reads),
+        default=0,
+    )
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(script=ops)
+def test_best_effort_during_outages(store_factory, script) -> None:  # type: ignore[no-untyped-def]
+    """best_effort: the reads the store granted keep the shared guarantee; the reads
+    let through on a process's own budget during an outage are at most ``limit`` per
+    process in any window; nothing is refused for the outage itself."""
+    clock = Clock()
+    store = Flaky(store_factory(clock))
+    principal = f"p-{uuid.uuid4().hex}"
+
+    def process() -> DecryptBudget:
+        return DecryptBudget(
+            LIMIT, WINDOW, store=store, block=BLOCK, lease=LEASE, clock=clock, mode="best_effort"
+        )
+
+    procs = [process() for _ in range(PROCS)]
+    instance = list(range(PROCS))
+    shared: list[tuple[float, int]] = []
+    own: dict[int, list[tuple[float, int]]] = {}
+    for op, a, b in script:
+        if op == "tick":
+            clock.now += float(a)
+        elif op == "crash":
+            procs[a] = process()
+            instance[a] = max(instance) + 1
+        elif op == "outage":
+            store.down = bool(a)
+        else:
+            sb = procs[a].shared
+            assert sb is not None
+            before = sb.fallback_reads
+            try:
+                procs[a].charge(principal, b)
+            except DecryptBudgetExceeded:
+                continue
+            if sb.fallback_reads > before:
+                own.setdefault(instance[a], []).append((clock.now, b))
+            else:
+                shared.append((clock.now, b))
+    worst = _most_in_a_window(shared)
+    target(float(worst))
+    assert worst <= LIMIT
+    for reads in own.values():
+        assert _most_in_a_window(reads) <= LIMIT
