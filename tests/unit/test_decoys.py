@@ -267,6 +267,14 @@ def test_carnet_own_commands_never_raise_the_alarm(
     assert SECRET in exported  # the practice's notes...
     lines = [json.loads(x) for x in exported.splitlines() if x.strip()]
     assert not any(str(i) in {str(v) for v in _ids_in(x)} for x in lines for i in ids)
+    # migrate classifies stored values through verify: a decoy in a text column
+    # is a sealed value of the practice, never opened.
+    r = run("decoys", "plant", "--table", "notes", "--column", "summary", "--practice", "p1")
+    assert r.exit_code == 0, r.output
+    r = run("migrate", "verify", "--table", "notes", "--column", "summary",
+            "--tenant", "practice_id", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["totals"]["sealed"] == 20 + 1  # the decoy among them
     # A master key rotation rewraps the decoy keys too (under their own kind).
     carnet.create_master_key(f"file://{tmp_path}/new.key").close()
     r = run("master", "rotate", "--to", f"file://{tmp_path}/new.key", "--json")
