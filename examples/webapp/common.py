@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 
 import carnet
+from carnet import decoys
 from carnet.audit import Auditor, AuditTrail, DecryptBudget
 from carnet.errors import (
     AuditStoreUnavailable,
+    BudgetStoreUnavailable,
     CarnetError,
+    DecoyOpened,
     DecryptBudgetExceeded,
     KeyDestroyed,
     MasterKeyUnavailable,
@@ -62,18 +66,55 @@ def authenticate(authorization: str | None, tokens: Mapping[str, Caller]) -> Cal
 
 
 def install_carnet(
-    keys: carnet.KeyManager, budget: DecryptBudget | None, trail: AuditTrail | None = None
+    keys: carnet.KeyManager,
+    budget: DecryptBudget | None,
+    trail: AuditTrail | None = None,
+    alert: Callable[[decoys.Alert], None] | None = None,
 ) -> Auditor:
-    """Strict mode, the decrypt budget and the audit trail, process-wide: call once, at start-up.
+    """Strict mode, the decrypt budget, the audit trail and the decoy alarm, process-wide:
+    call once, at start-up.
 
     Strict mode makes every read and write of a note need a ``tenant_scope``
     matching the row's practice, so a scope lost between the request and the
     database fails closed. The auditor attributes each decryption to the
     principal in scope, stops one that reads more than its budget, and hands
     every disclosure to the durable trail (``carnet_audit``, docs/audit.md).
+    A decoy note opened (a read no screen of this application makes) is
+    refused, recorded in the trail as an alert, logged at CRITICAL, handed to
+    ``alert`` (page the on-call), and its principal stopped for the rest of
+    the budget's window, in every worker when the budget is shared.
     """
     carnet.configure(keys, require_scope=True)
-    return Auditor(budget=budget, trail=trail).install(keys)
+    auditor = Auditor(budget=budget, trail=trail).install(keys)
+    decoys.DecoyAlarm(hook=alert or _log_alert, trail=trail, stop=budget).install(keys)
+    return auditor
+
+
+def _log_alert(alert: decoys.Alert) -> None:
+    log.critical(
+        "decoy opened by %r (practice %r): page the on-call", alert.principal, alert.practice
+    )
+
+
+# The decoy patient of every practice: no screen lists it (the application never
+# links to it, and a clinician's patient list leaves it out), so only a read of
+# "every note" or a walk over patient ids ever opens its notes. A real
+# application picks an id that looks like its others, kept in its configuration.
+DECOY_PATIENT = os.environ.get("WEBAPP_DECOY_PATIENT", "PAT-0419")
+
+
+def plant_decoys(engine: sa.Engine, keys: carnet.KeyManager, practice: str, count: int = 2) -> None:
+    """Decoy notes for ``practice``'s decoy patient (the notes table's other columns
+    filled here, so the library call rather than ``carnet decoys plant``)."""
+    decoys.plant(
+        keys,
+        engine,
+        "consultation_notes",
+        "body",
+        practice,
+        count,
+        other=lambda _i: {"patient_id": DECOY_PATIENT},
+    )
 
 
 def default_trail(keys: carnet.KeyManager) -> AuditTrail:
@@ -87,7 +128,14 @@ def default_trail(keys: carnet.KeyManager) -> AuditTrail:
 
 
 def default_budget() -> DecryptBudget:
-    # A clinician reads tens of notes an hour; an export loop reads thousands.
+    """500 notes per principal per hour: a clinician reads tens of notes an hour; an
+    export loop reads thousands. With ``WEBAPP_BUDGET_STORE`` (the database's URL, or
+    ``redis://...``) the budget is one for every worker process: a scraper spread
+    over four workers gets 500, not 2,000 (docs/audit.md, "One budget for every
+    process")."""
+    store = os.environ.get("WEBAPP_BUDGET_STORE")
+    if store:
+        return DecryptBudget(limit=500, window=3600, store=store, block=10)
     return DecryptBudget(limit=500, window=3600)
 
 
@@ -111,6 +159,13 @@ def refusal(exc: CarnetError, caller: Caller | None, budget: DecryptBudget | Non
         # carnet.audit has already logged the alert; the window bounds the wait.
         retry = str(int(budget.window)) if budget is not None else "60"
         return Refusal(429, "decrypt budget exceeded", {"Retry-After": retry})
+    if isinstance(exc, DecoyOpened):
+        # The alarm is raised (log, trail, hook); the caller learns nothing of it.
+        return Refusal(404, "not found", {})
+    if isinstance(exc, BudgetStoreUnavailable):
+        # required mode: the shared budget could not be checked, nothing was disclosed.
+        log.error("decrypt budget store unavailable: a read of %r was refused", who)
+        return Refusal(503, "temporarily unavailable", {"Retry-After": "30"})
     if isinstance(exc, TenantMismatch):
         log.warning("refused a note of another practice to %r (practice %r)", who, where)
         return Refusal(403, "forbidden", {})

@@ -17,7 +17,7 @@ would be lost; strict mode then refuses the read instead of answering it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated
 
 import sqlalchemy as sa
@@ -29,6 +29,7 @@ from sqlalchemy.orm import sessionmaker
 
 import carnet
 from carnet.audit import AuditTrail, DecryptBudget, audit_context, principal_scope
+from carnet.decoys import Alert
 from carnet.errors import CarnetError
 
 from .common import (
@@ -77,9 +78,10 @@ def create_app(
     budget: DecryptBudget | None = None,
     trail: AuditTrail | None = None,
     tokens: Mapping[str, Caller] = DEMO_TOKENS,
+    alert: Callable[[Alert], None] | None = None,
 ) -> FastAPI:
     budget = budget if budget is not None else default_budget()
-    install_carnet(keys, budget, trail)
+    install_carnet(keys, budget, trail, alert)
     sessions = sessionmaker(engine)
     app = FastAPI(title="carnet example: consultation notes")
     app.state.tokens = tokens

@@ -9,7 +9,7 @@ which runs whatever happened in the view.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import Any
 
@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 import carnet
 from carnet.audit import AuditTrail, DecryptBudget, audit_context, principal_scope
+from carnet.decoys import Alert
 from carnet.errors import CarnetError
 
 from .common import (
@@ -43,9 +44,10 @@ def create_app(
     budget: DecryptBudget | None = None,
     trail: AuditTrail | None = None,
     tokens: Mapping[str, Caller] = DEMO_TOKENS,
+    alert: Callable[[Alert], None] | None = None,
 ) -> Flask:
     budget = budget if budget is not None else default_budget()
-    install_carnet(keys, budget, trail)
+    install_carnet(keys, budget, trail, alert)
     sessions = sessionmaker(engine)
     app = Flask(__name__)
 

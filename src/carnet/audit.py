@@ -31,6 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
+
+from . import budget_store
+from .budget_store import BudgetStore
 from .errors import ConfigurationError, DecryptBudgetExceeded
 from .trail import ANONYMOUS, AuditTrail, _principal, audit_context, current_principal
 
@@ -106,6 +110,23 @@ class DecryptBudget:
     backwards (default ``time.monotonic``). Memory: about 32 bytes per
     decryption allowed in the last window, so at most ``32 * limit`` bytes per
     principal; principals idle for a window are dropped as the table grows.
+
+    ``store``: one budget for every process (and machine) of the application.
+    A URL (the audit trail's database, ``postgresql+psycopg://...``,
+    ``sqlite:///...``, ``mysql+pymysql://...``; or ``redis://host:port/db``),
+    an Engine, or a store object (:mod:`carnet.budget_store`). Each process
+    reserves ``block`` reads at a time in the store and uses them for at most
+    ``lease`` seconds (default ``window / 10``). The guarantee: at most
+    ``limit`` disclosures by one principal in any interval of ``window``
+    seconds of the store's clock, across all processes, crashes included;
+    reads reserved but not used (at most one block per process) count as
+    read, and a reservation counts for ``window + lease`` seconds, so honest
+    use gets at least ``limit - processes * block`` per ``window + lease``
+    (docs/audit.md). ``mode``: ``required`` (default) refuses a read the store
+    cannot reserve (:class:`~carnet.errors.BudgetStoreUnavailable`);
+    ``best_effort`` falls back to this per-process budget, says so at ERROR
+    in the log, and records the reads it let through in the store when it
+    answers again.
     """
 
     def __init__(
@@ -115,6 +136,11 @@ class DecryptBudget:
         *,
         exempt: tuple[str, ...] = (),
         clock: Clock = time.monotonic,
+        store: str | sa.Engine | BudgetStore | None = None,
+        mode: str = budget_store.REQUIRED,
+        block: int | None = None,
+        lease: float | None = None,
+        timeout: float = 2.0,
     ) -> None:
         if limit < 1 or not window > 0:
             raise ConfigurationError("a decrypt budget needs limit >= 1 and window > 0")
@@ -126,11 +152,84 @@ class DecryptBudget:
         self._sweep_at = _SWEEP_MIN
         self._swept = -math.inf
         self._lock = threading.Lock()
+        self.shared: budget_store.SharedBudget | None = None
+        if store is not None:
+            if mode not in budget_store.MODES:
+                raise ConfigurationError(
+                    f"budget mode must be one of {', '.join(budget_store.MODES)}"
+                )
+            self.shared = budget_store.SharedBudget(
+                budget_store.open_store(store, timeout=timeout),
+                limit,
+                window,
+                block=block if block is not None else max(1, min(100, limit // 20)),
+                lease=lease if lease is not None else window / 10,
+                mode=mode,
+                clock=clock,
+                fallback=self._charge_here if mode == budget_store.BEST_EFFORT else None,
+            )
+
+    def install(self, manager: KeyManager) -> DecryptBudget:
+        """Make this budget ``manager``'s decrypt hook on its own (no :class:`Auditor`
+        counts, no events): the cheapest way to enforce it. Give an Auditor
+        ``budget=`` instead to have both."""
+        manager.decrypt_hook = self.hook()
+        return self
+
+    def hook(self) -> Callable[[str, str, int], None]:
+        """The decrypt hook :meth:`install` sets: the principal in scope charged
+        for every value about to open (legacy plaintext values included)."""
+        pget, exempt = _principal.get, self.exempt
+        shared = self.shared
+        if shared is None:
+            charge = self._charge_here
+
+            def hook(tenant: str, field: str, count: int) -> None:
+                p = pget() or ANONYMOUS
+                if p not in exempt and count > 0:
+                    charge(p, count)
+
+            return hook
+        # The shared budget's fast path inline: a read within the block in hand
+        # costs a lock and a clock reading; the rest goes through charge().
+        leases, lock, clock, slow = shared._leases, shared._lock, self._clock, shared.charge
+
+        def shared_hook(tenant: str, field: str, count: int) -> None:
+            p = pget() or ANONYMOUS
+            if p in exempt or count <= 0:
+                return
+            with lock:
+                lease = leases.get(p)
+                if lease is not None and lease.left >= count and lease.expires > clock():
+                    lease.left -= count
+                    return
+            slow(p, count)
+
+        return shared_hook
+
+    def stop(self, principal: str) -> None:
+        """Use up ``principal``'s budget now: no read for the rest of the window (a decoy
+        was opened). A shared budget records it in the store: every process stops it."""
+        if self.shared is not None:
+            self.shared.stop(principal)
+        now = self._clock()
+        with self._lock:
+            times = self._recent.get(principal)
+            if times is None:
+                times = self._add(principal, now)
+            times.clear()
+            times.extend([now] * self.limit)
 
     def charge(self, principal: str, n: int = 1) -> None:
         """Record ``n`` decryptions by ``principal`` now, or raise if that breaks the budget."""
         if n <= 0 or principal in self.exempt:
             return
+        if self.shared is not None:
+            self.shared.charge(principal, n)
+            return
+        self._charge_here(principal, n)
+
+    def _charge_here(self, principal: str, n: int) -> None:
         now = self._clock()
         window = self.window
         with self._lock:

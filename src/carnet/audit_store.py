@@ -57,7 +57,8 @@ ROWS = "rows"  # the row keys disclosed (rows=True)
 SEARCH = "search"  # a blind-index search
 RESERVE = "reserve"  # a block reserved ahead (required mode)
 CHECKPOINT = "checkpoint"  # left by a prune: carries the chain forward
-RECORD_KINDS = (READ, ROWS, SEARCH, RESERVE, CHECKPOINT)
+ALERT = "alert"  # a decoy note opened (carnet.decoys)
+RECORD_KINDS = (READ, ROWS, SEARCH, RESERVE, CHECKPOINT, ALERT)
 
 # Appends that lost the race for the head to another writer, before giving up.
 APPEND_ATTEMPTS = 40

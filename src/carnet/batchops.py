@@ -30,7 +30,7 @@ from .errors import (
     UnknownKey,
 )
 from .indexing import _manager_for, _normalise, _value
-from .keystore import DESTROYED, RETIRED
+from .keystore import DECOY, DESTROYED, RETIRED
 from .lookup import _resolve, _tenant_eq
 from .manager import KeyManager
 from .reflect import check_column, raw_type, resolve_table
@@ -78,6 +78,8 @@ def reencrypt_transform(
         rec = keys.get(kid)
         if rec is None:
             raise UnknownKey(kid)
+        if rec.kind == DECOY:
+            return None  # a decoy stays under its decoy key, unopened (carnet.decoys)
         if tenant is not None and rec.tenant != tenant:
             left["other_practice"] += 1
             return None
@@ -491,7 +493,13 @@ def _open_stored(typ: Any, raw: Any, tenant: str, manager: KeyManager) -> Any:
         blob = envelope.from_text(raw)
     else:
         blob = bytes(raw)
+    if manager.is_decoy(envelope.key_id_of(blob)):
+        return _DECOY  # recognised by its key, never opened (carnet.decoys)
     return typ.decrypt(blob, tenant, manager)
+
+
+# What _open_stored returns for a decoy note: the row is skipped.
+_DECOY = object()
 
 
 def reindex(
@@ -534,6 +542,8 @@ def reindex(
         values = [
             _open_stored(c.type, row.extra[f"src{i}"], tenant, manager) for i, c in enumerate(cols)
         ]
+        if any(v is _DECOY for v in values):
+            return None  # a decoy's index stays as planted; it is never opened
         normalised = _normalise(spec, values)
         if normalised is None:
             return None

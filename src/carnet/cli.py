@@ -21,6 +21,7 @@ import click
 from ._cli import CarnetGroup, Config, database_url_option, echo, master_key_option
 from .audit_cli import audit
 from .checks_cli import checks
+from .decoys_cli import decoys_group
 
 # The one exit-code table of every command (carnet.exitcodes), re-exported here.
 from .exitcodes import (  # noqa: F401
@@ -114,6 +115,7 @@ for _command in (
     demo,
     checks,
     audit,
+    decoys_group,
     migrate,
 ):
     cli.add_command(_command)

@@ -177,6 +177,18 @@ class AuditStoreUnavailable(DatabaseError):
         super().__init__(message)
 
 
+class DecoyOpened(CarnetError):
+    """A decoy note was about to be opened (carnet.decoys): no legitimate screen opens
+    one, so the read is refused and the alarm raised. The message names the
+    principal, the practice and the field, never a value."""
+
+
+class BudgetStoreUnavailable(CarnetError):
+    """The shared decrypt budget's store (SQL or Redis) could not be reached to reserve
+    reads (``required`` mode: the read is refused and nothing is disclosed). The
+    message names the store, never a password or a value."""
+
+
 # Driver errors whose first line is about reaching the server, never about a
 # row: PostgreSQL SQLSTATE classes 08 (connection), 28 (authentication), 3D
 # (no such database), 57P (shutdown); MySQL/MariaDB server errors 1040-1049

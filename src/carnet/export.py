@@ -39,6 +39,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from . import envelope
 from . import jobs as _jobs
 from .batch import after_key, raw_type, resolve_table
 from .errors import ConfigurationError, InvalidCiphertext
@@ -163,6 +164,10 @@ def _json_value(v: Any) -> Any:
     return str(v)
 
 
+class _Decoy(Exception):
+    """A decoy note met by an export: its row is left out."""
+
+
 def _open(manager: KeyManager, value: Any, tenant: str, label: str) -> Any:
     from .lifecycle import PLAINTEXT, blob_of
 
@@ -173,6 +178,8 @@ def _open(manager: KeyManager, value: Any, tenant: str, label: str) -> Any:
         return value  # legacy plaintext of a column being migrated: the data as it is
     if not isinstance(blob, bytes):
         raise InvalidCiphertext("value is not carnet ciphertext", label=label)
+    if manager.is_decoy(envelope.key_id_of(blob)):
+        raise _Decoy  # the row is left out, unopened (carnet.decoys)
     plain = manager.decrypt(blob, tenant=tenant, label=label)
     try:
         return plain.decode("utf-8")
@@ -217,15 +224,19 @@ def iter_rows(
         batch = []
         for r in rows:
             key = tuple(r[c.name] for c in pk)
+            last = key
             out: dict[str, Any] = {}
-            for name, v in r.items():
-                if name in labels:
-                    out[name] = _open(manager, v, tenant, labels[name])
-                else:
-                    out[name] = _json_value(v)
+            try:
+                for name, v in r.items():
+                    if name in labels:
+                        out[name] = _open(manager, v, tenant, labels[name])
+                    else:
+                        out[name] = _json_value(v)
+            except _Decoy:
+                continue  # a decoy row: not the practice's data, never opened
             batch.append((key, out))
-        yield batch
-        last = batch[-1][0]
+        if batch:
+            yield batch
         if len(rows) < batch_size:
             return
 

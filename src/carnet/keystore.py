@@ -59,11 +59,14 @@ STATES = (ACTIVE, INACTIVE, RETIRED, DESTROYED)
 DATA = "data"
 INDEX = "index"
 AUDIT = "audit"
-KINDS = (DATA, INDEX, AUDIT)
+# A practice's decoy key: seals decoy notes, which no legitimate read opens
+# (carnet.decoys). Its rows look like a data key's but for this kind.
+DECOY = "decoy"
+KINDS = (DATA, INDEX, AUDIT, DECOY)
 # The practice id of the audit key: carnet refuses an empty practice id for a
 # value, so no practice's keys (nor its destroy) can ever name it.
 AUDIT_TENANT = ""
-_KIND_CHECK = "kind IN ('data', 'index', 'audit')"
+_KIND_CHECK = "kind IN ('data', 'index', 'audit', 'decoy')"
 
 _T = TypeVar("_T")
 
@@ -304,7 +307,7 @@ def add_key_kinds_in(conn: sa.Connection, table: sa.Table) -> bool:
 
 
 def lacks_audit_kind(conn: sa.Connection, table: sa.Table) -> bool:
-    """True if the live key table has kinds but its kind check refuses ``audit``."""
+    """True if the live key table has kinds but its kind check refuses ``audit`` or ``decoy``."""
     insp = sa.inspect(conn)
     if not insp.has_table(table.name, schema=table.schema):
         return False
@@ -313,7 +316,7 @@ def lacks_audit_kind(conn: sa.Connection, table: sa.Table) -> bool:
     for ck in insp.get_check_constraints(table.name, schema=table.schema):
         text = str(ck.get("sqltext", ""))
         if "kind" in text and "'index'" in text:
-            return "'audit'" not in text
+            return "'audit'" not in text or "'decoy'" not in text
     return False
 
 
@@ -326,7 +329,7 @@ def add_audit_kind(engine: sa.Engine, table: sa.Table) -> bool:
 def add_audit_kind_in(conn: sa.Connection, table: sa.Table) -> bool:
     """:func:`add_audit_kind` inside ``conn``'s transaction (an Alembic migration's).
 
-    The kind check gains ``'audit'``. SQLite cannot alter a check: the table
+    The kind check gains ``'audit'`` and ``'decoy'``. SQLite cannot alter a check: the table
     is rebuilt and its rows copied, in one transaction, as for key kinds.
     """
     if not lacks_audit_kind(conn, table):
@@ -593,6 +596,30 @@ class KeyStore:
         for rec in recs:
             rec.check()
         return recs
+
+    def decoy_keys(self, tenant: str, conn: sa.Connection | None = None) -> list[KeyRecord]:
+        """The decoy keys of practice ``tenant`` (kind ``decoy``), active first."""
+        if conn is None:
+            with self.engine.connect() as own:
+                return self.decoy_keys(tenant, own)
+        self.require_kinds()
+        recs = self.rows(conn, tenant, kind=DECOY)
+        return sorted(recs, key=lambda r: (r.state != ACTIVE, -r.version))
+
+    def insert_decoy_key(
+        self, tenant: str, key_id: bytes, wrapped: bytes, master_key_uri: str
+    ) -> bool:
+        """Insert a practice's decoy key; False when another process won (its key is used)."""
+        try:
+            with self.engine.begin() as conn:
+                self.insert(conn, tenant, key_id, wrapped, master_key_uri, version=1, kind=DECOY)
+        except sa.exc.IntegrityError:
+            return False
+        except sa.exc.OperationalError as exc:
+            if (getattr(exc.orig, "args", None) or [None])[0] != 4025:
+                raise
+            return False
+        return True
 
     def insert_audit_key(self, key_id: bytes, wrapped: bytes, master_key_uri: str) -> bool:
         """Insert the first audit key; False when another process won (its key is used)."""

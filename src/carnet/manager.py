@@ -37,6 +37,7 @@ from .errors import (
 from .keystore import (
     ACTIVE,
     DATA,
+    DECOY,
     DESTROYED,
     INDEX,
     RETIRED,
@@ -183,6 +184,9 @@ class KeyManager:
         self.keys_created = 0
         self.legacy_plaintext_reads = 0
         self.decrypt_hook: DecryptHook | None = None
+        # What a decoy note opened does (carnet.decoys.DecoyAlarm; None: log and refuse).
+        self.decoy_alarm: Any = None
+        self._decoy_ids: dict[bytes, bool] = {}
         # Strict mode: application seals and opens need a matching tenant_scope
         # (see carnet.configure).
         self.require_scope = require_scope
@@ -335,7 +339,10 @@ class KeyManager:
         keys = self.cache.keys
         dek = keys.get(key_id)
         if dek is None:
-            dek = self._dek_for(key_id, _check_tenant(tenant))
+            rec = self.get_key(key_id)
+            if rec is not None and rec.kind == DECOY:
+                return self._decoy_opener(rec, tenant, label)
+            dek = self._dek_for(key_id, _check_tenant(tenant), rec)
         if dek.tenant != tenant:
             # A value of another practice: copied into this row, or read under the
             # wrong scope. The key's tenant is metadata, so naming it leaks nothing.
@@ -353,7 +360,7 @@ class KeyManager:
 
     # The column type's per-value calls: :meth:`encrypt` and :meth:`decrypt`
     # in one frame, positional, for text. Anything but a warm cached sealer or
-    # opener (and, for opening, no decrypt hook) takes the full path.
+    # opener takes the full path; the decrypt hook is called in either.
 
     def _seal_text(self, text: str, tenant: str, label: str) -> bytes:
         sealer = self._sealers.get((tenant, label))
@@ -364,8 +371,13 @@ class KeyManager:
 
     def _open_text(self, blob: bytes, tenant: str, label: str) -> str:
         opener = self._openers.get((blob[_KEY_ID], label, tenant))
-        if opener is None or opener.expires <= _monotonic() or self.decrypt_hook is not None:
+        if opener is None or opener.expires <= _monotonic():
             return self.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
+        hook = self.decrypt_hook
+        if hook is not None:
+            # Charged before the value is opened, as in decrypt(): a refused
+            # read never has its text in this frame.
+            hook(tenant, label, 1)
         self._fast_hits += 1
         return opener.open(blob).decode("utf-8")
 
@@ -414,8 +426,34 @@ class KeyManager:
 
     # -- data keys -----------------------------------------------------------------
 
-    def _dek_for(self, key_id: bytes, tenant: str) -> Dek:
-        rec = self.get_key(key_id)
+    def _decoy_opener(self, rec: KeyRecord, tenant: str, label: str) -> envelope.Opener:
+        """A decoy note is about to be opened: the alarm (carnet.decoys), which refuses
+        by default. Let through, its opener is never cached: every read alarms."""
+        from . import decoys
+
+        decoys.opened(self, rec, _check_tenant(tenant), label)
+        dek = self._unwrap(rec)  # not cached: only data keys are
+        if dek.tenant != tenant:
+            raise TenantMismatch(tenant, dek.tenant)
+        return envelope.Opener(dek.cipher, rec.key_id, label, tenant, time.monotonic())
+
+    def is_decoy(self, key_id: bytes) -> bool:
+        """Whether ``key_id`` names a decoy key: carnet's own commands skip such values
+        by their header, without opening them (and so without an alarm)."""
+        if self.cache.keys.get(key_id) is not None:
+            return False  # only data keys are cached
+        known = self._decoy_ids.get(key_id)
+        if known is None:
+            rec = self.get_key(key_id)
+            known = rec is not None and rec.kind == DECOY
+            if len(self._decoy_ids) > 100_000:
+                self._decoy_ids.clear()
+            self._decoy_ids[key_id] = known
+        return known
+
+    def _dek_for(self, key_id: bytes, tenant: str, rec: KeyRecord | None = None) -> Dek:
+        if rec is None:
+            rec = self.get_key(key_id)
         if rec is None or rec.kind != DATA:
             # An index root key never decrypts a value, whatever a header names.
             raise UnknownKey(key_id)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from .audit_store import (
+    ALERT,
     READ,
     RESERVE,
     ROWS,
@@ -310,6 +311,28 @@ class AuditTrail:
             self.records_written += 1
             self.head = head
         self._log_json(rec)
+
+    def alert(self, principal: str, practice: str, field: str, detail: Mapping[str, Any]) -> bool:
+        """Record an alert (a decoy note opened) now, in its own transaction, whatever the
+        mode; True if the store took it. A failure is logged at ERROR, never raised:
+        the alarm's other channels (the log, the hook) still go off."""
+        now = time.time()
+        rec = self._record(ALERT, (principal, practice, field, _context.get()), 1, 0, now, now)
+        rec["detail"] = json.dumps(dict(detail), sort_keys=True)
+        try:
+            if self._create:
+                self._ensure_table()
+            head = self.store.append([rec])
+        except Exception as exc:  # noqa: BLE001 - the alarm must not be silenced
+            self.store_failures += 1
+            self.last_error = type(exc).__name__
+            log.error("carnet: could not record a decoy alert in the audit trail (%s)", exc)
+            return False
+        with self._lock:
+            self.records_written += 1
+            self.head = head
+        self._log_json(rec)
+        return True
 
     def row_disclosed(self, principal: str, practice: str, field: str, row: str) -> None:
         key = (principal, practice, field, _context.get())

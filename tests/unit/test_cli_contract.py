@@ -64,6 +64,9 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], bool]] = {
     ("audit", "report"): ([], False),
     ("audit", "verify"): ([], True),
     ("audit", "prune"): (["--before", "2000-01-01", "--yes"], True),
+    ("decoys", "plant"): ([*TARGET, "--practice", "p0"], True),
+    ("decoys", "list"): ([], False),
+    ("decoys", "remove"): (["--all", "--yes"], False),
 }
 
 # Leaf commands outside the fault matrix, and why.

@@ -23,8 +23,9 @@ from .. import envelope
 from ..errors import ConfigurationError
 from .columns import ColumnSpec, Mode
 
-# Key kinds a value may be sealed under (decoy keys join them when they exist).
-VALUE_KEY_KINDS = ("data",)
+# Key kinds a value may be sealed under: a practice's data keys, and its decoy
+# keys (carnet.decoys), whose notes must pass the same checks as real ones.
+VALUE_KEY_KINDS = ("data", "decoy")
 _COLON = "':'"
 _V1_HEAD = "'carnet:A'"
 
