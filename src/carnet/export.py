@@ -44,6 +44,7 @@ from . import jobs as _jobs
 from .batch import after_key, raw_type, resolve_table
 from .errors import ConfigurationError, InvalidCiphertext
 from .manager import KeyManager
+from .schema import table_names
 from .types import encrypted_type
 
 FORMAT = 1
@@ -115,7 +116,7 @@ def tables_by_name(
     """Tables named by the operator; their encrypted columns are those holding carnet values."""
     out = []
     for name in names:
-        if name.rpartition(".")[2] in (manager.table.name, _jobs.JOBS_TABLE):
+        if name.rpartition(".")[2] in table_names(manager.table.name):
             # Wrapped keys and job records are carnet's, not the practice's data.
             raise ConfigurationError(f"{name} is carnet's own table: it is not exported")
         tbl = resolve_table(manager.engine, name)

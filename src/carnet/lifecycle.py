@@ -254,10 +254,13 @@ def _all_tables(manager: KeyManager) -> list[tuple[str | None, str]]:
             for s in insp.get_schema_names()
             if s != default and s != "information_schema" and not s.startswith("pg_")
         ]
+    from .schema import table_names
+
+    carnet_tables = table_names(manager.table.name)
     out: list[tuple[str | None, str]] = []
     for schema in schemas:
         for name in sorted(insp.get_table_names(schema=schema)):
-            if schema is None and name in (manager.table.name, _jobs.JOBS_TABLE):
+            if schema is None and name in carnet_tables:
                 continue
             out.append((schema, name))
     return out

@@ -55,9 +55,25 @@ def carnet_metadata(keys_table_name: str = KEYS_TABLE) -> sa.MetaData:
     return md
 
 
+# The shared decrypt budget's and the decoys' tables (carnet.budget_store, carnet.decoys).
+BUDGET_TABLE = "carnet_budget"
+DECOYS_TABLE = "carnet_decoys"
+
+
 def table_names(keys_table_name: str = KEYS_TABLE) -> frozenset[str]:
-    """Names of carnet's tables with this key table name (and the default one)."""
-    return frozenset({KEYS_TABLE, keys_table_name, JOBS_TABLE, MIGRATIONS_TABLE, AUDIT_TABLE})
+    """Names of carnet's tables with this key table name (and the default one): never
+    scanned for an application's encrypted values."""
+    return frozenset(
+        {
+            KEYS_TABLE,
+            keys_table_name,
+            JOBS_TABLE,
+            MIGRATIONS_TABLE,
+            AUDIT_TABLE,
+            BUDGET_TABLE,
+            DECOYS_TABLE,
+        }
+    )
 
 
 def looks_like_carnet_table(column_names: Iterable[str]) -> bool:

@@ -12,7 +12,6 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import envelope
-from . import jobs as _jobs
 from .errors import (
     ConfigurationError,
     InvalidCiphertext,
@@ -104,7 +103,9 @@ def discover_columns(manager: KeyManager) -> list[tuple[str, str]]:
     """Columns of every table whose stored values carry carnet ciphertext."""
     insp = sa.inspect(manager.engine)
     found: list[tuple[str, str]] = []
-    skip = {manager.table.name, _jobs.JOBS_TABLE}
+    from .schema import table_names
+
+    skip = table_names(manager.table.name)  # carnet's own tables hold no notes
     for name in sorted(insp.get_table_names()):
         if name in skip:
             continue
