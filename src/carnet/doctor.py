@@ -31,7 +31,8 @@ from .errors import (
     MasterKeyUnavailable,
 )
 from .exitcodes import EXIT_DATABASE, EXIT_FAILED_ROWS, EXIT_MASTER_KEY, EXIT_OK, EXIT_USAGE
-from .keystore import inexact_practice_columns, key_anomalies, keys_table
+from .keystore import key_anomalies, keys_table
+from .keystore_upgrade import inexact_practice_columns
 from .manager import KeyManager
 from .providers import open_master_key
 from .types import encrypted_type

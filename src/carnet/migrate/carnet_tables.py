@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from .. import _sa
 from ..errors import ConfigurationError
-from ..keystore import add_audit_kind_in, add_key_kinds_in, lacks_audit_kind
+from ..keystore_upgrade import add_audit_kind_in, add_key_kinds_in, lacks_audit_kind
 from ..schema import KEYS_TABLE, carnet_metadata, looks_like_carnet_table, table_names
 
 IncludeObject = Callable[[Any, Any, str, bool, Any], bool]
