@@ -61,16 +61,9 @@ def _everything(exc: BaseException) -> str:
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
 
 
 @pytest.fixture

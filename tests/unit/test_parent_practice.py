@@ -9,8 +9,6 @@ hold notes sealed for the old one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import (
@@ -50,11 +48,14 @@ NOTE = "Patient anxieux, évoque des idées noires"
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
+
+
+@pytest.fixture
+def patients(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Patients 1 and 2 of practice A, 3 of practice B; consultation 10 of patient 1."""
     with Session(engine) as s:
         s.add_all(
             [
@@ -65,11 +66,6 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
         )
         s.add(Consultation(id=10, patient_id=1, comment=NOTE))
         s.commit()
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
 
 
 def stored(engine: sa.Engine, master_key_uri: str, cid: int) -> tuple[str, str | None]:
@@ -97,7 +93,7 @@ def stored(engine: sa.Engine, master_key_uri: str, cid: int) -> tuple[str, str |
 
 
 def test_orm_writes_and_reads_under_the_parents_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     assert stored(engine, master_key_uri, 10) == ("A", NOTE)
     with Session(engine) as s:
@@ -115,7 +111,7 @@ def test_orm_writes_and_reads_under_the_parents_practice(
 
 @pytest.mark.parametrize("how", ["foreign_key", "relationship"])
 def test_consultation_moved_to_a_patient_of_another_practice_is_resealed(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str, how: str
+    patients: None, engine: sa.Engine, master_key_uri: str, how: str
 ) -> None:
     with Session(engine) as s:
         c = s.get(Consultation, 10)
@@ -132,7 +128,7 @@ def test_consultation_moved_to_a_patient_of_another_practice_is_resealed(
 
 
 def test_consultation_moved_within_the_practice_keeps_opening(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with Session(engine) as s:
         c = s.scalars(sa.select(Consultation).options(load_only(Consultation.id))).one()
@@ -142,7 +138,7 @@ def test_consultation_moved_within_the_practice_keeps_opening(
 
 
 def test_patient_practice_change_with_encrypted_children_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with Session(engine) as s:
         p = s.get(Patient, 1)
@@ -162,7 +158,7 @@ def test_patient_practice_change_with_encrypted_children_is_refused(
 
 
 def test_core_writes_take_the_parents_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with engine.begin() as conn:
         conn.execute(consultations.insert(), {"id": 11, "patient_id": 3, "comment": "de B"})
