@@ -44,8 +44,11 @@ test: $(VENV)/.stamp-dev
 	$(MAKE) --no-print-directory test-pythons || failed="$$failed test-pythons"; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
 
-# Without lint and type checks, for a quick loop while editing.
-test-fast: pytest
+# The quick loop while editing: the unit tier alone (in-process, no lint or
+# type checks; about @@TIME@@ on the three databases). `make test` runs every
+# tier: unit, cli, scenarios, docs (see docs/development.md).
+test-fast: $(VENV)/.stamp-dev
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 # Many more examples of the model-based tests than CI runs, randomized.
 FUZZ_EXAMPLES ?= 300
@@ -80,7 +83,7 @@ test-sqlalchemy-2.0: $(SA20)/.stamp
 		tests/unit/test_guard.py tests/unit/test_parent_practice.py tests/unit/test_dbchecks.py \
 		tests/scenarios/test_no_leaks.py \
 		tests/scenarios/test_tenant_model.py tests/scenarios/test_several_databases.py \
-		tests/unit/test_typing.py
+		tests/cli/test_typing.py
 
 # The package as released: `python -m build` makes the sdist, then the wheel
 # from the sdist (so a file the sdist lacks breaks the wheel too).
