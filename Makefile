@@ -79,8 +79,8 @@ $(SA20)/.stamp: pyproject.toml
 test-sqlalchemy-2.0: $(SA20)/.stamp
 	$(SA20)/bin/python -c 'import sqlalchemy, sys; v = sqlalchemy.__version__; print("SQLAlchemy", v); sys.exit(not v.startswith("2.0."))'
 	$(SA20)/bin/pytest -q tests/unit/test_types.py tests/unit/test_manager.py \
-		tests/unit/test_audit.py tests/unit/test_envelope.py tests/unit/test_tenant_paths.py \
-		tests/unit/test_guard.py tests/unit/test_parent_practice.py tests/unit/test_dbchecks.py \
+		tests/unit/test_audit.py tests/unit/test_envelope.py tests/unit/test_tenancy.py \
+		tests/unit/test_guard.py tests/unit/test_orm.py tests/unit/test_dbchecks.py \
 		tests/scenarios/test_no_leaks.py \
 		tests/scenarios/test_tenant_model.py tests/scenarios/test_several_databases.py \
 		tests/cli/test_typing.py

@@ -1,8 +1,10 @@
-"""Each write path named by the tenant invariant, one test each, on the three backends.
+"""carnet.tenancy: each write path named by the tenant invariant, on the three backends.
 
 A note belongs to its row's practice: after the write either every value
 opens, from a brand-new KeyManager, under its row's practice, or the write was
-refused with a CarnetError and nothing of it was written.
+refused with a CarnetError and nothing of it was written. At the end, the
+module's own functions called directly: ``practice_text`` (the practice a row
+holds, as the database stores it) and ``bind_write`` (the pipeline's step).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy.orm import (
 )
 
 import carnet
-from carnet import envelope
+from carnet import envelope, tenancy
 from carnet.errors import (
     ConfigurationError,
     InvalidPlaintext,
@@ -622,3 +624,89 @@ def test_orm_update_synchronize_session_never_puts_one_practices_text_on_another
         s.commit()
     assert stored(engine, master_key_uri, 1) == ("A", "rewritten for A", SUMMARY)
     assert stored(engine, master_key_uri, 2) == ("B", BODY, SUMMARY)
+
+
+# -- tenancy's own functions, called directly ------------------------------------------
+
+_plain_md = sa.MetaData()
+# No encrypted column: what the database stores for a practice, carnet aside.
+practice_values = sa.Table(
+    "tp_practice_values",
+    _plain_md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("as_int", sa.Integer),
+    sa.Column("as_text", sa.String(20)),
+)
+
+
+@pytest.mark.parametrize("given", [7, "007", " 7", "+7", "-3", "0"])
+def test_practice_text_of_an_integer_column_is_the_number_the_database_stores(
+    engine: sa.Engine, given: object
+) -> None:
+    # Sealing for "007" while the row holds 7 would make the note unreadable
+    # (and the database's practice check would refuse it).
+    _plain_md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(practice_values.insert(), {"id": 1, "as_int": given})
+        stored = conn.execute(sa.select(practice_values.c.as_int)).scalar_one()
+    assert tenancy.practice_text(given, practice_values.c.as_int) == str(stored)
+
+
+@pytest.mark.parametrize("given", ["007", "A-12", " 7", 7])
+def test_practice_text_of_a_text_column_is_the_text_the_database_stores(
+    engine: sa.Engine, given: object
+) -> None:
+    _plain_md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(practice_values.insert(), {"id": 1, "as_text": given})
+        stored = conn.execute(sa.select(practice_values.c.as_text)).scalar_one()
+    assert tenancy.practice_text(given, practice_values.c.as_text) == stored
+    assert tenancy.practice_text(given) == stored  # no column: the text as given
+
+
+def test_bind_write_binds_each_rows_values_to_that_rows_practice(
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
+) -> None:
+    rows = [
+        {"id": 1, "practice_id": "A", "body": BODY, "summary": None},
+        {"id": 2, "practice_id": "B", "body": SUMMARY, "summary": BODY},
+    ]
+    with engine.begin() as conn:
+        stmt, multi, params, writes = tenancy.bind_write(conn, notes.insert(), rows, {})
+        assert writes is True
+        assert [(r["body"].carnet_tenant, r["body"]) for r in multi] == [
+            ("A", BODY),
+            ("B", SUMMARY),
+        ]
+        assert multi[1]["summary"].carnet_tenant == "B" and multi[0]["summary"] is None
+        conn.execute(stmt, multi)
+    # Written through the pipeline as bound: each note opens under its own row's practice.
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, None)
+    assert stored(engine, master_key_uri, 2) == ("B", SUMMARY, BODY)
+
+
+def test_bind_write_leaves_statements_without_encrypted_columns_alone(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with engine.connect() as conn:
+        for stmt, rows in [
+            (sa.select(notes), []),
+            (Practice.__table__.insert(), [{"id": "C"}]),
+            (Practice.__table__.update().values(id="D"), []),
+        ]:
+            out, multi, params, writes = tenancy.bind_write(conn, stmt, rows, {})
+            assert (out, multi, params, writes) == (stmt, rows, {}, False)
+
+
+def test_bind_write_refuses_a_practice_it_cannot_know(
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
+) -> None:
+    stmt = notes.insert().values(id=1, practice_id=sa.func.lower("A"), body=BODY)
+    with engine.connect() as conn, pytest.raises(UnsupportedOperation, match="SQL expression"):
+        tenancy.bind_write(conn, stmt, [], {})
+    assert _count(engine) == 0
+
+
+def _count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(notes)).scalar_one())
