@@ -45,8 +45,8 @@ test: $(VENV)/.stamp-dev
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
 
 # The quick loop while editing: the unit tier alone, in-process, without lint
-# or type checks (its 1,490 tests on the three databases took 10.7 min of wall
-# clock, 110 s of it pytest's own CPU, on 2 shared cores). `make test` runs
+# or type checks (its 1,490 tests on the three databases take about 10 min on
+# 2 shared cores, see docs/development.md). `make test` runs
 # every tier: unit, cli, scenarios, docs (docs/development.md).
 test-fast: $(VENV)/.stamp-dev
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
