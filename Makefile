@@ -46,8 +46,8 @@ test: $(VENV)/.stamp-dev
 
 # The quick loop while editing: the unit tier alone, in-process, without lint
 # or type checks (its 1,490 tests on the three databases take about 10 min on
-# 2 shared cores, see docs/development.md). `make test` runs
-# every tier: unit, cli, scenarios, docs (docs/development.md).
+# 2 shared cores, see docs/development.md). `make test` runs every tier: unit,
+# cli, scenarios, docs.
 test-fast: $(VENV)/.stamp-dev
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
