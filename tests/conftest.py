@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: fresh databases on each backend, a master key.
+"""Fixtures shared by every test: fresh databases on each backend, a master key, a manager.
 
 ``db_url`` (and ``engine`` built on it) runs a test once per backend, with ids
 ``sqlite``, ``postgresql`` and ``mariadb``; each run gets its own new, empty
@@ -10,18 +10,29 @@ overrides the parameter::
 
 An unreachable PostgreSQL or MariaDB fails the test (a silently skipped
 backend is how portability bugs ship) unless CARNET_TEST_ALLOW_SKIP=1.
+
+``keys`` is the KeyManager most tests use, defined here only: on ``engine``,
+with the tables of ``keys_metadata`` (support.models' by default; a module with
+models of its own overrides ``keys_metadata``), carnet's default manager for the
+test. ``unconfigured_keys`` is one that is not the default. A module that needs
+anything else names its fixture for the difference (``sqlite_keys``,
+``race_keys``...) rather than shadowing ``keys``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 
 from support.dbutil import DatabaseUnavailable, drop_database, make_database, server_check
+
+if TYPE_CHECKING:
+    import carnet
 
 # Fixtures of the real components (moto's KMS server, SoftHSM2, a private
 # Secret Service), declared once here: each starts only when a test asks for it.
@@ -116,3 +127,48 @@ def master_key_uri(tmp_path: Path) -> str:
     uri = "file://" + str(tmp_path / "master.key")
     create_master_key(uri).close()
     return uri
+
+
+@pytest.fixture
+def keys_metadata() -> Sequence[sa.MetaData]:
+    """The models whose tables ``keys`` creates: support.models' ``notes`` and ``comments``.
+
+    A test module with models of its own overrides this fixture (returning its
+    ``Base.metadata``, or nothing) instead of defining another ``keys``.
+    """
+    from support.models import Base, core_metadata
+
+    return (Base.metadata, core_metadata)
+
+
+@pytest.fixture
+def keys(
+    engine: sa.Engine, master_key_uri: str, keys_metadata: Sequence[sa.MetaData]
+) -> Iterator[carnet.KeyManager]:
+    """A KeyManager on ``engine``, with its key table and ``keys_metadata``'s tables.
+
+    It is carnet's default manager for the test (``carnet.configure``), then
+    unconfigured and closed.
+    """
+    from support.models import configured_keys
+
+    with configured_keys(engine, master_key_uri, keys_metadata) as manager:
+        yield manager
+
+
+@pytest.fixture
+def unconfigured_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    """A KeyManager on ``engine`` with its key table only, not carnet's default manager.
+
+    For tests that hand the manager to every call themselves, so that code
+    reaching for the default manager instead fails (there is none); closed
+    afterwards.
+    """
+    import carnet
+
+    manager = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        manager.create_schema()
+        yield manager
+    finally:
+        manager.close()

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from carnet import lifecycle
 from support.paths import ROOT
 
@@ -74,3 +76,19 @@ def test_every_command_is_documented() -> None:
     text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS.glob("*.md"))
     for name in cli.commands:
         assert f"`carnet {name}" in text or f"carnet {name} " in text, name
+
+
+def test_every_test_folder_is_a_tier_pytest_runs_and_the_docs_name() -> None:
+    # A folder of tests missing from testpaths would never run under `make test`.
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    tiers = config["tool"]["pytest"]["ini_options"]["testpaths"]
+    tests = ROOT / "tests"
+    folders = {p.relative_to(tests).parts[0] for p in tests.rglob("test_*.py")}
+    assert sorted(t.removeprefix("tests/") for t in tiers) == sorted(folders)
+    table = (DOCS / "development.md").read_text(encoding="utf-8")
+    for tier in tiers:
+        assert f"| `{tier}/` |" in table, tier
+    # The quick loop is the first tier, the fastest.
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(rf"^test-fast:.*\n\t\$\(BIN\)/pytest {re.escape(tiers[0])} ", makefile, re.M)

@@ -76,7 +76,11 @@ class Client:
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+def example_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    """A KeyManager whose tables the example's own ``create_tables`` made.
+
+    The example's ``create_app`` makes it carnet's default manager, not this fixture.
+    """
     keys = carnet.KeyManager(engine, master_key=master_key_uri)
     create_tables(engine, keys)
     try:
@@ -96,11 +100,11 @@ def framework(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_client(
-    framework: str, engine: sa.Engine, keys: carnet.KeyManager
+    framework: str, engine: sa.Engine, example_keys: carnet.KeyManager
 ) -> Callable[..., Client]:
     def make(budget: DecryptBudget | None = None) -> Client:
         module = fastapi_app if framework == "fastapi" else flask_app
-        return Client(framework, module.create_app(engine, keys, budget=budget))
+        return Client(framework, module.create_app(engine, example_keys, budget=budget))
 
     return make
 
@@ -309,9 +313,9 @@ def _seed_two_practices(engine: sa.Engine) -> None:
 
 
 def test_fastapi_concurrent_requests_get_their_own_practice(
-    engine: sa.Engine, keys: carnet.KeyManager
+    engine: sa.Engine, example_keys: carnet.KeyManager
 ) -> None:
-    app = fastapi_app.create_app(engine, keys)
+    app = fastapi_app.create_app(engine, example_keys)
     _seed_two_practices(engine)
     # One request per practice first, so the data keys are cached and no
     # request needs a second pooled connection while the barrier holds some.
@@ -338,9 +342,9 @@ def test_fastapi_concurrent_requests_get_their_own_practice(
 
 
 def test_flask_concurrent_requests_get_their_own_practice(
-    engine: sa.Engine, keys: carnet.KeyManager
+    engine: sa.Engine, example_keys: carnet.KeyManager
 ) -> None:
-    app = flask_app.create_app(engine, keys)
+    app = flask_app.create_app(engine, example_keys)
     _seed_two_practices(engine)
     for headers in (MARTIN, PETIT):  # cache the data keys, as above
         assert app.test_client().get("/patients/pat-7/notes", headers=headers).status_code == 200

@@ -107,7 +107,11 @@ JOINED = Schema("persons", "clients", "id", "note", JI_LABEL, "kind, ", "'client
 
 
 @pytest.fixture
-def keys(db_url: str, engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+def race_keys(db_url: str, engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    """A manager on an engine of its own (not ``engine``), not carnet's default manager.
+
+    Practices A and B have their data keys before any race starts.
+    """
     keys = carnet.KeyManager(db_url, master_key=master_key_uri)
     keys.create_schema()
     for practice in ("A", "B"):
@@ -422,14 +426,14 @@ def test_parent_move_and_child_insert_race(
     db_kind: str,
     db_url: str,
     engine: sa.Engine,
-    keys: carnet.KeyManager,
+    race_keys: carnet.KeyManager,
     master_key_uri: str,
     mover_level: str,
     inserter_level: str,
     order: str,
 ) -> None:
-    _populate(engine, keys, PARENT)
-    outcomes = _race(db_url, keys, PARENT, mover_level, inserter_level, order)
+    _populate(engine, race_keys, PARENT)
+    outcomes = _race(db_url, race_keys, PARENT, mover_level, inserter_level, order)
     practices = _check_invariant(db_url, master_key_uri, PARENT)
     _assert_one_failed(order, outcomes, practices, _child_exists(db_url, PARENT))
 
@@ -447,14 +451,14 @@ def test_joined_inheritance_base_move_and_subclass_insert_race(
     db_kind: str,
     db_url: str,
     engine: sa.Engine,
-    keys: carnet.KeyManager,
+    race_keys: carnet.KeyManager,
     master_key_uri: str,
     mover_level: str,
     inserter_level: str,
     order: str,
 ) -> None:
-    _populate(engine, keys, JOINED)
-    outcomes = _race(db_url, keys, JOINED, mover_level, inserter_level, order)
+    _populate(engine, race_keys, JOINED)
+    outcomes = _race(db_url, race_keys, JOINED, mover_level, inserter_level, order)
     practices = _check_invariant(db_url, master_key_uri, JOINED)
     _assert_one_failed(order, outcomes, practices, _child_exists(db_url, JOINED))
 
@@ -472,14 +476,14 @@ def test_sqlite_second_writer_waits_then_the_checks_refuse(
     db_kind: str,
     db_url: str,
     engine: sa.Engine,
-    keys: carnet.KeyManager,
+    race_keys: carnet.KeyManager,
     master_key_uri: str,
     order: str,
 ) -> None:
-    _populate(engine, keys, PARENT)
+    _populate(engine, race_keys, PARENT)
     engine.dispose()
     path = str(Path(sa.make_url(db_url).database or ""))
-    value = _seal(keys, "note sealed for A", "A", LABEL)
+    value = _seal(race_keys, "note sealed for A", "A", LABEL)
     insert = ("INSERT INTO consultations (id, patient_id, body) VALUES (10, ?, ?)", (P, value))
     move = (f"UPDATE patients SET practice_id = 'B' WHERE id = {P}", ())
     first_sql, second_sql = (move, insert) if order == "move_first" else (insert, move)

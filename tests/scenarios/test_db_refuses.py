@@ -12,7 +12,6 @@ in it. Values are real values copied from other rows: no header is forged.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -57,11 +56,14 @@ ERRORS = {"f": InvalidCiphertext, "p": TenantMismatch, "m": TenantMismatch, "k":
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
+
+
+@pytest.fixture(autouse=True)
+def rows(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """The rows every test here starts from (each test of this module uses ``keys``)."""
     with Session(engine) as s:
         s.add_all(
             [
@@ -84,11 +86,6 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
             ]
         )
         s.commit()
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
 
 
 def opened(

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 import carnet
 from carnet.errors import CarnetError, InvalidPlaintext
-from support.models import comments, configured_keys
+from support.models import comments
 
 SECRET = "PLANTED-idees-suicidaires-9c2"
 
@@ -47,12 +47,6 @@ def _holds_secret(exc: BaseException) -> list[str]:
             if SECRET in repr(value) or (isinstance(value, str) and SECRET in value):
                 found.append(f"{type(e).__name__}.{name}")
     return found
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        yield keys
 
 
 def test_lone_surrogate_through_the_type(keys: carnet.KeyManager) -> None:

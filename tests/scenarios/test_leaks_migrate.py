@@ -52,16 +52,6 @@ def _everything(exc: BaseException) -> str:
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    try:
-        yield keys
-    finally:
-        keys.close()
-
-
-@pytest.fixture
 def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     caplog.set_level(logging.DEBUG)
     logging.getLogger("sqlalchemy.engine").setLevel(logging.INFO)
@@ -128,12 +118,12 @@ def _narrow_table(engine: sa.Engine) -> sa.Table:
 
 
 def test_too_narrow_column_leaves_the_row_and_names_it(
-    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+    unconfigured_keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
 ) -> None:
     _narrow_table(engine)
     logs.clear()  # the planting INSERT is logged
     target = resolve(engine, "letters", "comment", tenant="practice_id")
-    result = run_migration(keys, engine, target, batch_size=10)
+    result = run_migration(unconfigured_keys, engine, target, batch_size=10)
     assert result.problems == {"too_long": [[2]]}
     assert result.report.failed == [(2,)] and result.report.rewritten == 2
     with engine.connect() as conn:
@@ -170,13 +160,16 @@ def _refusing_table(engine: sa.Engine, kind: str) -> None:
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"])
 def test_refused_write_is_a_carnet_error_without_the_value(
-    keys: carnet.KeyManager, engine: sa.Engine, db_kind: str, logs: pytest.LogCaptureFixture
+    unconfigured_keys: carnet.KeyManager,
+    engine: sa.Engine,
+    db_kind: str,
+    logs: pytest.LogCaptureFixture,
 ) -> None:
     _refusing_table(engine, db_kind)
     logs.clear()
     target = resolve(engine, "letters", "comment", tenant="practice_id")
     with pytest.raises(DatabaseError) as ei:
-        run_migration(keys, engine, target, batch_size=10)
+        run_migration(unconfigured_keys, engine, target, batch_size=10)
     exc = ei.value
     assert exc.__cause__ is None and exc.__context__ is None
     assert SECRET not in _everything(exc)
@@ -213,7 +206,7 @@ def test_refused_write_through_the_cli(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_latin1_legacy_note_through_the_library(
-    keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
+    unconfigured_keys: carnet.KeyManager, engine: sa.Engine, logs: pytest.LogCaptureFixture
 ) -> None:
     t = _narrow_table(engine)
     with engine.begin() as conn:
@@ -224,9 +217,9 @@ def test_latin1_legacy_note_through_the_library(
     logs.clear()
     target = resolve(engine, t.name, "comment", tenant="practice_id")
     for call in (
-        lambda: run_migration(keys, engine, target, batch_size=10),
-        lambda: carnet.migrate.build_plan(keys, engine, target),
-        lambda: carnet.migrate.verify(keys, engine, target),
+        lambda: run_migration(unconfigured_keys, engine, target, batch_size=10),
+        lambda: carnet.migrate.build_plan(unconfigured_keys, engine, target),
+        lambda: carnet.migrate.verify(unconfigured_keys, engine, target),
     ):
         with pytest.raises(DatabaseError) as ei:
             call()
@@ -254,10 +247,14 @@ _REFUSE_NOTES = {
 
 @pytest.mark.parametrize("db_kind", ["postgresql", "mariadb"])
 def test_reencrypt_refused_by_the_database_is_one_line_exit_4(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, db_kind: str
+    unconfigured_keys: carnet.KeyManager,
+    engine: sa.Engine,
+    db_url: str,
+    master_key_uri: str,
+    db_kind: str,
 ) -> None:
 
-    fill_notes(engine, keys, 12)
+    fill_notes(engine, unconfigured_keys, 12)
     r = run_cli(["keys", "rotate", "--all"], db_url=db_url, master_key=master_key_uri)
     assert r.returncode == 0, r.stderr
     with engine.begin() as conn:

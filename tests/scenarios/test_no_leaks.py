@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import pytest
 import sqlalchemy as sa
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 import carnet
 from carnet.errors import CarnetError, MasterKeyUnavailable
 from carnet.providers.base import MasterKey
-from support.models import Base, Note, comments, configured_keys
+from support.models import Base, Note, comments
 
 SECRET = "PLANTED-abus-sexuel-7f3a9"
 
@@ -28,12 +28,6 @@ def _everything(exc: BaseException) -> str:
         parts += [str(e), repr(e), repr(getattr(e, "args", ""))]
         e = e.__cause__ or e.__context__
     return "\n".join(parts)
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        yield keys
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,6 @@ from carnet.errors import ConfigurationError
 from support.models import Note, comments, configured_keys
 
 pytestmark = pytest.mark.parametrize("db_kind", ["sqlite"])
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        yield keys
 
 
 def _hold_write_lock(path: str, seconds: float) -> threading.Thread:

@@ -20,27 +20,30 @@ from sqlalchemy.orm import Session
 
 import carnet
 from carnet.errors import CarnetError, TenantMismatch, TenantRequired
-from support.models import Note, configured_keys
+from support.models import Note
 
 SECRET = "PLANTED-violences-conjugales-41"
 
 
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        with Session(engine) as s:
-            s.add_all(
-                [
-                    Note(id=1, practice_id="A", body=SECRET),
-                    Note(id=2, practice_id="B", body="note de B"),
-                ]
-            )
-            s.commit()
-        carnet.configure(keys, require_scope=True)
-        try:
-            yield keys
-        finally:
-            keys.require_scope = False
+@pytest.fixture(autouse=True)
+def strict(keys: carnet.KeyManager, engine: sa.Engine) -> Iterator[None]:
+    """A note of practice A and one of B, then strict mode, on the shared ``keys``.
+
+    Every test here uses ``keys``; strict mode is undone afterwards.
+    """
+    with Session(engine) as s:
+        s.add_all(
+            [
+                Note(id=1, practice_id="A", body=SECRET),
+                Note(id=2, practice_id="B", body="note de B"),
+            ]
+        )
+        s.commit()
+    carnet.configure(keys, require_scope=True)
+    try:
+        yield
+    finally:
+        keys.require_scope = False
 
 
 def _fastapi_app(engine: sa.Engine, dependency: str) -> object:

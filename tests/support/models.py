@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import sqlalchemy as sa
@@ -35,14 +35,25 @@ comments = sa.Table(
 
 
 @contextmanager
-def configured_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    """A KeyManager with its schema and these models' tables, as the default manager."""
+def configured_keys(
+    engine: sa.Engine,
+    master_key_uri: str,
+    metadata: Sequence[sa.MetaData] = (Base.metadata, core_metadata),
+) -> Iterator[carnet.KeyManager]:
+    """A KeyManager with its schema and ``metadata``'s tables, as the default manager.
+
+    ``metadata`` defaults to these models (Note and the ``comments`` table); the
+    manager is unconfigured and closed on the way out.
+    """
     keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    core_metadata.create_all(engine)
-    carnet.configure(keys)
     try:
-        yield keys
+        keys.create_schema()
+        for md in metadata:
+            md.create_all(engine)
+        carnet.configure(keys)
+        try:
+            yield keys
+        finally:
+            carnet.configure(None)
     finally:
-        carnet.configure(None)
+        keys.close()

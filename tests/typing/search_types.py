@@ -1,4 +1,4 @@
-"""What type checkers see of carnet's searchable identifiers (tests/unit/test_typing.py).
+"""What type checkers see of carnet's searchable identifiers (tests/cli/test_typing.py).
 
 Checked, not run: mypy --strict and pyright (strict) must both accept every
 ``assert_type`` below.

@@ -11,24 +11,26 @@ from sqlalchemy.orm import Session
 import carnet
 from carnet.audit import AuditEvent, Auditor, DecryptBudget, principal_scope
 from carnet.errors import ConfigurationError, DecryptBudgetExceeded
-from support.models import Base, Note
+from support.models import Base, Note, configured_keys
 
 SECRET = "PLANTED-audit-secret-31c"
 
 
 @pytest.fixture
-def keys(tmp_path: Path, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+def sqlite_keys(tmp_path: Path, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    """The shared ``keys``'s setup on a SQLite file of its own, with 30 notes to read.
+
+    These tests run once, not once per backend; the notes are of practices p0 and p1.
+    """
     engine = sa.create_engine(f"sqlite:///{tmp_path}/a.db")
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
-    with Session(engine) as s:
-        s.add_all([Note(practice_id=f"p{i % 2}", body=f"{SECRET} {i}") for i in range(30)])
-        s.commit()
-    yield keys
-    carnet.configure(None)
-    engine.dispose()
+    try:
+        with configured_keys(engine, master_key_uri, (Base.metadata,)) as keys:
+            with Session(engine) as s:
+                s.add_all([Note(practice_id=f"p{i % 2}", body=f"{SECRET} {i}") for i in range(30)])
+                s.commit()
+            yield keys
+    finally:
+        engine.dispose()
 
 
 def _read_all(keys: carnet.KeyManager) -> int:
@@ -37,14 +39,14 @@ def _read_all(keys: carnet.KeyManager) -> int:
 
 
 def test_events_are_aggregated_per_principal_tenant_field(
-    keys: carnet.KeyManager, caplog: pytest.LogCaptureFixture
+    sqlite_keys: carnet.KeyManager, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="carnet.audit")
     seen: list[AuditEvent] = []
-    auditor = Auditor(sink=seen.append).install(keys)
+    auditor = Auditor(sink=seen.append).install(sqlite_keys)
     with principal_scope("dr.martin"):
-        _read_all(keys)
-    _read_all(keys)
+        _read_all(sqlite_keys)
+    _read_all(sqlite_keys)
     events = auditor.flush()
     assert {(e.principal, e.tenant, e.field, e.count) for e in events} == {
         ("dr.martin", "p0", "notes.body", 15),
@@ -57,20 +59,20 @@ def test_events_are_aggregated_per_principal_tenant_field(
 
 
 def test_budget_stops_a_bulk_read(
-    keys: carnet.KeyManager, caplog: pytest.LogCaptureFixture
+    sqlite_keys: carnet.KeyManager, caplog: pytest.LogCaptureFixture
 ) -> None:
-    Auditor(budget=DecryptBudget(limit=40, window=3600, exempt=("reencrypt",))).install(keys)
+    Auditor(budget=DecryptBudget(limit=40, window=3600, exempt=("reencrypt",))).install(sqlite_keys)
     with principal_scope("scraper"):
-        assert _read_all(keys) == 30
+        assert _read_all(sqlite_keys) == 30
         with pytest.raises(DecryptBudgetExceeded) as ei:
-            _read_all(keys)
+            _read_all(sqlite_keys)
     assert "scraper" in str(ei.value) and SECRET not in str(ei.value)
     assert "budget exceeded" in caplog.text
     with principal_scope("dr.other"):  # budgets are per principal
-        assert _read_all(keys) == 30
+        assert _read_all(sqlite_keys) == 30
     with principal_scope("reencrypt"):
         for _ in range(3):
-            assert _read_all(keys) == 30
+            assert _read_all(sqlite_keys) == 30
 
 
 def test_budget_window_resets() -> None:
@@ -115,16 +117,16 @@ def _frame_texts(exc: BaseException) -> str:
 
 @pytest.mark.parametrize("how", ["orm", "core", "sealed"])
 def test_a_read_the_budget_refuses_leaves_no_text_in_any_frame(
-    keys: carnet.KeyManager, how: str
+    sqlite_keys: carnet.KeyManager, how: str
 ) -> None:
-    Auditor(budget=DecryptBudget(limit=5, window=3600)).install(keys)
+    Auditor(budget=DecryptBudget(limit=5, window=3600)).install(sqlite_keys)
     refused: list[BaseException] = []
     with principal_scope("scraper"):
-        with Session(keys.engine) as s:
+        with Session(sqlite_keys.engine) as s:
             ids = s.scalars(sa.select(Note.id).order_by(Note.id)).all()
         for note_id in ids:
             try:
-                with Session(keys.engine) as s:
+                with Session(sqlite_keys.engine) as s:
                     if how == "orm":
                         note = s.get(Note, note_id)
                         assert note is not None and note.body

@@ -11,7 +11,7 @@ is refused), and the value reads back as text, through Core and the ORM.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,7 +22,6 @@ from sqlalchemy.types import TypeDecorator
 import carnet
 from carnet.errors import TenantMismatch, TenantRequired, UnsupportedOperation
 from carnet.types import encrypted_type
-from support.models import configured_keys
 
 DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb")
 
@@ -85,12 +84,6 @@ FORMS: dict[str, Callable[[sa.MetaData, sa.Engine], sa.Table]] = {
     "a reflected Table": reflected,
     "EncryptedString": searchable,
 }
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        yield keys
 
 
 @pytest.fixture(params=sorted(FORMS))

@@ -47,7 +47,7 @@ def _aad(version: int, key_id: bytes, label: str, tenant: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager]:
+def vector_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager]:
     """A KeyManager whose key table holds every vector's data key under its key id."""
     d = tmp_path_factory.mktemp("vectors")
     master = "file://" + str(d / "master.key")
@@ -88,7 +88,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager
 
 
 @pytest.mark.parametrize("v", V2_VECTORS, ids=_vector_id)
-def test_v2_known_answer_through_carnet(v: dict[str, str], keys: carnet.KeyManager) -> None:
+def test_v2_known_answer_through_carnet(v: dict[str, str], vector_keys: carnet.KeyManager) -> None:
     key_id = bytes.fromhex(v["key_id"])
     aad = envelope.associated_data(key_id, v["label"], v["tenant"])
     assert aad.hex() == v["aad"]
@@ -103,9 +103,9 @@ def test_v2_known_answer_through_carnet(v: dict[str, str], keys: carnet.KeyManag
     assert envelope.text_key_id(v["text_form"]) == key_id
     assert len(blob) == envelope.overhead(v["tenant"]) + len(v["plaintext"].encode())
     assert len(v["text_form"]) == envelope.text_length(v["tenant"], len(v["plaintext"].encode()))
-    rec = keys.get_key(key_id)
+    rec = vector_keys.get_key(key_id)
     assert rec is not None and rec.tenant == v["tenant"]
-    opened = keys.decrypt(blob, tenant=v["tenant"], label=v["label"])
+    opened = vector_keys.decrypt(blob, tenant=v["tenant"], label=v["label"])
     assert opened.decode() == v["plaintext"]
 
 
@@ -147,7 +147,9 @@ def test_v2_vectors_cover_the_documented_cases() -> None:
 
 
 @pytest.mark.parametrize("v", V1_VECTORS, ids=_vector_id)
-def test_v1_known_answer_opens_through_carnet(v: dict[str, str], keys: carnet.KeyManager) -> None:
+def test_v1_known_answer_opens_through_carnet(
+    v: dict[str, str], vector_keys: carnet.KeyManager
+) -> None:
     key_id = bytes.fromhex(v["key_id"])
     blob = bytes.fromhex(v["blob"])
     assert envelope.associated_data(key_id, v["label"], v["tenant"], version=1).hex() == v["aad"]
@@ -157,10 +159,10 @@ def test_v1_known_answer_opens_through_carnet(v: dict[str, str], keys: carnet.Ke
     assert envelope.key_id_of(blob) == key_id
     assert envelope.tenant_of(blob) is None  # v1 names no practice
     assert envelope.text_key_id(v["text_form"]) == key_id
-    rec = keys.get_key(key_id)
+    rec = vector_keys.get_key(key_id)
     assert rec is not None
     if rec.tenant == v["tenant"]:
-        opened = keys.decrypt(blob, tenant=v["tenant"], label=v["label"])
+        opened = vector_keys.decrypt(blob, tenant=v["tenant"], label=v["label"])
     else:
         # A vector that reuses another practice's key id (to pin the AAD's
         # practice): a key table holds one practice per key, so open it with
@@ -251,45 +253,47 @@ _EXPECTED: dict[str, tuple[type[CarnetError], ...]] = {
 
 
 @pytest.mark.parametrize("name", list(V2_FIELDS))
-def test_every_bit_flip_in_each_v2_field_is_rejected(name: str, keys: carnet.KeyManager) -> None:
+def test_every_bit_flip_in_each_v2_field_is_rejected(
+    name: str, vector_keys: carnet.KeyManager
+) -> None:
     _key_id, blob = _sample()
-    assert keys.decrypt(blob, tenant="p1", label="notes.body") == _NOTE
+    assert vector_keys.decrypt(blob, tenant="p1", label="notes.body") == _NOTE
     start, end = V2_FIELDS[name]
     for i in range(start, end):
         for bit in range(8):
             bad = bytearray(blob)
             bad[i] ^= 1 << bit
             with pytest.raises(_EXPECTED[name]):
-                keys.decrypt(bytes(bad), tenant="p1", label="notes.body")
+                vector_keys.decrypt(bytes(bad), tenant="p1", label="notes.body")
 
 
-def test_v2_version_byte_set_to_v1_fails_the_tag(keys: carnet.KeyManager) -> None:
+def test_v2_version_byte_set_to_v1_fails_the_tag(vector_keys: carnet.KeyManager) -> None:
     _, blob = _sample()
     with pytest.raises(InvalidCiphertext):
-        keys.decrypt(b"\x01" + blob[1:], tenant="p1", label="notes.body")
+        vector_keys.decrypt(b"\x01" + blob[1:], tenant="p1", label="notes.body")
 
 
-def test_every_single_bit_flip_of_a_v1_value_is_rejected(keys: carnet.KeyManager) -> None:
+def test_every_single_bit_flip_of_a_v1_value_is_rejected(vector_keys: carnet.KeyManager) -> None:
     v = next(v for v in V1_VECTORS if v["tenant"] == "p1" and v["label"] == "notes.body")
     blob = bytes.fromhex(v["blob"])
-    assert keys.decrypt(blob, tenant="p1", label="notes.body").decode() == v["plaintext"]
+    assert vector_keys.decrypt(blob, tenant="p1", label="notes.body").decode() == v["plaintext"]
     for i in range(len(blob)):
         for bit in (0x01, 0x80):
             bad = bytearray(blob)
             bad[i] ^= bit
             with pytest.raises(CarnetError):
-                keys.decrypt(bytes(bad), tenant="p1", label="notes.body")
+                vector_keys.decrypt(bytes(bad), tenant="p1", label="notes.body")
 
 
 def test_a_v2_value_naming_another_practice_raises_tenant_mismatch(
-    keys: carnet.KeyManager,
+    vector_keys: carnet.KeyManager,
 ) -> None:
     # Sealed for p2 under p1's key: opened as p1, its header names p2.
     key_id = bytes(range(16))
     blob = envelope.Sealer(bytes(range(32)), key_id, "notes.body", "p2").seal(b"x")
     assert envelope.tenant_of(blob) == "p2"
     with pytest.raises(TenantMismatch):
-        keys.decrypt(blob, tenant="p1", label="notes.body")
+        vector_keys.decrypt(blob, tenant="p1", label="notes.body")
     with pytest.raises(TenantMismatch):
         envelope.Opener(bytes(range(32)), key_id, "notes.body", "p1").open(blob)
 
@@ -343,19 +347,21 @@ _V2_LEN = envelope.overhead("p1") + len(_NOTE)
 
 
 @pytest.mark.parametrize("n", [0, 1, 16, 17, 18, 19, 20, 21, 32, 20 + 28, _V2_LEN - len(_NOTE) - 1])
-def test_truncated_v2_values_are_rejected(n: int, keys: carnet.KeyManager) -> None:
+def test_truncated_v2_values_are_rejected(n: int, vector_keys: carnet.KeyManager) -> None:
     _, blob = _sample()
     with pytest.raises(InvalidCiphertext):
         envelope.key_id_of(blob[:n])
     with pytest.raises(InvalidCiphertext):
-        keys.decrypt(blob[:n] if n > 17 else blob[:n] + bytes(17 - n), tenant="p1", label="l")
+        vector_keys.decrypt(
+            blob[:n] if n > 17 else blob[:n] + bytes(17 - n), tenant="p1", label="l"
+        )
 
 
 @pytest.mark.parametrize("n", [_V2_LEN - len(_NOTE), _V2_LEN - 1])
-def test_v2_values_cut_in_the_body_fail_the_tag(n: int, keys: carnet.KeyManager) -> None:
+def test_v2_values_cut_in_the_body_fail_the_tag(n: int, vector_keys: carnet.KeyManager) -> None:
     _, blob = _sample()
     with pytest.raises(InvalidCiphertext):
-        keys.decrypt(blob[:n], tenant="p1", label="notes.body")
+        vector_keys.decrypt(blob[:n], tenant="p1", label="notes.body")
 
 
 @pytest.mark.parametrize("n", [0, 1, 28, 29, 44])
@@ -366,14 +372,14 @@ def test_truncated_v1_values_are_rejected(n: int) -> None:
 
 
 @pytest.mark.parametrize("version", [0, 3, 0x82, 0xFF])
-def test_unknown_version_is_rejected(version: int, keys: carnet.KeyManager) -> None:
+def test_unknown_version_is_rejected(version: int, vector_keys: carnet.KeyManager) -> None:
     _, blob = _sample()
     bad = bytes([version]) + blob[1:]
     with pytest.raises(InvalidCiphertext, match=f"version {version}"):
         envelope.key_id_of(bad)
     assert not envelope.is_known(bad)
     with pytest.raises(InvalidCiphertext):
-        keys.decrypt(bad, tenant="p1", label="notes.body")
+        vector_keys.decrypt(bad, tenant="p1", label="notes.body")
 
 
 def test_zero_length_practice_is_rejected() -> None:
@@ -405,15 +411,17 @@ def _variants(part: str) -> list[str]:
 @pytest.mark.parametrize(
     "index", range(6), ids=["prefix", "version", "key id", "label tag", "practice", "body"]
 )
-def test_every_change_in_each_text_part_is_rejected(index: int, keys: carnet.KeyManager) -> None:
+def test_every_change_in_each_text_part_is_rejected(
+    index: int, vector_keys: carnet.KeyManager
+) -> None:
     parts = _text_parts()
     text = ":".join(parts)
-    assert keys.decrypt(envelope.from_text(text), tenant="p1", label="notes.body") == _NOTE
+    assert vector_keys.decrypt(envelope.from_text(text), tenant="p1", label="notes.body") == _NOTE
     tried = 0
     for changed in _variants(parts[index]):
         bad = ":".join([*parts[:index], changed, *parts[index + 1 :]])
         with pytest.raises(CarnetError):
-            keys.decrypt(envelope.from_text(bad), tenant="p1", label="notes.body")
+            vector_keys.decrypt(envelope.from_text(bad), tenant="p1", label="notes.body")
         tried += 1
     assert tried > 0
 
@@ -470,8 +478,8 @@ def test_nonces_are_fresh() -> None:
     assert len(nonces) == 2000
 
 
-def test_the_product_seals_through_the_envelope_sealer(keys: carnet.KeyManager) -> None:
+def test_the_product_seals_through_the_envelope_sealer(vector_keys: carnet.KeyManager) -> None:
     # The sealer the manager caches is the envelope's: vectors test what runs.
-    blob = keys.encrypt(b"x", tenant="sealer-check", label="notes.body")
+    blob = vector_keys.encrypt(b"x", tenant="sealer-check", label="notes.body")
     assert blob[0] == 2 and envelope.tenant_of(blob) == "sealer-check"
-    assert all(type(s) is envelope.Sealer for s in keys.cache.sealers.values())
+    assert all(type(s) is envelope.Sealer for s in vector_keys.cache.sealers.values())

@@ -33,17 +33,11 @@ from sqlalchemy.orm import (
 import carnet
 from carnet.errors import UnsupportedOperation
 from carnet.guard import check_statement
-from support.models import Note, comments, configured_keys
+from support.models import Note, comments
 
 notes = Note.__table__
 N2 = aliased(Note, name="n2")
 SECRET = "PLANTED-SECRET-LITERAL"  # appears in statements; must never appear in a message
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        yield keys
 
 
 @pytest.fixture

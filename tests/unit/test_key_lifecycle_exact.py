@@ -43,11 +43,10 @@ LOOKALIKES = [
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    m = carnet.KeyManager(engine, master_key=master_key_uri)
-    lifecycle.init(m)
-    yield m
-    m.close()
+def initialised_keys(unconfigured_keys: carnet.KeyManager) -> carnet.KeyManager:
+    """As after ``carnet init``: the key table and the job table, no default manager."""
+    lifecycle.init(unconfigured_keys)
+    return unconfigured_keys
 
 
 def _cold(keys: carnet.KeyManager) -> carnet.KeyManager:
@@ -70,29 +69,30 @@ def _cli(db_url: str, master: str, *args: str, input: str | None = None) -> Resu
 
 
 def test_ids_differing_by_case_trailing_space_or_normalisation_get_their_own_keys(
-    keys: carnet.KeyManager,
+    initialised_keys: carnet.KeyManager,
 ) -> None:
     assert NFC_CAFE != NFD_CAFE
     sealed = {
-        t: keys.encrypt(f"{NOTE} of {t}".encode(), tenant=t, label="notes.body") for t in LOOKALIKES
+        t: initialised_keys.encrypt(f"{NOTE} of {t}".encode(), tenant=t, label="notes.body")
+        for t in LOOKALIKES
     }
     key_ids = {t: envelope.key_id_of(b) for t, b in sealed.items()}
     assert len(set(key_ids.values())) == len(LOOKALIKES)
-    assert sorted(r.tenant for r in keys.list_keys()) == sorted(LOOKALIKES)
+    assert sorted(r.tenant for r in initialised_keys.list_keys()) == sorted(LOOKALIKES)
     for t in LOOKALIKES:
-        assert [r.key_id for r in keys.list_keys(t)] == [key_ids[t]]
+        assert [r.key_id for r in initialised_keys.list_keys(t)] == [key_ids[t]]
 
     # Destroying one of each pair leaves its look-alike readable, from a cold process too.
     for gone in ("cabinet-lyon", "lyon-3 ", NFD_CAFE, "acme"):
-        assert keys.destroy(gone) == 1
-    cold = _cold(keys)
+        assert initialised_keys.destroy(gone) == 1
+    cold = _cold(initialised_keys)
     for t, blob in sealed.items():
         if t in ("cabinet-lyon", "lyon-3 ", NFD_CAFE, "acme"):
             with pytest.raises(KeyDestroyed):
                 cold.decrypt(blob, tenant=t, label="notes.body")
         else:
             assert cold.decrypt(blob, tenant=t, label="notes.body") == f"{NOTE} of {t}".encode()
-    assert {r.tenant for r in keys.list_keys() if r.state == "active"} == {
+    assert {r.tenant for r in initialised_keys.list_keys() if r.state == "active"} == {
         "Cabinet-Lyon",
         "lyon-3",
         "ACME",
@@ -133,15 +133,18 @@ def _distinct_pairs(draw: st.DrawFn) -> tuple[str, str]:
 )
 @given(pair=_distinct_pairs())
 def test_any_two_distinct_practice_ids_never_share_a_key(
-    keys: carnet.KeyManager, pair: tuple[str, str]
+    initialised_keys: carnet.KeyManager, pair: tuple[str, str]
 ) -> None:
     a, b = pair
-    ka = keys.ensure_key(a)
-    kb = keys.ensure_key(b)
+    ka = initialised_keys.ensure_key(a)
+    kb = initialised_keys.ensure_key(b)
     assert ka.key_id != kb.key_id
     assert (ka.tenant, kb.tenant) == (a, b)
-    keys.clear_cache()  # looked up again from the database, not the cache
-    assert keys.ensure_key(a).key_id == ka.key_id and keys.ensure_key(b).key_id == kb.key_id
+    initialised_keys.clear_cache()  # looked up again from the database, not the cache
+    assert (
+        initialised_keys.ensure_key(a).key_id == ka.key_id
+        and initialised_keys.ensure_key(b).key_id == kb.key_id
+    )
 
 
 def _collations(engine: sa.Engine) -> dict[str, str | None]:
@@ -196,25 +199,25 @@ def test_init_converts_a_key_table_that_folds_practice_ids(
 
 
 def test_key_row_whose_practice_and_active_marker_disagree_fails_closed(
-    keys: carnet.KeyManager,
+    initialised_keys: carnet.KeyManager,
 ) -> None:
-    keys.ensure_key("a")
-    t = keys.table
-    with keys.engine.begin() as conn:  # a's active row now claims to be b's active key
+    initialised_keys.ensure_key("a")
+    t = initialised_keys.table
+    with initialised_keys.engine.begin() as conn:  # a's active row now claims to be b's active key
         conn.execute(t.update().where(t.c.tenant == "a").values(active_tenant="b"))
     for tenant in ("b", "a"):
         with pytest.raises(KeyStoreInconsistent):
-            _cold(keys).encrypt(b"x", tenant=tenant, label="l")
-    assert [r.tenant for r in keys.list_keys()] == ["a"]  # nothing created for b
+            _cold(initialised_keys).encrypt(b"x", tenant=tenant, label="l")
+    assert [r.tenant for r in initialised_keys.list_keys()] == ["a"]  # nothing created for b
 
 
 # -- a destroyed practice stays destroyed --------------------------------------------------
 
 
 def test_first_key_creation_racing_a_destroy_does_not_bring_the_practice_back(
-    keys: carnet.KeyManager, monkeypatch: pytest.MonkeyPatch
+    initialised_keys: carnet.KeyManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    writer = _cold(keys)
+    writer = _cold(initialised_keys)
     real = writer.store.active
     stale = iter([True])
 
@@ -222,68 +225,68 @@ def test_first_key_creation_racing_a_destroy_does_not_bring_the_practice_back(
         # The writer read "no key yet" just before another process created
         # the practice's key and an operator destroyed it.
         if next(stale, False):
-            keys.encrypt(b"first", tenant=tenant, label="l")
-            keys.destroy(tenant)
+            initialised_keys.encrypt(b"first", tenant=tenant, label="l")
+            initialised_keys.destroy(tenant)
             return None, set()
         return real(conn, tenant)
 
     monkeypatch.setattr(writer.store, "active", read_before_the_others)
     with pytest.raises(KeyDestroyed):
         writer.encrypt(f"{NOTE}".encode(), tenant="leaving", label="l")
-    assert {r.state for r in keys.list_keys("leaving")} == {"destroyed"}
+    assert {r.state for r in initialised_keys.list_keys("leaving")} == {"destroyed"}
     with pytest.raises(KeyDestroyed):  # and any later write
-        _cold(keys).encrypt(b"later", tenant="leaving", label="l")
+        _cold(initialised_keys).encrypt(b"later", tenant="leaving", label="l")
 
 
 def test_rotate_of_a_destroyed_practice_refuses_until_reenabled(
-    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+    initialised_keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    before = keys.encrypt(NOTE.encode(), tenant="gone", label="l")
-    keys.rotate("gone")
-    keys.destroy("gone")
+    before = initialised_keys.encrypt(NOTE.encode(), tenant="gone", label="l")
+    initialised_keys.rotate("gone")
+    initialised_keys.destroy("gone")
     with pytest.raises(KeyDestroyed, match="reenable"):
-        keys.rotate("gone")
+        initialised_keys.rotate("gone")
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "gone")
     assert r.exit_code == 8 and "reenable" in r.output
     with pytest.raises(KeyDestroyed, match="reenable"):
-        _cold(keys).encrypt(b"new", tenant="gone", label="l")
-    assert {r.state for r in keys.list_keys("gone")} == {"destroyed"}
+        _cold(initialised_keys).encrypt(b"new", tenant="gone", label="l")
+    assert {r.state for r in initialised_keys.list_keys("gone")} == {"destroyed"}
 
     r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "gone", input="gon\n")
     assert r.exit_code == 6
     r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "gone", input="gone\n")
     assert r.exit_code == 0 and "new active key v3" in r.output, r.output
-    writer = _cold(keys)
+    writer = _cold(initialised_keys)
     after = writer.encrypt(b"after", tenant="gone", label="l")
     assert writer.decrypt(after, tenant="gone", label="l") == b"after"
     with pytest.raises(KeyDestroyed):  # re-enabling restores nothing
         writer.decrypt(before, tenant="gone", label="l")
     r = _cli(db_url, master_key_uri, "keys", "reenable", "--tenant", "gone", "--yes")
     assert r.exit_code == 2 and "not destroyed" in r.output
-    assert keys.rotate("gone").version == 4
+    assert initialised_keys.rotate("gone").version == 4
 
 
-def test_reenable_in_the_library_gives_a_new_key(keys: carnet.KeyManager) -> None:
+def test_reenable_in_the_library_gives_a_new_key(initialised_keys: carnet.KeyManager) -> None:
     with pytest.raises(UnknownTenant):
-        keys.reenable("never-existed")
-    keys.ensure_key("p")
-    keys.destroy("p")
-    rec = keys.reenable("p")
+        initialised_keys.reenable("never-existed")
+    initialised_keys.ensure_key("p")
+    initialised_keys.destroy("p")
+    rec = initialised_keys.reenable("p")
     assert (rec.version, rec.state, rec.tenant) == (2, "active", "p")
-    assert keys.ensure_key("p").key_id == rec.key_id
+    assert initialised_keys.ensure_key("p").key_id == rec.key_id
 
 
 # -- a typo is not a successful erasure ---------------------------------------------------------
 
 
 def test_destroy_or_rotate_of_a_practice_with_no_key_is_an_error(
-    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+    initialised_keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    keys.ensure_key("cabinet-lyon")
+    initialised_keys.ensure_key("cabinet-lyon")
     with pytest.raises(UnknownTenant):
-        keys.destroy("cabinet-lyom")
+        initialised_keys.destroy("cabinet-lyom")
     with pytest.raises(UnknownTenant):
-        keys.rotate("cabinet-lyom")
+        initialised_keys.rotate("cabinet-lyom")
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "cabinet-lyom", "--yes")
     assert r.exit_code == 7 and "cabinet-lyom" in r.output and "no data key" in r.output
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "cabinet-lyom")
@@ -292,15 +295,15 @@ def test_destroy_or_rotate_of_a_practice_with_no_key_is_an_error(
     assert r.exit_code == 7
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "cabinet-lyom")
     assert r.exit_code == 7 and "--create" in r.output
-    assert [r.tenant for r in keys.list_keys()] == ["cabinet-lyon"]  # nothing created
-    assert keys.list_keys("cabinet-lyon")[0].state == "active"  # nothing destroyed
+    assert [r.tenant for r in initialised_keys.list_keys()] == ["cabinet-lyon"]  # nothing created
+    assert initialised_keys.list_keys("cabinet-lyon")[0].state == "active"  # nothing destroyed
 
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--all", "--create")
     assert r.exit_code == 2
     r = _cli(db_url, master_key_uri, "keys", "rotate", "--tenant", "new-practice", "--create")
     assert r.exit_code == 0 and "new-practice: now v1" in r.output
-    assert keys.rotate("other", create=True).version == 1
-    keys.destroy("other")
+    assert initialised_keys.rotate("other", create=True).version == 1
+    initialised_keys.destroy("other")
     r = _cli(db_url, master_key_uri, "keys", "destroy", "--tenant", "other", "--yes")
     assert r.exit_code == 0 and "already destroyed" in r.output
 
@@ -337,19 +340,19 @@ def _old_key_with_hidden_rows(keys: carnet.KeyManager) -> bytes:
 
 
 def test_retire_without_table_finds_rows_in_a_table_without_primary_key_or_behind_plaintext(
-    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+    initialised_keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    old = _old_key_with_hidden_rows(keys)
+    old = _old_key_with_hidden_rows(initialised_keys)
     with pytest.raises(KeyInUse) as exc:
-        lifecycle.retire_key(keys, old)
+        lifecycle.retire_key(initialised_keys, old)
     assert "5 row(s)" in str(exc.value)
     assert "3 row(s) in plain_first.note" in str(exc.value)
     assert "2 row(s) in no_pk.blob" in str(exc.value)
     r = _cli(db_url, master_key_uri, "keys", "retire", old.hex())
     assert r.exit_code == 5 and "no_pk.blob" in r.output and "plain_first.note" in r.output
-    assert keys.get_key(old).state == "inactive"  # type: ignore[union-attr]
+    assert initialised_keys.get_key(old).state == "inactive"  # type: ignore[union-attr]
 
-    with keys.engine.begin() as conn:  # once those rows are gone, it retires
+    with initialised_keys.engine.begin() as conn:  # once those rows are gone, it retires
         conn.execute(sa.text("DELETE FROM no_pk"))
         conn.execute(sa.text("DELETE FROM plain_first WHERE id >= 100"))
     r = _cli(db_url, master_key_uri, "keys", "retire", old.hex(), "--json")
@@ -400,9 +403,13 @@ def _unreadable_column(engine: sa.Engine, db_kind: str, db_url: str) -> Iterator
 
 
 def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, db_kind: str
+    initialised_keys: carnet.KeyManager,
+    engine: sa.Engine,
+    db_url: str,
+    master_key_uri: str,
+    db_kind: str,
 ) -> None:
-    old = _old_key_with_hidden_rows(keys)
+    old = _old_key_with_hidden_rows(initialised_keys)
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM no_pk"))
         conn.execute(sa.text("DELETE FROM plain_first WHERE id >= 100"))
@@ -412,7 +419,7 @@ def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
         r = _cli(url, master_key_uri, "keys", "retire", old.hex())
         assert r.exit_code == 5, r.output
         assert "could not read odd.txt" in r.output and "\n" not in r.output.strip()
-        assert keys.get_key(old).state == "inactive"  # type: ignore[union-attr]
+        assert initialised_keys.get_key(old).state == "inactive"  # type: ignore[union-attr]
         limited = carnet.KeyManager(url, master_key=master_key_uri)
         with pytest.raises(KeyUsageUnknown, match="odd.txt"):
             lifecycle.retire_key(limited, old)
@@ -420,20 +427,20 @@ def test_retire_refuses_and_names_a_table_or_column_it_cannot_read(
         limited.engine.dispose()
         r = _cli(url, master_key_uri, "keys", "retire", old.hex(), "--force", "--yes")
         assert r.exit_code == 0 and "not read: odd.txt" in r.output, r.output
-        assert keys.get_key(old).state == "retired"  # type: ignore[union-attr]
+        assert initialised_keys.get_key(old).state == "retired"  # type: ignore[union-attr]
     finally:
         for _ in gen:
             pass
 
 
 def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
-    keys: carnet.KeyManager,
+    initialised_keys: carnet.KeyManager,
 ) -> None:
     """Whatever interleaving: once destroy returns, the practice has no live key, and
     every later write and rotation refuses."""
     for round_ in range(4):
         tenant = f"race-{round_}"
-        keys.ensure_key(tenant)
+        initialised_keys.ensure_key(tenant)
         stop = threading.Event()
         errors: list[BaseException] = []
 
@@ -443,7 +450,9 @@ def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
             errors: list[BaseException] = errors,
         ) -> None:
             # Another process: rotations and first writes, until it sees the destruction.
-            other = carnet.KeyManager(keys.engine, master_key=keys.master_key, cache_ttl=0.01)
+            other = carnet.KeyManager(
+                initialised_keys.engine, master_key=initialised_keys.master_key, cache_ttl=0.01
+            )
             try:
                 while not stop.is_set():
                     try:
@@ -459,11 +468,11 @@ def test_destroy_racing_rotations_and_first_writes_leaves_no_live_key(
         workers = [threading.Thread(target=churn) for _ in range(2)]
         for w in workers:
             w.start()
-        keys.destroy(tenant)
+        initialised_keys.destroy(tenant)
         stop.set()
         for w in workers:
             w.join(60)
         assert not errors, [type(e).__name__ for e in errors]
-        assert {r.state for r in keys.list_keys(tenant)} == {"destroyed"}
+        assert {r.state for r in initialised_keys.list_keys(tenant)} == {"destroyed"}
         with pytest.raises(KeyDestroyed):
-            _cold(keys).encrypt(b"later", tenant=tenant, label="l")
+            _cold(initialised_keys).encrypt(b"later", tenant=tenant, label="l")

@@ -18,15 +18,15 @@ from support.lifecycleutil import SECRET, active_key_ids, fill_notes, notes_tabl
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> carnet.KeyManager:
-    m = carnet.KeyManager(engine, master_key=master_key_uri)
-    lifecycle.init(m)
-    fill_notes(engine, m, 120)
-    return m
+def keys_with_notes(unconfigured_keys: carnet.KeyManager, engine: sa.Engine) -> carnet.KeyManager:
+    """As after ``carnet init`` (key and job tables), with 120 notes sealed in ``notes``."""
+    lifecycle.init(unconfigured_keys)
+    fill_notes(engine, unconfigured_keys, 120)
+    return unconfigured_keys
 
 
 def test_status_discovers_columns_and_counts_by_key(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     with engine.begin() as conn:
         # Plaintext left in a column whose checks are gone (dropped by a DBA,
@@ -35,7 +35,7 @@ def test_status_discovers_columns_and_counts_by_key(
         drop_checks(conn, notes_table(sa.MetaData()))
         conn.execute(sa.text("UPDATE notes SET summary = 'legacy' WHERE id = 5"))
         conn.execute(sa.text("UPDATE notes SET body = NULL WHERE id = 6"))
-    rep = lifecycle.status(keys)
+    rep = lifecycle.status(keys_with_notes)
     assert rep.master_key_ok
     assert [t.tenant for t in rep.tenants] == ["p0", "p1", "p2"]
     assert all(t.active_version == 1 for t in rep.tenants)
@@ -46,46 +46,53 @@ def test_status_discovers_columns_and_counts_by_key(
     assert SECRET not in repr(rep.as_dict()) and "legacy" not in repr(rep.as_dict())
 
 
-def test_rotate_reencrypt_retire(keys: carnet.KeyManager, engine: sa.Engine) -> None:
-    old = {r.key_id for r in keys.list_keys()}
-    rotated = lifecycle.rotate_keys(keys)
+def test_rotate_reencrypt_retire(keys_with_notes: carnet.KeyManager, engine: sa.Engine) -> None:
+    old = {r.key_id for r in keys_with_notes.list_keys()}
+    rotated = lifecycle.rotate_keys(keys_with_notes)
     assert len(rotated) == 3
-    before = read_notes(engine, keys)
+    before = read_notes(engine, keys_with_notes)
     one_old = next(iter(old))
     with pytest.raises(KeyInUse) as exc:
-        lifecycle.retire_key(keys, one_old)
+        lifecycle.retire_key(keys_with_notes, one_old)
     assert "notes.body" in str(exc.value) and "notes.summary" in str(exc.value)
     for col in ("body", "summary"):
-        rep = lifecycle.reencrypt(keys, "notes", col, batch_size=32)
+        rep = lifecycle.reencrypt(keys_with_notes, "notes", col, batch_size=32)
         assert rep.rewritten == 120 and not rep.failed
-        assert lifecycle.reencrypt(keys, "notes", col).rewritten == 0
-    after = read_notes(engine, keys)
+        assert lifecycle.reencrypt(keys_with_notes, "notes", col).rewritten == 0
+    after = read_notes(engine, keys_with_notes)
     assert {i: p for i, (p, _) in after.items()} == {i: p for i, (p, _) in before.items()}
-    assert {k for _, k in after.values()} <= active_key_ids(keys)
-    res = lifecycle.retire_key(keys, one_old, [("notes", "body"), ("notes", "summary")])
+    assert {k for _, k in after.values()} <= active_key_ids(keys_with_notes)
+    res = lifecycle.retire_key(keys_with_notes, one_old, [("notes", "body"), ("notes", "summary")])
     assert res["key"]["state"] == "retired" and res["rows_made_unreadable"] == 0
-    assert lifecycle.verify(keys, "notes", "body").failed == 0
+    assert lifecycle.verify(keys_with_notes, "notes", "body").failed == 0
 
 
-def test_reencrypt_one_tenant_and_renamed_label(keys: carnet.KeyManager, engine: sa.Engine) -> None:
-    keys.rotate("p1")
-    rep = lifecycle.reencrypt(keys, "notes", "body", tenant="p1")
+def test_reencrypt_one_tenant_and_renamed_label(
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    keys_with_notes.rotate("p1")
+    rep = lifecycle.reencrypt(keys_with_notes, "notes", "body", tenant="p1")
     assert rep.rewritten == 40
     rep = lifecycle.reencrypt(
-        keys, "notes", "body", label="notes.comment", old_label="notes.body", job="rename"
+        keys_with_notes,
+        "notes",
+        "body",
+        label="notes.comment",
+        old_label="notes.body",
+        job="rename",
     )
     assert rep.rewritten == 120
-    assert lifecycle.verify(keys, "notes", "body", label="notes.comment").ok == 120
-    assert lifecycle.verify(keys, "notes", "body").failed == 120
+    assert lifecycle.verify(keys_with_notes, "notes", "body", label="notes.comment").ok == 120
+    assert lifecycle.verify(keys_with_notes, "notes", "body").failed == 120
 
 
 def test_a_label_change_moves_the_database_check_to_the_new_label(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     from carnet import dbchecks
 
     def write(label: str) -> None:
-        blob = keys.encrypt(b"x", tenant="p0", label=label)
+        blob = keys_with_notes.encrypt(b"x", tenant="p0", label=label)
         with engine.begin() as conn:
             conn.execute(
                 sa.text("UPDATE notes SET body = :b WHERE id = 0").bindparams(
@@ -103,7 +110,9 @@ def test_a_label_change_moves_the_database_check_to_the_new_label(
     assert dbchecks.accept_labels(engine, "notes", "body", "notes.comment", "notes.body")
     write("notes.comment")
     write("notes.body")
-    rep = lifecycle.reencrypt(keys, "notes", "body", label="notes.comment", old_label="notes.body")
+    rep = lifecycle.reencrypt(
+        keys_with_notes, "notes", "body", label="notes.comment", old_label="notes.body"
+    )
     assert rep.failed == [] and rep.rewritten == 120
     # After a complete pass: the new label alone.
     write("notes.comment")
@@ -112,7 +121,7 @@ def test_a_label_change_moves_the_database_check_to_the_new_label(
 
 
 def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:
@@ -131,8 +140,8 @@ def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
                 )
             )
         )
-    lifecycle.destroy_tenant(keys, "p1")
-    rep = lifecycle.verify(keys, "notes", "body")
+    lifecycle.destroy_tenant(keys_with_notes, "p1")
+    rep = lifecycle.verify(keys_with_notes, "notes", "body")
     # Shredded rows are their own category: the erasure working, not a failure.
     assert (rep.failed, rep.destroyed, rep.ok) == (2, 40, 78)
     assert rep.reasons == {"tampered_or_foreign": 2}
@@ -142,14 +151,14 @@ def test_verify_reports_pks_of_tampered_foreign_and_destroyed(
 
 
 def test_master_rotation_then_old_key_deleted(
-    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path, master_key_uri: str
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine, tmp_path: Path, master_key_uri: str
 ) -> None:
     new_uri = "file://" + str(tmp_path / "m2.key")
     lifecycle.new_master(new_uri)
-    rep = lifecycle.rotate_master(keys, new_uri, batch_size=2)
+    rep = lifecycle.rotate_master(keys_with_notes, new_uri, batch_size=2)
     assert rep.rewrapped == 3
-    assert lifecycle.rotate_master(keys, new_uri).already == 3
-    keys.close()
+    assert lifecycle.rotate_master(keys_with_notes, new_uri).already == 3
+    keys_with_notes.close()
     Path(master_key_uri[len("file://") :]).unlink()
     fresh = carnet.KeyManager(engine, master_key=new_uri)
     assert len(read_notes(engine, fresh)) == 120
@@ -157,7 +166,7 @@ def test_master_rotation_then_old_key_deleted(
 
 
 def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
     raw = sa.table("notes", sa.column("id"), sa.column("body", sa.LargeBinary))
     with engine.begin() as conn:  # row 1 is p1's, row 2 is p2's: paste p1's note into p2's row
@@ -167,9 +176,9 @@ def test_verify_with_tenant_column_catches_a_value_copied_between_practices(
         b1 = conn.execute(sa.select(raw.c.body).where(raw.c.id == 1)).scalar_one()
         conn.execute(raw.update().where(raw.c.id == 2).values(body=b1))
     # By its key alone the pasted value is authentic...
-    assert lifecycle.verify(keys, "notes", "body").failed == 0
+    assert lifecycle.verify(keys_with_notes, "notes", "body").failed == 0
     # ...but not in a row of p2.
-    rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
+    rep = lifecycle.verify(keys_with_notes, "notes", "body", tenant_column="practice_id")
     assert (rep.failed, rep.reasons, rep.failed_pks) == (1, {"other_practice": 1}, [[2]])
 
 
@@ -228,16 +237,16 @@ def _versions(engine: sa.Engine) -> dict[str, list[int]]:
 
 
 def test_reencrypt_upgrades_v1_values_on_the_active_key(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
-    before = {c: read_notes(engine, keys, c) for c in ("body", "summary")}
-    _plant_v1(keys, engine, range(0, 30))
+    before = {c: read_notes(engine, keys_with_notes, c) for c in ("body", "summary")}
+    _plant_v1(keys_with_notes, engine, range(0, 30))
     assert _versions(engine) == {c: [1] * 30 + [2] * 90 for c in ("body", "summary")}
     # v1 values read as they did, in Python and through the ORM type.
-    assert {c: read_notes(engine, keys, c) for c in ("body", "summary")} == before
+    assert {c: read_notes(engine, keys_with_notes, c) for c in ("body", "summary")} == before
     notes = notes_table(sa.MetaData())
     got: dict[int, str] = {}
-    carnet.bind_manager(engine, keys)
+    carnet.bind_manager(engine, keys_with_notes)
     try:
         with engine.connect() as conn:
             for t in ("p0", "p1", "p2"):
@@ -248,51 +257,53 @@ def test_reencrypt_upgrades_v1_values_on_the_active_key(
         carnet.bind_manager(engine, None)
     assert got == {i: p for i, (p, _) in before["body"].items()}
     # Under the active key, yet not current: status counts them, doctor's word is reencrypt.
-    cols = {(c.table, c.column): c for c in lifecycle.status(keys).columns}
+    cols = {(c.table, c.column): c for c in lifecycle.status(keys_with_notes).columns}
     for c in ("body", "summary"):
         assert cols["notes", c].v1 == 30 and cols["notes", c].not_on_active == 0
     for c in ("body", "summary"):
-        rep = lifecycle.reencrypt(keys, "notes", c, batch_size=7)
+        rep = lifecycle.reencrypt(keys_with_notes, "notes", c, batch_size=7)
         assert (rep.rewritten, rep.from_v1, rep.already_current) == (30, 30, 90)
         assert not rep.failed
-        again = lifecycle.reencrypt(keys, "notes", c)
+        again = lifecycle.reencrypt(keys_with_notes, "notes", c)
         assert (again.rewritten, again.from_v1, again.already_current) == (0, 0, 120)
     assert _versions(engine) == {c: [2] * 120 for c in ("body", "summary")}
-    after = {c: read_notes(engine, keys, c) for c in ("body", "summary")}
+    after = {c: read_notes(engine, keys_with_notes, c) for c in ("body", "summary")}
     assert after == before  # same notes, same (active) keys
-    cols = {(c.table, c.column): c for c in lifecycle.status(keys).columns}
+    cols = {(c.table, c.column): c for c in lifecycle.status(keys_with_notes).columns}
     assert cols["notes", "body"].v1 == 0 and cols["notes", "summary"].v1 == 0
     for c in ("body", "summary"):
-        assert lifecycle.verify(keys, "notes", c, tenant_column="practice_id").ok == 120
+        assert lifecycle.verify(keys_with_notes, "notes", c, tenant_column="practice_id").ok == 120
 
 
 def test_reencrypt_after_rotation_moves_v1_values_to_v2_on_the_new_key(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
-    _plant_v1(keys, engine, range(0, 12))
-    before = read_notes(engine, keys)
-    old = {r.key_id for r in keys.list_keys()}
-    lifecycle.rotate_keys(keys)
-    st = {(c.table, c.column): c for c in lifecycle.status(keys).columns}["notes", "body"]
+    _plant_v1(keys_with_notes, engine, range(0, 12))
+    before = read_notes(engine, keys_with_notes)
+    old = {r.key_id for r in keys_with_notes.list_keys()}
+    lifecycle.rotate_keys(keys_with_notes)
+    st = {(c.table, c.column): c for c in lifecycle.status(keys_with_notes).columns}[
+        "notes", "body"
+    ]
     # Every value is on an older key now; 12 of them are v1 too (counted in both).
     assert (st.not_on_active, st.v1) == (120, 12)
-    rep = lifecycle.reencrypt(keys, "notes", "body")
+    rep = lifecycle.reencrypt(keys_with_notes, "notes", "body")
     assert (rep.rewritten, rep.from_v1) == (120, 12)
-    after = read_notes(engine, keys)
+    after = read_notes(engine, keys_with_notes)
     assert {i: p for i, (p, _) in after.items()} == {i: p for i, (p, _) in before.items()}
-    assert {k for _, k in after.values()} <= active_key_ids(keys)
+    assert {k for _, k in after.values()} <= active_key_ids(keys_with_notes)
     assert not {k for _, k in after.values()} & old
     assert _versions(engine)["body"] == [2] * 120
     # The old keys are unused in body now, v1 values included.
     for kid in old:
-        assert lifecycle.key_usage(keys, kid, [("notes", "body")]).total == 0
+        assert lifecycle.key_usage(keys_with_notes, kid, [("notes", "body")]).total == 0
 
 
 def test_key_usage_counts_v1_and_v2_values_of_a_key(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys_with_notes: carnet.KeyManager, engine: sa.Engine
 ) -> None:
-    _plant_v1(keys, engine, range(0, 9))
-    kid = keys.ensure_key("p0").key_id
-    usage = lifecycle.key_usage(keys, kid, [("notes", "body"), ("notes", "summary")])
+    _plant_v1(keys_with_notes, engine, range(0, 9))
+    kid = keys_with_notes.ensure_key("p0").key_id
+    usage = lifecycle.key_usage(keys_with_notes, kid, [("notes", "body"), ("notes", "summary")])
     # p0 holds every third row: 40 of 120 in each column, 3 of each in v1.
     assert usage.rows == {"notes.body": 40, "notes.summary": 40}

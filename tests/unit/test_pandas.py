@@ -10,7 +10,6 @@ The quickstart's pandas blocks run here on every backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 
 import carnet
 from carnet.errors import CarnetError, InvalidCiphertext, TenantMismatch
-from support.models import Note, configured_keys
+from support.models import Note
 from support.paths import ROOT
 from support.refusals import leaks
 
@@ -28,12 +27,6 @@ pd = pytest.importorskip("pandas")
 SECRET = "Zq7-planted-note-pandas-dysthymie-5d1e"
 LYON, NANTES = "cabinet-lyon-3", "cabinet-nantes"
 NOTES = Note.__table__
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as k:
-        yield k
 
 
 def _stored(engine: sa.Engine) -> list[tuple[Any, ...]]:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 import carnet
 from carnet import _sa, guard, tenancy
 from carnet.errors import UnsupportedOperation
-from support.models import Note, configured_keys
+from support.models import Note
 
 SRC = Path(carnet.__file__).parent
 notes = Note.__table__
@@ -41,12 +41,11 @@ def engine(tmp_path: Path) -> Iterator[sa.Engine]:
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        with Session(engine) as s:
-            s.add(Note(id=1, practice_id="p1", body="premier", summary="un"))
-            s.commit()
-        yield keys
+def a_note(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """The shared ``keys`` and one note of practice p1 for the statements to touch."""
+    with Session(engine) as s:
+        s.add(Note(id=1, practice_id="p1", body="premier", summary="un"))
+        s.commit()
 
 
 def _count(engine: sa.Engine) -> int:
@@ -177,7 +176,7 @@ def test_every_private_name_has_a_statement() -> None:
 @pytest.mark.parametrize("key", sorted(_sa.NAMES))
 @pytest.mark.parametrize("change", ["renamed", "reshaped"])
 def test_a_changed_private_name_refuses_the_statement(
-    key: str, change: str, keys: carnet.KeyManager, engine: sa.Engine, monkeypatch: Any
+    key: str, change: str, a_note: None, engine: sa.Engine, monkeypatch: Any
 ) -> None:
     scenario = SCENARIOS[key]
     _forget_verdicts()
@@ -275,7 +274,7 @@ def test_no_module_but_carnet_sa_reads_a_private_sqlalchemy_name() -> None:
 
 
 def test_one_module_attaches_listeners_and_one_before_execute_runs(
-    keys: carnet.KeyManager, engine: sa.Engine
+    a_note: None, engine: sa.Engine
 ) -> None:
     callers = []
     for path in SRC.rglob("*.py"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -82,17 +81,9 @@ core_patients = sa.Table(
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    core_md.create_all(engine)
-    carnet.configure(keys)
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata, core_md)
 
 
 def _raw(engine: sa.Engine, sql: str, **params: object) -> list[sa.Row[object]]:

@@ -7,7 +7,6 @@ import hmac as std_hmac
 import json
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,21 +86,13 @@ def test_bits_out_of_range_are_refused(bits: Any) -> None:
 # -- index roots in carnet_keys --------------------------------------------------------
 
 
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    yield keys
-    keys.close()
-
-
 def test_index_root_is_created_once_wrapped_and_separate_from_the_data_key(
-    keys: carnet.KeyManager,
+    unconfigured_keys: carnet.KeyManager,
 ) -> None:
-    keys.ensure_key("p1")
-    roots = keys.index_roots("p1")
+    unconfigured_keys.ensure_key("p1")
+    roots = unconfigured_keys.index_roots("p1")
     assert len(roots) == 1 and len(roots[0].secret) == 32
-    recs = {r.kind: r for r in keys.list_keys("p1")}
+    recs = {r.kind: r for r in unconfigured_keys.list_keys("p1")}
     assert set(recs) == {"data", "index"}
     assert recs["index"].version == 1 and recs["data"].version == 1
     assert recs["index"].state == "active"
@@ -110,132 +101,106 @@ def test_index_root_is_created_once_wrapped_and_separate_from_the_data_key(
     assert "secret" not in repr(roots[0]) and roots[0].secret.hex() not in repr(roots[0])
     assert recs["index"].as_dict()["kind"] == "index"
     # A fresh manager (another process) finds the same root, not a new one.
-    other = carnet.KeyManager(keys.engine, master_key=keys.master_key)
+    other = carnet.KeyManager(unconfigured_keys.engine, master_key=unconfigured_keys.master_key)
     assert other.index_roots("p1")[0].secret == roots[0].secret
     assert other.index_roots("p2", create=False) == []
-    assert len(keys.list_keys()) == 2
+    assert len(unconfigured_keys.list_keys()) == 2
 
 
-def test_data_key_rotation_keeps_the_index_root(keys: carnet.KeyManager) -> None:
-    root = keys.index_roots("p1")[0]
-    keys.ensure_key("p1")
-    keys.rotate("p1")
-    other = carnet.KeyManager(keys.engine, master_key=keys.master_key)
+def test_data_key_rotation_keeps_the_index_root(unconfigured_keys: carnet.KeyManager) -> None:
+    root = unconfigured_keys.index_roots("p1")[0]
+    unconfigured_keys.ensure_key("p1")
+    unconfigured_keys.rotate("p1")
+    other = carnet.KeyManager(unconfigured_keys.engine, master_key=unconfigured_keys.master_key)
     again = other.index_roots("p1")
     assert [r.key_id for r in again] == [root.key_id] and again[0].secret == root.secret
-    assert sorted(r.version for r in keys.list_keys("p1") if r.kind == "data") == [1, 2]
+    assert sorted(r.version for r in unconfigured_keys.list_keys("p1") if r.kind == "data") == [
+        1,
+        2,
+    ]
 
 
 def test_one_active_index_root_per_practice_is_enforced_by_the_database(
-    keys: carnet.KeyManager,
+    unconfigured_keys: carnet.KeyManager,
 ) -> None:
-    keys.ensure_key("p1")
-    keys.index_roots("p1")
-    t = keys.table
+    unconfigured_keys.ensure_key("p1")
+    unconfigured_keys.index_roots("p1")
+    t = unconfigured_keys.table
     now = utcnow()
     row = {
         "tenant": "p1", "version": 7, "state": "active", "active_tenant": "p1",
-        "master_key_uri": keys.master_key.uri, "wrapped_key": b"x" * 60,
+        "master_key_uri": unconfigured_keys.master_key.uri, "wrapped_key": b"x" * 60,
         "created_at": now, "updated_at": now,
     }  # fmt: skip
     for kind in ("index", "data"):
-        with pytest.raises(sa.exc.IntegrityError), keys.engine.begin() as conn:
+        with pytest.raises(sa.exc.IntegrityError), unconfigured_keys.engine.begin() as conn:
             conn.execute(t.insert().values(key_id=os.urandom(16).hex(), kind=kind, **row))
     # MariaDB reports a failed CHECK as an OperationalError (4025).
     bad_kind = (sa.exc.IntegrityError, sa.exc.OperationalError)
-    with pytest.raises(bad_kind), keys.engine.begin() as conn:
+    with pytest.raises(bad_kind), unconfigured_keys.engine.begin() as conn:
         conn.execute(t.insert().values(key_id=os.urandom(16).hex(), kind="other", **row))
 
 
-def test_rotate_index_root_keeps_the_old_one_for_lookups(keys: carnet.KeyManager) -> None:
-    old = keys.index_roots("p1")[0]
-    rec = keys.rotate_index_root("p1")
+def test_rotate_index_root_keeps_the_old_one_for_lookups(
+    unconfigured_keys: carnet.KeyManager,
+) -> None:
+    old = unconfigured_keys.index_roots("p1")[0]
+    rec = unconfigured_keys.rotate_index_root("p1")
     assert rec.kind == "index" and rec.version == 2 and rec.state == "active"
-    roots = keys.index_roots("p1")
+    roots = unconfigured_keys.index_roots("p1")
     assert [r.key_id for r in roots] == [rec.key_id, old.key_id]
     assert roots[0].secret != old.secret
-    keys.retire(old.key_id)
-    other = carnet.KeyManager(keys.engine, master_key=keys.master_key)
+    unconfigured_keys.retire(old.key_id)
+    other = carnet.KeyManager(unconfigured_keys.engine, master_key=unconfigured_keys.master_key)
     assert [r.key_id for r in other.index_roots("p1")] == [rec.key_id]
-    assert [r.key_id for r in keys.index_roots("p1")] == [rec.key_id]
+    assert [r.key_id for r in unconfigured_keys.index_roots("p1")] == [rec.key_id]
 
 
-def test_destroy_shreds_the_index_root_too(keys: carnet.KeyManager) -> None:
-    keys.ensure_key("gone")
-    keys.index_roots("gone")
-    keys.rotate_index_root("gone")
-    keys.index_roots("kept")
-    assert keys.destroy("gone") == 3
-    recs = keys.list_keys("gone")
+def test_destroy_shreds_the_index_root_too(unconfigured_keys: carnet.KeyManager) -> None:
+    unconfigured_keys.ensure_key("gone")
+    unconfigured_keys.index_roots("gone")
+    unconfigured_keys.rotate_index_root("gone")
+    unconfigured_keys.index_roots("kept")
+    assert unconfigured_keys.destroy("gone") == 3
+    recs = unconfigured_keys.list_keys("gone")
     assert {(r.kind, r.state) for r in recs} == {("data", "destroyed"), ("index", "destroyed")}
     assert all(r.wrapped_key is None for r in recs)
     with pytest.raises(KeyDestroyed):
-        keys.index_roots("gone")
+        unconfigured_keys.index_roots("gone")
     with pytest.raises(KeyDestroyed):
-        keys.rotate_index_root("gone")
-    other = carnet.KeyManager(keys.engine, master_key=keys.master_key)
+        unconfigured_keys.rotate_index_root("gone")
+    other = carnet.KeyManager(unconfigured_keys.engine, master_key=unconfigured_keys.master_key)
     with pytest.raises(KeyDestroyed):
         other.index_roots("gone")
     assert len(other.index_roots("kept")) == 1
 
 
-def test_an_index_root_is_never_usable_as_a_data_key(keys: carnet.KeyManager) -> None:
-    root = keys.index_roots("p1")[0]
+def test_an_index_root_is_never_usable_as_a_data_key(unconfigured_keys: carnet.KeyManager) -> None:
+    root = unconfigured_keys.index_roots("p1")[0]
     # A header naming the root's key id: refused, not decrypted with it.
     blob = b"\x01" + root.key_id + b"\0" * 12 + b"\0" * 16
     with pytest.raises(UnknownKey):
-        keys.decrypt(blob, tenant="p1", label="l")
+        unconfigured_keys.decrypt(blob, tenant="p1", label="l")
     # Relabelling the root's row as the practice's data key: the wrap binds the kind.
-    t = keys.table
-    with keys.engine.begin() as conn:
+    t = unconfigured_keys.table
+    with unconfigured_keys.engine.begin() as conn:
         conn.execute(t.update().where(t.c.key_id == root.key_id.hex()).values(kind="data"))
-    other = carnet.KeyManager(keys.engine, master_key=keys.master_key)
+    other = carnet.KeyManager(unconfigured_keys.engine, master_key=unconfigured_keys.master_key)
     with pytest.raises(MasterKeyMismatch):
         other.encrypt(b"x", tenant="p1", label="l")
 
 
-def test_rewrap_keeps_index_roots_unwrappable(keys: carnet.KeyManager, tmp_path: Path) -> None:
-    keys.ensure_key("p1")
-    secret = keys.index_roots("p1")[0].secret
+def test_rewrap_keeps_index_roots_unwrappable(
+    unconfigured_keys: carnet.KeyManager, tmp_path: Path
+) -> None:
+    unconfigured_keys.ensure_key("p1")
+    secret = unconfigured_keys.index_roots("p1")[0].secret
     new_uri = "file://" + str(tmp_path / "new.key")
     carnet.create_master_key(new_uri).close()
-    report = keys.rewrap(new_uri)
+    report = unconfigured_keys.rewrap(new_uri)
     assert report.rewrapped == 2
-    other = carnet.KeyManager(keys.engine, master_key=new_uri)
+    other = carnet.KeyManager(unconfigured_keys.engine, master_key=new_uri)
     assert other.index_roots("p1")[0].secret == secret
-
-
-def test_status_and_cli_with_index_roots(keys: carnet.KeyManager, db_url: str) -> None:
-    from carnet import lifecycle
-    from support.lifecycleutil import run_cli
-
-    # Only an index root at first: checking the master key must still unwrap it.
-    old = keys.index_roots("p1")[0]
-    assert lifecycle.check_master_key(keys)
-    keys.ensure_key("p1")
-    rec = keys.rotate_index_root("p1")
-    report = lifecycle.status(keys, columns=[])
-    (p1,) = report.tenants
-    assert p1.active_version == 1
-    assert sorted((k["kind"], k["version"], k["state"]) for k in p1.keys) == [
-        ("data", 1, "active"),
-        ("index", 1, "inactive"),
-        ("index", 2, "active"),
-    ]
-    mk = keys.master_key.uri
-    listed = run_cli(["keys", "list", "--json"], db_url=db_url, master_key=mk)
-    assert listed.returncode == 0, listed.stderr
-    assert '"kind": "index"' in listed.stdout
-    retired = run_cli(["keys", "retire", old.key_id.hex(), "--yes"], db_url=db_url, master_key=mk)
-    assert retired.returncode == 0, retired.stderr
-    fresh = carnet.KeyManager(keys.engine, master_key=mk)
-    assert [r.key_id for r in fresh.index_roots("p1")] == [rec.key_id]
-    gone = run_cli(["keys", "destroy", "--tenant", "p1", "--yes"], db_url=db_url, master_key=mk)
-    assert gone.returncode == 0, gone.stderr
-    assert {r.state for r in fresh.list_keys("p1")} == {"destroyed"}
-    fresh.clear_cache()
-    with pytest.raises(KeyDestroyed):
-        fresh.index_roots("p1")
 
 
 def _root_race_worker(url: str, master: str, tenant: str, barrier: Any, out: Any) -> None:
@@ -251,7 +216,7 @@ def _root_race_worker(url: str, master: str, tenant: str, barrier: Any, out: Any
 
 
 def test_concurrent_first_index_root_creation_yields_one_root(
-    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+    unconfigured_keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
     import multiprocessing as mp
 
@@ -272,7 +237,7 @@ def test_concurrent_first_index_root_creation_yields_one_root(
         for p in procs:
             p.join(30)
         assert not [r for r in results if r.startswith("error")], results
-        recs = keys.list_keys(tenant)
+        recs = unconfigured_keys.list_keys(tenant)
         assert [(r.kind, r.state) for r in recs] == [("index", "active")]
         assert {r.split(":")[0] for r in results} == {recs[0].key_id.hex()}
         assert len(set(results)) == 1  # every process derives from the same secret

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,8 @@ from carnet.errors import (
     UnsupportedOperation,
 )
 from support.dbutil import drop_checks
-from support.models import Note, comments, configured_keys
+from support.models import Note, comments
 from support.paths import TESTS
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        yield keys
 
 
 def _raw(engine: sa.Engine, table: str, column: str, pk: int) -> object:

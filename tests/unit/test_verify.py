@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -38,16 +37,6 @@ class Case:
     value: str | None
     migrate: str  # kind in carnet migrate verify's totals
     lifecycle: str  # "ok", "null", "plaintext", "destroyed", or the reason it fails
-
-
-@pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    try:
-        yield keys
-    finally:
-        keys.close()
 
 
 def _tables(engine: sa.Engine) -> tuple[sa.Table, sa.Table]:
@@ -136,10 +125,10 @@ def _mixed_table(engine: sa.Engine, keys: carnet.KeyManager) -> list[Case]:
 
 
 def test_both_front_ends_agree_on_every_count(
-    engine: sa.Engine, keys: carnet.KeyManager, db_url: str, master_key_uri: str
+    engine: sa.Engine, unconfigured_keys: carnet.KeyManager, db_url: str, master_key_uri: str
 ) -> None:
-    cases = _mixed_table(engine, keys)
-    keys.close()
+    cases = _mixed_table(engine, unconfigured_keys)
+    unconfigured_keys.close()
     # A manager that never saw the keys before they were retired or destroyed,
     # as a verifying process would be.
     reader = carnet.KeyManager(engine, master_key=master_key_uri)
@@ -221,7 +210,7 @@ def test_both_front_ends_agree_on_every_count(
 
 
 def test_a_value_under_a_retired_key_fails_and_is_never_counted_shredded(
-    engine: sa.Engine, keys: carnet.KeyManager, master_key_uri: str
+    engine: sa.Engine, unconfigured_keys: carnet.KeyManager, master_key_uri: str
 ) -> None:
     # The two used to disagree: the migration counted it crypto-shredded (a
     # KeyRetired is a KeyDestroyed), so `finish` recorded a column strict with
@@ -234,10 +223,14 @@ def test_a_value_under_a_retired_key_fails_and_is_never_counted_shredded(
         sa.Column("body", sa.Text),
     )
     notes.create(engine)
-    old = keys.ensure_key("p0").key_id
-    stale = envelope.to_text(keys.encrypt(SECRET.encode(), tenant="p0", label="notes.body"))
-    keys.rotate("p0")
-    fresh = envelope.to_text(keys.encrypt(SECRET.encode(), tenant="p0", label="notes.body"))
+    old = unconfigured_keys.ensure_key("p0").key_id
+    stale = envelope.to_text(
+        unconfigured_keys.encrypt(SECRET.encode(), tenant="p0", label="notes.body")
+    )
+    unconfigured_keys.rotate("p0")
+    fresh = envelope.to_text(
+        unconfigured_keys.encrypt(SECRET.encode(), tenant="p0", label="notes.body")
+    )
     with engine.begin() as conn:
         conn.execute(
             notes.insert(),
@@ -246,8 +239,8 @@ def test_a_value_under_a_retired_key_fails_and_is_never_counted_shredded(
                 {"id": 2, "practice_id": "p0", "body": fresh},
             ],
         )
-    keys.retire(old)
-    keys.close()
+    unconfigured_keys.retire(old)
+    unconfigured_keys.close()
     reader = carnet.KeyManager(engine, master_key=master_key_uri)
     target = resolve(engine, "notes", "body", tenant="practice_id")
     v = migrate_verify(reader, engine, target)
@@ -267,7 +260,7 @@ def test_a_value_under_a_retired_key_fails_and_is_never_counted_shredded(
 
 
 def test_a_row_without_a_practice_fails_however_its_value_looks(
-    engine: sa.Engine, keys: carnet.KeyManager
+    engine: sa.Engine, unconfigured_keys: carnet.KeyManager
 ) -> None:
     # `carnet verify --tenant-column` used to count plaintext in such a row as
     # plaintext, and a sealed value as an "error" of its key's practice; the
@@ -280,7 +273,9 @@ def test_a_row_without_a_practice_fails_however_its_value_looks(
         sa.Column("body", sa.Text),
     )
     notes.create(engine)
-    sealed = envelope.to_text(keys.encrypt(SECRET.encode(), tenant="p0", label="notes.body"))
+    sealed = envelope.to_text(
+        unconfigured_keys.encrypt(SECRET.encode(), tenant="p0", label="notes.body")
+    )
     with engine.begin() as conn:
         conn.execute(
             notes.insert(),
@@ -293,20 +288,22 @@ def test_a_row_without_a_practice_fails_however_its_value_looks(
         )
     for allow in (False, True):
         rep = lifecycle.verify(
-            keys, "notes", "body", tenant_column="practice_id", allow_plaintext=allow
+            unconfigured_keys, "notes", "body", tenant_column="practice_id", allow_plaintext=allow
         )
         assert (rep.ok, rep.nulls, rep.plaintext, rep.failed) == (1, 1, 0, 2)
         assert rep.reasons == {"no_practice": 2} and rep.failed_pks == [[1], [2]]
     # Without a practice column each value is opened as its key's practice.
-    rep = lifecycle.verify(keys, "notes", "body", allow_plaintext=True)
+    rep = lifecycle.verify(unconfigured_keys, "notes", "body", allow_plaintext=True)
     assert (rep.ok, rep.plaintext, rep.failed) == (2, 1, 0)
-    v = migrate_verify(keys, engine, resolve(engine, "notes", "body", tenant="practice_id"))
+    v = migrate_verify(
+        unconfigured_keys, engine, resolve(engine, "notes", "body", tenant="practice_id")
+    )
     assert (v.totals["no_tenant"], v.totals["sealed"], v.totals["null"]) == (2, 1, 1)
 
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_a_read_error_is_a_carnet_error_without_the_value(
-    engine: sa.Engine, keys: carnet.KeyManager
+    engine: sa.Engine, unconfigured_keys: carnet.KeyManager
 ) -> None:
     # `carnet verify` read through the batch engine without the migration's
     # guard: a Latin-1 legacy note came back as the driver's error quoting it.
@@ -323,9 +320,9 @@ def test_a_read_error_is_a_carnet_error_without_the_value(
             ((SECRET + " r\u00e9sum\u00e9").encode("latin-1"),),
         )
     for call in (
-        lambda: lifecycle.verify(keys, "notes", "body", tenant_column="practice_id"),
+        lambda: lifecycle.verify(unconfigured_keys, "notes", "body", tenant_column="practice_id"),
         lambda: migrate_verify(
-            keys, engine, resolve(engine, "notes", "body", tenant="practice_id")
+            unconfigured_keys, engine, resolve(engine, "notes", "body", tenant="practice_id")
         ),
     ):
         with pytest.raises(DatabaseError) as ei:
@@ -336,11 +333,11 @@ def test_a_read_error_is_a_carnet_error_without_the_value(
         assert "notes.body" in str(exc) and "not valid UTF-8" in str(exc)
 
 
-def test_one_classification_of_a_stored_value(keys: carnet.KeyManager) -> None:
+def test_one_classification_of_a_stored_value(unconfigured_keys: carnet.KeyManager) -> None:
     """The judgement itself, without a table: the row's practice, or the key's."""
-    sealed = keys.encrypt(b"x", tenant="p0", label="t.c")
-    keys.ensure_key("p1")
-    by_key = vf.KeyPractices(keys)
+    sealed = unconfigured_keys.encrypt(b"x", tenant="p0", label="t.c")
+    unconfigured_keys.ensure_key("p1")
+    by_key = vf.KeyPractices(unconfigured_keys)
     for value, tenant, kind, reason, practice in (
         (None, "p0", vf.NULL, None, "p0"),
         ("texte", "p0", vf.PLAINTEXT, None, "p0"),
@@ -352,56 +349,10 @@ def test_one_classification_of_a_stored_value(keys: carnet.KeyManager) -> None:
         (sealed[:10], "p0", vf.FAILED, vf.TAMPERED, "p0"),
         ("carnet:%%%", "p0", vf.FAILED, vf.TAMPERED, "p0"),
     ):
-        out = vf.classify(keys, value, label="t.c", tenant=tenant)
+        out = vf.classify(unconfigured_keys, value, label="t.c", tenant=tenant)
         assert (out.kind, out.reason, out.practice) == (kind, reason, practice), value
     # Opened as its key's practice: authentic, wherever it sits.
-    out = vf.classify(keys, sealed, label="t.c", tenant=None, by_key=by_key)
+    out = vf.classify(unconfigured_keys, sealed, label="t.c", tenant=None, by_key=by_key)
     assert (out.kind, out.practice) == (vf.OK, "p0")
-    out = vf.classify(keys, sealed, label="t.other", tenant=None, by_key=by_key)
+    out = vf.classify(unconfigured_keys, sealed, label="t.other", tenant=None, by_key=by_key)
     assert (out.kind, out.reason) == (vf.FAILED, vf.TAMPERED)
-
-
-# -- the database's own checks, reported by verify ------------------------------------------
-
-
-def test_verify_fails_on_missing_database_checks_and_names_the_fix(
-    db_url: str, master_key_uri: str
-) -> None:
-    from support.lifecycleutil import fill_notes, run_cli
-
-    engine = sa.create_engine(db_url)
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    try:
-        keys.create_schema()
-        fill_notes(engine, keys, 6)
-        rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
-        assert rep.failed == 0 and rep.checks is not None and rep.checks["ok"], rep.checks
-        # Dropped by hand, as a user with DDL rights can.
-        with engine.begin() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.exec_driver_sql("DROP TRIGGER carnet_p_notes_body_i")
-            else:
-                conn.exec_driver_sql("ALTER TABLE notes DROP CONSTRAINT carnet_p_notes_body")
-        rep = lifecycle.verify(keys, "notes", "body", tenant_column="practice_id")
-        assert rep.failed == 0  # every value opens: the rows are fine, the schema is not
-        assert rep.checks is not None and not rep.checks["ok"]
-        assert any(n.startswith("carnet_p_notes_body") for n in rep.checks["missing"])
-        fix = rep.checks["fix"]
-        assert fix == (
-            "carnet checks install --table notes --column body --tenant-column practice_id "
-            "--mode v2"
-        )
-        args = ["verify", "--table", "notes", "--column", "body", "--tenant-column", "practice_id"]
-        r = run_cli([*args, "--json"], db_url=db_url, master_key=master_key_uri)
-        assert r.returncode == 1, r.stderr
-        assert json.loads(r.stdout)["checks"]["fix"] == fix
-        r = run_cli(args, db_url=db_url, master_key=master_key_uri)
-        assert r.returncode == 1 and f"fix: {fix}" in r.stdout, r.stdout
-        # The hint, run as printed, restores them.
-        r = run_cli(fix.split()[1:], db_url=db_url, master_key=master_key_uri)
-        assert r.returncode == 0, r.stderr
-        r = run_cli(args, db_url=db_url, master_key=master_key_uri)
-        assert r.returncode == 0, r.stdout + r.stderr
-    finally:
-        keys.close()
-        engine.dispose()

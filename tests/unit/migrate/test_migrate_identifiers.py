@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,55 +27,19 @@ from sqlalchemy.orm import Session
 import carnet
 from carnet.cli import cli as carnet_cli
 from carnet.migrate import compact, resolve, run_migration
+from support.identifiers import (
+    IDENTIFIERS,
+    STEPS,
+    M,
+    alembic_upgrade,
+    index_args,
+    legacy_app,
+    legacy_rows,
+    migrate,
+    populate,
+    target_args,
+)
 from support.paths import ROOT
-
-EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-from legacy_practice import app as legacy_app  # noqa: E402
-from legacy_practice.generate import populate  # noqa: E402
-
-M = "legacy_practice.app:MigratingPatient"
-IDENTIFIERS = ("last_name", "first_name", "birth_date", "phone")
-# legacy column -> (new column, blind index filled once this column is sealed)
-STEPS = [
-    ("phone", "phone_enc", "phone_bidx"),
-    ("last_name", "last_name_enc", None),
-    ("first_name", "first_name_enc", "name_bidx"),  # initial + last name: both sealed by now
-    ("birth_date", "birth_date_enc", "birth_date_bidx"),
-]
-
-
-def migrate(db_url: str, mk: str, *args: str) -> Any:
-    return CliRunner().invoke(
-        carnet_cli,
-        ["--database-url", db_url, "--master-key", mk, "migrate", *args],
-        catch_exceptions=False,
-    )
-
-
-def target_args(legacy: str, new: str) -> list[str]:
-    return ["--table", "patients", "--column", legacy, "--into", new, "--tenant", "practice_id"]
-
-
-def index_args(index: str | None) -> list[str]:
-    return ["--app-dir", str(EXAMPLES), "--index", f"{M}.{index}"] if index else []
-
-
-def legacy_rows(engine: sa.Engine) -> dict[int, tuple[str, str, str, dt.date, str | None]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.text(
-                "SELECT id, practice_id, last_name, first_name, birth_date, phone FROM patients"
-            )
-        ).all()
-    out = {}
-    for r in rows:
-        birth = r.birth_date
-        if isinstance(birth, str):  # SQLite through text()
-            birth = dt.date.fromisoformat(birth)
-        out[r.id] = (str(r.practice_id), r.last_name, r.first_name, birth, r.phone)
-    return out
 
 
 def check_lookups(engine: sa.Engine, model: type[Any], expected: dict[int, Any]) -> int:
@@ -104,29 +65,10 @@ def check_lookups(engine: sa.Engine, model: type[Any], expected: dict[int, Any])
     return checks
 
 
-def alembic_upgrade(db_url: str, revision: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    old = os.environ.get("CARNET_DATABASE_URL")
-    os.environ["CARNET_DATABASE_URL"] = db_url
-    try:
-        command.upgrade(Config(str(EXAMPLES / "legacy_practice" / "alembic.ini")), revision)
-    finally:
-        if old is None:
-            del os.environ["CARNET_DATABASE_URL"]
-        else:
-            os.environ["CARNET_DATABASE_URL"] = old
-
-
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Any:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    carnet.configure(keys)
-    yield keys
-    carnet.configure(None)
-    keys.close()
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """No models: the legacy application's tables are made by each test."""
+    return ()
 
 
 def test_identifiers_migrate_online_and_stay_findable(
@@ -356,98 +298,6 @@ def test_migrate_refuses_a_date_column_in_place(
     assert res.exit_code == 2  # a configuration error, as in every command
     assert res.stderr.startswith("carnet: error:")
     assert "DATE column" in res.output and "--into" in res.output
-
-
-def test_reindex_cli_runs_as_a_subprocess(
-    engine: sa.Engine, db_url: str, master_key_uri: str, keys: Any
-) -> None:
-    populate(engine, seed=7, practices_n=2, patients_n=12, consultations_n=0, lookalike=False)
-    phones = [v[4] for v in legacy_rows(engine).values() if v[4] is not None]
-    alembic_upgrade(db_url, "0003_expand_identifiers")
-    res = migrate(db_url, master_key_uri, "run", *target_args("phone", "phone_enc"))
-    assert res.exit_code == 0, res.output
-    env = {
-        **os.environ,
-        "CARNET_DATABASE_URL": db_url,
-        "CARNET_MASTER_KEY": master_key_uri,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-
-    def carnet_cmd(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "carnet", *args], env=env, capture_output=True, text=True,
-            timeout=120, cwd=EXAMPLES,
-        )  # fmt: skip
-
-    bad = carnet_cmd("reindex", "--index", "nowhere:X.y", "--all-tenants")
-    assert bad.returncode == 2 and "nowhere" in bad.stderr
-    usage = carnet_cmd("reindex", "--index", f"{M}.phone_bidx")
-    assert usage.returncode == 2
-    ok = carnet_cmd("reindex", "--index", f"{M}.phone_bidx", "--all-tenants", "--json")
-    assert ok.returncode == 0, ok.stderr
-    rows = json.loads(ok.stdout)
-    assert {r["tenant"] for r in rows} == {"1", "2"}
-    written = sum(r["rewritten"] for r in rows)
-    assert written == len(phones)
-    # Again: nothing left to do, the job starts a fresh pass and finds every value current.
-    again = json.loads(carnet_cmd("reindex", "--index", f"{M}.phone_bidx", "--tenant", "1",
-                                  "--json").stdout)  # fmt: skip
-    assert again[0]["rewritten"] == 0 and again[0]["skipped"] > 0
-    unknown = carnet_cmd("reindex", "--index", f"{M}.phone_bidx", "--tenant", "nope")
-    assert unknown.returncode == 7
-    for out in (ok.stdout, ok.stderr, bad.stderr, unknown.stderr):
-        assert not any(v in out or v.replace(" ", "") in out for v in phones)
-
-
-def test_identifier_migration_killed_and_resumed(
-    engine: sa.Engine, db_url: str, master_key_uri: str, keys: Any
-) -> None:
-    import signal
-    import time
-
-    from carnet.jobs import job_progress
-
-    populate(engine, seed=9, practices_n=2, patients_n=40, consultations_n=0, lookalike=False)
-    expected = legacy_rows(engine)
-    alembic_upgrade(db_url, "0003_expand_identifiers")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    args = [*target_args("birth_date", "birth_date_enc"), *index_args("birth_date_bidx")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "carnet", "--database-url", db_url, "--master-key",
-         master_key_uri, "migrate", "run", *args, "--batch-size", "4", "--pause", "0.3"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    job = "migrate:patients.birth_date_enc"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if job_progress(engine, job)["scanned"] >= 12:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = job_progress(engine, job)
-    assert 12 <= killed_at["scanned"] < 40 and killed_at["done"] == 0
-
-    res = migrate(db_url, master_key_uri, "run", *args, "--json")
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out["resumed_from"] is not None
-    assert out["scanned"] == 40 - killed_at["scanned"]
-    # Nothing sealed twice: one value written per row over both runs.
-    assert job_progress(engine, job)["rewritten"] == 40
-    assert out["indexes"][0]["missing"] == 0
-    res = migrate(db_url, master_key_uri, "finish", *args)
-    assert res.exit_code == 0, res.output
-    Migrating = legacy_app.patient_model("migrating")  # noqa: N806 - a class
-    with Session(engine) as s:
-        for pid, (practice, *_rest) in expected.items():
-            p = s.get(Migrating, pid)
-            assert p.birth_date_enc == expected[pid][3]
-            got = carnet.search(s, Migrating.birth_date_bidx, p.birth_date_enc, tenant=practice)
-            assert pid in {q.id for q in got}
 
 
 def documented_identifier_commands() -> list[str]:

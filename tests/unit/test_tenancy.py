@@ -1,13 +1,13 @@
-"""Each write path named by the tenant invariant, one test each, on the three backends.
+"""carnet.tenancy: each write path named by the tenant invariant, on the three backends.
 
 A note belongs to its row's practice: after the write either every value
 opens, from a brand-new KeyManager, under its row's practice, or the write was
-refused with a CarnetError and nothing of it was written.
+refused with a CarnetError and nothing of it was written. At the end, the
+module's own functions called directly: ``practice_text`` (the practice a row
+holds, as the database stores it) and ``bind_write`` (the pipeline's step).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -22,7 +22,7 @@ from sqlalchemy.orm import (
 )
 
 import carnet
-from carnet import envelope
+from carnet import envelope, tenancy
 from carnet.errors import (
     ConfigurationError,
     InvalidPlaintext,
@@ -57,18 +57,16 @@ BODY, SUMMARY = "Patiente anxieuse, suivi dépression", "violences évoquées"
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
+
+
+@pytest.fixture
+def practices(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Practices A and B, the parents the notes here point to."""
     with engine.begin() as conn:
         conn.execute(Practice.__table__.insert(), [{"id": "A"}, {"id": "B"}])
-    carnet.configure(keys)
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
 
 
 def stored(engine: sa.Engine, master_key_uri: str, nid: int) -> tuple[str, str | None, str | None]:
@@ -106,7 +104,7 @@ def _seed(engine: sa.Engine, nid: int = 1, practice: str = "A") -> None:
 
 
 def test_form_posting_the_same_text_back_reseals_for_the_new_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s:
@@ -118,7 +116,7 @@ def test_form_posting_the_same_text_back_reseals_for_the_new_practice(
 
 
 def test_merge_with_the_same_text_reseals_for_the_new_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s:
@@ -129,7 +127,7 @@ def test_merge_with_the_same_text_reseals_for_the_new_practice(
 
 @pytest.mark.parametrize("how", ["load_only", "defer", "expired", "expired_all"])
 def test_practice_change_with_values_not_loaded_reseals_them(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str, how: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str, how: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s:
@@ -147,7 +145,7 @@ def test_practice_change_with_values_not_loaded_reseals_them(
 
 
 def test_practice_change_through_a_relationship_reseals(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s:
@@ -159,7 +157,7 @@ def test_practice_change_through_a_relationship_reseals(
 
 
 def test_practice_change_to_the_same_value_writes_no_move(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s:
@@ -170,7 +168,7 @@ def test_practice_change_to_the_same_value_writes_no_move(
 
 
 def test_orm_update_statement_moving_rows_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s, pytest.raises(UnsupportedOperation):
@@ -183,7 +181,7 @@ def test_orm_update_statement_moving_rows_is_refused(
 
 
 def test_statement_writing_every_encrypted_column_may_move_rows(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with engine.begin() as conn:
@@ -194,7 +192,7 @@ def test_statement_writing_every_encrypted_column_may_move_rows(
 
 
 def test_statement_writing_some_encrypted_columns_never_moves_a_row(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     # summary is not written: the statement is pinned to rows already in B.
     _seed(engine)
@@ -208,7 +206,7 @@ def test_statement_writing_some_encrypted_columns_never_moves_a_row(
 
 
 def test_core_insert_naming_another_practice_than_the_scope_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
 ) -> None:
     with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantMismatch):
         conn.execute(notes.insert(), {"id": 1, "practice_id": "B", "body": "PLANTED"})
@@ -219,14 +217,14 @@ def test_core_insert_naming_another_practice_than_the_scope_is_refused(
 
 
 def test_core_insert_without_the_practice_column_is_refused_even_in_a_scope(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
 ) -> None:
     with carnet.tenant_scope("A"), engine.begin() as conn, pytest.raises(TenantRequired):
         conn.execute(notes.insert(), {"id": 1, "body": "PLANTED"})
 
 
 def test_core_update_in_a_scope_is_pinned_to_the_scope_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine, 1, "A")
     _seed(engine, 2, "B")
@@ -238,7 +236,7 @@ def test_core_update_in_a_scope_is_pinned_to_the_scope_practice(
 
 
 def test_core_update_without_scope_or_practice_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     with engine.begin() as conn, pytest.raises(TenantRequired):
@@ -247,7 +245,7 @@ def test_core_update_without_scope_or_practice_is_refused(
 
 
 def test_scoped_orm_bulk_update_of_another_practice_row_changes_nothing(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine, 1, "B")
     with Session(engine) as s, carnet.tenant_scope("A"):
@@ -262,7 +260,7 @@ def test_scoped_orm_bulk_update_of_another_practice_row_changes_nothing(
 
 
 def test_orm_write_under_another_practice_scope_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
 ) -> None:
     with Session(engine) as s, carnet.tenant_scope("A"):
         s.add(Note(id=1, practice_id="B", body="PLANTED"))
@@ -274,7 +272,7 @@ def test_orm_write_under_another_practice_scope_is_refused(
 
 
 def test_first_key_created_in_a_rolled_back_core_savepoint_is_not_used_later(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with engine.begin() as conn:
         conn.execute(notes.insert(), {"id": 1, "practice_id": "A"})  # holds the write lock
@@ -287,7 +285,7 @@ def test_first_key_created_in_a_rolled_back_core_savepoint_is_not_used_later(
 
 
 def test_first_key_created_in_a_rolled_back_orm_savepoint_is_not_used_later(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with Session(engine) as s:
         s.add(Note(id=1, practice_id="A"))
@@ -306,7 +304,7 @@ def test_first_key_created_in_a_rolled_back_orm_savepoint_is_not_used_later(
 
 @pytest.mark.parametrize("value", [b"bytes", 123, 4.5, ["list"]])
 def test_values_that_are_not_str_are_refused_on_every_path(
-    keys: carnet.KeyManager, engine: sa.Engine, value: object
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, value: object
 ) -> None:
     with Session(engine) as s:
         s.add(Note(id=1, practice_id="A", body=value))  # type: ignore[arg-type]
@@ -321,7 +319,7 @@ def test_values_that_are_not_str_are_refused_on_every_path(
 
 
 def test_str_subclasses_are_stored_as_their_plain_text(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     class Markup(str):
         pass
@@ -340,7 +338,7 @@ def test_str_subclasses_are_stored_as_their_plain_text(
 
 @pytest.mark.parametrize("how", ["load_only", "refresh", "refresh_after_expire"])
 def test_value_loaded_without_its_practice_opens_on_access(
-    keys: carnet.KeyManager, engine: sa.Engine, how: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, how: str
 ) -> None:
     _seed(engine)
     with Session(engine) as s:
@@ -360,7 +358,7 @@ def test_value_loaded_without_its_practice_opens_on_access(
 
 
 def test_require_scope_refuses_reads_and_writes_without_a_scope(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)
     carnet.configure(keys, require_scope=True)
@@ -393,7 +391,7 @@ def test_require_scope_refuses_reads_and_writes_without_a_scope(
 
 
 def test_require_scope_holds_for_carnets_own_reseal_of_a_moved_row(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     # Moving a row re-seals its values, which carnet reads from the database
     # when they are not loaded: in strict mode that read needs a scope of the
@@ -436,7 +434,7 @@ def test_leaving_a_scope_in_another_context_is_safe() -> None:
 
 
 def test_a_literal_of_another_type_in_values_is_sealed_not_stored_in_clear(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with carnet.tenant_scope("A"), engine.begin() as conn:
         conn.execute(notes.insert().values(id=1, practice_id="A", body=sa.literal("en clair?")))
@@ -447,7 +445,7 @@ def test_a_literal_of_another_type_in_values_is_sealed_not_stored_in_clear(
 
 
 def test_multi_row_values_are_sealed_as_given_or_refused_never_rewritten(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     # carnet does not rewrite a multi-row VALUES (its rows are SQLAlchemy's
     # private state): rows of the scope's practice are sealed as they are...
@@ -482,7 +480,7 @@ def test_multi_row_values_are_sealed_as_given_or_refused_never_rewritten(
 
 
 def test_a_scope_never_writes_into_or_moves_another_practices_row(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     _seed(engine)  # row 1, practice A
     with carnet.tenant_scope("B"), engine.begin() as conn:
@@ -515,7 +513,7 @@ def test_a_scope_never_writes_into_or_moves_another_practices_row(
 
 
 def test_a_later_row_without_its_practice_is_refused_and_creates_no_key(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
 ) -> None:
     # The second row would take the practice column's default: no practice to seal for.
     before = {r.tenant for r in keys.store.list_keys()}
@@ -536,7 +534,7 @@ def test_a_later_row_without_its_practice_is_refused_and_creates_no_key(
 
 
 def test_a_column_default_is_sealed_for_its_rows_practice(
-    keys: carnet.KeyManager, master_key_uri: str
+    keys: carnet.KeyManager, practices: None, master_key_uri: str
 ) -> None:
     md = sa.MetaData()
     t = sa.Table(
@@ -576,7 +574,7 @@ def test_a_server_default_on_an_encrypted_column_is_refused() -> None:
 
 
 def test_null_notes_need_no_key_even_for_a_destroyed_practice(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
 ) -> None:
     # Found by the model test: a row whose notes are NULL asks for no key.
     _seed(engine, 1, "A")
@@ -595,7 +593,12 @@ def test_null_notes_need_no_key_even_for_a_destroyed_practice(
     [("id_range", "evaluate"), ("id_range", "auto"), ("none", "evaluate"), ("id_range", "fetch")],
 )
 def test_orm_update_synchronize_session_never_puts_one_practices_text_on_another_practices_object(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str, where: str, sync: str
+    keys: carnet.KeyManager,
+    practices: None,
+    engine: sa.Engine,
+    master_key_uri: str,
+    where: str,
+    sync: str,
 ) -> None:
     _seed(engine, 1, "A")
     _seed(engine, 2, "B")
@@ -621,3 +624,89 @@ def test_orm_update_synchronize_session_never_puts_one_practices_text_on_another
         s.commit()
     assert stored(engine, master_key_uri, 1) == ("A", "rewritten for A", SUMMARY)
     assert stored(engine, master_key_uri, 2) == ("B", BODY, SUMMARY)
+
+
+# -- tenancy's own functions, called directly ------------------------------------------
+
+_plain_md = sa.MetaData()
+# No encrypted column: what the database stores for a practice, carnet aside.
+practice_values = sa.Table(
+    "tp_practice_values",
+    _plain_md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("as_int", sa.Integer),
+    sa.Column("as_text", sa.String(20)),
+)
+
+
+@pytest.mark.parametrize("given", [7, "007", " 7", "+7", "-3", "0"])
+def test_practice_text_of_an_integer_column_is_the_number_the_database_stores(
+    engine: sa.Engine, given: object
+) -> None:
+    # Sealing for "007" while the row holds 7 would make the note unreadable
+    # (and the database's practice check would refuse it).
+    _plain_md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(practice_values.insert(), {"id": 1, "as_int": given})
+        stored = conn.execute(sa.select(practice_values.c.as_int)).scalar_one()
+    assert tenancy.practice_text(given, practice_values.c.as_int) == str(stored)
+
+
+@pytest.mark.parametrize("given", ["007", "A-12", " 7", 7])
+def test_practice_text_of_a_text_column_is_the_text_the_database_stores(
+    engine: sa.Engine, given: object
+) -> None:
+    _plain_md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(practice_values.insert(), {"id": 1, "as_text": given})
+        stored = conn.execute(sa.select(practice_values.c.as_text)).scalar_one()
+    assert tenancy.practice_text(given, practice_values.c.as_text) == stored
+    assert tenancy.practice_text(given) == stored  # no column: the text as given
+
+
+def test_bind_write_binds_each_rows_values_to_that_rows_practice(
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine, master_key_uri: str
+) -> None:
+    rows = [
+        {"id": 1, "practice_id": "A", "body": BODY, "summary": None},
+        {"id": 2, "practice_id": "B", "body": SUMMARY, "summary": BODY},
+    ]
+    with engine.begin() as conn:
+        stmt, multi, params, writes = tenancy.bind_write(conn, notes.insert(), rows, {})
+        assert writes is True
+        assert [(r["body"].carnet_tenant, r["body"]) for r in multi] == [
+            ("A", BODY),
+            ("B", SUMMARY),
+        ]
+        assert multi[1]["summary"].carnet_tenant == "B" and multi[0]["summary"] is None
+        conn.execute(stmt, multi)
+    # Written through the pipeline as bound: each note opens under its own row's practice.
+    assert stored(engine, master_key_uri, 1) == ("A", BODY, None)
+    assert stored(engine, master_key_uri, 2) == ("B", SUMMARY, BODY)
+
+
+def test_bind_write_leaves_statements_without_encrypted_columns_alone(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    with engine.connect() as conn:
+        for stmt, rows in [
+            (sa.select(notes), []),
+            (Practice.__table__.insert(), [{"id": "C"}]),
+            (Practice.__table__.update().values(id="D"), []),
+        ]:
+            out, multi, params, writes = tenancy.bind_write(conn, stmt, rows, {})
+            assert (out, multi, params, writes) == (stmt, rows, {}, False)
+
+
+def test_bind_write_refuses_a_practice_it_cannot_know(
+    keys: carnet.KeyManager, practices: None, engine: sa.Engine
+) -> None:
+    stmt = notes.insert().values(id=1, practice_id=sa.func.lower("A"), body=BODY)
+    with engine.connect() as conn, pytest.raises(UnsupportedOperation, match="SQL expression"):
+        tenancy.bind_write(conn, stmt, [], {})
+    assert _count(engine) == 0
+
+
+def _count(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(notes)).scalar_one())

@@ -1,15 +1,17 @@
-"""The practice on a parent table: ``EncryptedText(tenant="patient.practice_id")``.
+"""carnet.orm: the ORM's hooks, on the three backends.
+
+The practice on a parent table: ``EncryptedText(tenant="patient.practice_id")``.
 
 Like most practice-management schemas, the note is on ``consultations`` and
 the practice on ``patients``. Reads open under the parent's practice, writes
 seal under it, a consultation moved to a patient of another practice is
 re-sealed, and a patient's practice cannot change while its consultations
-hold notes sealed for the old one.
+hold notes sealed for the old one. A joined-inheritance row moved to another
+practice is re-sealed too; and an ORM UPDATE never leaves its new text on the
+objects of the session (``expire_after_update``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -24,6 +26,7 @@ from sqlalchemy.orm import (
 )
 
 import carnet
+from carnet import dbchecks
 from carnet.errors import ConfigurationError, TenantMismatch, UnsupportedOperation
 
 
@@ -50,11 +53,14 @@ NOTE = "Patient anxieux, évoque des idées noires"
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
+
+
+@pytest.fixture
+def patients(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Patients 1 and 2 of practice A, 3 of practice B; consultation 10 of patient 1."""
     with Session(engine) as s:
         s.add_all(
             [
@@ -65,11 +71,6 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
         )
         s.add(Consultation(id=10, patient_id=1, comment=NOTE))
         s.commit()
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
 
 
 def stored(engine: sa.Engine, master_key_uri: str, cid: int) -> tuple[str, str | None]:
@@ -97,7 +98,7 @@ def stored(engine: sa.Engine, master_key_uri: str, cid: int) -> tuple[str, str |
 
 
 def test_orm_writes_and_reads_under_the_parents_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     assert stored(engine, master_key_uri, 10) == ("A", NOTE)
     with Session(engine) as s:
@@ -115,7 +116,7 @@ def test_orm_writes_and_reads_under_the_parents_practice(
 
 @pytest.mark.parametrize("how", ["foreign_key", "relationship"])
 def test_consultation_moved_to_a_patient_of_another_practice_is_resealed(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str, how: str
+    patients: None, engine: sa.Engine, master_key_uri: str, how: str
 ) -> None:
     with Session(engine) as s:
         c = s.get(Consultation, 10)
@@ -132,7 +133,7 @@ def test_consultation_moved_to_a_patient_of_another_practice_is_resealed(
 
 
 def test_consultation_moved_within_the_practice_keeps_opening(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with Session(engine) as s:
         c = s.scalars(sa.select(Consultation).options(load_only(Consultation.id))).one()
@@ -142,7 +143,7 @@ def test_consultation_moved_within_the_practice_keeps_opening(
 
 
 def test_patient_practice_change_with_encrypted_children_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with Session(engine) as s:
         p = s.get(Patient, 1)
@@ -162,7 +163,7 @@ def test_patient_practice_change_with_encrypted_children_is_refused(
 
 
 def test_core_writes_take_the_parents_practice(
-    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+    patients: None, engine: sa.Engine, master_key_uri: str
 ) -> None:
     with engine.begin() as conn:
         conn.execute(consultations.insert(), {"id": 11, "patient_id": 3, "comment": "de B"})
@@ -194,3 +195,100 @@ def test_a_relationship_named_as_the_tenant_fails_at_configuration() -> None:
     with pytest.raises(ConfigurationError, match="relationship"):
         configure_mappers()
     Other.registry.dispose()
+
+
+# -- joined inheritance: the practice on the base table ---------------------------------
+
+
+class JoinedBase(DeclarativeBase):
+    pass
+
+
+class Contact(JoinedBase):
+    __tablename__ = "contacts"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    practice_id: Mapped[str] = mapped_column(sa.String(20))
+    kind: Mapped[str] = mapped_column(sa.String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "contact"}
+
+
+class Client(Contact):
+    __tablename__ = "clients"
+    id: Mapped[int] = mapped_column(sa.ForeignKey("contacts.id"), primary_key=True)
+    notes: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="practice_id"))
+    summary: Mapped[str | None] = mapped_column(
+        carnet.EncryptedText(tenant="practice_id", storage="text")
+    )
+    __mapper_args__ = {"polymorphic_identity": "client"}
+
+
+def test_moved_joined_inheritance_row_is_resealed_for_its_new_practice(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    JoinedBase.metadata.create_all(engine)
+    with engine.connect() as conn:  # the move check sits on the base table
+        (spec, _) = dbchecks.specs_for(Client.__table__, conn.dialect.name)
+        assert spec.parent is not None and dbchecks.missing(conn, spec) == []
+    with Session(engine) as s:
+        s.add(Client(id=1, practice_id="p1", notes="first", summary=None))
+        s.commit()
+    with Session(engine) as s:
+        c = s.get(Client, 1)
+        assert c is not None
+        c.practice_id = "p2"  # refused by carnet_m_* before the ORM emptied the values
+        s.commit()
+    other = carnet.KeyManager(engine, master_key=master_key_uri)
+    with engine.connect() as conn:
+        blob = conn.execute(sa.text("SELECT notes FROM clients WHERE id = 1")).scalar_one()
+    label = Client.__table__.c.notes.type.field_label
+    assert other.decrypt(bytes(blob), tenant="p2", label=label) == b"first"
+    with Session(engine) as s:
+        c = s.get(Client, 1)
+        assert c is not None and (c.practice_id, c.notes, c.summary) == ("p2", "first", None)
+
+
+# -- expire_after_update: an ORM UPDATE's new text is never copied onto objects ---------
+
+
+def test_expire_after_update_expires_the_written_attribute_on_every_loaded_object(
+    patients: None, engine: sa.Engine
+) -> None:
+    with Session(engine) as s:
+        s.add(Consultation(id=11, patient_id=3, comment="note of B"))
+        s.commit()
+    with Session(engine) as s:
+        with carnet.tenant_scope("A"):
+            a = s.get(Consultation, 10)
+        with carnet.tenant_scope("B"):
+            b = s.get(Consultation, 11)
+        assert a is not None and b is not None
+        assert "comment" in sa.inspect(a).dict and "comment" in sa.inspect(b).dict
+        stmt = sa.update(Consultation).where(Consultation.id == 10).values(comment="rewritten")
+        with carnet.tenant_scope("A"):
+            s.execute(stmt, execution_options={"synchronize_session": "evaluate"})
+        # "evaluate" would have copied the new text onto the object; expired
+        # instead, on every object of the mapper, and only what was written.
+        assert "comment" not in sa.inspect(a).dict and "comment" not in sa.inspect(b).dict
+        assert sa.inspect(a).dict["patient_id"] == 1 and sa.inspect(b).dict["patient_id"] == 3
+        with carnet.tenant_scope("A"):
+            assert a.comment == "rewritten"
+        with carnet.tenant_scope("B"):
+            assert b.comment == "note of B"
+
+
+def test_expire_after_update_leaves_objects_alone_without_synchronize_session(
+    patients: None, engine: sa.Engine
+) -> None:
+    with Session(engine) as s:
+        with carnet.tenant_scope("A"):
+            a = s.get(Consultation, 10)
+            assert a is not None and a.comment == NOTE
+            s.execute(
+                sa.update(Consultation).where(Consultation.id == 10).values(comment="rewritten"),
+                execution_options={"synchronize_session": False},
+            )
+        # The application asked for no synchronisation: the object keeps what it had.
+        assert sa.inspect(a).dict["comment"] == NOTE
+        s.expire(a)
+        with carnet.tenant_scope("A"):
+            assert a.comment == "rewritten"

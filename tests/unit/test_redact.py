@@ -1,4 +1,4 @@
-"""Another column fails next to a note: the error must not render the note.
+"""carnet._redact: another column fails next to a note, the error must not render the note.
 
 SQLAlchemy's ``StatementError`` lists the statement's parameters. When a bind
 processor fails (a bad flag, a bad date on SQLite) those are the caller's
@@ -6,6 +6,9 @@ values, the note in clear; when the database refuses the row they are the
 processed values. Whatever failed, a statement that binds an encrypted column
 renders no parameters: Core insert, executemany and ORM flush, on every
 backend, in str, repr, the printed traceback and the whole cause/context chain.
+At the end, ``redact`` called directly from a test's own error hook: before
+execution it takes the pipeline's word (``binds_secrets``), after it the
+compiled statement's binds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import carnet
+from carnet import _redact
 
 SECRET = "PLANTED-depression-4d1e9"
 
@@ -61,16 +65,9 @@ def _everything(exc: BaseException) -> str:
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
 
 
 @pytest.fixture
@@ -253,3 +250,87 @@ def test_a_wrapped_encrypted_column_hides_its_note_too(
     text = _everything(ei.value)
     assert SECRET not in text and SECRET not in logs.text
     assert f"INSERT INTO {table.name}" in text
+
+
+# -- redact() called directly, on the failures of real statements ----------------------
+
+_plain = sa.MetaData()
+flags = sa.Table(
+    "rd_flags",
+    _plain,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("flag", sa.Boolean),
+    sa.Column("label", sa.String(80)),
+)
+# Shaped like carnet's key table (recognised by its columns, whatever its name).
+wrapped = sa.Table(
+    "rd_wrapped",
+    _plain,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("wrapped_key", sa.LargeBinary),
+    sa.Column("master_key_uri", sa.String(200)),
+)
+
+
+def _fail_and_redact(
+    engine: sa.Engine, binds_secrets: bool, stmt: sa.Executable, params: dict[str, object]
+) -> tuple[sa.exc.StatementError, list[object]]:
+    """Run ``stmt`` to its failure, calling redact() from this test's own error hook."""
+    contexts: list[object] = []
+
+    def hook(ctx: sa.engine.ExceptionContext) -> None:
+        contexts.append(ctx.execution_context)
+        _redact.redact(ctx, binds_secrets=binds_secrets)
+
+    sa.event.listen(engine, "handle_error", hook)
+    try:
+        with pytest.raises(sa.exc.StatementError) as ei, engine.begin() as conn:
+            conn.execute(stmt, params)
+    finally:
+        sa.event.remove(engine, "handle_error", hook)
+    return ei.value, contexts
+
+
+@pytest.mark.parametrize("binds_secrets", [True, False])
+def test_redact_takes_the_pipelines_word_when_the_statement_never_reached_the_database(
+    engine: sa.Engine, binds_secrets: bool
+) -> None:
+    # A bind processor fails (Boolean refuses a string) before SQLAlchemy has
+    # an execution context: the parameters are the caller's, as given.
+    _plain.create_all(engine)
+    err, contexts = _fail_and_redact(
+        engine, binds_secrets, flags.insert(), {"id": 1, "flag": "yes", "label": SECRET}
+    )
+    assert contexts == [None]
+    shown = _everything(err)
+    if binds_secrets:
+        assert err.params is None and SECRET not in shown
+    else:
+        assert err.params is not None and SECRET in shown
+
+
+@pytest.mark.parametrize("binds_secrets", [True, False])
+def test_redact_asks_the_compiled_statement_once_it_ran(
+    engine: sa.Engine, binds_secrets: bool
+) -> None:
+    # A duplicate primary key: the database refused a statement SQLAlchemy
+    # compiled, whose binds say what it carries, whatever the pipeline said.
+    _plain.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(flags.insert(), {"id": 1, "flag": True, "label": "first"})
+        conn.execute(wrapped.insert(), {"id": 1, "wrapped_key": b"k", "master_key_uri": "x"})
+    err, contexts = _fail_and_redact(
+        engine, binds_secrets, flags.insert(), {"id": 1, "flag": True, "label": SECRET}
+    )
+    assert contexts[0] is not None
+    assert isinstance(err, sa.exc.IntegrityError)
+    assert err.params is not None and SECRET in _everything(err)  # nothing secret bound
+    key_bytes = SECRET.encode()
+    err, _ = _fail_and_redact(
+        engine,
+        binds_secrets,
+        wrapped.insert(),
+        {"id": 1, "wrapped_key": key_bytes, "master_key_uri": "x"},
+    )
+    assert isinstance(err, sa.exc.IntegrityError)
+    assert err.params is None and SECRET not in _everything(err)  # a wrapped key, as a note
