@@ -37,6 +37,7 @@ older than the running carnet declares them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -164,7 +165,10 @@ def contract(
     spec = run_mod.recorded_checks_spec(bind, table, new, state.get(bind, table, new) or {})
     dbchecks.drop(bind, [spec])
     # batch_alter_table: ALTERs on PostgreSQL and MariaDB, a table copy on
-    # SQLite where the ALTER is not supported.
+    # SQLite where the ALTER is not supported. The copy also drops the triggers
+    # of the table's other columns (those a previous contract() of the same
+    # migration installed, say): they are created again afterwards.
+    kept = _sqlite_triggers(bind, table, legacy)
     with o.batch_alter_table(table) as b:
         b.drop_column(legacy)
     if rename:
@@ -173,6 +177,7 @@ def contract(
                 new, new_column_name=legacy, existing_type=_storage(type_), existing_nullable=True
             )
         spec = replace(spec, column=legacy)
+    _restore_triggers(bind, table, kept)
     dbchecks.install(bind, [spec])
     if rename:
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):
@@ -182,6 +187,33 @@ def contract(
                 .where(t.c.table_name == table, t.c.column_name == new)
                 .values(column_name=legacy, source_column=legacy, mode="contracted")
             )
+
+
+def _sqlite_triggers(bind: sa.Connection, table: str, dropped: str) -> dict[str, str]:
+    """carnet's triggers on ``table`` (SQLite), but those of the column about to be dropped."""
+    if bind.dialect.name != "sqlite":
+        return {}
+    rows = bind.exec_driver_sql(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)
+    ).all()
+    word = re.compile(rf"\b{re.escape(dropped)}\b")
+    return {
+        str(name): str(sql)
+        for name, sql in rows
+        if str(name).startswith("carnet_") and sql and not word.search(str(sql))
+    }
+
+
+def _restore_triggers(bind: sa.Connection, table: str, kept: dict[str, str]) -> None:
+    if not kept:
+        return
+    rows = bind.exec_driver_sql(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)
+    ).all()
+    present = {str(r[0]) for r in rows}
+    for name, sql in kept.items():
+        if name not in present:
+            bind.exec_driver_sql(sql)
 
 
 # -- autogenerate: how an EncryptedText column is written into a migration -------------
