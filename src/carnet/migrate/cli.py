@@ -508,9 +508,7 @@ def finish_cmd(
     help="Expand/contract: the new column a legacy one moves into (repeatable; NEW alone "
     "with a single --column). Needed for a DATE column or one too short for ciphertext.",
 )
-@click.option(
-    "--tenant", required=True, help="The practice column of the row (e.g. practice_id)."
-)
+@click.option("--tenant", required=True, help="The practice column of the row (e.g. practice_id).")
 @click.option(
     "--index",
     "indexes",
@@ -535,15 +533,12 @@ def finish_cmd(
 @click.option(
     "--model-class", default=None, help="The model class's name (default: MigratingTABLE)."
 )
-@click.option(
-    "--module", default=None, help="The model module's name (default: TABLE_migrating)."
-)
+@click.option("--module", default=None, help="The model module's name (default: TABLE_migrating).")
 @click.option(
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Directory to write the three files into (created; existing files are not "
-    "overwritten).",
+    help="Directory to write the three files into (created; existing files are not overwritten).",
 )
 @json_option
 def scaffold_cmd(

@@ -246,7 +246,9 @@ def _default_transform(moves: list[ColumnMove]) -> str:
         return "initial_lastname"
     if len(moves) == 1:
         return "date_iso" if moves[0].kind == DATE else "folded"
-    raise ConfigurationError("an index over more than two columns needs a transform that takes them")
+    raise ConfigurationError(
+        "an index over more than two columns needs a transform that takes them"
+    )
 
 
 def _rows_per_practice(engine: sa.Engine, table: sa.Table, tenant: str) -> int:
@@ -346,9 +348,8 @@ def build(
             date = transform == "date_iso"
             plan = plan_bits(max(rows, 1), distinct_values=_DATE_VALUES if date else None)
             bits = plan.bits
-            reason = (
-                f"carnet.plan_bits: {rows} rows in the largest practice today"
-                + (f", {_DATE_VALUES} possible dates" if date else "")
+            reason = f"carnet.plan_bits: {rows} rows in the largest practice today" + (
+                f", {_DATE_VALUES} possible dates" if date else ""
             )
         else:
             reason = "given"
@@ -403,7 +404,7 @@ def _tuple(items: tuple[str, ...]) -> str:
     return f"({inner},)" if len(items) == 1 else f"({inner})"
 
 
-WIDTH = 99  # the line length of the project's formatter settings, a common one
+WIDTH = 100  # the line length of carnet's own formatter settings
 
 
 def _call(indent: str, head: str, args: list[str], tail: str = "") -> list[str]:
@@ -549,8 +550,7 @@ def _render_contract(sc: Scaffold) -> str:
         "",
         "Then deploy the application's final phase: the sealed attributes under the legacy",
         "names, no legacy columns, no mixed_read, the BlindIndex sources renamed, no",
-        "legacy= in carnet.search. Afterwards run `carnet migrate compact --table "
-        f"{sc.table}`",
+        f"legacy= in carnet.search. Afterwards run `carnet migrate compact --table {sc.table}`",
         "(--vacuum-full on PostgreSQL: a dropped column's bytes stay until the table is",
         "rewritten) and follow its residue report.",
         "",
@@ -670,7 +670,9 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
             )
             lines.append("    # once `carnet migrate finish` recorded the column strict.")
         lines += _call(
-            "    ", f"{m.new}: Mapped[{m.python_type} | None] = mapped_column", [m.carnet_type(**kw)]
+            "    ",
+            f"{m.new}: Mapped[{m.python_type} | None] = mapped_column",
+            [m.carnet_type(**kw)],
         )
     if sc.indexes:
         lines += [
@@ -717,7 +719,7 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         "",
         f"def find(session: Any, index: str, value: Any, practice: str) -> list[{cls}]:",
         f'    """The {sc.table} of ``practice`` whose ``index`` matches ``value``, exact, during',
-        "    the migration (carnet.search decrypts and compares every candidate).\"\"\"",
+        '    the migration (carnet.search decrypts and compares every candidate)."""',
         f"    legacy = [getattr({cls}, c) for c in LEGACY_SOURCES[index]]",
         f"    attr = getattr({cls}, index)",
         "    return carnet.search(session, attr, value, tenant=practice, legacy=legacy or None)",

@@ -247,7 +247,9 @@ def test_scaffold_does_what_the_hand_written_example_does(
     eng_ex.dispose()
 
 
-def test_generated_files_pass_the_project_linters(engine: sa.Engine, db_url: str, tmp_path: Path) -> None:
+def test_generated_files_pass_the_project_linters(
+    engine: sa.Engine, db_url: str, tmp_path: Path
+) -> None:
     populate(engine, seed=3, practices_n=2, patients_n=5, consultations_n=0, lookalike=False)
     out = tmp_path / "gen"
     res = invoke(scaffold_args(out, "patients_lint"), db_url)
