@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session
 
 import carnet
 from carnet.cli import cli as carnet_cli
-from carnet.errors import InvalidCiphertext
-from support.paths import EXAMPLES
+from carnet.errors import CarnetError, ConfigurationError
+from support.paths import EXAMPLES, ROOT
 
 sys.path.insert(0, str(EXAMPLES))
 
@@ -118,17 +118,7 @@ def manager_for(master_key_uri: str) -> Iterator[Callable[[sa.Engine], carnet.Ke
 
 
 def plaintext_refused(engine: sa.Engine, column: str, value: Any) -> bool:
-    """True when the database itself refuses ``value`` in ``patients.column`` (rolled back)."""
-    with engine.connect() as conn:
-        trans = conn.begin()
-        try:
-            conn.execute(sa.text(f"UPDATE patients SET {column} = :v WHERE id = 1"), {"v": value})
-        except (sa.exc.DBAPIError, InvalidCiphertext):
-            # carnet names the refusal of its checks (errors.InvalidCiphertext)
-            return True
-        finally:
-            trans.rollback()
-    return False
+    return plaintext_refused_in(engine, "patients", column, value)
 
 
 def test_scaffold_does_what_the_hand_written_example_does(
@@ -271,3 +261,131 @@ def test_generated_files_pass_the_project_linters(
             cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def documented_scaffold() -> list[str]:
+    """The ``carnet migrate scaffold`` command of docs/migration.md's identifiers section."""
+    text = (ROOT / "docs" / "migration.md").read_text(encoding="utf-8")
+    block = text.split("<!-- scaffold:start -->")[1].split("<!-- scaffold:end -->")[0]
+    (line,) = [ln[2:] for ln in block.splitlines() if ln.startswith("$ carnet migrate scaffold")]
+    return shlex.split(line)[1:]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_scaffold_refuses_bad_input_and_writes_nothing(
+    engine: sa.Engine, db_url: str, tmp_path: Path
+) -> None:
+    populate(engine, seed=3, practices_n=2, patients_n=5, consultations_n=3, lookalike=False)
+    out = tmp_path / "out"
+    base = ["migrate", "scaffold", "--table", "patients", "--tenant", "practice_id"]
+    cases = [
+        (["--column", "nope", "--into", "x"], "has no column 'nope'"),
+        (["--column", "birth_date"], "DATE column"),
+        (["--column", "phone", "--into", "last_name"], "already has a column 'last_name'"),
+        (["--column", "phone", "--column", "last_name", "--into", "x"], "LEGACY=NEW"),
+        (["--column", "phone", "--into", "x", "--index", "i=last_name"], "not one of the --column"),
+        (["--column", "phone", "--into", "x", "--index", "i=phone:initial_lastname"], "takes 2"),
+        (["--column", "phone", "--into", "x", "--index", "i=phone:soundex"], "unknown transform"),
+        (["--column", "phone", "--into", "x", "--index", "i=phone:exact:99"], "between 1 and 63"),
+        (["--column", "phone", "--into", "x-y"], "Python identifier"),
+        (["--column", "practice_id", "--into", "x"], "not migrated"),
+    ]
+    for args, message in cases:
+        res = invoke([*base, *args, "--out", str(out)], db_url)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.stderr.startswith("carnet: error:") and res.stderr.count("\n") == 1
+        assert message in res.stderr, (args, res.stderr)
+        assert not out.exists()
+    # A practice on a parent table: the model would need the application's relationship.
+    res = invoke(["migrate", "scaffold", "--table", "consultations", "--column", "comment",
+                  "--tenant", "patients.practice_id", "--out", str(out)], db_url)  # fmt: skip
+    assert res.exit_code == 2 and "column of the row" in res.stderr
+    # Files already there are kept as they are.
+    args = [*base, "--column", "phone", "--into", "phone_enc", "--module", "m", "--out", str(out)]
+    assert invoke(args, db_url).exit_code == 0
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    res = invoke([*args, "--json"], db_url)
+    assert res.exit_code == 2 and "not overwritten" in json.loads(res.stdout)["error"]["message"]
+    assert {p.name: p.read_text() for p in out.iterdir() if p.name in before} == before
+
+
+def test_scaffold_in_place_with_mixed_read(
+    engine: sa.Engine,
+    db_url: str,
+    db_kind: str,
+    master_key_uri: str,
+    tmp_path: Path,
+    manager_for: Callable[[sa.Engine], carnet.KeyManager],
+) -> None:
+    """A TEXT column sealed in place: mixed checks at expand, mixed_read in the model."""
+    md = sa.MetaData()
+    notes = sa.Table(
+        "notes", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(20), nullable=False),
+        sa.Column("body", sa.Text, nullable=True),
+    )  # fmt: skip
+    md.create_all(engine)
+    bodies = {i: f"allergie pénicilline, note {i}" for i in range(1, 13)}
+    with engine.begin() as conn:
+        conn.execute(notes.insert(), [{"id": i, "practice_id": f"p{i % 2}", "body": b}
+                                      for i, b in bodies.items()])  # fmt: skip
+    module = f"notes_migrating_{db_kind}"
+    out = tmp_path / "gen"
+    res = invoke(["migrate", "scaffold", "--table", "notes", "--column", "body", "--tenant",
+                  "practice_id", "--index", "body_bidx=body:folded", "--module", module,
+                  "--out", str(out), "--json"], db_url)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["columns"] == [{"column": "body", "into": None, "type": "text"}]
+    # 6 rows per practice, 2 unrelated rows per lookup: plan_bits says 2 bits.
+    assert doc["indexes"][0]["bits"] == carnet.plan_bits(6).bits
+    script = alembic_dir(tmp_path, [doc["files"]["expand"], doc["files"]["contract"]])
+    alembic(script, db_url, doc["revisions"]["expand"])
+    # The mixed phase's checks: legacy plaintext passes, a malformed carnet value does not.
+    assert not plaintext_refused_in(engine, "notes", "body", "encore du texte clair")
+    assert plaintext_refused_in(engine, "notes", "body", "carnet:2:pas-du-tout")
+    # The contract refuses before finish.
+    with pytest.raises(ConfigurationError):
+        alembic(script, db_url, "heads")
+
+    sys.path.insert(0, str(out))
+    try:
+        gen = importlib.import_module(module)
+        keys = manager_for(engine)
+        with Session(engine) as s:
+            s.add(gen.MigratingNotes(id=100, practice_id="p0", body="écrite pendant la migration"))
+            s.commit()
+            assert s.get(gen.MigratingNotes, 3).body == bodies[3]  # legacy, read as it is
+        carnet.configure(None)
+        for words in (shlex.split(c)[1:] for c in doc["next"]):
+            res = invoke([*words, "--json"], db_url, master_key_uri)
+            assert res.exit_code == 0, f"{words}\n{res.output}"
+        carnet.configure(keys)
+        with Session(engine) as s:
+            for i, b in {**bodies, 100: "écrite pendant la migration"}.items():
+                got = gen.find(s, "body_bidx", b.upper(), f"p{i % 2}")
+                assert [n.id for n in got] == [i]
+        carnet.configure(None)
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop(module, None)
+    alembic(script, db_url, "heads")  # require_strict: finish recorded it
+    assert plaintext_refused_in(engine, "notes", "body", "encore du texte clair")
+    with engine.connect() as conn:
+        raw = conn.execute(sa.text("SELECT body FROM notes")).scalars().all()
+    assert len(raw) == 13 and all(v.startswith("carnet:") for v in raw)
+
+
+def plaintext_refused_in(engine: sa.Engine, table: str, column: str, value: Any) -> bool:
+    """True when the database itself refuses ``value`` in ``table.column`` (rolled back)."""
+    with engine.connect() as conn:
+        trans = conn.begin()
+        try:
+            conn.execute(sa.text(f"UPDATE {table} SET {column} = :v WHERE id = 1"), {"v": value})
+        except (sa.exc.DBAPIError, CarnetError):
+            # carnet names its checks' refusals (InvalidCiphertext, TenantMismatch)
+            return True
+        finally:
+            trans.rollback()
+    return False
