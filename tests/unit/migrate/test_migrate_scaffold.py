@@ -40,22 +40,13 @@ from legacy_practice import app as legacy_app  # noqa: E402
 from legacy_practice.generate import populate  # noqa: E402
 
 IDENTIFIERS = ["phone", "last_name", "first_name", "birth_date"]
-# The example's indexes, spelt for scaffold: same transforms, same bits.
-INDEXES = [
-    f"phone_bidx=phone:phone_fr:{legacy_app.PHONE_BITS}",
-    f"name_bidx=first_name,last_name:initial_lastname:{legacy_app.NAME_BITS}",
-    f"birth_date_bidx=birth_date:date_iso:{legacy_app.BIRTH_BITS}",
-]
 
 
-def scaffold_args(out: Path, module: str, *extra: str) -> list[str]:
-    args = ["migrate", "scaffold", "--table", "patients", "--tenant", "practice_id"]
-    for c in IDENTIFIERS:
-        args += ["--column", c, "--into", f"{c}={c}_enc"]
-    for ix in INDEXES:
-        args += ["--index", ix]
-    return [*args, "--model-class", "MigratingPatient", "--module", module, "--out", str(out),
-            *extra]  # fmt: skip
+def scaffold_args(out: Path, module: str) -> list[str]:
+    """docs/migration.md's scaffold command for the example's identifiers, into ``out``."""
+    words = documented_scaffold()
+    words[words.index("--out") + 1] = str(out)
+    return [*words, "--module", module]
 
 
 def invoke(args: list[str], db_url: str, mk: str | None = None) -> Result:
