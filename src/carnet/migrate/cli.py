@@ -584,6 +584,7 @@ def scaffold_cmd(
         f"({ix.bits_reason})"
         for ix in sc.indexes
     ]
+    lines += [f"warning: {w}" for w in sc.warnings]
     lines += [
         "next: review the files (EDIT comments), move the revisions into your Alembic "
         "versions, merge the model; alembic upgrade; deploy; then:",

@@ -380,3 +380,44 @@ def plaintext_refused_in(engine: sa.Engine, table: str, column: str, value: Any)
         finally:
             trans.rollback()
     return False
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+def test_scaffold_after_an_existing_head_and_its_warnings(
+    engine: sa.Engine, db_url: str, tmp_path: Path
+) -> None:
+    """--revises chains the expand step to the application's head; a short column is flagged."""
+    populate(engine, seed=3, practices_n=2, patients_n=5, consultations_n=0, lookalike=False)
+    # The application's own history: one revision, already applied.
+    script = alembic_dir(tmp_path, [])
+    (script / "versions" / "a1_base.py").write_text(
+        'revision = "a1"\ndown_revision = None\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade() -> None:\n    pass\n",
+        encoding="utf-8",
+    )
+    alembic(script, db_url, "a1")
+    out = tmp_path / "gen"
+    res = invoke(["migrate", "scaffold", "--table", "patients", "--tenant", "practice_id",
+                  "--column", "phone", "--column", "last_name", "--into", "last_name=ln_enc",
+                  "--revises", "a1", "--out", str(out), "--json"], db_url)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    (warning,) = doc["warnings"]
+    assert "patients.phone is a VARCHAR(20) sealed in place" in warning
+    for f in (doc["files"]["expand"], doc["files"]["contract"]):
+        shutil.copy(f, script / "versions")
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(script))
+    scripts = ScriptDirectory.from_config(cfg)
+    # One line of history: a1, the expand step, the contract step.
+    assert scripts.get_heads() == [doc["revisions"]["contract"]]
+    assert scripts.get_revision(doc["revisions"]["expand"]).down_revision == "a1"
+    alembic(script, db_url, doc["revisions"]["expand"])
+    cols = {c["name"]: c for c in sa.inspect(engine).get_columns("patients")}
+    assert "ln_enc" in cols and cols["last_name"]["nullable"]
+    model = (out / "patients_migrating.py").read_text(encoding="utf-8")
+    assert "class MigratingPatients(Base):" in model
+    assert 'storage="text", mixed_read=True' in model
