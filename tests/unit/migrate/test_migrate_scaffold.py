@@ -12,6 +12,7 @@ labels, transforms and bits: the same index format).
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import importlib
 import json
@@ -20,6 +21,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
 import carnet
@@ -421,3 +426,113 @@ def test_scaffold_after_an_existing_head_and_its_warnings(
     model = (out / "patients_migrating.py").read_text(encoding="utf-8")
     assert "class MigratingPatients(Base):" in model
     assert 'storage="text", mixed_read=True' in model
+
+
+# -- the three files agree, whatever is asked (no database server needed) ------------------
+
+_LEGACY_ENGINE: list[sa.Engine] = []
+
+
+def _legacy_engine() -> sa.Engine:
+    """The example's legacy schema in memory, a few patients: built once for every example."""
+    if not _LEGACY_ENGINE:
+        eng = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+        populate(eng, seed=5, practices_n=2, patients_n=9, consultations_n=0, lookalike=False)
+        _LEGACY_ENGINE.append(eng)
+    return _LEGACY_ENGINE[0]
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[list[str], dict[str, str], list[str]]:
+    cols = draw(st.lists(st.sampled_from(IDENTIFIERS), min_size=1, max_size=4, unique=True))
+    # A DATE column must move; a text one may be sealed in place.
+    into = {c: f"{c}_x" for c in cols if c == "birth_date" or draw(st.booleans())}
+    pool = [f"{c}_ix={c}" for c in cols]
+    if {"first_name", "last_name"} <= set(cols):
+        pool.append("fl_ix=first_name,last_name")
+    chosen = draw(st.lists(st.sampled_from(pool), unique=True)) if pool else []
+    indexes = []
+    for spec in chosen:
+        # Defaults (transform and bits), bits given, or both given.
+        form = draw(st.sampled_from(["", "::5", "explicit"]))
+        if form == "explicit":
+            form = ":initial_lastname:7" if "," in spec else ":exact:7"
+        indexes.append(spec + form)
+    return cols, into, indexes
+
+
+def _calls(source: str, name: str) -> list[ast.Call]:
+    return [
+        n for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Call) and ast.unparse(n.func).endswith(name)
+    ]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(req=requests())
+def test_the_three_files_agree(req: tuple[list[str], dict[str, str], list[str]]) -> None:
+    from carnet.migrate import scaffold
+
+    cols, into, indexes = req
+    sc = scaffold.build(
+        _legacy_engine(),
+        "patients",
+        tuple(cols),
+        tenant="practice_id",
+        into=tuple(f"{k}={v}" for k, v in into.items()),
+        indexes=tuple(indexes),
+    )
+    news = {c: into.get(c, c) for c in cols}
+    # Expand: one sealed column per moved identifier, checks on every one.
+    added = [ast.literal_eval(c.args[1]) for c in _calls(sc.expand, "add_encrypted_column")]
+    assert added == [news[c] for c in cols if c in into]
+    checks = {
+        ast.literal_eval(c.args[1]): {k.arg: ast.literal_eval(k.value) for k in c.keywords}
+        for c in _calls(sc.expand, "op.carnet_install_checks")
+    }
+    assert set(checks) == set(news.values())
+    for c in cols:
+        kw = checks[news[c]]
+        assert kw["label"] == f"patients.{c}" and kw["practice"] == "practice_id"
+        assert kw["mode"] == ("v2" if c in into else "mixed")
+    bidx = [ast.literal_eval(c.args[1].args[0]) for c in _calls(sc.expand, "op.add_column")]
+    assert bidx == [ix.name for ix in sc.indexes]
+    # Contract: contract() per moved column, require_strict per column sealed in place.
+    contracted = {
+        ast.literal_eval(k.value)
+        for c in _calls(sc.contract, "contract")
+        for k in c.keywords
+        if k.arg == "new"
+    }
+    assert contracted == {news[c] for c in cols if c in into}
+    strict = [ast.literal_eval(c.args[1]) for c in _calls(sc.contract, "require_strict")]
+    assert strict == [c for c in cols if c not in into]
+    # The model: executes, maps the columns the migrations create, with the same labels.
+    # Registered as a module while it runs: the ORM resolves its annotations there.
+    mod = types.ModuleType(f"scaffolded_{uuid.uuid4().hex}")
+    sys.modules[mod.__name__] = mod
+    try:
+        exec(compile(sc.model, f"{mod.__name__}.py", "exec"), mod.__dict__)  # noqa: S102
+    finally:
+        del sys.modules[mod.__name__]
+    ns = mod.__dict__
+    table = ns[sc.model_class].__table__
+    for c in cols:
+        typ = table.c[news[c]].type
+        assert isinstance(typ, carnet.EncryptedText) and typ.label == f"patients.{c}"
+        assert typ.mixed_read == (c not in into)
+        assert isinstance(typ, carnet.EncryptedDate) == (c == "birth_date")
+        if c in into:
+            assert c in table.c  # the legacy column, still read
+    for ix in sc.indexes:
+        spec = table.c[ix.name].type.index_spec
+        assert spec.sources == tuple(news[c] for c in ix.columns)
+        assert spec.label == f"patients.{ix.name}" and spec.bits == ix.bits
+        assert ns["LEGACY_SOURCES"][ix.name] == tuple(c for c in ix.columns if c in into)
+    # Every printed command names a column and index that the files declare.
+    for cmd in sc.commands():
+        words = shlex.split(cmd)
+        assert words[words.index("--column") + 1] in cols
+        for i, w in enumerate(words):
+            if w == "--index":
+                assert words[i + 1].rpartition(".")[2] in {ix.name for ix in sc.indexes}
