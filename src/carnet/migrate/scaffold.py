@@ -719,13 +719,12 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
     lines += [
         "",
         "",
-        "# Each blind index: the legacy clear column(s) a lookup falls back on for rows",
-        "# not indexed yet (none for a column sealed in place: it reads its legacy values).",
+        "# Each blind index: the column(s) holding the legacy values a lookup compares",
+        "# for rows not indexed yet (a column sealed in place is its own: mixed_read).",
         "LEGACY_SOURCES: dict[str, tuple[str, ...]] = {",
     ]
     for ix in sc.indexes:
-        legacy = tuple(c for c in ix.columns if not by_legacy[c].in_place)
-        lines.append(f"    {_q(ix.name)}: {_tuple(legacy) if legacy else '()'},")
+        lines.append(f"    {_q(ix.name)}: {_tuple(ix.columns)},")
     lines += [
         "}",
         "",
@@ -735,7 +734,7 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         '    the migration (carnet.search decrypts and compares every candidate)."""',
         f"    legacy = [getattr({cls}, c) for c in LEGACY_SOURCES[index]]",
         f"    attr = getattr({cls}, index)",
-        "    return carnet.search(session, attr, value, tenant=practice, legacy=legacy or None)",
+        "    return carnet.search(session, attr, value, tenant=practice, legacy=legacy)",
     ]
     text = "\n".join(lines) + "\n"
     if "datetime." not in text.split("import datetime", 1)[1]:
