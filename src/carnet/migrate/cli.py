@@ -555,7 +555,7 @@ def scaffold_cmd(
     out: str,
     as_json: bool,
 ) -> None:
-    """Write the expand and contract migrations and the migrating-phase model."""
+    """Write the expand and contract migrations and the models of both phases."""
     from pathlib import Path
 
     from . import scaffold as scaffold_mod
@@ -578,6 +578,7 @@ def scaffold_cmd(
         f"expand migration:   {sc.files['expand']} (revision {sc.expand_revision})",
         f"contract migration: {sc.files['contract']} (revision {sc.contract_revision})",
         f"migrating model:    {sc.files['model']} (class {sc.model_class})",
+        f"final model:        {sc.files['final']} (class {sc.final_class}, after the contract)",
     ]
     lines += [
         f"index {ix.name}: {ix.transform} over {', '.join(ix.columns)}, {ix.bits} bits "

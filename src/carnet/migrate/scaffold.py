@@ -92,7 +92,7 @@ class IndexSpec:
 
 @dataclass
 class Scaffold:
-    """The three files, as text, and what the operator runs next."""
+    """The files, as text, and what the operator runs next."""
 
     table: str
     tenant: str
@@ -105,6 +105,8 @@ class Scaffold:
     expand: str = ""
     contract: str = ""
     model: str = ""
+    final: str = ""
+    final_class: str = ""
     files: dict[str, str] = field(default_factory=dict)
     # Where the model module was written: the printed commands import it from there.
     app_dir: str = "."
@@ -116,6 +118,7 @@ class Scaffold:
             "expand": f"{self.expand_revision}_expand_{self.table}.py",
             "contract": f"{self.contract_revision}_contract_{self.table}.py",
             "model": f"{self.module}.py",
+            "final": f"{self.module}_final.py",
         }
 
     def commands(self) -> list[str]:
@@ -382,17 +385,19 @@ def build(
     sc.expand = _render_expand(sc, t, revises, branch_label)
     sc.contract = _render_contract(sc)
     sc.model = _render_model(sc, t, pk)
+    sc.final_class = cls.removeprefix("Migrating") or _camel(t.name)
+    sc.final = _render_final(sc, t, pk)
     return sc
 
 
 def write(sc: Scaffold, out: Path) -> dict[str, str]:
-    """Write the three files into ``out`` (created); refuse to overwrite any file."""
+    """Write the files into ``out`` (created); refuse to overwrite any file."""
     out.mkdir(parents=True, exist_ok=True)
     names = sc.file_names
     for name in names.values():
         if (out / name).exists():
             raise ConfigurationError(f"{out / name} exists: not overwritten")
-    texts = {"expand": sc.expand, "contract": sc.contract, "model": sc.model}
+    texts = {"expand": sc.expand, "contract": sc.contract, "model": sc.model, "final": sc.final}
     for key, name in names.items():
         (out / name).write_text(texts[key], encoding="utf-8")
         sc.files[key] = str(out / name)
@@ -656,10 +661,7 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         "",
         "    # EDIT: your other columns and relationships go here too.",
     ]
-    for name in dict.fromkeys([*pk, sc.tenant]):
-        col = t.c[name]
-        args = [_type_source(col), *(["primary_key=True"] if name in pk else [])]
-        lines += _call("    ", f"{name}: Mapped[{_annotation(col)}] = mapped_column", args)
+    lines += _key_columns(sc, t, pk)
     if moved:
         lines += [
             "",
@@ -736,7 +738,85 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         f"    attr = getattr({cls}, index)",
         "    return carnet.search(session, attr, value, tenant=practice, legacy=legacy)",
     ]
-    text = "\n".join(lines) + "\n"
-    if "datetime." not in text.split("import datetime", 1)[1]:
-        text = text.replace("import datetime\n", "", 1)
+    return _prune_imports("\n".join(lines) + "\n")
+
+
+def _key_columns(sc: Scaffold, t: sa.Table, pk: list[str]) -> list[str]:
+    lines: list[str] = []
+    for name in dict.fromkeys([*pk, sc.tenant]):
+        col = t.c[name]
+        args = [_type_source(col), *(["primary_key=True"] if name in pk else [])]
+        lines += _call("    ", f"{name}: Mapped[{_annotation(col)}] = mapped_column", args)
+    return lines
+
+
+def _render_final(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
+    """The model after the contract: the sealed columns under the legacy names, strict."""
+    cls = sc.final_class
+    lines = [
+        f'"""The {sc.table} table after the contract, written by `carnet migrate scaffold`.',
+        "",
+        "Deploy this (merged into your model) once the contract revision has run: the",
+        "sealed columns carry the legacy names, nothing is read in clear any more, and",
+        "lookups go through the blind indexes alone (carnet.search without legacy=).",
+        "EDIT: merge it into your application's model, as the migrating phase's.",
+        '"""',
+        "",
+        "from __future__ import annotations",
+        "",
+        "import datetime",
+        "",
+        "import sqlalchemy as sa",
+        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column",
+        "",
+        "import carnet",
+        "from carnet import transforms",
+        "",
+        f"TENANT = {_q(sc.tenant)}",
+        "",
+        "",
+        "class Base(DeclarativeBase):  # EDIT: your application's declarative base",
+        "    pass",
+        "",
+        "",
+        f"class {cls}(Base):",
+        f"    __tablename__ = {_q(sc.table)}",
+        "",
+        "    # EDIT: your other columns and relationships go here too.",
+        *_key_columns(sc, t, pk),
+        "",
+        "    # Sealed, strict: a value that is not valid ciphertext raises, never returned.",
+    ]
+    for m in sc.columns:
+        kw = {"tenant": "TENANT", "label": _q(f"{sc.table}.{m.legacy}")}
+        if m.in_place:
+            kw["storage"] = _q("text")
+        lines += _call(
+            "    ",
+            f"{m.legacy}: Mapped[{m.python_type} | None] = mapped_column",
+            [m.carnet_type(**kw)],
+        )
+    if sc.indexes:
+        lines.append("")
+    for ix in sc.indexes:
+        lines += [
+            f"    {ix.name} = carnet.BlindIndex(",
+            *(f"        {_q(c)}," for c in ix.columns),
+            f"        transform=transforms.{ix.transform},",
+            f"        bits={ix.bits},",
+            f"        label={_q(f'{sc.table}.{ix.name}')},",
+            "    )",
+        ]
+    return _prune_imports("\n".join(lines) + "\n")
+
+
+def _prune_imports(text: str) -> str:
+    """Drop the imports a generated module ends up not using (no date, no blind index)."""
+    for line, use in (
+        ("import datetime\n", "datetime."),
+        ("from carnet import transforms\n", "transforms."),
+    ):
+        head, sep, rest = text.partition(line)
+        if sep and use not in rest:
+            text = head + rest
     return text

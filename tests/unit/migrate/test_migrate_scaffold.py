@@ -226,6 +226,26 @@ def test_scaffold_does_what_the_hand_written_example_does(
                     assert p.id in {r.id for r in got}, (name, index)
         carnet.configure(None)
     assert seen["gen"] == seen["ex"]
+    # The generated final model reads the same patients and finds them by its indexes.
+    sys.path.insert(0, str(out))
+    try:
+        fin = importlib.import_module(f"{module}_final").Patient
+        carnet.configure(keys_gen)
+        with Session(eng_gen) as s:
+            rows = s.scalars(sa.select(fin).order_by(fin.id)).all()
+            mine = [(p.id, p.practice_id, p.last_name, p.first_name, p.birth_date, p.phone)
+                    for p in rows]  # fmt: skip
+            assert mine == seen["gen"]
+            for p in rows:
+                t = str(p.practice_id)
+                assert p.id in {r.id for r in carnet.search(s, fin.birth_date_bidx,
+                                                            p.birth_date, tenant=t)}  # fmt: skip
+                got = carnet.search(s, fin.name_bidx, (p.first_name, p.last_name), tenant=t)
+                assert p.id in {r.id for r in got}
+        carnet.configure(None)
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop(f"{module}_final", None)
     assert len(seen["gen"]) == 30
     assert all(isinstance(r[4], dt.date) for r in seen["gen"])
     assert [r for r in seen["gen"] if r[0] == 5][0][5] == "01 99 00 77 66"
@@ -250,7 +270,7 @@ def test_generated_files_pass_the_project_linters(
         [str(ruff), "check", "--no-cache", *cfg, str(out)],
         [str(ruff), "format", "--check", "--no-cache", *cfg, str(out)],
         [str(mypy), "--strict", "--no-incremental", "--cache-dir", "/dev/null",
-         str(out / "patients_lint.py")],
+         str(out / "patients_lint.py"), str(out / "patients_lint_final.py")],
     ):  # fmt: skip
         env = {**os.environ, "MYPYPATH": str(root / "src")}
         done = subprocess.run(
@@ -533,6 +553,24 @@ def test_the_three_files_agree(req: tuple[list[str], dict[str, str], list[str]])
         assert spec.sources == tuple(news[c] for c in ix.columns)
         assert spec.label == f"patients.{ix.name}" and spec.bits == ix.bits
         assert ns["LEGACY_SOURCES"][ix.name] == ix.columns
+    # The final model: the sealed columns under the legacy names, strict, same labels.
+    mod = types.ModuleType(f"scaffolded_{uuid.uuid4().hex}")
+    sys.modules[mod.__name__] = mod
+    try:
+        exec(compile(sc.final, f"{mod.__name__}.py", "exec"), mod.__dict__)  # noqa: S102
+    finally:
+        del sys.modules[mod.__name__]
+    final = getattr(mod, sc.final_class).__table__
+    assert not any(c.endswith("_x") for c in final.c.keys())
+    for c in cols:
+        typ = final.c[c].type
+        assert isinstance(typ, carnet.EncryptedText) and typ.label == f"patients.{c}"
+        assert not typ.mixed_read
+        assert typ.storage == ("binary" if c in into else "text")
+    for ix in sc.indexes:
+        spec = final.c[ix.name].type.index_spec
+        assert spec.sources == ix.columns and spec.label == f"patients.{ix.name}"
+        assert spec.bits == ix.bits
     # Every printed command names a column and index that the files declare.
     for cmd in sc.commands():
         words = shlex.split(cmd)
