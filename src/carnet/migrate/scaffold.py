@@ -1,10 +1,11 @@
-"""``carnet migrate scaffold``: the expand and contract migrations, and the migrating-phase model.
+"""``carnet migrate scaffold``: the expand and contract migrations, and the models of each phase.
 
 Moving identifiers (names, phones, birth dates) to sealed columns with blind
 indexes takes two Alembic revisions and a model for the phase in between
-(docs/migration.md, "Identifiers"). This module writes all three from the
-reflected table, so that the names, types, labels and checks agree with what
-``carnet migrate run --into ... --index ...`` and ``contract`` expect:
+(docs/migration.md, "Identifiers"), then a model for the final phase. This
+module writes them from the reflected table, so that the names, types, labels
+and checks agree with what ``carnet migrate run --into ... --index ...`` and
+``contract`` expect:
 
 - the expand revision: one sealed column per identifier moved ``--into`` a
   new column (sized for the carnet type that reads it), carnet's database
@@ -16,7 +17,9 @@ reflected table, so that the names, types, labels and checks agree with what
   ``finish`` recorded it strict), ``require_strict`` per in-place column;
 - a Python module with the migrating-phase declarative class: the legacy
   columns, the sealed ones with the legacy labels, the blind indexes with
-  explicit labels, and the legacy columns each index falls back on.
+  explicit labels, and the legacy columns each index falls back on;
+- a module with the final phase's class: the sealed columns under the legacy
+  names, strict, the blind indexes over them.
 
 Nothing here touches the database beyond reading its schema and counting rows
 per practice (to propose the bits of each blind index).
