@@ -27,6 +27,7 @@ per practice (to propose the bits of each blind index).
 
 from __future__ import annotations
 
+import datetime
 import keyword
 import re
 import shlex
@@ -190,16 +191,24 @@ def _type_source(col: sa.Column[Any]) -> str:
     return f"sa.{generic!r}"
 
 
+_ANNOTATIONS: dict[Any, str] = {
+    int: "int",
+    str: "str",
+    bytes: "bytes",
+    bool: "bool",
+    float: "float",
+    datetime.date: "datetime.date",
+    datetime.datetime: "datetime.datetime",
+}
+
+
 def _annotation(col: sa.Column[Any]) -> str:
+    """The ``Mapped[...]`` of a reflected key column (``Any`` when its Python type is unusual)."""
     try:
         py = col.type.as_generic().python_type
     except NotImplementedError:
         return "Any"
-    names = {int: "int", str: "str", bytes: "bytes", bool: "bool", float: "float"}
-    import datetime as _dt
-
-    names_any: dict[Any, str] = {**names, _dt.date: "datetime.date", _dt.datetime: "Any"}
-    base = names_any.get(py, "Any")
+    base = _ANNOTATIONS.get(py, "Any")
     return base if base == "Any" or not col.nullable else f"{base} | None"
 
 
@@ -768,6 +777,7 @@ def _render_final(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         "from __future__ import annotations",
         "",
         "import datetime",
+        "from typing import Any",
         "",
         "import sqlalchemy as sa",
         "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column",
@@ -818,8 +828,9 @@ def _prune_imports(text: str) -> str:
     for line, use in (
         ("import datetime\n", "datetime."),
         ("from carnet import transforms\n", "transforms."),
+        ("from typing import Any\n", "Any"),
     ):
         head, sep, rest = text.partition(line)
-        if sep and use not in rest:
+        if sep and not re.search(rf"\b{re.escape(use)}", rest):
             text = head + rest
     return text
