@@ -167,7 +167,8 @@ def contract(
     # batch_alter_table: ALTERs on PostgreSQL and MariaDB, a table copy on
     # SQLite where the ALTER is not supported. The copy also drops the triggers
     # of the table's other columns (those a previous contract() of the same
-    # migration installed, say): they are created again afterwards.
+    # migration installed, say), and a parent's trigger that reads the table
+    # would stop the copy: they are put aside and created again afterwards.
     kept = _sqlite_triggers(bind, table, legacy)
     with o.batch_alter_table(table) as b:
         b.drop_column(legacy)
@@ -177,7 +178,7 @@ def contract(
                 new, new_column_name=legacy, existing_type=_storage(type_), existing_nullable=True
             )
         spec = replace(spec, column=legacy)
-    _restore_triggers(bind, table, kept)
+    _restore_triggers(bind, kept)
     dbchecks.install(bind, [spec])
     if rename:
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):
@@ -190,26 +191,39 @@ def contract(
 
 
 def _sqlite_triggers(bind: sa.Connection, table: str, dropped: str) -> dict[str, str]:
-    """carnet's triggers on ``table`` (SQLite), but those of the column about to be dropped."""
+    """carnet's triggers that a table copy of ``table`` loses or trips over (SQLite).
+
+    Those on ``table`` vanish with the copy. Those on another table that read
+    ``table`` (a parent's practice-move check) make SQLite refuse to rename
+    the copy into place: they are dropped here. Both are created again by
+    :func:`_restore_triggers`, but the ones that name the column being
+    dropped.
+    """
     if bind.dialect.name != "sqlite":
         return {}
     rows = bind.exec_driver_sql(
-        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)
+        "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
     ).all()
-    word = re.compile(rf"\b{re.escape(dropped)}\b")
-    return {
-        str(name): str(sql)
-        for name, sql in rows
-        if str(name).startswith("carnet_") and sql and not word.search(str(sql))
-    }
+    refers = re.compile(rf"\b{re.escape(table)}\b")
+    gone = re.compile(rf"\b{re.escape(dropped)}\b")
+    kept: dict[str, str] = {}
+    for name, tbl, sql in rows:
+        name, sql = str(name), str(sql or "")
+        if not name.startswith("carnet_") or not sql:
+            continue
+        if tbl != table:
+            if not refers.search(sql):
+                continue
+            bind.exec_driver_sql(f'DROP TRIGGER "{name}"')
+        if not gone.search(sql):
+            kept[name] = sql
+    return kept
 
 
-def _restore_triggers(bind: sa.Connection, table: str, kept: dict[str, str]) -> None:
+def _restore_triggers(bind: sa.Connection, kept: dict[str, str]) -> None:
     if not kept:
         return
-    rows = bind.exec_driver_sql(
-        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = ?", (table,)
-    ).all()
+    rows = bind.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").all()
     present = {str(r[0]) for r in rows}
     for name, sql in kept.items():
         if name not in present:

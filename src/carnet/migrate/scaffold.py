@@ -32,6 +32,7 @@ import keyword
 import re
 import shlex
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ import sqlalchemy as sa
 from .. import transforms
 from ..errors import ConfigurationError
 from ..planner import plan_bits
-from ..reflect import DATE, _plaintext_kind, resolve_table
+from ..reflect import DATE, _plaintext_kind, resolve, resolve_table
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRANSFORMS = {
@@ -69,14 +70,19 @@ class ColumnMove:
 
     def carnet_type(self, **kw: str) -> str:
         """The carnet type as Python source, with ``kw`` as keyword arguments (already quoted)."""
+        head, args = self.carnet_call(**kw)
+        return f"{head}({', '.join(args)})"
+
+    def carnet_call(self, **kw: str) -> tuple[str, list[str]]:
+        """The carnet type as (callable, arguments), for :func:`_call` to lay out."""
         args = [f"{k}={v}" for k, v in kw.items()]
         if self.in_place:
-            return f"carnet.EncryptedText({', '.join(args)})"
+            return "carnet.EncryptedText", args
         if self.kind == DATE:
-            return f"carnet.EncryptedDate({', '.join(args)})"
+            return "carnet.EncryptedDate", args
         if self.length is not None:
-            return f"carnet.EncryptedString({', '.join([str(self.length), *args])})"
-        return f"carnet.EncryptedText({', '.join(args)})"
+            return "carnet.EncryptedString", [str(self.length), *args]
+        return "carnet.EncryptedText", args
 
     @property
     def python_type(self) -> str:
@@ -92,6 +98,22 @@ class IndexSpec:
     transform: str
     bits: int
     bits_reason: str
+
+
+@dataclass(frozen=True)
+class ParentPractice:
+    """The practice on a parent row, one foreign key up: ``table.fk -> parent.key``."""
+
+    fk: str
+    table: str
+    key: str
+    practice: str
+    relationship: str  # the attribute the model reaches the parent through
+    cls: str  # the parent's minimal class in the generated modules
+    key_source: str  # the parent key's type, as Python source
+    key_annotation: str
+    practice_source: str
+    practice_annotation: str
 
 
 @dataclass
@@ -110,6 +132,7 @@ class Scaffold:
     contract: str = ""
     model: str = ""
     final: str = ""
+    parent: ParentPractice | None = None
     final_class: str = ""
     files: dict[str, str] = field(default_factory=dict)
     # Where the model module was written: the printed commands import it from there.
@@ -134,7 +157,7 @@ class Scaffold:
             base = f"--table {self.table} --column {c.legacy}"
             if not c.in_place:
                 base += f" --into {c.new}"
-            base += f" --tenant {self.tenant}"
+            base += f" --tenant {self.tenant_option}"
             idx = "".join(
                 f" --index {self.module}:{self.model_class}.{ix.name}"
                 for ix in self.indexes
@@ -146,13 +169,32 @@ class Scaffold:
             fin.append(f"carnet migrate finish {base}{idx}")
         return run + fin
 
+    @property
+    def tenant_option(self) -> str:
+        """``--tenant`` as ``carnet migrate run`` takes it."""
+        p = self.parent
+        return self.tenant if p is None else f"{p.table}.{p.practice}"
+
+    @property
+    def tenant_attr(self) -> str:
+        """The carnet types' ``tenant=``: a column of the row, or through the relationship."""
+        p = self.parent
+        return self.tenant if p is None else f"{p.relationship}.{p.practice}"
+
+    def practice_args(self) -> list[str]:
+        """``practice=`` or ``parent=`` of the checks op."""
+        p = self.parent
+        if p is None:
+            return [f"practice={_q(self.tenant)}"]
+        return [f"parent=({_q(p.fk)}, {_q(p.table)}, {_q(p.key)}, {_q(p.practice)})"]
+
     def _position(self, legacy: str) -> int:
         return [c.legacy for c in self.columns].index(legacy)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "table": self.table,
-            "tenant": self.tenant,
+            "tenant": self.tenant_option,
             "columns": [
                 {"column": c.legacy, "into": None if c.in_place else c.new, "type": c.kind}
                 for c in self.columns
@@ -299,22 +341,25 @@ def build(
     if t.schema is not None:
         # add_encrypted_column, contract and the checks op would need it on every call.
         raise ConfigurationError("scaffold writes migrations for tables of the default schema only")
-    if "." in tenant:
-        t_table, _, t_col = tenant.rpartition(".")
-        if t_table != t.name:
-            # The model's types and the blind indexes read the practice from an
-            # attribute of the row; a parent's practice needs a relationship
-            # only the application can name.
-            raise ConfigurationError(
-                "scaffold writes models whose practice is a column of the row; for a "
-                "practice on a parent table write the model by hand (docs/migration.md)"
-            )
-        tenant = t_col
-    if tenant not in t.c:
-        raise ConfigurationError(f"table {t.name!r} has no column {tenant!r}")
     pk = [c.name for c in t.primary_key.columns]
     if not pk:
         raise ConfigurationError(f"table {t.name!r} has no primary key")
+    parent: ParentPractice | None = None
+    t_table, _, t_col = tenant.rpartition(".")
+    if t_table and t_table != t.name:
+        parent = _parent(engine, t, pk[0], tenant)
+        if indexes:
+            # carnet.search filters the index on the row's practice column.
+            raise ConfigurationError(
+                "a blind index needs the practice as a column of its row; with the practice "
+                f"on {parent.table}, migrate without --index (or copy the practice onto "
+                f"{t.name} first)"
+            )
+        tenant = parent.fk
+    else:
+        tenant = t_col
+    if tenant not in t.c:
+        raise ConfigurationError(f"table {t.name!r} has no column {tenant!r}")
     targets = parse_into(into, columns)
     moves: list[ColumnMove] = []
     for name in columns:
@@ -384,6 +429,7 @@ def build(
         indexes=specs,
         model_class=cls,
         module=mod,
+        parent=parent,
         expand_revision=uuid.uuid4().hex[-12:],
         contract_revision=uuid.uuid4().hex[-12:],
     )
@@ -400,6 +446,35 @@ def build(
     sc.final_class = cls.removeprefix("Migrating") or _camel(t.name)
     sc.final = _render_final(sc, t, pk)
     return sc
+
+
+def _parent(engine: sa.Engine, t: sa.Table, any_column: str, tenant: str) -> ParentPractice:
+    """The practice one foreign key up, found as ``carnet migrate run`` finds it."""
+    # reflect.resolve walks the foreign keys (the shortest path, refused when
+    # ambiguous) exactly as the migration commands will.
+    path = resolve(engine, t.name, any_column, tenant=tenant).tenant
+    if len(path.steps) != 1:
+        raise ConfigurationError(
+            f"the practice is {len(path.steps)} foreign keys away from {t.name}: scaffold "
+            "writes models for a practice on the row or on its direct parent"
+        )
+    (step,) = path.steps
+    pt = resolve_table(engine, step.parent)
+    rel = step.child_col.removesuffix("_id")
+    if rel == step.child_col or rel in t.c or not _IDENT.match(rel) or keyword.iskeyword(rel):
+        rel = f"{step.parent}_row"
+    return ParentPractice(
+        fk=step.child_col,
+        table=step.parent,
+        key=step.parent_col,
+        practice=path.column,
+        relationship=rel,
+        cls=_camel(step.parent) + "Row",
+        key_source=_type_source(pt.c[step.parent_col]),
+        key_annotation=_annotation(pt.c[step.parent_col]),
+        practice_source=_type_source(pt.c[path.column]),
+        practice_annotation=_annotation(pt.c[path.column]),
+    )
 
 
 def write(sc: Scaffold, out: Path) -> dict[str, str]:
@@ -437,12 +512,27 @@ def _tuple(items: tuple[str, ...]) -> str:
 WIDTH = 100  # the line length of carnet's own formatter settings
 
 
-def _call(indent: str, head: str, args: list[str], tail: str = "") -> list[str]:
-    """``head(args)tail`` on one line if it fits, else one argument per line."""
-    one = f"{indent}{head}({', '.join(args)}){tail}"
+Arg = str | tuple[str, list[str]]  # source, or a call (callable, arguments) to lay out
+
+
+def _flat(arg: Arg) -> str:
+    return arg if isinstance(arg, str) else f"{arg[0]}({', '.join(_flat(a) for a in arg[1])})"
+
+
+def _call(indent: str, head: str, args: Sequence[Arg], tail: str = "") -> list[str]:
+    """``head(args)tail`` on one line if it fits, else one argument per line (a call
+    argument that does not fit laid out the same way), with the formatter's trailing commas."""
+    one = f"{indent}{head}({', '.join(_flat(a) for a in args)}){tail}"
     if len(one) <= WIDTH:
         return [one]
-    return [f"{indent}{head}(", *(f"{indent}    {a}," for a in args), f"{indent}){tail}"]
+    inner = indent + "    "
+    lines = [f"{indent}{head}("]
+    for a in args:
+        if isinstance(a, str) or len(f"{inner}{_flat(a)},") <= WIDTH:
+            lines.append(f"{inner}{_flat(a)},")
+        else:
+            lines += _call(inner, a[0], a[1], ",")
+    return [*lines, f"{indent}){tail}"]
 
 
 def _checks_call(sc: Scaffold, m: ColumnMove) -> list[str]:
@@ -451,7 +541,7 @@ def _checks_call(sc: Scaffold, m: ColumnMove) -> list[str]:
     args = [
         _q(sc.table),
         _q(m.new),
-        f"practice={_q(sc.tenant)}",
+        *sc.practice_args(),
         f"storage={_q(storage)}",
         f"mode={_q(mode)}",
         f"label={_q(f'{sc.table}.{m.legacy}')}",
@@ -551,7 +641,7 @@ def _render_expand(sc: Scaffold, t: sa.Table, revises: str | None, branch: str |
         down += _call(
             "    ",
             "op.carnet_drop_checks",
-            [_q(sc.table), _q(m.new), f"practice={_q(sc.tenant)}", f"storage={storage}"],
+            [_q(sc.table), _q(m.new), *sc.practice_args(), f"storage={storage}"],
         )
     for ix in sc.indexes:
         down += _call("    ", "op.drop_index", [_q(f"ix_{sc.table}_{ix.name}"), _q(sc.table)])
@@ -564,7 +654,7 @@ def _render_expand(sc: Scaffold, t: sa.Table, revises: str | None, branch: str |
             "    # The legacy columns stay nullable: rows written meanwhile may have NULL there."
         )
     lines += down or ["    pass"]
-    return "\n".join(lines) + "\n"
+    return _prune_imports("\n".join(lines) + "\n")
 
 
 def _render_contract(sc: Scaffold) -> str:
@@ -656,18 +746,19 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         "from typing import Any",
         "",
         "import sqlalchemy as sa",
-        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column",
+        f"from sqlalchemy.orm import {_orm_names(sc)}",
         "",
         "import carnet",
         "from carnet import transforms",
         "",
-        f"TENANT = {_q(sc.tenant)}",
+        f"TENANT = {_q(sc.tenant_attr)}",
         "",
         "",
         "class Base(DeclarativeBase):  # EDIT: your application's declarative base",
         "    pass",
         "",
         "",
+        *_parent_class(sc),
         f"class {cls}(Base):",
         f"    __tablename__ = {_q(sc.table)}",
         "",
@@ -699,7 +790,7 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         lines += _call(
             "    ",
             f"{m.new}: Mapped[{m.python_type} | None] = mapped_column",
-            [m.carnet_type(**kw)],
+            [m.carnet_call(**kw)],
         )
     if sc.indexes:
         lines += [
@@ -730,6 +821,8 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
                 f"    def write_{m.legacy}(self, value: {m.python_type} | None) -> None:",
                 f"        self.{m.new}, self.{m.legacy} = value, None",
             ]
+    if not sc.indexes:
+        return _prune_imports("\n".join(lines) + "\n")
     lines += [
         "",
         "",
@@ -755,11 +848,50 @@ def _render_model(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
 
 def _key_columns(sc: Scaffold, t: sa.Table, pk: list[str]) -> list[str]:
     lines: list[str] = []
+    p = sc.parent
     for name in dict.fromkeys([*pk, sc.tenant]):
         col = t.c[name]
         args = [_type_source(col), *(["primary_key=True"] if name in pk else [])]
+        if p is not None and name == p.fk:
+            args.insert(1, f"sa.ForeignKey({_q(f'{p.table}.{p.key}')})")
         lines += _call("    ", f"{name}: Mapped[{_annotation(col)}] = mapped_column", args)
+    if p is not None:
+        lines.append("    # The practice is the parent's: the carnet types read it through this.")
+        lines += _call("    ", f"{p.relationship}: Mapped[{p.cls}] = relationship", [p.cls])
     return lines
+
+
+def _orm_names(sc: Scaffold) -> str:
+    names = ["DeclarativeBase", "Mapped", "mapped_column"]
+    return ", ".join([*names, "relationship"] if sc.parent is not None else names)
+
+
+def _parent_class(sc: Scaffold) -> list[str]:
+    """The parent's minimal class: its key and its practice (EDIT: the application's own)."""
+    p = sc.parent
+    if p is None:
+        return []
+    return [
+        f"class {p.cls}(Base):  # EDIT: your application's class of {p.table}",
+        f"    __tablename__ = {_q(p.table)}",
+        "",
+        *_call(
+            "    ",
+            f"{p.key}: Mapped[{p.key_annotation}] = mapped_column",
+            [p.key_source, "primary_key=True"],
+        ),
+        *(
+            []
+            if p.practice == p.key
+            else _call(
+                "    ",
+                f"{p.practice}: Mapped[{p.practice_annotation}] = mapped_column",
+                [p.practice_source],
+            )
+        ),
+        "",
+        "",
+    ]
 
 
 def _render_final(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
@@ -780,18 +912,19 @@ def _render_final(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         "from typing import Any",
         "",
         "import sqlalchemy as sa",
-        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column",
+        f"from sqlalchemy.orm import {_orm_names(sc)}",
         "",
         "import carnet",
         "from carnet import transforms",
         "",
-        f"TENANT = {_q(sc.tenant)}",
+        f"TENANT = {_q(sc.tenant_attr)}",
         "",
         "",
         "class Base(DeclarativeBase):  # EDIT: your application's declarative base",
         "    pass",
         "",
         "",
+        *_parent_class(sc),
         f"class {cls}(Base):",
         f"    __tablename__ = {_q(sc.table)}",
         "",
@@ -807,7 +940,7 @@ def _render_final(sc: Scaffold, t: sa.Table, pk: list[str]) -> str:
         lines += _call(
             "    ",
             f"{m.legacy}: Mapped[{m.python_type} | None] = mapped_column",
-            [m.carnet_type(**kw)],
+            [m.carnet_call(**kw)],
         )
     if sc.indexes:
         lines.append("")
@@ -829,8 +962,10 @@ def _prune_imports(text: str) -> str:
         ("import datetime\n", "datetime."),
         ("from carnet import transforms\n", "transforms."),
         ("from typing import Any\n", "Any"),
+        ("import sqlalchemy as sa\n", "sa."),
     ):
         head, sep, rest = text.partition(line)
         if sep and not re.search(rf"\b{re.escape(use)}", rest):
             text = head + rest
-    return text
+    # A group of imports emptied leaves two blank lines where one separates groups.
+    return re.sub(r"(?m)^(from __future__ import annotations\n)\n\n+", r"\1\n", text)
