@@ -508,7 +508,12 @@ def finish_cmd(
     help="Expand/contract: the new column a legacy one moves into (repeatable; NEW alone "
     "with a single --column). Needed for a DATE column or one too short for ciphertext.",
 )
-@click.option("--tenant", required=True, help="The practice column of the row (e.g. practice_id).")
+@click.option(
+    "--tenant",
+    required=True,
+    help="The practice column: COLUMN of the row, or PARENT_TABLE.COLUMN one foreign key up "
+    "(no --index then).",
+)
 @click.option(
     "--index",
     "indexes",
