@@ -58,6 +58,10 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], bool]] = {
     ("migrate", "verify"): (MIGRATE_TARGET, True),
     ("migrate", "finish"): (MIGRATE_TARGET, True),
     ("migrate", "compact"): (["--table", "notes"], False),
+    ("migrate", "scaffold"): (
+        [*MIGRATE_TARGET, "--into", "summary_enc", "--out", "{tmp}/scaffold"],
+        False,
+    ),
     ("checks", "install"): ([*TARGET, "--tenant-column", "practice_id"], False),
     ("checks", "status"): ([], False),
     ("checks", "drop"): ([*TARGET, "--yes"], False),

@@ -37,6 +37,7 @@ older than the running carnet declares them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -164,7 +165,11 @@ def contract(
     spec = run_mod.recorded_checks_spec(bind, table, new, state.get(bind, table, new) or {})
     dbchecks.drop(bind, [spec])
     # batch_alter_table: ALTERs on PostgreSQL and MariaDB, a table copy on
-    # SQLite where the ALTER is not supported.
+    # SQLite where the ALTER is not supported. The copy also drops the triggers
+    # of the table's other columns (those a previous contract() of the same
+    # migration installed, say), and a parent's trigger that reads the table
+    # would stop the copy: they are put aside and created again afterwards.
+    kept = _sqlite_triggers(bind, table, legacy)
     with o.batch_alter_table(table) as b:
         b.drop_column(legacy)
     if rename:
@@ -173,6 +178,7 @@ def contract(
                 new, new_column_name=legacy, existing_type=_storage(type_), existing_nullable=True
             )
         spec = replace(spec, column=legacy)
+    _restore_triggers(bind, kept)
     dbchecks.install(bind, [spec])
     if rename:
         if sa.inspect(bind).has_table(state.MIGRATIONS.name):
@@ -182,6 +188,46 @@ def contract(
                 .where(t.c.table_name == table, t.c.column_name == new)
                 .values(column_name=legacy, source_column=legacy, mode="contracted")
             )
+
+
+def _sqlite_triggers(bind: sa.Connection, table: str, dropped: str) -> dict[str, str]:
+    """carnet's triggers that a table copy of ``table`` loses or trips over (SQLite).
+
+    Those on ``table`` vanish with the copy. Those on another table that read
+    ``table`` (a parent's practice-move check) make SQLite refuse to rename
+    the copy into place: they are dropped here. Both are created again by
+    :func:`_restore_triggers`, but the ones that name the column being
+    dropped.
+    """
+    if bind.dialect.name != "sqlite":
+        return {}
+    rows = bind.exec_driver_sql(
+        "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
+    ).all()
+    refers = re.compile(rf"\b{re.escape(table)}\b")
+    gone = re.compile(rf"\b{re.escape(dropped)}\b")
+    kept: dict[str, str] = {}
+    for name, tbl, sql in rows:
+        name, sql = str(name), str(sql or "")
+        if not name.startswith("carnet_") or not sql:
+            continue
+        if tbl != table:
+            if not refers.search(sql):
+                continue
+            bind.exec_driver_sql(f'DROP TRIGGER "{name}"')
+        if not gone.search(sql):
+            kept[name] = sql
+    return kept
+
+
+def _restore_triggers(bind: sa.Connection, kept: dict[str, str]) -> None:
+    if not kept:
+        return
+    rows = bind.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").all()
+    present = {str(r[0]) for r in rows}
+    for name, sql in kept.items():
+        if name not in present:
+            bind.exec_driver_sql(sql)
 
 
 # -- autogenerate: how an EncryptedText column is written into a migration -------------

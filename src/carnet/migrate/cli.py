@@ -177,7 +177,7 @@ def _duration(seconds: float) -> str:
 
 @click.group("migrate", cls=CarnetGroup)
 def migrate() -> None:
-    """Encrypt an existing plaintext column: plan, run, verify, finish, compact."""
+    """Encrypt an existing plaintext column: plan, run, verify, finish, compact; scaffold."""
 
 
 @migrate.command("plan")
@@ -489,6 +489,116 @@ def finish_cmd(
     emit(as_json, data, lines)
     if not v.clean:
         click.get_current_context().exit(EXIT_INCOMPLETE)
+
+
+@migrate.command("scaffold")
+@_db_options
+@click.option("--table", required=True, help="Table holding the identifiers.")
+@click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    required=True,
+    help="A legacy column to seal (repeatable; in place unless --into names a new one).",
+)
+@click.option(
+    "--into",
+    multiple=True,
+    metavar="[LEGACY=]NEW",
+    help="Expand/contract: the new column a legacy one moves into (repeatable; NEW alone "
+    "with a single --column). Needed for a DATE column or one too short for ciphertext.",
+)
+@click.option(
+    "--tenant",
+    required=True,
+    help="The practice column: COLUMN of the row, or PARENT_TABLE.COLUMN one foreign key up "
+    "(no --index then).",
+)
+@click.option(
+    "--index",
+    "indexes",
+    multiple=True,
+    metavar="NAME=COL[,COL][:TRANSFORM[:BITS]]",
+    help="A blind index over migrated column(s), by their legacy names (repeatable). "
+    "TRANSFORM: one of carnet.transforms (default: date_iso for a date, folded for text, "
+    "initial_lastname for two columns); BITS: default from carnet.plan_bits on the rows "
+    "of the largest practice.",
+)
+@click.option(
+    "--revises",
+    default=None,
+    metavar="REV",
+    help="The revision the expand step follows (your head; default: a branch of its own).",
+)
+@click.option(
+    "--branch-label",
+    default=None,
+    help="The branch label when --revises is not given (default: carnet_TABLE).",
+)
+@click.option(
+    "--model-class", default=None, help="The model class's name (default: MigratingTABLE)."
+)
+@click.option("--module", default=None, help="The model module's name (default: TABLE_migrating).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write the three files into (created; existing files are not overwritten).",
+)
+@json_option
+def scaffold_cmd(
+    database_url: str | None,
+    table: str,
+    columns: tuple[str, ...],
+    into: tuple[str, ...],
+    tenant: str,
+    indexes: tuple[str, ...],
+    revises: str | None,
+    branch_label: str | None,
+    model_class: str | None,
+    module: str | None,
+    out: str,
+    as_json: bool,
+) -> None:
+    """Write the expand and contract migrations and the models of both phases."""
+    from pathlib import Path
+
+    from . import scaffold as scaffold_mod
+
+    with _open(database_url, None, needs_key=False) as (engine, _):
+        sc = scaffold_mod.build(
+            engine,
+            table,
+            columns,
+            tenant=tenant,
+            into=into,
+            indexes=indexes,
+            revises=revises,
+            branch_label=branch_label,
+            model_class=model_class,
+            module=module,
+        )
+    scaffold_mod.write(sc, Path(out))
+    lines = [
+        f"expand migration:   {sc.files['expand']} (revision {sc.expand_revision})",
+        f"contract migration: {sc.files['contract']} (revision {sc.contract_revision})",
+        f"migrating model:    {sc.files['model']} (class {sc.model_class})",
+        f"final model:        {sc.files['final']} (class {sc.final_class}, after the contract)",
+    ]
+    lines += [
+        f"index {ix.name}: {ix.transform} over {', '.join(ix.columns)}, {ix.bits} bits "
+        f"({ix.bits_reason})"
+        for ix in sc.indexes
+    ]
+    lines += [f"warning: {w}" for w in sc.warnings]
+    lines += [
+        "next: review the files (EDIT comments), move the revisions into your Alembic "
+        "versions, merge the model; alembic upgrade; deploy; then:",
+        *(f"  {c}" for c in sc.commands()),
+        "  alembic upgrade (the contract revision), then carnet migrate compact "
+        f"--table {sc.table}",
+    ]
+    emit(as_json, sc.as_dict(), lines)
 
 
 @migrate.command("compact")
