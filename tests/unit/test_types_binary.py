@@ -1,0 +1,307 @@
+"""EncryptedBytes and EncryptedJSON on SQLite, PostgreSQL and MariaDB.
+
+Every path an EncryptedText value takes, for a document and a JSON value:
+the ORM flush, Core executemany, an in-place change tracked by
+MutableDict/MutableList, a refused read under another practice's scope, the
+SQL guard, the database checks, re-encryption and verify.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.mutable import MutableDict, MutableList
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import carnet
+from carnet import dbchecks, envelope
+from carnet.batchops import reencrypt
+from carnet.errors import (
+    InvalidCiphertext,
+    InvalidPlaintext,
+    TenantMismatch,
+    UnsupportedOperation,
+)
+from carnet.types_binary import MAX_BYTES, canonical_json
+from carnet.verify import verify
+
+SECRET = "Zyxwv-secret-7731"
+PDF = b"%PDF-1.7\n" + bytes(range(256)) * 40 + SECRET.encode() + b"\x00\xff%%EOF"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Letter(Base):
+    __tablename__ = "letters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice_id: Mapped[str] = mapped_column(sa.String(64))
+    scan: Mapped[bytes | None] = mapped_column(carnet.EncryptedBytes(tenant="practice_id"))
+    data: Mapped[dict[str, Any] | None] = mapped_column(
+        MutableDict.as_mutable(carnet.EncryptedJSON(tenant="practice_id"))
+    )
+    items: Mapped[list[Any] | None] = mapped_column(
+        MutableList.as_mutable(carnet.EncryptedJSON(tenant="practice_id"))
+    )
+
+
+core_md = sa.MetaData()
+docs = sa.Table(
+    "docs",
+    core_md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("practice_id", sa.String(64)),
+    sa.Column("scan", carnet.EncryptedBytes(tenant="practice_id")),
+    sa.Column("data", carnet.EncryptedJSON(tenant="practice_id")),
+)
+
+
+@pytest.fixture
+def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    keys.create_schema()
+    Base.metadata.create_all(engine)
+    core_md.create_all(engine)
+    carnet.configure(keys)
+    try:
+        yield keys
+    finally:
+        carnet.configure(None)
+        keys.close()
+
+
+def _raw(engine: sa.Engine, sql: str) -> list[Any]:
+    with engine.connect() as conn:
+        return [
+            tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+            for r in conn.execute(sa.text(sql))
+        ]
+
+
+def _count(engine: sa.Engine, table: str) -> int:
+    return int(_raw(engine, f"SELECT count(*) FROM {table}")[0][0])  # noqa: S608
+
+
+# -- the ORM ---------------------------------------------------------------------------------
+
+
+def test_orm_round_trip_stores_only_ciphertext(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    value = {"z": [1, 2.5, None, True], "a": {"note": SECRET, "é": "ü"}}
+    with Session(engine) as s:
+        s.add(Letter(id=1, practice_id="p1", scan=PDF, data=value, items=[SECRET, 3]))
+        s.commit()
+    with Session(engine) as s:
+        got = s.get(Letter, 1)
+        assert got is not None
+        assert type(got.scan) is bytes and got.scan == PDF
+        assert got.data == value and isinstance(got.data, MutableDict)
+        assert got.items == [SECRET, 3] and isinstance(got.items, MutableList)
+    scan, data = _raw(engine, "SELECT scan, data FROM letters")[0]
+    for blob in (scan, data):
+        assert blob[0] == 2 and SECRET.encode() not in blob
+        assert envelope.tenant_of(blob) == "p1"
+    # One GCM value of the document's exact bytes; canonical JSON inside.
+    assert len(scan) == envelope.overhead("p1") + len(PDF)
+    assert keys.decrypt(scan, tenant="p1", label="letters.scan") == PDF
+    assert keys.decrypt(data, tenant="p1", label="letters.data") == canonical_json(value).encode()
+    assert json.loads(canonical_json(value)) == value
+
+
+def test_in_place_changes_are_saved_and_sealed(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    with Session(engine) as s:
+        s.add(Letter(id=1, practice_id="p1", data={"a": 1}, items=[1]))
+        s.commit()
+    before = _raw(engine, "SELECT data, items FROM letters")[0]
+    with Session(engine) as s:
+        got = s.get(Letter, 1)
+        assert got is not None and got.data is not None and got.items is not None
+        got.data["allergy"] = SECRET  # in place: no assignment of the attribute
+        got.items.append(SECRET)
+        assert got in s.dirty
+        s.commit()
+    data, items = _raw(engine, "SELECT data, items FROM letters")[0]
+    assert (data, items) != before
+    assert SECRET.encode() not in data and SECRET.encode() not in items
+    assert json.loads(keys.decrypt(data, tenant="p1", label="letters.data")) == {
+        "a": 1,
+        "allergy": SECRET,
+    }
+    assert json.loads(keys.decrypt(items, tenant="p1", label="letters.items")) == [1, SECRET]
+    with Session(engine) as s:
+        got = s.get(Letter, 1)
+        assert got is not None and got.data == {"a": 1, "allergy": SECRET}
+        assert got.items == [1, SECRET]
+
+
+def test_orm_refuses_a_str_and_writes_nothing(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    with Session(engine) as s:
+        s.add(Letter(id=1, practice_id="p1", scan=SECRET))  # type: ignore[arg-type]
+        with pytest.raises(InvalidPlaintext) as info:
+            s.commit()
+        assert SECRET not in str(info.value)
+    # A tracked JSON attribute refuses a str or a tuple at assignment already
+    # (SQLAlchemy's MutableDict/MutableList).
+    with pytest.raises(ValueError, match="does not accept"):
+        Letter(id=1, practice_id="p1", data=SECRET)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not accept"):
+        Letter(id=1, practice_id="p1", items=(1, SECRET))  # type: ignore[arg-type]
+    with Session(engine) as s:
+        s.add(Letter(id=1, practice_id="p1", scan=b"x"))
+        s.commit()
+        got = s.get(Letter, 1)
+        assert got is not None
+        got.scan = SECRET  # type: ignore[assignment]
+        with pytest.raises(InvalidPlaintext):
+            s.commit()
+    assert _count(engine, "letters") == 1
+    with Session(engine) as s:
+        got = s.get(Letter, 1)
+        assert got is not None and got.scan == b"x"
+
+
+# -- Core --------------------------------------------------------------------------------------
+
+
+def test_core_executemany_and_refused_read_of_another_practice(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    rows = [
+        {"id": i, "practice_id": "p1", "scan": PDF[: i * 100], "data": {"n": i, "s": SECRET}}
+        for i in range(1, 6)
+    ]
+    with carnet.tenant_scope("p1"), engine.begin() as conn:
+        conn.execute(docs.insert(), rows)
+    with carnet.tenant_scope("p1"), engine.connect() as conn:
+        got = conn.execute(sa.select(docs.c.id, docs.c.scan, docs.c.data).order_by(docs.c.id))
+        assert [tuple(r) for r in got] == [(r["id"], r["scan"], r["data"]) for r in rows]
+    # Read outside a scope: sealed placeholders, opened with the row's practice.
+    with engine.connect() as conn:
+        first = conn.execute(sa.select(docs.c.scan, docs.c.data).where(docs.c.id == 1)).one()
+    assert isinstance(first.scan, carnet.Sealed) and SECRET not in repr(first.data)
+    assert first.scan.open("p1") == PDF[:100]
+    assert first.data.open("p1") == {"n": 1, "s": SECRET}
+    # Another practice's scope: refused, nothing of the value in the error.
+    with carnet.tenant_scope("p2"), engine.connect() as conn:
+        with pytest.raises(TenantMismatch) as info:
+            conn.execute(sa.select(docs.c.data)).all()
+    assert SECRET not in str(info.value)
+    with pytest.raises(TenantMismatch):
+        first.data.open("p2")
+
+
+def test_core_refusals_write_nothing(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    bad_rows: list[dict[str, Any]] = [
+        {"scan": SECRET},
+        {"data": SECRET},
+        {"data": json.dumps({"s": SECRET})},
+        {"data": {1: SECRET}},
+        {"data": {"s": float("nan")}},
+        {"data": {"s": {SECRET}}},
+        {"data": 42},
+    ]
+    for bad in bad_rows:
+        with carnet.tenant_scope("p1"), engine.begin() as conn:
+            with pytest.raises(InvalidPlaintext) as info:
+                conn.execute(docs.insert(), [{"id": 1, "practice_id": "p1", **bad}])
+            assert SECRET not in str(info.value)
+    assert _count(engine, "docs") == 0
+
+
+def test_the_size_limit_is_stated_and_enforced(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    # Within MariaDB's default max_allowed_packet (16 MiB), with room for the statement.
+    assert MAX_BYTES == 15 * 1024 * 1024 < 16 * 1024 * 1024
+    with pytest.raises(carnet.errors.ConfigurationError):
+        carnet.EncryptedBytes(max_bytes=MAX_BYTES + 1)
+    if engine.dialect.name == "mysql":
+        with engine.connect() as conn:
+            packet = conn.execute(sa.text("SELECT @@max_allowed_packet")).scalar_one()
+        assert int(packet) <= 16 * 1024 * 1024  # the server's default, or the test proves less
+    big = bytes(MAX_BYTES)  # zeros: the worst case for a driver's escaping, were it in clear
+    with carnet.tenant_scope("p1"), engine.begin() as conn:
+        conn.execute(docs.insert(), [{"id": 1, "practice_id": "p1", "scan": big}])
+        with pytest.raises(InvalidPlaintext) as info:
+            conn.execute(docs.insert(), [{"id": 2, "practice_id": "p1", "scan": big + b"\0"}])
+        assert str(MAX_BYTES) in str(info.value)
+    with carnet.tenant_scope("p1"), engine.connect() as conn:
+        back = conn.execute(sa.select(docs.c.scan)).scalar_one()
+    assert back == big
+    assert _count(engine, "docs") == 1
+
+
+# -- the SQL guard and the database checks ----------------------------------------------------
+
+
+def test_sql_guard_refuses_comparisons_on_values(keys: carnet.KeyManager) -> None:
+    with pytest.raises(UnsupportedOperation):
+        sa.select(docs).where(docs.c.scan == PDF)
+    with pytest.raises(UnsupportedOperation):
+        sa.select(docs).where(docs.c.data.like("%a%"))
+    with pytest.raises(UnsupportedOperation):
+        sa.select(Letter).where(Letter.data == {"a": 1})
+
+
+def test_database_checks_refuse_a_foreign_or_plain_value(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    foreign = carnet.EncryptedBytes(label="docs.scan").encrypt(PDF, "p2", keys)
+    sealed_p1 = carnet.EncryptedJSON(label="docs.data").encrypt({"a": 1}, "p1", keys)
+    dbapi = engine.raw_connection()
+    try:
+        cur = dbapi.cursor()
+        mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        sql = f"INSERT INTO docs (id, practice_id, scan, data) VALUES (1, 'p1', {mark}, {mark})"  # noqa: S608
+        for scan, data, check, column in [
+            (foreign, sealed_p1, "p", "scan"),  # a document sealed for p2 in a row of p1
+            (PDF, sealed_p1, "f2", "scan"),  # a document in clear
+            (None, canonical_json({"a": 1}).encode(), "f2", "data"),  # JSON in clear
+        ]:
+            with pytest.raises(Exception) as ei:  # noqa: PT011 - the driver's own class
+                cur.execute(sql, (scan, data))
+            name = dbchecks.check_of(ei.value)
+            assert name is not None and name.startswith(dbchecks.check_name(check, "docs", column))
+            dbapi.rollback()
+    finally:
+        dbapi.close()
+    assert _count(engine, "docs") == 0
+
+
+# -- re-encryption and verify ------------------------------------------------------------------
+
+
+def test_reencrypt_and_verify(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    with Session(engine) as s:
+        for i in range(1, 8):
+            practice = "p1" if i % 2 else "p2"
+            s.add(Letter(id=i, practice_id=practice, scan=PDF[:i], data={"i": i}, items=[i]))
+        s.commit()
+    old = {r[0]: r[1] for r in _raw(engine, "SELECT id, scan FROM letters")}
+    keys.rotate("p1")
+    for column in ("scan", "data", "items"):
+        rep = reencrypt(keys, "letters", column)
+        assert (rep.rewritten, rep.skipped, rep.failed) == (4, 3, [])
+        out = verify(keys, "letters", column, tenant_column="practice_id")
+        assert (out.rows, out.ok, out.failed) == (7, 7, 0), out
+    active = keys.ensure_key("p1").key_id
+    for pk, scan in _raw(engine, "SELECT id, scan FROM letters"):
+        if pk % 2:
+            assert envelope.key_id_of(scan) == active != envelope.key_id_of(old[pk])
+        else:
+            assert scan == old[pk]  # p2's key did not change: left alone
+    with Session(engine) as s:
+        for i in range(1, 8):
+            got = s.get(Letter, i)
+            assert got is not None and (got.scan, got.data, got.items) == (PDF[:i], {"i": i}, [i])
+
+
+def test_verify_reports_a_value_of_another_type(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    # Authentic under the label, yet not JSON: the type refuses it on read.
+    text = carnet.EncryptedText(label="docs.data").encrypt("not json", "p1", keys)
+    blob = carnet.EncryptedJSON(label="docs.data")
+    with pytest.raises(InvalidCiphertext) as info:
+        blob.decrypt(text, "p1", keys)
+    assert "not json" not in str(info.value)
