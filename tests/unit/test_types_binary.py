@@ -305,3 +305,101 @@ def test_verify_reports_a_value_of_another_type(keys: carnet.KeyManager, engine:
     with pytest.raises(InvalidCiphertext) as info:
         blob.decrypt(text, "p1", keys)
     assert "not json" not in str(info.value)
+
+
+# -- migration ------------------------------------------------------------------------------
+
+
+def _migrate(db_url: str, mk: str, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from carnet.cli import cli as carnet_cli
+
+    return CliRunner().invoke(
+        carnet_cli,
+        ["--database-url", db_url, "--master-key", mk, "migrate", *args],
+        catch_exceptions=False,
+    )
+
+
+def test_migrate_blob_and_json_columns_into_encrypted_ones(
+    db_url: str, engine: sa.Engine, master_key_uri: str
+) -> None:
+    blob = sa.LargeBinary().with_variant(sa.dialects.mysql.LONGBLOB(), "mysql", "mariadb")
+    md = sa.MetaData()
+    legacy = sa.Table(
+        "scans",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("letter", blob),
+        sa.Column("meta", sa.JSON),
+        # The expand step: new, empty binary columns.
+        sa.Column("letter_enc", blob),
+        sa.Column("meta_enc", blob),
+    )
+    md.create_all(engine)
+    metas = [{"z": i, "a": [SECRET, "é"]} for i in range(6)]
+    with engine.begin() as conn:
+        conn.execute(
+            legacy.insert(),
+            [
+                {"id": i, "practice_id": f"p{i % 2}", "letter": PDF[: 50 * i], "meta": metas[i]}
+                for i in range(6)
+            ]
+            + [{"id": 6, "practice_id": "p0", "letter": None, "meta": "just a string"}],
+        )
+    for legacy_col, new in (("letter", "letter_enc"), ("meta", "meta_enc")):
+        args = [
+            "--table",
+            "scans",
+            "--column",
+            legacy_col,
+            "--into",
+            new,
+            "--tenant",
+            "practice_id",
+        ]
+        res = _migrate(db_url, master_key_uri, "run", *args)
+        assert res.exit_code == (9 if legacy_col == "meta" else 0), res.output  # 9: rows left
+        if legacy_col == "meta":
+            assert "not_storable" in res.output  # the JSON scalar of row 6, left and listed
+            with engine.begin() as conn:
+                conn.execute(legacy.update().where(legacy.c.id == 6).values(meta=sa.null()))
+        res = _migrate(db_url, master_key_uri, "finish", *args)
+        assert res.exit_code == 0, res.output
+        kind = "EncryptedBytes" if legacy_col == "letter" else "EncryptedJSON"
+        assert kind in res.output
+    # The application reads the new columns with the legacy columns' labels.
+    app_md = sa.MetaData()
+    app = sa.Table(
+        "scans",
+        app_md,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("letter_enc", carnet.EncryptedBytes(tenant="practice_id", label="scans.letter")),
+        sa.Column("meta_enc", carnet.EncryptedJSON(tenant="practice_id", label="scans.meta")),
+    )
+    keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    carnet.configure(keys)
+    try:
+        for practice in ("p0", "p1"):
+            with carnet.tenant_scope(practice), engine.connect() as conn:
+                q = sa.select(app.c.id, app.c.letter_enc, app.c.meta_enc).where(
+                    app.c.practice_id == practice
+                )
+                for pk, letter, meta in conn.execute(q):
+                    if pk == 6:
+                        assert (letter, meta) == (None, None)
+                        continue
+                    assert letter == PDF[: 50 * pk]
+                    assert meta == metas[pk]
+        with engine.connect() as conn:
+            raw = conn.execute(sa.select(legacy.c.meta_enc).where(legacy.c.id == 1)).scalar_one()
+        assert SECRET.encode() not in bytes(raw)
+        assert keys.decrypt(bytes(raw), tenant="p1", label="scans.meta") == (
+            canonical_json(metas[1]).encode()
+        )
+    finally:
+        carnet.configure(None)
+        keys.close()

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from .. import envelope
 from ..batch import WritePlan
-from ..errors import CarnetError
+from ..errors import CarnetError, InvalidPlaintext
 from ..manager import KeyManager
 from ..reflect import is_text_column
 from . import scan as sc
@@ -36,7 +36,10 @@ SAMPLE = 20
 
 def _stored_length(target: Target, row: sc.ScannedRow, in_place: bool) -> int:
     """Characters (text form) or bytes (binary) of the value sealed for ``row``."""
-    size = len(target.plaintext_of(row.source).encode("utf-8"))
+    try:
+        size = len(target.plaintext_of(row.source))
+    except InvalidPlaintext:
+        return 0  # not storable at all: the run leaves the row and lists it
     tenant = sc.tenant_str(row.tenant) or ""
     text = in_place or is_text_column(target.table.c[target.column])
     return envelope.width(size, len(tenant.encode("utf-8")), text=text)
