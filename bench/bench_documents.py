@@ -1,4 +1,4 @@
-"""Peak memory of one EncryptedBytes document at the size limit (15 MiB), against a plain BLOB.
+"""Peak memory of one EncryptedBytes document at the size limit (7.5 MiB), against a plain BLOB.
 
 Each measurement runs in a fresh process: it creates the table (and, for a
 read, writes the document first), then resets the kernel's high-water mark
@@ -95,7 +95,7 @@ def _rows(db: str, url: str, mk: str) -> list[Row]:
         size = enc["size"] / mib
         rows.append(
             row(
-                f"{db}: {phase} one {size:.0f} MiB document, peak RSS growth",
+                f"{db}: {phase} one {size:g} MiB document, peak RSS growth",
                 base["rss_kb"] / 1024,
                 enc["rss_kb"] / 1024,
                 "MiB",
@@ -105,7 +105,7 @@ def _rows(db: str, url: str, mk: str) -> list[Row]:
         )
         rows.append(
             row(
-                f"{db}: {phase} one {size:.0f} MiB document, Python peak",
+                f"{db}: {phase} one {size:g} MiB document, Python peak",
                 base["py"] / mib,
                 enc["py"] / mib,
                 "MiB",

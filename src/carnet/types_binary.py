@@ -40,17 +40,17 @@ from .values import Sealed
 if TYPE_CHECKING:
     from .manager import KeyManager
 
-MAX_BYTES = 15 * 1024 * 1024
-"""Largest document :class:`EncryptedBytes` stores: 15 MiB (15,728,640 bytes).
+MAX_BYTES = 7 * 1024 * 1024 + 512 * 1024
+"""Largest document :class:`EncryptedBytes` stores: 7.5 MiB (7,864,320 bytes).
 
 MariaDB refuses a statement larger than ``max_allowed_packet``, 16 MiB by
 default (MariaDB 10.11). A sealed document is its plaintext plus at most
-1,081 bytes of header and tag; the driver sends it escaped inside the
-statement, and escaping grows uniformly random bytes (ciphertext) by 7/256
-on average (2.7 %, 15.4 MiB here). That leaves about 600 KiB for the rest
-of the statement. PostgreSQL and SQLite take far larger values; the limit is
-the same everywhere, so an application moved between databases keeps
-working.
+1,081 bytes of header and tag, and PyMySQL (carnet's MariaDB driver) sends
+binary values inside the statement in hexadecimal (``_binary X'...'``), two
+characters per byte: 15.0 MiB for the largest document. That leaves about
+1 MiB for the rest of the statement and the row's other values. PostgreSQL
+and SQLite take far larger values; the limit is the same everywhere, so an
+application moved between databases keeps working.
 """
 
 _BYTES_TYPES = (bytes, bytearray, memoryview)
@@ -65,7 +65,7 @@ def _passes(value: Any) -> bool:
 class EncryptedBytes(EncryptedText):
     """Raw bytes (documents, images) sealed as one AES-256-GCM value.
 
-    ``max_bytes`` (default and ceiling :data:`MAX_BYTES`, 15 MiB): a larger
+    ``max_bytes`` (default and ceiling :data:`MAX_BYTES`, 7.5 MiB): a larger
     value raises :class:`~carnet.errors.InvalidPlaintext` before anything is
     encrypted or sent. The column is ``LONGBLOB`` on MariaDB, ``BYTEA`` on
     PostgreSQL, ``BLOB`` on SQLite; binary storage only (a text form would
