@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from .context import get_manager
 from .errors import ConfigurationError, InvalidCiphertext, InvalidPlaintext
-from .types import EncryptedText
+from .types import EncryptedText, Storage
 from .values import Sealed
 
 if TYPE_CHECKING:
@@ -213,6 +213,23 @@ class EncryptedJSON(EncryptedText):
 
     cache_ok = True
     text_values = False
+
+    def __init__(
+        self,
+        tenant: str | None = None,
+        *,
+        label: str | None = None,
+        storage: Storage = "binary",
+        mixed_read: bool = False,
+        manager: KeyManager | None = None,
+    ) -> None:
+        if mixed_read:
+            # A legacy value would come back as its raw text, not a dict or list.
+            raise ConfigurationError(
+                "EncryptedJSON takes no mixed_read: migrate a JSON column with "
+                "carnet migrate --into (expand/contract)"
+            )
+        super().__init__(tenant, label=label, storage=storage, manager=manager)
 
     @property
     def python_type(self) -> type:

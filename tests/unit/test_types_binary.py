@@ -493,3 +493,24 @@ def test_a_failed_statement_shows_no_value(keys: carnet.KeyManager, engine: sa.E
     shown = "".join(traceback.format_exception(info.value))
     assert SECRET not in shown and SECRET.encode().hex() not in shown
     assert repr(docs.c.scan.type).startswith("EncryptedBytes(")
+
+
+def test_json_in_text_storage(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    md = sa.MetaData()
+    t = sa.Table(
+        "forms",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("answers", carnet.EncryptedJSON(tenant="practice_id", storage="text")),
+    )
+    md.create_all(engine)
+    value = {"q1": SECRET, "q2": [1, 2]}
+    with carnet.tenant_scope("p1"), engine.begin() as conn:
+        conn.execute(t.insert(), [{"id": 1, "practice_id": "p1", "answers": value}])
+    stored = _raw(engine, "SELECT answers FROM forms")[0][0]
+    assert stored.startswith(envelope.TEXT_PREFIX) and SECRET not in stored
+    with carnet.tenant_scope("p1"), engine.connect() as conn:
+        assert conn.execute(sa.select(t.c.answers)).scalar_one() == value
+    with pytest.raises(carnet.errors.ConfigurationError):
+        carnet.EncryptedJSON(storage="text", mixed_read=True)
