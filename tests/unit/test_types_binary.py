@@ -8,6 +8,7 @@ SQL guard, the database checks, re-encryption and verify.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +49,15 @@ class Letter(Base):
     items: Mapped[list[Any] | None] = mapped_column(
         MutableList.as_mutable(carnet.EncryptedJSON(tenant="practice_id"))
     )
+
+
+class Visit(Base):
+    """A date beside the new types: the ORM binds every non-text value the same way."""
+
+    __tablename__ = "visits"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice_id: Mapped[str] = mapped_column(sa.String(64))
+    day: Mapped[dt.date | None] = mapped_column(carnet.EncryptedDate(tenant="practice_id"))
 
 
 core_md = sa.MetaData()
@@ -514,3 +524,35 @@ def test_json_in_text_storage(keys: carnet.KeyManager, engine: sa.Engine) -> Non
         assert conn.execute(sa.select(t.c.answers)).scalar_one() == value
     with pytest.raises(carnet.errors.ConfigurationError):
         carnet.EncryptedJSON(storage="text", mixed_read=True)
+
+
+def test_an_orm_update_of_a_value_that_is_not_text_needs_no_scope(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # The row's practice seals the new value, as for a str; the object itself
+    # (a date, a tracked dict, bytes) is back on the instance after the flush.
+    with Session(engine) as s:
+        s.add(Visit(id=1, practice_id="p1", day=dt.date(2024, 2, 29)))
+        s.add(Letter(id=1, practice_id="p1", scan=b"a", data={"a": 1}))
+        s.commit()
+    with Session(engine) as s:
+        visit, letter = s.get(Visit, 1), s.get(Letter, 1)
+        assert visit is not None and letter is not None
+        visit.day = dt.date(2025, 3, 1)
+        letter.scan = b"b"
+        tracked = letter.data
+        assert tracked is not None
+        tracked["b"] = 2
+        s.flush()
+        assert visit.day == dt.date(2025, 3, 1) and letter.scan == b"b"
+        assert letter.data is tracked and isinstance(letter.data, MutableDict)
+        tracked["c"] = 3  # still tracked after the flush
+        s.commit()
+    with Session(engine) as s:
+        visit, letter = s.get(Visit, 1), s.get(Letter, 1)
+        assert visit is not None and letter is not None
+        assert (visit.day, letter.scan, letter.data) == (
+            dt.date(2025, 3, 1),
+            b"b",
+            {"a": 1, "b": 2, "c": 3},
+        )
