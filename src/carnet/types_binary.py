@@ -113,7 +113,12 @@ class EncryptedBytes(EncryptedText):
                 return value.encode("latin-1")
             except UnicodeEncodeError:
                 raise InvalidPlaintext(f"{self.field_label}: not a document's bytes") from None
-        data = memoryview(value).cast("B") if not isinstance(value, bytes) else value
+        data: bytes | memoryview = value
+        if not isinstance(value, bytes):
+            try:
+                data = memoryview(value).cast("B")
+            except (TypeError, ValueError):  # a non-contiguous or multi-dimensional view
+                data = bytes(memoryview(value).tobytes())
         if len(data) > self.max_bytes:
             # The size only: a document's content never enters an error.
             raise InvalidPlaintext(
