@@ -378,6 +378,23 @@ def is_text_column(col: sa.ColumnElement[Any]) -> bool:
         return False
 
 
+def require_sealable_in_place(target: Target) -> None:
+    """Refuse to seal a binary column in place: its plaintext is a document, not text.
+
+    In place, carnet writes the text form of the sealed UTF-8 of each value;
+    a BLOB of documents goes into a new column (``--into``), read by
+    ``EncryptedBytes``. A binary column in place is one that holds
+    ciphertext already: ``verify`` and ``finish`` read it.
+    """
+    col = target.table.c[target.column]
+    if target.mode == IN_PLACE and isinstance(col.type, sa.types._Binary):
+        raise ConfigurationError(
+            f"{target.name} is a binary column: carnet migrate seals its documents into a new "
+            "binary column with --into (expand/contract), read by carnet.EncryptedBytes; "
+            "in place, a binary column can only be verified (migrate verify / finish)"
+        )
+
+
 def check_column(engine: sa.Engine, table: str, column: str, *, pk: Sequence[str] = ()) -> sa.Table:
     """The reflected table, after checking the column exists and can hold carnet values.
 

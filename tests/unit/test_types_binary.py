@@ -556,3 +556,26 @@ def test_an_orm_update_of_a_value_that_is_not_text_needs_no_scope(
             b"b",
             {"a": 1, "b": 2, "c": 3},
         )
+
+
+def test_migrate_refuses_a_blob_in_place(
+    db_url: str, engine: sa.Engine, master_key_uri: str
+) -> None:
+    md = sa.MetaData()
+    blob = sa.LargeBinary().with_variant(sa.dialects.mysql.LONGBLOB(), "mysql", "mariadb")
+    legacy = sa.Table(
+        "scans",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("practice_id", sa.String(64)),
+        sa.Column("letter", blob),
+    )
+    md.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(legacy.insert(), [{"id": 1, "practice_id": "p1", "letter": PDF}])
+    args = ["--table", "scans", "--column", "letter", "--tenant", "practice_id"]
+    for cmd in ("plan", "run"):
+        res = _migrate(db_url, master_key_uri, cmd, *args)
+        assert res.exit_code == 2 and "--into" in res.output and "EncryptedBytes" in res.output
+    with engine.connect() as conn:
+        assert bytes(conn.execute(sa.select(legacy.c.letter)).scalar_one()) == PDF

@@ -20,7 +20,7 @@ from .. import envelope
 from ..batch import WritePlan
 from ..errors import CarnetError, InvalidPlaintext
 from ..manager import KeyManager
-from ..reflect import is_text_column
+from ..reflect import is_text_column, require_sealable_in_place
 from . import scan as sc
 from .target import EXPAND, IN_PLACE, Target
 
@@ -119,6 +119,7 @@ def build_plan(
     batch_size: int = 1000,
     rate: float | None = None,
 ) -> Plan:
+    require_sealable_in_place(target)
     started = time.monotonic()
     per: dict[str, Counter[str]] = defaultdict(Counter)
     samples: dict[str, list[list[Any]]] = defaultdict(list)

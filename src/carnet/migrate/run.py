@@ -27,7 +27,7 @@ from .. import verify as vf
 from ..batch import BatchReport, BatchRow, run_batches
 from ..errors import CarnetError, InvalidPlaintext
 from ..manager import KeyManager
-from ..reflect import checks_spec, is_text_column, spec_for_path
+from ..reflect import checks_spec, is_text_column, require_sealable_in_place, spec_for_path
 from . import scan as sc
 from . import state
 from .target import IN_PLACE, TEXT, Target, TenantPath
@@ -165,6 +165,7 @@ def run_migration(
     """
     if prefixed not in ("report", "encrypt"):
         raise ValueError("prefixed must be 'report' or 'encrypt'")
+    require_sealable_in_place(target)
     engine = _parameters_hidden(engine)
     state.record(engine, target.describe(), state.RUNNING)
     problems: dict[str, dict[tuple[Any, ...], None]] = {}
