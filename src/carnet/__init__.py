@@ -7,7 +7,7 @@ from . import audit, errors
 from .context import bind_manager, configure, current_tenant, get_manager, tenant_scope
 from .manager import KeyManager
 from .providers import MasterKey, create_master_key, open_master_key
-from .types import EncryptedText, Sealed
+from .types import EncryptedBytes, EncryptedJSON, EncryptedText, Sealed
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,8 @@ context.on_first_use(_hooks.install)
 __all__ = [
     "audit",
     "bind_manager",
+    "EncryptedBytes",
+    "EncryptedJSON",
     "EncryptedText",
     "KeyManager",
     "MasterKey",

@@ -135,10 +135,15 @@ def install() -> None:
 # -- listeners on one object, for the modules that need them ---------------------------------
 
 
-def on_mapper(mapper: Mapper[Any], handlers: dict[str, Callable[..., Any]]) -> None:
-    """Per-mapper ORM events (``load``, ``before_update``, ...), called with the InstanceState."""
+def on_mapper(
+    mapper: Mapper[Any], handlers: dict[str, Callable[..., Any]], *, first: bool = False
+) -> None:
+    """Per-mapper ORM events (``load``, ``before_update``, ...), called with the InstanceState.
+
+    ``first``: ahead of the listeners already attached (SQLAlchemy's ``insert=True``).
+    """
     for name, fn in handlers.items():
-        event.listen(mapper, name, fn, raw=True)
+        event.listen(mapper, name, fn, raw=True, insert=first)
 
 
 def on_every_mapper(fn: Callable[[Mapper[Any], type], None]) -> None:

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapper, ORMExecuteState
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.elements import ClauseElement
 
 from . import _sa
 from .context import SCOPE as _tenant
@@ -185,7 +186,7 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
     from . import _hooks
 
     opener = functools.partial(_open_state, specs)
-    handlers: dict[str, Any] = {"load": opener, "refresh": opener}
+    handlers: dict[str, Any] = {}
     if groups:
         group_list = list(groups.values())
         restore = functools.partial(_restore, group_list)
@@ -195,6 +196,10 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
             after_update=restore,
             after_insert=restore,
         )
+    # Values are opened before any other load listener runs, such as
+    # SQLAlchemy's mutation tracking (MutableDict.as_mutable(EncryptedJSON())),
+    # registered earlier, which would otherwise meet a Sealed value.
+    _hooks.on_mapper(mapper, {"load": opener, "refresh": opener}, first=True)
     _hooks.on_mapper(mapper, handlers)
 
 
@@ -327,6 +332,24 @@ def _bind(v: Any, tenant: Any) -> Any:
     return bv
 
 
+def _bind_value(typ: EncryptedText, v: Any, tenant: Any) -> Any:
+    """``v`` bound to ``tenant``, as the write guard seals it.
+
+    A value that is not text (a date, a document, a JSON value, possibly
+    changed in place) is bound as its type's text form and remembered, for
+    :func:`_restore` to put the object itself back after the flush. A str
+    given to a type whose values are not text is left for the guard to refuse.
+    """
+    if isinstance(v, str):
+        return _bind(v, tenant) if typ.text_values else v
+    if v is None or tenant is None or isinstance(v, Sealed | ClauseElement):
+        return v  # the write guard's own checks name these
+    bound = _bind(typ.plaintext(v), tenant)
+    if type(bound) is BoundText:
+        bound.carnet_original = v
+    return bound
+
+
 def _stored_practice(
     g: _Group, mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
 ) -> Any:
@@ -357,11 +380,11 @@ def _before_update(
             _reseal(g, mapper, connection, state)
             continue
         tenant: Any = d.get(g.practice_key(), NO_VALUE)
-        for key, _typ, _col in g.items:
-            if key in cs and isinstance(d.get(key), str):
+        for key, typ, _col in g.items:
+            if key in cs and d.get(key) is not None:
                 if tenant is NO_VALUE:
                     tenant = _stored_practice(g, mapper, connection, state)
-                d[key] = _bind(d[key], tenant)
+                d[key] = _bind_value(typ, d[key], tenant)
 
 
 def _reseal(
@@ -400,7 +423,7 @@ def _reseal(
             v = d.get(key)
         if isinstance(v, Sealed):
             v = _plain(typ, v, old_tenant)
-        v = _bind(v, new)
+        v = _bind_value(typ, v, new)
         if type(v) is BoundText:
             v.carnet_moved_from = old_tenant
         d[key] = v
@@ -448,22 +471,26 @@ def _before_insert(
     for g in groups:
         if g.parent is not None:
             continue  # the guard finds the parent's practice from the foreign key
-        for key, _typ, col in g.items:
-            if col.table is not g.tcol.table and isinstance(d.get(key), str):
+        for key, typ, col in g.items:
+            if col.table is not g.tcol.table and d.get(key) is not None:
                 tenant = d.get(g.tkey)
-                d[key] = _bind(d[key], None if tenant is None else practice_text(tenant, g.tcol))
+                d[key] = _bind_value(
+                    typ, d[key], None if tenant is None else practice_text(tenant, g.tcol)
+                )
 
 
 def _restore(
     groups: list[_Group], mapper: Mapper[Any], connection: sa.Connection, state: InstanceState[Any]
 ) -> None:
-    # Put plain str back on the instance: BoundText is a flush-time detail.
+    # Put plain str (or the value itself: a date, a document, a tracked
+    # MutableDict) back on the instance: BoundText is a flush-time detail.
     d = state.dict
     for g in groups:
         for key, _typ, _col in g.items:
             v = d.get(key)
             if type(v) is BoundText:
-                d[key] = str.__str__(v)
+                original = v.carnet_original
+                d[key] = original if original is not None else str.__str__(v)
 
 
 def _written_keys(state: ORMExecuteState) -> set[str]:

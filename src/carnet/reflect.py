@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +23,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import dbchecks
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidPlaintext
 
 IN_PLACE = "in-place"
 EXPAND = "expand"
 TEXT = "text"
 DATE = "date"
+BYTES = "bytes"
+JSON = "json"
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,39 @@ class Target:
     tenant: TenantPath
     label: str
     metadata: sa.MetaData = field(repr=False)
-    # What the legacy column holds: TEXT (sealed as its UTF-8) or DATE (sealed
-    # as its ISO text, as EncryptedDate seals a date).
+    # What the legacy column holds: TEXT (sealed as its UTF-8), DATE (sealed
+    # as its ISO text, as EncryptedDate seals a date), BYTES (a BLOB, sealed
+    # as it is, as EncryptedBytes) or JSON (sealed as its canonical JSON, as
+    # EncryptedJSON).
     plaintext: str = TEXT
 
-    def plaintext_of(self, value: Any) -> str:
-        """The text sealed for a legacy value: the string itself, or a date's ``YYYY-MM-DD``."""
+    def plaintext_of(self, value: Any) -> bytes:
+        """The plaintext sealed for a legacy value, as the column's carnet type seals it.
+
+        The string's UTF-8; a date's ``YYYY-MM-DD``; a BLOB's bytes; a JSON
+        value's canonical JSON (a str from the driver is parsed first).
+        Raises :class:`~carnet.errors.InvalidPlaintext` for a JSON value
+        ``EncryptedJSON`` does not store (a scalar) or a BLOB over its limit.
+        """
         if self.plaintext == DATE:
-            return str(value.isoformat())
-        return str(value)
+            return str(value.isoformat()).encode("ascii")
+        if self.plaintext == BYTES:
+            from .types_binary import MAX_BYTES
+
+            data = bytes(value)
+            if len(data) > MAX_BYTES:
+                raise InvalidPlaintext(f"a value over {MAX_BYTES} bytes")
+            return data
+        if self.plaintext == JSON:
+            from .types_binary import canonical_json
+
+            if isinstance(value, str | bytes):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    value = None  # refused below, outside the except block
+            return canonical_json(value).encode("utf-8")
+        return str(value).encode("utf-8")
 
     @property
     def mode(self) -> str:
@@ -254,7 +281,7 @@ def resolve(
                     raise ConfigurationError(f"table {tn!r} has no column {cn!r}")
     if t_col not in md.tables[t_table].c:
         raise ConfigurationError(f"table {t_table!r} has no column {t_col!r}")
-    plaintext = _plaintext_kind(t.c[column], into)
+    plaintext = _plaintext_kind(t.c[column], into, _json_checked(engine, t, column))
     pk_cols = tuple(pk) or tuple(c.name for c in t.primary_key.columns)
     if not pk_cols:
         raise ConfigurationError(f"table {table!r} has no primary key: name one with --pk")
@@ -273,10 +300,41 @@ def resolve(
     )
 
 
-def _plaintext_kind(col: sa.Column[Any], into: str | None) -> str:
-    """TEXT or DATE for the legacy column; refuse what carnet cannot seal as its types do."""
+def _json_checked(engine: sa.Engine, table: sa.Table, column: str) -> bool:
+    """Whether MariaDB's JSON type made this column: a LONGTEXT with ``json_valid(col)``."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        return False  # PostgreSQL and SQLite reflect JSON as JSON
+    # A column-level CHECK, which SQLAlchemy's reflection does not report.
+    sql = sa.text(
+        "SELECT check_clause FROM information_schema.check_constraints "
+        "WHERE constraint_schema = COALESCE(:schema, DATABASE()) AND table_name = :table"
+    )
+    try:
+        with engine.connect() as conn:
+            clauses = conn.execute(sql, {"schema": table.schema, "table": table.name}).scalars()
+            want = f"json_valid(`{column}`)".lower()
+            return any(want in str(c).lower() for c in clauses)
+    except sa.exc.DBAPIError:
+        return False  # MySQL before 8.0.16: no such view, no JSON check either
+
+
+def _plaintext_kind(col: sa.Column[Any], into: str | None, json_checked: bool = False) -> str:
+    """TEXT, DATE, BYTES or JSON for the legacy column; refuse what carnet cannot seal
+    as its types do."""
     typ = col.type
     where = f"{col.table.name}.{col.name}"
+    if into is not None and (isinstance(typ, sa.JSON) or json_checked):
+        return JSON  # read by carnet.EncryptedJSON
+    if into is not None and isinstance(typ, sa.types._Binary):
+        # A BLOB of documents, read by carnet.EncryptedBytes. In place, a
+        # binary column is one that holds ciphertext already (verify after a
+        # contract step): TEXT below.
+        return BYTES
+    if isinstance(typ, sa.JSON):
+        raise ConfigurationError(
+            f"{where} is a JSON column, which cannot hold ciphertext: migrate it into a new "
+            "column with --into (expand/contract), read by carnet.EncryptedJSON"
+        )
     if isinstance(typ, sa.DateTime):
         raise ConfigurationError(
             f"{where} is a date and time: its calendar date depends on a time zone. Convert it to "
@@ -318,6 +376,23 @@ def is_text_column(col: sa.ColumnElement[Any]) -> bool:
         return col.type.python_type is str
     except NotImplementedError:
         return False
+
+
+def require_sealable_in_place(target: Target) -> None:
+    """Refuse to seal a binary column in place: its plaintext is a document, not text.
+
+    In place, carnet writes the text form of the sealed UTF-8 of each value;
+    a BLOB of documents goes into a new column (``--into``), read by
+    ``EncryptedBytes``. A binary column in place is one that holds
+    ciphertext already: ``verify`` and ``finish`` read it.
+    """
+    col = target.table.c[target.column]
+    if target.mode == IN_PLACE and isinstance(col.type, sa.types._Binary):
+        raise ConfigurationError(
+            f"{target.name} is a binary column: carnet migrate seals its documents into a new "
+            "binary column with --into (expand/contract), read by carnet.EncryptedBytes; "
+            "in place, a binary column can only be verified (migrate verify / finish)"
+        )
 
 
 def check_column(engine: sa.Engine, table: str, column: str, *, pk: Sequence[str] = ()) -> sa.Table:

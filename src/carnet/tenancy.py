@@ -457,9 +457,14 @@ class _Write:
         """Check one value and bind it to its practice; returns that practice (None: NULL)."""
         v, where = _value(src, self.embedded, e.key)
         raw = v
-        if v is not None and type(v) is not BoundText and not isinstance(v, str):
-            # The type's own plaintext form (a date's ISO text); refuses what it
-            # cannot store.
+        if (
+            v is not None
+            and type(v) is not BoundText
+            and (not isinstance(v, str) or not e.type.text_values)
+        ):
+            # The type's own plaintext form (a date's ISO text, a document's
+            # bytes, canonical JSON); refuses what it cannot store (a str, for
+            # the types whose values are not text).
             v = e.type.plaintext(v)
         _check_plain(e, v)
         if v is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
@@ -125,6 +125,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
 
     impl = sa.LargeBinary
     cache_ok = True
+    # Whether a plain str is a value of this type. False for EncryptedBytes
+    # and EncryptedJSON: the write guard then hands every value not yet bound
+    # to a practice to plaintext(), which refuses a str.
+    text_values: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -782,3 +786,9 @@ def BlindIndex(  # noqa: N802 - reads as a column type in a model
     if column_name is None:
         return cast("BlindIndexColumn", sa.Column(typ, nullable=True))
     return cast("BlindIndexColumn", sa.Column(column_name, typ, nullable=True))
+
+
+# Documents and JSON, in their own module (re-exported here: every column type
+# is importable from carnet.types).
+from .types_binary import EncryptedBytes as EncryptedBytes  # noqa: E402
+from .types_binary import EncryptedJSON as EncryptedJSON  # noqa: E402

@@ -49,6 +49,9 @@ class BoundText(str):
 
     carnet_tenant: str
     carnet_moved_from: str | None = None
+    # A value that is not text (a date, a document, a JSON value) travels
+    # through a flush as its type's text form; the ORM puts this back after.
+    carnet_original: Any = None
 
 
 class Sealed:

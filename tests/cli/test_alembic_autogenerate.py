@@ -576,3 +576,12 @@ def test_render_type_of_the_searchable_types() -> None:
     assert (made.length, made.tenant, made.label) == (7, "p", "x.y")
     made = eval(render(carnet.EncryptedDate("p")), {"carnet": carnet})  # noqa: S307
     assert isinstance(made, carnet.EncryptedDate) and made.tenant == "p"
+
+
+def test_render_type_of_documents_and_json() -> None:
+    render = carnet_alembic.render_type
+    assert render(carnet.EncryptedBytes(tenant="p")) == "carnet.EncryptedBytes(tenant='p')"
+    made = eval(render(carnet.EncryptedBytes("p", max_bytes=1000)), {"carnet": carnet})  # noqa: S307
+    assert isinstance(made, carnet.EncryptedBytes) and made.max_bytes == 1000
+    made = eval(render(carnet.EncryptedJSON("p", storage="text")), {"carnet": carnet})  # noqa: S307
+    assert isinstance(made, carnet.EncryptedJSON) and (made.tenant, made.storage) == ("p", "text")

@@ -2,8 +2,8 @@
 
 Both checkers run as subprocesses, over tests/typing/search_types.py (search
 generic in the model, a BlindIndex attribute typed as what it holds) and
-over the Python examples of README.md, docs/quickstart.md and
-docs/searchable.md as a reader copies them. They check ``src/`` of this
+over the Python examples of README.md, docs/quickstart.md,
+docs/searchable.md and docs/data-shapes.md as a reader copies them. They check ``src/`` of this
 checkout, not an installed carnet. A file with a wrong ``assert_type`` must
 fail under both, so a checker that silently sees ``Any`` cannot pass.
 """
@@ -43,6 +43,13 @@ PREAMBLE = {
 }
 # What the examples' results are, checked after them.
 AFTER = {
+    "data-shapes.md": (
+        "from typing_extensions import assert_type\n"
+        "def read_back(row: Letter) -> None:\n"
+        "    assert_type(row.scan, bytes | None)\n"
+        "    assert_type(row.vitals, dict[str, Any] | None)\n"
+        "    assert_type(row.codes, list[Any] | None)\n"
+    ),
     "searchable.md": (
         "from typing_extensions import assert_type\n"
         "assert_type(found, list[Patient])\n"
@@ -163,6 +170,7 @@ def test_docs_examples_pass_both_checkers(tmp_path: Path) -> None:
         ROOT / "README.md",
         ROOT / "docs" / "quickstart.md",
         ROOT / "docs" / "searchable.md",
+        ROOT / "docs" / "data-shapes.md",
     ):
         f = tmp_path / f"doc_{doc.stem.lower()}.py"
         f.write_text(_doc_module(doc), encoding="utf-8")

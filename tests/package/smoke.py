@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import carnet
+import carnet.types_binary
 from carnet import envelope, transforms
 
 NOTE = "Patiente anxieuse, suivi dépression (smoke)"
@@ -54,6 +55,20 @@ def vectors(folder: Path) -> int:
             assert opener.open(blob).decode("utf-8") == v["plaintext"], v["name"]
             assert envelope.from_text(v["text_form"]) == blob, v["name"]
             n += 1
+    # EncryptedBytes and EncryptedJSON: the wheel's types encode each value
+    # as the plaintext recorded, which opens from the value recorded.
+    for v in json.loads((folder / "carnet_types_v2.json").read_text("utf-8"))["vectors"]:
+        blob = bytes.fromhex(v["blob"])
+        opener = envelope.Opener(
+            bytes.fromhex(v["dek"]), bytes.fromhex(v["key_id"]), v["label"], v["tenant"]
+        )
+        plain = opener.open(blob)
+        assert plain.hex() == v["plaintext_hex"], v["name"]
+        if v["type"] == "EncryptedBytes":
+            assert plain == bytes.fromhex(v["value_hex"]), v["name"]
+        else:
+            assert carnet.types_binary.canonical_json(v["value"]).encode() == plain, v["name"]
+        n += 1
     return n
 
 

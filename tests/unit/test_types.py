@@ -436,6 +436,8 @@ def test_core_key_created_in_a_rolled_back_transaction_is_forgotten(
         lambda: carnet.EncryptedText(tenant="patient.practice_id"),
         lambda: carnet.EncryptedString(40, tenant="patient.practice_id"),
         lambda: carnet.EncryptedDate(tenant="patient.practice_id"),
+        lambda: carnet.EncryptedBytes(tenant="patient.practice_id", max_bytes=1000),
+        lambda: carnet.EncryptedJSON(tenant="patient.practice_id", storage="text"),
     ],
 )
 def test_every_column_type_copies_through_one_path(make: Any) -> None:
@@ -466,3 +468,4 @@ def test_every_column_type_copies_through_one_path(make: Any) -> None:
     assert copy.tenant_path is where
     assert copy.storage == typ.storage and copy.own_manager is typ.own_manager
     assert getattr(copy, "length", None) == getattr(typ, "length", None)
+    assert getattr(copy, "max_bytes", None) == getattr(typ, "max_bytes", None)

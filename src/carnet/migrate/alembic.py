@@ -241,9 +241,12 @@ def render_type(type_: EncryptedText) -> str:
     ``storage`` only when it is not the default. ``mixed_read`` and
     ``manager`` are runtime choices of the application, not schema.
     ``EncryptedString(n)`` keeps its length (it sizes the column) and
-    ``EncryptedDate`` its name (it sizes the column and types the value).
+    ``EncryptedDate`` its name (it sizes the column and types the value), as
+    do ``EncryptedBytes`` (with a ``max_bytes`` below the default) and
+    ``EncryptedJSON`` (they type the value).
     """
     from ..types import EncryptedDate, EncryptedString
+    from ..types_binary import MAX_BYTES, EncryptedBytes, EncryptedJSON
 
     args = []
     name = "EncryptedText"
@@ -252,12 +255,18 @@ def render_type(type_: EncryptedText) -> str:
         args.append(str(type_.length))
     elif isinstance(type_, EncryptedDate):
         name = "EncryptedDate"
+    elif isinstance(type_, EncryptedBytes):
+        name = "EncryptedBytes"
+    elif isinstance(type_, EncryptedJSON):
+        name = "EncryptedJSON"
     if type_.tenant is not None:
         args.append(f"tenant={type_.tenant!r}")
     if type_.label is not None:
         args.append(f"label={type_.label!r}")
     if type_.storage != "binary":
         args.append(f"storage={type_.storage!r}")
+    if isinstance(type_, EncryptedBytes) and type_.max_bytes != MAX_BYTES:
+        args.append(f"max_bytes={type_.max_bytes}")
     return f"carnet.{name}({', '.join(args)})"
 
 

@@ -42,7 +42,7 @@ from ..manager import KeyManager
 from . import plan as plan_mod
 from . import residue as residue_mod
 from . import run as run_mod
-from .target import DATE, EXPAND, Target, resolve
+from .target import BYTES, DATE, EXPAND, JSON, Target, resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -76,7 +76,7 @@ def _target_options(f: F) -> F:
             "--into",
             default=None,
             help="Expand/contract: the new column to fill, binary or text (default: "
-            "in place). Needed for a DATE column.",
+            "in place). Needed for a DATE, BLOB or JSON column.",
         ),
         click.option(
             "--label",
@@ -458,11 +458,11 @@ def finish_cmd(
     if v.clean:
         col = target.column
         if target.mode == EXPAND:
-            typ = (
-                "EncryptedDate"
-                if target.plaintext == DATE
-                else "EncryptedText (or EncryptedString(n))"
-            )
+            typ = {
+                DATE: "EncryptedDate",
+                BYTES: "EncryptedBytes",
+                JSON: "EncryptedJSON",
+            }.get(target.plaintext, "EncryptedText (or EncryptedString(n))")
             advice = (
                 f"{target.name} is strict. Point the application at {col} only "
                 f"({typ} with label={target.label!r}), then run the "

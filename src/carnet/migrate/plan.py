@@ -18,9 +18,9 @@ import sqlalchemy as sa
 
 from .. import envelope
 from ..batch import WritePlan
-from ..errors import CarnetError
+from ..errors import CarnetError, InvalidPlaintext
 from ..manager import KeyManager
-from ..reflect import is_text_column
+from ..reflect import is_text_column, require_sealable_in_place
 from . import scan as sc
 from .target import EXPAND, IN_PLACE, Target
 
@@ -36,7 +36,10 @@ SAMPLE = 20
 
 def _stored_length(target: Target, row: sc.ScannedRow, in_place: bool) -> int:
     """Characters (text form) or bytes (binary) of the value sealed for ``row``."""
-    size = len(target.plaintext_of(row.source).encode("utf-8"))
+    try:
+        size = len(target.plaintext_of(row.source))
+    except InvalidPlaintext:
+        return 0  # not storable at all: the run leaves the row and lists it
     tenant = sc.tenant_str(row.tenant) or ""
     text = in_place or is_text_column(target.table.c[target.column])
     return envelope.width(size, len(tenant.encode("utf-8")), text=text)
@@ -116,6 +119,7 @@ def build_plan(
     batch_size: int = 1000,
     rate: float | None = None,
 ) -> Plan:
+    require_sealable_in_place(target)
     started = time.monotonic()
     per: dict[str, Counter[str]] = defaultdict(Counter)
     samples: dict[str, list[list[Any]]] = defaultdict(list)

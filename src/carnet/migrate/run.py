@@ -25,12 +25,12 @@ import sqlalchemy as sa
 from .. import dbchecks, envelope
 from .. import verify as vf
 from ..batch import BatchReport, BatchRow, run_batches
-from ..errors import CarnetError
+from ..errors import CarnetError, InvalidPlaintext
 from ..manager import KeyManager
-from ..reflect import checks_spec, is_text_column, spec_for_path
+from ..reflect import checks_spec, is_text_column, require_sealable_in_place, spec_for_path
 from . import scan as sc
 from . import state
-from .target import IN_PLACE, Target, TenantPath
+from .target import IN_PLACE, TEXT, Target, TenantPath
 
 Prefixed = Literal["report", "encrypt"]
 
@@ -38,6 +38,9 @@ Prefixed = Literal["report", "encrypt"]
 # (VARCHAR(n)), as `plan` counts them: left and reported, never sent to a
 # database that would refuse (or, without strict mode, cut) it.
 TOO_LONG = "too_long"
+# A value the column's carnet type does not store (a JSON scalar, a BLOB over
+# EncryptedBytes's limit): left in the legacy column and listed.
+NOT_STORABLE = "not_storable"
 
 
 class RowLeft(CarnetError):
@@ -83,6 +86,8 @@ def _transform(
     def seal(text: str, tenant: str) -> bytes:
         return manager.encrypt(text.encode("utf-8"), tenant=tenant, label=label)
 
+    typed = target.plaintext != TEXT
+
     def transform(row: BatchRow) -> Any:
         tenant = sc.tenant_str(row.extra.get("tenant"))
         if in_place:
@@ -109,9 +114,16 @@ def _transform(
         if tenant is None:
             raise left(sc.NO_TENANT, row.pk)
         stored: bytes | str
-        if not isinstance(source, str):
-            # A DATE: sealed as the ISO text EncryptedDate reads back.
-            stored = seal(target.plaintext_of(source), tenant)
+        if typed or not isinstance(source, str):
+            # A DATE, a BLOB or a JSON value: sealed as EncryptedDate,
+            # EncryptedBytes or EncryptedJSON seal it, so that they read it back.
+            try:
+                plain = target.plaintext_of(source)
+            except InvalidPlaintext:
+                plain = None  # a JSON scalar, an oversized BLOB: left, outside the except
+            if plain is None:
+                raise left(NOT_STORABLE, row.pk)
+            stored = manager.encrypt(plain, tenant=tenant, label=label)
         else:
             kind = sc.classify_text(manager, source, tenant, label)
             if kind == sc.SEALED:
@@ -153,6 +165,7 @@ def run_migration(
     """
     if prefixed not in ("report", "encrypt"):
         raise ValueError("prefixed must be 'report' or 'encrypt'")
+    require_sealable_in_place(target)
     engine = _parameters_hidden(engine)
     state.record(engine, target.describe(), state.RUNNING)
     problems: dict[str, dict[tuple[Any, ...], None]] = {}

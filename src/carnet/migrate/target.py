@@ -1,9 +1,11 @@
 """The migration's target: moved to :mod:`carnet.reflect`, where carnet resolves every table."""
 
 from ..reflect import (
+    BYTES,
     DATE,
     EXPAND,
     IN_PLACE,
+    JSON,
     TEXT,
     JoinStep,
     Target,
@@ -14,9 +16,11 @@ from ..reflect import (
 )
 
 __all__ = [
+    "BYTES",
     "DATE",
     "EXPAND",
     "IN_PLACE",
+    "JSON",
     "TEXT",
     "JoinStep",
     "Target",
