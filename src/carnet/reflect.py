@@ -318,6 +318,14 @@ def _json_checked(engine: sa.Engine, table: sa.Table, column: str) -> bool:
         return False  # MySQL before 8.0.16: no such view, no JSON check either
 
 
+def _is_binary(typ: sa.types.TypeEngine[Any]) -> bool:
+    """A column of bytes (BLOB, BYTEA, VARBINARY, MariaDB's LONGBLOB...), by its Python type."""
+    try:
+        return typ.python_type is bytes
+    except NotImplementedError:
+        return False
+
+
 def _plaintext_kind(col: sa.Column[Any], into: str | None, json_checked: bool = False) -> str:
     """TEXT, DATE, BYTES or JSON for the legacy column; refuse what carnet cannot seal
     as its types do."""
@@ -325,7 +333,7 @@ def _plaintext_kind(col: sa.Column[Any], into: str | None, json_checked: bool = 
     where = f"{col.table.name}.{col.name}"
     if into is not None and (isinstance(typ, sa.JSON) or json_checked):
         return JSON  # read by carnet.EncryptedJSON
-    if into is not None and isinstance(typ, sa.types._Binary):
+    if into is not None and _is_binary(typ):
         # A BLOB of documents, read by carnet.EncryptedBytes. In place, a
         # binary column is one that holds ciphertext already (verify after a
         # contract step): TEXT below.
@@ -387,7 +395,7 @@ def require_sealable_in_place(target: Target) -> None:
     ciphertext already: ``verify`` and ``finish`` read it.
     """
     col = target.table.c[target.column]
-    if target.mode == IN_PLACE and isinstance(col.type, sa.types._Binary):
+    if target.mode == IN_PLACE and _is_binary(col.type):
         raise ConfigurationError(
             f"{target.name} is a binary column: carnet migrate seals its documents into a new "
             "binary column with --into (expand/contract), read by carnet.EncryptedBytes; "
