@@ -552,7 +552,16 @@ class _Write:
         stmt = self.stmt
         out_rows = self.out_rows
         if self.new_embedded:
-            stmt = stmt.values(self.new_embedded)
+            try:
+                stmt = stmt.values(self.new_embedded)
+            except sa.exc.InvalidRequestError:
+                # update().ordered_values(...) takes no further values: the
+                # value cannot be bound to its practice inside the statement.
+                raise UnsupportedOperation(
+                    "an UPDATE with ordered_values() that writes an encrypted column: carnet "
+                    "binds each value to its row's practice and cannot add it to ordered "
+                    "values; use .values(...) or pass the value as an execute parameter"
+                ) from None
         if self.pins is not None and self.pin_column is not None and self.is_update:
             out_rows = [r if c else dict(r) for r, c in zip(out_rows, self.is_copy, strict=True)]
             stmt = _pinned(stmt, self.pins, self.pin_column, self.pin_parent, out_rows)

@@ -126,8 +126,10 @@ def copy_column(_engine: sa.Engine) -> None:
 
 
 def ordered_update(engine: sa.Engine) -> None:
+    # NULL: nothing to bind, so the statement runs as written (a text value
+    # would be refused: test_ordered_values_writing_a_note_is_refused_clearly).
     with carnet.tenant_scope("p1"), engine.begin() as conn:
-        conn.execute(notes.update().where(notes.c.id == 1).ordered_values((notes.c.body, "o")))
+        conn.execute(notes.update().where(notes.c.id == 1).ordered_values((notes.c.body, None)))
 
 
 # What depends on each name. A name added to carnet._sa.NAMES without a
@@ -293,3 +295,14 @@ def test_one_module_attaches_listeners_and_one_before_execute_runs(
         if getattr(fn, "__module__", "").startswith("carnet")
     ]
     assert len(listeners) == 1
+
+
+def test_ordered_values_writing_a_note_is_refused_clearly(a_note: None, engine: sa.Engine) -> None:
+    stmt = notes.update().where(notes.c.id == 1).ordered_values((notes.c.body, "PLANTED"))
+    with carnet.tenant_scope("p1"), engine.begin() as conn:
+        with pytest.raises(UnsupportedOperation, match="ordered_values") as err:
+            conn.execute(stmt)
+    assert "PLANTED" not in str(err.value)
+    with carnet.tenant_scope("p1"), engine.connect() as conn:
+        body = conn.execute(sa.select(notes.c.body).where(notes.c.id == 1)).scalar_one()
+    assert body == "premier"  # nothing written
