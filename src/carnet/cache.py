@@ -162,6 +162,12 @@ class KeyCache:
         self.drop_fast_paths()
 
     def drop_fast_paths(self) -> None:
+        # Expired as well as forgotten: a column's result processor may hold the
+        # last opener it used (carnet.types), and must not use it past this point.
+        for opener in self.openers.values():
+            opener.expires = 0.0
+        for sealer in self.sealers.values():
+            sealer.expires = 0.0
         self.sealers.clear()
         self.openers.clear()
 

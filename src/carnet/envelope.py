@@ -327,6 +327,21 @@ class Opener:
         except AuthenticationFailed:
             raise InvalidCiphertext(label=self.label, tenant=self.tenant) from None
 
+    def open_text(self, blob: bytes) -> str | None:
+        """The read hot path: a text value of this opener's key, label and practice,
+        decrypted and decoded in one frame; ``None`` when ``blob`` is not framed as
+        one (a caller holding this opener for another value then looks up its own,
+        or :meth:`open` says what is wrong with it). A failed tag raises."""
+        at = self._body
+        if blob[:at] != self._head or len(blob) < self._min_size:
+            return None
+        nonce_end = self._nonce_end
+        try:
+            plain = self._decrypt(blob[at:nonce_end], blob[nonce_end:], self._aad)
+        except AuthenticationFailed:
+            raise InvalidCiphertext(label=self.label, tenant=self.tenant) from None
+        return plain.decode("utf-8")
+
     def __repr__(self) -> str:
         return f"<carnet.envelope.Opener label={self.label!r} tenant={self.tenant!r}>"
 

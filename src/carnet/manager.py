@@ -379,7 +379,8 @@ class KeyManager:
             # read never has its text in this frame.
             hook(tenant, label, 1)
         self._fast_hits += 1
-        return opener.open(blob).decode("utf-8")
+        text = opener.open_text(blob)
+        return text if text is not None else opener.open(blob).decode("utf-8")
 
     def key_id_of(self, blob: bytes) -> bytes:
         return envelope.key_id_of(blob)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast, overload
 
@@ -36,6 +37,8 @@ from .errors import (
 )
 from .transforms import Transform
 from .values import BoundText, ParentPractice, Sealed
+
+_KEY_ID = envelope.KEY_ID
 
 if TYPE_CHECKING:
     from .manager import KeyManager
@@ -364,17 +367,49 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         own = self._manager
         manager_of = self.manager_for
 
+        # The sealer of the last value this processor sealed, as the result
+        # processor keeps its opener: consecutive values of one practice skip the
+        # manager's cache lookup while it is unexpired (the cache expires every
+        # sealer it drops: a rotation, a first key rolled back, a shredding).
+        last: tuple[Any, Any, Any, Any] = (None, None, None, None)
+        monotonic = time.monotonic
+
         def process(value: Any) -> Any:
-            blob = None
-            if value.__class__ is str:
+            nonlocal last
+            tenant = None
+            cls_ = value.__class__
+            if cls_ is str:
+                tenant = get_scope()  # a plain str is sealed for the scope
+            elif cls_ is BoundText:
+                # Bound by the write guard to its row's practice (an ORM flush,
+                # a Core write with the practice in it): sealed for that practice,
+                # unless a scope of another practice forbids it (the slow path
+                # raises, as process_bind_param does).
                 scope = get_scope()
-                label = self._resolved_label
-                if scope is not None and label is not None:
-                    manager = own if own is not None else manager_of(dialect)
-                    try:
-                        blob = manager._seal_text(value, scope, label)
-                    except Exception:  # noqa: BLE001 - redone below, with its clear error
-                        blob = None
+                tenant = value.carnet_tenant
+                if not (scope is None or scope == tenant or value.carnet_moved_from == scope):
+                    tenant = None
+            label = self._resolved_label
+            blob = None
+            if tenant is not None and label is not None:
+                manager = own if own is not None else manager_of(dialect)
+                sealer, of, practice, of_label = last
+                try:
+                    if (
+                        of is manager
+                        and practice == tenant
+                        and of_label is label
+                        and sealer.expires > monotonic()
+                    ):
+                        blob = sealer.seal(value.encode("utf-8"))
+                        manager._fast_hits += 1
+                    else:
+                        blob = manager._seal_text(value, tenant, label)
+                        sealer = manager._sealers.get((tenant, label))
+                        if sealer is not None:
+                            last = (sealer, manager, tenant, label)
+                except Exception:  # noqa: BLE001 - redone below, with its clear error
+                    blob = None
             if blob is None:
                 blob = slow(value, dialect)
             return impl_processor(blob) if impl_processor is not None else blob
@@ -394,21 +429,49 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # EncryptedText's own text: straight into the manager's hot path
         # (subclasses decode their plaintext their own way).
         label = self._resolved_label if type(self).decrypt is EncryptedText.decrypt else None
+        # The opener of the last value this processor opened, with its manager:
+        # consecutive values of one practice and key (a Core read in a scope)
+        # skip the manager's cache lookup. Used only while it is unexpired (the
+        # cache expires every opener it drops: a rotation, a destroyed practice),
+        # for the same manager and scope, with no decrypt hook to call, and only
+        # for a value framed for it (version, key id, label tag and practice).
+        last: tuple[Any, Any] = (None, None)
+        monotonic = time.monotonic
 
         def process(value: Any) -> Any:
+            nonlocal last
             if value is None:
                 return None
             if value.__class__ is not bytes:
-                value = envelope.from_binary(value, self.field_label)
+                # psycopg2 hands back a memoryview: copied, as from_binary would.
+                if value.__class__ is memoryview:
+                    value = bytes(value)
+                else:
+                    value = envelope.from_binary(value, self.field_label)
             # Resolved per value, not when the processor is built: processors are
             # cached per dialect, and the manager bound to an engine may change.
             manager = own if own is not None else manager_of(dialect)
             tenant = get_tenant()
             if tenant is None:
                 return Sealed(value, self, manager)
-            if label is not None:
-                return manager._open_text(value, tenant, label)
-            return decrypt(value, tenant, manager)
+            if label is None:
+                return decrypt(value, tenant, manager)
+            opener, of = last
+            if (
+                of is manager
+                and opener.tenant == tenant
+                and opener.expires > monotonic()
+                and manager.decrypt_hook is None
+            ):
+                text = opener.open_text(value)
+                if text is not None:
+                    manager._fast_hits += 1
+                    return text
+            text = manager._open_text(value, tenant, label)
+            opener = manager._openers.get((value[_KEY_ID], label, tenant))
+            if opener is not None:
+                last = (opener, manager)
+            return text
 
         return process
 

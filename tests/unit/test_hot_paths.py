@@ -1,0 +1,149 @@
+"""The column types' per-value fast paths: what a processor remembers never outlives a key.
+
+A column's result processor keeps the opener of the last value it opened, and
+its bind processor the sealer of the last value it sealed (carnet.types), so
+a Core read or write of one practice skips the manager's cache lookup. Each
+test below makes the remembered opener or sealer wrong (a shredded practice,
+a rotation, another manager, a hook installed later, another practice, an
+older format) and shows that the next value takes the full path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+import carnet
+from carnet import envelope
+from carnet.errors import InvalidCiphertext, KeyDestroyed, TenantMismatch
+from support.models import comments
+
+
+def _write(engine: sa.Engine, practice: str, texts: list[str]) -> list[int]:
+    with carnet.tenant_scope(practice), engine.begin() as conn:
+        start = conn.execute(sa.select(sa.func.count()).select_from(comments)).scalar_one()
+        conn.execute(
+            comments.insert(), [{"id": start + i + 1, "text": t} for i, t in enumerate(texts)]
+        )
+    return [start + i + 1 for i in range(len(texts))]
+
+
+def _read(engine: sa.Engine, practice: str, ids: list[int]) -> list[str]:
+    with carnet.tenant_scope(practice), engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(comments.c.text).where(comments.c.id.in_(ids)).order_by(comments.c.id)
+        ).all()
+    return [r.text for r in rows]
+
+
+def _stored(engine: sa.Engine, pk: int) -> bytes:
+    with engine.connect() as conn:
+        raw = conn.execute(
+            sa.text("SELECT text FROM comments WHERE id = :i"), {"i": pk}
+        ).scalar_one()
+    return bytes(raw)
+
+
+def test_a_shredded_practice_stops_the_remembered_opener(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    ids = _write(engine, "p1", ["one", "two", "three"])
+    assert _read(engine, "p1", ids) == ["one", "two", "three"]  # the processor remembers p1's key
+    keys.destroy("p1")
+    with pytest.raises(KeyDestroyed):
+        _read(engine, "p1", ids)
+
+
+def test_a_rotation_stops_the_remembered_sealer(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    first = _write(engine, "p1", ["a", "b"])
+    old = {envelope.key_id_of(_stored(engine, pk)) for pk in first}
+    keys.rotate("p1")
+    second = _write(engine, "p1", ["c", "d"])
+    new = {envelope.key_id_of(_stored(engine, pk)) for pk in second}
+    assert len(old) == 1 and len(new) == 1 and old != new
+    active = [r.key_id for r in keys.list_keys("p1") if r.state == "active"]
+    assert new == set(active)
+    assert _read(engine, "p1", first + second) == ["a", "b", "c", "d"]
+
+
+def test_a_hook_installed_later_sees_every_value(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    ids = _write(engine, "p1", [f"note {i}" for i in range(5)])
+    assert len(_read(engine, "p1", ids)) == 5  # remembered, no hook yet
+    opened: list[str] = []
+    keys.decrypt_hook = lambda tenant, _label, n: opened.extend([tenant] * n)
+    try:
+        assert len(_read(engine, "p1", ids)) == 5
+    finally:
+        keys.decrypt_hook = None
+    assert opened == ["p1"] * 5
+
+
+def test_another_practice_or_a_value_of_another_key_is_not_opened_with_the_remembered_one(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    p1 = _write(engine, "p1", ["mine"])
+    p2 = _write(engine, "p2", ["theirs"])
+    assert _read(engine, "p1", p1) == ["mine"]
+    # p2's value under p1's scope, right after p1's opener was remembered.
+    with pytest.raises(TenantMismatch):
+        _read(engine, "p1", p1 + p2)
+    keys.rotate("p1")
+    p1_new = _write(engine, "p1", ["newer"])
+    # Old and new keys of one practice, interleaved: each value finds its own opener.
+    assert _read(engine, "p1", p1 + p1_new) == ["mine", "newer"]
+
+
+def test_a_v1_value_is_read_after_a_v2_one(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    # Through the column's result processor itself: the database's format
+    # check refuses a v1 value written now (v1 values are rows from before it).
+    ids = _write(engine, "p1", ["current"])
+    blob = _stored(engine, ids[0])
+    key_id = envelope.key_id_of(blob)
+    dek = keys.cache.keys.get(key_id)
+    assert dek is not None
+    label = comments.c.text.type.field_label
+    nonce = b"\x00" * 12
+    aad = envelope.associated_data(key_id, label, "p1", envelope.V1)
+    # docs/format.md's v1 framing: version 1, key id, nonce, body and tag.
+    legacy = b"\x01" + key_id + nonce + dek.cipher.encrypt(nonce, b"legacy", aad)
+    process = comments.c.text.type.dialect_impl(engine.dialect).result_processor(
+        engine.dialect, None
+    )
+    with carnet.tenant_scope("p1"):
+        assert [process(blob), process(legacy), process(blob)] == ["current", "legacy", "current"]
+
+
+def test_two_managers_on_one_column_each_use_their_own_keys(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    ids = _write(engine, "p1", ["shared"])
+    other = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        assert _read(engine, "p1", ids) == ["shared"]  # remembered with the default manager
+        other.destroy("p1")  # shredded through the other manager: the table says so
+        keys.clear_cache()
+        with pytest.raises(KeyDestroyed):
+            _read(engine, "p1", ids)
+    finally:
+        other.close()
+
+
+def test_the_openers_text_path_refuses_a_tampered_value_and_passes_on_another_framing() -> None:
+    key = bytes(range(32))
+    key_id = bytes(16)
+    sealer = envelope.Sealer(key, key_id, "notes.body", "p1")
+    opener = envelope.Opener(key, key_id, "notes.body", "p1")
+    blob = sealer.seal(b"note")
+    assert opener.open_text(blob) == "note"
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    with pytest.raises(InvalidCiphertext):
+        opener.open_text(tampered)
+    # Framed for another practice or field: not this opener's value (None), and
+    # open() then says what is wrong with it.
+    other = envelope.Sealer(key, key_id, "notes.body", "p2").seal(b"note")
+    assert opener.open_text(other) is None
+    with pytest.raises(TenantMismatch):
+        opener.open(other)
+    assert opener.open_text(blob[:40]) is None
