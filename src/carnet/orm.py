@@ -90,48 +90,72 @@ def _open_state(specs: list[Spec], state: InstanceState[Any], *_context: Any) ->
         v = d.get(key)
         if v.__class__ is not Sealed:
             continue
-        scope = _tenant.get()
+        # The common case in one step: EncryptedText itself, its practice a
+        # str on the row, unchanged, no scope, no strict mode. Anything else
+        # takes the general path below, which checks each of these.
         tenant = d.get(tkey) if tkey is not None else None
-        if tkey is not None and state.committed_state and tkey in state.committed_state:
-            # The practice was changed and not flushed yet: the stored value is
-            # still sealed for the practice it had.
-            before = state.committed_state[tkey]
-            if before is not NO_VALUE:
-                tenant = before
-            elif tenant is not None:
-                raise TenantRequired(
-                    f"{state.class_.__name__}.{key}: its practice was changed before it "
-                    "was loaded; load it first"
-                )
-        if tenant is None:
-            if scope is not None:
-                tenant = scope
-            elif tkey is not None and tkey not in d and tkey not in state.committed_state:
-                # Loaded without its practice (load_only, a refresh of the value
-                # alone): never leave a Sealed in a str attribute. Expire both,
-                # so the first access loads them together and opens the value.
-                _expire(state, [key, tkey])
-                continue
-            else:
-                raise TenantRequired(
-                    f"{state.class_.__name__}.{key}: no practice to open it with"
-                    + (f" ({tkey} is NULL)" if tkey is not None else " (use carnet.tenant_scope)")
-                )
-        else:
-            tenant = str(tenant)
-            if scope is not None and scope != tenant:
-                raise TenantMismatch(scope, tenant)
         manager = v._manager
-        if manager is None:
-            manager = typ.manager
-        if manager.require_scope:
-            typ.check_scope(tenant, manager)
-        label = typ._resolved_label
-        if label is not None and type(typ).decrypt is _TEXT_DECRYPT:
-            # EncryptedText itself: one frame into the manager's hot path.
-            d[key] = manager._open_text(v.data, tenant, label)
+        if (
+            tenant.__class__ is str
+            and manager is not None
+            and not state.committed_state
+            and _tenant.get() is None
+            and not manager.require_scope
+            and typ.__class__.decrypt is _TEXT_DECRYPT
+        ):
+            label = typ._resolved_label
+            if label is not None:
+                d[key] = manager._open_text(v.data, tenant, label)
+                continue
+        _open_value(state, d, key, typ, tkey, v)
+
+
+def _open_value(
+    state: InstanceState[Any], d: dict[str, Any], key: str, typ: EncryptedText, tkey: Any, v: Sealed
+) -> None:
+    """Open one Sealed value of a loaded row: every case, each check."""
+    scope = _tenant.get()
+    tenant = d.get(tkey) if tkey is not None else None
+    if tkey is not None and state.committed_state and tkey in state.committed_state:
+        # The practice was changed and not flushed yet: the stored value is
+        # still sealed for the practice it had.
+        before = state.committed_state[tkey]
+        if before is not NO_VALUE:
+            tenant = before
+        elif tenant is not None:
+            raise TenantRequired(
+                f"{state.class_.__name__}.{key}: its practice was changed before it "
+                "was loaded; load it first"
+            )
+    if tenant is None:
+        if scope is not None:
+            tenant = scope
+        elif tkey is not None and tkey not in d and tkey not in state.committed_state:
+            # Loaded without its practice (load_only, a refresh of the value
+            # alone): never leave a Sealed in a str attribute. Expire both,
+            # so the first access loads them together and opens the value.
+            _expire(state, [key, tkey])
+            return
         else:
-            d[key] = typ.decrypt(v.data, tenant, manager)
+            raise TenantRequired(
+                f"{state.class_.__name__}.{key}: no practice to open it with"
+                + (f" ({tkey} is NULL)" if tkey is not None else " (use carnet.tenant_scope)")
+            )
+    else:
+        tenant = str(tenant)
+        if scope is not None and scope != tenant:
+            raise TenantMismatch(scope, tenant)
+    manager = v._manager
+    if manager is None:
+        manager = typ.manager
+    if manager.require_scope:
+        typ.check_scope(tenant, manager)
+    label = typ._resolved_label
+    if label is not None and type(typ).decrypt is _TEXT_DECRYPT:
+        # EncryptedText itself: one frame into the manager's hot path.
+        d[key] = manager._open_text(v.data, tenant, label)
+    else:
+        d[key] = typ.decrypt(v.data, tenant, manager)
 
 
 _seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
@@ -192,10 +216,21 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
         restore = functools.partial(_restore, group_list)
         handlers.update(
             before_update=functools.partial(_before_update, group_list),
-            before_insert=functools.partial(_before_insert, group_list),
             after_update=restore,
-            after_insert=restore,
         )
+        if any(
+            g.parent is None and col.table is not g.tcol.table
+            for g in group_list
+            for _key, _typ, col in g.items
+        ):
+            # Only a value whose practice lives in another table of the mapper
+            # (joined inheritance) is bound on the instance for an INSERT: the
+            # write guard binds every other one in the statement's parameters,
+            # and an INSERT then costs no per-row listener.
+            handlers.update(
+                before_insert=functools.partial(_before_insert, group_list),
+                after_insert=restore,
+            )
     # Values are opened before any other load listener runs, such as
     # SQLAlchemy's mutation tracking (MutableDict.as_mutable(EncryptedJSON())),
     # registered earlier, which would otherwise meet a Sealed value.
