@@ -139,7 +139,9 @@ def test_a_column_naming_the_patient_records_the_patient(
     assert [r["principal"] for r in json.loads(res.output)["readers"]] == ["dr.v"]
 
 
-def test_a_select_without_the_key_column(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_a_select_without_the_key_column(
+    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.k"), carnet.tenant_scope("p0"), engine.connect() as conn:
         # The patient column not selected: the primary key, as the ORM does.
@@ -151,6 +153,10 @@ def test_a_select_without_the_key_column(keys: carnet.KeyManager, engine: sa.Eng
         ("p0", UNKNOWN_ROW),
         ("p0", UNKNOWN_ROW),
     ]
+    env = {"CARNET_DATABASE_URL": db_url, "CARNET_MASTER_KEY": master_key_uri}
+    res = CliRunner().invoke(cli, ["audit", "report", "--row", "?", "--json"], env=env)
+    assert res.exit_code == 0, res.output
+    assert [r["field"] for r in json.loads(res.output)["readers"]] == ["notes.body"]
 
 
 def test_fetches_record_the_rows_fetched(keys: carnet.KeyManager, engine: sa.Engine) -> None:
