@@ -216,10 +216,17 @@ def _core_trail(conn: Any) -> Any:
 
 
 def _base_column(col: Any) -> Any:
-    """The Table column a selected column stands for (through labels, subqueries, a
-    UNION's first SELECT), or None for an expression of several or none."""
+    """The Table column a selected column stands for (through labels, aliases,
+    subqueries, a UNION's first SELECT), or None for an expression of several or none."""
     bases = [b for b in col.base_columns if isinstance(getattr(b, "table", None), sa.Table)]
     return bases[0] if len(bases) == 1 else None
+
+
+def _source(col: Any) -> Any:
+    """The FROM object a selected column comes from (a table, an alias, a subquery): a
+    note's key is taken from the same one, so each side of a self-join keeps its own."""
+    el = col.element if isinstance(col, sa.Label) else col
+    return _sa.deannotated(getattr(el, "table", None))
 
 
 def _core_spec(statement: Any, rows: bool) -> _CoreSpec:
@@ -235,19 +242,22 @@ def _core_spec(statement: Any, rows: bool) -> _CoreSpec:
             wanted.append((col, typ, base, info))
     if not wanted:
         return []
-    by_base: dict[Any, Any] = {}
+    # Per FROM object, the Table column -> the selected column standing for it.
+    by_source: dict[Any, dict[Any, Any]] = {}
     for col in selected:
         base = _base_column(col)
         if base is not None:
-            by_base.setdefault(base, col)
-
-    def among_selected(cols: list[Any]) -> list[Any] | None:
-        found = [by_base.get(c) for c in cols]
-        return found if found and all(f is not None for f in found) else None
+            by_source.setdefault(_source(col), {}).setdefault(base, col)
 
     spec: _CoreSpec = []
     for col, typ, base, info in wanted:
         table = base.table
+        mine = by_source.get(_source(col), {})
+
+        def among_selected(cols: list[Any], mine: dict[Any, Any] = mine) -> list[Any] | None:
+            found = [mine.get(c) for c in cols]
+            return found if found and all(f is not None for f in found) else None
+
         tcol = table.c.get(typ.tenant) if typ.tenant and "." not in typ.tenant else None
         # As for the ORM: the named column's value, else (not selected, or NULL) the
         # primary key's.
@@ -262,7 +272,7 @@ def _core_spec(statement: Any, rows: bool) -> _CoreSpec:
             if k is not None
         ]
         label = str(typ._resolved_label or typ.field_label)
-        spec.append((col, label, by_base.get(tcol) if tcol is not None else None, keys))
+        spec.append((col, label, mine.get(tcol) if tcol is not None else None, keys))
     return spec
 
 

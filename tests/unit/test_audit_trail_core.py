@@ -159,6 +159,28 @@ def test_a_select_without_the_key_column(
     assert [r["field"] for r in json.loads(res.output)["readers"]] == ["notes.body"]
 
 
+def test_each_side_of_a_join_records_its_own_row(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    trail = _trail(keys, rows=True)
+    other = notes.alias("other")
+    stmt = (
+        sa.select(notes.c.id.label("nid"), notes.c.body, other.c.body.label("b2"), other.c.id)
+        .join_from(notes, other, other.c.id == notes.c.id + 1)
+        .where(notes.c.id == 2)
+    )
+    sub = sa.select(notes).where(notes.c.id == 4).subquery()
+    with principal_scope("dr.join"), carnet.tenant_scope("p0"), engine.connect() as conn:
+        assert conn.execute(stmt).one().b2 == f"{SECRET} 3"
+        assert conn.execute(sa.select(sub.c.body, sub.c.id)).one().id == 4
+        union = sa.union_all(
+            sa.select(notes.c.id, notes.c.body).where(notes.c.id == 5),
+            sa.select(notes.c.id, notes.c.body).where(notes.c.id == 6),
+        )
+        assert len(conn.execute(union).all()) == 2
+    assert sorted(_keys(trail, "dr.join")) == ["2", "3", "4", "5", "6"]
+
+
 def test_fetches_record_the_rows_fetched(keys: carnet.KeyManager, engine: sa.Engine) -> None:
     trail = _trail(keys, rows=True)
     stmt = sa.select(notes).where(notes.c.id <= 6).order_by(notes.c.id)
