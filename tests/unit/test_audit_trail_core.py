@@ -344,3 +344,48 @@ def test_without_its_row_hook_a_read_whose_rows_are_wanted_is_refused(
             conn.execute(stmt)
         assert conn.execute(sa.select(notes.c.id)).all()  # no note: not needed either
     assert _rows(trail) == []
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise ValueError("no text for this key")
+
+
+class _OddKey(sa.types.TypeDecorator[object]):
+    """A primary key the application reads as an object without a text form."""
+
+    impl = sa.Integer
+    cache_ok = True
+
+    def process_result_value(self, value: object, dialect: object) -> object:
+        return _Unprintable()
+
+
+odd_metadata = sa.MetaData()
+odd = sa.Table(
+    "odd",
+    odd_metadata,
+    sa.Column("id", _OddKey, primary_key=True),
+    sa.Column("note", carnet.EncryptedText()),
+)
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"])
+@pytest.mark.parametrize("mode", ["best_effort", "required"])
+def test_a_row_that_cannot_be_recorded_follows_the_mode(
+    keys: carnet.KeyManager, engine: sa.Engine, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    odd_metadata.create_all(engine)
+    with carnet.tenant_scope("p0"), engine.begin() as conn:
+        conn.execute(odd.insert(), [{"id": 1, "note": SECRET}])
+    trail = _trail(keys, rows=True, mode=mode)
+    caplog.set_level(logging.ERROR, logger="carnet.audit")
+    with principal_scope("dr.odd"), carnet.tenant_scope("p0"), engine.connect() as conn:
+        if mode == "required":
+            with pytest.raises(ValueError):
+                conn.execute(sa.select(odd)).all()
+        else:
+            assert conn.execute(sa.select(odd)).one().note == SECRET
+            assert "could not record the row of a Core read (ValueError)" in caplog.text
+    assert _rows(trail) == []
+    assert SECRET not in caplog.text
