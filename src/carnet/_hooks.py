@@ -19,6 +19,11 @@ refused, never passed through (reads of SQLAlchemy's private state go
 through :mod:`carnet._sa`, which raises when they are not what carnet
 expects).
 
+After it, ``after_execute`` (:func:`_after_execute`): the rows of a Core
+SELECT that returns encrypted columns, for an audit trail that wants them
+(:func:`carnet.audit_rows.core_result`): a function SQLAlchemy calls on each
+Row the result makes, installed only then; it never changes the Row.
+
 Around it:
 
 - ``handle_error``: keep plaintext out of SQLAlchemy's error messages. A
@@ -50,7 +55,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, Session
 
-from . import _redact, _txkeys, dbchecks, guard, indexing, orm, tenancy
+from . import _redact, _txkeys, audit_rows, dbchecks, guard, indexing, orm, tenancy
 from .errors import CarnetError
 
 # conn.info key: whether the statement being executed on the connection binds
@@ -81,6 +86,17 @@ def _before_execute(
     )
     conn.info[BINDS_SECRETS] = binds_encrypted or writes or _redact._on_key_table(clauseelement)
     return clauseelement, multiparams, params
+
+
+def _after_execute(
+    conn: sa.Connection,
+    clauseelement: Any,
+    multiparams: Any,
+    params: Any,
+    execution_options: Any,
+    result: Any,
+) -> None:
+    audit_rows.core_result(conn, clauseelement, execution_options, result)  # the rows read
 
 
 def _handle_error(ctx: Any) -> BaseException | None:
@@ -117,6 +133,7 @@ def install() -> None:
     if _installed:
         return
     event.listen(sa.Engine, "before_execute", _before_execute, retval=True)
+    event.listen(sa.Engine, "after_execute", _after_execute)
     event.listen(sa.Engine, "handle_error", _handle_error)
     event.listen(sa.Engine, "rollback", _txkeys.on_rollback)
     event.listen(sa.Engine, "rollback_savepoint", _txkeys.forget)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import annotation, base, dml, elements, lambdas
 from sqlalchemy.sql import schema as sa_schema
@@ -44,7 +45,8 @@ class Private:
     ``owner``: the class (or module) SQLAlchemy defines it on. ``optional``:
     instances may lack it (read as ``default``) as long as ``owner`` still
     defines it, so a rename is still noticed. ``shape``: the types its value
-    may have; anything else is refused.
+    may have; anything else is refused. ``needed_for``: what carnet cannot do
+    without it, in the refusal.
     """
 
     attr: str
@@ -52,11 +54,14 @@ class Private:
     shape: tuple[type, ...] | None = None
     optional: bool = False
     default: Any = None
+    needed_for: str = "check the statement for the tenant invariant"
 
 
 _SEQ = (list, tuple)
 _SEQ_OR_NONE = (list, tuple, type(None))
 _MAP_OR_NONE = (Mapping, type(None))
+
+_ROWS_READ = "record the rows this read discloses, which the audit trail wants"
 
 NAMES: dict[str, Private] = {
     # DML: what an INSERT / UPDATE writes inside the statement itself.
@@ -95,6 +100,24 @@ NAMES: dict[str, Private] = {
     "variant_mapping": Private(
         "_variant_mapping", TypeEngine, (Mapping,), optional=True, default=None
     ),
+    # The audit trail's rows of a Core read: is the statement an ORM one (its
+    # entities' loads record their rows), and the per-result row hook
+    # (echo="debug" logs rows through it) with the row factory memoized from it.
+    "propagate_attrs": Private(
+        "_propagate_attrs", sa.ClauseElement, (Mapping,), needed_for=_ROWS_READ
+    ),
+    "row_logging_fn": Private(
+        "_row_logging_fn",
+        engine_result.Result,
+        (Callable, type(None)),  # type: ignore[arg-type]
+        needed_for=_ROWS_READ,
+    ),
+    "row_getter": Private(
+        "_row_getter",
+        engine_result.Result,
+        (Callable, tuple),  # type: ignore[arg-type]
+        needed_for=_ROWS_READ,
+    ),
 }
 if SA_20:
     NAMES["ordered_values"] = Private("_ordered_values", dml.Update, _SEQ_OR_NONE)
@@ -106,12 +129,12 @@ def not_understood(key: str, obj: Any = None) -> UnsupportedOperation:
     """The refusal when SQLAlchemy's private state is not what carnet reads."""
     p = NAMES.get(key)
     what = p.attr if p is not None else key
+    needed_for = p.needed_for if p is not None else Private.needed_for
     kind = type(obj).__name__ if obj is not None else "a statement"
     return UnsupportedOperation(
         f"carnet cannot read {kind}.{what} with the installed SQLAlchemy ({sa.__version__}): "
-        "the attribute is missing or has an unexpected shape, so carnet cannot check the "
-        "statement for the tenant invariant; refused. Install a SQLAlchemy version carnet "
-        "supports"
+        f"the attribute is missing or has an unexpected shape, so carnet cannot {needed_for}; "
+        "refused. Install a SQLAlchemy version carnet supports"
     )
 
 
@@ -282,6 +305,55 @@ def copy_column(column: Any) -> Any:
 def variant_mapping(typ: Any) -> Mapping[str, Any] | None:
     """``with_variant``'s dialect name -> type, or None."""
     return _read(typ, "variant_mapping")  # type: ignore[no-any-return]
+
+
+# -- results: the audit trail's rows of a Core read -----------------------------------------
+
+# The execution option an ORM Session adds to every ORM SELECT it runs, to load
+# its results (SQLAlchemy's ORMSelectCompileState.orm_pre_session_exec, 2.0 and
+# 2.1). Not an attribute, so not in NAMES: if a release dropped it, a Session's
+# reads would look like Core reads and their rows be recorded twice
+# (tests/unit/test_audit_trail_core.py fails), never not at all.
+ORM_SESSION_OPTION = "_result_disable_adapt_to_context"
+
+
+def orm_loads(statement: Any, execution_options: Mapping[str, Any]) -> bool:
+    """An ORM SELECT a Session runs: the ORM loads its results, and its own load events
+    record the rows of the entities (an ORM statement run on a Connection is not one)."""
+    plugin = _read(statement, "propagate_attrs").get("compile_state_plugin")
+    return plugin == "orm" and ORM_SESSION_OPTION in execution_options
+
+
+def on_each_row(result: Any, fn: Callable[[Any], None]) -> None:
+    """Call ``fn(row)`` for each Row ``result`` makes from now on, as SQLAlchemy makes it
+    (a fetch of two rows calls it twice), before the rows SQLAlchemy's own row hook
+    (``echo="debug"``) logs. ``result``: a CursorResult no row was fetched from yet (an
+    ``after_execute`` listener's).
+
+    SQLAlchemy applies ``Result._row_logging_fn`` to every Row it makes, through a row
+    factory (``_row_getter``) memoized when the result is made: the function is chained
+    with the one already there and the factory forgotten, so the next fetch makes it
+    again with the function (its sub-results, ``.scalars()`` / ``.mappings()``, make
+    theirs from the same function). Raises :class:`UnsupportedOperation` when either name
+    is not what carnet expects: a hook that silently never runs would record nothing.
+    """
+    previous = _read(result, "row_logging_fn")
+    _read(result, "row_getter")  # the memoized factory is there, of a known shape
+
+    if previous is None:
+
+        def hook(row: Any) -> Any:
+            fn(row)
+            return row
+
+    else:
+
+        def hook(row: Any) -> Any:
+            fn(row)
+            return previous(row)
+
+    setattr(result, NAMES["row_logging_fn"].attr, hook)
+    vars(result).pop(NAMES["row_getter"].attr, None)
 
 
 # -- guard positions: SQLAlchemy's traversal attribute names -> the SQL construct ---------

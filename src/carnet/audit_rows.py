@@ -9,24 +9,35 @@ practice and the field, when the trail has ``rows=True`` or the column asks
 for it (``info={"carnet_audit_rows": True}``). The values opened for that
 row are counted by the decrypt hook as any others; this adds the keys.
 
-Core statements have no row identity at decrypt time: see docs/audit.md
-("Rows") for what the trail records there.
+Core statements have no row identity at decrypt time, but their results
+do: for a SELECT run outside an ORM Session's entity loading, the pipeline's
+``after_execute`` step (:func:`core_result`) hands each Row the result makes
+to a function that records, for each non-NULL encrypted value in it, the
+row's key (its table's primary key columns, or the column the encrypted
+column names) taken from the same Row, or ``?`` when the Row does not hold
+it (docs/audit.md, "Rows").
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
 
-from . import _hooks
+from . import _hooks, _sa
 from .context import current_tenant, manager_for
-from .trail import current_principal
+from .trail import REQUIRED, current_principal
 from .types import encrypted_type
 
 ROWS_INFO = "carnet_audit_rows"
+# The row key recorded for a Core row that does not hold its key column(s).
+UNKNOWN_ROW = "?"
+
+log = logging.getLogger("carnet.audit")
 
 # Per mapper: (attribute, field label, practice attribute, row-key attribute or
 # None for the primary key, asked by the column itself).
@@ -163,3 +174,127 @@ def searched(
     row_attr = next((s[3] for s in spec if s[3] is not None), None)
     keys = [_row_key(inspect(obj), row_attr) for obj in matches]
     trail.searched(current_principal(), str(tenant), index, candidates, keys)
+
+
+# -- Core reads --------------------------------------------------------------------------
+
+# Per encrypted column of a Core result: the selected column (the Row's key for
+# it), its field label, the selected column holding its row's practice (None:
+# the tenant_scope), and the selected columns its row key may be made of, in
+# order of preference (the column it names, the primary key; none of them all
+# selected: the key is UNKNOWN_ROW).
+_CoreSpec = list[tuple[Any, str, Any, list[list[Any]]]]
+
+
+def core_result(conn: Any, statement: Any, execution_options: Any, result: Any) -> None:
+    """The pipeline's ``after_execute`` step: when the trail of ``conn``'s manager wants the
+    rows of an encrypted column a Core SELECT returns, record the row of each value the
+    result discloses, as SQLAlchemy makes the Row (rows never fetched are not recorded).
+    Costs nothing per row otherwise: no row function is installed."""
+    if not _active or not getattr(statement, "is_select", False) or not result.returns_rows:
+        return
+    trail = _core_trail(conn)
+    if trail is None:
+        return
+    spec = _core_spec(statement, bool(trail.rows))
+    if not spec or _sa.orm_loads(statement, execution_options):
+        return
+    try:
+        _sa.on_each_row(result, functools.partial(_on_core_row, trail, spec))
+    except Exception:
+        # No hook, no record of the rows: the read is refused rather than made unrecorded.
+        result.close()
+        raise
+
+
+def _core_trail(conn: Any) -> Any:
+    try:
+        manager = manager_for(conn.dialect)
+    except Exception:  # noqa: BLE001 - no manager, no trail: nothing to record
+        return None
+    return getattr(manager.decrypt_hook, "trail", None)
+
+
+def _base_column(col: Any) -> Any:
+    """The Table column a selected column stands for (through labels, aliases,
+    subqueries, a UNION's first SELECT), or None for an expression of several or none."""
+    bases = [b for b in col.base_columns if isinstance(getattr(b, "table", None), sa.Table)]
+    return bases[0] if len(bases) == 1 else None
+
+
+def _source(col: Any) -> Any:
+    """The FROM object a selected column comes from (a table, an alias, a subquery): a
+    note's key is taken from the same one, so each side of a self-join keeps its own."""
+    el = col.element if isinstance(col, sa.Label) else col
+    return _sa.deannotated(getattr(el, "table", None))
+
+
+def _core_spec(statement: Any, rows: bool) -> _CoreSpec:
+    selected = list(getattr(statement, "selected_columns", ()))
+    wanted = []
+    for col in selected:
+        typ = encrypted_type(col)
+        base = _base_column(col) if typ is not None else None
+        if typ is None or base is None:
+            continue
+        info = base.info.get(ROWS_INFO)
+        if rows or info:
+            wanted.append((col, typ, base, info))
+    if not wanted:
+        return []
+    # Per FROM object, the Table column -> the selected column standing for it.
+    by_source: dict[Any, dict[Any, Any]] = {}
+    for col in selected:
+        base = _base_column(col)
+        if base is not None:
+            by_source.setdefault(_source(col), {}).setdefault(base, col)
+
+    spec: _CoreSpec = []
+    for col, typ, base, info in wanted:
+        table = base.table
+        mine = by_source.get(_source(col), {})
+
+        def among_selected(cols: list[Any], mine: dict[Any, Any] = mine) -> list[Any] | None:
+            found = [mine.get(c) for c in cols]
+            return found if found and all(f is not None for f in found) else None
+
+        tcol = table.c.get(typ.tenant) if typ.tenant and "." not in typ.tenant else None
+        # As for the ORM: the named column's value, else (not selected, or NULL) the
+        # primary key's.
+        keys = [
+            k
+            for k in (
+                among_selected([table.c[info]])
+                if isinstance(info, str) and info in table.c
+                else None,
+                among_selected(list(table.primary_key.columns)),
+            )
+            if k is not None
+        ]
+        label = str(typ._resolved_label or typ.field_label)
+        spec.append((col, label, mine.get(tcol) if tcol is not None else None, keys))
+    return spec
+
+
+def _on_core_row(trail: Any, spec: _CoreSpec, row: Any) -> None:
+    try:
+        m = row._mapping
+        principal = current_principal()
+        for col, label, tcol, keys in spec:
+            if m.get(col) is None:  # not in this Row (.scalars(), .columns()) or NULL
+                continue
+            practice = m.get(tcol) if tcol is not None else None
+            if practice is None:
+                practice = current_tenant()
+            row_key = UNKNOWN_ROW
+            for cols in keys:
+                values = [m.get(k) for k in cols]
+                if all(v is not None for v in values):
+                    row_key = ",".join(str(v) for v in values)
+                    break
+            trail.row_disclosed(principal, str(practice), label, row_key)
+    except Exception as exc:
+        if trail.mode == REQUIRED:
+            raise
+        trail.last_error = type(exc).__name__
+        log.error("carnet: could not record the row of a Core read (%s)", type(exc).__name__)

@@ -365,15 +365,21 @@ def test_row_answers_who_opened_a_patient_file(
     assert res.exit_code == 0 and SECRET not in res.output
 
 
-def test_core_reads_are_counted_without_rows(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_core_reads_record_their_rows(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    # More in test_audit_trail_core.py: a Core read records the row of each note it opens,
+    # "?" when the Row does not hold the row's key.
     trail = _trail(keys, rows=True)
     with carnet.tenant_scope("p9"), engine.begin() as conn:
         conn.execute(comments.insert(), [{"id": 1, "text": "core note"}])
     with principal_scope("dr.core"), carnet.tenant_scope("p9"), engine.connect() as conn:
         assert conn.execute(sa.select(comments.c.text)).scalar() == "core note"
+        assert conn.execute(sa.select(comments)).one().text == "core note"
     assert trail.flush()
     recs = [r for r in _records(trail.store) if r["principal"] == "dr.core"]
-    assert [(r["kind"], r["practice"], r["count"]) for r in recs] == [("read", "p9", 1)]
+    assert sorted((r["kind"], r["practice"], r["count"], r["detail"]) for r in recs) == [
+        ("read", "p9", 2, None),
+        ("rows", "p9", 2, json.dumps({"rows": ["?", "1"]})),
+    ]
 
 
 def test_init_creates_the_audit_table(engine: sa.Engine, db_url: str, master_key_uri: str) -> None:

@@ -132,6 +132,22 @@ def ordered_update(engine: sa.Engine) -> None:
         conn.execute(notes.update().where(notes.c.id == 1).ordered_values((notes.c.body, None)))
 
 
+def core_rows_read(engine: sa.Engine) -> None:
+    # A trail that records rows: a Core read of a note installs the row hook.
+    from carnet.audit import AuditTrail
+
+    keys = carnet.get_manager()
+    previous = keys.decrypt_hook
+    trail = AuditTrail(keys, background=False, rows=True).install(keys)
+    try:
+        with carnet.tenant_scope("p1"), engine.connect() as conn:
+            assert conn.execute(sa.select(notes).where(notes.c.id == 1)).all()
+        assert trail.rows_recorded == 2  # its body and its summary
+    finally:
+        keys.decrypt_hook = previous
+        trail.close()
+
+
 # What depends on each name. A name added to carnet._sa.NAMES without a
 # statement here fails test_every_private_name_has_a_statement.
 SCENARIOS: dict[str, Callable[[sa.Engine], None]] = {
@@ -161,6 +177,9 @@ SCENARIOS: dict[str, Callable[[sa.Engine], None]] = {
     "column_copy": copy_column,
     "variant_mapping": core_insert,
     "ordered_values": ordered_update,
+    "propagate_attrs": core_rows_read,
+    "row_logging_fn": core_rows_read,
+    "row_getter": core_rows_read,
 }
 
 
