@@ -194,10 +194,11 @@ def core_result(conn: Any, statement: Any, execution_options: Any, result: Any) 
     if not _active or not getattr(statement, "is_select", False) or not result.returns_rows:
         return
     trail = _core_trail(conn)
-    if trail is None:
+    if trail is None or _sa.orm_loads(statement, execution_options):
+        # An ORM load records its rows itself: asked first, before the columns.
         return
     spec = _core_spec(statement, bool(trail.rows))
-    if not spec or _sa.orm_loads(statement, execution_options):
+    if not spec:
         return
     try:
         _sa.on_each_row(result, functools.partial(_on_core_row, trail, spec))
