@@ -34,7 +34,8 @@ Around it:
   created inside a transaction is forgotten when that transaction rolls back
   (:mod:`carnet._txkeys`).
 - The ORM: ``mapper_configured`` (each mapper's encrypted attributes, then
-  its blind indexes), per-mapper ``load`` / ``refresh`` / ``before_insert`` /
+  its blind indexes, and the column loader that opens a value as its row
+  loads), per-mapper ``load`` / ``refresh`` / ``before_insert`` /
   ``before_update`` / ``after_*`` (:mod:`carnet.orm`), the flush hooks of
   the blind indexes, and ``do_orm_execute`` (blind indexes of ORM bulk
   statements, then the expiry of encrypted attributes an UPDATE wrote).

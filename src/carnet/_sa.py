@@ -28,6 +28,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import interfaces as orm_interfaces
+from sqlalchemy.orm import strategies as orm_strategies
 from sqlalchemy.sql import annotation, base, dml, elements, lambdas
 from sqlalchemy.sql import schema as sa_schema
 from sqlalchemy.types import TypeEngine
@@ -62,6 +64,7 @@ _SEQ_OR_NONE = (list, tuple, type(None))
 _MAP_OR_NONE = (Mapping, type(None))
 
 _ROWS_READ = "record the rows this read discloses, which the audit trail wants"
+_ORM_LOAD = "open an encrypted attribute as the ORM loads its row"
 
 NAMES: dict[str, Private] = {
     # DML: what an INSERT / UPDATE writes inside the statement itself.
@@ -117,6 +120,21 @@ NAMES: dict[str, Private] = {
         engine_result.Result,
         (Callable, tuple),  # type: ignore[arg-type]
         needed_for=_ROWS_READ,
+    ),
+    # The ORM's loading of a column attribute: an encrypted attribute is loaded
+    # by a loader of SQLAlchemy's own kind that opens its value with the row's
+    # practice from the same row (carnet.orm), in place of the default one.
+    "column_loader": Private(
+        "ColumnLoader" if SA_20 else "_ColumnLoader", orm_strategies, (type,), needed_for=_ORM_LOAD
+    ),
+    "strategies": Private(
+        "_strategies", orm_interfaces.StrategizedProperty, (dict,), needed_for=_ORM_LOAD
+    ),
+    "result_getter": Private(
+        "_getter",
+        engine_result.ResultInternal,
+        (Callable,),  # type: ignore[arg-type]
+        needed_for=_ORM_LOAD,
     ),
 }
 if SA_20:
@@ -354,6 +372,106 @@ def on_each_row(result: Any, fn: Callable[[Any], None]) -> None:
 
     setattr(result, NAMES["row_logging_fn"].attr, hook)
     vars(result).pop(NAMES["row_getter"].attr, None)
+
+
+# -- the ORM's column loading --------------------------------------------------------------
+
+RowGetter = Callable[[Any], Any]
+Populator = Callable[[Any, Any, Any], None]
+# make(key, body, practice) -> (getter, populator), called once per result: with
+# the getters of the value's column and of the practice column in its rows
+# (``practice`` None: not in them), the getter of the attribute's value for a
+# row (None: the value as it is) and a populator run after the row's columns
+# are loaded, with ``(state, dict_, row)`` (None: none).
+MakeGetter = Callable[
+    [str, RowGetter, "RowGetter | None"], "tuple[RowGetter | None, Populator | None]"
+]
+
+# The strategy key SQLAlchemy loads a column attribute's value with (a
+# deferred column's too, once undeferred).
+_LOAD_KEY = (("deferred", False), ("instrument", True))
+_loader_classes: dict[type, type] = {}
+
+
+def load_column_with(prop: Any, practice_column: Any, make: MakeGetter) -> None:
+    """Have the ORM load column attribute ``prop`` through ``make``.
+
+    SQLAlchemy loads a column attribute with a getter of the row
+    (``populators["quick"]``), memoized per query when the query is compiled.
+    ``prop``'s loader becomes a subclass of SQLAlchemy's own column loader that
+    does not memoize it, so that SQLAlchemy asks it, per result, for the getter:
+    it hands ``make`` the getters of the value's column and of
+    ``practice_column`` in that result's rows (adapted for aliases, joined eager
+    loads and inheritance). Installed as the strategy SQLAlchemy loads the
+    column with (an undeferred column's too). Raises
+    :class:`UnsupportedOperation` when SQLAlchemy's loader is not what carnet
+    expects.
+    """
+    base = _read(orm_strategies, "column_loader")
+    strategies = _read(prop, "strategies")
+    current = strategies.get(_LOAD_KEY)
+    if current is not None and type(current) is not base:
+        raise not_understood("column_loader", current)
+    if prop.strategy_key == _LOAD_KEY and type(prop.strategy) is not base:
+        raise not_understood("column_loader", prop.strategy)
+    cls = _loader_classes.get(base)
+    if cls is None:
+        cls = _loader_classes[base] = _opening_loader(base)
+    loader = cls(prop, _LOAD_KEY)
+    loader.carnet_make = make
+    loader.carnet_practice = practice_column
+    strategies[_LOAD_KEY] = loader
+    if prop.strategy_key == _LOAD_KEY:
+        prop.strategy = loader
+
+
+def _opening_loader(base: type) -> type:
+    class OpeningColumnLoader(base):
+        """SQLAlchemy's column loader, asking carnet for the getter of each result."""
+
+        __slots__ = ("carnet_make", "carnet_practice")
+
+        def setup_query(self, *args: Any, **kw: Any) -> None:
+            super().setup_query(*args, **kw)
+            # Not memoized: SQLAlchemy then calls create_row_processor per result.
+            memoized = kw.get("memoized_populators", args[6] if len(args) > 6 else None)
+            if not isinstance(memoized, dict):
+                raise not_understood("column_loader", self)
+            memoized.pop(self.parent_property, None)
+
+        def create_row_processor(
+            self,
+            context: Any,
+            query_entity: Any,
+            path: Any,
+            loadopt: Any,
+            mapper: Any,
+            result: Any,
+            adapter: Any,
+            populators: Any,
+        ) -> None:
+            getter_of = _read(result, "result_getter")
+            body = None
+            for col in self.columns:
+                body = getter_of(adapter.columns[col] if adapter else col, False)
+                if body is not None:
+                    break
+            if body is None:
+                # Not in this result: as SQLAlchemy does (the attribute is expired).
+                super().create_row_processor(
+                    context, query_entity, path, loadopt, mapper, result, adapter, populators
+                )
+                return
+            tcol = self.carnet_practice
+            if tcol is not None and adapter:
+                tcol = adapter.columns[tcol]
+            practice = getter_of(tcol, False) if tcol is not None else None
+            getter, populator = self.carnet_make(self.key, body, practice)
+            populators["quick"].append((self.key, getter if getter is not None else body))
+            if populator is not None:
+                populators["new"].append((self.key, populator))
+
+    return OpeningColumnLoader
 
 
 # -- guard positions: SQLAlchemy's traversal attribute names -> the SQL construct ---------

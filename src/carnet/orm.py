@@ -4,8 +4,13 @@ Attached by :mod:`carnet._hooks` (when carnet is first used, never at import):
 
 - ``mapper_configured``: find each mapper's EncryptedText columns and check
   that their ``tenant=`` attribute exists (a typo fails at configuration).
-- ``load`` / ``refresh``: open the :class:`~carnet.types.Sealed` values of a
-  loaded row with that row's practice.
+- Loading: an attribute whose practice is a column of its own row is loaded
+  by a column loader of SQLAlchemy's own kind (:func:`carnet._sa.load_column_with`)
+  that opens the value as the row is loaded, under the practice read from
+  the same row, with no per-row listener; when the practice is not in the
+  row (``load_only``, a refresh of the value alone), after the row's columns.
+  ``load`` (a practice on a parent row) and ``refresh`` (a safety net) open
+  the :class:`~carnet.types.Sealed` values left with the row's practice.
 - ``before_update`` (per row, after the flush has synchronised foreign keys,
   so a practice changed through a relationship is seen too): when the row's
   practice changes, every encrypted value of the row is read under the old
@@ -158,6 +163,79 @@ def _open_value(
         d[key] = typ.decrypt(v.data, tenant, manager)
 
 
+def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
+    """How the ORM loads one encrypted attribute (:func:`carnet._sa.load_column_with`):
+    with the row's practice column in the same row, the value opens as the row is
+    loaded, under that practice, with no per-row listener; without it, after the
+    row's columns, as the ``load`` listener would (:func:`_open_state`)."""
+    fallback = functools.partial(_open_loaded, [spec])
+    text = typ.__class__.decrypt is _TEXT_DECRYPT
+    get_scope = _tenant.get
+
+    def make(
+        key: str, body: _sa.RowGetter, practice: _sa.RowGetter | None
+    ) -> tuple[_sa.RowGetter | None, Any]:
+        if practice is None:
+            return None, fallback
+
+        def getter(row: Any) -> Any:
+            v = body(row)
+            if v.__class__ is Sealed:
+                tenant = practice(row)
+                manager = v._manager
+                if (
+                    text
+                    and tenant.__class__ is str
+                    and manager is not None
+                    and get_scope() is None
+                    and not manager.require_scope
+                ):
+                    label = typ._resolved_label
+                    if label is not None:
+                        return manager._open_text(v.data, tenant, label)
+                return _open_sealed(where, typ, v, tenant)
+            if v is not None:
+                # Opened by the result processor under the scope: the row must be
+                # the scope's practice too (a value copied into another practice's
+                # row with the database checks off is refused here).
+                scope = get_scope()
+                if scope is not None:
+                    tenant = practice(row)
+                    if tenant is not None and str(tenant) != scope:
+                        raise TenantMismatch(scope, str(tenant))
+            return v
+
+        return getter, None
+
+    return make
+
+
+def _open_loaded(specs: list[Spec], state: InstanceState[Any], dict_: Any, row: Any) -> None:
+    _open_state(specs, state)
+
+
+def _open_sealed(where: str, typ: EncryptedText, v: Sealed, practice: Any) -> Any:
+    """Open a loaded value under its row's practice ``practice``: every check."""
+    scope = _tenant.get()
+    if practice is None:
+        if scope is None:
+            raise TenantRequired(f"{where}: no practice to open it with (its practice is NULL)")
+        tenant = scope
+    else:
+        tenant = str(practice)
+        if scope is not None and scope != tenant:
+            raise TenantMismatch(scope, tenant)
+    manager = v._manager
+    if manager is None:
+        manager = typ.manager
+    if manager.require_scope:
+        typ.check_scope(tenant, manager)
+    label = typ._resolved_label
+    if label is not None and type(typ).decrypt is _TEXT_DECRYPT:
+        return manager._open_text(v.data, tenant, label)
+    return typ.decrypt(v.data, tenant, manager)
+
+
 _seen: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 
 
@@ -167,6 +245,9 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
     _seen.add(mapper)
     specs: list[Spec] = []
     groups: dict[str, _Group] = {}
+    # The attributes whose values open as their row is loaded (their practice is
+    # a column of the row): no per-row ``load`` listener is needed for them.
+    loaded_with_row: set[str] = set()
     for prop in mapper.column_attrs:
         for col in prop.columns:
             typ = encrypted_type(col)
@@ -200,6 +281,10 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
                 if same is None:
                     same = groups[tkey] = _Group(tkey, tcol)  # type: ignore[arg-type]
                 same.items.append((prop.key, typ, col))  # type: ignore[arg-type]
+                spec = (prop.key, typ, tkey)
+                where = f"{class_.__name__}.{prop.key}"
+                _sa.load_column_with(prop, tcol, _row_loader(where, typ, spec))
+                loaded_with_row.add(prop.key)
             specs.append((prop.key, typ, tkey))
     if not specs:
         return
@@ -234,7 +319,12 @@ def setup_mapper(mapper: Mapper[Any], class_: type) -> None:
     # Values are opened before any other load listener runs, such as
     # SQLAlchemy's mutation tracking (MutableDict.as_mutable(EncryptedJSON())),
     # registered earlier, which would otherwise meet a Sealed value.
-    _hooks.on_mapper(mapper, {"load": opener, "refresh": opener}, first=True)
+    # An attribute opened as its row is loaded needs the ``refresh`` listener only,
+    # as a safety net (it does nothing to an opened value).
+    load_events: dict[str, Any] = {"refresh": opener}
+    if any(key not in loaded_with_row for key, _typ, _tkey in specs):
+        load_events["load"] = opener
+    _hooks.on_mapper(mapper, load_events, first=True)
     _hooks.on_mapper(mapper, handlers)
 
 

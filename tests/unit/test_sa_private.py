@@ -148,6 +148,37 @@ def core_rows_read(engine: sa.Engine) -> None:
         trail.close()
 
 
+def orm_load(engine: sa.Engine) -> None:
+    # A new model each time (its loader is set up when its mapper is
+    # configured), loaded through the ORM: the note opens as its row loads.
+    from sqlalchemy.orm import DeclarativeBase, configure_mappers, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    name = f"loaded_{next(_next_id)}"
+    model: Any = type(
+        name,
+        (Base,),
+        {
+            "__tablename__": name,
+            "id": mapped_column(sa.Integer, primary_key=True),
+            "practice_id": mapped_column(sa.String(20)),
+            "body": mapped_column(carnet.EncryptedText(tenant="practice_id")),
+        },
+    )
+    try:
+        configure_mappers()
+        Base.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add(model(id=1, practice_id="p1", body="chargé"))
+            s.commit()
+        with Session(engine) as s:
+            assert s.scalars(sa.select(model)).one().body == "chargé"
+    finally:
+        Base.registry.dispose()  # a mapper that failed to configure fails every later one
+
+
 # What depends on each name. A name added to carnet._sa.NAMES without a
 # statement here fails test_every_private_name_has_a_statement.
 SCENARIOS: dict[str, Callable[[sa.Engine], None]] = {
@@ -180,6 +211,9 @@ SCENARIOS: dict[str, Callable[[sa.Engine], None]] = {
     "propagate_attrs": core_rows_read,
     "row_logging_fn": core_rows_read,
     "row_getter": core_rows_read,
+    "column_loader": orm_load,
+    "strategies": orm_load,
+    "result_getter": orm_load,
 }
 
 
