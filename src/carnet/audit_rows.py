@@ -26,6 +26,7 @@ import weakref
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper
 
 from . import _hooks, _sa
@@ -74,6 +75,8 @@ _listening: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 def _listen(mapper: Mapper[Any]) -> None:
     if mapper in _listening:
         return
+    if sa_inspect(mapper.class_, raiseerr=False) is not mapper:
+        return  # its registry was disposed: the class is no longer mapped
     spec = _spec(mapper)
     asked_any = any(s[4] for s in spec)
     if not spec or not (asked_any or _rows_wanted):
