@@ -150,17 +150,7 @@ def _open_value(
         tenant = str(tenant)
         if scope is not None and scope != tenant:
             raise TenantMismatch(scope, tenant)
-    manager = v._manager
-    if manager is None:
-        manager = typ.manager
-    if manager.require_scope:
-        typ.check_scope(tenant, manager)
-    label = typ._resolved_label
-    if label is not None and type(typ).decrypt is _TEXT_DECRYPT:
-        # EncryptedText itself: one frame into the manager's hot path.
-        d[key] = manager._open_text(v.data, tenant, label)
-    else:
-        d[key] = typ.decrypt(v.data, tenant, manager)
+    d[key] = _open_under(typ, v, tenant)
 
 
 def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
@@ -225,6 +215,11 @@ def _open_sealed(where: str, typ: EncryptedText, v: Sealed, practice: Any) -> An
         tenant = str(practice)
         if scope is not None and scope != tenant:
             raise TenantMismatch(scope, tenant)
+    return _open_under(typ, v, tenant)
+
+
+def _open_under(typ: EncryptedText, v: Sealed, tenant: str) -> Any:
+    """A loaded value opened under ``tenant`` by its manager (strict mode asked)."""
     manager = v._manager
     if manager is None:
         manager = typ.manager
@@ -232,6 +227,7 @@ def _open_sealed(where: str, typ: EncryptedText, v: Sealed, practice: Any) -> An
         typ.check_scope(tenant, manager)
     label = typ._resolved_label
     if label is not None and type(typ).decrypt is _TEXT_DECRYPT:
+        # EncryptedText itself: one frame into the manager's hot path.
         return manager._open_text(v.data, tenant, label)
     return typ.decrypt(v.data, tenant, manager)
 
