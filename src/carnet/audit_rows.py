@@ -33,6 +33,7 @@ from . import _hooks, _sa
 from .context import current_tenant, manager_for
 from .trail import REQUIRED, current_principal
 from .types import encrypted_type
+from .values import Sealed
 
 ROWS_INFO = "carnet_audit_rows"
 # The row key recorded for a Core row that does not hold its key column(s).
@@ -285,7 +286,10 @@ def _on_core_row(trail: Any, spec: _CoreSpec, row: Any) -> None:
         m = row._mapping
         principal = current_principal()
         for col, label, tcol, keys in spec:
-            if m.get(col) is None:  # not in this Row (.scalars(), .columns()) or NULL
+            v = m.get(col)
+            if v is None or isinstance(v, Sealed):
+                # Not in this Row (.scalars(), .columns()), NULL, or read without a
+                # scope and so not opened: nothing disclosed.
                 continue
             practice = m.get(tcol) if tcol is not None else None
             if practice is None:

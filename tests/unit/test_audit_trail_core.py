@@ -27,6 +27,7 @@ import carnet
 from carnet.audit import Auditor, AuditTrail, principal_scope
 from carnet.audit_rows import UNKNOWN_ROW
 from carnet.cli import cli
+from carnet.values import Sealed
 from support.models import Base, Note, configured_keys, core_metadata
 
 SECRET = "PLANTED-core-rows-5c1"
@@ -124,6 +125,16 @@ def test_a_core_select_records_each_row_it_discloses(
     res = CliRunner().invoke(cli, ["audit", "report", "--row", "9", "--json"], env=env)
     assert json.loads(res.output)["readers"] == []
     assert SECRET not in res.output
+
+
+def test_a_core_select_without_a_scope_discloses_and_records_nothing(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    trail = _trail(keys, rows=True)
+    with principal_scope("dr.core"), engine.connect() as conn:
+        got = conn.execute(sa.select(notes).where(notes.c.id <= 3)).all()
+    assert got and all(isinstance(r.body, Sealed) for r in got)  # not opened
+    assert _rows(trail) == [] and _reads(trail) == Counter()
 
 
 def test_a_column_naming_the_patient_records_the_patient(
