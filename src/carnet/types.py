@@ -24,6 +24,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement, Null
 from sqlalchemy.types import TypeDecorator
 
 from . import _sa, envelope, indexkeys
+from ._aead import AuthenticationFailed
 from .context import SCOPE as _tenant
 from .context import get_manager, manager_for
 from .errors import (
@@ -431,15 +432,24 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         label = self._resolved_label if type(self).decrypt is EncryptedText.decrypt else None
         # The opener of the last value this processor opened, with its manager:
         # consecutive values of one practice and key (a Core read in a scope)
-        # skip the manager's cache lookup. Used only while it is unexpired (the
-        # cache expires every opener it drops: a rotation, a destroyed practice),
-        # for the same manager and scope, with no decrypt hook to call, and only
-        # for a value framed for it (version, key id, label tag and practice).
-        last: tuple[Any, Any] = (None, None)
+        # skip the manager's cache lookup and the opener's frame. Used only while
+        # it is unexpired (the cache expires every opener it drops: a rotation, a
+        # destroyed practice), for the same manager and scope, with no decrypt
+        # hook to call, and only for a value framed for it (the whole v2 header:
+        # version, key id, label tag and practice). Anything else takes the
+        # manager's path, which checks everything.
+        last_manager: Any = None
+        last_tenant: Any = None
+        last_opener: Any = None
+        head = b""
+        at = end = size = 0
+        open_: Any = None
+        aad = b""
         monotonic = time.monotonic
+        failed = AuthenticationFailed
 
         def process(value: Any) -> Any:
-            nonlocal last
+            nonlocal last_manager, last_tenant, last_opener, head, at, end, size, open_, aad
             if value is None:
                 return None
             if value.__class__ is not bytes:
@@ -456,21 +466,25 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 return Sealed(value, self, manager)
             if label is None:
                 return decrypt(value, tenant, manager)
-            opener, of = last
             if (
-                of is manager
-                and opener.tenant == tenant
-                and opener.expires > monotonic()
+                manager is last_manager
+                and tenant == last_tenant
+                and value[:at] == head
+                and len(value) >= size
+                and last_opener.expires > monotonic()
                 and manager.decrypt_hook is None
             ):
-                text = opener.open_text(value)
-                if text is not None:
-                    manager._fast_hits += 1
-                    return text
+                try:
+                    plain = open_(value[at:end], value[end:], aad)
+                except failed:
+                    raise InvalidCiphertext(label=label, tenant=tenant) from None
+                manager._fast_hits += 1
+                return plain.decode("utf-8")
             text = manager._open_text(value, tenant, label)
             opener = manager._openers.get((value[_KEY_ID], label, tenant))
             if opener is not None:
-                last = (opener, manager)
+                head, at, end, size, open_, aad = opener.parts()
+                last_manager, last_tenant, last_opener = manager, tenant, opener
             return text
 
         return process

@@ -130,6 +130,24 @@ def test_two_managers_on_one_column_each_use_their_own_keys(
         other.close()
 
 
+def test_a_manager_made_default_later_is_not_served_by_anothers_remembered_opener(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    # Both managers read one key table, so the values' headers match either's
+    # openers: only the manager itself tells them apart.
+    ids = _write(engine, "p1", ["shared"])
+    other = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        assert _read(engine, "p1", ids) == ["shared"]  # remembered with `keys`
+        other.destroy("p1")  # `keys` has not noticed yet (its cache is warm)
+        carnet.configure(other)
+        with pytest.raises(KeyDestroyed):
+            _read(engine, "p1", ids)
+    finally:
+        carnet.configure(keys)
+        other.close()
+
+
 def test_the_openers_text_path_refuses_a_tampered_value_and_passes_on_another_framing() -> None:
     key = bytes(range(32))
     key_id = bytes(16)

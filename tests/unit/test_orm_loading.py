@@ -30,7 +30,14 @@ from sqlalchemy.orm import (
 )
 
 import carnet
-from carnet.errors import TenantMismatch
+from carnet import envelope
+from carnet.errors import (
+    InvalidCiphertext,
+    KeyDestroyed,
+    TenantMismatch,
+    TenantRequired,
+    UnknownKey,
+)
 from carnet.values import Sealed
 from support.dbutil import drop_checks
 
@@ -189,6 +196,141 @@ def test_a_value_copied_into_another_practices_row_never_opens_there(
         with Session(engine) as s, carnet.tenant_scope(scope) if scope else _nothing():
             with pytest.raises(TenantMismatch):
                 s.scalars(sa.select(Record).where(Record.id == 3)).one()
+
+
+# -- one result, many values: the warm opener of each practice ------------------------------
+#
+# Without a scope, the row getter keeps, for the rest of its result, the opener
+# of each practice it has opened a value of, and opens that practice's next
+# value in its own frame (carnet.orm._row_loader). Each test below makes that
+# opener wrong part-way through one result (a shredded practice, a hook or strict
+# mode turned on, a tampered value, another key of the practice) and shows that
+# the next value takes the manager's path, which checks everything.
+
+
+def _insert_many(engine: sa.Engine, rows: list[tuple[int, str, str]]) -> None:
+    with Session(engine) as s:
+        s.add_all(Record(id=pk, practice_id=p, body=t) for pk, p, t in rows)
+        s.commit()
+
+
+def _stream(s: Session) -> Any:
+    # Two rows per fetch: the result is still open while the test changes things.
+    stmt = sa.select(Record).order_by(Record.id).execution_options(yield_per=2)
+    return iter(s.scalars(stmt))
+
+
+def test_one_result_opens_interleaved_practices_and_keys(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    first = [(i, f"p{i % 3}", f"note {i}") for i in range(1, 13)]
+    _insert_many(engine, first)
+    keys.rotate("p1")  # p1's later values are sealed under its new key
+    later = [(i, f"p{i % 3}", f"note {i}") for i in range(13, 25)]
+    _insert_many(engine, later)
+    with Session(engine) as s:
+        got = {r.id: (r.practice_id, r.body) for r in s.scalars(sa.select(Record))}
+    assert got == {pk: (p, t) for pk, p, t in first + later}
+
+
+def test_a_key_dropped_mid_result_is_not_used_by_the_warm_opener(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 7)])
+    with Session(engine) as s:
+        rows = _stream(s)
+        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        unwraps = keys.master_unwraps
+        if engine.dialect.name == "sqlite":
+            # SQLite: the open read holds off every writer, so no destroy can
+            # commit now; drop p1's keys from memory as a destroy does.
+            keys.cache.forget_practice("p1")
+            assert next(rows).body == "note 3"
+            assert keys.master_unwraps == unwraps + 1  # the key was read again
+        else:
+            keys.destroy("p1")
+            with pytest.raises(KeyDestroyed):
+                next(rows)
+
+
+def test_a_hook_installed_mid_result_sees_every_later_value(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    _insert_many(engine, [(i, "p1" if i % 2 else "p2", f"note {i}") for i in range(1, 9)])
+    opened: list[str] = []
+    with Session(engine) as s:
+        rows = _stream(s)
+        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        keys.decrypt_hook = lambda tenant, _label, n: opened.extend([tenant] * n)
+        try:
+            rest = [r.body for r in rows]
+        finally:
+            keys.decrypt_hook = None
+    assert rest == [f"note {i}" for i in range(3, 9)]
+    assert opened == ["p1" if i % 2 else "p2" for i in range(3, 9)]
+
+
+def test_strict_mode_turned_on_mid_result_refuses_the_next_value(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 7)])
+    with Session(engine) as s:
+        rows = _stream(s)
+        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        keys.require_scope = True
+        try:
+            with pytest.raises(TenantRequired):
+                next(rows)
+        finally:
+            keys.require_scope = False
+
+
+def test_a_manager_made_default_mid_result_is_not_served_by_the_warm_opener(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 7)])
+    with Session(engine) as s:
+        assert len(list(s.scalars(sa.select(Record)))) == 6  # `keys` holds p1's key
+    other = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        other.destroy("p1")  # through the other manager: `keys` has not noticed
+        with Session(engine) as s:
+            rows = _stream(s)
+            assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+            carnet.configure(other)
+            with pytest.raises(KeyDestroyed):
+                next(rows)
+    finally:
+        carnet.configure(keys)
+        other.close()
+
+
+@pytest.mark.parametrize("where", ["label tag", "practice", "key id", "ciphertext", "tag"])
+def test_a_tampered_value_among_warm_ones_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine, where: str
+) -> None:
+    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 5)])
+    with engine.begin() as conn:
+        drop_checks(conn, Record)
+        raw = bytes(
+            conn.execute(sa.text("SELECT body FROM orm_loading_records WHERE id = 3")).scalar_one()
+        )
+        at = {
+            "key id": 1,
+            "label tag": envelope.LABEL_TAG_AT,
+            "practice": envelope.PRACTICE_AT,
+            "ciphertext": len(raw) - envelope.TAG_SIZE - 1,
+            "tag": len(raw) - 1,
+        }[where]
+        bad = raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+        conn.execute(sa.text("UPDATE orm_loading_records SET body = :v WHERE id = 3"), {"v": bad})
+    with Session(engine) as s:
+        rows = _stream(s)
+        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        # A flipped key id names no key; "p1" with a bit flipped, another practice.
+        with pytest.raises((InvalidCiphertext, TenantMismatch, UnknownKey)) as err:
+            next(rows)
+    assert "note 3" not in str(err.value)
 
 
 class _nothing:
