@@ -176,9 +176,10 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
         # This result's openers, by practice: a warm one opens the next value of
         # that practice and key in this frame, as the column type's processor
         # does in a scope (carnet.types), after the same checks: same manager,
-        # unexpired, no decrypt hook, no scope, no required scope, and the whole
-        # v2 header (version, key id, label tag, practice) compared. Anything
-        # else takes the manager's path, which checks everything.
+        # unexpired, no scope, no required scope, and the whole v2 header
+        # (version, key id, label tag, practice) compared; the decrypt hook (the
+        # audit trail, a budget) is called before the value opens. Anything else
+        # takes the manager's path, which checks everything.
         fast: dict[Any, tuple[Any, ...]] = {}
 
         def getter(row: Any) -> Any:
@@ -195,10 +196,14 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                         and data[:at] == head
                         and len(data) >= size
                         and opener.expires > monotonic()
-                        and manager.decrypt_hook is None
                         and not manager.require_scope
                         and get_scope() is None
                     ):
+                        hook = manager.decrypt_hook
+                        if hook is not None:
+                            # Charged before the value opens (the manager's path does
+                            # the same): a refused read never has its text here.
+                            hook(tenant, label, 1)
                         try:
                             plain = open_(data[at:end], data[end:], aad)
                         except failed:

@@ -434,10 +434,11 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # consecutive values of one practice and key (a Core read in a scope)
         # skip the manager's cache lookup and the opener's frame. Used only while
         # it is unexpired (the cache expires every opener it drops: a rotation, a
-        # destroyed practice), for the same manager and scope, with no decrypt
-        # hook to call, and only for a value framed for it (the whole v2 header:
-        # version, key id, label tag and practice). Anything else takes the
-        # manager's path, which checks everything.
+        # destroyed practice), for the same manager and scope, and only for a
+        # value framed for it (the whole v2 header: version, key id, label tag
+        # and practice); the manager's decrypt hook is called first, as on the
+        # manager's own path. Anything else takes that path, which checks
+        # everything.
         last_manager: Any = None
         last_tenant: Any = None
         last_opener: Any = None
@@ -472,8 +473,13 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 and value[:at] == head
                 and len(value) >= size
                 and last_opener.expires > monotonic()
-                and manager.decrypt_hook is None
             ):
+                hook = manager.decrypt_hook
+                if hook is not None:
+                    # Charged before the value opens, as in KeyManager.decrypt: a
+                    # refused read (a budget, a trail that cannot record) never
+                    # has its text here.
+                    hook(tenant, label, 1)
                 try:
                     plain = open_(value[at:end], value[end:], aad)
                 except failed:
