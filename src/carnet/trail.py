@@ -237,17 +237,23 @@ class AuditTrail:
         a plain function call costs less than an instance's ``__call__`` (about a
         fifth of the hook's cost). It carries ``trail`` and ``legacy_read`` as the
         trail itself does."""
-        pget, cget, lock, now = _principal.get, _context.get, self._lock, time.time
+        pget, cget, now = _principal.get, _context.get, time.time
+        # acquire/release, not ``with``: about 0.1 µs less per value, a third of
+        # the hook; the try keeps the lock from being held by a failed lookup.
+        acquire, release = self._lock.acquire, self._lock.release
 
         def hook(tenant: str, field: str, count: int) -> None:
             key = (pget(), tenant, field, cget())
-            with lock:
+            acquire()
+            try:
                 pending = self._pending
                 agg = pending.get(key)
                 if agg is None:
                     pending[key] = [count, 0, now(), 0.0]
                 else:
                     agg[0] += count
+            finally:
+                release()
 
         hook.trail = self  # type: ignore[attr-defined]
         hook.legacy_read = self.legacy_read  # type: ignore[attr-defined]
