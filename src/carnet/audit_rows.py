@@ -198,10 +198,17 @@ def core_result(conn: Any, statement: Any, execution_options: Any, result: Any) 
     if not _active or not getattr(statement, "is_select", False) or not result.returns_rows:
         return
     trail = _core_trail(conn)
-    if trail is None or _sa.orm_loads(statement, execution_options):
-        # An ORM load records its rows itself: asked first, before the columns.
+    if trail is None:
         return
-    spec = _core_spec(statement, bool(trail.rows))
+    loaded: frozenset[Any] = frozenset()
+    if _sa.orm_loads(statement, execution_options):
+        # An ORM load records its entities' rows itself (their load events): asked
+        # first, before the columns. The bare columns it selects, which load no
+        # entity (select(Note.id, Note.body) run by a Session), are recorded here.
+        loaded = _entity_sources(statement)
+        if loaded is ALL_ENTITIES:
+            return
+    spec = _core_spec(statement, bool(trail.rows), loaded)
     if not spec:
         return
     try:
@@ -210,6 +217,26 @@ def core_result(conn: Any, statement: Any, execution_options: Any, result: Any) 
         # No hook, no record of the rows: the read is refused rather than made unrecorded.
         result.close()
         raise
+
+
+ALL_ENTITIES: frozenset[Any] = frozenset({"*"})
+
+
+def _entity_sources(statement: Any) -> frozenset[Any]:
+    """The FROM objects whose rows an ORM SELECT loads as entities (their columns are
+    recorded by the entities' load events), or :data:`ALL_ENTITIES` when it selects
+    nothing else, the common case, decided without reading the selected columns."""
+    entities = []
+    columns = False
+    for raw in _sa.raw_columns(statement):
+        if isinstance(raw, sa.FromClause):
+            entities.append(raw)
+        else:
+            columns = True
+    if not columns:
+        return ALL_ENTITIES
+    # A joined-inheritance entity is a join: each of its tables is loaded.
+    return frozenset(_source(c) for fc in entities for c in fc.c)
 
 
 def _core_trail(conn: Any) -> Any:
@@ -234,13 +261,13 @@ def _source(col: Any) -> Any:
     return _sa.deannotated(getattr(el, "table", None))
 
 
-def _core_spec(statement: Any, rows: bool) -> _CoreSpec:
+def _core_spec(statement: Any, rows: bool, loaded: frozenset[Any] = frozenset()) -> _CoreSpec:
     selected = list(getattr(statement, "selected_columns", ()))
     wanted = []
     for col in selected:
         typ = encrypted_type(col)
         base = _base_column(col) if typ is not None else None
-        if typ is None or base is None:
+        if typ is None or base is None or (loaded and _source(col) in loaded):
             continue
         info = base.info.get(ROWS_INFO)
         if rows or info:

@@ -251,6 +251,29 @@ def test_an_orm_read_is_recorded_once(keys: carnet.KeyManager, engine: sa.Engine
     assert got == [1, 2, 3, 4, 5, 6, 9, 10, 11]
 
 
+def test_a_sessions_bare_columns_are_recorded_and_its_entities_once(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    trail = _trail(keys, rows=True)
+    with principal_scope("dr.cols"), carnet.tenant_scope("p0"), Session(engine) as s:
+        # Bare ORM columns load no entity: each value's row is recorded here.
+        assert len(s.execute(sa.select(Note.id, Note.body).where(Note.id <= 2)).all()) == 2
+        # Without its key column the row is recorded as "?".
+        assert s.execute(sa.select(Note.body).where(Note.id == 3)).scalar_one()
+        # An entity and its own column: one value per row, recorded once, by the load.
+        assert len(s.execute(sa.select(Note, Note.body).where(Note.id == 4)).all()) == 1
+        # An entity and another table's note: each recorded by its own path.
+        got = s.execute(
+            sa.select(Note, visits.c.patient_id, visits.c.note)
+            .join(visits, visits.c.id == Note.id)
+            .where(Note.id == 1)
+        ).one()
+        assert got.note.startswith(SECRET)
+    assert sorted(_keys(trail, "dr.cols")) == sorted(["1", "2", "?", "4", "1", "PAT-1"])
+    by_field = Counter(f for p, _pr, f, _k in _rows(trail) if p == "dr.cols")
+    assert by_field == {"notes.body": 5, "visits.note": 1}
+
+
 def test_no_row_function_unless_rows_are_wanted(keys: carnet.KeyManager, engine: sa.Engine) -> None:
     stmt = sa.select(notes).order_by(notes.c.id)
     with carnet.tenant_scope("p0"), engine.connect() as conn:
