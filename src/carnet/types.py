@@ -25,6 +25,7 @@ from sqlalchemy.types import TypeDecorator
 
 from . import _sa, envelope, indexkeys
 from ._aead import AuthenticationFailed
+from .context import EPOCH as _EPOCH
 from .context import SCOPE as _tenant
 from .context import get_manager, manager_for
 from .errors import (
@@ -367,6 +368,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         get_scope = _tenant.get
         own = self._manager
         manager_of = self.manager_for
+        # The manager resolved for this dialect, while no binding or default changed.
+        epoch = _EPOCH
+        seen: Any = None
+        resolved: Any = None
 
         # The sealer of the last value this processor sealed, as the result
         # processor keeps its opener: consecutive values of one practice skip the
@@ -376,7 +381,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         monotonic = time.monotonic
 
         def process(value: Any) -> Any:
-            nonlocal last
+            nonlocal last, seen, resolved
             tenant = None
             cls_ = value.__class__
             if cls_ is str:
@@ -393,7 +398,14 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             label = self._resolved_label
             blob = None
             if tenant is not None and label is not None:
-                manager = own if own is not None else manager_of(dialect)
+                if own is not None:
+                    manager = own
+                elif seen == epoch[0]:
+                    manager = resolved
+                else:
+                    now = epoch[0]
+                    manager = resolved = manager_of(dialect)
+                    seen = now
                 sealer, of, practice, of_label = last
                 try:
                     if (
@@ -439,6 +451,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # and practice); the manager's decrypt hook is called first, as on the
         # manager's own path. Anything else takes that path, which checks
         # everything.
+        # The manager resolved for this dialect, while no binding or default changed.
+        epoch = _EPOCH
+        seen: Any = None
+        resolved: Any = None
         last_manager: Any = None
         last_tenant: Any = None
         last_opener: Any = None
@@ -451,6 +467,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
 
         def process(value: Any) -> Any:
             nonlocal last_manager, last_tenant, last_opener, head, at, end, size, open_, aad
+            nonlocal seen, resolved
             if value is None:
                 return None
             if value.__class__ is not bytes:
@@ -459,9 +476,16 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                     value = bytes(value)
                 else:
                     value = envelope.from_binary(value, self.field_label)
-            # Resolved per value, not when the processor is built: processors are
-            # cached per dialect, and the manager bound to an engine may change.
-            manager = own if own is not None else manager_of(dialect)
+            # Not fixed when the processor is built: processors are cached per
+            # dialect, and the manager bound to an engine may change (EPOCH says so).
+            if own is not None:
+                manager = own
+            elif seen == epoch[0]:
+                manager = resolved
+            else:
+                now = epoch[0]
+                manager = resolved = manager_of(dialect)
+                seen = now
             tenant = get_tenant()
             if tenant is None:
                 return Sealed(value, self, manager)

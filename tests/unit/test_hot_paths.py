@@ -148,6 +148,28 @@ def test_a_manager_made_default_later_is_not_served_by_anothers_remembered_opene
         other.close()
 
 
+def test_a_manager_bound_later_to_the_engine_serves_its_next_read_and_write(
+    keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
+) -> None:
+    # A processor keeps the manager it resolved for its engine only until a
+    # binding or the default changes.
+    ids = _write(engine, "p1", ["shared"])
+    other = carnet.KeyManager(engine, master_key=master_key_uri)
+    try:
+        assert _read(engine, "p1", ids) == ["shared"]  # resolved: the default, `keys`
+        other.destroy("p1")  # `keys` has not noticed yet (its cache is warm)
+        other.bind(engine)
+        with pytest.raises(KeyDestroyed):
+            _read(engine, "p1", ids)
+        with pytest.raises(KeyDestroyed):
+            _write(engine, "p1", ["after"])
+        carnet.bind_manager(engine, None)
+        assert _read(engine, "p1", ids) == ["shared"]  # `keys` again, still warm
+    finally:
+        carnet.bind_manager(engine, None)
+        other.close()
+
+
 def test_the_openers_text_path_refuses_a_tampered_value_and_passes_on_another_framing() -> None:
     key = bytes(range(32))
     key_id = bytes(16)

@@ -214,10 +214,17 @@ def _insert_many(engine: sa.Engine, rows: list[tuple[int, str, str]]) -> None:
         s.commit()
 
 
-def _stream(s: Session) -> Any:
-    # Two rows per fetch: the result is still open while the test changes things.
+def _warm(s: Session) -> Any:
+    """A result of every record, streamed two rows per fetch (so it is still open
+    while the test changes things), its first two notes read: the warm opener is set."""
     stmt = sa.select(Record).order_by(Record.id).execution_options(yield_per=2)
-    return iter(s.scalars(stmt))
+    rows = iter(s.scalars(stmt))
+    assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+    return rows
+
+
+def _notes(engine: sa.Engine, practice: Callable[[int], str] = lambda _i: "p1") -> None:
+    _insert_many(engine, [(i, practice(i), f"note {i}") for i in range(1, 7)])
 
 
 def test_one_result_opens_interleaved_practices_and_keys(
@@ -236,10 +243,9 @@ def test_one_result_opens_interleaved_practices_and_keys(
 def test_a_key_dropped_mid_result_is_not_used_by_the_warm_opener(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
-    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 7)])
+    _notes(engine)
     with Session(engine) as s:
-        rows = _stream(s)
-        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        rows = _warm(s)
         unwraps = keys.master_unwraps
         if engine.dialect.name == "sqlite":
             # SQLite: the open read holds off every writer, so no destroy can
@@ -256,27 +262,25 @@ def test_a_key_dropped_mid_result_is_not_used_by_the_warm_opener(
 def test_a_hook_installed_mid_result_sees_every_later_value(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
-    _insert_many(engine, [(i, "p1" if i % 2 else "p2", f"note {i}") for i in range(1, 9)])
+    _notes(engine, lambda i: "p1" if i % 2 else "p2")
     opened: list[str] = []
     with Session(engine) as s:
-        rows = _stream(s)
-        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        rows = _warm(s)
         keys.decrypt_hook = lambda tenant, _label, n: opened.extend([tenant] * n)
         try:
             rest = [r.body for r in rows]
         finally:
             keys.decrypt_hook = None
-    assert rest == [f"note {i}" for i in range(3, 9)]
-    assert opened == ["p1" if i % 2 else "p2" for i in range(3, 9)]
+    assert rest == [f"note {i}" for i in range(3, 7)]
+    assert opened == ["p1" if i % 2 else "p2" for i in range(3, 7)]
 
 
 def test_strict_mode_turned_on_mid_result_refuses_the_next_value(
     keys: carnet.KeyManager, engine: sa.Engine
 ) -> None:
-    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 7)])
+    _notes(engine)
     with Session(engine) as s:
-        rows = _stream(s)
-        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        rows = _warm(s)
         keys.require_scope = True
         try:
             with pytest.raises(TenantRequired):
@@ -288,15 +292,14 @@ def test_strict_mode_turned_on_mid_result_refuses_the_next_value(
 def test_a_manager_made_default_mid_result_is_not_served_by_the_warm_opener(
     keys: carnet.KeyManager, engine: sa.Engine, master_key_uri: str
 ) -> None:
-    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 7)])
+    _notes(engine)
     with Session(engine) as s:
         assert len(list(s.scalars(sa.select(Record)))) == 6  # `keys` holds p1's key
     other = carnet.KeyManager(engine, master_key=master_key_uri)
     try:
         other.destroy("p1")  # through the other manager: `keys` has not noticed
         with Session(engine) as s:
-            rows = _stream(s)
-            assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+            rows = _warm(s)
             carnet.configure(other)
             with pytest.raises(KeyDestroyed):
                 next(rows)
@@ -309,7 +312,7 @@ def test_a_manager_made_default_mid_result_is_not_served_by_the_warm_opener(
 def test_a_tampered_value_among_warm_ones_is_refused(
     keys: carnet.KeyManager, engine: sa.Engine, where: str
 ) -> None:
-    _insert_many(engine, [(i, "p1", f"note {i}") for i in range(1, 5)])
+    _notes(engine)
     with engine.begin() as conn:
         drop_checks(conn, Record)
         raw = bytes(
@@ -325,8 +328,7 @@ def test_a_tampered_value_among_warm_ones_is_refused(
         bad = raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
         conn.execute(sa.text("UPDATE orm_loading_records SET body = :v WHERE id = 3"), {"v": bad})
     with Session(engine) as s:
-        rows = _stream(s)
-        assert [next(rows).body, next(rows).body] == ["note 1", "note 2"]
+        rows = _warm(s)
         # A flipped key id names no key; "p1" with a bit flipped, another practice.
         with pytest.raises((InvalidCiphertext, TenantMismatch, UnknownKey)) as err:
             next(rows)
