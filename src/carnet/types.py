@@ -368,10 +368,11 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         get_scope = _tenant.get
         own = self._manager
         manager_of = self.manager_for
-        # The manager resolved for this dialect, while no binding or default changed.
+        # The manager resolved for this dialect, with the EPOCH it was resolved
+        # at: one tuple, assigned at once, so that a thread never pairs one
+        # thread's manager with another's epoch.
         epoch = _EPOCH
-        seen: Any = None
-        resolved: Any = None
+        resolved: tuple[Any, Any] = (None, None)
 
         # The sealer of the last value this processor sealed, as the result
         # processor keeps its opener: consecutive values of one practice skip the
@@ -381,7 +382,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         monotonic = time.monotonic
 
         def process(value: Any) -> Any:
-            nonlocal last, seen, resolved
+            nonlocal last, resolved
             tenant = None
             cls_ = value.__class__
             if cls_ is str:
@@ -400,12 +401,12 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             if tenant is not None and label is not None:
                 if own is not None:
                     manager = own
-                elif seen == epoch[0]:
-                    manager = resolved
                 else:
-                    now = epoch[0]
-                    manager = resolved = manager_of(dialect)
-                    seen = now
+                    seen, manager = resolved
+                    if seen != epoch[0]:
+                        now = epoch[0]
+                        manager = manager_of(dialect)
+                        resolved = (now, manager)
                 sealer, of, practice, of_label = last
                 try:
                     if (
@@ -451,10 +452,11 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # and practice); the manager's decrypt hook is called first, as on the
         # manager's own path. Anything else takes that path, which checks
         # everything.
-        # The manager resolved for this dialect, while no binding or default changed.
+        # The manager resolved for this dialect, with the EPOCH it was resolved
+        # at: one tuple, assigned at once, so that a thread never pairs one
+        # thread's manager with another's epoch.
         epoch = _EPOCH
-        seen: Any = None
-        resolved: Any = None
+        resolved: tuple[Any, Any] = (None, None)
         last_manager: Any = None
         last_tenant: Any = None
         last_opener: Any = None
@@ -467,7 +469,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
 
         def process(value: Any) -> Any:
             nonlocal last_manager, last_tenant, last_opener, head, at, end, size, open_, aad
-            nonlocal seen, resolved
+            nonlocal resolved
             if value is None:
                 return None
             if value.__class__ is not bytes:
@@ -480,12 +482,12 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             # dialect, and the manager bound to an engine may change (EPOCH says so).
             if own is not None:
                 manager = own
-            elif seen == epoch[0]:
-                manager = resolved
             else:
-                now = epoch[0]
-                manager = resolved = manager_of(dialect)
-                seen = now
+                seen, manager = resolved
+                if seen != epoch[0]:
+                    now = epoch[0]
+                    manager = manager_of(dialect)
+                    resolved = (now, manager)
             tenant = get_tenant()
             if tenant is None:
                 return Sealed(value, self, manager)
