@@ -457,19 +457,16 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # thread's manager with another's epoch.
         epoch = _EPOCH
         resolved: tuple[Any, Any] = (None, None)
-        last_manager: Any = None
-        last_tenant: Any = None
-        last_opener: Any = None
-        head = b""
-        at = end = size = 0
-        open_: Any = None
-        aad = b""
+        # The remembered opener: its manager, practice, the opener and its parts,
+        # one tuple assigned at once (the processor is shared by every thread
+        # reading through the engine: no thread may pair one opener's header
+        # with another's key or associated data).
+        last: tuple[Any, ...] = (None, None, None, b"", 0, 0, 0, None, b"")
         monotonic = time.monotonic
         failed = AuthenticationFailed
 
         def process(value: Any) -> Any:
-            nonlocal last_manager, last_tenant, last_opener, head, at, end, size, open_, aad
-            nonlocal resolved
+            nonlocal last, resolved
             if value is None:
                 return None
             if value.__class__ is not bytes:
@@ -493,12 +490,13 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 return Sealed(value, self, manager)
             if label is None:
                 return decrypt(value, tenant, manager)
+            of, practice, opener, head, at, end, size, open_, aad = last
             if (
-                manager is last_manager
-                and tenant == last_tenant
+                manager is of
+                and tenant == practice
                 and value[:at] == head
                 and len(value) >= size
-                and last_opener.expires > monotonic()
+                and opener.expires > monotonic()
             ):
                 hook = manager.decrypt_hook
                 if hook is not None:
@@ -515,8 +513,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
             text = manager._open_text(value, tenant, label)
             opener = manager._openers.get((value[_KEY_ID], label, tenant))
             if opener is not None:
-                head, at, end, size, open_, aad = opener.parts()
-                last_manager, last_tenant, last_opener = manager, tenant, opener
+                last = (manager, tenant, opener, *opener.parts())
             return text
 
         return process

@@ -10,6 +10,9 @@ older format) and shows that the next value takes the full path.
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 import sqlalchemy as sa
 
@@ -168,6 +171,38 @@ def test_a_manager_bound_later_to_the_engine_serves_its_next_read_and_write(
     finally:
         carnet.bind_manager(engine, None)
         other.close()
+
+
+def test_threads_reading_other_practices_through_one_processor_each_get_their_own(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # One engine, so one result processor shared by every thread; each thread
+    # reads its own practice in its own scope. A thread switch between two
+    # updates of the remembered opener must never pair one practice's header
+    # with another's key (a spurious failure) or open a value for the wrong one.
+    practices = ["p1", "p2", "p3", "p4"]
+    ids = {p: _write(engine, p, [f"{p} note {i}" for i in range(20)]) for p in practices}
+    errors: list[BaseException] = []
+
+    def reader(practice: str) -> None:
+        try:
+            for _ in range(40):
+                got = _read(engine, practice, ids[practice])
+                assert got == [f"{practice} note {i}" for i in range(20)]
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=reader, args=(p,)) for p in practices]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
 
 
 def test_the_openers_text_path_refuses_a_tampered_value_and_passes_on_another_framing() -> None:
