@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import cursor as engine_cursor
 from sqlalchemy.engine import result as engine_result
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm import interfaces as orm_interfaces
 from sqlalchemy.orm import strategies as orm_strategies
 from sqlalchemy.sql import annotation, base, dml, elements, lambdas
@@ -133,6 +135,36 @@ NAMES: dict[str, Private] = {
     "result_getter": Private(
         "_getter",
         engine_result.ResultInternal,
+        (Callable,),  # type: ignore[arg-type]
+        needed_for=_ORM_LOAD,
+    ),
+    # ... and reads it as the driver returned it, for that result alone: the
+    # query's other entities, the result's metadata, the processors of its
+    # rows' columns and where a column is in them.
+    "entities": Private(
+        "_entities",
+        getattr(orm_context, "ORMCompileState" if SA_20 else "_ORMCompileState", None),
+        (list,),
+        needed_for=_ORM_LOAD,
+    ),
+    "result_metadata": Private(
+        "_metadata",
+        engine_result.ResultInternal,
+        (engine_result.ResultMetaData,),
+        needed_for=_ORM_LOAD,
+    ),
+    "processors": Private(
+        "_processors", engine_cursor.CursorResultMetaData, (list, tuple), needed_for=_ORM_LOAD
+    ),
+    "tuplefilter": Private(
+        "_tuplefilter",
+        engine_result.ResultMetaData,
+        (Callable, type(None)),  # type: ignore[arg-type]
+        needed_for=_ORM_LOAD,
+    ),
+    "index_for_key": Private(
+        "_index_for_key",
+        engine_result.ResultMetaData,
         (Callable,),  # type: ignore[arg-type]
         needed_for=_ORM_LOAD,
     ),
@@ -378,14 +410,154 @@ def on_each_row(result: Any, fn: Callable[[Any], None]) -> None:
 
 RowGetter = Callable[[Any], Any]
 Populator = Callable[[Any, Any, Any], None]
-# make(key, body, practice) -> (getter, populator), called once per result: with
-# the getters of the value's column and of the practice column in its rows
-# (``practice`` None: not in them), the getter of the attribute's value for a
-# row (None: the value as it is) and a populator run after the row's columns
-# are loaded, with ``(state, dict_, row)`` (None: none).
+# make(key, column, practice) -> (getter, populator), called once per result:
+# with the value's column in that result's rows (:class:`LoadedColumn`) and the
+# getter of the practice column in them (``practice`` None: not in them), the
+# getter of the attribute's value for a row (None: the value the column type
+# makes of it, ``column.processed()``) and a populator run after the row's
+# columns are loaded, with ``(state, dict_, row)`` (None: none).
 MakeGetter = Callable[
-    [str, RowGetter, "RowGetter | None"], "tuple[RowGetter | None, Populator | None]"
+    [str, "LoadedColumn", "RowGetter | None"], "tuple[RowGetter | None, Populator | None]"
 ]
+
+# Per result (in its __dict__): its rows' column indexes read as the driver
+# returned them (True) or kept as the column type makes them (False), decided by
+# the first loader of that column in the result (every later one agrees).
+_READ_RAW = "_carnet_read_raw"
+
+
+class LoadedColumn:
+    """An encrypted column in one result's rows, as the ORM loads it.
+
+    The column type's result processor turns each stored value into what a
+    Core read gets (:class:`~carnet.types.Sealed`, or the text in a scope).
+    An ORM load that opens the value with the row's practice itself can
+    instead read it as the driver returned it (:meth:`unprocessed`), sparing a
+    placeholder and a call per value.
+    """
+
+    __slots__ = ("_result", "_context", "_column", "_body", "_before_rows")
+
+    def __init__(
+        self, result: Any, context: Any, column: Any, body: RowGetter, before_rows: bool
+    ) -> None:
+        self._result = result
+        self._context = context
+        self._column = column
+        self._body = body
+        # Made before the result's first row was fetched: a query's own entities'
+        # loaders are; a subclass's, in a polymorphic load, is made as its first row
+        # is met, and its joined eager loads', too (see LoadedColumn.unprocessed).
+        self._before_rows = before_rows
+
+    def processed(self) -> RowGetter:
+        """The getter of the value the column type makes of each stored value."""
+        found = self._index()
+        if found is None:
+            return self._body
+        index, processor, marks = found
+        raw = marks.setdefault(index, (False, processor))[0]
+        if not raw:
+            return self._body
+        # Another loader of this result reads this column unprocessed (from its
+        # first row on): the processor applied here.
+        get = self._body
+
+        def getter(row: Any) -> Any:
+            v = get(row)
+            return None if v is None else processor(v)
+
+        return getter
+
+    def unprocessed(self, shared: Callable[[Any], bool]) -> tuple[RowGetter, Any] | None:
+        """The getter of the value as the driver returned it, and the column type's
+        processor for what the caller leaves to it; None when this result's rows keep
+        the column type's value. Every value the getter returns is as the driver
+        returned it.
+
+        The processor is skipped for this result's rows alone (its own copy of
+        the result's metadata): SQLAlchemy shares the metadata with every
+        execution of the statement, and Core reads. Skipping starts only before
+        the result's first row is fetched (a loader made later reads the column
+        unprocessed only if an earlier one started it). It is kept when another
+        entity of the query (a bare column, a bundle's) has a column for which
+        ``shared(column)`` is true: it may be the same column of the rows, read
+        as the column type makes it; when another loader of this result keeps
+        it; when the rows are not a cursor's, or were reduced.
+        """
+        for column in _entity_columns(_read(self._context.compile_state, "entities")):
+            if shared(column):
+                return None
+        found = self._index()
+        if found is None:
+            return None
+        index, processor, marks = found
+        if index not in marks:
+            if not self._before_rows:
+                return None
+            result = self._result
+            metadata = _read(result, "result_metadata")
+            processors = list(_read(metadata, "processors"))
+            processors[index] = None
+            copy = _copy_slots(metadata)
+            setattr(copy, NAMES["processors"].attr, processors)
+            setattr(result, NAMES["result_metadata"].attr, copy)
+            # The row factory SQLAlchemy memoized from the metadata, made again at
+            # the next fetch (as on_each_row does).
+            _read(result, "row_getter")
+            vars(result).pop(NAMES["row_getter"].attr, None)
+            marks[index] = (True, processor)
+        return (self._body, processor) if marks[index][0] else None
+
+    def _index(self) -> tuple[int, Any, dict[int, tuple[bool, Any]]] | None:
+        """The column's index in the rows, its processor as the statement has it, the
+        result's marks; None for rows that are not a cursor's, reduced ones, or a
+        column without a processor."""
+        metadata = _read(self._result, "result_metadata")
+        if not isinstance(metadata, engine_cursor.CursorResultMetaData):
+            return None
+        processors = _read(metadata, "processors")
+        if _read(metadata, "tuplefilter") is not None:
+            return None
+        index = _read(metadata, "index_for_key")(self._column, False)
+        if index is None or not 0 <= index < len(processors):
+            return None
+        state = vars(self._result)
+        marks: dict[int, tuple[bool, Any]] | None = state.get(_READ_RAW)
+        if marks is None:
+            marks = state[_READ_RAW] = {}
+        # The result's own copy has None where a column is read unprocessed: the
+        # processor is kept with the mark.
+        processor = marks[index][1] if index in marks else processors[index]
+        if processor is None:
+            return None
+        return index, processor, marks
+
+
+def _entity_columns(entities: Iterable[Any]) -> Iterable[Any]:
+    """The columns of a query's bare column entities, bundles' included."""
+    for ent in entities:
+        inner = getattr(ent, NAMES["entities"].attr, None)
+        if isinstance(inner, list):  # a Bundle's entities
+            yield from _entity_columns(inner)
+            continue
+        column = getattr(ent, "column", None)
+        if column is not None:
+            yield column
+
+
+def _copy_slots(obj: Any) -> Any:
+    """A shallow copy of an object with ``__slots__`` (``copy.copy`` would go through
+    the pickling state, which a result metadata reduces)."""
+    cls: Any = type(obj)
+    new = cls.__new__(cls)
+    for klass in cls.__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                setattr(new, name, getattr(obj, name))
+    return new
+
 
 # The strategy key SQLAlchemy loads a column attribute's value with (a
 # deferred column's too, once undeferred).
@@ -400,19 +572,22 @@ def load_column_with(prop: Any, practice_column: Any, make: MakeGetter) -> None:
     (``populators["quick"]``), memoized per query when the query is compiled.
     ``prop``'s loader becomes a subclass of SQLAlchemy's own column loader that
     does not memoize it, so that SQLAlchemy asks it, per result, for the getter:
-    it hands ``make`` the getters of the value's column and of
-    ``practice_column`` in that result's rows (adapted for aliases, joined eager
-    loads and inheritance). Installed as the strategy SQLAlchemy loads the
-    column with (an undeferred column's too). Raises
+    it hands ``make`` the value's column in that result's rows
+    (:class:`LoadedColumn`) and the getter of ``practice_column`` in them
+    (adapted for aliases, joined eager loads and inheritance). Installed as the
+    strategy SQLAlchemy loads the column with (an undeferred column's too). Raises
     :class:`UnsupportedOperation` when SQLAlchemy's loader is not what carnet
     expects.
     """
     base = _read(orm_strategies, "column_loader")
     strategies = _read(prop, "strategies")
+    # SQLAlchemy's loader, or carnet's already (a single-table subclass's mapper
+    # shares its parent's column attributes).
+    known = (base, *_loader_classes.values())
     current = strategies.get(_LOAD_KEY)
-    if current is not None and type(current) is not base:
+    if current is not None and type(current) not in known:
         raise not_understood("column_loader", current)
-    if prop.strategy_key == _LOAD_KEY and type(prop.strategy) is not base:
+    if prop.strategy_key == _LOAD_KEY and type(prop.strategy) not in known:
         raise not_understood("column_loader", prop.strategy)
     cls = _loader_classes.get(base)
     if cls is None:
@@ -453,7 +628,8 @@ def _opening_loader(base: type) -> type:
             getter_of = _read(result, "result_getter")
             body = None
             for col in self.columns:
-                body = getter_of(adapter.columns[col] if adapter else col, False)
+                col = adapter.columns[col] if adapter else col
+                body = getter_of(col, False)
                 if body is not None:
                     break
             if body is None:
@@ -466,8 +642,14 @@ def _opening_loader(base: type) -> type:
             if tcol is not None and adapter:
                 tcol = adapter.columns[tcol]
             practice = getter_of(tcol, False) if tcol is not None else None
-            getter, populator = self.carnet_make(self.key, body, practice)
-            populators["quick"].append((self.key, getter if getter is not None else body))
+            # A query entity's own mapper (not a subclass met in its rows, nor a
+            # joined eager load's): made before the result's first row is fetched.
+            own = getattr(query_entity, "mapper", None) is mapper
+            column = LoadedColumn(result, context, col, body, own)
+            getter, populator = self.carnet_make(self.key, column, practice)
+            if getter is None:
+                getter = column.processed()
+            populators["quick"].append((self.key, getter))
             if populator is not None:
                 populators["new"].append((self.key, populator))
 

@@ -7,8 +7,10 @@ Attached by :mod:`carnet._hooks` (when carnet is first used, never at import):
 - Loading: an attribute whose practice is a column of its own row is loaded
   by a column loader of SQLAlchemy's own kind (:func:`carnet._sa.load_column_with`)
   that opens the value as the row is loaded, under the practice read from
-  the same row, with no per-row listener; when the practice is not in the
-  row (``load_only``, a refresh of the value alone), after the row's columns.
+  the same row, with no per-row listener (EncryptedText's own values read as
+  the driver returned them, :class:`carnet._sa.LoadedColumn`); when the
+  practice is not in the row (``load_only``, a refresh of the value alone),
+  after the row's columns.
   ``load`` (a practice on a parent row) and ``refresh`` (a safety net) open
   the :class:`~carnet.types.Sealed` values left with the row's practice.
 - ``before_update`` (per row, after the flush has synchronised foreign keys,
@@ -39,6 +41,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from . import _sa, envelope
 from ._aead import AuthenticationFailed
+from .context import EPOCH as _EPOCH
 from .context import SCOPE as _tenant
 from .dbchecks import check_practice_type
 from .errors import ConfigurationError, InvalidCiphertext, TenantMismatch, TenantRequired
@@ -166,30 +169,79 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
     get_scope = _tenant.get
     monotonic = time.monotonic
     failed = AuthenticationFailed
+    epoch = _EPOCH
 
     def make(
-        key: str, body: _sa.RowGetter, practice: _sa.RowGetter | None
+        key: str, column: _sa.LoadedColumn, practice: _sa.RowGetter | None
     ) -> tuple[_sa.RowGetter | None, Any]:
         if practice is None:
             return None, fallback
         label = typ._resolved_label
+        # EncryptedText's own binary values are read as the driver returned them
+        # (this result's rows skip the column type's processor and its Sealed
+        # placeholder) unless another entity of the query reads an encrypted column
+        # as the column type makes it; what the fast path below does not open goes
+        # through the processor (``process``), as any other value.
+        raw = (
+            column.unprocessed(_is_encrypted)
+            if text and label is not None and typ.storage != "text"
+            else None
+        )
+        if raw is None:
+            body, process = column.processed(), None
+        else:
+            body, process = raw
         # This result's openers, by practice: a warm one opens the next value of
         # that practice and key in this frame, as the column type's processor
         # does in a scope (carnet.types), after the same checks: same manager,
         # unexpired, no scope, no required scope, and the whole v2 header
         # (version, key id, label tag, practice) compared; the decrypt hook (the
         # audit trail, a budget) is called before the value opens. Anything else
-        # takes the manager's path, which checks everything.
+        # takes the manager's path, which checks everything. A value read as
+        # stored has no manager of its own: its opener serves it only while no
+        # manager was configured or bound since the opener was found (EPOCH),
+        # when the column type would resolve the same manager.
         fast: dict[Any, tuple[Any, ...]] = {}
 
         def getter(row: Any) -> Any:
             v = body(row)
+            since = epoch[0]
+            if process is not None:
+                # As the driver returned it.
+                if v.__class__ is bytes:
+                    tenant = practice(row)
+                    hot = fast.get(tenant)
+                    if hot is not None:
+                        seen, manager, opener, head, at, end, size, open_, aad = hot
+                        if (
+                            seen == since
+                            and v[:at] == head
+                            and len(v) >= size
+                            and opener.expires > monotonic()
+                            and not manager.require_scope
+                            and get_scope() is None
+                        ):
+                            hook = manager.decrypt_hook
+                            if hook is not None:
+                                # Charged before the value opens (the manager's path does
+                                # the same): a refused read never has its text here.
+                                hook(tenant, label, 1)
+                            try:
+                                plain = open_(v[at:end], v[end:], aad)
+                            except failed:
+                                raise InvalidCiphertext(label=label, tenant=tenant) from None
+                            manager._fast_hits += 1
+                            return plain.decode("utf-8")
+                if v is not None:
+                    # What the column type makes of it (a Sealed value, the text
+                    # opened in a scope, or its refusal of what is not carnet's).
+                    v = process(v)
             if v.__class__ is Sealed:
                 tenant = practice(row)
                 manager = v._manager
                 hot = fast.get(tenant)
                 if hot is not None:
-                    of, opener, head, at, end, size, open_, aad = hot
+                    _seen, of, opener, head, at, end, size, open_, aad = hot
                     data = v.data
                     if (
                         of is manager
@@ -201,8 +253,6 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     ):
                         hook = manager.decrypt_hook
                         if hook is not None:
-                            # Charged before the value opens (the manager's path does
-                            # the same): a refused read never has its text here.
                             hook(tenant, label, 1)
                         try:
                             plain = open_(data[at:end], data[end:], aad)
@@ -222,7 +272,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     opened = manager._open_text(data, tenant, label)
                     opener = manager._openers.get((data[_KEY_ID], label, tenant))
                     if opener is not None:
-                        fast[tenant] = (manager, opener, *opener.parts())
+                        fast[tenant] = (since, manager, opener, *opener.parts())
                     return opened
                 return _open_sealed(where, typ, v, tenant)
             if v is not None:
@@ -239,6 +289,10 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
         return getter, None
 
     return make
+
+
+def _is_encrypted(column: Any) -> bool:
+    return encrypted_type(column) is not None
 
 
 def _open_loaded(specs: list[Spec], state: InstanceState[Any], dict_: Any, row: Any) -> None:

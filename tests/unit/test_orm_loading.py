@@ -10,12 +10,16 @@ Sealed placeholder, and a value that does not belong to its row must fail.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy.orm import (
+    Bundle,
     DeclarativeBase,
     Mapped,
     Session,
@@ -57,6 +61,29 @@ class Record(Base):
     )
     children: Mapped[list[Record]] = relationship(back_populates="parent")
     parent: Mapped[Record | None] = relationship(back_populates="children", remote_side=[id])
+
+
+class Doc(Base):
+    """Single-table inheritance: a Letter's own note is loaded by a loader SQLAlchemy
+    makes as the first Letter row of a result is met, after the rows were fetched."""
+
+    __tablename__ = "orm_loading_docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice_id: Mapped[str] = mapped_column(sa.String(64))
+    kind: Mapped[str] = mapped_column(sa.String(10))
+    body: Mapped[str | None] = mapped_column(carnet.EncryptedText(tenant="practice_id"))
+    __mapper_args__ = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "doc",
+        "with_polymorphic": "*",
+    }
+
+
+class Letter(Doc):
+    extra: Mapped[str | None] = mapped_column(
+        carnet.EncryptedText(tenant="practice_id"), nullable=True
+    )
+    __mapper_args__ = {"polymorphic_identity": "letter"}
 
 
 @pytest.fixture
@@ -333,6 +360,193 @@ def test_a_tampered_value_among_warm_ones_is_refused(
         with pytest.raises((InvalidCiphertext, TenantMismatch, UnknownKey)) as err:
             next(rows)
     assert "note 3" not in str(err.value)
+
+
+# -- read as stored: an ORM load's rows skip the column type's processor ---------------------
+#
+# With its practice in the row, EncryptedText's value is read by the ORM as the
+# driver returned it, for that result alone (carnet._sa.LoadedColumn.unprocessed):
+# no Sealed placeholder is made and opened. Everything else reading the same
+# statement or the same rows must see what it saw before.
+
+
+def test_an_orm_load_leaves_the_same_statements_core_reads_sealed(
+    records: None, engine: sa.Engine
+) -> None:
+    stmt = sa.select(Record).order_by(Record.id)
+    for _ in range(2):  # the statement's cached metadata, after an ORM load and before
+        with Session(engine) as s:
+            assert [r.body for r in s.scalars(stmt)] == [t for _p, t in TEXTS.values()]
+            # The same ORM statement run on the Session's connection is a Core read.
+            core = s.connection().execute(stmt).all()
+        assert core and all(isinstance(r.body, Sealed) for r in core)
+        with engine.connect() as conn:
+            assert all(isinstance(r.body, Sealed) for r in conn.execute(stmt))
+
+
+@pytest.mark.parametrize("scope", [None, "p1"])
+def test_an_encrypted_column_beside_its_entity_gets_the_column_types_value(
+    keys: carnet.KeyManager, engine: sa.Engine, scope: str | None
+) -> None:
+    _insert(engine, {"p1", "p2"} if scope is None else {scope})
+    bare = Record.body
+    bundled = Bundle("b", Record.body, Record.id)
+    with Session(engine) as s, carnet.tenant_scope(scope) if scope else _nothing():
+        for extra in (bare, bundled):
+            rows = s.execute(sa.select(Record, extra).order_by(Record.id)).all()
+            assert rows
+            for record, value in rows:
+                assert record.body == TEXTS[record.id][1]
+                got = value if extra is bare else value.body
+                if scope is None:
+                    assert isinstance(got, Sealed)  # a bare column: a Core read
+                    assert got.open(record.practice_id) == record.body
+                else:
+                    assert got == record.body
+        with_alias = aliased(Record)
+        pairs = s.execute(
+            sa.select(Record, with_alias.body).join(with_alias, with_alias.id == Record.id)
+        ).all()
+        assert {r.id for r, _v in pairs} == {
+            pk for pk, (p, _t) in TEXTS.items() if scope in (None, p)
+        }
+        for record, value in pairs:
+            assert record.body == TEXTS[record.id][1]
+            assert (value == record.body) if scope else isinstance(value, Sealed)
+
+
+@pytest.mark.parametrize("yield_per", [None, 2])
+@pytest.mark.parametrize("scope", [None, "p1"])
+def test_a_polymorphic_load_opens_the_notes_of_each_subclass(
+    keys: carnet.KeyManager, engine: sa.Engine, yield_per: int | None, scope: str | None
+) -> None:
+    practices = ["p1", "p2"] if scope is None else [scope]
+    made: dict[int, tuple[str, str, str | None]] = {}
+    with Session(engine) as s:
+        for i in range(1, 9):
+            practice = practices[i % len(practices)]
+            # Letters only from the fourth row: their loader is made mid-result.
+            if i >= 4 and i % 2 == 0:
+                s.add(Letter(id=i, practice_id=practice, body=f"doc {i}", extra=f"extra {i}"))
+                made[i] = (practice, f"doc {i}", f"extra {i}")
+            else:
+                s.add(Doc(id=i, practice_id=practice, body=f"doc {i}"))
+                made[i] = (practice, f"doc {i}", None)
+        s.commit()
+    stmt = sa.select(Doc).order_by(Doc.id)
+    if yield_per:
+        stmt = stmt.execution_options(yield_per=yield_per)
+    with Session(engine) as s, carnet.tenant_scope(scope) if scope else _nothing():
+        got = {
+            d.id: (d.practice_id, d.body, d.extra if isinstance(d, Letter) else None)
+            for d in s.scalars(stmt)
+        }
+        for d in s.identity_map.values():
+            assert not any(isinstance(v, Sealed) for v in sa.inspect(d).dict.values())
+    assert got == made
+
+
+# A property: one ORM result over any mix of practices, keys of a practice, a scope,
+# and values tampered with or moved into another practice's row (the database
+# checks off) opens every value that belongs to its row, in order, and refuses the
+# first that does not, never returning another text or showing its own.
+
+_FAULTS = [None, None, "nonce", "label tag", "practice", "key id", "ciphertext", "tag", "moved"]
+_examples = itertools.count()
+_checks_dropped: set[str] = set()
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(["p0", "p1", "p2"]), st.booleans(), st.sampled_from(_FAULTS)),
+        min_size=1,
+        max_size=10,
+    ),
+    scope=st.sampled_from([None, None, "p0"]),
+    yield_per=st.sampled_from([None, 1, 3]),
+)
+def test_one_orm_result_opens_what_belongs_to_each_row_and_refuses_the_rest(
+    keys: carnet.KeyManager,
+    engine: sa.Engine,
+    rows: list[tuple[str, bool, str | None]],
+    scope: str | None,
+    yield_per: int | None,
+) -> None:
+    n = next(_examples)
+    with engine.begin() as conn:
+        if engine.url.render_as_string() not in _checks_dropped:
+            drop_checks(conn, Record)
+            _checks_dropped.add(engine.url.render_as_string())
+        conn.execute(sa.delete(Record))
+    texts = {pk: f"example {n} note {pk}" for pk in range(1, len(rows) + 1)}
+    # Rows of the second phase are sealed under a key made after the first's.
+    for later in (False, True):
+        if later:
+            keys.rotate("p1", create=True)
+        _insert_many(
+            engine, [(pk, p, texts[pk]) for pk, (p, lt, _f) in enumerate(rows, 1) if lt == later]
+        )
+    _insert_many(engine, [(1000, "p1", "donor p1"), (1001, "p2", "donor p2")])
+    with engine.begin() as conn:
+        stored = {
+            pk: bytes(v)
+            for pk, v in conn.execute(sa.text("SELECT id, body FROM orm_loading_records"))
+        }
+        for pk, (practice, _later, fault) in enumerate(rows, 1):
+            if fault is None:
+                continue
+            raw = stored[pk]
+            if fault == "moved":
+                bad = stored[1001 if practice == "p1" else 1000]
+            else:
+                at = {
+                    "nonce": envelope.PRACTICE_AT + len(practice.encode()),
+                    "key id": 1,
+                    "label tag": envelope.LABEL_TAG_AT,
+                    "practice": envelope.PRACTICE_AT,
+                    "ciphertext": len(raw) - envelope.TAG_SIZE - 1,
+                    "tag": len(raw) - 1,
+                }[fault]
+                bad = raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+            conn.execute(
+                sa.text("UPDATE orm_loading_records SET body = :v WHERE id = :pk"),
+                {"v": bad, "pk": pk},
+            )
+    first_bad = next(
+        (
+            i
+            for i, (practice, _later, fault) in enumerate(rows)
+            if fault is not None or (scope is not None and practice != scope)
+        ),
+        None,
+    )
+    stmt = sa.select(Record).where(Record.id < 1000).order_by(Record.id)
+    if yield_per:
+        stmt = stmt.execution_options(yield_per=yield_per)
+    got: list[str | None] = []
+    # The refusal's text only: the exception's traceback would keep the result's
+    # cursor, and on SQLite its read lock, alive into the next example.
+    error: str | None = None
+    with Session(engine) as s, carnet.tenant_scope(scope) if scope else _nothing():
+        try:
+            for r in s.scalars(stmt):
+                got.append(r.body)
+        except (InvalidCiphertext, TenantMismatch, UnknownKey) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    if first_bad is None:
+        assert error is None
+        assert got == list(texts.values())
+    else:
+        assert error is not None
+        # A result in chunks gives back the chunks before the one refused.
+        served = (first_bad // yield_per) * yield_per if yield_per else 0
+        assert got == [texts[pk] for pk in range(1, served + 1)]
+        assert texts[first_bad + 1] not in error and "donor" not in error
 
 
 class _nothing:

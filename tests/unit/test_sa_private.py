@@ -214,6 +214,11 @@ SCENARIOS: dict[str, Callable[[sa.Engine], None]] = {
     "column_loader": orm_load,
     "strategies": orm_load,
     "result_getter": orm_load,
+    "entities": orm_load,
+    "result_metadata": orm_load,
+    "processors": orm_load,
+    "tuplefilter": orm_load,
+    "index_for_key": orm_load,
 }
 
 
