@@ -483,11 +483,17 @@ class LoadedColumn:
         entity of the query (a bare column, a bundle's) has a column for which
         ``shared(column)`` is true: it may be the same column of the rows, read
         as the column type makes it; when another loader of this result keeps
-        it; when the rows are not a cursor's, or were reduced.
+        it; when an entity of the query has a ``query_expression()`` attribute
+        (``with_expression(Note.x, Note.body)`` reads the column at the same
+        place of the rows, as the column type makes it); when the rows are not a
+        cursor's, or were reduced.
         """
-        for column in _entity_columns(_read(self._context.compile_state, "entities")):
+        entities = _read(self._context.compile_state, "entities")
+        for column in _entity_columns(entities):
             if shared(column):
                 return None
+        if any(_has_query_expression(ent) for ent in entities):
+            return None
         found = self._index()
         if found is None:
             return None
@@ -544,6 +550,19 @@ def _entity_columns(entities: Iterable[Any]) -> Iterable[Any]:
         column = getattr(ent, "column", None)
         if column is not None:
             yield column
+
+
+def _has_query_expression(entity: Any) -> bool:
+    """A mapper entity with a ``query_expression()`` attribute, its subclasses' included
+    (``with_expression`` gives it any column of the query, in the rows' place of it)."""
+    mapper = getattr(entity, "mapper", None)
+    if not isinstance(mapper, Mapper):
+        return False
+    return any(
+        dict(prop.strategy_key).get("query_expression")
+        for m in mapper.self_and_descendants
+        for prop in m.column_attrs
+    )
 
 
 def _copy_slots(obj: Any) -> Any:
