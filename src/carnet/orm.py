@@ -202,6 +202,8 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
         # manager was configured or bound since the opener was found (EPOCH),
         # when the column type would resolve the same manager.
         fast: dict[Any, tuple[Any, ...]] = {}
+        # Lives as long as this result's getter: what a tally watches.
+        owner = _ResultToken()
 
         def getter(row: Any) -> Any:
             v = body(row)
@@ -212,7 +214,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     tenant = practice(row)
                     hot = fast.get(tenant)
                     if hot is not None:
-                        seen, manager, opener, head, at, end, size, open_, aad = hot
+                        seen, manager, opener, tallied, cell, head, at, end, size, open_, aad = hot
                         if (
                             seen == since
                             and v[:at] == head
@@ -225,7 +227,10 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                             if hook is not None:
                                 # Charged before the value opens (the manager's path does
                                 # the same): a refused read never has its text here.
-                                hook(tenant, label, 1)
+                                if hook is tallied:
+                                    cell[0] += 1
+                                else:
+                                    hook(tenant, label, 1)
                             try:
                                 plain = open_(v[at:end], v[end:], aad)
                             except failed:
@@ -241,7 +246,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                 manager = v._manager
                 hot = fast.get(tenant)
                 if hot is not None:
-                    _seen, of, opener, head, at, end, size, open_, aad = hot
+                    _seen, of, opener, tallied, cell, head, at, end, size, open_, aad = hot
                     data = v.data
                     if (
                         of is manager
@@ -253,7 +258,10 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     ):
                         hook = manager.decrypt_hook
                         if hook is not None:
-                            hook(tenant, label, 1)
+                            if hook is tallied:
+                                cell[0] += 1
+                            else:
+                                hook(tenant, label, 1)
                         try:
                             plain = open_(data[at:end], data[end:], aad)
                         except failed:
@@ -272,7 +280,23 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     opened = manager._open_text(data, tenant, label)
                     opener = manager._openers.get((data[_KEY_ID], label, tenant))
                     if opener is not None:
-                        fast[tenant] = (since, manager, opener, *opener.parts())
+                        # A hook that keeps a count per result (the audit trail's
+                        # best_effort hook: AuditTrail.tally) is charged by adding one
+                        # to this result's count for the practice, while it is the
+                        # manager's hook; any other hook is called for each value.
+                        hook = manager.decrypt_hook
+                        tally = getattr(hook, "tally", None)
+                        if tally is not None:
+                            fast[tenant] = (
+                                since,
+                                manager,
+                                opener,
+                                hook,
+                                tally(tenant, label, owner),
+                                *opener.parts(),
+                            )
+                        else:
+                            fast[tenant] = (since, manager, opener, None, None, *opener.parts())
                     return opened
                 return _open_sealed(where, typ, v, tenant)
             if v is not None:
@@ -289,6 +313,12 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
         return getter, None
 
     return make
+
+
+class _ResultToken:
+    """Referenced by one result's row getter alone; freed with it."""
+
+    __slots__ = ("__weakref__",)
 
 
 def _is_encrypted(column: Any) -> bool:

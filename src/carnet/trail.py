@@ -3,7 +3,8 @@
 Two modes (docs/audit.md, "Guarantees"):
 
 ``best_effort`` (default)
-    A read costs a dictionary update. Records are written every
+    A read costs a dictionary update (an ORM load adds one to its result's
+    count instead: :meth:`AuditTrail.tally`). Records are written every
     ``flush_every`` seconds by a background thread (and on :meth:`flush`,
     which a web app calls at the end of each request). A store that fails
     never blocks a read: the failure is logged at ERROR, counted, and the
@@ -29,6 +30,7 @@ searches are recorded in the same buffers and flushed with the counts.
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import threading
@@ -163,6 +165,10 @@ class AuditTrail:
         # a block outlives the request that reserved it.
         self._reserved: dict[tuple[str | None, str, str], int] = {}
         self._used: dict[tuple[str | None, str, str], int] = {}
+        # Counts kept by ORM results (:meth:`tally`): the live ones by id, the
+        # ones whose result is gone queued for the next settlement.
+        self._tallies: dict[int, tuple[list[Any], weakref.ref[Any]]] = {}
+        self._ended: collections.deque[list[Any]] = collections.deque()
         self._head_at = 0.0
         self._flushed_at = time.time()
         self.head: Head | None = None
@@ -257,7 +263,71 @@ class AuditTrail:
 
         hook.trail = self  # type: ignore[attr-defined]
         hook.legacy_read = self.legacy_read  # type: ignore[attr-defined]
+        hook.tally = self.tally  # type: ignore[attr-defined]
         return hook
+
+    def tally(self, tenant: str, field: str, owner: object) -> list[Any]:
+        """A count of ``field`` notes of ``tenant`` kept by one ORM result (``owner``,
+        weakly referenced, lives as long as that result's loaders).
+
+        The row getter of an ORM load adds one to ``cell[0]`` for each value it
+        opens, in place of a call to the hook: the same count, aggregated per
+        statement, as the issue's record allows, for a tenth of the hook's cost.
+        The reader's thread is the only writer of ``cell[0]``; ``cell[1]`` (what
+        was already taken into the pending counts) is written only under the
+        trail's lock, by :meth:`_settle`, which every flush, :meth:`pending`
+        and :meth:`counters` run first: a count is never lost nor taken twice,
+        whether the result is alive, finished or collected. The record's
+        principal and context are those in effect when the result opened its
+        first note of ``tenant`` this way.
+        """
+        cell: list[Any] = [0, 0, (_principal.get(), tenant, field, _context.get()), time.time()]
+        tallies, ended, ident = self._tallies, self._ended, id(cell)
+
+        # Called as the owner is freed, on whatever thread frees it (within a
+        # garbage collection too): no lock is taken, only a pop and an append,
+        # each atomic; the settlement reads the count.
+        def gone(_ref: object) -> None:
+            ended.append(cell)
+            tallies.pop(ident, None)
+
+        tallies[ident] = (cell, weakref.ref(owner, gone))
+        return cell
+
+    def _settle(self) -> None:
+        """Move what the ORM results' tallies counted into the pending counts
+        (under ``self._lock``)."""
+        ended, pending = self._ended, self._pending
+        cells: list[list[Any]] = []
+        while ended:
+            try:
+                cells.append(ended.popleft())
+            except IndexError:  # emptied by another settlement: none runs unlocked
+                break
+        while True:
+            try:
+                # A result freed meanwhile (a collection) pops from the dictionary.
+                cells.extend(cell for cell, _ref in list(self._tallies.values()))
+                break
+            except RuntimeError:
+                continue
+        now = time.time()
+        for cell in cells:
+            n = cell[0]
+            delta = n - cell[1]
+            if not delta:
+                continue
+            cell[1] = n
+            key = cell[2]
+            agg = pending.get(key)
+            if agg is None:
+                pending[key] = [delta, 0, cell[3], 0.0]
+            else:
+                agg[0] += delta
+                if cell[3] < agg[2]:
+                    agg[2] = cell[3]
+            # The values counted after this were read after it.
+            cell[3] = now
 
     @property
     def trail(self) -> AuditTrail:
@@ -391,6 +461,7 @@ class AuditTrail:
     def _take(self) -> tuple[dict[Key, Agg], dict[Key, list[str]], list[dict[str, Any]]]:
         now = time.time()
         with self._lock:
+            self._settle()
             pending, self._pending = self._pending, {}
             for agg in pending.values():
                 agg[3] = now
@@ -421,6 +492,7 @@ class AuditTrail:
     def pending(self) -> int:
         """Records waiting to be written (after a store failure, until it returns)."""
         with self._lock:
+            self._settle()
             return (
                 len(self._pending)
                 + sum(-(-len(v) // ROWS_PER_RECORD) for v in self._rows.values())
@@ -506,6 +578,7 @@ class AuditTrail:
     def counters(self) -> dict[str, int]:
         """Counters to scrape (docs/audit.md, "What to watch"): monotonic except ``pending``."""
         with self._lock:
+            self._settle()
             reads = self._taken_reads + sum(int(a[0]) for a in self._pending.values())
             legacy = self._taken_legacy + sum(int(a[1]) for a in self._pending.values())
         return {
