@@ -281,7 +281,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     opener = manager._openers.get((data[_KEY_ID], label, tenant))
                     if opener is not None:
                         # A hook that keeps a count per result (the audit trail's
-                        # best_effort hook: AuditTrail.tally) is charged by adding one
+                        # best_effort hook: AuditTrail._tally) is charged by adding one
                         # to this result's count for the practice, while it is the
                         # manager's hook; any other hook is called for each value.
                         hook = manager.decrypt_hook

@@ -4,7 +4,7 @@ Two modes (docs/audit.md, "Guarantees"):
 
 ``best_effort`` (default)
     A read costs a dictionary update (an ORM load adds one to its result's
-    count instead: :meth:`AuditTrail.tally`). Records are written every
+    count instead: :meth:`AuditTrail._tally`). Records are written every
     ``flush_every`` seconds by a background thread (and on :meth:`flush`,
     which a web app calls at the end of each request). A store that fails
     never blocks a read: the failure is logged at ERROR, counted, and the
@@ -165,7 +165,7 @@ class AuditTrail:
         # a block outlives the request that reserved it.
         self._reserved: dict[tuple[str | None, str, str], int] = {}
         self._used: dict[tuple[str | None, str, str], int] = {}
-        # Counts kept by ORM results (:meth:`tally`): the live ones by id, the
+        # Counts kept by ORM results (:meth:`_tally`): the live ones by id, the
         # ones whose result is gone queued for the next settlement.
         self._tallies: dict[int, tuple[list[Any], weakref.ref[Any]]] = {}
         self._ended: collections.deque[list[Any]] = collections.deque()
@@ -263,10 +263,12 @@ class AuditTrail:
 
         hook.trail = self  # type: ignore[attr-defined]
         hook.legacy_read = self.legacy_read  # type: ignore[attr-defined]
-        hook.tally = self.tally  # type: ignore[attr-defined]
+        # Only this hook counts per result: required mode reserves before each
+        # value opens, and a trail without its flusher flushes as reads come.
+        hook.tally = self._tally  # type: ignore[attr-defined]
         return hook
 
-    def tally(self, tenant: str, field: str, owner: object) -> list[Any]:
+    def _tally(self, tenant: str, field: str, owner: object) -> list[Any]:
         """A count of ``field`` notes of ``tenant`` kept by one ORM result (``owner``,
         weakly referenced, lives as long as that result's loaders).
 

@@ -1,4 +1,4 @@
-"""The best_effort trail's count per ORM result (AuditTrail.tally): what an ORM load opens
+"""The best_effort trail's count per ORM result (AuditTrail._tally): what an ORM load opens
 is counted in the result, not by a call per value, and every flush takes exactly what was
 opened so far, whether the result is still being read, finished, or dropped half read.
 
@@ -94,7 +94,8 @@ class World:
         # The background flusher (and so the hook that counts per result) with an
         # interval that never comes: the flushes are the program's.
         self.trail = AuditTrail(keys, url, flush_every=3600)
-        self.hook = self.trail.install(keys)
+        self.trail.install(keys)
+        self.hook = keys.decrypt_hook
         self.calls: Counter[tuple[str, str]] = Counter()
 
         def other(tenant: str, field: str, count: int) -> None:
@@ -186,8 +187,8 @@ def test_a_result_read_in_part_is_counted_at_each_flush_and_once(
     keys: carnet.KeyManager, engine: sa.Engine, notes: dict[int, str], tmp_path: Path
 ) -> None:
     trail = AuditTrail(keys, f"sqlite:///{tmp_path}/audit.db", flush_every=3600)
-    hook = trail.install(keys)
-    assert hook.tally is not None  # type: ignore[attr-defined]
+    trail.install(keys)
+    assert keys.decrypt_hook.tally is not None  # type: ignore[union-attr]
     reading = Reading(engine, "dr.partial", 6)
     try:
         first = reading.pull()
@@ -260,4 +261,39 @@ def test_a_hook_swapped_mid_result_is_called_per_value_from_then_on(
     finally:
         for r in world.readings:
             r.drop()
+        keys.decrypt_hook = None
+
+
+@pytest.mark.parametrize("hook", ["installed", "trail itself"])
+def test_required_mode_reserves_before_every_value_an_orm_load_opens(
+    keys: carnet.KeyManager, engine: sa.Engine, notes: dict[int, str], tmp_path: Path, hook: str
+) -> None:
+    # No count per result in required mode: each value is covered by a committed
+    # reservation before it opens, warm opener or not.
+    block = 2
+    trail = AuditTrail(
+        keys, f"sqlite:///{tmp_path}/audit.db", mode="required", block=block, flush_every=3600
+    )
+    trail.install(keys)
+    if hook == "trail itself":
+        keys.decrypt_hook = trail
+    assert getattr(keys.decrypt_hook, "tally", None) is None
+    try:
+        reading = Reading(engine, "dr.required", N_NOTES)
+        assert len(reading.pull()) == N_NOTES
+        reading.drop()
+        assert trail.flush()
+        reserved: Counter[tuple[str, str, str]] = Counter()
+        for r in trail.store.walk():
+            if r["kind"] == "reserve":
+                reserved[(str(r["principal"]), str(r["practice"]), str(r["field"]))] += int(
+                    r["count"]
+                )  # type: ignore[call-overload]
+        read = _written(trail.store)
+        per_key = N_NOTES // len(PRACTICES)
+        assert read == {("dr.required", p, f): per_key for p in PRACTICES for f in FIELDS}
+        for key, n in read.items():
+            assert reserved[key] >= n > reserved[key] - block
+    finally:
+        trail.close()
         keys.decrypt_hook = None
