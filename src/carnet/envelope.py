@@ -346,9 +346,11 @@ class Opener:
         """What :meth:`open_text` uses, for a caller that inlines it on its hot path
         (the column type's result processor, the ORM's row getter): the whole v2
         header, where the nonce starts and ends, the shortest value, the AEAD's
-        decrypt and the associated data. The caller must check the header, the
-        length and :attr:`expires` as :meth:`open_text` does, and turn a failed
-        tag into :class:`InvalidCiphertext`."""
+        decrypt and the associated data. The caller must check the header and
+        :attr:`expires` as :meth:`open_text` does, and turn a failed tag into
+        :class:`InvalidCiphertext`, and the length too: either compare it with
+        the shortest value, or turn the AEAD's ``ValueError`` (a nonce cut short)
+        into :class:`InvalidCiphertext` as a failed tag is."""
         return self._head, self._body, self._nonce_end, self._min_size, self._decrypt, self._aad
 
     def __repr__(self) -> str:

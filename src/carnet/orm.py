@@ -168,7 +168,10 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
     text = typ.__class__.decrypt is _TEXT_DECRYPT
     get_scope = _tenant.get
     monotonic = time.monotonic
-    failed = AuthenticationFailed
+    # No length compared before opening, as in the column type's processor: a
+    # value cut short after its header fails in the AEAD (ValueError for a nonce
+    # too short, a failed tag otherwise) and is refused the same way.
+    cut_or_failed = (AuthenticationFailed, ValueError)
     epoch = _EPOCH
 
     def make(
@@ -214,11 +217,10 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     tenant = practice(row)
                     hot = fast.get(tenant)
                     if hot is not None:
-                        seen, manager, opener, tallied, cell, head, at, end, size, open_, aad = hot
+                        seen, manager, opener, tallied, cell, head, at, end, _s, open_, aad = hot
                         if (
                             seen == since
                             and v[:at] == head
-                            and len(v) >= size
                             and opener.expires > monotonic()
                             and not manager.require_scope
                             and get_scope() is None
@@ -233,7 +235,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                                     hook(tenant, label, 1)
                             try:
                                 plain = open_(v[at:end], v[end:], aad)
-                            except failed:
+                            except cut_or_failed:
                                 raise InvalidCiphertext(label=label, tenant=tenant) from None
                             manager._fast_hits += 1
                             return plain.decode("utf-8")
@@ -246,12 +248,11 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                 manager = v._manager
                 hot = fast.get(tenant)
                 if hot is not None:
-                    _seen, of, opener, tallied, cell, head, at, end, size, open_, aad = hot
+                    _seen, of, opener, tallied, cell, head, at, end, _s, open_, aad = hot
                     data = v.data
                     if (
                         of is manager
                         and data[:at] == head
-                        and len(data) >= size
                         and opener.expires > monotonic()
                         and not manager.require_scope
                         and get_scope() is None
@@ -264,7 +265,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                                 hook(tenant, label, 1)
                         try:
                             plain = open_(data[at:end], data[end:], aad)
-                        except failed:
+                        except cut_or_failed:
                             raise InvalidCiphertext(label=label, tenant=tenant) from None
                         manager._fast_hits += 1
                         return plain.decode("utf-8")

@@ -463,7 +463,10 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # with another's key or associated data).
         last: tuple[Any, ...] = (None, None, None, b"", 0, 0, 0, None, b"")
         monotonic = time.monotonic
-        failed = AuthenticationFailed
+        # The length is not compared before opening: a value cut short after its
+        # header leaves the AEAD a nonce too short (ValueError) or no whole tag
+        # (a failed tag), and both are refused as the manager's path refuses it.
+        cut_or_failed = (AuthenticationFailed, ValueError)
 
         def process(value: Any) -> Any:
             nonlocal last, resolved
@@ -490,12 +493,11 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 return Sealed(value, self, manager)
             if label is None:
                 return decrypt(value, tenant, manager)
-            of, practice, opener, head, at, end, size, open_, aad = last
+            of, practice, opener, head, at, end, _size, open_, aad = last
             if (
                 manager is of
                 and tenant == practice
                 and value[:at] == head
-                and len(value) >= size
                 and opener.expires > monotonic()
             ):
                 hook = manager.decrypt_hook
@@ -506,7 +508,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                     hook(tenant, label, 1)
                 try:
                     plain = open_(value[at:end], value[end:], aad)
-                except failed:
+                except cut_or_failed:
                     raise InvalidCiphertext(label=label, tenant=tenant) from None
                 manager._fast_hits += 1
                 return plain.decode("utf-8")

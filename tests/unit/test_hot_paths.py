@@ -19,6 +19,7 @@ import sqlalchemy as sa
 import carnet
 from carnet import envelope
 from carnet.errors import InvalidCiphertext, KeyDestroyed, TenantMismatch
+from support.dbutil import drop_checks
 from support.models import comments
 
 
@@ -96,6 +97,25 @@ def test_another_practice_or_a_value_of_another_key_is_not_opened_with_the_remem
     p1_new = _write(engine, "p1", ["newer"])
     # Old and new keys of one practice, interleaved: each value finds its own opener.
     assert _read(engine, "p1", p1 + p1_new) == ["mine", "newer"]
+
+
+@pytest.mark.parametrize("cut", [3, 10, envelope.NONCE_SIZE + 5])
+def test_a_value_cut_short_after_a_warm_one_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine, cut: int
+) -> None:
+    ids = _write(engine, "p1", ["warm", "cut short"])
+    raw = _stored(engine, ids[1])
+    head = len(raw) - envelope.NONCE_SIZE - envelope.TAG_SIZE - len(b"cut short")
+    assert raw[:head].endswith(b"\x02p1")  # the header ends with the practice
+    with engine.begin() as conn:
+        drop_checks(conn, comments)  # the value the database would refuse, there anyway
+        conn.execute(
+            sa.text("UPDATE comments SET text = :v WHERE id = :i"),
+            {"v": raw[: head + cut], "i": ids[1]},
+        )
+    with pytest.raises(InvalidCiphertext) as err:
+        _read(engine, "p1", ids)
+    assert "cut short" not in str(err.value)
 
 
 def test_a_v1_value_is_read_after_a_v2_one(keys: carnet.KeyManager, engine: sa.Engine) -> None:

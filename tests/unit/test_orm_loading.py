@@ -348,6 +348,31 @@ def test_a_manager_made_default_mid_result_is_not_served_by_the_warm_opener(
         other.close()
 
 
+@pytest.mark.parametrize("cut", [3, 10, envelope.NONCE_SIZE + 5])
+def test_a_value_cut_short_among_warm_ones_is_refused(
+    keys: carnet.KeyManager, engine: sa.Engine, cut: int
+) -> None:
+    # Its header intact, cut short after it: a nonce too short for the AEAD, a
+    # nonce with nothing after it, no room for the tag.
+    _notes(engine)
+    with engine.begin() as conn:
+        drop_checks(conn, Record)
+        raw = bytes(
+            conn.execute(sa.text("SELECT body FROM orm_loading_records WHERE id = 3")).scalar_one()
+        )
+        head = len(raw) - envelope.NONCE_SIZE - envelope.TAG_SIZE - len(b"note 3")
+        assert raw[:head].endswith(b"\x02p1")  # the header ends with the practice
+        conn.execute(
+            sa.text("UPDATE orm_loading_records SET body = :v WHERE id = 3"),
+            {"v": raw[: head + cut]},
+        )
+    with Session(engine) as s:
+        rows = _warm(s)
+        with pytest.raises(InvalidCiphertext) as err:
+            next(rows)
+    assert "note 3" not in str(err.value)
+
+
 @pytest.mark.parametrize("where", ["label tag", "practice", "key id", "ciphertext", "tag"])
 def test_a_tampered_value_among_warm_ones_is_refused(
     keys: carnet.KeyManager, engine: sa.Engine, where: str
