@@ -85,7 +85,7 @@ test-sqlalchemy-2.0: $(SA20)/.stamp
 		tests/scenarios/test_no_leaks.py \
 		tests/scenarios/test_tenant_model.py tests/scenarios/test_several_databases.py \
 		tests/cli/test_typing.py tests/unit/test_sa_private.py tests/unit/test_encrypted_wherever.py \
-		tests/unit/test_orm_loading.py tests/unit/test_hot_paths.py
+		tests/unit/test_orm_loading.py tests/unit/test_hot_paths.py tests/unit/test_audit_tally.py
 
 # The package as released: `python -m build` makes the sdist, then the wheel
 # from the sdist (so a file the sdist lacks breaks the wheel too).

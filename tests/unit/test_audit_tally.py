@@ -183,12 +183,21 @@ def test_every_flush_takes_exactly_what_orm_results_opened(
         keys.decrypt_hook = None
 
 
-def test_a_result_read_in_part_is_counted_at_each_flush_and_once(
-    keys: carnet.KeyManager, engine: sa.Engine, notes: dict[int, str], tmp_path: Path
-) -> None:
+@pytest.fixture
+def trail(keys: carnet.KeyManager, tmp_path: Path) -> Iterator[AuditTrail]:
+    """A best_effort trail installed as an application does, its store a file of its own."""
     trail = AuditTrail(keys, f"sqlite:///{tmp_path}/audit.db", flush_every=3600)
     trail.install(keys)
     assert keys.decrypt_hook.tally is not None  # type: ignore[union-attr]
+    yield trail
+    trail.close()
+    keys.decrypt_hook = None
+    trail.store.engine.dispose()
+
+
+def test_a_result_read_in_part_is_counted_at_each_flush_and_once(
+    trail: AuditTrail, engine: sa.Engine, notes: dict[int, str]
+) -> None:
     reading = Reading(engine, "dr.partial", 6)
     try:
         first = reading.pull()
@@ -206,15 +215,12 @@ def test_a_result_read_in_part_is_counted_at_each_flush_and_once(
         reading.drop()
     assert trail.flush()
     assert _written(trail.store) == {("dr.partial", p, f): 4 for p in PRACTICES for f in FIELDS}
-    assert trail.close() and trail.store.verify().ok
-    keys.decrypt_hook = None
+    assert trail.store.verify().ok
 
 
 def test_a_result_dropped_half_read_keeps_its_count(
-    keys: carnet.KeyManager, engine: sa.Engine, notes: dict[int, str], tmp_path: Path
+    trail: AuditTrail, engine: sa.Engine, notes: dict[int, str]
 ) -> None:
-    trail = AuditTrail(keys, f"sqlite:///{tmp_path}/audit.db", flush_every=3600)
-    trail.install(keys)
     reading = Reading(engine, "dr.gone", 3)
     assert len(reading.pull()) == 3
     assert trail._tallies
@@ -223,16 +229,13 @@ def test_a_result_dropped_half_read_keeps_its_count(
     gc.collect()
     # Nothing holds the result any more: its tallies were queued as it was freed.
     assert not trail._tallies
-    assert trail.close()
+    assert trail.flush()
     assert _written(trail.store) == {("dr.gone", p, f): 1 for p in PRACTICES for f in FIELDS}
-    keys.decrypt_hook = None
 
 
 def test_no_note_in_what_a_tally_keeps(
-    keys: carnet.KeyManager, engine: sa.Engine, notes: dict[int, str], tmp_path: Path
+    trail: AuditTrail, engine: sa.Engine, notes: dict[int, str]
 ) -> None:
-    trail = AuditTrail(keys, f"sqlite:///{tmp_path}/audit.db", flush_every=3600)
-    trail.install(keys)
     reading = Reading(engine, "dr.repr", 12)
     try:
         reading.pull()
@@ -240,8 +243,6 @@ def test_no_note_in_what_a_tally_keeps(
         assert "notes.body" in kept and SECRET not in kept
     finally:
         reading.drop()
-        trail.close()
-        keys.decrypt_hook = None
 
 
 @pytest.mark.parametrize("swap", ["other", "none"])

@@ -348,32 +348,30 @@ def test_a_manager_made_default_mid_result_is_not_served_by_the_warm_opener(
         other.close()
 
 
-@pytest.mark.parametrize("cut", [3, 10, envelope.NONCE_SIZE + 5])
-def test_a_value_cut_short_among_warm_ones_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine, cut: int
-) -> None:
-    # Its header intact, cut short after it: a nonce too short for the AEAD, a
-    # nonce with nothing after it, no room for the tag.
-    _notes(engine)
-    with engine.begin() as conn:
-        drop_checks(conn, Record)
-        raw = bytes(
-            conn.execute(sa.text("SELECT body FROM orm_loading_records WHERE id = 3")).scalar_one()
-        )
-        head = len(raw) - envelope.NONCE_SIZE - envelope.TAG_SIZE - len(b"note 3")
-        assert raw[:head].endswith(b"\x02p1")  # the header ends with the practice
-        conn.execute(
-            sa.text("UPDATE orm_loading_records SET body = :v WHERE id = 3"),
-            {"v": raw[: head + cut]},
-        )
-    with Session(engine) as s:
-        rows = _warm(s)
-        with pytest.raises(InvalidCiphertext) as err:
-            next(rows)
-    assert "note 3" not in str(err.value)
+# "cut N": the header intact, the value cut N bytes after it: a nonce too short
+# for the AEAD, a nonce with nothing after it, no room for the tag.
+_CUTS = {"cut 3": 3, "cut 10": 10, "cut 17": envelope.NONCE_SIZE + 5}
 
 
-@pytest.mark.parametrize("where", ["label tag", "practice", "key id", "ciphertext", "tag"])
+def _tampered(raw: bytes, fault: str, practice: str) -> bytes:
+    """``raw`` (a v2 value of ``practice``) with one bit flipped where ``fault`` says,
+    or cut short after its header."""
+    head = envelope.PRACTICE_AT + len(practice.encode())
+    assert raw[envelope.PRACTICE_AT : head] == practice.encode()  # the header's end
+    if fault in _CUTS:
+        return raw[: head + _CUTS[fault]]
+    at = {
+        "nonce": head,
+        "key id": 1,
+        "label tag": envelope.LABEL_TAG_AT,
+        "practice": envelope.PRACTICE_AT,
+        "ciphertext": len(raw) - envelope.TAG_SIZE - 1,
+        "tag": len(raw) - 1,
+    }[fault]
+    return raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+
+
+@pytest.mark.parametrize("where", ["label tag", "practice", "key id", "ciphertext", "tag", *_CUTS])
 def test_a_tampered_value_among_warm_ones_is_refused(
     keys: carnet.KeyManager, engine: sa.Engine, where: str
 ) -> None:
@@ -383,20 +381,15 @@ def test_a_tampered_value_among_warm_ones_is_refused(
         raw = bytes(
             conn.execute(sa.text("SELECT body FROM orm_loading_records WHERE id = 3")).scalar_one()
         )
-        at = {
-            "key id": 1,
-            "label tag": envelope.LABEL_TAG_AT,
-            "practice": envelope.PRACTICE_AT,
-            "ciphertext": len(raw) - envelope.TAG_SIZE - 1,
-            "tag": len(raw) - 1,
-        }[where]
-        bad = raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+        bad = _tampered(raw, where, "p1")
         conn.execute(sa.text("UPDATE orm_loading_records SET body = :v WHERE id = 3"), {"v": bad})
     with Session(engine) as s:
         rows = _warm(s)
         # A flipped key id names no key; "p1" with a bit flipped, another practice.
         with pytest.raises((InvalidCiphertext, TenantMismatch, UnknownKey)) as err:
             next(rows)
+    if where in _CUTS:
+        assert isinstance(err.value, InvalidCiphertext)
     assert "note 3" not in str(err.value)
 
 
@@ -530,7 +523,18 @@ def test_a_polymorphic_load_opens_the_notes_of_each_subclass(
 # checks off) opens every value that belongs to its row, in order, and refuses the
 # first that does not, never returning another text or showing its own.
 
-_FAULTS = [None, None, "nonce", "label tag", "practice", "key id", "ciphertext", "tag", "moved"]
+_FAULTS = [
+    None,
+    None,
+    "nonce",
+    "label tag",
+    "practice",
+    "key id",
+    "ciphertext",
+    "tag",
+    "moved",
+    *_CUTS,
+]
 _examples = itertools.count()
 _checks_dropped: set[str] = set()
 
@@ -583,15 +587,7 @@ def test_one_orm_result_opens_what_belongs_to_each_row_and_refuses_the_rest(
             if fault == "moved":
                 bad = stored[1001 if practice == "p1" else 1000]
             else:
-                at = {
-                    "nonce": envelope.PRACTICE_AT + len(practice.encode()),
-                    "key id": 1,
-                    "label tag": envelope.LABEL_TAG_AT,
-                    "practice": envelope.PRACTICE_AT,
-                    "ciphertext": len(raw) - envelope.TAG_SIZE - 1,
-                    "tag": len(raw) - 1,
-                }[fault]
-                bad = raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+                bad = _tampered(raw, fault, practice)
             conn.execute(
                 sa.text("UPDATE orm_loading_records SET body = :v WHERE id = :pk"),
                 {"v": bad, "pk": pk},
