@@ -274,7 +274,7 @@ class AuditTrail:
 
         The row getter of an ORM load adds one to ``cell[0]`` for each value it
         opens, in place of a call to the hook: the same count, aggregated per
-        statement, as the issue's record allows, for a tenth of the hook's cost.
+        statement (docs/audit.md, "The record"), for a tenth of the hook's cost.
         The reader's thread is the only writer of ``cell[0]``; ``cell[1]`` (what
         was already taken into the pending counts) is written only under the
         trail's lock, by :meth:`_settle`, which every flush, :meth:`pending`
@@ -304,7 +304,7 @@ class AuditTrail:
         while ended:
             try:
                 cells.append(ended.popleft())
-            except IndexError:  # emptied by another settlement: none runs unlocked
+            except IndexError:  # settlements run one at a time (the lock); kept safe anyway
                 break
         while True:
             try:
@@ -317,19 +317,18 @@ class AuditTrail:
         for cell in cells:
             n = cell[0]
             delta = n - cell[1]
+            first, cell[3] = cell[3], now  # what is counted after this is read after it
             if not delta:
                 continue
             cell[1] = n
             key = cell[2]
             agg = pending.get(key)
             if agg is None:
-                pending[key] = [delta, 0, cell[3], 0.0]
+                pending[key] = [delta, 0, first, 0.0]
             else:
                 agg[0] += delta
-                if cell[3] < agg[2]:
-                    agg[2] = cell[3]
-            # The values counted after this were read after it.
-            cell[3] = now
+                if first < agg[2]:
+                    agg[2] = first
 
     @property
     def trail(self) -> AuditTrail:

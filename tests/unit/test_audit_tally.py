@@ -216,6 +216,15 @@ def test_a_result_read_in_part_is_counted_at_each_flush_and_once(
     assert trail.flush()
     assert _written(trail.store) == {("dr.partial", p, f): 4 for p in PRACTICES for f in FIELDS}
     assert trail.store.verify().ok
+    # Each record's span: the second pull's records begin after the first's end
+    # (the count's first read moves to the flush that took the rest).
+    reads = [r for r in trail.store.walk() if r["kind"] == "read"]
+    half = len(PRACTICES) * len(FIELDS)
+    assert len(reads) == 2 * half
+    assert all(str(r["first_at"]) <= str(r["last_at"]) for r in reads)
+    assert min(str(r["first_at"]) for r in reads[half:]) >= max(
+        str(r["last_at"]) for r in reads[:half]
+    )
 
 
 def test_a_result_dropped_half_read_keeps_its_count(
