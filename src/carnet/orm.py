@@ -287,17 +287,9 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                         # manager's hook; any other hook is called for each value.
                         hook = manager.decrypt_hook
                         tally = getattr(hook, "tally", None)
-                        if tally is not None:
-                            fast[tenant] = (
-                                since,
-                                manager,
-                                opener,
-                                hook,
-                                tally(tenant, label, owner),
-                                *opener.parts(),
-                            )
-                        else:
-                            fast[tenant] = (since, manager, opener, None, None, *opener.parts())
+                        cell = None if tally is None else tally(tenant, label, owner)
+                        tallied = None if cell is None else hook
+                        fast[tenant] = (since, manager, opener, tallied, cell, *opener.parts())
                     return opened
                 return _open_sealed(where, typ, v, tenant)
             if v is not None:

@@ -301,11 +301,8 @@ class AuditTrail:
         (under ``self._lock``)."""
         ended, pending = self._ended, self._pending
         cells: list[list[Any]] = []
-        while ended:
-            try:
-                cells.append(ended.popleft())
-            except IndexError:  # settlements run one at a time (the lock); kept safe anyway
-                break
+        while ended:  # a freed result appends; only a settlement (locked) pops
+            cells.append(ended.popleft())
         while True:
             try:
                 # A result freed meanwhile (a collection) pops from the dictionary.
