@@ -344,6 +344,12 @@ class _Write:
             # The common Core case: every row names the scope's practice and holds
             # plain text, which the type seals for the scope as it is.
             return
+        if not partial and parent is None and tenant_in_stmt and not self.embedded:
+            # The common ORM flush (and a Core write naming each row's practice):
+            # every row holds its own practice; bound row by row, in one frame.
+            assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
+            self.bind_rows_of_their_practice(tenant_key, encs, written, managers)
+            return
         parents: dict[Any, Any] = {}
         if parent is not None and tenant_in_stmt:
             assert tenant_key is not None  # noqa: S101 - tenant_in_stmt implies it
@@ -363,6 +369,59 @@ class _Write:
             # never written into another practice's row.
             if any(p is not None for p in group_pins):
                 self.pin(group_pins, encs[0])
+
+    def bind_rows_of_their_practice(
+        self,
+        tenant_key: str,
+        encs: list[_Enc],
+        written: list[_Enc],
+        managers: dict[str, KeyManager],
+    ) -> None:
+        """Bind each row's values to the practice the row itself names.
+
+        What :meth:`bind_row` decides for a row whose practice is a str in its
+        own parameters (not an integer column's, which normalises it) and whose
+        values are str or None, with no ``require_scope`` refusal and no scope
+        of another practice: each str value bound to the row's practice (left
+        as it is when that is the scope's, which the column type seals for), its
+        key noted. Any other row goes through :meth:`bind_row`, which binds it
+        or says what is wrong with it. No row of this shape is pinned.
+        """
+        scope = self.scope
+        column = encs[0].tenant_column
+        general = (
+            (column is not None and isinstance(column.type, sa.Integer))
+            or not all(e.type.text_values for e in written)
+            or (scope is None and any(m.require_scope for m in managers.values()))
+        )
+        rows, out_rows, is_copy = self.rows, self.out_rows, self.is_copy
+        values = [(e.key, managers[e.key]) for e in written]
+        seen = self.seen_keys
+        for i, row in enumerate(rows):
+            tenant: Any = row.get(tenant_key)
+            fits = not general and type(tenant) is str and (scope is None or tenant == scope)
+            if fits:
+                for key, _manager in values:
+                    v = row.get(key, _MISSING)
+                    if v is not None and type(v) is not str:
+                        fits = False
+                        break
+            if not fits:
+                self.bind_row(i, tenant_key, encs, written, managers, {}, False)
+                continue
+            for key, manager in values:
+                v = row[key]
+                if v is None:
+                    continue
+                if tenant != scope:
+                    if not is_copy[i]:
+                        out_rows[i] = dict(out_rows[i])
+                        is_copy[i] = True
+                    bound = BoundText(v)
+                    bound.carnet_tenant = tenant
+                    out_rows[i][key] = bound
+                if (id(manager), tenant) not in seen:
+                    self.note_key(manager, tenant)
 
     def all_plain_in_scope(self, tenant_key: str | None, written: list[_Enc]) -> bool:
         """Whether every row names the scope's practice and holds only str or None values.

@@ -9,8 +9,13 @@ holds, as the database stores it) and ``bind_write`` (the pipeline's step).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -24,12 +29,14 @@ from sqlalchemy.orm import (
 import carnet
 from carnet import envelope, tenancy
 from carnet.errors import (
+    CarnetError,
     ConfigurationError,
     InvalidPlaintext,
     TenantMismatch,
     TenantRequired,
     UnsupportedOperation,
 )
+from carnet.values import BoundText
 
 
 class Base(DeclarativeBase):
@@ -710,3 +717,108 @@ def test_bind_write_refuses_a_practice_it_cannot_know(
 def _count(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.select(sa.func.count()).select_from(notes)).scalar_one())
+
+
+# -- rows naming their own practice: one frame, the same decisions as row by row ----------
+
+_MISSING_KEY = object()
+_PRACTICES = st.sampled_from(["A", "B", None, 7, _MISSING_KEY])
+_VALUES = st.sampled_from(
+    [BODY, "", None, 123, b"bytes", "bound A", "bound B", "moved", _MISSING_KEY]
+)
+
+
+def _value_of(v: object) -> object:
+    """A strategy's token as a row value: BoundText tokens made fresh for each run."""
+    if v in ("bound A", "bound B"):
+        bound = BoundText(SUMMARY)
+        bound.carnet_tenant = str(v)[-1]
+        return bound
+    if v == "moved":
+        bound = BoundText(BODY)
+        bound.carnet_tenant, bound.carnet_moved_from = "B", "A"
+        return bound
+    return v
+
+
+def _row(i: int, practice: object, body: object, summary: object) -> dict[str, object]:
+    row: dict[str, object] = {"id": i, "b_id": i}
+    for key, v in (("practice_id", practice), ("body", body), ("summary", summary)):
+        if v is not _MISSING_KEY:
+            row[key] = _value_of(v)
+    return row
+
+
+def _outcome(conn: sa.Connection, stmt: Any, rows: list[dict[str, object]]) -> tuple[object, ...]:
+    """What bind_write decides: the error, or each row's values with what binds them."""
+    given = [dict(r) for r in rows]
+    try:
+        _stmt, multi, _params, _writes = tenancy.bind_write(conn, stmt, rows, {})
+    except CarnetError as exc:
+        return ("refused", type(exc).__name__, str(exc))
+    assert rows == given  # the caller's dicts stay as given
+    return tuple(
+        tuple(
+            (
+                k,
+                type(v).__name__,
+                v,
+                getattr(v, "carnet_tenant", None),
+                getattr(v, "carnet_moved_from", None),
+            )
+            for k, v in sorted(r.items())
+        )
+        for r in multi
+    )
+
+
+def _row_by_row(
+    self: Any, tenant_key: str, encs: list[Any], written: list[Any], managers: Any
+) -> None:
+    """The reference: every row through bind_row, as before the one-frame path."""
+    for i in range(len(self.out_rows)):
+        self.bind_row(i, tenant_key, encs, written, managers, {}, False)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(st.tuples(_PRACTICES, _VALUES, _VALUES), min_size=1, max_size=4),
+    scope=st.sampled_from([None, "A", "B"]),
+    require_scope=st.booleans(),
+    update=st.booleans(),
+)
+def test_rows_naming_their_practice_bind_as_they_would_row_by_row(
+    keys: carnet.KeyManager,
+    practices: None,
+    engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    rows: list[tuple[object, object, object]],
+    scope: str | None,
+    require_scope: bool,
+    update: bool,
+) -> None:
+    # Every row has the first row's columns, as SQLAlchemy requires of an executemany;
+    # a later row may lack one (refused), or hold anything the application put there.
+    stmt: Any = (
+        notes.update().where(notes.c.id == sa.bindparam("b_id")) if update else notes.insert()
+    )
+    made = [_row(i, *r) for i, r in enumerate(rows, 1)]
+    if update:
+        for r in made:
+            r.pop("id")
+    else:
+        for r in made:
+            r.pop("b_id")
+    with monkeypatch.context() as m:
+        m.setattr(keys, "require_scope", require_scope)
+        with carnet.tenant_scope(scope) if scope else contextlib.nullcontext():
+            with engine.connect() as conn:
+                fast = _outcome(conn, stmt, made)
+                conn.rollback()
+            m.setattr(tenancy._Write, "bind_rows_of_their_practice", _row_by_row)
+            with engine.connect() as conn:
+                reference = _outcome(conn, stmt, made)
+                conn.rollback()
+    assert fast == reference
