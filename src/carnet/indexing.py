@@ -164,16 +164,25 @@ def _roots_for_flush(
 
 
 def before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    if not _orm and not _dates:
+        # No mapper has a blind index or a date column: nothing to do per object.
+        return
     scope = context.current_tenant()
     dated: list[tuple[InstanceState[Any], str]] = []
     # One root lookup per practice and flush, not per row.
     roots_seen: dict[tuple[int, str], list[IndexRoot]] = {}
+    # Each mapper's registrations, looked up once per flush (the registries are
+    # weak-keyed: a lookup there is a Python call and a weak reference).
+    of_mapper: dict[Mapper[Any], tuple[list[str], list[_Resolved] | None]] = {}
     for obj in itertools.chain(session.new, session.dirty):
         state = attributes.instance_state(obj)
         mapper = state.mapper
-        for key in _dates.get(mapper, ()):
+        found = of_mapper.get(mapper)
+        if found is None:
+            found = of_mapper[mapper] = (_dates.get(mapper, []), _orm.get(mapper))
+        dates, specs = found
+        for key in dates:
             dated.append((state, key))
-        specs = _orm.get(mapper)
         if not specs:
             continue
         d = state.dict
