@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast, overload
@@ -28,6 +29,7 @@ from ._aead import AuthenticationFailed
 from .context import EPOCH as _EPOCH
 from .context import SCOPE as _tenant
 from .context import get_manager, manager_for
+from .envelope import NONCE_SIZE
 from .errors import (
     CarnetError,
     ConfigurationError,
@@ -380,6 +382,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
         # sealer it drops: a rotation, a first key rolled back, a shredding).
         last: tuple[Any, Any, Any, Any] = (None, None, None, None)
         monotonic = time.monotonic
+        urandom = os.urandom
 
         def process(value: Any) -> Any:
             nonlocal last, resolved
@@ -415,11 +418,29 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                         and of_label is label
                         and sealer.expires > monotonic()
                     ):
-                        blob = sealer.seal(value.encode("utf-8"))
+                        # Sealer.seal, in this frame: a fresh nonce for every value.
+                        nonce = urandom(NONCE_SIZE)
+                        blob = (
+                            sealer._prefix
+                            + nonce
+                            + sealer._encrypt(nonce, value.encode("utf-8"), sealer._aad)
+                        )
                         manager._fast_hits += 1
                     else:
-                        blob = manager._seal_text(value, tenant, label)
+                        # Rows of several practices (an ORM flush): the manager's
+                        # warm sealer of this one, in this frame; else its full path.
                         sealer = manager._sealers.get((tenant, label))
+                        if sealer is not None and sealer.expires > monotonic():
+                            nonce = urandom(NONCE_SIZE)
+                            blob = (
+                                sealer._prefix
+                                + nonce
+                                + sealer._encrypt(nonce, value.encode("utf-8"), sealer._aad)
+                            )
+                            manager._fast_hits += 1
+                        else:
+                            blob = manager._seal_text(value, tenant, label)
+                            sealer = manager._sealers.get((tenant, label))
                         if sealer is not None:
                             last = (sealer, manager, tenant, label)
                 except Exception:  # noqa: BLE001 - redone below, with its clear error
