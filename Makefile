@@ -11,7 +11,7 @@ LINT_PATHS := $(wildcard src tests bench examples)
 PYTEST_ARGS ?=
 
 .PHONY: venv venv-dev demo test test-fast fuzz check lint typecheck pytest test-sqlalchemy-2.0 \
-	package test-package test-pythons bench clean
+	package test-package test-pythons bench bench-instructions clean
 
 venv: $(VENV)/.stamp-core
 venv-dev: $(VENV)/.stamp-dev
@@ -118,6 +118,10 @@ test-pythons: package
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python -m bench
+
+# Instructions per row against the minimal AES-GCM type (needs valgrind).
+bench-instructions: $(VENV)/.stamp-dev
+	$(BIN)/python -m bench.instructions
 
 clean:
 	rm -rf $(VENV) $(SA20) build dist .pytest_cache .mypy_cache .ruff_cache

@@ -157,7 +157,7 @@ class MinimalAesGcm(TypeDecorator[str]):
 class _Models:
     """Four ORM models and three Core tables, identical but for the note column's type."""
 
-    def __init__(self, keys: carnet.KeyManager) -> None:
+    def __init__(self, keys: carnet.KeyManager, minimal_key: bytes | None = None) -> None:
         from sqlalchemy_utils import StringEncryptedType
         from sqlalchemy_utils.types.encrypted.encrypted_type import AesGcmEngine
 
@@ -190,7 +190,7 @@ class _Models:
         self.plain = model("orm_plain", sa.Text())
         self.carnet = model("orm_carnet", carnet.EncryptedText(tenant="practice_id", manager=keys))
         self.utils = model("orm_utils", StringEncryptedType(sa.Unicode, utils_key, AesGcmEngine))
-        minimal_key = os.urandom(32)
+        minimal_key = minimal_key or os.urandom(32)
         self.minimal = model("orm_minimal", MinimalAesGcm(minimal_key))
         self.core_plain = model("core_plain", sa.Text()).__table__
         self.core_minimal = model("core_minimal", MinimalAesGcm(minimal_key)).__table__
