@@ -406,14 +406,14 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                         now = epoch[0]
                         manager = manager_of(dialect)
                         resolved = (now, manager)
-                sealer, of, practice, of_label = last
+                held, of, practice, of_label = last
                 try:
-                    if (
-                        of is manager
-                        and practice == tenant
-                        and of_label is label
-                        and sealer.expires > monotonic()
-                    ):
+                    sealer = held
+                    if not (of is manager and practice == tenant and of_label is label):
+                        # Rows of several practices (an ORM flush): the manager's
+                        # sealer of this one.
+                        sealer = manager._sealers.get((tenant, label))
+                    if sealer is not None and sealer.expires > monotonic():
                         # Sealer.seal, in this frame: a fresh nonce for every value.
                         nonce = urandom(NONCE_SIZE)
                         blob = (
@@ -423,22 +423,11 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                         )
                         manager._fast_hits += 1
                     else:
-                        # Rows of several practices (an ORM flush): the manager's
-                        # warm sealer of this one, in this frame; else its full path.
+                        # Cold or expired: the manager's full path, then its new sealer.
+                        blob = manager._seal_text(value, tenant, label)
                         sealer = manager._sealers.get((tenant, label))
-                        if sealer is not None and sealer.expires > monotonic():
-                            nonce = urandom(NONCE_SIZE)
-                            blob = (
-                                sealer._prefix
-                                + nonce
-                                + sealer._encrypt(nonce, value.encode("utf-8"), sealer._aad)
-                            )
-                            manager._fast_hits += 1
-                        else:
-                            blob = manager._seal_text(value, tenant, label)
-                            sealer = manager._sealers.get((tenant, label))
-                        if sealer is not None:
-                            last = (sealer, manager, tenant, label)
+                    if sealer is not held and sealer is not None:
+                        last = (sealer, manager, tenant, label)
                 except Exception:  # noqa: BLE001 - redone below, with its clear error
                     blob = None
             if blob is None:

@@ -242,3 +242,43 @@ def test_the_openers_text_path_refuses_a_tampered_value_and_passes_on_another_fr
     with pytest.raises(TenantMismatch):
         opener.open(other)
     assert opener.open_text(blob[:40]) is None
+
+
+def test_a_rotation_stops_the_sealer_of_a_flush_of_several_practices(
+    keys: carnet.KeyManager, engine: sa.Engine
+) -> None:
+    # One ORM flush, rows of two practices in turn: each value is sealed with its
+    # practice's sealer, found in the manager for each row; after p1's rotation the
+    # next flush seals p1's values with the new key, p2's with its own.
+    from sqlalchemy.orm import Session
+
+    from support.models import Note
+
+    def flush(start: int) -> list[int]:
+        with Session(engine) as s:
+            s.add_all(
+                Note(id=start + i, practice_id=("p1", "p2")[i % 2], body=f"note {start + i}")
+                for i in range(6)
+            )
+            s.commit()
+        return list(range(start, start + 6))
+
+    def key_ids(ids: list[int]) -> dict[str, set[bytes]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT practice_id, body FROM notes WHERE id BETWEEN :a AND :b"),
+                {"a": ids[0], "b": ids[-1]},
+            ).all()
+        out: dict[str, set[bytes]] = {}
+        for practice, body in rows:
+            out.setdefault(practice, set()).add(envelope.key_id_of(bytes(body)))
+        return out
+
+    first = key_ids(flush(1))
+    keys.rotate("p1")
+    second = key_ids(flush(101))
+    active = {p: {r.key_id for r in keys.list_keys(p) if r.state == "active"} for p in ("p1", "p2")}
+    assert second == active and first["p2"] == second["p2"] and first["p1"] != second["p1"]
+    with Session(engine) as s:
+        bodies = {n.id: n.body for n in s.scalars(sa.select(Note))}
+    assert bodies == {i: f"note {i}" for i in [*range(1, 7), *range(101, 107)]}
