@@ -51,6 +51,8 @@ def make_engine(
     batch: bool = ...,
     lock_notice: Callable[[str], None] | None = ...,
     allow_async: Literal[False] = ...,
+    timeout: float | None = ...,
+    store: str | None = ...,
 ) -> sa.Engine: ...
 
 
@@ -61,6 +63,8 @@ def make_engine(
     batch: bool = ...,
     lock_notice: Callable[[str], None] | None = ...,
     allow_async: bool,
+    timeout: float | None = ...,
+    store: str | None = ...,
 ) -> sa.Engine | AsyncEngine: ...
 
 
@@ -70,6 +74,8 @@ def make_engine(
     batch: bool = True,
     lock_notice: Callable[[str], None] | None = None,
     allow_async: bool = False,
+    timeout: float | None = None,
+    store: str | None = None,
 ) -> sa.Engine | AsyncEngine:
     """carnet's one engine factory: a database URL to an engine.
 
@@ -82,26 +88,41 @@ def make_engine(
     wait is never silent. ``allow_async``: an async driver's URL gives an
     :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
 
+    ``store`` names a store that writes beside the application on a connection
+    of its own (``"audit store"``, ``"budget store"``): its errors name it, an
+    in-memory SQLite URL is refused (another connection would see another,
+    empty database), connections are checked before use (``pool_pre_ping``),
+    and ``timeout`` (seconds) bounds both SQLite's lock wait and a server's
+    connection, instead of the batch defaults.
+
     A bad URL or a missing driver is a :class:`ConfigurationError`; the engine
     connects lazily, so an unreachable server shows at first use.
     """
+    what = store or "database"
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         raise ConfigurationError(
-            "bad database URL (expected e.g. postgresql+psycopg://...)"
+            f"bad {what} URL (expected e.g. postgresql+psycopg://...)"
         ) from None
     backend = parsed.get_backend_name()
+    if store is not None and backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            f"the {store} needs a connection of its own: an in-memory SQLite database "
+            "has none; give it a file (or another database) by URL"
+        )
     options: dict[str, Any] = {}
-    if batch:
+    if batch or store is not None:
         connect_args: dict[str, Any] = {}
         if backend == "sqlite":
             # SQLite has one writer: wait for the application's write to finish
             # instead of failing the batch at once.
-            connect_args["timeout"] = SQLITE_LOCK_TIMEOUT
+            connect_args["timeout"] = SQLITE_LOCK_TIMEOUT if timeout is None else timeout
         elif backend in ("postgresql", "mysql", "mariadb"):
-            connect_args["connect_timeout"] = 10
+            connect_args["connect_timeout"] = 10 if timeout is None else max(1, int(timeout))
         options = {"connect_args": connect_args, "hide_parameters": True}
+        if store is not None:
+            options["pool_pre_ping"] = True
     try:
         if allow_async and parsed.get_dialect().is_async:
             from sqlalchemy.ext.asyncio import create_async_engine
@@ -109,6 +130,9 @@ def make_engine(
             return create_async_engine(parsed, **options)
         engine = sa.create_engine(parsed, **options)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        if store is not None:
+            # The URL may carry a password: the error's kind only.
+            raise ConfigurationError(f"bad {store} URL: {type(exc).__name__}") from None
         raise ConfigurationError(f"bad database URL: {exc}") from None
     except ImportError as exc:
         raise ConfigurationError(

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from ._engines import make_engine
 from .errors import AuditStoreUnavailable, CarnetError, ConfigurationError
 from .keystore import AUDIT, AUDIT_TENANT, lock_conflict, practice_id_type, wrap_context
 
@@ -202,7 +203,7 @@ class AuditStore:
         else:
             if url is None:
                 url = manager.engine.url.render_as_string(hide_password=False)
-            self.engine = _make_engine(url, timeout)
+            self.engine = make_engine(url, batch=False, timeout=timeout, store="audit store")
         self.metadata = sa.MetaData()
         self.table = audit_table(self.metadata, table_name)
         self._keys: _Keys | None = None
@@ -518,31 +519,3 @@ def host_id() -> str:
     import socket
 
     return socket.gethostname()[:255]
-
-
-def _make_engine(url: str, timeout: float) -> sa.Engine:
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa.exc.ArgumentError:
-        raise ConfigurationError(
-            "bad audit store URL (expected e.g. postgresql+psycopg://...)"
-        ) from None
-    backend = parsed.get_backend_name()
-    connect_args: dict[str, Any] = {}
-    if backend == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
-            raise ConfigurationError(
-                "the audit trail needs a connection of its own: an in-memory SQLite database "
-                "has none; give it a file (or another database) by URL"
-            )
-        connect_args["timeout"] = timeout
-    elif backend == "postgresql":
-        connect_args["connect_timeout"] = max(1, int(timeout))
-    elif backend in ("mysql", "mariadb"):
-        connect_args["connect_timeout"] = max(1, int(timeout))
-    try:
-        return sa.create_engine(
-            parsed, connect_args=connect_args, hide_parameters=True, pool_pre_ping=True
-        )
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise ConfigurationError(f"bad audit store URL: {type(exc).__name__}") from None

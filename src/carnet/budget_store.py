@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from ._engines import make_engine
 from .errors import BudgetStoreUnavailable, ConfigurationError, DecryptBudgetExceeded
 
 log = logging.getLogger("carnet.audit")
@@ -153,9 +154,7 @@ class SQLBudgetStore:
         if isinstance(url, sa.Engine):
             self.engine = url
         else:
-            from .audit_store import _make_engine
-
-            self.engine = _make_engine(url, timeout)
+            self.engine = make_engine(url, batch=False, timeout=timeout, store="budget store")
         self.metadata = sa.MetaData()
         self.table = budget_table(self.metadata, table_name)
         self._clock = clock

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import _synthetic, transforms
+from ._engines import make_engine
 from .errors import ConfigurationError, KeyDestroyed
 from .lookup import candidates, search
 from .manager import KeyManager
@@ -204,7 +205,7 @@ def run_demo(
     create_master_key(key_uri).close()
     echo(f"  master key: {root / KEY_NAME} (file master key, mode 600; outside the database)")
 
-    engine = sa.create_engine(f"sqlite:///{db_path}")
+    engine = make_engine(f"sqlite:///{db_path}", batch=False)
     manager = KeyManager(engine, master_key=key_uri)
     try:
         return _walkthrough(

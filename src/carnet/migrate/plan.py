@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .. import envelope
+from .._engines import make_engine
 from ..batch import WritePlan
 from ..errors import CarnetError, InvalidPlaintext
 from ..manager import KeyManager
@@ -216,7 +217,7 @@ def measure_rate(
     # Sealed by a real manager (the same code path as `run`) whose keys live in
     # an in-memory database under a throwaway master key: nothing reaches
     # carnet_keys, and the trial's ciphertexts never open anywhere.
-    scratch = sa.create_engine("sqlite://")
+    scratch = make_engine("sqlite://", batch=False)
     trial_manager = KeyManager(scratch, master_key=EphemeralMasterKey("ephemeral://plan"))
     trial_manager.create_schema()
     t = target.table
