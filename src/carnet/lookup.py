@@ -238,9 +238,9 @@ def search(
                 out.append(obj)
         except InvalidPlaintext:
             continue
-    __import__("carnet.audit_rows").audit_rows.searched(
-        session, mapper, r.key, tenant, len(rows), out
-    )
+    from . import audit_rows  # loaded with the first search: not on `import carnet`
+
+    audit_rows.searched(session, mapper, r.key, tenant, len(rows), out)
     return out
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import envelope
+from . import envelope, reflect
 from .batch import iter_rows
 from .errors import (
     CarnetError,
@@ -51,7 +51,7 @@ from .errors import (
     describe_db_error,
 )
 from .manager import KeyManager
-from .reflect import check_column, resolve_table
+from .reflect import check_column, resolve, resolve_table
 from .stored import _label
 
 __all__ = [
@@ -382,17 +382,14 @@ def checks_spec(
     only the format check is known. A column that ``carnet migrate`` records
     as running in place is in its mixed-read phase.
     """
-    from . import dbchecks
-    from .migrate import state
+    from . import dbchecks, migrations
 
-    rec = state.get(engine, table, column)
-    mixed = rec is not None and rec["state"] != state.STRICT and rec["mode"] == "in-place"
+    rec = migrations.get(engine, table, column)
+    mixed = rec is not None and rec["state"] != migrations.STRICT and rec["mode"] == "in-place"
     mode: dbchecks.Mode = "mixed" if mixed else "v2"
     if tenant_column is not None and "." in tenant_column:
-        from .migrate.run import checks_spec as migrated_spec
-        from .migrate.target import resolve
-
-        spec = migrated_spec(resolve(engine, table, column, tenant=tenant_column, pk=pk))
+        # The practice of a parent table: resolved and checked as a migration's.
+        spec = reflect.checks_spec(resolve(engine, table, column, tenant=tenant_column, pk=pk))
         return replace(spec, mode=mode)
     with engine.connect() as conn:
         return dbchecks.column_spec(conn, table, column, tenant_column=tenant_column, mode=mode)
@@ -472,8 +469,6 @@ def _tenant_source(
         check_column(manager.engine, table, tenant_column, pk=pk)
         tbl = resolve_table(manager.engine, table)
         return tbl, tbl.c[tenant_column], None
-    from .migrate.target import resolve
-
     target = resolve(manager.engine, table, column, tenant=tenant_column, pk=pk)
     return target.table, target.tenant_column(), target.join_or_none()
 
