@@ -28,30 +28,30 @@ MARTIN = {"Authorization": "Bearer token-martin", "X-Request-ID": "req-42"}
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    create_tables(engine, keys)
+def webapp_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    webapp_keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    create_tables(engine, webapp_keys)
     try:
-        yield keys
+        yield webapp_keys
     finally:
-        keys.require_scope = False
-        keys.decrypt_hook = None
+        webapp_keys.require_scope = False
+        webapp_keys.decrypt_hook = None
         carnet.configure(None)
 
 
 @pytest.mark.parametrize("framework", ["fastapi", "flask"])
 @pytest.mark.parametrize("mode", ["best_effort", "required"])
 def test_webapp_reads_are_in_the_trail(
-    keys: carnet.KeyManager,
+    webapp_keys: carnet.KeyManager,
     engine: sa.Engine,
     db_url: str,
     master_key_uri: str,
     framework: str,
     mode: str,
 ) -> None:
-    trail = AuditTrail(keys, mode=mode, background=False)
+    trail = AuditTrail(webapp_keys, mode=mode, background=False)
     module: Any = fastapi_app if framework == "fastapi" else flask_app
-    app = module.create_app(engine, keys, trail=trail)
+    app = module.create_app(engine, webapp_keys, trail=trail)
     client: Any = TestClient(app) if framework == "fastapi" else app.test_client()
     r = client.post("/patients/PAT-7/notes", json={"body": SECRET}, headers=MARTIN)
     assert r.status_code == 201

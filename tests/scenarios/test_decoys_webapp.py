@@ -30,15 +30,15 @@ BERNARD = {"Authorization": "Bearer token-bernard"}
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    create_tables(engine, keys)
+def webapp_keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
+    webapp_keys = carnet.KeyManager(engine, master_key=master_key_uri)
+    create_tables(engine, webapp_keys)
     try:
-        yield keys
+        yield webapp_keys
     finally:
-        keys.require_scope = False
-        keys.decrypt_hook = None
-        keys.decoy_alarm = None
+        webapp_keys.require_scope = False
+        webapp_keys.decrypt_hook = None
+        webapp_keys.decoy_alarm = None
         carnet.configure(None)
 
 
@@ -48,23 +48,23 @@ def _text(r: Any) -> str:
 
 @pytest.mark.parametrize("framework", ["fastapi", "flask"])
 def test_trail_shared_budget_and_decoys_together(
-    keys: carnet.KeyManager,
+    webapp_keys: carnet.KeyManager,
     engine: sa.Engine,
     db_url: str,
     tmp_path: Path,
     framework: str,
 ) -> None:
-    trail = AuditTrail(keys, background=False)
+    trail = AuditTrail(webapp_keys, background=False)
     # The budget in the application's database, shared by every worker.
     budget = DecryptBudget(limit=500, window=3600, store=db_url, block=10)
     alerts: list[Alert] = []
     module: Any = fastapi_app if framework == "fastapi" else flask_app
-    app = module.create_app(engine, keys, budget=budget, trail=trail, alert=alerts.append)
+    app = module.create_app(engine, webapp_keys, budget=budget, trail=trail, alert=alerts.append)
     client: Any = TestClient(app) if framework == "fastapi" else app.test_client()
     for i in range(3):
         r = client.post(f"/patients/PAT-{i}/notes", json={"body": f"{SECRET} {i}"}, headers=MARTIN)
         assert r.status_code == 201
-    plant_decoys(engine, keys, "cabinet-lyon-3")
+    plant_decoys(engine, webapp_keys, "cabinet-lyon-3")
     # The screens a clinician uses never meet a decoy.
     for i in range(3):
         r = client.get(f"/patients/PAT-{i}/notes", headers=BERNARD)

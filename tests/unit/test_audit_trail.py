@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,18 +16,17 @@ from carnet.audit import Auditor, AuditTrail, audit_context, principal_scope
 from carnet.audit_store import AuditStore, Head
 from carnet.cli import cli
 from carnet.errors import AuditStoreUnavailable
-from support.models import Note, comments, configured_keys
+from support.models import Note, comments
 
 SECRET = "PLANTED-trail-secret-77d"
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as keys:
-        with Session(engine) as s:
-            s.add_all([Note(practice_id=f"p{i % 2}", body=f"{SECRET} {i}") for i in range(12)])
-            s.commit()
-        yield keys
+def notes(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Twelve notes, six in each of the practices p0 and p1."""
+    with Session(engine) as s:
+        s.add_all([Note(practice_id=f"p{i % 2}", body=f"{SECRET} {i}") for i in range(12)])
+        s.commit()
 
 
 def _trail(keys: carnet.KeyManager, **kw: object) -> AuditTrail:
@@ -51,7 +49,7 @@ def _records(store: AuditStore) -> list[dict[str, object]]:
 
 
 def test_reads_are_recorded_per_principal_practice_field(
-    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="carnet.audit")
     trail = _trail(keys)
@@ -76,7 +74,7 @@ def test_reads_are_recorded_per_principal_practice_field(
 
 
 def test_record_survives_the_application_rollback(
-    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, tmp_path: Path
 ) -> None:
     # SQLite: the application's write lock keeps a second connection to the same
     # file from writing (see the test below); the trail lives in a file of its own.
@@ -126,7 +124,7 @@ def _tamper(store: AuditStore, how: str) -> int:
 
 @pytest.mark.parametrize("how", ["deleted", "altered", "swapped", "inserted"])
 def test_verify_finds_the_first_bad_record(
-    keys: carnet.KeyManager, engine: sa.Engine, how: str
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, how: str
 ) -> None:
     trail = _trail(keys)
     for i in range(6):
@@ -140,7 +138,7 @@ def test_verify_finds_the_first_bad_record(
 
 
 def test_verify_cli_exit_code_and_json(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     trail = _trail(keys)
     _read(engine)
@@ -157,7 +155,7 @@ def test_verify_cli_exit_code_and_json(
 
 
 def test_removed_newest_records_are_found_only_with_a_head(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine
 ) -> None:
     heads: list[Head] = []
     trail = _trail(keys, head_every=0.0, head_sink=heads.append)
@@ -174,7 +172,7 @@ def test_removed_newest_records_are_found_only_with_a_head(
 
 
 def test_prune_leaves_a_verifiable_chain(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     trail = _trail(keys)
     for i in range(4):
@@ -203,7 +201,9 @@ def test_prune_leaves_a_verifiable_chain(
     assert not trail.store.verify().ok
 
 
-def test_concurrent_writers_append_to_one_chain(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_concurrent_writers_append_to_one_chain(
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine
+) -> None:
     import threading
 
     trails = [AuditTrail(keys, background=False) for _ in range(3)]
@@ -231,7 +231,7 @@ def test_concurrent_writers_append_to_one_chain(keys: carnet.KeyManager, engine:
 
 
 def test_required_mode_with_the_store_down_discloses_nothing(
-    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A real PostgreSQL URL on a port where nothing listens: the store is down.
     down = "postgresql+psycopg://postgres@127.0.0.1:9/carnet_audit_down"
@@ -251,7 +251,9 @@ def test_required_mode_with_the_store_down_discloses_nothing(
     assert trail.counters()["carnet_audit_reads_total"] == 0
 
 
-def test_required_mode_reserves_blocks_ahead(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_required_mode_reserves_blocks_ahead(
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine
+) -> None:
     trail = _trail(keys, mode="required", block=5)
     _read(engine)
     reserved = [r for r in _records(trail.store) if r["kind"] == "reserve"]
@@ -266,7 +268,7 @@ def test_required_mode_reserves_blocks_ahead(keys: carnet.KeyManager, engine: sa
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
 def test_best_effort_survives_a_stopped_store_and_catches_up(
-    keys: carnet.KeyManager, engine: sa.Engine, fresh_db_url_factory: object
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, fresh_db_url_factory: object
 ) -> None:
     url = fresh_db_url_factory()  # type: ignore[operator]
     name = sa.engine.make_url(url).database
@@ -303,7 +305,7 @@ def test_best_effort_survives_a_stopped_store_and_catches_up(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_sqlite_read_inside_the_application_write_transaction(
-    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, tmp_path: Path
 ) -> None:
     """SQLite has one writer: the application's write transaction holds it.
 
@@ -346,7 +348,7 @@ def test_sqlite_read_inside_the_application_write_transaction(
 
 
 def test_row_answers_who_opened_a_patient_file(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.orm"), Session(engine) as s:
@@ -365,7 +367,9 @@ def test_row_answers_who_opened_a_patient_file(
     assert res.exit_code == 0 and SECRET not in res.output
 
 
-def test_core_reads_record_their_rows(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_core_reads_record_their_rows(
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine
+) -> None:
     # More in test_audit_trail_core.py: a Core read records the row of each note it opens,
     # "?" when the Row does not hold the row's key.
     trail = _trail(keys, rows=True)
@@ -390,7 +394,7 @@ def test_init_creates_the_audit_table(engine: sa.Engine, db_url: str, master_key
     assert sa.inspect(engine).has_table("carnet_audit")
 
 
-def test_audit_key_is_a_wrapped_key_of_its_own_kind(keys: carnet.KeyManager) -> None:
+def test_audit_key_is_a_wrapped_key_of_its_own_kind(keys: carnet.KeyManager, notes: None) -> None:
     trail = _trail(keys)
     trail.store.keys()
     recs = keys.store.audit_keys()
@@ -450,7 +454,12 @@ def test_cli_contract_of_audit_commands(db_url: str, master_key_uri: str, tmp_pa
 
 
 def test_key_commands_live_with_the_audit_key(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str, tmp_path: Path
+    keys: carnet.KeyManager,
+    notes: None,
+    engine: sa.Engine,
+    db_url: str,
+    master_key_uri: str,
+    tmp_path: Path,
 ) -> None:
     trail = _trail(keys)
     _read(engine)
@@ -472,7 +481,9 @@ def test_key_commands_live_with_the_audit_key(
 
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
-def test_store_messages_never_show_a_password_or_a_value(keys: carnet.KeyManager) -> None:
+def test_store_messages_never_show_a_password_or_a_value(
+    keys: carnet.KeyManager, notes: None
+) -> None:
     url = "postgresql+psycopg://audit:PLANTED-pw-5521@127.0.0.1:9/audit"
     trail = AuditTrail(keys, url, background=False, timeout=1, create=False)
     with pytest.raises(AuditStoreUnavailable) as err:
@@ -484,7 +495,7 @@ def test_store_messages_never_show_a_password_or_a_value(keys: carnet.KeyManager
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_a_refresh_records_a_row_only_when_it_reloads_the_note(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine
 ) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.r"), Session(engine) as s:
@@ -501,7 +512,7 @@ def test_a_refresh_records_a_row_only_when_it_reloads_the_note(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_a_reservation_serves_every_request_of_its_principal(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine
 ) -> None:
     trail = _trail(keys, mode="required", block=100)
     for i in range(3):
@@ -518,7 +529,7 @@ def test_a_reservation_serves_every_request_of_its_principal(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_records_and_heads_are_json_log_lines(
-    keys: carnet.KeyManager, engine: sa.Engine, caplog: pytest.LogCaptureFixture
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="carnet.audit.json")
     trail = _trail(keys, head_every=0.0)
@@ -537,7 +548,7 @@ def test_records_and_heads_are_json_log_lines(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_report_flags_readers_beyond_their_own_history(
-    keys: carnet.KeyManager, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, notes: None, db_url: str, master_key_uri: str
 ) -> None:
     import time as _time
 
@@ -585,7 +596,7 @@ def test_report_flags_readers_beyond_their_own_history(
 
 
 def test_trail_installed_alone_with_its_background_writer(
-    keys: carnet.KeyManager, engine: sa.Engine, tmp_path: Path
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path}/audit.db" if engine.dialect.name == "sqlite" else None
     trail = AuditTrail(keys, url, rows=True, flush_every=0.05).install(keys)
@@ -611,7 +622,7 @@ def test_trail_installed_alone_with_its_background_writer(
 
 @pytest.mark.parametrize("db_kind", ["postgresql"])
 def test_best_effort_starts_with_its_store_down_and_creates_the_table_later(
-    keys: carnet.KeyManager, engine: sa.Engine, fresh_db_url_factory: object
+    keys: carnet.KeyManager, notes: None, engine: sa.Engine, fresh_db_url_factory: object
 ) -> None:
     url = fresh_db_url_factory()  # type: ignore[operator]
     name = sa.engine.make_url(url).database

@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -28,7 +28,7 @@ from carnet.audit import Auditor, AuditTrail, principal_scope
 from carnet.audit_rows import UNKNOWN_ROW
 from carnet.cli import cli
 from carnet.values import Sealed
-from support.models import Base, Note, configured_keys, core_metadata
+from support.models import Base, Note, core_metadata
 
 SECRET = "PLANTED-core-rows-5c1"
 notes = Note.__table__
@@ -50,25 +50,30 @@ visits = sa.Table(
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri, (Base.metadata, core_metadata, own_metadata)) as k:
-        with Session(engine) as s:
-            s.add_all(
-                [
-                    Note(id=i, practice_id="p0" if i <= 6 else "p1", body=f"{SECRET} {i}")
-                    for i in range(1, 13)
-                ]
-            )
-            s.commit()
-        with carnet.tenant_scope("p0"), engine.begin() as conn:
-            conn.execute(
-                visits.insert(),
-                [
-                    {"id": i, "patient_id": f"PAT-{i}", "practice_id": "p0", "note": f"{SECRET} v"}
-                    for i in range(1, 4)
-                ],
-            )
-        yield k
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """support.models' tables and ``visits``, created by the shared ``keys``."""
+    return (Base.metadata, core_metadata, own_metadata)
+
+
+@pytest.fixture
+def seeded(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Notes 1-6 of practice p0 and 7-12 of p1; visits 1-3 of p0, of patients PAT-1..3."""
+    with Session(engine) as s:
+        s.add_all(
+            [
+                Note(id=i, practice_id="p0" if i <= 6 else "p1", body=f"{SECRET} {i}")
+                for i in range(1, 13)
+            ]
+        )
+        s.commit()
+    with carnet.tenant_scope("p0"), engine.begin() as conn:
+        conn.execute(
+            visits.insert(),
+            [
+                {"id": i, "patient_id": f"PAT-{i}", "practice_id": "p0", "note": f"{SECRET} v"}
+                for i in range(1, 4)
+            ],
+        )
 
 
 def _trail(keys: carnet.KeyManager, **kw: object) -> AuditTrail:
@@ -103,7 +108,7 @@ def _keys(trail: AuditTrail, principal: str) -> list[str]:
 
 
 def test_a_core_select_records_each_row_it_discloses(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.core"), carnet.tenant_scope("p0"), engine.connect() as conn:
@@ -128,7 +133,7 @@ def test_a_core_select_records_each_row_it_discloses(
 
 
 def test_a_core_select_without_a_scope_discloses_and_records_nothing(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine
 ) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.core"), engine.connect() as conn:
@@ -138,7 +143,7 @@ def test_a_core_select_without_a_scope_discloses_and_records_nothing(
 
 
 def test_a_column_naming_the_patient_records_the_patient(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     # No rows=True: the column asks for its rows itself.
     trail = _trail(keys)
@@ -151,7 +156,7 @@ def test_a_column_naming_the_patient_records_the_patient(
 
 
 def test_a_select_without_the_key_column(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.k"), carnet.tenant_scope("p0"), engine.connect() as conn:
@@ -171,7 +176,7 @@ def test_a_select_without_the_key_column(
 
 
 def test_each_side_of_a_join_records_its_own_row(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine
 ) -> None:
     trail = _trail(keys, rows=True)
     other = notes.alias("other")
@@ -192,7 +197,9 @@ def test_each_side_of_a_join_records_its_own_row(
     assert sorted(_keys(trail, "dr.join")) == ["2", "3", "4", "5", "6"]
 
 
-def test_fetches_record_the_rows_fetched(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_fetches_record_the_rows_fetched(
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine
+) -> None:
     trail = _trail(keys, rows=True)
     stmt = sa.select(notes).where(notes.c.id <= 6).order_by(notes.c.id)
     with carnet.tenant_scope("p0"), engine.connect() as conn:
@@ -235,7 +242,9 @@ def test_fetches_record_the_rows_fetched(keys: carnet.KeyManager, engine: sa.Eng
     assert reads == got
 
 
-def test_an_orm_read_is_recorded_once(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_an_orm_read_is_recorded_once(
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine
+) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.orm"), Session(engine) as s:
         assert len([n.body for n in s.scalars(sa.select(Note).where(Note.id <= 6))]) == 6
@@ -252,7 +261,7 @@ def test_an_orm_read_is_recorded_once(keys: carnet.KeyManager, engine: sa.Engine
 
 
 def test_a_sessions_bare_columns_are_recorded_and_its_entities_once(
-    keys: carnet.KeyManager, engine: sa.Engine
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine
 ) -> None:
     trail = _trail(keys, rows=True)
     with principal_scope("dr.cols"), carnet.tenant_scope("p0"), Session(engine) as s:
@@ -274,7 +283,9 @@ def test_a_sessions_bare_columns_are_recorded_and_its_entities_once(
     assert by_field == {"notes.body": 5, "visits.note": 1}
 
 
-def test_no_row_function_unless_rows_are_wanted(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+def test_no_row_function_unless_rows_are_wanted(
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine
+) -> None:
     stmt = sa.select(notes).order_by(notes.c.id)
     with carnet.tenant_scope("p0"), engine.connect() as conn:
         result = conn.execute(stmt)  # no trail at all
@@ -294,7 +305,7 @@ def test_no_row_function_unless_rows_are_wanted(keys: carnet.KeyManager, engine:
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_rows_logged_by_echo_debug_are_recorded_too(
-    keys: carnet.KeyManager, db_url: str, caplog: pytest.LogCaptureFixture
+    keys: carnet.KeyManager, seeded: None, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     trail = _trail(keys, rows=True)
     caplog.set_level(logging.DEBUG, logger="sqlalchemy.engine")
@@ -340,7 +351,7 @@ fetches = st.lists(
 )
 @given(program=fetches)
 def test_rows_recorded_are_the_rows_fetched(
-    keys: carnet.KeyManager, engine: sa.Engine, program: Sequence[tuple[object, ...]]
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine, program: Sequence[tuple[object, ...]]
 ) -> None:
     trail = _trail(keys, rows=True)
     principal = f"prop-{next(_examples)}"  # one store for every example
@@ -364,7 +375,7 @@ def test_rows_recorded_are_the_rows_fetched(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_without_its_row_hook_a_read_whose_rows_are_wanted_is_refused(
-    keys: carnet.KeyManager, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+    keys: carnet.KeyManager, seeded: None, engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from carnet import _sa
     from carnet.errors import UnsupportedOperation
@@ -409,7 +420,11 @@ odd = sa.Table(
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 @pytest.mark.parametrize("mode", ["best_effort", "required"])
 def test_a_row_that_cannot_be_recorded_follows_the_mode(
-    keys: carnet.KeyManager, engine: sa.Engine, mode: str, caplog: pytest.LogCaptureFixture
+    keys: carnet.KeyManager,
+    seeded: None,
+    engine: sa.Engine,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     odd_metadata.create_all(engine)
     with carnet.tenant_scope("p0"), engine.begin() as conn:

@@ -41,7 +41,7 @@ ops = st.lists(
 
 
 @pytest.fixture(scope="module")
-def keys() -> Iterator[carnet.KeyManager]:
+def sqlite_keys() -> Iterator[carnet.KeyManager]:
     from carnet.providers import create_master_key
 
     d = Path(tempfile.mkdtemp())
@@ -139,9 +139,9 @@ class World:
 )
 @given(program=ops)
 def test_mode_guarantees(
-    keys: carnet.KeyManager, mode: str, program: list[tuple[object, ...]]
+    sqlite_keys: carnet.KeyManager, mode: str, program: list[tuple[object, ...]]
 ) -> None:
-    world = World(keys, mode)
+    world = World(sqlite_keys, mode)
     for op in program:
         world.step(op)
     world.check()

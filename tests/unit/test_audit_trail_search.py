@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -35,11 +34,14 @@ class Patient(Base):
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    carnet.configure(keys)
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's models, created by the shared ``keys``."""
+    return (Base.metadata,)
+
+
+@pytest.fixture
+def patients(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Three patients: PAT-1 and PAT-3 share a phone number, in two practices."""
     with Session(engine) as s:
         s.add_all(
             [
@@ -49,15 +51,10 @@ def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
             ]
         )
         s.commit()
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
 
 
 def test_search_and_named_row_column_answer_row(
-    keys: carnet.KeyManager, engine: sa.Engine, db_url: str, master_key_uri: str
+    keys: carnet.KeyManager, patients: None, engine: sa.Engine, db_url: str, master_key_uri: str
 ) -> None:
     # rows=False for the trail: the column itself asks, naming the patient reference.
     trail = AuditTrail(keys, background=False)

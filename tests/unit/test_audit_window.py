@@ -9,12 +9,8 @@ legacy values were not counted at all.
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +20,6 @@ from hypothesis import strategies as st
 import carnet
 from carnet.audit import AuditEvent, Auditor, DecryptBudget, principal_scope
 from carnet.errors import DecryptBudgetExceeded
-from support.paths import ROOT
 
 SECRET = "PLANTED-audit-legacy-6e0"
 
@@ -183,19 +178,3 @@ def test_legacy_reads_are_counted_and_charged(
     ]
     assert seen == events
     assert keys.legacy_plaintext_reads == 51  # the refused one was read, never returned
-
-
-def test_the_docs_example_runs(tmp_path: Path) -> None:
-    doc = ROOT / "docs" / "audit.md"
-    (code,) = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert "stopped: principal 'dr.martin'" in out.stdout
-    assert "dr.martin cabinet-lyon-3 notes.body 40" in out.stdout
-    assert "by principal 'dr.bernard'" in out.stderr  # the INFO event line

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from carnet.audit_store import ALERT
 from carnet.cli import cli
 from carnet.errors import DecoyOpened, DecryptBudgetExceeded
 from carnet.keystore import DECOY
-from support.models import Note, configured_keys
+from support.models import Note
 
 SECRET = "PLANTED-decoy-real-note"
 
@@ -39,20 +38,19 @@ class Patient(SBase):
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    with configured_keys(engine, master_key_uri) as k:
-        with Session(engine) as s:
-            s.add_all(
-                # Ids from the database (its sequence), as an application's are.
-                Note(
-                    practice_id=f"p{i % 2 + 1}",
-                    body=f"{SECRET} {i} " + "x" * (40 + 7 * i),
-                    summary=f"summary {i}",
-                )
-                for i in range(1, 21)
+def practice_notes(keys: carnet.KeyManager, engine: sa.Engine) -> None:
+    """Twenty real notes, ten in each of the practices p1 and p2, of varied lengths."""
+    with Session(engine) as s:
+        s.add_all(
+            # Ids from the database (its sequence), as an application's are.
+            Note(
+                practice_id=f"p{i % 2 + 1}",
+                body=f"{SECRET} {i} " + "x" * (40 + 7 * i),
+                summary=f"summary {i}",
             )
-            s.commit()
-        yield k
+            for i in range(1, 21)
+        )
+        s.commit()
 
 
 def _cli(db_url: str, mk: str, *args: str) -> Any:
@@ -72,7 +70,11 @@ def _plant(db_url: str, mk: str, count: int = 3) -> list[dict[str, Any]]:
 
 
 def test_planted_decoys_look_like_the_practice_notes(
-    engine: sa.Engine, db_url: str, master_key_uri: str, keys: carnet.KeyManager
+    engine: sa.Engine,
+    db_url: str,
+    master_key_uri: str,
+    keys: carnet.KeyManager,
+    practice_notes: None,
 ) -> None:
     planted = _plant(db_url, master_key_uri, 5)
     ids = {p["id"] for p in planted}
@@ -145,6 +147,7 @@ def test_each_read_path_raises_the_alarm_and_is_refused(
     db_url: str,
     master_key_uri: str,
     keys: carnet.KeyManager,
+    practice_notes: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     path: str,
@@ -207,7 +210,12 @@ def test_a_search_that_opens_a_decoy_candidate(
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_let_through_and_stop_the_principal(
-    engine: sa.Engine, db_url: str, master_key_uri: str, keys: carnet.KeyManager, tmp_path: Path
+    engine: sa.Engine,
+    db_url: str,
+    master_key_uri: str,
+    keys: carnet.KeyManager,
+    practice_notes: None,
+    tmp_path: Path,
 ) -> None:
     ids = {p["id"] for p in _plant(db_url, master_key_uri, 1)}
     budget = DecryptBudget(1000, 60, store=f"sqlite:///{tmp_path / 'budget.db'}")
@@ -238,6 +246,7 @@ def test_carnet_own_commands_never_raise_the_alarm(
     db_url: str,
     master_key_uri: str,
     keys: carnet.KeyManager,
+    practice_notes: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -296,7 +305,11 @@ def _ids_in(line: Any) -> list[Any]:
 
 @pytest.mark.parametrize("db_kind", ["sqlite"])
 def test_remove_and_shredded_with_the_practice(
-    engine: sa.Engine, db_url: str, master_key_uri: str, keys: carnet.KeyManager
+    engine: sa.Engine,
+    db_url: str,
+    master_key_uri: str,
+    keys: carnet.KeyManager,
+    practice_notes: None,
 ) -> None:
     _plant(db_url, master_key_uri, 4)
     first = decoys.list_decoys(engine)[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -72,17 +71,9 @@ docs = sa.Table(
 
 
 @pytest.fixture
-def keys(engine: sa.Engine, master_key_uri: str) -> Iterator[carnet.KeyManager]:
-    keys = carnet.KeyManager(engine, master_key=master_key_uri)
-    keys.create_schema()
-    Base.metadata.create_all(engine)
-    core_md.create_all(engine)
-    carnet.configure(keys)
-    try:
-        yield keys
-    finally:
-        carnet.configure(None)
-        keys.close()
+def keys_metadata() -> tuple[sa.MetaData, ...]:
+    """This module's tables (``letters``, ``visits``, ``docs``), created with ``keys``."""
+    return (Base.metadata, core_md)
 
 
 def _raw(engine: sa.Engine, sql: str) -> list[Any]:

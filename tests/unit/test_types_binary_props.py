@@ -47,7 +47,7 @@ def _no_surrogates(value: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager]:
+def sqlite_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager]:
     d = tmp_path_factory.mktemp("props")
     master = "file://" + str(d / "master.key")
     carnet.create_master_key(master).close()
@@ -59,15 +59,17 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager
 
 @settings(max_examples=150, deadline=None)
 @given(data=st.binary(max_size=4096), practice=st.sampled_from(["p1", "cabinet-Évry"]))
-def test_documents_round_trip_exactly(keys: carnet.KeyManager, data: bytes, practice: str) -> None:
+def test_documents_round_trip_exactly(
+    sqlite_keys: carnet.KeyManager, data: bytes, practice: str
+) -> None:
     typ = carnet.EncryptedBytes(label="letters.scan")
     assert typ.plaintext(data).encode("latin-1") == data
     assert typ.plaintext(bytearray(data)) == typ.plaintext(memoryview(data)) == typ.plaintext(data)
-    blob = typ.encrypt(data, practice, keys)
-    assert typ.decrypt(blob, practice, keys) == data
+    blob = typ.encrypt(data, practice, sqlite_keys)
+    assert typ.decrypt(blob, practice, sqlite_keys) == data
     # From the pipeline's form too (what the write guard binds to the practice).
-    again = typ.encrypt(typ.plaintext(data), practice, keys)
-    assert typ.decrypt(again, practice, keys) == data and len(again) == len(blob)
+    again = typ.encrypt(typ.plaintext(data), practice, sqlite_keys)
+    assert typ.decrypt(again, practice, sqlite_keys) == data and len(again) == len(blob)
 
 
 @settings(max_examples=300, deadline=None)
@@ -83,16 +85,16 @@ def test_canonical_json_reads_back_equal_and_is_a_fixed_point(value: Any) -> Non
 
 @settings(max_examples=150, deadline=None)
 @given(value=CONTAINERS)
-def test_json_round_trips_through_the_type(keys: carnet.KeyManager, value: Any) -> None:
+def test_json_round_trips_through_the_type(sqlite_keys: carnet.KeyManager, value: Any) -> None:
     typ = carnet.EncryptedJSON(label="consultations.vitals")
     if not _no_surrogates(value):
         with pytest.raises(InvalidPlaintext):
-            typ.encrypt(value, "p1", keys)
+            typ.encrypt(value, "p1", sqlite_keys)
         return
-    blob = typ.encrypt(value, "p1", keys)
-    assert typ.decrypt(blob, "p1", keys) == value
+    blob = typ.encrypt(value, "p1", sqlite_keys)
+    assert typ.decrypt(blob, "p1", sqlite_keys) == value
     reordered = dict(reversed(list(value.items()))) if isinstance(value, dict) else value
-    assert len(typ.encrypt(reordered, "p1", keys)) == len(blob)
+    assert len(typ.encrypt(reordered, "p1", sqlite_keys)) == len(blob)
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def _id(v: dict[str, Any]) -> str:
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager]:
+def vector_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[carnet.KeyManager]:
     d = tmp_path_factory.mktemp("type-vectors")
     master = "file://" + str(d / "master.key")
     carnet.create_master_key(master).close()
@@ -100,7 +100,7 @@ def test_plaintext_is_the_types_encoding(v: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("v", VECTORS, ids=_id)
-def test_seal_and_open_through_the_type(v: dict[str, Any], keys: carnet.KeyManager) -> None:
+def test_seal_and_open_through_the_type(v: dict[str, Any], vector_keys: carnet.KeyManager) -> None:
     key_id = bytes.fromhex(v["key_id"])
     plain = bytes.fromhex(v["plaintext_hex"])
     aad = envelope.associated_data(key_id, v["label"], v["tenant"])
@@ -113,7 +113,7 @@ def test_seal_and_open_through_the_type(v: dict[str, Any], keys: carnet.KeyManag
     body = blob[len(blob) - len(plain) - 28 :]
     assert body[:12].hex() == v["nonce"]
     assert AESGCM(bytes.fromhex(v["dek"])).decrypt(body[:12], body[12:], aad) == plain
-    opened = _type(v).decrypt(blob, v["tenant"], keys)
+    opened = _type(v).decrypt(blob, v["tenant"], vector_keys)
     assert opened == _value(v)
     assert type(opened) is (bytes if v["type"] == "EncryptedBytes" else type(v["value"]))
 

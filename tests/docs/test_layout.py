@@ -1,0 +1,118 @@
+"""The layout docs/development.md describes, held by reading the source.
+
+One engine factory (``_engines.make_engine``), one ``module:attr`` loader
+(``_loader.py``), nothing in the core importing ``migrate/``, one ``keys``
+fixture (tests/conftest.py), and a unit tier that runs no command: each rule
+is a place a newcomer is told to look, so a second copy elsewhere is a bug.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+from support.paths import ROOT
+
+SRC = ROOT / "src" / "carnet"
+TESTS = ROOT / "tests"
+
+
+def _modules(root: Path) -> Iterator[tuple[Path, ast.Module]]:
+    for path in sorted(root.rglob("*.py")):
+        yield path, ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def _called(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines calling a function of one of ``names`` (``f(...)`` or ``x.f(...)``)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+            if name in names:
+                lines.append(node.lineno)
+    return lines
+
+
+def _imported(path: Path, tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Every module ``path`` imports, absolute (``carnet.migrate.run``)."""
+    package = ["carnet", *path.relative_to(SRC).parts[:-1]]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            yield node.lineno, module
+            for alias in node.names:  # from . import migrate
+                yield node.lineno, f"{module}.{alias.name}"
+
+
+def test_one_engine_factory() -> None:
+    found = [
+        f"{path.relative_to(SRC)}:{line}"
+        for path, tree in _modules(SRC)
+        if path.name != "_engines.py"
+        for line in _called(tree, {"create_engine", "create_async_engine"})
+    ]
+    assert found == [], "engines are made by carnet._engines.make_engine only"
+
+
+def test_one_loader_of_named_code() -> None:
+    found = [
+        f"{path.relative_to(SRC)}:{line}"
+        for path, tree in _modules(SRC)
+        if path.name != "_loader.py"
+        for line in _called(tree, {"import_module", "__import__"})
+    ]
+    assert found == [], "module:attr specs are loaded by carnet._loader only"
+
+
+def test_nothing_in_the_core_imports_the_migration() -> None:
+    # The command line mounts `carnet migrate`; nothing else outside migrate/
+    # may depend on it (the migration builds on the core, never the reverse).
+    found = [
+        f"{path.relative_to(SRC)}:{line} {name}"
+        for path, tree in _modules(SRC)
+        if path.relative_to(SRC).parts[0] != "migrate" and path.name != "cli.py"
+        for line, name in _imported(path, tree)
+        if name == "carnet.migrate" or name.startswith("carnet.migrate.")
+    ]
+    assert found == []
+
+
+def test_the_keys_fixture_is_defined_once() -> None:
+    def fixtures(tree: ast.AST) -> Iterator[tuple[int, str]]:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef):
+                for dec in node.decorator_list:
+                    target = dec.func if isinstance(dec, ast.Call) else dec
+                    if "fixture" in ast.unparse(target):
+                        yield node.lineno, node.name
+
+    defined = [
+        f"{path.relative_to(TESTS)}:{line}"
+        for path, tree in _modules(TESTS)
+        for line, name in fixtures(tree)
+        if name == "keys"
+    ]
+    assert [d.split(":")[0] for d in defined] == ["conftest.py"], defined
+
+
+def test_the_unit_tier_runs_no_command_and_no_docs_example() -> None:
+    # tests/unit is the quick loop (make test-fast): a test that runs carnet's
+    # command line or a docs example in a subprocess belongs to tests/cli or
+    # tests/docs. A fresh interpreter to see an import as a new process does
+    # is allowed.
+    found = []
+    for path, tree in _modules(TESTS / "unit"):
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            text = ast.unparse(node)
+            runs = "subprocess." in text
+            if runs and ("'carnet'" in text or "'docs'" in text):
+                found.append(f"{path.relative_to(TESTS)}::{node.name}")
+    assert found == []
