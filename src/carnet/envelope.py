@@ -237,11 +237,14 @@ class Sealer:
 
     Built once per (practice, label) by the KeyManager and kept until the data
     key's cache entry expires (``expires``, a ``time.monotonic()`` deadline).
+    ``live`` True says that deadline is still ahead without reading the clock
+    (the key cache's :class:`~carnet.cache.DeadlineWatch` ends it); False says
+    nothing, and a caller then compares ``expires`` with the clock.
     Every :meth:`seal` draws a fresh random nonce; :meth:`_seal_with_nonce` is
     the seam the known-answer tests use.
     """
 
-    __slots__ = ("_prefix", "_encrypt", "_aad", "expires")
+    __slots__ = ("_prefix", "_encrypt", "_aad", "expires", "live", "__weakref__")
 
     def __init__(
         self, key: Any, key_id: bytes, label: str, tenant: str, expires: float = float("inf")
@@ -251,6 +254,9 @@ class Sealer:
         self._encrypt = aead.encrypt
         self._aad = associated_data(key_id, label, tenant)
         self.expires = expires
+        # Set by the key cache's deadline watch while it vouches that ``expires``
+        # is ahead (carnet.cache.DeadlineWatch); False: read the clock.
+        self.live = False
 
     def seal(self, plaintext: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
@@ -279,8 +285,10 @@ class Opener:
         "_nonce_end",
         "_min_size",
         "expires",
+        "live",
         "label",
         "tenant",
+        "__weakref__",
     )
 
     def __init__(
@@ -297,6 +305,7 @@ class Opener:
         self._nonce_end = self._body + NONCE_SIZE
         self._min_size = self._nonce_end + TAG_SIZE
         self.expires = expires
+        self.live = False  # as Sealer.live
         self.label = label
         self.tenant = tenant
 
@@ -346,8 +355,9 @@ class Opener:
         """What :meth:`open_text` uses, for a caller that inlines it on its hot path
         (the column type's result processor, the ORM's row getter): the whole v2
         header, where the nonce starts and ends, the shortest value, the AEAD's
-        decrypt and the associated data. The caller must check the header and
-        :attr:`expires` as :meth:`open_text` does, and turn a failed tag into
+        decrypt and the associated data. The caller must check the header as
+        :meth:`open_text` does and that the opener is unexpired (:attr:`live`,
+        else :attr:`expires` against the clock), and turn a failed tag into
         :class:`InvalidCiphertext`, and the length too: either compare it with
         the shortest value, or turn the AEAD's ``ValueError`` (a nonce cut short)
         into :class:`InvalidCiphertext` as a failed tag is."""

@@ -301,12 +301,14 @@ class KeyManager:
 
     # The hot paths: one dict lookup per value once a (tenant, label) or
     # (key id, label, tenant) has been seen, with the same expiry as the cached
-    # DEK, so a destroyed key stops working within the cache time-to-live.
+    # DEK, so a destroyed key stops working within the cache time-to-live. A
+    # live entry's deadline is ahead (the cache's DeadlineWatch ends it); any
+    # other is compared with the clock.
 
     def encrypt(self, plaintext: bytes, *, tenant: str, label: str) -> bytes:
         """Seal ``plaintext`` under the tenant's active DEK (created on first use)."""
         sealer = self._sealers.get((tenant, label))
-        if sealer is None or sealer.expires <= time.monotonic():
+        if sealer is None or (not sealer.live and sealer.expires <= time.monotonic()):
             sealer = self._sealer(tenant, label)
         else:
             self._fast_hits += 1
@@ -325,7 +327,7 @@ class KeyManager:
     def decrypt(self, blob: bytes, *, tenant: str, label: str) -> bytes:
         """Open a value sealed for ``tenant`` and ``label``; raise a carnet error otherwise."""
         opener = self._openers.get((blob[_KEY_ID], label, tenant))
-        if opener is None or opener.expires <= time.monotonic():
+        if opener is None or (not opener.live and opener.expires <= time.monotonic()):
             opener = self._opener(envelope.key_id_of(blob), tenant, label)
         else:
             self._fast_hits += 1
@@ -364,14 +366,14 @@ class KeyManager:
 
     def _seal_text(self, text: str, tenant: str, label: str) -> bytes:
         sealer = self._sealers.get((tenant, label))
-        if sealer is None or sealer.expires <= _monotonic():
+        if sealer is None or (not sealer.live and sealer.expires <= _monotonic()):
             return self.encrypt(text.encode("utf-8"), tenant=tenant, label=label)
         self._fast_hits += 1
         return sealer.seal(text.encode("utf-8"))
 
     def _open_text(self, blob: bytes, tenant: str, label: str) -> str:
         opener = self._openers.get((blob[_KEY_ID], label, tenant))
-        if opener is None or opener.expires <= _monotonic():
+        if opener is None or (not opener.live and opener.expires <= _monotonic()):
             return self.decrypt(blob, tenant=tenant, label=label).decode("utf-8")
         hook = self.decrypt_hook
         if hook is not None:

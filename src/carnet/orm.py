@@ -221,7 +221,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                         if (
                             seen == since
                             and v[:at] == head
-                            and opener.expires > monotonic()
+                            and (opener.live or opener.expires > monotonic())
                             and not manager.require_scope
                             and get_scope() is None
                         ):
@@ -253,7 +253,7 @@ def _row_loader(where: str, typ: EncryptedText, spec: Spec) -> _sa.MakeGetter:
                     if (
                         of is manager
                         and data[:at] == head
-                        and opener.expires > monotonic()
+                        and (opener.live or opener.expires > monotonic())
                         and not manager.require_scope
                         and get_scope() is None
                     ):

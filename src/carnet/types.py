@@ -413,7 +413,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                         # Rows of several practices (an ORM flush): the manager's
                         # sealer of this one.
                         sealer = manager._sealers.get((tenant, label))
-                    if sealer is not None and sealer.expires > monotonic():
+                    if sealer is not None and (sealer.live or sealer.expires > monotonic()):
                         # Sealer.seal, in this frame: a fresh nonce for every value.
                         nonce = urandom(NONCE_SIZE)
                         blob = (
@@ -504,7 +504,7 @@ class EncryptedText(TypeDecorator["str | Sealed"], SchemaEventTarget):
                 manager is of
                 and tenant == practice
                 and value[:at] == head
-                and opener.expires > monotonic()
+                and (opener.live or opener.expires > monotonic())
             ):
                 hook = manager.decrypt_hook
                 if hook is not None:

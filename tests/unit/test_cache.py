@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import carnet
 import carnet.cache as cache_module
@@ -145,3 +149,99 @@ def test_the_manager_seals_through_the_cache_fast_path(
     keys.destroy("p1")
     assert keys.cache.sealers == {} and keys.cache.keys.get(keys.key_id_of(blob)) is None
     keys.close()
+
+
+# -- DeadlineWatch: the fast paths' entries end at their deadline -------------------------
+
+# How late the watch thread may end an entry: it needs the interpreter lock, which
+# a busy thread holds for the switch interval (5 ms); generous for a loaded machine.
+LATE = 0.25
+
+
+def _entry(seconds: float) -> envelope.Opener:
+    dek = Dek(b"W" * 16, "w", SECRET)
+    return envelope.Opener(dek.cipher, dek.key_id, "l", "w", time.monotonic() + seconds)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.floats(min_value=-0.05, max_value=0.3), min_size=1, max_size=8))
+def test_a_watched_entry_is_live_only_before_its_deadline_and_ends(offsets: list[float]) -> None:
+    watch = cache_module.DeadlineWatch()
+    entries = [_entry(s) for s in offsets]
+    for e in entries:
+        watch.watch(e)
+        if e.expires > time.monotonic():
+            assert e.live  # ahead when watched, so live at once
+        else:
+            # Past (or just passed): not live, or about to be ended.
+            assert not e.live or time.monotonic() < e.expires + LATE
+    stop = time.monotonic() + max(offsets) + LATE + 0.5
+    while time.monotonic() < stop:
+        now = time.monotonic()
+        for e in entries:
+            # Never live past its deadline by more than the thread's turn.
+            assert not e.live or now < e.expires + LATE
+        if not any(e.live for e in entries):
+            break
+        time.sleep(0.005)
+    assert not any(e.live for e in entries)
+
+
+def test_a_watched_entry_is_live_at_once_and_a_dropped_one_stops_at_once() -> None:
+    c = KeyCache(100, 60)
+    dek = Dek(b"A" * 16, "a", SECRET)
+    opener, sealer = _opener(dek), _sealer(dek)
+    assert not opener.live and not sealer.live  # not stored: the clock decides
+    c.put_opener(dek.key_id, "l", "a", opener)
+    c.put_sealer("a", "l", sealer)
+    assert opener.live and sealer.live
+    c.drop_fast_paths()
+    assert not opener.live and not sealer.live
+    assert opener.expires == sealer.expires == 0.0
+
+
+def test_without_a_thread_no_entry_is_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    watch = cache_module.DeadlineWatch()
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    e = _entry(60)
+    watch.watch(e)
+    assert not e.live
+
+
+def test_a_forked_child_has_no_live_entry_until_its_own_thread_watches_one() -> None:
+    dek = Dek(b"F" * 16, "f", SECRET)
+    held = _opener(dek)
+    cache_module.WATCH.watch(held)
+    assert held.live
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without pytest's teardown
+        try:
+            inherited = held.live
+            fresh = _entry(0.2)
+            cache_module.WATCH.watch(fresh)
+            live_at_once = fresh.live
+            time.sleep(0.2 + LATE + 0.3)
+            os.write(write, f"{inherited} {live_at_once} {fresh.live}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert got == "False True False"
+    assert held.live  # the parent's thread still watches it
+
+
+def test_an_entry_ends_past_its_deadline_while_the_process_is_busy() -> None:
+    # The thread takes the interpreter lock from a thread that never sleeps.
+    e = _entry(0.1)
+    cache_module.WATCH.watch(e)
+    stop = time.monotonic() + 0.1 + LATE
+    n = 0
+    while e.live and time.monotonic() < stop + 1:
+        n += 1
+    assert not e.live and time.monotonic() < stop

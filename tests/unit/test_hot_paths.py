@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 import carnet
+import carnet.cache as cache_module
 from carnet import envelope
 from carnet.errors import InvalidCiphertext, KeyDestroyed, TenantMismatch
 from support.dbutil import drop_checks
-from support.models import comments
+from support.models import Note, comments
 
 
 def _write(engine: sa.Engine, practice: str, texts: list[str]) -> list[int]:
@@ -282,3 +285,52 @@ def test_a_rotation_stops_the_sealer_of_a_flush_of_several_practices(
     with Session(engine) as s:
         bodies = {n.id: n.body for n in s.scalars(sa.select(Note))}
     assert bodies == {i: f"note {i}" for i in [*range(1, 7), *range(101, 107)]}
+
+
+@pytest.mark.parametrize("watch", ["thread", "no thread"])
+def test_a_destroy_elsewhere_stops_every_warm_path_within_the_ttl(
+    engine: sa.Engine,
+    master_key_uri: str,
+    keys: carnet.KeyManager,
+    watch: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The warm paths (the Core processors' remembered opener and sealer, the
+    # ORM getter's, the manager's) end with the key's time-to-live: by the
+    # cache's deadline watch, or without its thread by the clock.
+    if watch == "no thread":
+
+        class NoThread(cache_module.DeadlineWatch):
+            def watch(self, entry: object) -> None:  # never vouches: the clock decides
+                return
+
+        monkeypatch.setattr(cache_module, "WATCH", NoThread())
+    ttl = 0.4
+    reader = carnet.KeyManager(engine, master_key=master_key_uri, cache_ttl=ttl)
+    ids = _write(engine, "p1", ["one", "two"])
+    with Session(engine) as s:
+        s.add_all([Note(practice_id="p1", body=f"note {i}") for i in range(3)])
+        s.commit()
+    carnet.configure(reader)
+    try:
+        # Warm every path under `reader`, then destroy the practice through
+        # another manager (another process): `reader` does not hear of it.
+        assert _read(engine, "p1", ids) == ["one", "two"]
+        ids += _write(engine, "p1", ["three"])
+        with Session(engine) as s:
+            assert len([n.body for n in s.scalars(sa.select(Note))]) == 3
+        blob = _stored(engine, ids[0])
+        assert reader.decrypt(blob, tenant="p1", label="comments.text") == b"one"
+        keys.destroy("p1")
+        time.sleep(ttl + 0.3)
+        with pytest.raises(KeyDestroyed):
+            _read(engine, "p1", ids)
+        with pytest.raises(KeyDestroyed):
+            _write(engine, "p1", ["after"])
+        with Session(engine) as s, pytest.raises(KeyDestroyed):
+            [n.body for n in s.scalars(sa.select(Note))]
+        with pytest.raises(KeyDestroyed):
+            reader.decrypt(blob, tenant="p1", label="comments.text")
+    finally:
+        carnet.configure(keys)
+        reader.close()
