@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from support.paths import ROOT
 
 SRC = ROOT / "src" / "carnet"
@@ -51,24 +53,23 @@ def _imported(path: Path, tree: ast.AST) -> Iterator[tuple[int, str]]:
                 yield node.lineno, f"{module}.{alias.name}"
 
 
-def test_one_engine_factory() -> None:
+@pytest.mark.parametrize(
+    ("owner", "calls"),
+    [
+        # Engines are made by carnet._engines.make_engine only.
+        ("_engines.py", {"create_engine", "create_async_engine"}),
+        # module:attr specs are loaded by carnet._loader only.
+        ("_loader.py", {"import_module", "__import__"}),
+    ],
+)
+def test_one_place_makes_engines_and_one_loads_named_code(owner: str, calls: set[str]) -> None:
     found = [
         f"{path.relative_to(SRC)}:{line}"
         for path, tree in _modules(SRC)
-        if path.name != "_engines.py"
-        for line in _called(tree, {"create_engine", "create_async_engine"})
+        if path.name != owner
+        for line in _called(tree, calls)
     ]
-    assert found == [], "engines are made by carnet._engines.make_engine only"
-
-
-def test_one_loader_of_named_code() -> None:
-    found = [
-        f"{path.relative_to(SRC)}:{line}"
-        for path, tree in _modules(SRC)
-        if path.name != "_loader.py"
-        for line in _called(tree, {"import_module", "__import__"})
-    ]
-    assert found == [], "module:attr specs are loaded by carnet._loader only"
+    assert found == [], f"only {owner} calls {sorted(calls)}"
 
 
 def test_nothing_in_the_core_imports_the_migration() -> None:
